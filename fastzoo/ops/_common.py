@@ -1,0 +1,68 @@
+"""Helpers shared by the ops: when a Triton kernel applies, and how to launch it.
+
+Nothing here reads environment variables or changes global state.  Kernels run on
+CUDA tensors; the tests also run them on CPU tensors under Triton's interpreter,
+where autotuning (which needs a GPU to time configurations) is replaced by the
+first configuration of the kernel's list.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterable
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton can be imported (Linux wheels of torch ship it)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install on an odd platform
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def cuda_kernel_applies(
+    *tensors: torch.Tensor,
+    dtypes: Iterable[torch.dtype] = FLOAT_DTYPES,
+    min_capability: tuple[int, int] = (8, 0),
+) -> bool:
+    """Whether a Triton kernel may run on these tensors.
+
+    All tensors on one CUDA device of at least ``min_capability`` (Ampere by
+    default, where bf16 is native), dtypes among ``dtypes``, Triton importable.
+    Anything else goes to the op's pure-PyTorch reference.
+    """
+    if not tensors or not triton_available():
+        return False
+    dev = tensors[0].device
+    if dev.type != "cuda":
+        return False
+    dtypes = tuple(dtypes)
+    for t in tensors:
+        if t.device != dev or t.dtype not in dtypes:
+            return False
+    return _capability(dev.index if dev.index is not None else torch.cuda.current_device()) >= min_capability
+
+
+def launch(kernel: Any, grid: Callable | tuple, *args: Any, device: torch.device, **kwargs: Any) -> None:
+    """Launch an autotuned Triton kernel.
+
+    On CUDA the autotuner picks the configuration (cached per key).  On the CPU
+    (Triton's interpreter, used by the tests) there is nothing to time, so the
+    first configuration of the kernel's list runs.
+    """
+    if device.type == "cuda":
+        kernel[grid](*args, **kwargs)
+        return
+    config = kernel.configs[0]
+    kernel.fn[grid](*args, **kwargs, **config.kwargs)
