@@ -1,0 +1,1 @@
+"""fastzoo experiments: benchmarks and evaluations that reproduce the figures in the README."""

@@ -1,0 +1,77 @@
+"""Benchmark fastzoo.ops kernels against their references.
+
+    python -m experiments.bench_ops            # GPU: real sizes, JSON under experiments/results/<gpu>/
+    python -m experiments.bench_ops --quick    # a small size; on a CPU-only machine this is what runs
+
+For each op and shape: the kernel (public op), the eager PyTorch reference and the
+reference under torch.compile, timed in the same run; bytes moved (each input read
+once, each output written once) over time, as a percentage of the copy bandwidth
+measured in the same run; and the kernel's agreement with the reference.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from experiments import harness
+from fastzoo.ops import quantize_rows_int8, quantize_rows_int8_ref
+
+GPU_SHAPES = [(8192, 8192), (16, 4096), (4096, 4096), (65536, 768), (4096, 14336)]
+CPU_SHAPES = [(256, 1024)]
+
+
+def bench_quantize_rows(shapes, dtype, device, copy_gbps, rep):
+    rows = []
+    ref_compiled = torch.compile(quantize_rows_int8_ref, fullgraph=True, dynamic=False)
+    for m, n in shapes:
+        xs = [torch.randn(m, n, device=device, dtype=dtype) for _ in range(3)]
+        q, s = quantize_rows_int8(xs[0])
+        q_ref, s_ref = quantize_rows_int8_ref(xs[0])
+        mismatch = (q.to(torch.int16) - q_ref.to(torch.int16)).abs()
+        nbytes = m * n * xs[0].element_size() + m * n + m * 4
+        row = {"op": "quantize_rows_int8", "shape": f"{m}x{n}", "dtype": str(dtype).split(".")[-1],
+               "max_q_diff": int(mismatch.max()), "scale_max_rel_err":
+               float(((s - s_ref).abs() / s_ref).max())}
+        for label, fn in [("kernel", quantize_rows_int8), ("eager_ref", quantize_rows_int8_ref),
+                          ("compiled_ref", ref_compiled)]:
+            t = harness.bench(fn, inputs=xs, warmup=5, rep=rep, device=device)
+            row[f"{label}_us"] = t["median_ms"] * 1e3
+            row[f"{label}_gbps"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
+        row["speedup_vs_eager"] = row["eager_ref_us"] / row["kernel_us"]
+        row["speedup_vs_compiled"] = row["compiled_ref_us"] / row["kernel_us"]
+        if copy_gbps:
+            row["kernel_pct_of_copy"] = 100 * row["kernel_gbps"] / copy_gbps
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one small shape, few repeats")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    args = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if on_gpu:
+        copy_gbps = harness.measure_copy_bandwidth()
+        shapes = GPU_SHAPES[:1] if args.quick else GPU_SHAPES
+        rep = 20 if args.quick else 100
+    else:
+        print("No CUDA GPU: running the PyTorch reference path on the CPU at a small size "
+              "(the Triton kernel needs a GPU).")
+        copy_gbps, shapes, rep = None, CPU_SHAPES, 10
+    rows = bench_quantize_rows(shapes, dtype, device, copy_gbps, rep)
+    cols = ["op", "shape", "dtype", "kernel_us", "kernel_gbps", "eager_ref_us", "compiled_ref_us",
+            "speedup_vs_eager", "speedup_vs_compiled", "max_q_diff"]
+    if copy_gbps:
+        cols.insert(5, "kernel_pct_of_copy")
+        print(f"copy bandwidth (read+write): {copy_gbps:.0f} GB/s")
+    harness.print_table(rows, cols)
+    if on_gpu and not args.quick:
+        print("saved", harness.save_result("bench_ops", {"copy_gbps": copy_gbps, "rows": rows}, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""fastzoo.quant: ``quantize_(model, config)`` swaps linear layers for quantized ones.
+
+    from fastzoo.quant import quantize_, Int8WeightOnly, Int8Dynamic, Int4WeightOnly
+    quantize_(model, Int8WeightOnly())
+    quantize_(model, "int4-g128")            # the CLI strings: fastzoo.quant.CONFIGS
+"""
+from .api import (CONFIGS, INT4_GROUP_SIZES, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantConfig,
+                  config_from_string, quantize_)
+from .linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+
+__all__ = [
+    "CONFIGS", "INT4_GROUP_SIZES", "Int4WeightOnly", "Int8Dynamic", "Int8WeightOnly", "QuantConfig",
+    "config_from_string", "quantize_", "Int4WeightOnlyLinear", "Int8DynamicLinear", "Int8WeightOnlyLinear",
+]
