@@ -1,0 +1,175 @@
+"""fastzoo's checkpoint format and weight-name mapping.
+
+A fastzoo Llama checkpoint is a directory with
+
+* ``model.pth``: ``torch.save`` of a state dict whose keys are exactly the keys of
+  :class:`fastzoo.llama.model.Transformer` (fused ``wqkv`` / ``w13``, rotate-half RoPE
+  layout as in Hugging Face checkpoints);
+* ``config.json``: Hugging Face ``config.json`` fields;
+* ``tokenizer.model``: SentencePiece model or tiktoken BPE file.
+
+Loading builds the model on the meta device and assigns the memory-mapped tensors, so the
+weights are never held twice in memory.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from .config import LlamaConfig, LlamaError
+from .model import Transformer
+
+WEIGHTS_NAME = "model.pth"
+CONFIG_NAME = "config.json"
+TOKENIZER_NAME = "tokenizer.model"
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise LlamaError(f"unknown dtype {name!r} (use one of {', '.join(sorted(DTYPES))})") from None
+
+
+# ---------------------------------------------------------------------------- HF names
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_HF_LAYER_MAP = {
+    "self_attn.q_proj.weight": ("attention.wqkv.weight", 0),
+    "self_attn.k_proj.weight": ("attention.wqkv.weight", 1),
+    "self_attn.v_proj.weight": ("attention.wqkv.weight", 2),
+    "self_attn.o_proj.weight": ("attention.wo.weight", None),
+    "mlp.gate_proj.weight": ("feed_forward.w13.weight", 0),
+    "mlp.up_proj.weight": ("feed_forward.w13.weight", 1),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", None),
+    "input_layernorm.weight": ("attention_norm.weight", None),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+}
+_HF_TOP_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_FUSED_PARTS = {"attention.wqkv.weight": 3, "feed_forward.w13.weight": 2}
+
+
+def map_hf_key(key: str):
+    """HF key → (fastzoo key, part index for fused tensors or None); None to skip the key."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return None
+    if key in _HF_TOP_MAP:
+        return _HF_TOP_MAP[key], None
+    m = _HF_LAYER.match(key)
+    if m and m.group(2) in _HF_LAYER_MAP:
+        name, part = _HF_LAYER_MAP[m.group(2)]
+        return f"layers.{m.group(1)}.{name}", part
+    raise LlamaError(f"unexpected tensor {key!r} in the Hugging Face checkpoint")
+
+
+class FusingStateDict:
+    """Collects (key, part, tensor) triples and fuses the parts of ``wqkv`` / ``w13``."""
+
+    def __init__(self):
+        self.sd: dict[str, torch.Tensor] = {}
+        self._parts: dict[str, dict[int, torch.Tensor]] = {}
+
+    def add(self, key: str, part, tensor: torch.Tensor):
+        if part is None:
+            if key in self.sd:
+                raise LlamaError(f"tensor {key!r} appears twice in the checkpoint")
+            self.sd[key] = tensor
+            return
+        parts = self._parts.setdefault(key, {})
+        parts[part] = tensor
+        n = _FUSED_PARTS[key.split(".", 2)[2]]
+        if len(parts) == n:
+            self.sd[key] = torch.cat([parts[i] for i in range(n)], dim=0)
+            del self._parts[key]
+
+    def finish(self, config: LlamaConfig) -> dict[str, torch.Tensor]:
+        if self._parts:
+            key = next(iter(self._parts))
+            raise LlamaError(f"incomplete fused tensor {key!r}: only parts {sorted(self._parts[key])} found")
+        if "output.weight" not in self.sd and "tok_embeddings.weight" in self.sd:
+            if not config.tie_word_embeddings:
+                raise LlamaError("checkpoint has no output (lm_head) weight and tie_word_embeddings is false")
+            self.sd["output.weight"] = self.sd["tok_embeddings.weight"].clone()
+        return self.sd
+
+
+# ---------------------------------------------------------------------------- Meta layout
+def permute_meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved RoPE rows (pairs) → HF's rotate-half rows, per head."""
+    out, inp = w.shape
+    hd = out // n_heads
+    return w.view(n_heads, hd // 2, 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of :func:`permute_meta_to_hf`."""
+    out, inp = w.shape
+    hd = out // n_heads
+    return w.view(n_heads, 2, hd // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+# ---------------------------------------------------------------------------- loading
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str = "checkpoint"):
+    """Raise LlamaError naming the first missing / unexpected / mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise LlamaError(f"{where}: missing tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise LlamaError(f"{where}: unexpected tensor {unexpected[0]!r} with shape {tuple(sd[unexpected[0]].shape)}")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise LlamaError(f"{where}: tensor {k!r} has shape {tuple(sd[k].shape)} but the config expects "
+                             f"{tuple(v.shape)}")
+
+
+def load_model(checkpoint_dir, device="cpu", dtype=None) -> Transformer:
+    """Load a fastzoo checkpoint directory into an eval-mode :class:`Transformer`."""
+    d = Path(checkpoint_dir)
+    if not d.is_dir():
+        raise LlamaError(f"checkpoint directory not found: {d}")
+    wpath = d / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise LlamaError(f"weights not found: {wpath} (convert a checkpoint with python -m fastzoo.llama.convert)")
+    config = LlamaConfig.from_json(d / CONFIG_NAME)
+    with torch.device("meta"):
+        model = Transformer(config)
+    try:
+        sd = torch.load(wpath, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - corrupt file: report it plainly
+        raise LlamaError(f"cannot read weights {wpath}: {e}") from None
+    if not isinstance(sd, dict):
+        raise LlamaError(f"{wpath} does not hold a state dict")
+    check_state_dict(model, sd, where=str(wpath))
+    model.load_state_dict(sd, strict=True, assign=True)
+    dtype = parse_dtype(dtype) if dtype is not None else None
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def save_checkpoint(model_or_sd, config: LlamaConfig, out_dir, tokenizer_path=None):
+    """Write a fastzoo checkpoint (used by tests and :mod:`fastzoo.llama.convert`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = model_or_sd.state_dict() if isinstance(model_or_sd, torch.nn.Module) else model_or_sd
+    torch.save({k: v.contiguous() for k, v in sd.items()}, out / WEIGHTS_NAME)
+    config.to_json(out / CONFIG_NAME)
+    if tokenizer_path is not None:
+        import shutil
+        shutil.copyfile(tokenizer_path, out / TOKENIZER_NAME)
+    return out

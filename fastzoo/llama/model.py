@@ -1,0 +1,236 @@
+"""Decoder-only Llama-family Transformer in plain PyTorch.
+
+* RMSNorm, SwiGLU MLP (fused ``w13`` = ``[w1; w3]``), grouped-query attention with a fused
+  ``wqkv`` projection, RoPE (optionally with Llama-3.1 or linear frequency scaling).
+* RoPE convention: the "rotate-half" layout used by Hugging Face checkpoints (the two
+  halves of each head are the real / imaginary parts).  Meta ``consolidated.*.pth``
+  checkpoints (interleaved pairs) are permuted at conversion time.
+* Static KV cache per layer (``setup_caches``), written at per-sequence positions.  The
+  attention mask is built on the device from the per-sequence positions: a query at
+  position ``p`` sees cache slots ``0..p``.  Prompts of different lengths are right-padded;
+  the slots a padded prompt wrote beyond its length are overwritten by its own decoded
+  tokens before they ever become visible, so padding never leaks into attention.
+
+This module is the eager reference: it runs on CPU and GPU; speed comes from
+``torch.compile`` in :mod:`fastzoo.llama.generate`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LlamaConfig
+
+
+def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
+    """Inverse RoPE frequencies (fp32, ``head_dim // 2``), with the configured scaling."""
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (
+        torch.arange(0, hd, 2, dtype=torch.int64, device=device).to(torch.float32) / hd))
+    rs = config.rope_scaling
+    if rs is None:
+        return inv_freq
+    if rs["rope_type"] == "linear":
+        return inv_freq / float(rs["factor"])
+    # Llama 3.1: leave high frequencies, divide low ones by `factor`, interpolate in between.
+    factor = float(rs["factor"])
+    low = float(rs.get("low_freq_factor", 1.0))
+    high = float(rs.get("high_freq_factor", 4.0))
+    old_ctx = float(rs.get("original_max_position_embeddings", config.max_position_embeddings))
+    low_freq_wavelen = old_ctx / low
+    high_freq_wavelen = old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(config: LlamaConfig, input_pos: torch.Tensor):
+    """cos, sin of shape ``[B, T, 1, head_dim]`` (fp32) for positions ``input_pos [B, T]``."""
+    inv_freq = rope_inv_freq(config, input_pos.device)
+    freqs = input_pos.to(torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on ``x [B, T, H, hd]``, computed in fp32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rot * sin).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static cache ``[max_batch, n_kv_heads, max_seq, head_dim]`` for keys and values."""
+
+    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k, v [B, H, T, hd]`` at slots ``input_pos [B, T]``; return this batch's caches."""
+        B, H, T, D = k.shape
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if B != k_cache.shape[0]:
+            k_cache, v_cache = k_cache[:B], v_cache[:B]
+        idx = input_pos[:, None, :, None].expand(B, H, T, D)
+        k_cache.scatter_(2, idx, k.to(k_cache.dtype))
+        v_cache.scatter_(2, idx, v.to(v_cache.dtype))
+        return k_cache, v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        q_size = self.n_heads * self.head_dim
+        kv_size = self.n_kv_heads * self.head_dim
+        self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=False)
+        self.wo = nn.Linear(q_size, config.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        B, T, _ = x.shape
+        q_size = self.n_heads * self.head_dim
+        kv_size = self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            kv_len = mask.shape[-1]
+            if kv_len != k.shape[2]:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, q_size)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x):
+        x1, x3 = self.w13(x).split(self.intermediate_size, dim=-1)
+        return self.w2(F.silu(x1) * x3)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.max_batch_size = 0
+        self.max_seq_length = 0
+
+    # ------------------------------------------------------------------ caches
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None, device=None):
+        """Allocate a static KV cache per layer (zeros) of ``max_batch_size × max_seq_length``."""
+        w = self.tok_embeddings.weight
+        dtype = dtype or (w.dtype if w.dtype.is_floating_point else torch.bfloat16)
+        device = device or w.device
+        if max_seq_length > self.config.max_position_embeddings:
+            raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_kv_heads,
+                                               self.config.head_dim, dtype, device)
+        self.max_batch_size = max_batch_size
+        self.max_seq_length = max_seq_length
+
+    def clear_caches(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.max_batch_size = self.max_seq_length = 0
+
+    @property
+    def has_caches(self) -> bool:
+        return self.max_seq_length > 0
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
+                kv_len: int | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for ``tokens [B, T]``.
+
+        input_pos: positions ``[B, T]`` (or ``[T]``, shared); default ``0..T-1``.  With caches
+            set up, the keys/values are written at these cache slots and the query at
+            position ``p`` attends to slots ``0..p`` of its own sequence.
+        kv_len: with caches, attend only over the first ``kv_len`` slots (a static number
+            ≥ every position + 1; default all ``max_seq_length`` slots).
+        logits_at: ``[B]`` index along T; if given, only those rows are projected to the
+            vocabulary and the result is ``[B, V]``.
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device)
+        if input_pos.dim() == 1:
+            input_pos = input_pos[None, :].expand(B, T)
+        cos, sin = rope_cos_sin(self.config, input_pos)
+        if self.has_caches:
+            if B > self.max_batch_size:
+                raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.max_batch_size}")
+            kv_len = kv_len or self.max_seq_length
+            slots = torch.arange(kv_len, device=tokens.device)
+            mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
+        else:
+            mask = None  # plain causal attention over the given tokens
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, mask)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at]
+        return self.output(self.norm(x))
+
+    # ------------------------------------------------------------------ helpers
+    def weight_bytes(self) -> int:
+        """Bytes of all parameters (what one decode step reads, embedding rows aside)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
