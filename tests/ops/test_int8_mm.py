@@ -1,0 +1,293 @@
+"""int8_scaled_mm / int8_dynamic_linear: Triton kernel vs reference, properties, compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastzoo.ops.int8_mm import (
+    int8_dynamic_linear,
+    int8_dynamic_linear_ref,
+    int8_scaled_mm,
+    int8_scaled_mm_ref,
+    int8_scaled_mm_triton,
+)
+from fastzoo.ops.quantize_rows import quantize_rows_int8_ref, quantize_rows_int8_triton
+from helpers import rel_err, sqnr
+
+OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# Tolerance of the output dtype's rounding (outputs compared in fp32).
+RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+# Odd (M, N, K): K below / not a multiple of / a multiple of the block, N and M at
+# tile edges. Kept tiny for Triton's interpreter.
+SHAPES = [(1, 1, 16), (7, 129, 33), (1, 17, 200), (33, 64, 129), (19, 40, 64)]
+
+
+def _rand_int8(*shape, device="cpu", generator=None):
+    return torch.randint(-128, 128, shape, dtype=torch.int8, generator=generator).to(device)
+
+
+def _inputs(M, N, K, out_dtype, bias_kind, scale_kind, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = _rand_int8(M, K, generator=g)
+    b = _rand_int8(N, K, generator=g)
+    if scale_kind == "per_token":
+        a_scale = torch.rand(M, 1, generator=g) * 1e-2 + 1e-4
+    else:  # per tensor
+        a_scale = torch.rand(1, 1, generator=g) * 1e-2 + 1e-4
+    b_scale = torch.rand(N, generator=g) * 1e-2 + 1e-4
+    bias = None
+    if bias_kind != "none":
+        bias_dtype = out_dtype if bias_kind == "out" else torch.float32
+        bias = (torch.randn(N, generator=g) * 5).to(bias_dtype)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(a), move(b), move(a_scale), move(b_scale), move(bias)
+
+
+def _assert_matches(out, ref, out_dtype):
+    assert out.dtype == ref.dtype == out_dtype and out.shape == ref.shape
+    out32, ref32 = out.float().cpu(), ref.float().cpu()
+    rtol = RTOL[out_dtype]
+    # Values near zero (a bias cancelling the product) carry the rounding error of the
+    # larger terms: an absolute term of rtol · max|ref| covers them.
+    atol = rtol * ref32.abs().max().item() * 0.1 + 1e-30
+    torch.testing.assert_close(out32, ref32, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------------
+# Kernel vs reference
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("bias_kind", ["none", "out", "fp32"])
+@pytest.mark.parametrize("scale_kind", ["per_token", "per_tensor"])
+def test_kernel_matches_reference(kernel_device, shape, out_dtype, bias_kind, scale_kind):
+    M, N, K = shape
+    seed = hash((shape, str(out_dtype), bias_kind, scale_kind)) % 2**31
+    a, b, a_s, b_s, bias = _inputs(M, N, K, out_dtype, bias_kind, scale_kind, kernel_device, seed)
+    out = int8_scaled_mm_triton(a, b, a_s, b_s, bias, out_dtype)
+    ref = int8_scaled_mm_ref(a.cpu(), b.cpu(), a_s.cpu(), b_s.cpu(), None if bias is None else bias.cpu(), out_dtype)
+    _assert_matches(out, ref, out_dtype)
+
+
+@pytest.mark.parametrize("K", [16, 64, 200])  # the last block full, and partial
+def test_kernel_integer_product_is_exact(kernel_device, K):
+    """Unit scales, fp32 out, |a·b| < 2^24: the output is the exact int32 product,
+    including the extreme -128·-128 terms (int32 accumulation, no overflow)."""
+    g = torch.Generator().manual_seed(K)
+    a = _rand_int8(21, K, generator=g)
+    b = _rand_int8(37, K, generator=g)
+    a[0] = -128
+    b[:3] = -128
+    b[3] = 127
+    one_a, one_b = torch.ones(1, 1), torch.ones(1)
+    exact = a.to(torch.int64) @ b.to(torch.int64).t()
+    out = int8_scaled_mm_triton(a.to(kernel_device), b.to(kernel_device),
+                                one_a.to(kernel_device), one_b.to(kernel_device), None, torch.float32)
+    assert torch.equal(out.cpu().to(torch.int64), exact)
+    assert out[0, 0].item() == 128 * 128 * K
+
+
+def test_kernel_strided_and_scalar_scale_inputs(kernel_device):
+    g = torch.Generator().manual_seed(3)
+    big_a = _rand_int8(40, 100, generator=g).to(kernel_device)
+    big_b = _rand_int8(60, 90, generator=g).to(kernel_device)
+    a = big_a[::2, 5:77]  # (20, 72), row stride 200
+    b = big_b[1::2, 10:82]  # (30, 72), row stride 180
+    a_s = torch.tensor(0.02).to(kernel_device)  # 0-d: per tensor
+    b_s_full = (torch.rand(30, 2, generator=g) + 0.5).to(kernel_device)
+    b_s = b_s_full[:, 1]  # (30,), stride 2
+    bias = (torch.randn(60, generator=g)).to(torch.bfloat16).to(kernel_device)[::2]
+    out = int8_scaled_mm_triton(a, b, a_s, b_s, bias, torch.bfloat16)
+    ref = int8_scaled_mm_ref(a.cpu().contiguous(), b.cpu().contiguous(), a_s.cpu(),
+                             b_s.cpu().contiguous(), bias.cpu().contiguous(), torch.bfloat16)
+    _assert_matches(out, ref, torch.bfloat16)
+
+
+def test_kernel_empty_dims(kernel_device):
+    a = _rand_int8(0, 32, device=kernel_device)
+    b = _rand_int8(8, 32, device=kernel_device)
+    out = int8_scaled_mm_triton(a, b, torch.ones(1, device=kernel_device), torch.ones(8, device=kernel_device))
+    assert out.shape == (0, 8) and out.dtype == torch.bfloat16
+    # K == 0: the empty sum, so the output is the bias.
+    a0 = _rand_int8(3, 0, device=kernel_device)
+    b0 = _rand_int8(5, 0, device=kernel_device)
+    bias = torch.randn(5, device=kernel_device)
+    out = int8_scaled_mm_triton(a0, b0, torch.ones(3, 1, device=kernel_device),
+                                torch.ones(5, device=kernel_device), bias, torch.float32)
+    torch.testing.assert_close(out.cpu(), bias.cpu().expand(3, 5))
+
+
+def test_kernel_dynamic_linear_matches_reference(kernel_device):
+    """The kernel path of int8_dynamic_linear (row quantization kernel + GEMM kernel)."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 9, 96, generator=g) * 3).to(torch.bfloat16)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    w_q, w_s = quantize_rows_int8_ref(w)
+    bias = torch.randn(48, generator=g).to(torch.bfloat16)
+    dev = kernel_device
+    q, s = quantize_rows_int8_triton(x.to(dev).reshape(-1, 96))
+    out = int8_scaled_mm_triton(q, w_q.to(dev), s, w_s.squeeze(-1).to(dev), bias.to(dev), torch.bfloat16)
+    ref = int8_dynamic_linear_ref(x, w_q, w_s.squeeze(-1), bias)
+    _assert_matches(out.reshape(2, 9, 48), ref, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------
+# Known properties of the reference
+# ----------------------------------------------------------------------------------
+def test_reference_equals_dequantized_float_matmul():
+    g = torch.Generator().manual_seed(7)
+    a, b = _rand_int8(13, 77, generator=g), _rand_int8(29, 77, generator=g)
+    a_s, b_s = torch.rand(13, 1, generator=g) + 0.1, torch.rand(29, generator=g) + 0.1
+    bias = torch.randn(29, generator=g)
+    ref = int8_scaled_mm_ref(a, b, a_s, b_s, bias, torch.float32)
+    deq = (a.double() * a_s.double()) @ (b.double() * b_s.double()[:, None]).t() + bias.double()
+    torch.testing.assert_close(ref.double(), deq, rtol=1e-5, atol=1e-5)
+    # Per-tensor scales broadcast like the equivalent per-token / per-channel ones.
+    one = torch.tensor([[0.3]])
+    torch.testing.assert_close(
+        int8_scaled_mm_ref(a, b, one, torch.tensor([0.7]), None, torch.float32),
+        int8_scaled_mm_ref(a, b, one.expand(13, 1), torch.full((29,), 0.7), None, torch.float32),
+    )
+
+
+@pytest.mark.parametrize("dtype", OUT_DTYPES)
+def test_dynamic_linear_sqnr_vs_float_linear(dtype):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 17, 256, generator=g).to(dtype)
+    w = (torch.randn(160, 256, generator=g) * 0.06).to(dtype)
+    bias = torch.randn(160, generator=g).to(dtype)
+    w_q, w_s = quantize_rows_int8_ref(w)
+    out = int8_dynamic_linear(x, w_q, w_s.squeeze(-1), bias)
+    assert out.dtype == dtype and out.shape == (3, 17, 160)
+    ref_float = F.linear(x.float(), w.float(), bias.float())
+    assert sqnr(out, ref_float) >= 25.0
+    # CPU: the public path is the composed reference.
+    assert torch.equal(out, int8_dynamic_linear_ref(x, w_q, w_s.squeeze(-1), bias))
+
+
+# ----------------------------------------------------------------------------------
+# Public op: fallback, errors, compile
+# ----------------------------------------------------------------------------------
+def test_public_op_falls_back_on_cpu():
+    a, b, a_s, b_s, bias = _inputs(9, 24, 40, torch.bfloat16, "fp32", "per_token", "cpu")
+    out = int8_scaled_mm(a, b, a_s, b_s, bias)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, int8_scaled_mm_ref(a, b, a_s, b_s, bias))
+    out16 = int8_scaled_mm(a, b, a_s, b_s, out_dtype=torch.float16)
+    assert torch.equal(out16, int8_scaled_mm_ref(a, b, a_s, b_s, None, torch.float16))
+
+
+def test_public_op_rejects_bad_input():
+    a, b, a_s, b_s, _ = _inputs(4, 8, 16, torch.float32, "none", "per_token", "cpu")
+    with pytest.raises(TypeError, match="int8 a and b, got a torch.float32"):
+        int8_scaled_mm(a.float(), b, a_s, b_s)
+    with pytest.raises(ValueError, match=r"2-D a \(M, K\).*got a of shape \(4, 16, 1\)"):
+        int8_scaled_mm(a[..., None], b, a_s, b_s)
+    with pytest.raises(ValueError, match=r"b of shape \(N, K=16\).*got b of shape \(8, 15\)"):
+        int8_scaled_mm(a, b[:, :15], a_s, b_s)
+    with pytest.raises(TypeError, match="float32 a_scale and b_scale, got a_scale torch.bfloat16"):
+        int8_scaled_mm(a, b, a_s.bfloat16(), b_s)
+    with pytest.raises(ValueError, match=r"a_scale of shape \(4, 1\).*got shape \(1, 4\)"):
+        int8_scaled_mm(a, b, a_s.reshape(1, 4), b_s)
+    with pytest.raises(ValueError, match=r"b_scale of shape \(8,\).*got shape \(7,\)"):
+        int8_scaled_mm(a, b, a_s, b_s[:7])
+    with pytest.raises(TypeError, match="out_dtype bfloat16, float16 or float32, got torch.int32"):
+        int8_scaled_mm(a, b, a_s, b_s, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"bias of shape \(8,\), got shape \(9,\)"):
+        int8_scaled_mm(a, b, a_s, b_s, torch.zeros(9))
+    with pytest.raises(TypeError, match=r"bias in out_dtype \(torch.bfloat16\) or float32, got torch.float16"):
+        int8_scaled_mm(a, b, a_s, b_s, torch.zeros(8, dtype=torch.float16))
+    x = torch.randn(2, 16)
+    with pytest.raises(TypeError, match="got torch.int32"):
+        int8_dynamic_linear(x.int(), b, b_s)
+    with pytest.raises(ValueError, match=r"w_int8 of shape \(N, K=16\), got \(8, 15\)"):
+        int8_dynamic_linear(x, b[:, :15], b_s)
+
+
+def test_custom_op_opcheck():
+    from fastzoo.ops.int8_mm import _int8_scaled_mm_op
+
+    a, b, a_s, b_s, bias = _inputs(5, 16, 32, torch.bfloat16, "out", "per_token", "cpu")
+    torch.library.opcheck(_int8_scaled_mm_op, (a, b, a_s, b_s, bias, torch.bfloat16))
+    torch.library.opcheck(_int8_scaled_mm_op, (a, b, a_s[:1], b_s, None, torch.float32))
+
+
+def _op_in_graphs(counter, name):
+    return any(name in str(n.target) for g in counter.graphs for n in g.graph.nodes)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_no_graph_break(dynamic):
+    import torch._dynamo.testing
+
+    g = torch.Generator().manual_seed(13)
+    w = torch.randn(24, 40, generator=g) * 0.1
+    w_q, w_s = quantize_rows_int8_ref(w)
+    w_s = w_s.squeeze(-1)
+    bias = torch.randn(24, generator=g)
+
+    def f(x):
+        return int8_dynamic_linear(x * 2.0, w_q, w_s, bias) + 1.0
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=dynamic)
+    for rows in (7, 11):
+        x = torch.randn(2, rows, 40, generator=g)
+        torch.testing.assert_close(compiled(x), f(x))
+    assert counter.frame_count == (1 if dynamic else 2)
+    assert _op_in_graphs(counter, "int8_scaled_mm")
+    assert _op_in_graphs(counter, "quantize_rows_int8")
+
+
+# ----------------------------------------------------------------------------------
+# CUDA: real shapes, the public op on the kernel, compile with Inductor
+# ----------------------------------------------------------------------------------
+# SAM vit_b / vit_h linears: (N, K) of qkv, proj, lin1, lin2.
+VIT_B = [(2304, 768), (768, 768), (3072, 768), (768, 3072)]
+VIT_H = [(3840, 1280), (1280, 1280), (5120, 1280), (1280, 5120)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [4096, 16384])
+@pytest.mark.parametrize("NK", VIT_B + VIT_H)
+def test_cuda_real_shapes_vs_int_mm_reference(M, NK):
+    N, K = NK
+    a, b, a_s, b_s, bias = _inputs(M, N, K, torch.bfloat16, "out", "per_token", "cuda", seed=M + N + K)
+    out = int8_scaled_mm(a, b, a_s, b_s, bias)
+    ref = int8_scaled_mm_ref(a, b, a_s, b_s, bias)  # torch._int_mm on these shapes
+    assert out.is_cuda
+    _assert_matches(out, ref, torch.bfloat16)
+    # Exactness of the integer product at a real K.
+    exact = torch._int_mm(a[:64], b.t())
+    one = torch.ones(1, device="cuda")
+    raw = int8_scaled_mm_triton(a[:64], b, one, one, None, torch.float32)
+    assert torch.equal(raw, exact.float())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", SHAPES + [(333, 1000, 200), (4097, 3000, 1000), (2, 4096, 4096)])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+def test_cuda_odd_shapes(shape, out_dtype):
+    M, N, K = shape
+    for scale_kind in ("per_token", "per_tensor"):
+        a, b, a_s, b_s, bias = _inputs(M, N, K, out_dtype, "fp32", scale_kind, "cuda", seed=M * N + K)
+        _assert_matches(int8_scaled_mm(a, b, a_s, b_s, bias, out_dtype),
+                        int8_scaled_mm_ref(a, b, a_s, b_s, bias, out_dtype), out_dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_dynamic_linear_and_inductor(dtype):
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(4, 1024, 1280, generator=g).to(dtype).cuda()
+    w = (torch.randn(3840, 1280, generator=g) * 0.03).to(dtype).cuda()
+    bias = torch.randn(3840, generator=g).to(dtype).cuda()
+    w_q, w_s = quantize_rows_int8_ref(w)
+    w_s = w_s.squeeze(-1)
+    out = int8_dynamic_linear(x, w_q, w_s, bias)
+    ref = int8_dynamic_linear_ref(x, w_q, w_s, bias)
+    assert out.shape == (4, 1024, 3840) and out.dtype == dtype
+    assert rel_err(out, ref) < 1e-2
+    assert sqnr(out, F.linear(x.float(), w.float(), bias.float())) >= 25.0
+    compiled = torch.compile(lambda t: int8_dynamic_linear(t, w_q, w_s, bias), fullgraph=True)
+    assert rel_err(compiled(x), out) < 1e-3
