@@ -1,0 +1,2 @@
+class SamAutomaticMaskGenerator:  # placeholder, replaced below
+    pass

@@ -1,0 +1,227 @@
+"""Model configurations, checkpoint loading and the ``sam_model_registry``."""
+from functools import partial
+from os import PathLike
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+#: Encoder hyper-parameters of the three released SAM sizes (everything else is shared).
+SAM_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "vit_b": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": dict(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)),
+}
+MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+CheckpointPath = Union[str, PathLike]
+
+
+class SamCheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not match the model it is loaded into."""
+
+
+def build_sam_from_config(
+    encoder_embed_dim: int,
+    encoder_depth: int,
+    encoder_num_heads: int,
+    encoder_global_attn_indexes: Sequence[int],
+    *,
+    image_size: int = 1024,
+    patch_size: int = 16,
+    window_size: int = 14,
+    prompt_embed_dim: int = 256,
+    decoder_depth: int = 2,
+    decoder_mlp_dim: int = 2048,
+    decoder_num_heads: int = 8,
+) -> Sam:
+    """Build an (uninitialised, eval-mode) SAM; the released sizes are entries of ``SAM_CONFIGS``."""
+    grid = image_size // patch_size
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=encoder_depth,
+            embed_dim=encoder_embed_dim,
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            num_heads=encoder_num_heads,
+            patch_size=patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(encoder_global_attn_indexes),
+            window_size=window_size,
+            out_chans=prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=decoder_depth, embedding_dim=prompt_embed_dim, mlp_dim=decoder_mlp_dim, num_heads=decoder_num_heads
+            ),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+    )
+    return sam.eval()
+
+
+def _guess_model_type(state_dict: Mapping[str, Any]) -> Optional[str]:
+    w = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if not isinstance(w, torch.Tensor):
+        return None
+    for name, cfg in SAM_CONFIGS.items():
+        n_blocks = sum(1 for k in state_dict if k.startswith("image_encoder.blocks.") and k.endswith(".attn.qkv.weight"))
+        if w.shape[0] == cfg["encoder_embed_dim"] and n_blocks == cfg["encoder_depth"]:
+            return name
+    return None
+
+
+def read_checkpoint(checkpoint: CheckpointPath) -> Dict[str, torch.Tensor]:
+    """Read a state dict from disk (``weights_only``, memory-mapped when possible)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise SamCheckpointError(f"checkpoint not found: {str(path)!r} is not a file")
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a bad checkpoint
+        raise SamCheckpointError(
+            f"cannot read checkpoint {str(path)!r}: expected a PyTorch state dict saved with torch.save "
+            f"({type(e).__name__}: {e})"
+        ) from e
+    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
+        sd = sd["model"]
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise SamCheckpointError(
+            f"checkpoint {str(path)!r} is not a state dict: expected a mapping of names to tensors, "
+            f"found {type(sd).__name__}"
+        )
+    return dict(sd)
+
+
+def load_state_dict_checked(model: Sam, state_dict: Mapping[str, torch.Tensor], *, model_type: Optional[str] = None, source: str = "checkpoint") -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with errors naming expected vs found."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        (k, tuple(expected[k].shape), tuple(state_dict[k].shape))
+        for k in expected
+        if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        what = f"model type {model_type!r}" if model_type else "this model"
+        lines = [f"{source} does not match {what}."]
+        found = _guess_model_type(state_dict)
+        if found is not None and found != model_type:
+            lines.append(f"It looks like a {found!r} checkpoint; pass model_type={found!r} (--model-type {found}).")
+        for k, e, f in mismatched[:5]:
+            lines.append(f"  {k}: expected shape {e}, found {f}")
+        if len(mismatched) > 5:
+            lines.append(f"  ... and {len(mismatched) - 5} more shape mismatches")
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            lines.append(
+                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+            )
+        raise SamCheckpointError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _resolve_model_type(model_type: str) -> str:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown SAM model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}")
+    return "vit_h" if model_type == "default" else model_type
+
+
+def build_sam_model(model_type: str = "vit_h", checkpoint: Optional[CheckpointPath] = None) -> Sam:
+    """Build one of the released sizes (fp32, CPU, eval) and optionally load ``checkpoint`` strictly."""
+    name = _resolve_model_type(model_type)
+    sam = build_sam_from_config(**SAM_CONFIGS[name])
+    if checkpoint is not None:
+        load_state_dict_checked(sam, read_checkpoint(checkpoint), model_type=name, source=f"checkpoint {str(checkpoint)!r}")
+    return sam
+
+
+def build_sam_vit_h(checkpoint: Optional[CheckpointPath] = None) -> Sam:
+    return build_sam_model("vit_h", checkpoint)
+
+
+def build_sam_vit_l(checkpoint: Optional[CheckpointPath] = None) -> Sam:
+    return build_sam_model("vit_l", checkpoint)
+
+
+def build_sam_vit_b(checkpoint: Optional[CheckpointPath] = None) -> Sam:
+    return build_sam_model("vit_b", checkpoint)
+
+
+build_sam = build_sam_vit_h
+
+sam_model_registry = {
+    "default": build_sam_vit_h,
+    "vit_h": build_sam_vit_h,
+    "vit_l": build_sam_vit_l,
+    "vit_b": build_sam_vit_b,
+}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """Accept a ``torch.dtype`` or a name (``fp32``/``float32``, ``bf16``/``bfloat16``, ``fp16``/``float16``)."""
+    names = {
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    }
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in names:
+            raise ValueError(f"unsupported dtype {dtype!r}; expected one of fp32, bf16, fp16")
+        return names[key]
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}; expected one of torch.float32, torch.bfloat16, torch.float16")
+    return dtype
+
+
+def build_sam_fast(
+    model_type: str = "vit_h",
+    checkpoint: Optional[CheckpointPath] = None,
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Union[str, torch.dtype] = torch.bfloat16,
+    compile: bool = True,
+    compile_mode: Optional[str] = None,
+) -> Sam:
+    """A ready-to-run eval SAM: weights loaded, moved to ``device``/``dtype``, encoder compiled.
+
+    ``device`` defaults to CUDA when available.  The random-frequency positional encoding
+    buffer stays in float32 (it is tiny and sensitive to rounding).  ``compile`` wraps the
+    image encoder with ``torch.compile`` in place (state-dict keys are unchanged).
+    """
+    dtype = resolve_dtype(dtype)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    sam = build_sam_model(model_type, checkpoint)
+    sam.to(device=device, dtype=dtype)
+    # Pixel statistics and the positional-encoding frequencies stay in float32.
+    sam.prompt_encoder.pe_layer.float()
+    sam.pixel_mean = sam.pixel_mean.float()
+    sam.pixel_std = sam.pixel_std.float()
+    sam.eval().requires_grad_(False)
+    if compile:
+        sam.image_encoder.compile(mode=compile_mode, dynamic=False)
+    return sam
