@@ -1,0 +1,456 @@
+"""Text generation for Llama-family models: library API and the ``fastzoo-generate`` CLI.
+
+    python -m fastzoo.llama.generate --checkpoint DIR --prompt "Hello" [--prompt "Other"] ...
+
+Design
+------
+* Prompts of different lengths are right-padded into one batch; every sequence has its
+  own positions (``0..len-1`` for its prompt, then ``len, len+1, ...``) kept in a device
+  tensor, and attention is masked per sequence from those positions (see
+  :mod:`fastzoo.llama.model`).
+* Prefill runs on the padded batch with the length rounded up to a power of two (at least
+  16), so a compiled prefill (``dynamic=False``) is compiled once per bucket, not once
+  per prompt length.
+* The decode step (one token for the whole batch, sampling and end-of-sequence
+  bookkeeping included) has static shapes and is compiled with CUDA graphs.
+* The decode loop never synchronises with the host: tokens, positions and the
+  per-sequence "finished" flags stay on the device.  On CUDA, whether all sequences have
+  finished is copied asynchronously into pinned host memory every few steps and read
+  once the copy has landed (``Event.query``), so the loop ends a few steps after the last
+  sequence hits a stop token without ever waiting for the GPU.  Only streaming (a
+  callback) reads tokens back per step.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import TOKENIZER_NAME, load_model, parse_dtype
+from .config import LlamaError
+from .model import Transformer
+
+MIN_PREFILL_BUCKET = 16
+
+
+# ---------------------------------------------------------------------------- sampling
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature is None or not (temperature >= 0) or temperature != temperature:
+        raise LlamaError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise LlamaError(f"top-k must be >= 1, got {top_k}")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise LlamaError(f"top-p must be in (0, 1], got {top_p}")
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None) -> torch.Tensor:
+    """Next token ``[B]`` from logits ``[B, V]``; greedy at temperature 0. Sync-free."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    # exponential-race sampling == multinomial, without a host sync
+    q = torch.empty_like(probs).exponential_(1)
+    return (probs / q).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------- steps
+def prefill_step(model: Transformer, tokens, lengths, temperature: float, top_k, top_p):
+    """Run the padded prompts ``tokens [B, Tb]`` (positions 0..Tb-1); sample at ``lengths - 1``."""
+    Tb = tokens.shape[1]
+    logits = model(tokens, torch.arange(Tb, device=tokens.device), kv_len=Tb, logits_at=lengths - 1)
+    return sample(logits, temperature, top_k, top_p)
+
+
+def decode_step(model: Transformer, cur, pos, done, stop_ids, pad_id: int, temperature: float, top_k, top_p):
+    """One token for every sequence: ``cur [B]`` at positions ``pos [B]`` → (next ``[B]``, done ``[B]``)."""
+    logits = model(cur[:, None], pos[:, None])[:, -1]
+    nxt = sample(logits, temperature, top_k, top_p)
+    nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+    done = done | (nxt[:, None] == stop_ids[None, :]).any(dim=-1)
+    return nxt, done
+
+
+def prefill_bucket(n: int, limit: int) -> int:
+    b = MIN_PREFILL_BUCKET
+    while b < n:
+        b *= 2
+    return min(b, limit)
+
+
+@contextlib.contextmanager
+def _recompile_limit(n: int):
+    import torch._dynamo.config as dcfg
+    name = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"
+    with dcfg.patch(**{name: max(getattr(dcfg, name), n)}):
+        yield
+
+
+@dataclass
+class DecodeState:
+    """Device-side state between prefill and decode."""
+    cur: torch.Tensor        # [B] last token
+    pos: torch.Tensor        # [B] position of `cur`
+    done: torch.Tensor       # [B] bool
+    out: torch.Tensor        # [B, max_new_tokens] generated tokens (pad after a stop)
+    n_written: int = 1
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]                 # generated ids per prompt, stop token excluded
+    finished: list[bool]                    # stopped at a stop token
+    prefill_s: float = 0.0                  # time to first token
+    decode_s: float = 0.0
+    steps: int = 0                          # decode steps run (after the first token)
+    stats: dict = field(default_factory=dict)
+
+
+class Generator:
+    """Batched generation with a static KV cache; optionally compiled.
+
+    ``compile=True``: the decode step is compiled with CUDA graphs (on CUDA) and the
+    prefill with ``dynamic=False`` per power-of-two length bucket.  Inductor options are
+    passed to ``torch.compile`` directly, so no global configuration is changed.
+    """
+
+    def __init__(self, model: Transformer, compile: bool = False, max_seq_length: int | None = None):
+        self.model = model
+        self.compile = compile
+        self.fixed_seq_length = max_seq_length
+        self.device = model.tok_embeddings.weight.device
+        self._prefill = prefill_step
+        self._decode = decode_step
+        if compile:
+            opts = {"coordinate_descent_tuning": True}
+            dopts = dict(opts, **({"triton.cudagraphs": True} if self.device.type == "cuda" else {}))
+            self._decode = torch.compile(decode_step, fullgraph=True, dynamic=False, options=dopts)
+            self._prefill = torch.compile(prefill_step, fullgraph=True, dynamic=False, options=opts)
+
+    # -------------------------------------------------------------- set-up
+    def _cache_length(self, max_prompt: int, max_new_tokens: int) -> int:
+        cfg = self.model.config
+        need = max_prompt + max_new_tokens
+        if self.fixed_seq_length is not None:
+            limit = self.fixed_seq_length
+        else:
+            limit = cfg.max_position_embeddings
+        if need > limit:
+            raise LlamaError(f"prompt of {max_prompt} tokens + {max_new_tokens} new tokens exceeds the maximum "
+                             f"sequence length {limit}")
+        if self.fixed_seq_length is not None:
+            return self.fixed_seq_length
+        S = max(need, min(prefill_bucket(max_prompt, limit), limit))
+        return min(-(-S // 8) * 8, limit)
+
+    def _ensure_caches(self, B: int, S: int):
+        m = self.model
+        if m.has_caches and m.max_seq_length == S and m.max_batch_size >= B:
+            return
+        m.setup_caches(B, S, dtype=m.tok_embeddings.weight.dtype, device=self.device)
+
+    # -------------------------------------------------------------- phases
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+                top_p=None, stop_ids=(), pad_id: int = 0) -> DecodeState:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise LlamaError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise LlamaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        validate_sampling(temperature, top_k, top_p)
+        vocab = self.model.config.vocab_size
+        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+        if bad:
+            raise LlamaError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
+        B, lens = len(prompts), [len(p) for p in prompts]
+        S = self._cache_length(max(lens), max_new_tokens)
+        self._ensure_caches(B, S)
+        Tb = min(prefill_bucket(max(lens), S), S)
+        dev = self.device
+        padded = torch.full((B, Tb), pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            padded[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        tokens = padded.to(dev)
+        lengths = torch.tensor(lens, dtype=torch.long).to(dev)
+        self._stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long).to(dev)
+        self._sampling = (temperature, top_k, top_p)
+        self._pad_id = pad_id
+        with _recompile_limit(64):
+            first = self._prefill(self.model, tokens, lengths, temperature, top_k, top_p)
+        first = first.clone()
+        done = (first[:, None] == self._stop[None, :]).any(dim=-1)
+        out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+        out[:, 0] = first
+        return DecodeState(cur=first, pos=lengths.clone(), done=done, out=out)
+
+    @torch.no_grad()
+    def decode(self, state: DecodeState, callback=None, check_every: int = 8) -> DecodeState:
+        """Fill ``state.out`` up to ``max_new_tokens``; stop early once all sequences are done.
+
+        ``callback(step, tokens[B])`` is called per step (streaming; it may sync).  With
+        ``check_every=0`` the loop runs all steps and never looks at the flags.
+        """
+        temperature, top_k, top_p = self._sampling
+        n = state.out.shape[1]
+        cuda = state.out.device.type == "cuda"
+        flag = event = None
+        if cuda and check_every:
+            flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
+        sdpa = contextlib.nullcontext()
+        if self.compile:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            sdpa = sdpa_kernel([SDPBackend.MATH])  # inductor fuses the (tiny) decode attention
+        cur, pos, done = state.cur, state.pos, state.done
+        if callback is not None:
+            callback(0, cur)
+        i = state.n_written
+        with sdpa:
+            while i < n:
+                if check_every:
+                    if cuda:
+                        if event is not None and event.query():  # the flag copy has landed
+                            if bool(flag[0]):  # host memory: no GPU sync
+                                break
+                            event = None
+                        if event is None and i % check_every == 0:
+                            flag.copy_(done.all().view(1), non_blocking=True)
+                            event = torch.cuda.Event()
+                            event.record()
+                    elif bool(done.all()):
+                        break
+                if self.compile and cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                nxt, new_done = self._decode(self.model, cur, pos, done, self._stop, self._pad_id,
+                                             temperature, top_k, top_p)
+                cur, done = nxt.clone(), new_done.clone()
+                pos = pos + 1
+                state.out[:, i] = cur
+                if callback is not None:
+                    callback(i, cur)
+                i += 1
+        state.cur, state.pos, state.done, state.n_written = cur, pos, done, i
+        return state
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+                 top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 8,
+                 timed: bool = True) -> GenerationOutput:
+        sync = torch.cuda.synchronize if (timed and self.device.type == "cuda") else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        state = self.prefill(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             stop_ids=stop_ids, pad_id=pad_id)
+        sync()
+        t1 = time.perf_counter()
+        self.decode(state, callback=callback, check_every=check_every)
+        out = state.out.cpu()  # the one sync of the decode phase
+        t2 = time.perf_counter()
+        stops = set(stop_ids)
+        tokens, finished = [], []
+        for row in out[:, :state.n_written].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stops), None)
+            tokens.append(row if cut is None else row[:cut])
+            finished.append(cut is not None)
+        return GenerationOutput(tokens=tokens, finished=finished, prefill_s=t1 - t0, decode_s=t2 - t1,
+                                steps=state.n_written - 1)
+
+
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, compile: bool = False,
+             **kw) -> GenerationOutput:
+    """One-shot convenience wrapper around :class:`Generator`."""
+    return Generator(model, compile=compile).generate(prompts, max_new_tokens, **kw)
+
+
+# ---------------------------------------------------------------------------- CLI
+class _Streamer:
+    """Prints the decoded text of one sequence incrementally (handles multi-token characters)."""
+
+    def __init__(self, tokenizer, stop_ids, out=sys.stdout):
+        self.tok, self.stop, self.out = tokenizer, set(stop_ids), out
+        self.ids: list[int] = []
+        self.printed = 0
+        self.stopped = False
+
+    def __call__(self, step, tokens):
+        if self.stopped:
+            return
+        t = int(tokens[0])
+        if t in self.stop:
+            self.stopped = True
+            return
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return  # incomplete UTF-8 sequence: wait for the next token
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        self.printed = len(text)
+
+
+def _build_parser():
+    p = argparse.ArgumentParser(prog="fastzoo-generate", description="Generate text with a Llama-family model.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="fastzoo checkpoint directory (see fastzoo.llama.convert)")
+    p.add_argument("--prompt", action="append", help="prompt (repeat for a batch of different prompts)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model family's chat template")
+    p.add_argument("--system", help="system message for --chat / --interactive")
+    p.add_argument("--interactive", action="store_true", help="chat on the terminal")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-seq-length", type=int, help="KV-cache length (default: prompt + new tokens; "
+                                                      "interactive: min(4096, model maximum))")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile prefill and decode (CUDA graphs)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer file (default: CHECKPOINT/tokenizer.model)")
+    return p
+
+
+def _check_args(p, a):
+    if a.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
+    if a.num_samples < 1:
+        p.error(f"--num-samples must be >= 1, got {a.num_samples}")
+    try:
+        validate_sampling(a.temperature, a.top_k, a.top_p)
+    except LlamaError as e:
+        p.error(str(e).replace("top-k", "--top-k").replace("top-p", "--top-p").replace("temperature", "--temperature", 1))
+    if not a.interactive and not a.prompt:
+        p.error("give at least one --prompt (or --interactive)")
+    if a.interactive and a.prompt and len(a.prompt) > 1:
+        p.error("--interactive takes at most one --prompt")
+
+
+def _print_stats(model, res: GenerationOutput, batch: int, device, file=sys.stderr, label=""):
+    weight_bytes = model.weight_bytes()
+    total = sum(len(t) for t in res.tokens)
+    steps_per_s = res.steps / res.decode_s if res.decode_s > 0 else float("nan")
+    print(f"{label}time to first token: {res.prefill_s * 1e3:.1f} ms", file=file)
+    print(f"{label}decode: {res.steps} steps in {res.decode_s:.2f} s, {steps_per_s:.2f} tokens/s per sequence, "
+          f"{batch * steps_per_s:.2f} tokens/s total (batch {batch}); {total} tokens kept", file=file)
+    print(f"{label}bandwidth achieved: {weight_bytes * steps_per_s / 1e9:.2f} GB/s "
+          f"(model {weight_bytes / 1e9:.2f} GB × {steps_per_s:.2f} steps/s)", file=file)
+    if device.type == "cuda":
+        print(f"{label}peak memory: {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB", file=file)
+
+
+def main(argv=None) -> int:
+    p = _build_parser()
+    a = p.parse_args(argv)
+    _check_args(p, a)
+    try:
+        return _run(a)
+    except LlamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(a) -> int:
+    from .tokenizer import load_tokenizer
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LlamaError("--device cuda requested but no CUDA GPU is available")
+    dtype = parse_dtype(a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if not a.checkpoint.is_dir():
+        raise LlamaError(f"checkpoint directory not found: {a.checkpoint}")
+    tok_path = a.tokenizer or a.checkpoint / TOKENIZER_NAME
+    if not Path(tok_path).is_file():
+        raise LlamaError(f"tokenizer file not found: {tok_path}")
+    tokenizer = load_tokenizer(tok_path)
+    model = load_model(a.checkpoint, device=device, dtype=dtype)
+    cfg = model.config
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise LlamaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                         f"{cfg.vocab_size}: wrong tokenizer for this checkpoint?")
+    if a.seed is not None:
+        torch.manual_seed(a.seed)
+    stop_ids = sorted(set(tokenizer.stop_ids) | set(cfg.eos_ids))
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop_ids=stop_ids, pad_id=tokenizer.pad_id)
+    if a.max_seq_length is not None and a.max_seq_length > cfg.max_position_embeddings:
+        raise LlamaError(f"--max-seq-length {a.max_seq_length} exceeds the model's maximum "
+                         f"{cfg.max_position_embeddings}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    if a.interactive:
+        S = a.max_seq_length or min(4096, cfg.max_position_embeddings)
+        gen = Generator(model, compile=a.compile, max_seq_length=S)
+        return _interactive(gen, tokenizer, a, kw, device)
+
+    gen = Generator(model, compile=a.compile, max_seq_length=a.max_seq_length)
+
+    def encode(text):
+        if a.chat:
+            msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": text}]
+            return tokenizer.encode_chat(msgs)
+        return tokenizer.encode(text, bos=True)
+
+    prompts = [encode(t) for t in a.prompt]
+    for s in range(a.num_samples):
+        streamer = None
+        if len(prompts) == 1:
+            streamer = _Streamer(tokenizer, stop_ids)
+            sys.stdout.write(a.prompt[0])
+            sys.stdout.flush()
+        t0 = time.perf_counter()
+        res = gen.generate(prompts, a.max_new_tokens, callback=streamer, **kw)
+        if streamer is not None:
+            sys.stdout.write("\n")
+        else:
+            for i, (text, toks) in enumerate(zip(a.prompt, res.tokens)):
+                print(f"--- [{i}] {text}{tokenizer.decode(toks)}")
+        sys.stdout.flush()
+        label = f"[sample {s}] " if a.num_samples > 1 else ""
+        if a.compile and s == 0:
+            print(f"{label}first run (includes compilation): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        _print_stats(model, res, len(prompts), device, label=label)
+    return 0
+
+
+def _interactive(gen: Generator, tokenizer, a, kw, device) -> int:
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    first = a.prompt[0] if a.prompt else None
+    while True:
+        if first is not None:
+            user, first = first, None
+            print(f"> {user}")
+        else:
+            try:
+                user = input("> ")
+            except EOFError:
+                print()
+                return 0
+        if user.strip() in ("/exit", "/quit"):
+            return 0
+        messages.append({"role": "user", "content": user})
+        ids = tokenizer.encode_chat(messages)
+        room = gen.fixed_seq_length - len(ids)
+        if room < 1:
+            raise LlamaError(f"the conversation ({len(ids)} tokens) no longer fits the maximum sequence length "
+                             f"{gen.fixed_seq_length}")
+        streamer = _Streamer(tokenizer, kw["stop_ids"])
+        res = gen.generate([ids], min(a.max_new_tokens, room), callback=streamer, **kw)
+        print()
+        messages.append({"role": "assistant", "content": tokenizer.decode(res.tokens[0])})
+        _print_stats(gen.model, res, 1, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from fastzoo.llama.checkpoint import load_model
+from fastzoo.llama.config import LlamaError
+from fastzoo.llama.generate import Generator, generate, sample
+from llama_testutils import VOCAB
+
+
+def _prompts(seed=0, lens=(5, 11, 3)):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lens]
+
+
+@pytest.mark.parametrize("kind", ["mha", "gqa_llama3_rope"])
+def test_greedy_equals_transformers_generate(converted, kind):
+    hf, ckpt = converted[kind]
+    model = load_model(ckpt, dtype=torch.float32)
+    prompt = _prompts(1, (7,))[0]
+    n = 20
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
+    out = generate(model, [prompt], n, temperature=0.0)
+    assert out.tokens[0] == ref
+
+
+def test_batch_of_different_lengths_equals_each_alone(converted):
+    _, ckpt = converted["gqa"]
+    model = load_model(ckpt, dtype=torch.float32)
+    prompts = _prompts(2, (5, 13, 2, 9))
+    gen = Generator(model)
+    batch = gen.generate(prompts, 16, temperature=0.0)
+    for p, toks in zip(prompts, batch.tokens):
+        alone = Generator(model).generate([p], 16, temperature=0.0)
+        assert toks == alone.tokens[0]
+
+
+def test_stop_at_eos_per_sequence(converted):
+    _, ckpt = converted["gqa"]
+    model = load_model(ckpt, dtype=torch.float32)
+    prompts = _prompts(3, (4, 8))
+    free = Generator(model).generate(prompts, 12, temperature=0.0)
+    stop = free.tokens[0][3]  # sequence 0 produces this at step 3
+    assert stop not in free.tokens[0][:3]
+    out = Generator(model).generate(prompts, 12, temperature=0.0, stop_ids=[stop], pad_id=0)
+    assert out.tokens[0] == free.tokens[0][:3] and out.finished[0]
+    cut1 = free.tokens[1].index(stop) if stop in free.tokens[1] else None
+    assert out.tokens[1] == free.tokens[1][:cut1]
+    # all sequences stop -> the loop ends early
+    if cut1 is None:
+        single = Generator(model).generate([prompts[0]], 12, temperature=0.0, stop_ids=[stop])
+        assert single.steps <= 4 and single.tokens[0] == free.tokens[0][:3]
+
+
+def test_sampling_reproducible_and_in_top_k():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    torch.manual_seed(1)
+    a = sample(logits, 1.0, top_k=3)
+    torch.manual_seed(1)
+    b = sample(logits, 1.0, top_k=3)
+    assert torch.equal(a, b)
+    top3 = logits.topk(3).indices
+    assert all(a[i] in top3[i] for i in range(4))
+    # top-p with a tiny p keeps only the most likely token
+    assert torch.equal(sample(logits, 1.0, top_p=1e-6), logits.argmax(-1))
+    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
+
+
+def test_sampling_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(20000, 1)
+    torch.manual_seed(0)
+    s = sample(logits, 1.0)
+    freq = torch.bincount(s, minlength=4).float() / s.numel()
+    assert torch.allclose(freq, logits[0].softmax(-1), atol=0.02)
+
+
+def test_prompt_too_long(converted):
+    _, ckpt = converted["mha"]
+    model = load_model(ckpt, dtype=torch.float32)
+    with pytest.raises(LlamaError, match="maximum sequence length"):
+        generate(model, [[1] * 250], 10)
+
+
+def test_invalid_sampling_args(converted):
+    _, ckpt = converted["mha"]
+    model = load_model(ckpt, dtype=torch.float32)
+    for kw in (dict(temperature=-1.0), dict(temperature=1.0, top_k=0), dict(temperature=1.0, top_p=1.5)):
+        with pytest.raises(LlamaError):
+            generate(model, [[1, 2]], 4, **kw)
+
+
+@pytest.mark.cuda
+def test_decode_loop_has_no_host_sync(converted):
+    _, ckpt = converted["gqa"]
+    model = load_model(ckpt, device="cuda", dtype=torch.float32)
+    gen = Generator(model)
+    state = gen.prefill(_prompts(4, (5, 9)), 32, temperature=0.8, top_k=50, stop_ids=[3], pad_id=0)
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gen.decode(state, check_every=4)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+def test_compiled_decode_equals_eager(converted):
+    _, ckpt = converted["gqa_llama3_rope"]
+    model = load_model(ckpt, device="cuda", dtype=torch.float32)
+    prompts = _prompts(5, (5, 20, 9))
+    eager = Generator(model).generate(prompts, 24, temperature=0.0)
+    comp = Generator(model, compile=True)
+    for _ in range(2):  # second run replays the CUDA graphs
+        out = comp.generate(prompts, 24, temperature=0.0)
+        assert out.tokens == eager.tokens
