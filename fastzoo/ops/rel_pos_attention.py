@@ -1,0 +1,321 @@
+"""Attention with SAM's decomposed relative-position bias, fused (flash-attention style).
+
+SAM's image encoder adds to every attention logit a bias made of two small terms
+(segment_anything's ``add_decomposed_rel_pos``): for a query token ``i`` and a key
+token ``j = kr * k_w + kc`` (row-major over a ``k_h x k_w`` grid of keys),
+
+    bias[b, h, i, j] = rel_h[b, h, i, kr] + rel_w[b, h, i, kc]
+    out = softmax(q @ k^T * scale + bias) @ v          (scale defaults to D ** -0.5)
+
+with q: (B, H, Nq, D), k, v: (B, H, Nk, D), rel_h: (B, H, Nq, k_h),
+rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
+
+- ``rel_pos_attention_ref``: the definition in plain PyTorch. It materialises the
+  (B, H, Nq, Nk) bias and calls ``F.scaled_dot_product_attention`` with it as an
+  additive mask, which is what SAM-style code does today.
+- ``rel_pos_attention_triton``: the Triton kernel's launcher. The kernel never builds
+  the bias: each key tile covers ``ROWS`` key rows of ``BLOCK_KW`` columns, so its
+  bias is a column of ``rel_h`` (or a few) plus a slice of ``rel_w`` that, when a
+  whole key row fits in a tile, is the same for every tile and is loaded once. Online
+  softmax in fp32 with exp2 (log2(e) folded into the scale and the bias), Q·Kᵀ and
+  P·V on the tensor cores with fp16/bf16 operands. The head dimension is not padded in
+  memory: loads are masked up to a power-of-two ``BLOCK_D``. q/k/v/rel_h/rel_w may be
+  strided views (e.g. slices of a fused qkv projection) as long as the last dimension
+  has unit stride.
+- ``rel_pos_attention``: the public op (``torch.ops.fastzoo.rel_pos_attention``):
+  the kernel for fp16/bf16 CUDA tensors on Ampere or newer, the reference otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, triton_available
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def rel_pos_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Reference: materialise the decomposed bias and run SDPA with it (q's dtype out)."""
+    B, H, Nq, _ = q.shape
+    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, H, Nq, k_h * k_w)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    # The first configuration is what runs under Triton's interpreter (CPU tests):
+    # keep it small. The others are for Ampere/Hopper; configurations whose shared
+    # memory does not fit the GPU are dropped by the autotuner.
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    ]
+
+    @triton.autotune(configs=_CONFIGS, key=["Nq", "Nk", "HEAD_D", "k_h", "k_w"])
+    @triton.jit
+    def _rel_pos_attention_kernel(
+        q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr,
+        sq_b, sq_h, sq_n,
+        sk_b, sk_h, sk_n,
+        sv_b, sv_h, sv_n,
+        srh_b, srh_h, srh_n,
+        srw_b, srw_h, srw_n,
+        so_b, so_h, so_n,
+        H, Nq, Nk, HEAD_D, k_h, k_w, qk_scale,
+        BLOCK_D: tl.constexpr, KW_P: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        LOG2E: tl.constexpr = 1.4426950408889634
+        # A key tile is ROWS key rows x BLOCK_KW key columns (BLOCK_N keys in all).
+        # WHOLE_ROWS: a key row fits in BLOCK_KW columns, so the column part of the
+        # bias (rel_w) is the same for every tile.
+        WHOLE_ROWS: tl.constexpr = KW_P <= BLOCK_N
+        BLOCK_KW: tl.constexpr = KW_P if WHOLE_ROWS else BLOCK_N
+        ROWS: tl.constexpr = BLOCK_N // BLOCK_KW
+
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        n_row = offs_n // BLOCK_KW
+        n_col = offs_n % BLOCK_KW
+        m_ok = offs_m < Nq
+        d_ok = offs_d < HEAD_D
+
+        q_base = q_ptr + b * sq_b + h * sq_h
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
+        rh_rows = rh_ptr + b * srh_b + h * srh_h + offs_m * srh_n
+        rw_rows = rw_ptr + b * srw_b + h * srw_h + offs_m * srw_n
+
+        q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+        n_col_chunks = tl.cdiv(k_w, BLOCK_KW)
+        n_tiles = tl.cdiv(k_h, ROWS) * n_col_chunks
+        if WHOLE_ROWS:
+            # rel_w for every key column of a tile, in log2 units: loaded once.
+            rw_all = tl.load(rw_rows[:, None] + n_col[None, :],
+                             mask=m_ok[:, None] & (n_col < k_w)[None, :], other=0.0)
+            rw_all = rw_all.to(tl.float32) * LOG2E
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        for t in range(0, n_tiles):
+            if WHOLE_ROWS:
+                kr0 = t * ROWS
+                kc = n_col
+            else:
+                kr0 = t // n_col_chunks
+                kc = (t % n_col_chunks) * BLOCK_KW + n_col
+            kr = kr0 + n_row
+            key_ok = (kr < k_h) & (kc < k_w)
+            j = kr * k_w + kc
+
+            kt = tl.load(k_base + j[None, :] * sk_n + offs_d[:, None],
+                         mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+            if DOT_F32:
+                s = tl.dot(q.to(tl.float32), kt.to(tl.float32)) * qk_scale
+            else:
+                s = tl.dot(q, kt) * qk_scale
+
+            if ROWS == 1:
+                # One key row per tile: its rel_h term is one value per query.
+                rh = tl.load(rh_rows + kr0, mask=m_ok & (kr0 < k_h), other=0.0)
+                s += rh.to(tl.float32)[:, None] * LOG2E
+            else:
+                rh = tl.load(rh_rows[:, None] + kr[None, :],
+                             mask=m_ok[:, None] & (kr < k_h)[None, :], other=0.0)
+                s += rh.to(tl.float32) * LOG2E
+            if WHOLE_ROWS:
+                s += rw_all
+            else:
+                rw = tl.load(rw_rows[:, None] + kc[None, :],
+                             mask=m_ok[:, None] & (kc < k_w)[None, :], other=0.0)
+                s += rw.to(tl.float32) * LOG2E
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+
+            vt = tl.load(v_base + j[:, None] * sv_n + offs_d[None, :],
+                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_F32:
+                pv = tl.dot(p.to(vt.dtype).to(tl.float32), vt.to(tl.float32))
+            else:
+                pv = tl.dot(p.to(vt.dtype), vt)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        o_base = o_ptr + b * so_b + h * so_h
+        tl.store(o_base + offs_m[:, None] * so_n + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _check_shapes(name: str, q, k, v, rel_h, rel_w) -> None:
+    for t_name, t in (("q", q), ("k", k), ("v", v), ("rel_h", rel_h), ("rel_w", rel_w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} expects {t_name} to be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} expects {t_name} with 4 dimensions (B, heads, N, ·), "
+                             f"got shape {tuple(t.shape)}")
+    B, H, Nq, D = q.shape
+    if k.shape[:2] != (B, H) or k.shape[-1] != D:
+        raise ValueError(f"{name} expects k of shape ({B}, {H}, Nk, {D}) to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{name} expects v of k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    Nk = k.shape[2]
+    if rel_h.shape[:3] != (B, H, Nq):
+        raise ValueError(f"{name} expects rel_h of shape ({B}, {H}, {Nq}, k_h), got {tuple(rel_h.shape)}")
+    if rel_w.shape[:3] != (B, H, Nq):
+        raise ValueError(f"{name} expects rel_w of shape ({B}, {H}, {Nq}, k_w), got {tuple(rel_w.shape)}")
+    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    if k_h * k_w != Nk:
+        raise ValueError(f"{name} expects k_h * k_w == Nk (keys on a k_h x k_w grid), got "
+                         f"k_h={k_h} (rel_h) * k_w={k_w} (rel_w) = {k_h * k_w}, Nk={Nk}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{name} expects q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for t_name, t in (("q", q), ("rel_h", rel_h), ("rel_w", rel_w)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} expects {t_name} float32/float16/bfloat16, got {t.dtype}")
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def rel_pos_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Launch the fused kernel (CUDA tensors, or CPU tensors under Triton's interpreter).
+
+    q, k, v: fp16 or bf16; rel_h, rel_w: any float dtype. Strided views are used as
+    they are when their last dimension has unit stride (copied otherwise).
+    Returns a contiguous (B, H, Nq, D) tensor of q's dtype.
+    """
+    if not triton_available():
+        raise RuntimeError("rel_pos_attention_triton needs Triton, which is not importable here")
+    _check_shapes("rel_pos_attention_triton", q, k, v, rel_h, rel_w)
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"rel_pos_attention_triton expects float16 or bfloat16 q/k/v, got {q.dtype}")
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    if scale is None:
+        scale = D ** -0.5
+    q, k, v, rel_h, rel_w = (_unit_last(t) for t in (q, k, v, rel_h, rel_w))
+    out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if Nk == 0:  # softmax over no keys: SDPA's convention (NaN) via the reference
+        return rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    launch(
+        _rel_pos_attention_kernel, grid,
+        q, k, v, rel_h, rel_w, out,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        rel_h.stride(0), rel_h.stride(1), rel_h.stride(2),
+        rel_w.stride(0), rel_w.stride(1), rel_w.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, Nq, Nk, D, k_h, k_w, float(scale) * _LOG2E,
+        device=q.device, BLOCK_D=max(16, _next_pow2(D)), KW_P=_next_pow2(k_w),
+        # Triton's interpreter (CPU tensors) multiplies the raw bits of bf16 operands
+        # in tl.dot; there the kernel widens its already-rounded fp16/bf16 dot operands
+        # to fp32, which gives the same (exact) products. On GPUs: fp16/bf16 MMA.
+        DOT_F32=q.device.type != "cuda",
+    )
+    return out
+
+
+def _kernel_applies(q, k, v, rel_h, rel_w) -> bool:
+    return (
+        q.dtype in KERNEL_DTYPES
+        and cuda_kernel_applies(q, k, v, dtypes=KERNEL_DTYPES)
+        and cuda_kernel_applies(q, rel_h, rel_w)
+        and q.shape[-1] <= 256
+        and k.shape[2] > 0
+    )
+
+
+@torch.library.custom_op("fastzoo::rel_pos_attention", mutates_args=())
+def _rel_pos_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    if _kernel_applies(q, k, v, rel_h, rel_w):
+        return rel_pos_attention_triton(q, k, v, rel_h, rel_w, scale)
+    return rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale).contiguous()
+
+
+@_rel_pos_attention_op.register_fake
+def _(q, k, v, rel_h, rel_w, scale):
+    return q.new_empty(q.shape, memory_format=torch.contiguous_format)
+
+
+def rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q @ kᵀ * scale + rel_h[..., kr] + rel_w[..., kc]) @ v, SAM's decomposed rel-pos attention.
+
+    q: (B, heads, Nq, D); k, v: (B, heads, Nk, D) with Nk = k_h * k_w (key j = kr * k_w + kc);
+    rel_h: (B, heads, Nq, k_h); rel_w: (B, heads, Nq, k_w); ``scale`` defaults to D ** -0.5.
+    Returns (B, heads, Nq, D) in q's dtype. Runs the fused Triton kernel (no Nq x Nk
+    bias in memory) for fp16/bf16 CUDA tensors on Ampere or newer, the SDPA reference
+    otherwise. Traceable by ``torch.compile(fullgraph=True)``.
+    """
+    _check_shapes("rel_pos_attention", q, k, v, rel_h, rel_w)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"rel_pos_attention expects a finite scale, got {scale}")
+    return _rel_pos_attention_op(q, k, v, rel_h, rel_w, scale)
