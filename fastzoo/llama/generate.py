@@ -129,7 +129,8 @@ class Generator:
     passed to ``torch.compile`` directly, so no global configuration is changed.
     """
 
-    def __init__(self, model: Transformer, compile: bool = False, max_seq_length: int | None = None):
+    def __init__(self, model: Transformer, compile: bool = False, max_seq_length: int | None = None,
+                 compile_backend: str = "inductor"):
         self.model = model
         self.compile = compile
         self.fixed_seq_length = max_seq_length
@@ -139,8 +140,12 @@ class Generator:
         if compile:
             opts = {"coordinate_descent_tuning": True}
             dopts = dict(opts, **({"triton.cudagraphs": True} if self.device.type == "cuda" else {}))
-            self._decode = torch.compile(decode_step, fullgraph=True, dynamic=False, options=dopts)
-            self._prefill = torch.compile(prefill_step, fullgraph=True, dynamic=False, options=opts)
+            if compile_backend != "inductor":  # e.g. "eager": trace-only check of the graphs
+                opts = dopts = None
+            self._decode = torch.compile(decode_step, fullgraph=True, dynamic=False, options=dopts,
+                                         backend=compile_backend)
+            self._prefill = torch.compile(prefill_step, fullgraph=True, dynamic=False, options=opts,
+                                          backend=compile_backend)
 
     # -------------------------------------------------------------- set-up
     def _cache_length(self, max_prompt: int, max_new_tokens: int) -> int:

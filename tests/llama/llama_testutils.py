@@ -3,7 +3,8 @@ import base64
 
 import torch
 
-VOCAB = 320  # 256 byte tokens + 64 merges (tiktoken file written by write_tiktoken_file)
+BPE_RANKS = 320  # tiktoken file written by write_tiktoken_file: 256 byte tokens + 64 merges
+VOCAB = BPE_RANKS + 256  # + Llama 3's 256 special tokens
 
 # tiny configurations: MHA / GQA, RoPE scaling on and off
 TINY_CONFIGS = {
@@ -38,7 +39,7 @@ def write_tiktoken_file(path, text="hello world, the quick brown fox jumps over 
     ranks = {bytes([i]): i for i in range(256)}
     words = [list(w.encode()) for w in text.replace(" ", " \x00").split("\x00")]
     words = [[bytes([b]) for b in w] for w in words]
-    while len(ranks) < VOCAB:
+    while len(ranks) < BPE_RANKS:
         counts = {}
         for w in words:
             for a, b in zip(w, w[1:]):
@@ -62,7 +63,7 @@ def write_tiktoken_file(path, text="hello world, the quick brown fox jumps over 
         words = new_words
     n = len(ranks)
     i = 0
-    while len(ranks) < VOCAB:  # pad with unused multi-byte tokens
+    while len(ranks) < BPE_RANKS:  # pad with unused multi-byte tokens
         ranks[b"\xff\xfe" + bytes([i % 256, i // 256])] = n + i
         i += 1
     with open(path, "wb") as f:

@@ -117,3 +117,21 @@ def test_compiled_decode_equals_eager(converted):
     for _ in range(2):  # second run replays the CUDA graphs
         out = comp.generate(prompts, 24, temperature=0.0)
         assert out.tokens == eager.tokens
+
+
+def test_compiled_graphs_trace_whole_and_bucket_prefill(converted):
+    """fullgraph tracing of prefill/decode (dynamo, eager backend) and no recompiles within a bucket."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    _, ckpt = converted["gqa"]
+    model = load_model(ckpt, dtype=torch.float32)
+    torch._dynamo.reset()
+    counters.clear()
+    gen = Generator(model, compile=True, compile_backend="eager", max_seq_length=64)
+    eager = Generator(model, max_seq_length=64)
+    for lens in [(3,), (7,), (12,), (16,)]:  # all in the 16-token bucket
+        prompts = _prompts(6, lens)
+        assert gen.generate(prompts, 6).tokens == eager.generate(prompts, 6).tokens
+    frames = counters["stats"]["unique_graphs"]
+    assert frames == 2, counters["stats"]  # one prefill graph, one decode graph
+    torch._dynamo.reset()
