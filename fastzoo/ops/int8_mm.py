@@ -149,6 +149,13 @@ def _m_bucket(M: int) -> int:
     return max(16, 1 << max(0, (M - 1).bit_length()))
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotuner pre-filter: no row tile taller than M's bucket (a 128-row tile for a
+    handful of tokens only wastes tuning time). Always keeps at least one config."""
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= named_args["M_BUCKET"]]
+    return kept or list(configs[:1])
+
+
 if triton_available():
     import triton
     import triton.language as tl
@@ -182,7 +189,11 @@ if triton_available():
         _cfg(256, 128, 128, 8, 3),
     ]
 
-    @triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"])
+    @triton.autotune(
+        configs=_CONFIGS,
+        key=["M_BUCKET", "N", "K"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _int8_scaled_mm_kernel(

@@ -291,3 +291,13 @@ def test_cuda_dynamic_linear_and_inductor(dtype):
     assert sqnr(out, F.linear(x.float(), w.float(), bias.float())) >= 25.0
     compiled = torch.compile(lambda t: int8_dynamic_linear(t, w_q, w_s, bias), fullgraph=True)
     assert rel_err(compiled(x), out) < 1e-3
+
+
+def test_autotune_prune_keeps_small_tiles_for_small_m():
+    pytest.importorskip("triton")
+    from fastzoo.ops.int8_mm import _CONFIGS, _m_bucket, _prune_configs
+
+    assert [_m_bucket(m) for m in (0, 1, 16, 17, 65536, 65537)] == [16, 16, 16, 32, 65536, 131072]
+    small = _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(3)})
+    assert small and all(c.kwargs["BLOCK_M"] == 16 for c in small)
+    assert _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(65536)}) == list(_CONFIGS)
