@@ -293,7 +293,7 @@ def _rel_pos_attention_op(
 
 @_rel_pos_attention_op.register_fake
 def _(q, k, v, rel_h, rel_w, scale):
-    return q.new_empty(q.shape, memory_format=torch.contiguous_format)
+    return q.new_empty(q.shape)  # new_empty: contiguous, like the kernel's and the fallback's output
 
 
 def rel_pos_attention(

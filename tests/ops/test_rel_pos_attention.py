@@ -1,0 +1,204 @@
+"""rel_pos_attention: fused Triton kernel vs SDPA-with-bias reference, fallback, errors, compile."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastzoo.ops.rel_pos_attention import (
+    rel_pos_attention,
+    rel_pos_attention_ref,
+    rel_pos_attention_triton,
+)
+
+KERNEL_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _inputs(B, H, q_hw, k_hw, D, dtype, device, seed, rel_mag=2.0):
+    """Random q/k/v (unit variance) and rel_h/rel_w of magnitude ``rel_mag``: the
+    bias shifts the logits by several units, so a wrong gather changes the result."""
+    g = torch.Generator().manual_seed(seed)
+    Nq, Nk = q_hw[0] * q_hw[1], k_hw[0] * k_hw[1]
+    q = torch.randn(B, H, Nq, D, generator=g)
+    k = torch.randn(B, H, Nk, D, generator=g)
+    v = torch.randn(B, H, Nk, D, generator=g)
+    rel_h = torch.randn(B, H, Nq, k_hw[0], generator=g) * rel_mag
+    rel_w = torch.randn(B, H, Nq, k_hw[1], generator=g) * rel_mag
+    return tuple(t.to(dtype).to(device) for t in (q, k, v, rel_h, rel_w))
+
+
+def _explicit_fp32(q, k, v, rel_h, rel_w, scale=None):
+    """Attention written out in fp32 with an explicit bias loop (independent of SDPA)."""
+    q, k, v, rel_h, rel_w = (t.detach().cpu().float() for t in (q, k, v, rel_h, rel_w))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    bias = torch.empty(*q.shape[:3], k_h * k_w)
+    for kr in range(k_h):
+        for kc in range(k_w):
+            bias[..., kr * k_w + kc] = rel_h[..., kr] + rel_w[..., kc]
+    return torch.softmax(q @ k.transpose(-1, -2) * scale + bias, dim=-1) @ v
+
+
+def _check_close(out, inputs, scale=None):
+    """Kernel output vs the fp32 truth, with the error of the reference run in the low
+    precision dtype as the yardstick (within 2x of it, or 1e-2 relative)."""
+    q = inputs[0]
+    assert out.dtype == q.dtype and out.shape == q.shape and out.is_contiguous()
+    truth = _explicit_fp32(*inputs, scale=scale)
+    ref_lp = rel_pos_attention_ref(*(t.cpu() for t in inputs), scale=scale).float()
+    err = (out.cpu().float() - truth).abs().max().item()
+    ref_err = (ref_lp - truth).abs().max().item()
+    rel = err / truth.abs().max().item()
+    assert torch.isfinite(out).all()
+    assert err <= 2 * ref_err + 1e-6 or rel <= 1e-2, (err, ref_err, rel)
+
+
+# (q_h, q_w), (k_h, k_w), D: tiles of several key rows (k_w 5, 7), of one whole key row
+# (k_w 20) and of part of a key row (k_w 40, wider than the first config's BLOCK_N).
+CASES = [
+    ((1, 1), (1, 1), 16),
+    ((3, 5), (3, 5), 20),
+    ((7, 7), (7, 7), 16),
+    ((7, 7), (3, 5), 20),
+    ((2, 3), (2, 20), 16),
+    ((5, 3), (2, 40), 20),
+]
+
+
+@pytest.mark.parametrize("q_hw,k_hw,D", CASES)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_matches_reference(kernel_device, q_hw, k_hw, D, dtype):
+    inputs = _inputs(2, 3, q_hw, k_hw, D, dtype, kernel_device, seed=hash((q_hw, k_hw, D, str(dtype))) % 2**31)
+    out = rel_pos_attention_triton(*inputs)
+    _check_close(out, inputs)
+
+
+def test_kernel_bias_matters(kernel_device):
+    """The relative-position terms really change the output (not a no-op bias)."""
+    q, k, v, rel_h, rel_w = _inputs(1, 2, (3, 5), (3, 5), 16, torch.bfloat16, kernel_device, seed=3)
+    out = rel_pos_attention_triton(q, k, v, rel_h, rel_w).float()
+    no_bias = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert (out - no_bias).abs().max() > 0.1
+    # Swapping the two tables (transposed key grid) must change the result too.
+    out_t = rel_pos_attention_triton(q, k, v, rel_h, rel_w.roll(1, dims=-1)).float()
+    assert (out - out_t).abs().max() > 0.05
+
+
+def test_kernel_scale_and_single_batch(kernel_device):
+    inputs = _inputs(1, 1, (3, 3), (3, 3), 20, torch.bfloat16, kernel_device, seed=5)
+    out = rel_pos_attention_triton(*inputs, scale=0.37)
+    _check_close(out, inputs, scale=0.37)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_strided_views_of_qkv(kernel_device, dtype):
+    """q, k, v sliced out of a fused qkv projection, rel tables as strided views: no copies."""
+    B, H, (qh, qw), D = 2, 2, (3, 5), 20
+    N = qh * qw
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(dtype).to(kernel_device)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) each, strided
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    rel = (torch.randn(B, H, N, qh + qw + 3, generator=g) * 2).to(dtype).to(kernel_device)
+    rel_h, rel_w = rel[..., :qh], rel[..., qh + 3:]
+    assert not rel_w.is_contiguous()
+    out = rel_pos_attention_triton(q, k, v, rel_h, rel_w)
+    _check_close(out, (q, k, v, rel_h, rel_w))
+
+
+def test_reference_matches_explicit_definition():
+    inputs = _inputs(2, 3, (3, 4), (2, 5), 8, torch.float32, "cpu", seed=7)
+    torch.testing.assert_close(rel_pos_attention_ref(*inputs), _explicit_fp32(*inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        rel_pos_attention_ref(*inputs, scale=0.3), _explicit_fp32(*inputs, scale=0.3), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_public_op_falls_back_on_cpu(dtype):
+    inputs = _inputs(2, 2, (3, 5), (3, 5), 20, dtype, "cpu", seed=9)
+    out = rel_pos_attention(*inputs)
+    torch.testing.assert_close(out, rel_pos_attention_ref(*inputs))
+    assert torch.ops.fastzoo.rel_pos_attention.default is not None
+
+
+def test_public_op_rejects_bad_input():
+    q, k, v, rel_h, rel_w = _inputs(1, 2, (3, 5), (3, 5), 16, torch.float32, "cpu", seed=1)
+    with pytest.raises(ValueError, match=r"k_h \* k_w == Nk.*k_h=3.*k_w=4.*Nk=15"):
+        rel_pos_attention(q, k, v, rel_h, rel_w[..., :4])
+    with pytest.raises(ValueError, match=r"rel_h of shape \(1, 2, 15, k_h\), got \(1, 2, 14, 3\)"):
+        rel_pos_attention(q, k, v, rel_h[:, :, :14], rel_w)
+    with pytest.raises(ValueError, match=r"v of k's shape"):
+        rel_pos_attention(q, k, v[..., :8], rel_h, rel_w)
+    with pytest.raises(ValueError, match=r"k of shape \(1, 2, Nk, 16\)"):
+        rel_pos_attention(q, k[..., :8], v[..., :8], rel_h, rel_w)
+    with pytest.raises(ValueError, match="4 dimensions"):
+        rel_pos_attention(q[0], k, v, rel_h, rel_w)
+    with pytest.raises(TypeError, match="one dtype"):
+        rel_pos_attention(q, k.half(), v, rel_h, rel_w)
+    with pytest.raises(TypeError, match="got torch.int32"):
+        rel_pos_attention(q, k, v, rel_h.to(torch.int32), rel_w)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        rel_pos_attention_triton(q, k, v, rel_h, rel_w)
+
+
+def test_compile_fullgraph_no_graph_break():
+    import torch._dynamo.testing
+
+    def f(q, k, v, rel_h, rel_w):
+        return rel_pos_attention(q * 1.0, k, v, rel_h, rel_w).sum(-1)
+
+    inputs = _inputs(2, 2, (3, 5), (3, 5), 16, torch.float32, "cpu", seed=2)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    torch.testing.assert_close(compiled(*inputs), f(*inputs))
+    assert counter.frame_count == 1
+    assert any("rel_pos_attention" in str(n.target) for g in counter.graphs for n in g.graph.nodes)
+
+
+# ---- real SAM shapes on a GPU (scripts/gpu_check.sh) ----
+
+def _cuda_check(B, H, hw, D, dtype, seed=0):
+    torch.manual_seed(seed)
+    Nq = hw * hw
+    q, k, v = (torch.randn(B, H, Nq, D, device="cuda", dtype=dtype) for _ in range(3))
+    rel_h = (torch.randn(B, H, Nq, hw, device="cuda") * 2).to(dtype)
+    rel_w = (torch.randn(B, H, Nq, hw, device="cuda") * 2).to(dtype)
+    out = rel_pos_attention(q, k, v, rel_h, rel_w)
+    assert out.dtype == dtype and out.shape == q.shape
+    truth = rel_pos_attention_ref(q.float(), k.float(), v.float(), rel_h.float(), rel_w.float())
+    ref_lp = rel_pos_attention_ref(q, k, v, rel_h, rel_w).float()
+    err = (out.float() - truth).abs().max().item()
+    ref_err = (ref_lp - truth).abs().max().item()
+    assert torch.isfinite(out).all()
+    assert err <= 2 * ref_err + 1e-6 or err / truth.abs().max().item() <= 1e-2, (err, ref_err)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("H,D", [(12, 64), (16, 80)])
+def test_cuda_windowed_layers(dtype, H, D):
+    # 16 images x 25 windows of 14x14 tokens.
+    _cuda_check(400, H, 14, D, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("B,H,D", [(2, 16, 80), (2, 12, 64), (1, 16, 80)])
+def test_cuda_global_layers(dtype, B, H, D):
+    _cuda_check(B, H, 64, D, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_strided_qkv_and_compile():
+    B, H, hw, D = 2, 16, 64, 80
+    N = hw * hw
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    rel_h = (torch.randn(B, H, N, hw, device="cuda") * 2).bfloat16()
+    rel_w = (torch.randn(B, H, N, hw, device="cuda") * 2).bfloat16()
+    out = rel_pos_attention(q, k, v, rel_h, rel_w)
+    ref = rel_pos_attention_ref(q.float(), k.float(), v.float(), rel_h.float(), rel_w.float())
+    assert (out.float() - ref).abs().max() < 2e-2
+    compiled = torch.compile(rel_pos_attention, fullgraph=True)
+    assert torch.equal(compiled(q, k, v, rel_h, rel_w), out)
