@@ -41,6 +41,8 @@ from ._common import cuda_kernel_applies, launch, triton_available
 from .quantize_rows import quantize_rows_int8, quantize_rows_int8_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Largest K whose int32 sum of int8 products cannot overflow: K · 128 · 128 < 2^31.
+MAX_K = (2**31 - 1) // (128 * 128)
 _INT8 = (torch.int8,)
 _FP32 = (torch.float32,)
 
@@ -71,6 +73,11 @@ def _check_args(
         raise ValueError(
             f"{name} expects b of shape (N, K={K}) (nn.Linear's (out, in) layout, the product "
             f"is a @ b.T), got b of shape {tuple(b.shape)} for a of shape {tuple(a.shape)}"
+        )
+    if K > MAX_K:
+        raise ValueError(
+            f"{name} expects K <= {MAX_K} (an int32 accumulator of int8 products could "
+            f"overflow beyond), got K={K}"
         )
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"{name} expects out_dtype bfloat16, float16 or float32, got {out_dtype}")
@@ -272,6 +279,11 @@ def int8_scaled_mm_triton(
     if K == 0:  # empty sum: the epilogue of a zero accumulator
         out.copy_(int8_scaled_mm_ref(a, b, a_scale, b_scale, bias, out_dtype))
         return out
+    # Both operands K-contiguous: the layout int8 tensor-core MMAs (wgmma) read.
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    if b.stride(1) != 1:
+        b = b.contiguous()
     a_s = a_scale.reshape(-1)
     b_s = b_scale.reshape(-1)
     bias_arg = bias if bias is not None else b_s  # any pointer; not read without bias
