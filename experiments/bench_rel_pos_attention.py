@@ -1,0 +1,161 @@
+"""Benchmark the fused relative-position attention (fastzoo.ops.rel_pos_attention), GPU only.
+
+    python -m experiments.bench_rel_pos_attention            # all shapes, JSON under experiments/results/<gpu>/
+    python -m experiments.bench_rel_pos_attention --quick    # one shape, few repeats, nothing saved
+
+Shapes: the attention layers of SAM's image encoder at batch 16 (``--batch``):
+windowed layers (16·25 windows of 14×14 = 196 tokens) and global layers (64×64 = 4096
+tokens), for vit_b (12 heads, head_dim 64) and vit_h (16 heads, head_dim 80). q, k, v
+are slices of one fused qkv tensor (B, N, 3, heads, D), as SAM's qkv projection gives
+them (``--layout contiguous`` for separate contiguous tensors). For each shape, timed in
+the same run:
+
+1. ``fused``: ``rel_pos_attention`` (Triton kernel, bias added in registers);
+2. ``ref``: ``rel_pos_attention_ref``: build the (B, heads, Nq, Nk) bias from rel_h/rel_w
+   and call SDPA with it as the mask — what segment_anything-style code does;
+   ``sdpa_mask``: the SDPA call alone, on a bias built beforehand;
+3. ``flash``: SDPA with no bias (the flash backend): the lower bound for context.
+
+Rates are 4·B·heads·Nq·Nk·D FLOPs (Q·Kᵀ and P·V) over the time, and percentages of the
+bf16 matmul ceiling measured in the same run (harness, 8192³). Accuracy: ``err`` =
+max|fused − truth| / max|truth| with the truth the reference in fp32 on the first
+``--check-batch`` batch entries; ``ref_err`` the same for the reference in the benchmark
+dtype (the yardstick); ``err_vs_ref`` the fused output against the low-precision
+reference on the whole batch.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from experiments import harness
+from fastzoo.ops.rel_pos_attention import _rel_pos_attention_kernel, rel_pos_attention, rel_pos_attention_ref
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def shapes(batch: int, quick: bool) -> list[tuple[str, int, int, int, int]]:
+    """(name, B, heads, grid side, head_dim); tokens = side²."""
+    all_shapes = [
+        ("vit_b.window", batch * 25, 12, 14, 64),
+        ("vit_b.global", batch, 12, 64, 64),
+        ("vit_h.window", batch * 25, 16, 14, 80),
+        ("vit_h.global", batch, 16, 64, 80),
+    ]
+    return all_shapes[3:] if quick else all_shapes
+
+
+def make_inputs(B, H, side, D, dtype, device, layout, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    N = side * side
+    if layout == "qkv":
+        qkv = torch.randn(B, N, 3, H, D, device=device, generator=g).to(dtype)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, D) views
+    else:
+        q, k, v = (torch.randn(B, H, N, D, device=device, generator=g).to(dtype) for _ in range(3))
+    rel_h = (torch.randn(B, H, N, side, device=device, generator=g) * 2).to(dtype)
+    rel_w = (torch.randn(B, H, N, side, device=device, generator=g) * 2).to(dtype)
+    return q, k, v, rel_h, rel_w
+
+
+def _max_rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:
+    return float((out.float() - truth.float()).abs().max() / truth.float().abs().max())
+
+
+def bench_shape(name, B, H, side, D, dtype, device, rep, n_inputs, layout, check_batch, bf16_tflops):
+    N = side * side
+    sets = [make_inputs(B, H, side, D, dtype, device, layout, seed=i + 1) for i in range(n_inputs)]
+
+    # Accuracy (also runs the autotuner before anything is timed).
+    x = sets[0]
+    out = rel_pos_attention(*x)
+    config = str(getattr(_rel_pos_attention_kernel, "best_config", "?"))
+    ref_lp = rel_pos_attention_ref(*x)
+    err_vs_ref = _max_rel_err(out, ref_lp)
+    del ref_lp
+    cb = min(check_batch, B)
+    small = [t[:cb] for t in x]
+    truth = rel_pos_attention_ref(*(t.float() for t in small))
+    err = _max_rel_err(out[:cb], truth)
+    ref_err = _max_rel_err(rel_pos_attention_ref(*small), truth)
+    del out, truth
+    torch.cuda.empty_cache()
+
+    t = {}
+    t["fused"] = harness.bench(lambda s: rel_pos_attention(*s), inputs=sets, rep=rep)
+    t["ref"] = harness.bench(lambda s: rel_pos_attention_ref(*s), inputs=sets, rep=rep)
+    # SDPA alone on a bias built beforehand (one set: the bias is the big tensor here).
+    q0, k0, v0, rh0, rw0 = sets[0]
+    bias = (rh0[..., :, None] + rw0[..., None, :]).reshape(B, H, N, N)
+    t["sdpa_mask"] = harness.bench(lambda: F.scaled_dot_product_attention(q0, k0, v0, attn_mask=bias), rep=rep)
+    del bias
+    torch.cuda.empty_cache()
+    t["flash"] = harness.bench(lambda s: F.scaled_dot_product_attention(s[0], s[1], s[2]), inputs=sets, rep=rep)
+
+    flops = 4.0 * B * H * N * N * D
+    ms = {k: v["median_ms"] for k, v in t.items()}
+    tflops = {k: flops / (v * 1e-3) / 1e12 for k, v in ms.items()}
+    row = {"shape": name, "dtype": str(dtype).replace("torch.", ""), "B": B, "heads": H, "tokens": N, "D": D}
+    for k in ("fused", "ref", "sdpa_mask", "flash"):
+        row[f"{k}_ms"] = ms[k]
+    for k in ("fused", "ref", "flash"):
+        row[f"{k}_tflops"] = tflops[k]
+        row[f"{k}_pct"] = 100 * tflops[k] / bf16_tflops
+    row["speedup_vs_ref"] = harness.speedup(ms["ref"], ms["fused"])
+    row["speedup_vs_sdpa_mask"] = harness.speedup(ms["sdpa_mask"], ms["fused"])
+    row["flash_over_fused"] = ms["flash"] / ms["fused"]
+    row["err"] = err
+    row["ref_err"] = ref_err
+    row["err_vs_ref"] = err_vs_ref
+    row["config"] = config
+    row["timings"] = t
+    del sets
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one shape (vit_h global), bf16, few repeats, no JSON")
+    p.add_argument("--batch", type=int, default=16, help="images per batch (windowed layers: 25 windows each)")
+    p.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16")
+    p.add_argument("--layout", choices=["qkv", "contiguous"], default="qkv",
+                   help="q/k/v as slices of a fused qkv tensor (SAM) or separate contiguous tensors")
+    p.add_argument("--rep", type=int, default=None, help="timed repeats per measurement")
+    p.add_argument("--inputs", type=int, default=2, help="input sets rotated between calls")
+    p.add_argument("--check-batch", type=int, default=2, help="batch entries checked against the fp32 reference")
+    args = p.parse_args(argv)
+    device = harness.require_cuda("experiments/bench_rel_pos_attention.py")
+    rep = args.rep or (10 if args.quick else 50)
+    dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            p.error(f"--dtypes: expected bf16 or fp16, got {d!r}")
+
+    bf16_tflops = harness.measure_matmul_tflops(torch.bfloat16)
+    print(f"{harness.gpu_name()}: measured bf16 matmul ceiling {bf16_tflops:.0f} TFLOP/s (torch.mm, 8192^3)")
+
+    rows = []
+    for d in dtypes:
+        for name, B, H, side, D in shapes(args.batch, args.quick):
+            row = bench_shape(name, B, H, side, D, DTYPES[d], device, rep, args.inputs, args.layout,
+                              args.check_batch, bf16_tflops)
+            rows.append(row)
+            print(f"  {name} {d}: fused {row['fused_ms']:.3f} ms, ref {row['ref_ms']:.3f} ms, "
+                  f"config {row['config']}", flush=True)
+
+    print("\nTimes in ms (medians); TFLOP/s = 4·B·heads·N²·D / time; pct = % of the bf16 matmul ceiling.")
+    harness.print_table(rows, ["shape", "dtype", "B", "heads", "tokens", "D", "fused_ms", "ref_ms", "sdpa_mask_ms",
+                               "flash_ms", "fused_tflops", "fused_pct", "ref_pct", "flash_pct", "speedup_vs_ref",
+                               "speedup_vs_sdpa_mask", "flash_over_fused"])
+    print()
+    harness.print_table(rows, ["shape", "dtype", "err", "ref_err", "err_vs_ref", "config"])
+    if not args.quick:
+        figures = {"bf16_ceiling_tflops": bf16_tflops, "layout": args.layout, "rows": rows}
+        print("saved", harness.save_result("rel_pos_attention", figures, args))
+
+
+if __name__ == "__main__":
+    main()
