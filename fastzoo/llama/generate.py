@@ -284,8 +284,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 class _Streamer:
     """Prints the decoded text of one sequence incrementally (handles multi-token characters)."""
 
-    def __init__(self, tokenizer, stop_ids, out=sys.stdout):
-        self.tok, self.stop, self.out = tokenizer, set(stop_ids), out
+    def __init__(self, tokenizer, stop_ids, out=None):
+        self.tok, self.stop, self.out = tokenizer, set(stop_ids), out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
         self.stopped = False
@@ -343,7 +343,8 @@ def _check_args(p, a):
         p.error("--interactive takes at most one --prompt")
 
 
-def _print_stats(model, res: GenerationOutput, batch: int, device, file=sys.stderr, label=""):
+def _print_stats(model, res: GenerationOutput, batch: int, device, file=None, label=""):
+    file = file or sys.stderr
     weight_bytes = model.weight_bytes()
     total = sum(len(t) for t in res.tokens)
     steps_per_s = res.steps / res.decode_s if res.decode_s > 0 else float("nan")

@@ -22,3 +22,13 @@ def converted(tmp_path_factory, tiktoken_file):
         hf.save_pretrained(base / "hf", safe_serialization=True)
         out[kind] = (hf, convert(base / "hf", base / "fz", tokenizer=tiktoken_file, progress=False))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _single_cpu_thread():
+    """Tiny models: intra-op threading only adds contention (restored after each test)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
