@@ -19,7 +19,7 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
   whole key row fits in a tile, is the same for every tile and is loaded once. Online
   softmax in fp32 with exp2 (log2(e) folded into the scale and the bias), Q·Kᵀ and
   P·V on the tensor cores with fp16/bf16 operands. The head dimension is not padded in
-  memory: loads are masked up to a power-of-two ``BLOCK_D``. q/k/v/rel_h/rel_w may be
+  memory: loads are masked up to power-of-two tiles (80 = 64 + 16). q/k/v/rel_h/rel_w may be
   strided views (e.g. slices of a fused qkv projection) as long as the last dimension
   has unit stride.
 - ``rel_pos_attention``: the public op (``torch.ops.fastzoo.rel_pos_attention``):
@@ -79,6 +79,12 @@ if triton_available():
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
     ]
 
+    @triton.jit
+    def _mm(a, b, DOT_F32: tl.constexpr):
+        if DOT_F32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a, b)
+
     @triton.autotune(configs=_CONFIGS, key=["Nq", "Nk", "HEAD_D", "k_h", "k_w"])
     @triton.jit
     def _rel_pos_attention_kernel(
@@ -90,7 +96,8 @@ if triton_available():
         srw_b, srw_h, srw_n,
         so_b, so_h, so_n,
         H, Nq, Nk, HEAD_D, k_h, k_w, qk_scale,
-        BLOCK_D: tl.constexpr, KW_P: tl.constexpr, DOT_F32: tl.constexpr,
+        BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+        KW_P: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -122,6 +129,13 @@ if triton_available():
 
         q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :],
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if SPLIT_D:
+            # Head dims [BLOCK_D, HEAD_D) as a second, narrow slice (80 = 64 + 16).
+            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            d2_ok = offs_d2 < HEAD_D
+            q2 = tl.load(q_base + offs_m[:, None] * sq_n + offs_d2[None, :],
+                         mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
 
         n_col_chunks = tl.cdiv(k_w, BLOCK_KW)
         n_tiles = tl.cdiv(k_h, ROWS) * n_col_chunks
@@ -148,10 +162,12 @@ if triton_available():
 
             kt = tl.load(k_base + j[None, :] * sk_n + offs_d[:, None],
                          mask=key_ok[None, :] & d_ok[:, None], other=0.0)
-            if DOT_F32:
-                s = tl.dot(q.to(tl.float32), kt.to(tl.float32)) * qk_scale
-            else:
-                s = tl.dot(q, kt) * qk_scale
+            qk = _mm(q, kt, DOT_F32)
+            if SPLIT_D:
+                kt2 = tl.load(k_base + j[None, :] * sk_n + offs_d2[:, None],
+                              mask=key_ok[None, :] & d2_ok[:, None], other=0.0)
+                qk += _mm(q2, kt2, DOT_F32)
+            s = qk * qk_scale
 
             if ROWS == 1:
                 # One key row per tile: its rel_h term is one value per query.
@@ -176,17 +192,22 @@ if triton_available():
 
             vt = tl.load(v_base + j[:, None] * sv_n + offs_d[None, :],
                          mask=key_ok[:, None] & d_ok[None, :], other=0.0)
-            if DOT_F32:
-                pv = tl.dot(p.to(vt.dtype).to(tl.float32), vt.to(tl.float32))
-            else:
-                pv = tl.dot(p.to(vt.dtype), vt)
-            acc = acc * alpha[:, None] + pv
+            p = p.to(vt.dtype)
+            acc = acc * alpha[:, None] + _mm(p, vt, DOT_F32)
+            if SPLIT_D:
+                vt2 = tl.load(v_base + j[:, None] * sv_n + offs_d2[None, :],
+                              mask=key_ok[:, None] & d2_ok[None, :], other=0.0)
+                acc2 = acc2 * alpha[:, None] + _mm(p, vt2, DOT_F32)
             m_i = m_new
 
         out = acc / l_i[:, None]
         o_base = o_ptr + b * so_b + h * so_h
         tl.store(o_base + offs_m[:, None] * so_n + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        if SPLIT_D:
+            out2 = acc2 / l_i[:, None]
+            tl.store(o_base + offs_m[:, None] * so_n + offs_d2[None, :],
+                     out2.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d2_ok[None, :])
 
 
 def _check_shapes(name: str, q, k, v, rel_h, rel_w) -> None:
@@ -216,6 +237,21 @@ def _check_shapes(name: str, q, k, v, rel_h, rel_w) -> None:
     for t_name, t in (("q", q), ("rel_h", rel_h), ("rel_w", rel_w)):
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} expects {t_name} float32/float16/bfloat16, got {t.dtype}")
+
+
+def _head_dim_blocks(D: int) -> dict:
+    """Tensor-core tiles covering the head dimension (powers of two, at least 16).
+
+    One tile of next_pow2(D) columns, or, where that wastes more than a narrower second
+    tile would, two: D = 80 runs as 64 + 16 rather than 128 (loads are masked beyond D
+    either way; nothing is padded in memory).
+    """
+    full = max(16, _next_pow2(D))
+    hi = max(16, full // 2)
+    lo = max(16, _next_pow2(D - hi)) if D > hi else 0
+    if lo and hi + lo < full:
+        return {"BLOCK_D": hi, "SPLIT_D": True, "BLOCK_D2": lo}
+    return {"BLOCK_D": full, "SPLIT_D": False, "BLOCK_D2": 16}
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -263,7 +299,7 @@ def rel_pos_attention_triton(
         rel_w.stride(0), rel_w.stride(1), rel_w.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, Nq, Nk, D, k_h, k_w, float(scale) * _LOG2E,
-        device=q.device, BLOCK_D=max(16, _next_pow2(D)), KW_P=_next_pow2(k_w),
+        device=q.device, **_head_dim_blocks(D), KW_P=_next_pow2(k_w),
         # Triton's interpreter (CPU tensors) multiplies the raw bits of bf16 operands
         # in tl.dot; there the kernel widens its already-rounded fp16/bf16 dot operands
         # to fp32, which gives the same (exact) products. On GPUs: fp16/bf16 MMA.

@@ -52,14 +52,16 @@ def _check_close(out, inputs, scale=None):
 
 
 # (q_h, q_w), (k_h, k_w), D: tiles of several key rows (k_w 5, 7), of one whole key row
-# (k_w 20) and of part of a key row (k_w 40, wider than the first config's BLOCK_N).
+# (k_w 20) and of part of a key row (k_w 40, wider than the first config's BLOCK_N);
+# head dims in one tile (16; 20 masked to 32) and split in two like vit_h's 80 = 64 + 16
+# (48 = 32 + 16; 40 = 32 + 16 masked).
 CASES = [
     ((1, 1), (1, 1), 16),
     ((3, 5), (3, 5), 20),
     ((7, 7), (7, 7), 16),
-    ((7, 7), (3, 5), 20),
+    ((7, 7), (3, 5), 40),
     ((2, 3), (2, 20), 16),
-    ((5, 3), (2, 40), 20),
+    ((5, 3), (2, 40), 48),
 ]
 
 
@@ -91,7 +93,7 @@ def test_kernel_scale_and_single_batch(kernel_device):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_kernel_strided_views_of_qkv(kernel_device, dtype):
     """q, k, v sliced out of a fused qkv projection, rel tables as strided views: no copies."""
-    B, H, (qh, qw), D = 2, 2, (3, 5), 20
+    B, H, (qh, qw), D = 2, 2, (3, 5), 40
     N = qh * qw
     g = torch.Generator().manual_seed(11)
     qkv = torch.randn(B, N, 3, H, D, generator=g).to(dtype).to(kernel_device)
