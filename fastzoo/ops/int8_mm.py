@@ -29,7 +29,11 @@ int8 dynamic (per-token) activation and int8 per-channel weight quantization.
 ``int8_dynamic_linear_ref`` composes the two references.
 
 Cost of the kernel: 2·M·N·K integer ops; reads M·K + N·K bytes (plus re-reads from
-L2 across tiles), writes M·N·sizeof(out_dtype) bytes.
+L2 across tiles), writes M·N·sizeof(out_dtype) bytes. Autotuning is keyed on
+(next power of two of M, N, K), so a new token count reuses its bucket's choice.
+
+Not done yet: fusing the per-row quantization of x into the GEMM's prologue (today
+``int8_dynamic_linear`` writes int8 x and its scales once, then the GEMM reads them).
 """
 from __future__ import annotations
 
