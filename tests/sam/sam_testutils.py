@@ -63,3 +63,32 @@ def make_pair(config=None, seed=0, image_size=1024):
     ours = build_sam_from_config(**config, image_size=image_size)
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ref, ours
+
+
+SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def sample_image(size=(534, 800), seed=0):
+    """``../shared/data/dog.jpg`` as HxWx3 uint8 when present, else a generated image with blobs."""
+    import numpy as np
+
+    path = SHARED_DATA / "dog.jpg"
+    if path.is_file() and size == (534, 800):
+        from PIL import Image
+
+        return np.array(Image.open(path).convert("RGB"))
+    return generated_image(size, seed)
+
+
+def generated_image(size=(96, 128), seed=0):
+    """A deterministic HxWx3 uint8 image: smooth background with a few coloured discs."""
+    import numpy as np
+
+    h, w = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / w, yy * 255 / h, np.full_like(xx, 90.0)], -1)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(min(h, w) / 8, min(h, w) / 3)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    return img.astype(np.uint8)
