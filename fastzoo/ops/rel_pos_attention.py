@@ -82,8 +82,10 @@ if triton_available():
     @triton.jit
     def _mm(a, b, DOT_F32: tl.constexpr):
         if DOT_F32:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32))
-        return tl.dot(a, b)
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        else:
+            out = tl.dot(a, b)
+        return out
 
     @triton.autotune(configs=_CONFIGS, key=["Nq", "Nk", "HEAD_D", "k_h", "k_w"])
     @triton.jit
@@ -97,7 +99,7 @@ if triton_available():
         so_b, so_h, so_n,
         H, Nq, Nk, HEAD_D, k_h, k_w, qk_scale,
         BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
-        KW_P: tl.constexpr, DOT_F32: tl.constexpr,
+        KW_P: tl.constexpr, KW_EXACT: tl.constexpr, KH_DIV: tl.constexpr, DOT_F32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -107,6 +109,9 @@ if triton_available():
         WHOLE_ROWS: tl.constexpr = KW_P <= BLOCK_N
         BLOCK_KW: tl.constexpr = KW_P if WHOLE_ROWS else BLOCK_N
         ROWS: tl.constexpr = BLOCK_N // BLOCK_KW
+        # EVEN: every tile is full of real keys (k_w a power of two, k_h a multiple of
+        # ROWS, e.g. the 64x64 global layers): no key masks at all.
+        EVEN: tl.constexpr = WHOLE_ROWS & KW_EXACT & (KH_DIV % ROWS == 0)
 
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -157,7 +162,10 @@ if triton_available():
                 kr0 = t // n_col_chunks
                 kc = (t % n_col_chunks) * BLOCK_KW + n_col
             kr = kr0 + n_row
-            key_ok = (kr < k_h) & (kc < k_w)
+            if EVEN:
+                key_ok = tl.full([BLOCK_N], 1, tl.int1)
+            else:
+                key_ok = (kr < k_h) & (kc < k_w)
             j = kr * k_w + kc
 
             kt = tl.load(k_base + j[None, :] * sk_n + offs_d[:, None],
@@ -183,7 +191,8 @@ if triton_available():
                 rw = tl.load(rw_rows[:, None] + kc[None, :],
                              mask=m_ok[:, None] & (kc < k_w)[None, :], other=0.0)
                 s += rw.to(tl.float32) * LOG2E
-            s = tl.where(key_ok[None, :], s, float("-inf"))
+            if not EVEN:
+                s = tl.where(key_ok[None, :], s, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -299,7 +308,8 @@ def rel_pos_attention_triton(
         rel_w.stride(0), rel_w.stride(1), rel_w.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         H, Nq, Nk, D, k_h, k_w, float(scale) * _LOG2E,
-        device=q.device, **_head_dim_blocks(D), KW_P=_next_pow2(k_w),
+        device=q.device, **_head_dim_blocks(D),
+        KW_P=_next_pow2(k_w), KW_EXACT=k_w == _next_pow2(k_w), KH_DIV=min(k_h & -k_h, 1024),
         # Triton's interpreter (CPU tensors) multiplies the raw bits of bf16 operands
         # in tl.dot; there the kernel widens its already-rounded fp16/bf16 dot operands
         # to fp32, which gives the same (exact) products. On GPUs: fp16/bf16 MMA.

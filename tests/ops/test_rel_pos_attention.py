@@ -52,7 +52,8 @@ def _check_close(out, inputs, scale=None):
 
 
 # (q_h, q_w), (k_h, k_w), D: tiles of several key rows (k_w 5, 7), of one whole key row
-# (k_w 20) and of part of a key row (k_w 40, wider than the first config's BLOCK_N);
+# (k_w 20) and of part of a key row (k_w 40, wider than the first config's BLOCK_N), and
+# tiles with no padding keys at all (k_w 16, k_h 4: the unmasked path of the 64x64 grid);
 # head dims in one tile (16; 20 masked to 32) and split in two like vit_h's 80 = 64 + 16
 # (48 = 32 + 16; 40 = 32 + 16 masked).
 CASES = [
@@ -61,6 +62,7 @@ CASES = [
     ((7, 7), (7, 7), 16),
     ((7, 7), (3, 5), 40),
     ((2, 3), (2, 20), 16),
+    ((3, 3), (4, 16), 20),
     ((5, 3), (2, 40), 48),
 ]
 
