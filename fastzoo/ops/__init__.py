@@ -2,6 +2,12 @@
 
 See ``fastzoo/ops/README.md`` for the pattern every op follows.
 """
+from .int8_mm import (int8_dynamic_linear, int8_dynamic_linear_ref, int8_scaled_mm, int8_scaled_mm_ref,
+                      int8_scaled_mm_triton)
 from .quantize_rows import quantize_rows_int8, quantize_rows_int8_ref, quantize_rows_int8_triton
 
-__all__ = ["quantize_rows_int8", "quantize_rows_int8_ref", "quantize_rows_int8_triton"]
+__all__ = [
+    "int8_dynamic_linear", "int8_dynamic_linear_ref", "int8_scaled_mm", "int8_scaled_mm_ref",
+    "int8_scaled_mm_triton",
+    "quantize_rows_int8", "quantize_rows_int8_ref", "quantize_rows_int8_triton",
+]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastzoo.ops import quantize_rows_int8
+from fastzoo.ops import int8_dynamic_linear
 
 _EPS = 1e-12
 
@@ -68,21 +68,16 @@ class Int8WeightOnlyLinear(nn.Module):
 class Int8DynamicLinear(Int8WeightOnlyLinear):
     """int8 weights (per channel) × int8 activations quantized per token at run time.
 
-    The activation quantization is ``fastzoo.ops.quantize_rows_int8``; the product is
-    an exact integer matmul followed by both scales and the bias.
+    The forward is ``fastzoo.ops.int8_dynamic_linear``: per-token ``quantize_rows_int8``,
+    then ``int8_scaled_mm`` (exact int32 product, both scales and the bias fused in the
+    epilogue; a Triton kernel on CUDA, the PyTorch reference elsewhere).
     """
 
     scales_in_fp32 = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xq, xs = quantize_rows_int8(x2)
-        acc = xq.to(torch.float32) @ self.weight.to(torch.float32).t()
-        y = acc * xs * self.scales.to(torch.float32)
-        if self.bias is not None:
-            y = y + self.bias.to(torch.float32)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        # scales stay float32 even if the module was cast with .to(dtype)
+        return int8_dynamic_linear(x, self.weight, self.scales.float(), self.bias)
 
 
 class Int4WeightOnlyLinear(nn.Module):
