@@ -203,6 +203,6 @@ def test_cuda_strided_qkv_and_compile():
     rel_w = (torch.randn(B, H, N, hw, device="cuda") * 2).bfloat16()
     out = rel_pos_attention(q, k, v, rel_h, rel_w)
     ref = rel_pos_attention_ref(q.float(), k.float(), v.float(), rel_h.float(), rel_w.float())
-    assert (out.float() - ref).abs().max() < 2e-2
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 1e-2
     compiled = torch.compile(rel_pos_attention, fullgraph=True)
     assert torch.equal(compiled(q, k, v, rel_h, rel_w), out)
