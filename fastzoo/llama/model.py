@@ -124,10 +124,11 @@ class Attention(nn.Module):
             kv_len = mask.shape[-1]
             if kv_len != k.shape[2]:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        if self.n_kv_heads != self.n_heads:
+        if self.n_kv_heads != self.n_heads:  # query head h uses kv head h // rep (no host sync)
             rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            Bk, Hk, S, D = k.shape
+            k = k[:, :, None].expand(Bk, Hk, rep, S, D).reshape(Bk, Hk * rep, S, D)
+            v = v[:, :, None].expand(Bk, Hk, rep, S, D).reshape(Bk, Hk * rep, S, D)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
