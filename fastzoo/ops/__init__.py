@@ -4,10 +4,12 @@ See ``fastzoo/ops/README.md`` for the pattern every op follows.
 """
 from .int8_mm import (int8_dynamic_linear, int8_dynamic_linear_ref, int8_scaled_mm, int8_scaled_mm_ref,
                       int8_scaled_mm_triton)
+from .rel_pos_attention import rel_pos_attention, rel_pos_attention_ref, rel_pos_attention_triton
 from .quantize_rows import quantize_rows_int8, quantize_rows_int8_ref, quantize_rows_int8_triton
 
 __all__ = [
     "int8_dynamic_linear", "int8_dynamic_linear_ref", "int8_scaled_mm", "int8_scaled_mm_ref",
     "int8_scaled_mm_triton",
+    "rel_pos_attention", "rel_pos_attention_ref", "rel_pos_attention_triton",
     "quantize_rows_int8", "quantize_rows_int8_ref", "quantize_rows_int8_triton",
 ]
