@@ -66,8 +66,8 @@ for b in $BENCHES; do
   echo "== $b" | tee -a "$OUTDIR/bench.log"
   $PY -m "experiments.$b" 2>&1 | tee -a "$OUTDIR/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "== $b FAILED" | tee -a "$OUTDIR/bench.log"; status=1; }
+  # after each benchmark, so that a run cut short still returns what it measured
+  tar czf "$OUTDIR/results.tar.gz" experiments/results 2>/dev/null || true
 done
-
-tar czf "$OUTDIR/results.tar.gz" experiments/results 2>/dev/null || true
 echo "gpu_check finished with status $status; outputs in $OUTDIR"
 exit $status
