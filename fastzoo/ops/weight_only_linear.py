@@ -1,0 +1,584 @@
+"""Bandwidth-bound linears for LLM decode: bf16, int8 weight-only and int4 weight-only.
+
+At decode time (1 to 16 tokens) a linear layer reads every weight once per step and
+does almost no arithmetic per byte, so its speed is the weight bytes over the memory
+bandwidth. The kernels here are built for that regime:
+
+- each weight byte is read exactly once, with loads contiguous along K;
+- int8 / int4 weights are dequantized in registers (never written back as bf16);
+- fp32 accumulation; the few rows of ``x`` are re-read per K block (they stay in L1/L2);
+- one program per ``BLOCK_N`` output columns and per K slice (split-K, partial sums
+  combined with fp32 atomics) so that even N = 4096 fills the GPU;
+- one token (M = 1): a GEMV whose accumulator is a (BLOCK_N, BLOCK_K) fp32 tile reduced
+  once at the end; 2 to 16 tokens: a 16-row ``tl.dot`` (tensor cores, rows past M are
+  masked). Autotuned per (M bucket, N, K) over tile sizes, split-K, warps and stages.
+
+Ops (each: ``<op>_ref``, ``<op>_triton``, public ``<op>`` = ``torch.ops.fastzoo.<op>``):
+
+``decode_linear(x, w, bias=None)``
+    ``F.linear(x, w, bias)``; x (..., K) bf16/fp16 (or fp32: reference only), w (N, K)
+    of x's dtype. Kernel for at most 16 rows; ``F.linear`` (cuBLAS) otherwise.
+``int8_weight_only_linear(x, w_int8, scales, bias=None)``
+    ``F.linear(x, w_int8.to(x.dtype)) * scales + bias``; w_int8 (N, K) int8, scales (N,)
+    float. Kernel for at most 16 rows; dequantize + ``F.linear`` otherwise (prefill).
+``int4_weight_only_linear(x, w_packed, scales, zeros, group_size, bias=None)``
+    W4A16, the layout of ``fastzoo.quant.Int4WeightOnlyLinear``: w_packed uint8 (N, K/2)
+    with column 2j in the low nibble and 2j+1 in the high nibble; scales and zeros
+    (N, K/group_size) float; w[n, k] = q[n, k] · scales[n, k // g] + zeros[n, k // g].
+    Kernel for at most 16 rows; dequantize + ``F.linear`` otherwise.
+
+All accept leading batch dims on ``x`` and return x's dtype, shape (..., N). The
+kernels compute in fp32 and round once (the reference rounds after the matmul, the
+scale and the bias in x's dtype), so they agree with an fp32 computation on the same
+dequantized weights to the output dtype's rounding.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._common import cuda_kernel_applies, launch, triton_available
+
+MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_GROUP_SIZES = (32, 64, 128, 256)
+
+
+# ----------------------------------------------------------------------------------
+# Argument checks (errors name what was expected and what was found)
+# ----------------------------------------------------------------------------------
+def _check_x(name: str, x: torch.Tensor) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} expects x to be a tensor, got {type(x).__name__}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"{name} expects x in bfloat16, float16 or float32, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} expects x of shape (..., K), got a scalar")
+    return x.shape[-1]
+
+
+def _check_bias(name: str, x: torch.Tensor, bias: Optional[torch.Tensor], N: int) -> None:
+    if bias is None:
+        return
+    if tuple(bias.shape) != (N,):
+        raise ValueError(f"{name} expects bias of shape ({N},), got shape {tuple(bias.shape)}")
+    if bias.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name} expects bias in x's dtype ({x.dtype}) or float32, got {bias.dtype}")
+
+
+def _check_devices(name: str, **tensors: Optional[torch.Tensor]) -> None:
+    present = {k: t for k, t in tensors.items() if t is not None}
+    if len({t.device for t in present.values()}) > 1:
+        found = ", ".join(f"{k} on {t.device}" for k, t in present.items())
+        raise ValueError(f"{name} expects all tensors on one device, got {found}")
+
+
+def _check_float_args(name, x, w, bias) -> tuple[int, int]:
+    K = _check_x(name, x)
+    if w.dim() != 2 or w.shape[1] != K:
+        raise ValueError(f"{name} expects w of shape (N, K={K}), got {tuple(w.shape)} for x of shape {tuple(x.shape)}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"{name} expects w in x's dtype ({x.dtype}), got {w.dtype}")
+    N = w.shape[0]
+    _check_bias(name, x, bias, N)
+    _check_devices(name, x=x, w=w, bias=bias)
+    return N, K
+
+
+def _check_int8_args(name, x, w_int8, scales, bias) -> tuple[int, int]:
+    K = _check_x(name, x)
+    if w_int8.dtype != torch.int8:
+        raise TypeError(f"{name} expects w_int8 of dtype torch.int8, got {w_int8.dtype}")
+    if w_int8.dim() != 2 or w_int8.shape[1] != K:
+        raise ValueError(
+            f"{name} expects w_int8 of shape (N, K={K}), got {tuple(w_int8.shape)} for x of shape {tuple(x.shape)}"
+        )
+    N = w_int8.shape[0]
+    if not scales.dtype.is_floating_point:
+        raise TypeError(f"{name} expects floating-point scales, got {scales.dtype}")
+    if tuple(scales.shape) not in ((N,), (N, 1)):
+        raise ValueError(f"{name} expects scales of shape ({N},) (per output channel), got shape {tuple(scales.shape)}")
+    _check_bias(name, x, bias, N)
+    _check_devices(name, x=x, w_int8=w_int8, scales=scales, bias=bias)
+    return N, K
+
+
+def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias) -> tuple[int, int]:
+    K = _check_x(name, x)
+    if group_size not in _GROUP_SIZES:
+        raise ValueError(f"{name} expects group_size in {_GROUP_SIZES}, got {group_size}")
+    if K % group_size:
+        raise ValueError(f"{name} expects K divisible by group_size={group_size}, got K={K}")
+    if w_packed.dtype != torch.uint8:
+        raise TypeError(f"{name} expects w_packed of dtype torch.uint8 (two int4 per byte), got {w_packed.dtype}")
+    if w_packed.dim() != 2 or w_packed.shape[1] * 2 != K:
+        raise ValueError(
+            f"{name} expects w_packed of shape (N, K/2={K // 2}), got {tuple(w_packed.shape)} "
+            f"for x of shape {tuple(x.shape)}"
+        )
+    N = w_packed.shape[0]
+    G = K // group_size
+    for label, t in (("scales", scales), ("zeros", zeros)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} expects floating-point {label}, got {t.dtype}")
+        if tuple(t.shape) != (N, G):
+            raise ValueError(f"{name} expects {label} of shape (N, K/group_size) = ({N}, {G}), got {tuple(t.shape)}")
+    _check_bias(name, x, bias, N)
+    _check_devices(name, x=x, w_packed=w_packed, scales=scales, zeros=zeros, bias=bias)
+    return N, K
+
+
+# ----------------------------------------------------------------------------------
+# References
+# ----------------------------------------------------------------------------------
+def decode_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference: ``F.linear(x, w, bias)`` (bias cast to x's dtype)."""
+    _check_float_args("decode_linear_ref", x, w, bias)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def int8_weight_only_linear_ref(
+    x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Reference: ``F.linear(x, w_int8.to(x.dtype)) * scales + bias`` in x's dtype
+    (what ``Int8WeightOnlyLinear.forward`` computes)."""
+    _check_int8_args("int8_weight_only_linear_ref", x, w_int8, scales, bias)
+    y = F.linear(x, w_int8.to(x.dtype)) * scales.reshape(-1).to(x.dtype)
+    return y + bias.to(x.dtype) if bias is not None else y
+
+
+def int4_dequantize(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(N, K/2) packed uint8 → (N, K) ``dtype``: q · scale + zero per group, in fp32, then cast."""
+    N = w_packed.shape[0]
+    q = torch.stack([w_packed & 0xF, w_packed >> 4], dim=-1).reshape(N, -1, group_size)
+    w = q.to(torch.float32) * scales.to(torch.float32)[..., None] + zeros.to(torch.float32)[..., None]
+    return w.reshape(N, -1).to(dtype)
+
+
+def int4_weight_only_linear_ref(
+    x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Reference: dequantize to x's dtype, then ``F.linear`` (what ``Int4WeightOnlyLinear.forward`` computes)."""
+    _check_int4_args("int4_weight_only_linear_ref", x, w_packed, scales, zeros, group_size, bias)
+    w = int4_dequantize(w_packed, scales, zeros, group_size, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------
+def _m_bucket(M: int) -> int:
+    """Autotuning key for M: 1, 2, 4, 8 or 16 (the next power of two)."""
+    return 1 << max(0, (M - 1).bit_length())
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the GEMV tiles (BLOCK_M == 1) for one row only, the 16-row dot tiles otherwise;
+    drop split-K where the K slices would be shorter than a block or N alone fills the GPU."""
+    M_bucket, N, K = named_args["M_BUCKET"], named_args["N"], named_args["K"]
+    kept = []
+    for c in configs:
+        kw = c.kwargs
+        if (kw["BLOCK_M"] == 1) != (M_bucket == 1):
+            continue
+        if kw["SPLIT_K"] > 1:
+            n_tiles = -(-N // kw["BLOCK_N"])
+            if K < kw["SPLIT_K"] * kw["BLOCK_K"] * 2 or n_tiles >= 1024:
+                continue
+        kept.append(c)
+    return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 16][:1]
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    def _cfg(bm, bn, bk, split, warps, stages):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
+                             num_warps=warps, num_stages=stages)
+
+    def _configs(gemv_bk: tuple[int, ...], dot_bk: tuple[int, ...]) -> list:
+        # First: small, runs in Triton's interpreter (the CPU tests) for any M.
+        out = [_cfg(16, 16, dot_bk[0], 1, 4, 1)]
+        for split in (1, 2, 4, 8):
+            # one row: GEMV tiles, (BLOCK_N, BLOCK_K) fp32 accumulator
+            for bn, bk, warps in ((8, gemv_bk[1], 4), (16, gemv_bk[0], 4), (16, gemv_bk[1], 8),
+                                  (32, gemv_bk[0], 8), (64, gemv_bk[0] // 2, 8)):
+                for stages in (1, 3):
+                    out.append(_cfg(1, bn, bk, split, warps, stages))
+            # 2..16 rows: 16-row tl.dot tiles
+            for bn, bk in ((32, dot_bk[1]), (64, dot_bk[1]), (64, dot_bk[2]), (128, dot_bk[1])):
+                for stages in (3, 5):
+                    out.append(_cfg(16, bn, bk, split, 4, stages))
+        return out
+
+    # BLOCK_K in weight columns (int4: unpacked columns).
+    _FLOAT_CONFIGS = _configs(gemv_bk=(256, 512), dot_bk=(32, 128, 256))
+    _INT4_CONFIGS = _configs(gemv_bk=(512, 1024), dot_bk=(64, 256, 512))
+
+    @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT"],
+                     prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
+    @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+    @triton.jit
+    def _linear_kernel(
+        x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
+        M, N, K, M_BUCKET, stride_xm, stride_wn, stride_om,
+        QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+    ):
+        """out[m, n] = Σ_k x[m, k] · w[n, k] (· s[n] when QUANT == 1: int8 w) + b[n]."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (offs_n % N).to(tl.int64)  # past-the-edge rows wrap: loads need no N mask
+        offs_k = tl.arange(0, BLOCK_K)
+        k_blocks = tl.cdiv(K, BLOCK_K)
+        k_per_split = tl.cdiv(k_blocks, SPLIT_K) * BLOCK_K
+        k_start = pid_k * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
+        if BLOCK_M == 1:
+            x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for k in range(k_start, k_end, BLOCK_K):
+                if EVEN_K:
+                    xv = tl.load(x_ptrs + k)
+                    wv = tl.load(w_ptrs + k)
+                else:
+                    kmask = offs_k < K - k
+                    xv = tl.load(x_ptrs + k, mask=kmask, other=0.0)
+                    wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0)
+                acc2 += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+            res = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N)
+            offs_m = pid_m + tl.arange(0, 1)
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(k_start, k_end, BLOCK_K):
+                if EVEN_K:
+                    xv = tl.load(x_ptrs + k)
+                    wv = tl.load(w_ptrs + k)
+                else:
+                    kmask = offs_k < K - k
+                    xv = tl.load(x_ptrs + k, mask=kmask[None, :], other=0.0)
+                    wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0)
+                if UPCAST_DOT:
+                    acc = tl.dot(xv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xv, tl.trans(wv.to(xv.dtype)), acc)
+            res = acc
+        n_mask = offs_n < N
+        if QUANT == 1:
+            res = res * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0).to(tl.float32)
+            res = res + bias[None, :]
+        mask = (offs_m < M)[:, None] & n_mask[None, :]
+        o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(ws_ptr + o_off, res, mask=mask)
+
+    @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
+                     prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
+    @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"])})
+    @triton.jit
+    def _int4_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
+        M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
+        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        GPB: tl.constexpr,
+    ):
+        """W4A16: a block is GPB whole quantization groups of GROUP columns (GROUP/2 bytes
+        each); the low nibbles multiply the even columns of x, the high nibbles the odd."""
+        HALF: tl.constexpr = GROUP // 2
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (offs_n % N).to(tl.int64)
+        n_groups = K // GROUP
+        g_per_split = tl.cdiv(tl.cdiv(n_groups, GPB), SPLIT_K) * GPB
+        g_start = pid_k * g_per_split
+        g_end = tl.minimum(n_groups, g_start + g_per_split)
+        offs_g = tl.arange(0, GPB)
+        offs_j = tl.arange(0, HALF)
+        # (BLOCK_N, GPB, HALF) packed bytes; x columns 2·(g·HALF + j) and that + 1.
+        w_ptrs = w_ptr + rows[:, None, None] * stride_wn + (offs_g[None, :, None] * HALF + offs_j[None, None, :])
+        s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
+        z_ptrs = z_ptr + rows[:, None] * stride_zn + offs_g[None, :]
+        xcol = offs_g[:, None] * GROUP + 2 * offs_j[None, :]  # (GPB, HALF)
+        if BLOCK_M == 1:
+            x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + xcol
+            acc3 = tl.zeros((BLOCK_N, GPB, HALF), dtype=tl.float32)
+            for g in range(g_start, g_end, GPB):
+                gmask = offs_g < n_groups - g
+                p = tl.load(w_ptrs + g * HALF, mask=gmask[None, :, None], other=0)
+                s = tl.load(s_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None]
+                z = tl.load(z_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None]
+                xe = tl.load(x_ptrs + g * GROUP, mask=gmask[:, None], other=0.0).to(tl.float32)[None, :, :]
+                xo = tl.load(x_ptrs + g * GROUP + 1, mask=gmask[:, None], other=0.0).to(tl.float32)[None, :, :]
+                lo = (p & 0xF).to(tl.float32) * s + z
+                hi = (p >> 4).to(tl.float32) * s + z
+                acc3 += lo * xe + hi * xo
+            res = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+            offs_m = pid_m + tl.arange(0, 1)
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None, None] * stride_xm + xcol[None, :, :]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for g in range(g_start, g_end, GPB):
+                gmask = offs_g < n_groups - g
+                p = tl.load(w_ptrs + g * HALF, mask=gmask[None, :, None], other=0)
+                s = tl.load(s_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None]
+                z = tl.load(z_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None]
+                xe = tl.load(x_ptrs + g * GROUP, mask=gmask[None, :, None], other=0.0)
+                xo = tl.load(x_ptrs + g * GROUP + 1, mask=gmask[None, :, None], other=0.0)
+                dot_dtype: tl.constexpr = tl.float32 if UPCAST_DOT else xe.dtype
+                lo = ((p & 0xF).to(tl.float32) * s + z).to(dot_dtype)
+                hi = ((p >> 4).to(tl.float32) * s + z).to(dot_dtype)
+                xe2 = tl.reshape(xe.to(dot_dtype), (BLOCK_M, GPB * HALF))
+                xo2 = tl.reshape(xo.to(dot_dtype), (BLOCK_M, GPB * HALF))
+                lo2 = tl.trans(tl.reshape(lo, (BLOCK_N, GPB * HALF)))
+                hi2 = tl.trans(tl.reshape(hi, (BLOCK_N, GPB * HALF)))
+                if UPCAST_DOT:
+                    acc = tl.dot(xe2, lo2, acc, input_precision="ieee")
+                    acc = tl.dot(xo2, hi2, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xe2, lo2, acc)
+                    acc = tl.dot(xo2, hi2, acc)
+            res = acc
+        n_mask = offs_n < N
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0).to(tl.float32)
+            res = res + bias[None, :]
+        mask = (offs_m < M)[:, None] & n_mask[None, :]
+        o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(ws_ptr + o_off, res, mask=mask)
+
+
+# The split-K choice of each autotuning key, learnt on its first call: with SPLIT_K == 1
+# the kernel writes the output directly and no zeroed fp32 workspace is needed.
+_SPLIT_OF_KEY: dict[tuple, int] = {}
+
+
+def _run(kernel, key: tuple, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
+         config: Optional[dict]) -> torch.Tensor:
+    """Launch ``kernel`` writing (M, N) into ``out``; returns the result (out, or the
+    fp32 split-K workspace cast to out's dtype). ``config`` (tests) forces one
+    configuration: {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", optional "num_warps"}."""
+    device = out.device
+    if config is not None:
+        cfg = dict(config)
+        split = cfg["SPLIT_K"]
+        ws = torch.zeros((M, N), dtype=torch.float32, device=device) if split > 1 else out
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
+        kernel.fn[grid](*args, out, ws, *kwargs.pop("_scalars"), **kwargs, **cfg)
+        return ws.to(out.dtype) if split > 1 else out
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    scalars = kwargs.pop("_scalars")
+    if device.type != "cuda":
+        split = kernel.configs[0].kwargs["SPLIT_K"]
+    else:
+        split = _SPLIT_OF_KEY.get(key)
+    if split is None:  # first call for this key: autotune, then learn the split
+        ws = torch.zeros((M, N), dtype=torch.float32, device=device)
+        launch(kernel, grid, *args, out, ws, *scalars, device=device, **kwargs)
+        split = kernel.best_config.kwargs["SPLIT_K"]
+        _SPLIT_OF_KEY[key] = split
+        if split == 1:
+            return out
+        ws.zero_()  # the benchmarking runs may have left sums in it
+    elif split > 1:
+        ws = torch.zeros((M, N), dtype=torch.float32, device=device)
+    else:
+        ws = out  # not written with SPLIT_K == 1
+    launch(kernel, grid, *args, out, ws, *scalars, device=device, **kwargs)
+    return ws.to(out.dtype) if split > 1 else out
+
+
+def _upcast_dot(x: torch.Tensor) -> bool:
+    """Triton's interpreter (CPU tensors) multiplies bf16 tiles in tl.dot wrongly (as raw
+    bits); there the dot operands go to fp32. On the GPU they stay in x's dtype."""
+    return x.device.type != "cuda" and x.dtype == torch.bfloat16
+
+
+def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
+    x2 = x.reshape(-1, K)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _k_contig(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _require_triton(name: str) -> None:
+    if not triton_available():
+        raise RuntimeError(f"{name} needs Triton, which is not importable here")
+
+
+def _check_kernel_dtype(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} (the kernel) expects x in bfloat16 or float16, got {x.dtype}")
+
+
+def _float_or_int8_triton(name, x, w, scales, bias, N, K, quant, config):
+    _require_triton(name)
+    _check_kernel_dtype(name, x)
+    x2 = _rows(x, K)
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M and N:
+        if K == 0:
+            out.zero_()
+            if bias is not None:
+                out += bias.to(x.dtype)
+        else:
+            w = _k_contig(w)
+            s = scales.reshape(-1).contiguous() if scales is not None else w
+            b = bias.contiguous() if bias is not None else w
+            key = ("float_int8", quant, _m_bucket(M), N, K, x.dtype, x.device)
+            out = _run(_linear_kernel, key, M, N, out, [x2, w, s, b],
+                       {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), N),
+                        "QUANT": quant, "HAS_BIAS": bias is not None,
+                        "UPCAST_DOT": _upcast_dot(x)}, config)
+    return out.reshape(*x.shape[:-1], N)
+
+
+def decode_linear_triton(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                         config: Optional[dict] = None) -> torch.Tensor:
+    """Launch the decode kernel (any M; it is built for M <= 16). ``config`` forces a tile (tests)."""
+    N, K = _check_float_args("decode_linear_triton", x, w, bias)
+    return _float_or_int8_triton("decode_linear_triton", x, w, None, bias, N, K, 0, config)
+
+
+def int8_weight_only_linear_triton(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
+                                   bias: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+    """Launch the int8 weight-only decode kernel (any M; built for M <= 16)."""
+    N, K = _check_int8_args("int8_weight_only_linear_triton", x, w_int8, scales, bias)
+    return _float_or_int8_triton("int8_weight_only_linear_triton", x, w_int8, scales, bias, N, K, 1, config)
+
+
+def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+                                   zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None,
+                                   config: Optional[dict] = None) -> torch.Tensor:
+    """Launch the int4 weight-only decode kernel (any M; built for M <= 16)."""
+    name = "int4_weight_only_linear_triton"
+    N, K = _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias)
+    _require_triton(name)
+    _check_kernel_dtype(name, x)
+    x2 = _rows(x, K)
+    M = x2.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M and N and K:
+        w = _k_contig(w_packed)
+        s, z = _k_contig(scales), _k_contig(zeros)
+        b = bias.contiguous() if bias is not None else s
+        key = ("int4", group_size, _m_bucket(M), N, K, x.dtype, x.device)
+        out = _run(_int4_kernel, key, M, N, out, [x2, w, s, z, b],
+                   {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N),
+                    "GROUP": group_size, "HAS_BIAS": bias is not None,
+                    "UPCAST_DOT": _upcast_dot(x)}, config)
+    elif M and N:
+        out.zero_()
+        if bias is not None:
+            out += bias.to(x.dtype)
+    return out.reshape(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------
+def _kernel_applies(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (
+        0 < rows <= MAX_KERNEL_ROWS
+        and x.shape[-1] > 0
+        and cuda_kernel_applies(x, dtypes=_KERNEL_DTYPES)
+        and all(t is None or t.device == x.device for t in others)
+    )
+
+
+@torch.library.custom_op("fastzoo::decode_linear", mutates_args=())
+def _decode_linear_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _kernel_applies(x, w, bias) and w.shape[0] > 0:
+        return decode_linear_triton(x, w, bias)
+    return decode_linear_ref(x, w, bias)
+
+
+@_decode_linear_op.register_fake
+def _(x, w, bias):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("fastzoo::int8_weight_only_linear", mutates_args=())
+def _int8_op(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _kernel_applies(x, w_int8, scales, bias) and w_int8.shape[0] > 0:
+        return int8_weight_only_linear_triton(x, w_int8, scales, bias)
+    return int8_weight_only_linear_ref(x, w_int8, scales, bias)
+
+
+@_int8_op.register_fake
+def _(x, w_int8, scales, bias):
+    return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
+
+
+@torch.library.custom_op("fastzoo::int4_weight_only_linear", mutates_args=())
+def _int4_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+             group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _kernel_applies(x, w_packed, scales, zeros, bias) and w_packed.shape[0] > 0:
+        return int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias)
+    return int4_weight_only_linear_ref(x, w_packed, scales, zeros, group_size, bias)
+
+
+@_int4_op.register_fake
+def _(x, w_packed, scales, zeros, group_size, bias):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` with a bandwidth-bound Triton kernel for at most 16 rows of x.
+
+    x (..., K) bf16/fp16 (fp32: PyTorch only); w (N, K) in x's dtype; bias (N,) in x's
+    dtype or fp32. Returns (..., N) in x's dtype. Kernel on CUDA (Ampere+) for <= 16
+    rows, ``F.linear`` otherwise. Traceable by ``torch.compile(fullgraph=True)``.
+    """
+    _check_float_args("decode_linear", x, w, bias)
+    return _decode_linear_op(x, w, bias)
+
+
+def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
+                            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, w_int8.to(x.dtype)) * scales + bias``: int8 weight-only linear.
+
+    x (..., K) bf16/fp16 (fp32: PyTorch only); w_int8 int8 (N, K); scales (N,) float
+    (per output channel); bias (N,) in x's dtype or fp32. Kernel on CUDA for <= 16
+    rows (weights dequantized in registers), dequantize + ``F.linear`` otherwise.
+    """
+    _check_int8_args("int8_weight_only_linear", x, w_int8, scales, bias)
+    return _int8_op(x, w_int8, scales, bias)
+
+
+def int4_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                            group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W4A16 linear in ``Int4WeightOnlyLinear``'s layout (see the module docstring).
+
+    x (..., K) bf16/fp16 (fp32: PyTorch only); w_packed uint8 (N, K/2); scales, zeros
+    (N, K/group_size) float; group_size in (32, 64, 128, 256). Kernel on CUDA for <= 16
+    rows, dequantize + ``F.linear`` otherwise.
+    """
+    _check_int4_args("int4_weight_only_linear", x, w_packed, scales, zeros, group_size, bias)
+    return _int4_op(x, w_packed, scales, zeros, group_size, bias)

@@ -1,0 +1,367 @@
+"""decode_linear / int8_weight_only_linear / int4_weight_only_linear: kernels vs references,
+the modules of fastzoo.quant, public-op fallback and errors, compile, real Llama shapes."""
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastzoo.ops.weight_only_linear import (
+    decode_linear,
+    decode_linear_ref,
+    decode_linear_triton,
+    int4_dequantize,
+    int4_weight_only_linear,
+    int4_weight_only_linear_ref,
+    int4_weight_only_linear_triton,
+    int8_weight_only_linear,
+    int8_weight_only_linear_ref,
+    int8_weight_only_linear_triton,
+)
+from fastzoo.quant.linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
+from helpers import rel_err
+
+DTYPES = [torch.bfloat16, torch.float16]
+RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+# Forced tiles for the interpreter: the GEMV path (one row) and the 16-row dot path,
+# each with and without split-K (fp32 atomics). None: the autotuner's first config.
+GEMV = dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=64, SPLIT_K=1)
+GEMV_SPLIT = dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=32, SPLIT_K=3)
+DOT_SPLIT = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2)
+CONFIGS = {"first": None, "gemv": GEMV, "gemv_split": GEMV_SPLIT, "dot_split": DOT_SPLIT}
+
+
+def _gen(*key):
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _x(lead, K, dtype, g):
+    return (torch.randn(*lead, K, generator=g) * 2).to(dtype)
+
+
+def _bias(N, kind, dtype, g):
+    if kind == "none":
+        return None
+    return torch.randn(N, generator=g).to(dtype if kind == "same" else torch.float32)
+
+
+def _check(out, truth, dtype, shape):
+    assert out.dtype == dtype and tuple(out.shape) == tuple(shape)
+    err = rel_err(out, truth)
+    assert err < RTOL[dtype], err
+
+
+def _applies(config, M):
+    return config is None or config["BLOCK_M"] == 16 or M == 1
+
+
+def _to(dev, *ts):
+    return [None if t is None else t.to(dev) for t in ts]
+
+
+# ----------------------------------------------------------------------------------
+# Kernels vs fp32 truth on the same (dequantized) weights
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("M,N,K", [(1, 7, 200), (3, 129, 64), (16, 33, 200), (33, 7, 96)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_decode_linear_kernel(kernel_device, M, N, K, dtype, cfg):
+    config = CONFIGS[cfg]
+    if not _applies(config, M):
+        pytest.skip("GEMV tile is for one row")
+    g = _gen("bf", M, N, K, str(dtype), cfg)
+    x, w = _x((M,), K, dtype, g), (torch.randn(N, K, generator=g) * 0.1).to(dtype)
+    bias = _bias(N, "same" if M % 2 else "fp32", dtype, g)
+    truth = F.linear(x.float(), w.float(), bias.float())
+    out = decode_linear_triton(*_to(kernel_device, x, w, bias), config=config)
+    _check(out, truth, dtype, (M, N))
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 7, 200), (3, 129, 64), (16, 33, 200), (33, 7, 96)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("bias_kind", ["none", "same"])
+def test_int8_kernel(kernel_device, M, N, K, dtype, cfg, bias_kind):
+    config = CONFIGS[cfg]
+    if not _applies(config, M):
+        pytest.skip("GEMV tile is for one row")
+    g = _gen("i8", M, N, K, str(dtype), cfg, bias_kind)
+    x = _x((M,), K, dtype, g)
+    w_q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    scales = (torch.rand(N, generator=g) * 1e-2 + 1e-3).to(dtype)
+    bias = _bias(N, bias_kind, dtype, g)
+    truth = F.linear(x.float(), w_q.float()) * scales.float()
+    if bias is not None:
+        truth = truth + bias.float()
+    out = int8_weight_only_linear_triton(*_to(kernel_device, x, w_q, scales, bias), config=config)
+    _check(out, truth, dtype, (M, N))
+
+
+@pytest.mark.parametrize("M,N,K,group", [(1, 7, 256, 32), (3, 129, 64, 32), (16, 33, 256, 64),
+                                         (1, 9, 256, 128), (33, 7, 256, 256)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+def test_int4_kernel(kernel_device, M, N, K, group, dtype, cfg):
+    config = CONFIGS[cfg]
+    if not _applies(config, M):
+        pytest.skip("GEMV tile is for one row")
+    g = _gen("i4", M, N, K, group, str(dtype), cfg)
+    x = _x((M,), K, dtype, g)
+    w = torch.randn(N, K, generator=g) * 0.1
+    packed, scales, zeros = Int4WeightOnlyLinear.quantize(w, group)
+    scales, zeros = scales.to(dtype), zeros.to(dtype)
+    bias = _bias(N, "same" if M % 2 else "none", dtype, g)
+    w_deq = int4_dequantize(packed, scales, zeros, group, torch.float32)
+    truth = F.linear(x.float(), w_deq, None if bias is None else bias.float())
+    out = int4_weight_only_linear_triton(*_to(kernel_device, x, packed, scales, zeros), group,
+                                         *_to(kernel_device, bias), config=config)
+    _check(out, truth, dtype, (M, N))
+
+
+def test_kernels_leading_dims_and_strided_x(kernel_device):
+    g = _gen("lead")
+    dtype = torch.bfloat16
+    big = _x((2, 3), 300, dtype, g)
+    x = big[..., 10:138]  # (2, 3, 128), rows not contiguous
+    w = (torch.randn(21, 128, generator=g) * 0.1).to(dtype)
+    w_q = torch.randint(-128, 128, (21, 128), dtype=torch.int8, generator=g)
+    scales = (torch.rand(21, generator=g) * 1e-2).to(dtype)
+    packed, s4, z4 = Int4WeightOnlyLinear.quantize(w.float(), 64)
+    dev = kernel_device
+    out = decode_linear_triton(*_to(dev, x, w))
+    _check(out, F.linear(x.float(), w.float()), dtype, (2, 3, 21))
+    out = int8_weight_only_linear_triton(*_to(dev, x, w_q, scales))
+    _check(out, F.linear(x.float(), w_q.float()) * scales.float(), dtype, (2, 3, 21))
+    out = int4_weight_only_linear_triton(*_to(dev, x, packed, s4.to(dtype), z4.to(dtype)), 64)
+    deq = int4_dequantize(packed, s4.to(dtype), z4.to(dtype), 64, torch.float32)
+    _check(out, F.linear(x.float(), deq), dtype, (2, 3, 21))
+
+
+def test_kernel_int8_extremes_exact_sum(kernel_device):
+    """-128 and 127 weights, unit scales, integer x: every partial sum is exact in fp32."""
+    K = 96
+    x = torch.ones(1, K, dtype=torch.float16)  # sums up to 12288 are exact in fp16
+    w_q = torch.full((5, K), -128, dtype=torch.int8)
+    w_q[1] = 127
+    w_q[2, ::2] = 127
+    scales = torch.ones(5, dtype=torch.float16)
+    for config in (None, GEMV_SPLIT):
+        out = int8_weight_only_linear_triton(*_to(kernel_device, x, w_q, scales), config=config).float().cpu()
+        assert out[0].tolist() == [-128 * K, 127 * K, (127 - 128) * K / 2, -128 * K, -128 * K]
+
+
+# ----------------------------------------------------------------------------------
+# References and the quant modules
+# ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_reference_equals_module_forward(dtype):
+    g = _gen("mod8", str(dtype))
+    lin = nn.Linear(96, 40).to(dtype)
+    mod = Int8WeightOnlyLinear.from_linear(lin)
+    x = _x((2, 5), 96, dtype, g)
+    expected = mod(x)
+    assert torch.equal(int8_weight_only_linear_ref(x, mod.weight, mod.scales, mod.bias), expected)
+    assert torch.equal(int8_weight_only_linear(x, mod.weight, mod.scales, mod.bias), expected)  # CPU: reference
+
+
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_reference_equals_module_forward(group):
+    g = _gen("mod4", group)
+    lin = nn.Linear(256, 24).to(torch.bfloat16)
+    mod = Int4WeightOnlyLinear.from_linear(lin, group_size=group)
+    x = _x((3,), 256, torch.bfloat16, g)
+    expected = mod(x)
+    args = (x, mod.weight, mod.scales, mod.zeros, group, mod.bias)
+    assert torch.equal(int4_weight_only_linear_ref(*args), expected)
+    assert torch.equal(int4_weight_only_linear(*args), expected)
+    assert torch.equal(int4_dequantize(mod.weight, mod.scales, mod.zeros, group, torch.bfloat16),
+                       Int4WeightOnlyLinear.dequantize(mod.weight, mod.scales, mod.zeros, group, torch.bfloat16))
+
+
+def test_module_buffers_through_kernel(kernel_device):
+    """The kernels on the modules' own buffers match the modules' forward (bf16 rounding)."""
+    g = _gen("modk")
+    lin = nn.Linear(128, 19).to(torch.bfloat16)
+    x = _x((1, 2), 128, torch.bfloat16, g)
+    m8 = Int8WeightOnlyLinear.from_linear(lin)
+    m4 = Int4WeightOnlyLinear.from_linear(lin, group_size=64)
+    dev = kernel_device
+    out8 = int8_weight_only_linear_triton(*_to(dev, x, m8.weight, m8.scales, m8.bias.detach()))
+    assert rel_err(out8, m8(x)) < 1e-2
+    out4 = int4_weight_only_linear_triton(*_to(dev, x, m4.weight, m4.scales, m4.zeros), 64, m4.bias.detach().to(dev))
+    assert rel_err(out4, m4(x)) < 1e-2
+    outb = decode_linear_triton(*_to(dev, x, lin.weight.detach(), lin.bias.detach()))
+    assert rel_err(outb, lin(x)) < 1e-2
+
+
+# ----------------------------------------------------------------------------------
+# Public ops: fallback, errors, compile
+# ----------------------------------------------------------------------------------
+def test_public_ops_fall_back_on_cpu():
+    g = _gen("cpu")
+    for dtype in (torch.bfloat16, torch.float32):
+        x = _x((4,), 64, dtype, g)
+        w = torch.randn(10, 64, generator=g).to(dtype)
+        b = torch.randn(10, generator=g).to(dtype)
+        assert torch.equal(decode_linear(x, w, b), F.linear(x, w, b))
+        w_q = torch.randint(-127, 128, (10, 64), dtype=torch.int8, generator=g)
+        s = torch.rand(10, generator=g).to(dtype)
+        assert torch.equal(int8_weight_only_linear(x, w_q, s, b), int8_weight_only_linear_ref(x, w_q, s, b))
+        p, s4, z4 = Int4WeightOnlyLinear.quantize(w.float(), 32)
+        assert torch.equal(int4_weight_only_linear(x, p, s4, z4, 32, b),
+                           int4_weight_only_linear_ref(x, p, s4, z4, 32, b))
+
+
+def test_public_ops_reject_bad_input():
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    w_q = torch.zeros(8, 64, dtype=torch.int8)
+    s = torch.ones(8, dtype=torch.bfloat16)
+    p, s4, z4 = torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2), torch.zeros(8, 2)
+    with pytest.raises(TypeError, match="x in bfloat16, float16 or float32, got torch.int32"):
+        decode_linear(x.int(), w)
+    with pytest.raises(ValueError, match=r"w of shape \(N, K=64\), got \(8, 63\)"):
+        decode_linear(x, w[:, :63])
+    with pytest.raises(TypeError, match=r"w in x's dtype \(torch.bfloat16\), got torch.float16"):
+        decode_linear(x, w.half())
+    with pytest.raises(ValueError, match=r"bias of shape \(8,\), got shape \(9,\)"):
+        decode_linear(x, w, torch.zeros(9, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"bias in x's dtype \(torch.bfloat16\) or float32, got torch.float16"):
+        decode_linear(x, w, torch.zeros(8, dtype=torch.float16))
+    with pytest.raises(TypeError, match="w_int8 of dtype torch.int8, got torch.uint8"):
+        int8_weight_only_linear(x, w_q.to(torch.uint8), s)
+    with pytest.raises(ValueError, match=r"w_int8 of shape \(N, K=64\), got \(8, 32\)"):
+        int8_weight_only_linear(x, w_q[:, :32], s)
+    with pytest.raises(ValueError, match=r"scales of shape \(8,\) .*got shape \(7,\)"):
+        int8_weight_only_linear(x, w_q, s[:7])
+    with pytest.raises(TypeError, match="floating-point scales, got torch.int8"):
+        int8_weight_only_linear(x, w_q, w_q[:, 0])
+    with pytest.raises(ValueError, match=r"group_size in \(32, 64, 128, 256\), got 48"):
+        int4_weight_only_linear(x, p, s4, z4, 48)
+    with pytest.raises(ValueError, match="K divisible by group_size=128, got K=64"):
+        int4_weight_only_linear(x, p, s4, z4, 128)
+    with pytest.raises(TypeError, match="w_packed of dtype torch.uint8 .*got torch.int8"):
+        int4_weight_only_linear(x, p.to(torch.int8), s4, z4, 32)
+    with pytest.raises(ValueError, match=r"w_packed of shape \(N, K/2=32\), got \(8, 64\)"):
+        int4_weight_only_linear(x, torch.zeros(8, 64, dtype=torch.uint8), s4, z4, 32)
+    with pytest.raises(ValueError, match=r"zeros of shape \(N, K/group_size\) = \(8, 2\), got \(8, 3\)"):
+        int4_weight_only_linear(x, p, s4, torch.zeros(8, 3), 32)
+    with pytest.raises(ValueError, match="one device, got x on cpu, w on meta"):
+        decode_linear(x, w.to("meta"))
+
+
+def _op_in_graphs(counter, name):
+    return any(name in str(n.target) for g in counter.graphs for n in g.graph.nodes)
+
+
+def test_compile_fullgraph_one_frame():
+    import torch._dynamo.testing
+
+    g = _gen("compile")
+    w = torch.randn(24, 64, generator=g).to(torch.bfloat16)
+    b = torch.randn(24, generator=g).to(torch.bfloat16)
+    w_q = torch.randint(-127, 128, (24, 64), dtype=torch.int8, generator=g)
+    s = torch.rand(24, generator=g).to(torch.bfloat16)
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(w.float(), 32)
+    s4, z4 = s4.to(torch.bfloat16), z4.to(torch.bfloat16)
+
+    def f(x):
+        y = decode_linear(x * 2, w, b)
+        y = y + int8_weight_only_linear(x, w_q, s, b)
+        return y + int4_weight_only_linear(x, p, s4, z4, 32, None)
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    x = _x((1, 2), 64, torch.bfloat16, g)
+    torch.testing.assert_close(compiled(x), f(x))
+    assert counter.frame_count == 1
+    for name in ("decode_linear", "int8_weight_only_linear", "int4_weight_only_linear"):
+        assert _op_in_graphs(counter, name), name
+
+
+def test_custom_ops_opcheck():
+    from fastzoo.ops.weight_only_linear import _decode_linear_op, _int4_op, _int8_op
+
+    g = _gen("opcheck")
+    x = _x((2, 3), 64, torch.bfloat16, g)
+    w = torch.randn(8, 64, generator=g).to(torch.bfloat16)
+    w_q = torch.randint(-127, 128, (8, 64), dtype=torch.int8, generator=g)
+    s = torch.rand(8, generator=g).to(torch.bfloat16)
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(w.float(), 32)
+    torch.library.opcheck(_decode_linear_op, (x, w, None))
+    torch.library.opcheck(_int8_op, (x, w_q, s, s))
+    torch.library.opcheck(_int4_op, (x, p, s4, z4, 32, None))
+
+
+def test_autotune_prune():
+    pytest.importorskip("triton")
+    from fastzoo.ops.weight_only_linear import _FLOAT_CONFIGS, _INT4_CONFIGS, _m_bucket, _prune
+
+    assert [_m_bucket(m) for m in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
+    for configs in (_FLOAT_CONFIGS, _INT4_CONFIGS):
+        c0 = configs[0].kwargs
+        assert c0["BLOCK_M"] == 16 and c0["SPLIT_K"] == 1 and c0["BLOCK_N"] <= 16
+        one = _prune(configs, {"M_BUCKET": 1, "N": 4096, "K": 4096})
+        assert one and all(c.kwargs["BLOCK_M"] == 1 for c in one)
+        assert any(c.kwargs["SPLIT_K"] > 1 for c in one)
+        eight = _prune(configs, {"M_BUCKET": 8, "N": 128256, "K": 4096})
+        assert eight and all(c.kwargs["BLOCK_M"] == 16 for c in eight)
+
+
+# ----------------------------------------------------------------------------------
+# CUDA: real Llama decode shapes, the public ops on the kernels
+# ----------------------------------------------------------------------------------
+LLAMA_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096),
+                (6144, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,K", LLAMA_SHAPES)
+@pytest.mark.parametrize("M", [1, 8])
+def test_cuda_llama_shapes(N, K, M):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(N + K + M)
+    dtype = torch.bfloat16
+    x = torch.randn(M, K, device=dev, generator=g).to(dtype)
+    w = (torch.randn(N, K, device=dev, generator=g) * K**-0.5).to(dtype)
+    bias = torch.randn(N, device=dev, generator=g).to(dtype)
+    ref = F.linear(x.float(), w.float(), bias.float())
+    assert rel_err(decode_linear(x, w, bias), ref) < 1e-2
+    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev, generator=g)
+    s = (torch.rand(N, device=dev, generator=g) * 1e-3).to(dtype)
+    ref8 = F.linear(x.float(), w_q.float()) * s.float()
+    assert rel_err(int8_weight_only_linear(x, w_q, s), ref8) < 1e-2
+    for group in (32, 128):
+        p, s4, z4 = Int4WeightOnlyLinear.quantize(w, group)
+        s4, z4 = s4.to(dtype), z4.to(dtype)
+        ref4 = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32))
+        assert rel_err(int4_weight_only_linear(x, p, s4, z4, group), ref4) < 1e-2
+    # The large-M path (prefill) equals the reference.
+    xl = torch.randn(40, K, device=dev, generator=g).to(dtype)
+    assert torch.equal(int8_weight_only_linear(xl, w_q, s), int8_weight_only_linear_ref(xl, w_q, s))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_compile():
+    """reduce-overhead compile (CUDA graphs) over the three ops, split-K or not."""
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    K, N = 4096, 4096
+    w = (torch.randn(N, K, device=dev) * K**-0.5).to(dtype)
+    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev)
+    s = (torch.rand(N, device=dev) * 1e-3).to(dtype)
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(w, 64)
+    s4, z4 = s4.to(dtype), z4.to(dtype)
+
+    def f(x):
+        return (decode_linear(x, w) + int8_weight_only_linear(x, w_q, s)
+                + int4_weight_only_linear(x, p, s4, z4, 64))
+
+    compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):
+        x = torch.randn(1, 1, K, device=dev).to(dtype)
+        out = compiled(x).clone()
+        assert rel_err(out, f(x)) < 1e-2
