@@ -1,0 +1,1 @@
+"""Helpers for automatic mask generation."""

@@ -1,0 +1,101 @@
+"""SamAutomaticMaskGenerator parity with segment_anything (reduced model, small image, few points)."""
+import numpy as np
+import pytest
+import torch
+from sam_testutils import TINY_CONFIG, generated_image, make_pair
+
+import fastzoo.sam as fz
+from fastzoo.sam.utils import amg
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_pair(TINY_CONFIG, seed=11, image_size=SIZE)
+
+
+def _compare(ours, ref):
+    print(f"{len(ref)} masks")
+    assert len(ours) == len(ref) and len(ref) > 0
+    for o, r in zip(ours, ref):
+        assert set(o) == set(r)
+        assert o["bbox"] == r["bbox"] and o["area"] == r["area"] and o["crop_box"] == r["crop_box"]
+        np.testing.assert_allclose(o["point_coords"], r["point_coords"])
+        assert o["predicted_iou"] == pytest.approx(r["predicted_iou"], rel=1e-4, abs=1e-5)
+        # a pixel whose logit lies within float rounding of threshold ± offset may flip: allow ~1 pixel
+        assert o["stability_score"] == pytest.approx(r["stability_score"], abs=2.0 / max(o["area"], 1))
+        if isinstance(r["segmentation"], np.ndarray):
+            assert o["segmentation"].dtype == r["segmentation"].dtype
+            np.testing.assert_array_equal(o["segmentation"], r["segmentation"])
+        else:
+            assert o["segmentation"] == r["segmentation"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(points_per_side=4, output_mode="binary_mask", box_nms_thresh=1.0),
+        dict(points_per_side=4, points_per_batch=5, output_mode="coco_rle", box_nms_thresh=1.0),
+        dict(points_per_side=4, crop_n_layers=1, crop_n_points_downscale_factor=2, output_mode="uncompressed_rle",
+             box_nms_thresh=1.0, crop_nms_thresh=0.9),
+    ],
+    ids=["binary", "coco_rle", "crops"],
+)
+def test_amg_parity(pair, kwargs):
+    from segment_anything import SamAutomaticMaskGenerator as RefAMG
+
+    ref, ours = pair
+    image = generated_image((96, 128), 12)
+    # Random weights give weak logits (|x| < 1): a small stability offset keeps the filters meaningful.
+    common = dict(pred_iou_thresh=-10.0, stability_score_thresh=0.2, stability_score_offset=0.05, **kwargs)
+    r = RefAMG(ref, **common).generate(image)
+    o = fz.SamAutomaticMaskGenerator(ours, **common).generate(image)
+    _compare(o, r)
+
+
+def test_amg_explicit_grid_and_errors(pair):
+    from segment_anything import SamAutomaticMaskGenerator as RefAMG
+
+    ref, ours = pair
+    image = generated_image((80, 60), 13)
+    grid = [np.array([[0.25, 0.25], [0.5, 0.5], [0.75, 0.6]])]
+    kw = dict(points_per_side=None, point_grids=grid, pred_iou_thresh=-10.0, stability_score_thresh=0.2,
+              stability_score_offset=0.05, box_nms_thresh=1.0)
+    _compare(fz.SamAutomaticMaskGenerator(ours, **kw).generate(image), RefAMG(ref, **kw).generate(image))
+    with pytest.raises(ValueError, match="points_per_side"):
+        fz.SamAutomaticMaskGenerator(ours, points_per_side=4, point_grids=grid)
+    with pytest.raises(ValueError, match="output_mode"):
+        fz.SamAutomaticMaskGenerator(ours, output_mode="png")
+
+
+def test_rle_helpers_match_reference_and_pycocotools():
+    from pycocotools import mask as mask_utils
+    from segment_anything.utils import amg as ref_amg
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(5, 23, 17, generator=g) > 0.6
+    masks[0] = False
+    masks[1] = True
+    rles = amg.mask_to_rle_pytorch(masks)
+    assert rles == ref_amg.mask_to_rle_pytorch(masks)
+    for m, rle in zip(masks, rles):
+        np.testing.assert_array_equal(amg.rle_to_mask(rle), m.numpy())
+        assert amg.area_from_rle(rle) == int(m.sum())
+        assert amg.coco_encode_rle(rle) == ref_amg.coco_encode_rle(rle)
+        np.testing.assert_array_equal(mask_utils.decode(amg.coco_encode_rle(rle)).astype(bool), m.numpy())
+    torch.testing.assert_close(amg.batched_mask_to_box(masks), ref_amg.batched_mask_to_box(masks))
+
+
+def test_nms_matches_torchvision():
+    from torchvision.ops import batched_nms as tv_batched_nms
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.randint(0, 50, (200, 2), generator=g).float()
+    wh = torch.randint(1, 30, (200, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + wh], 1)
+    scores = torch.rand(200, generator=g)
+    cats = torch.randint(0, 3, (200,), generator=g)
+    for thr in (0.3, 0.7):
+        for c in (torch.zeros(200), cats):
+            assert amg.batched_nms(boxes, scores, c, thr).tolist() == tv_batched_nms(boxes, scores, c, thr).tolist()
