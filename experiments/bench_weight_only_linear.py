@@ -1,0 +1,219 @@
+"""Benchmark the decode linears of fastzoo.ops.weight_only_linear, GPU only.
+
+    python -m experiments.bench_weight_only_linear            # Llama-2-7B shapes, M = 1 and 8, JSON saved
+    python -m experiments.bench_weight_only_linear --quick    # one shape, M = 1, nothing saved
+    python -m experiments.bench_weight_only_linear --llama3   # Llama-3-8B shapes instead
+
+At decode time a linear reads every weight once per token, so its ceiling is the
+weight bytes over the memory bandwidth. For each (N, K) of Llama-2-7B (fused wqkv, wo,
+fused w1|w3, w2, output) and M tokens, timed in the same run (µs, median):
+
+- ``bf16``:   ``F.linear`` (cuBLAS) vs ``decode_linear`` (ours);
+- ``int8``:   ``int8_weight_only_linear`` (ours) vs the eager reference (dequantize +
+  matmul) and the ``torch.compile``d reference (gpt-fast's ``F.linear(x, w.to(x.dtype))
+  * scales``, mode max-autotune-no-cudagraphs);
+- ``int4 g32`` / ``int4 g128``: ``int4_weight_only_linear`` (ours) vs dequantize +
+  ``F.linear``, and ``torch._weight_int4pack_mm`` (tinygemm, gpt-fast's int4) as a
+  baseline where this torch has it.
+
+Every call rotates over ``--copies`` weight copies (default 4) so the 50 MB L2 cannot
+hold the matrix between calls. Rates are weight bytes (+ scales / zeros) over the time,
+GB/s and % of the device-to-device copy bandwidth measured in the same run. The
+"decode step" rows sum 32 × (wqkv + wo + w1|w3 + w2) + output: the time one decoded
+token spends in linears. ``err``: max |out − ref| / max |ref| against an fp32 product
+of the same (dequantized) weights.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+
+from experiments import harness
+from fastzoo.ops.weight_only_linear import (
+    decode_linear,
+    int4_dequantize,
+    int4_weight_only_linear,
+    int8_weight_only_linear,
+    int8_weight_only_linear_ref,
+)
+from fastzoo.quant.linear import Int4WeightOnlyLinear
+
+LLAMA2_7B = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008),
+             "output": (32000, 4096)}
+LLAMA3_8B = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336),
+             "output": (128256, 4096)}
+LAYERS = {"llama2_7b": 32, "llama3_8b": 32}
+
+
+def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _gpt_fast_int8(x, w, s):
+    return F.linear(x, w.to(x.dtype)) * s
+
+
+def _int4pack_baseline(w_bf16: torch.Tensor, group: int):
+    """tinygemm (torch._weight_int4pack_mm) on the same weights, or None where unsupported."""
+    try:
+        N, K = w_bf16.shape
+        packed, scales, zeros = Int4WeightOnlyLinear.quantize(w_bf16, group)
+        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(N, K).to(torch.int32)
+        # tinygemm: w = (q - 8) * scale + zero_mid, with scales_and_zeros (K/g, N, 2)
+        zero_mid = zeros + 8 * scales
+        sz = torch.stack([scales, zero_mid], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        try:
+            wp = torch.ops.aten._convert_weight_to_int4pack(q, 8)
+        except Exception:
+            wp = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+
+        def fn(x):
+            return torch._weight_int4pack_mm(x, wp, group, sz)
+
+        fn(torch.zeros(1, K, device=w_bf16.device, dtype=torch.bfloat16))
+        return fn, wp.numel() * wp.element_size() + sz.numel() * sz.element_size()
+    except Exception as e:  # noqa: BLE001 - a baseline only
+        print(f"  (tinygemm baseline unavailable: {type(e).__name__}: {str(e)[:120]})")
+        return None
+
+
+def bench_shape(name, N, K, M, args, copy_gbs, compiled_int8, dev=None):
+    dev = torch.device("cuda") if dev is None else dev
+    g = torch.Generator(device=dev).manual_seed(N * 7 + K + M)
+    dtype = torch.bfloat16
+    C = args.copies
+    xs = [torch.randn(M, K, device=dev, generator=g).to(dtype) for _ in range(C)]
+    ws = [(torch.randn(N, K, device=dev, generator=g) * K**-0.5).to(dtype) for _ in range(C)]
+    rows = []
+
+    def t_us(fn, inputs):
+        r = harness.bench(fn, inputs=inputs, warmup=args.warmup, rep=args.rep, device=dev)
+        return r["median_ms"] * 1e3
+
+    def row(kind, impl, us, nbytes, err=None):
+        gbs = nbytes / (us * 1e-6) / 1e9
+        r = {"shape": name, "M": M, "N": N, "K": K, "kind": kind, "impl": impl, "us": us, "GB/s": gbs,
+             "%copy": 100 * gbs / copy_gbs, "MB": nbytes / 1e6}
+        if err is not None:
+            r["err"] = err
+        rows.append(r)
+        print("  ", kind, impl, f"{us:.1f} us", f"{gbs:.0f} GB/s", f"{100 * gbs / copy_gbs:.0f}%",
+              "" if err is None else f"err {err:.2e}", flush=True)
+
+    pairs = list(zip(xs, ws))
+    # ---- bf16
+    wbytes = N * K * 2
+    ref = F.linear(xs[0].float(), ws[0].float())
+    err = _err(decode_linear(xs[0], ws[0]), ref)
+    row("bf16", "cublas", t_us(lambda p: F.linear(p[0], p[1]), pairs), wbytes, _err(F.linear(xs[0], ws[0]), ref))
+    row("bf16", "fastzoo", t_us(lambda p: decode_linear(p[0], p[1]), pairs), wbytes, err)
+
+    # ---- int8
+    qs = []
+    for w in ws:
+        s = w.float().abs().amax(dim=1).clamp_min(1e-12) / 127
+        qs.append((torch.round(w.float() / s[:, None]).clamp(-127, 127).to(torch.int8), s.to(dtype)))
+    del ws
+    trip8 = [(x, q, s) for x, (q, s) in zip(xs, qs)]
+    nbytes8 = N * K + N * 2
+    ref8 = F.linear(xs[0].float(), qs[0][0].float()) * qs[0][1].float()
+    err8 = _err(int8_weight_only_linear(xs[0], *qs[0]), ref8)
+    row("int8", "eager_ref", t_us(lambda p: int8_weight_only_linear_ref(*p), trip8), nbytes8,
+        _err(int8_weight_only_linear_ref(xs[0], *qs[0]), ref8))
+    try:
+        compiled_int8(*trip8[0])
+        row("int8", "compiled_ref", t_us(lambda p: compiled_int8(*p), trip8), nbytes8,
+            _err(compiled_int8(*trip8[0]), ref8))
+    except Exception as e:  # noqa: BLE001 - a baseline only
+        print(f"  (compiled baseline failed: {type(e).__name__}: {str(e)[:200]})")
+    row("int8", "fastzoo", t_us(lambda p: int8_weight_only_linear(*p), trip8), nbytes8, err8)
+
+    # ---- int4
+    for group in args.groups:
+        packs = []
+        for q, s in qs:  # re-create float weights from the int8 copies (any values will do)
+            w = q.to(dtype) * s[:, None]
+            p, sc, z = Int4WeightOnlyLinear.quantize(w, group)
+            packs.append((p, sc.to(dtype), z.to(dtype)))
+        nbytes4 = N * K // 2 + 2 * N * (K // group) * 2
+        deq = int4_dequantize(*packs[0], group, torch.float32)
+        ref4 = F.linear(xs[0].float(), deq)
+        del deq
+        err4 = _err(int4_weight_only_linear(xs[0], *packs[0], group), ref4)
+        quads = [(x, *pk) for x, pk in zip(xs, packs)]
+        row(f"int4g{group}", "dequant+mm",
+            t_us(lambda p: F.linear(p[0], int4_dequantize(p[1], p[2], p[3], group, dtype)), quads), nbytes4)
+        if args.tinygemm:
+            base = _int4pack_baseline(qs[0][0].to(dtype) * qs[0][1][:, None], group)
+            if base is not None:
+                fn, nb = base
+                row(f"int4g{group}", "tinygemm", t_us(lambda x: fn(x), xs), nb)
+        row(f"int4g{group}", "fastzoo", t_us(lambda p: int4_weight_only_linear(p[0], p[1], p[2], p[3], group), quads),
+            nbytes4, err4)
+    return rows
+
+
+def step_rows(rows, model, copy_gbs):
+    """Σ over the layers' shapes + output per (M, kind, impl): one decode step's linears."""
+    layers = LAYERS[model]
+    out = []
+    keys = sorted({(r["M"], r["kind"], r["impl"]) for r in rows})
+    for M, kind, impl in keys:
+        sel = {r["shape"]: r for r in rows if (r["M"], r["kind"], r["impl"]) == (M, kind, impl)}
+        if set(sel) != {"wqkv", "wo", "w13", "w2", "output"}:
+            continue
+        us = sum(layers * sel[s]["us"] for s in ("wqkv", "wo", "w13", "w2")) + sel["output"]["us"]
+        mb = sum(layers * sel[s]["MB"] for s in ("wqkv", "wo", "w13", "w2")) + sel["output"]["MB"]
+        gbs = mb * 1e6 / (us * 1e-6) / 1e9
+        out.append({"shape": f"{model}_step", "M": M, "N": "", "K": "", "kind": kind, "impl": impl, "us": us,
+                    "GB/s": gbs, "%copy": 100 * gbs / copy_gbs, "MB": mb, "tok/s": 1e6 / us})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="one shape (wo), M = 1, few repeats, nothing saved")
+    p.add_argument("--llama3", action="store_true", help="Llama-3-8B shapes instead of Llama-2-7B")
+    p.add_argument("--ms", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--groups", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--copies", type=int, default=4, help="weight copies rotated (defeats the L2)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rep", type=int, default=100)
+    p.add_argument("--no-tinygemm", dest="tinygemm", action="store_false")
+    args = p.parse_args(argv)
+    harness.require_cuda("bench_weight_only_linear")
+    model = "llama3_8b" if args.llama3 else "llama2_7b"
+    shapes = LLAMA3_8B if args.llama3 else LLAMA2_7B
+    if args.quick:
+        shapes, args.ms, args.rep = {"wo": shapes["wo"]}, [1], 30
+    copy_gbs = harness.measure_copy_bandwidth()
+    print(f"copy bandwidth: {copy_gbs:.0f} GB/s on {harness.gpu_name()}")
+    compiled_int8 = torch.compile(_gpt_fast_int8, mode="max-autotune-no-cudagraphs", dynamic=False)
+    rows = []
+    for M in args.ms:
+        for name, (N, K) in shapes.items():
+            print(f"{name} M={M} N={N} K={K}", flush=True)
+            rows += bench_shape(name, N, K, M, args, copy_gbs, compiled_int8)
+            torch.cuda.empty_cache()
+    steps = step_rows(rows, model, copy_gbs)
+    cols = ["shape", "M", "N", "K", "kind", "impl", "us", "GB/s", "%copy", "err"]
+    harness.print_table(rows, cols)
+    print()
+    harness.print_table(steps, ["shape", "M", "kind", "impl", "us", "GB/s", "%copy", "tok/s"])
+    errs = [r["err"] for r in rows if r["impl"] == "fastzoo" and "err" in r]
+    worst = max(errs) if errs else math.nan
+    print(f"\nmax rel err of the fastzoo kernels: {worst:.2e}")
+    if not args.quick:
+        path = harness.save_result(f"weight_only_linear{'_llama3' if args.llama3 else ''}",
+                                   {"copy_gbs": copy_gbs, "rows": rows, "steps": steps, "max_err": worst}, args)
+        print(f"saved {path}")
+    if not worst < 2e-2:
+        raise SystemExit(f"kernel error too large: {worst}")
+
+
+if __name__ == "__main__":
+    main()
