@@ -113,7 +113,14 @@ def read_checkpoint(checkpoint: CheckpointPath) -> Dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def load_state_dict_checked(model: Sam, state_dict: Mapping[str, torch.Tensor], *, model_type: Optional[str] = None, source: str = "checkpoint") -> None:
+def load_state_dict_checked(
+    model: Sam,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    model_type: Optional[str] = None,
+    source: str = "checkpoint",
+    assign: bool = False,
+) -> None:
     """``model.load_state_dict(state_dict, strict=True)`` with errors naming expected vs found."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -140,7 +147,7 @@ def load_state_dict_checked(model: Sam, state_dict: Mapping[str, torch.Tensor], 
                 f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
             )
         raise SamCheckpointError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 def _resolve_model_type(model_type: str) -> str:
@@ -150,12 +157,22 @@ def _resolve_model_type(model_type: str) -> str:
 
 
 def build_sam_model(model_type: str = "vit_h", checkpoint: Optional[CheckpointPath] = None) -> Sam:
-    """Build one of the released sizes (fp32, CPU, eval) and optionally load ``checkpoint`` strictly."""
+    """Build one of the released sizes (fp32, CPU, eval) and optionally load ``checkpoint`` strictly.
+
+    With a checkpoint the modules are created on the meta device and the (memory-mapped)
+    checkpoint tensors are assigned to them, so no time is spent on random initialisation.
+    """
     name = _resolve_model_type(model_type)
-    sam = build_sam_from_config(**SAM_CONFIGS[name])
-    if checkpoint is not None:
-        load_state_dict_checked(sam, read_checkpoint(checkpoint), model_type=name, source=f"checkpoint {str(checkpoint)!r}")
-    return sam
+    if checkpoint is None:
+        return build_sam_from_config(**SAM_CONFIGS[name])
+    state_dict = read_checkpoint(checkpoint)
+    with torch.device("meta"):
+        sam = build_sam_from_config(**SAM_CONFIGS[name])
+    load_state_dict_checked(sam, state_dict, model_type=name, source=f"checkpoint {str(checkpoint)!r}", assign=True)
+    # Non-persistent buffers are not in the checkpoint: recreate them on the CPU.
+    sam.pixel_mean = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
+    sam.pixel_std = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
+    return sam.float().eval()
 
 
 def build_sam_vit_h(checkpoint: Optional[CheckpointPath] = None) -> Sam:
