@@ -202,24 +202,28 @@ if triton_available():
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
                              num_warps=warps, num_stages=stages)
 
-    def _configs(gemv_bk: tuple[int, ...], dot_bk: tuple[int, ...]) -> list:
+    def _configs(gemv: tuple, dot: tuple, first_bk: int) -> list:
+        """gemv: (BLOCK_N, BLOCK_K, warps) tiles for one row (the loads of that loop are not
+        software-pipelined, so one stage); dot: (BLOCK_N, BLOCK_K) 16-row tl.dot tiles, in
+        3 and 5 stages. Each with SPLIT_K 1, 2, 4, 8 (pruned per shape)."""
         # First: small, runs in Triton's interpreter (the CPU tests) for any M.
-        out = [_cfg(16, 16, dot_bk[0], 1, 4, 1)]
+        out = [_cfg(16, 16, first_bk, 1, 4, 1)]
         for split in (1, 2, 4, 8):
-            # one row: GEMV tiles, (BLOCK_N, BLOCK_K) fp32 accumulator
-            for bn, bk, warps in ((8, gemv_bk[1], 4), (16, gemv_bk[0], 4), (16, gemv_bk[1], 8),
-                                  (32, gemv_bk[0], 8), (64, gemv_bk[0] // 2, 8)):
-                for stages in (1, 3):
-                    out.append(_cfg(1, bn, bk, split, warps, stages))
-            # 2..16 rows: 16-row tl.dot tiles
-            for bn, bk in ((32, dot_bk[1]), (64, dot_bk[1]), (64, dot_bk[2]), (128, dot_bk[1])):
+            for bn, bk, warps in gemv:
+                out.append(_cfg(1, bn, bk, split, warps, 1))
+            for bn, bk in dot:
                 for stages in (3, 5):
                     out.append(_cfg(16, bn, bk, split, 4, stages))
         return out
 
-    # BLOCK_K in weight columns (int4: unpacked columns).
-    _FLOAT_CONFIGS = _configs(gemv_bk=(256, 512), dot_bk=(32, 128, 256))
-    _INT4_CONFIGS = _configs(gemv_bk=(512, 1024), dot_bk=(64, 256, 512))
+    # BLOCK_K in weight columns (int4: unpacked columns; at least one quantization group).
+    # Register budget (sm_90 ptxas, no spills): BLOCK_N·BLOCK_K fp32 accumulator over the threads.
+    _FLOAT_CONFIGS = _configs(
+        gemv=((8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (64, 128, 8), (16, 1024, 8)),
+        dot=((32, 128), (64, 128), (64, 256), (128, 128)), first_bk=32)
+    _INT4_CONFIGS = _configs(
+        gemv=((8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8)),
+        dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
 
     @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT"],
                      prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
@@ -299,9 +303,13 @@ if triton_available():
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         GPB: tl.constexpr,
     ):
-        """W4A16: a block is GPB whole quantization groups of GROUP columns (GROUP/2 bytes
-        each); the low nibbles multiply the even columns of x, the high nibbles the odd."""
-        HALF: tl.constexpr = GROUP // 2
+        """W4A16. ``w_ptr`` is the packed weight read as int32 words (N, K/8): nibble i
+        (bits 4i..4i+3) of word j is column 8j + i (the uint8 layout, little-endian). A
+        block is GPB whole quantization groups (GROUP/8 words each), so its scales and
+        zeros are (BLOCK_N, GPB); the tile is (BLOCK_N, GPB, GROUP/8, 8), x's matching
+        columns are contiguous. A nibble q becomes fp32 exactly with integer ops:
+        bits(q | 0x4B000000) = 2^23 + q, minus 2^23 (no int-to-float conversion)."""
+        WPG: tl.constexpr = GROUP // 8  # int32 words per group
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -312,51 +320,45 @@ if triton_available():
         g_start = pid_k * g_per_split
         g_end = tl.minimum(n_groups, g_start + g_per_split)
         offs_g = tl.arange(0, GPB)
-        offs_j = tl.arange(0, HALF)
-        # (BLOCK_N, GPB, HALF) packed bytes; x columns 2·(g·HALF + j) and that + 1.
-        w_ptrs = w_ptr + rows[:, None, None] * stride_wn + (offs_g[None, :, None] * HALF + offs_j[None, None, :])
+        offs_w = tl.arange(0, WPG)
+        offs_i = tl.arange(0, 8)
+        shifts = (4 * offs_i)[None, None, None, :]
+        w_ptrs = w_ptr + rows[:, None, None] * stride_wn + (offs_g[None, :, None] * WPG + offs_w[None, None, :])
         s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
         z_ptrs = z_ptr + rows[:, None] * stride_zn + offs_g[None, :]
-        xcol = offs_g[:, None] * GROUP + 2 * offs_j[None, :]  # (GPB, HALF)
+        xcol = offs_g[:, None, None] * GROUP + offs_w[None, :, None] * 8 + offs_i[None, None, :]  # (GPB, WPG, 8)
         if BLOCK_M == 1:
             x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + xcol
-            acc3 = tl.zeros((BLOCK_N, GPB, HALF), dtype=tl.float32)
+            acc4 = tl.zeros((BLOCK_N, GPB, WPG, 8), dtype=tl.float32)
             for g in range(g_start, g_end, GPB):
                 gmask = offs_g < n_groups - g
-                p = tl.load(w_ptrs + g * HALF, mask=gmask[None, :, None], other=0)
-                s = tl.load(s_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None]
-                z = tl.load(z_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None]
-                xe = tl.load(x_ptrs + g * GROUP, mask=gmask[:, None], other=0.0).to(tl.float32)[None, :, :]
-                xo = tl.load(x_ptrs + g * GROUP + 1, mask=gmask[:, None], other=0.0).to(tl.float32)[None, :, :]
-                lo = (p & 0xF).to(tl.float32) * s + z
-                hi = (p >> 4).to(tl.float32) * s + z
-                acc3 += lo * xe + hi * xo
-            res = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]
+                wv = tl.load(w_ptrs + g * WPG, mask=gmask[None, :, None], other=0)
+                s = tl.load(s_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None, None]
+                z = tl.load(z_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None, None]
+                xv = tl.load(x_ptrs + g * GROUP, mask=gmask[:, None, None], other=0.0).to(tl.float32)
+                q = ((wv[:, :, :, None] >> shifts) & 0xF) | 0x4B000000
+                w = (q.to(tl.float32, bitcast=True) - 8388608.0) * s + z
+                acc4 += w * xv[None, :, :, :]
+            res = tl.sum(tl.sum(tl.sum(acc4, axis=3), axis=2), axis=1)[None, :]
             offs_m = pid_m + tl.arange(0, 1)
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None, None] * stride_xm + xcol[None, :, :]
+            x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None, None, None] * stride_xm + xcol[None, :, :, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for g in range(g_start, g_end, GPB):
                 gmask = offs_g < n_groups - g
-                p = tl.load(w_ptrs + g * HALF, mask=gmask[None, :, None], other=0)
-                s = tl.load(s_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None]
-                z = tl.load(z_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None]
-                xe = tl.load(x_ptrs + g * GROUP, mask=gmask[None, :, None], other=0.0)
-                xo = tl.load(x_ptrs + g * GROUP + 1, mask=gmask[None, :, None], other=0.0)
-                dot_dtype: tl.constexpr = tl.float32 if UPCAST_DOT else xe.dtype
-                lo = ((p & 0xF).to(tl.float32) * s + z).to(dot_dtype)
-                hi = ((p >> 4).to(tl.float32) * s + z).to(dot_dtype)
-                xe2 = tl.reshape(xe.to(dot_dtype), (BLOCK_M, GPB * HALF))
-                xo2 = tl.reshape(xo.to(dot_dtype), (BLOCK_M, GPB * HALF))
-                lo2 = tl.trans(tl.reshape(lo, (BLOCK_N, GPB * HALF)))
-                hi2 = tl.trans(tl.reshape(hi, (BLOCK_N, GPB * HALF)))
+                wv = tl.load(w_ptrs + g * WPG, mask=gmask[None, :, None], other=0)
+                s = tl.load(s_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None, None]
+                z = tl.load(z_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None, None]
+                xv = tl.load(x_ptrs + g * GROUP, mask=gmask[None, :, None, None], other=0.0)
+                q = ((wv[:, :, :, None] >> shifts) & 0xF) | 0x4B000000
+                w = (q.to(tl.float32, bitcast=True) - 8388608.0) * s + z
+                x2 = tl.reshape(xv, (BLOCK_M, GPB * GROUP))
+                w2 = tl.trans(tl.reshape(w, (BLOCK_N, GPB * GROUP)))
                 if UPCAST_DOT:
-                    acc = tl.dot(xe2, lo2, acc, input_precision="ieee")
-                    acc = tl.dot(xo2, hi2, acc, input_precision="ieee")
+                    acc = tl.dot(x2.to(tl.float32), w2, acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(xe2, lo2, acc)
-                    acc = tl.dot(xo2, hi2, acc)
+                    acc = tl.dot(x2, w2.to(x2.dtype), acc)
             res = acc
         n_mask = offs_n < N
         if HAS_BIAS:
@@ -485,6 +487,9 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M and N and K:
         w = _k_contig(w_packed)
+        if w.storage_offset() % 4 or w.stride(0) % 4:
+            w = w.contiguous()
+        w = w.view(torch.int32)  # (N, K/8) words: 8 nibbles each, column 8j + i in bits 4i..4i+3
         s, z = _k_contig(scales), _k_contig(zeros)
         b = bias.contiguous() if bias is not None else s
         key = ("int4", group_size, _m_bucket(M), N, K, x.dtype, x.device)

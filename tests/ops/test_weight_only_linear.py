@@ -99,7 +99,7 @@ def test_int8_kernel(kernel_device, M, N, K, dtype, cfg, bias_kind):
     _check(out, truth, dtype, (M, N))
 
 
-@pytest.mark.parametrize("M,N,K,group", [(1, 7, 256, 32), (3, 129, 64, 32), (16, 33, 256, 64),
+@pytest.mark.parametrize("M,N,K,group", [(1, 7, 256, 32), (1, 5, 96, 32), (3, 129, 96, 32), (16, 33, 256, 64),
                                          (1, 9, 256, 128), (33, 7, 256, 256)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", list(CONFIGS))
