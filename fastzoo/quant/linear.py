@@ -10,10 +10,10 @@ it does not yet.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastzoo.ops import int8_dynamic_linear
+from fastzoo.ops import int4_weight_only_linear, int8_dynamic_linear, int8_weight_only_linear
+from fastzoo.ops.weight_only_linear import int4_dequantize
 
 _EPS = 1e-12
 
@@ -58,8 +58,7 @@ class Int8WeightOnlyLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y + self.bias.to(x.dtype) if self.bias is not None else y
+        return int8_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -117,10 +116,7 @@ class Int4WeightOnlyLinear(nn.Module):
     @staticmethod
     def dequantize(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                    dtype: torch.dtype) -> torch.Tensor:
-        out_f = packed.shape[0]
-        q = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(out_f, -1, group_size)
-        w = q.to(torch.float32) * scales.to(torch.float32)[..., None] + zeros.to(torch.float32)[..., None]
-        return w.reshape(out_f, -1).to(dtype)
+        return int4_dequantize(packed, scales, zeros, group_size, dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "Int4WeightOnlyLinear":
@@ -135,8 +131,8 @@ class Int4WeightOnlyLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize(self.weight, self.scales, self.zeros, self.group_size, x.dtype)
-        return F.linear(x, w, self.bias.to(x.dtype) if self.bias is not None else None)
+        return int4_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.zeros.to(x.dtype),
+                                       self.group_size, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
