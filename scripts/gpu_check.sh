@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Run fastzoo's GPU checks on a CUDA machine that already has torch (no internet needed).
 #
-#   scripts/gpu_check.sh OUTDIR [BENCH ...]
+#   scripts/gpu_check.sh OUTDIR [--tests PATHS] [--bench-timeout S] [BENCH ...]
+#
+# --tests PATHS: comma-separated test files or folders (default: tests); "none" skips them.
+# --bench-timeout S: stop any one benchmark after S seconds (default 900).
 #
 # 1. the `cuda`-marked tests (tests whose optional dependency is missing are skipped,
 #    with the reason in the log);
@@ -12,8 +15,17 @@
 # Missing Python packages (segment_anything, pycocotools, ...) can travel as wheels in
 # .whl/ at the repository root: they are installed into a private folder first.
 set -uo pipefail
-OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR [BENCH ...]}
+OUTDIR=${1:?usage: scripts/gpu_check.sh OUTDIR [--tests PATHS] [--bench-timeout S] [BENCH ...]}
 shift
+TESTS=tests
+BENCH_TIMEOUT=900
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests) TESTS=${2:?--tests needs a value}; shift 2 ;;
+    --bench-timeout) BENCH_TIMEOUT=${2:?--bench-timeout needs a value}; shift 2 ;;
+    *) break ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
@@ -51,11 +63,14 @@ PY
 cat "$OUTDIR/env.txt"
 
 status=0
-echo "== cuda tests"
-$PY -m pytest -m cuda -q -rs -p no:cacheprovider tests 2>&1 | tee "$OUTDIR/pytest_cuda.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+: >"$OUTDIR/pytest_cuda.log"
+if [ "$TESTS" != none ]; then
+  echo "== cuda tests: $TESTS"
+  $PY -m pytest -m cuda -q -rs --durations=15 -p no:cacheprovider ${TESTS//,/ } 2>&1 | tee "$OUTDIR/pytest_cuda.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
-DEFAULT_BENCHES="ceilings bench_ops bench_int8_mm bench_rel_pos_attention llama_decode sam_throughput"
+DEFAULT_BENCHES="ceilings bench_ops bench_int8_mm bench_rel_pos_attention bench_weight_only_linear llama_decode vit_throughput"
 BENCHES=${*:-$DEFAULT_BENCHES}
 : >"$OUTDIR/bench.log"
 for b in $BENCHES; do
@@ -64,7 +79,7 @@ for b in $BENCHES; do
     continue
   fi
   echo "== $b" | tee -a "$OUTDIR/bench.log"
-  $PY -m "experiments.$b" 2>&1 | tee -a "$OUTDIR/bench.log"
+  timeout "$BENCH_TIMEOUT" $PY -m "experiments.$b" 2>&1 | tee -a "$OUTDIR/bench.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "== $b FAILED" | tee -a "$OUTDIR/bench.log"; status=1; }
   # after each benchmark, so that a run cut short still returns what it measured
   tar czf "$OUTDIR/results.tar.gz" experiments/results 2>/dev/null || true
