@@ -91,7 +91,7 @@ def bench_shape(name, N, K, M, args, copy_gbs, compiled_int8, dev=None):
     rows = []
 
     def t_us(fn, inputs):
-        r = harness.bench(fn, inputs=inputs, warmup=args.warmup, rep=args.rep, device=dev)
+        r = harness.bench(fn, inputs=inputs, warmup=args.warmup, rep=args.rep, device=dev, cuda_graph=args.cuda_graph)
         return r["median_ms"] * 1e3
 
     def row(kind, impl, us, nbytes, err=None):
@@ -183,6 +183,9 @@ def main(argv=None):
     p.add_argument("--copies", type=int, default=4, help="weight copies rotated (defeats the L2)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--rep", type=int, default=100)
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="time eager launches (host overhead included) instead of CUDA-graph replays")
+    p.add_argument("--shapes", default=None, help="comma-separated subset of the layer names (wqkv,wo,w13,w2,output)")
     p.add_argument("--no-tinygemm", dest="tinygemm", action="store_false")
     args = p.parse_args(argv)
     harness.require_cuda("bench_weight_only_linear")
@@ -192,7 +195,10 @@ def main(argv=None):
         shapes, args.ms, args.rep = {"wo": shapes["wo"]}, [1], 30
     copy_gbs = harness.measure_copy_bandwidth()
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s on {harness.gpu_name()}")
-    compiled_int8 = torch.compile(_gpt_fast_int8, mode="max-autotune-no-cudagraphs", dynamic=False)
+    if args.shapes:
+        shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+    compiled_int8 = torch.compile(_gpt_fast_int8, dynamic=False,
+                                  options={"coordinate_descent_tuning": True})
     rows = []
     for M in args.ms:
         for name, (N, K) in shapes.items():

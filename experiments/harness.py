@@ -53,12 +53,15 @@ def bench(
     warmup: int = 10,
     rep: int = 50,
     device: torch.device | str | None = None,
+    cuda_graph: bool = False,
 ) -> dict[str, float]:
     """Time ``fn()`` (or ``fn(inputs[i % len(inputs)])``) and return median and spread in ms.
 
     On CUDA each call is bracketed by events (recorded back to back, read after one
     final synchronize); on the CPU by the host clock. ``warmup`` calls run first and
-    are not timed.
+    are not timed. ``cuda_graph=True`` captures each call (one graph per input set)
+    after the warm-up and times graph replays: the device time of the work without the
+    host's launch overhead, as in a CUDA-graph-captured decode step.
     """
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -70,6 +73,19 @@ def bench(
     for i in range(warmup):
         call(i)
     _sync(device)
+    if cuda_graph and device.type == "cuda":
+        graphs = []
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for i in range(len(inputs) if inputs else 1):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, stream=stream):
+                    call(i)
+                graphs.append(g)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        return bench(lambda g: g.replay(), inputs=graphs, warmup=3, rep=rep, device=device)
     times: list[float] = []
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]

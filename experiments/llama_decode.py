@@ -32,7 +32,7 @@ from experiments import harness
 from fastzoo.llama.checkpoint import parse_dtype
 from fastzoo.llama.config import TINY_PRESETS, LlamaConfig
 from fastzoo.llama.generate import Generator
-from fastzoo.llama.model import Linear, Transformer
+from fastzoo.llama.model import Transformer
 from fastzoo.quant import quantize_
 
 
@@ -76,9 +76,6 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="result name (default: llama_decode_<preset>_<dtype>[_compile])")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--quantize", default=None, help="a fastzoo.quant config string: int8, int4-g128, ...")
-    p.add_argument("--linear", choices=["fastzoo", "cublas"], default="fastzoo",
-                   help="bf16 projections through fastzoo.ops.decode_linear (default) or plain nn.Linear "
-                        "(cuBLAS), for comparison")
     args = p.parse_args(argv)
 
     cfg = LlamaConfig.from_preset(args.preset)
@@ -94,10 +91,6 @@ def main(argv=None):
     sampling = dict(temperature=args.temperature, top_k=args.top_k, stop_ids=(), check_every=0)
 
     model = random_model(cfg, device, dtype)
-    if args.linear == "cublas":  # the baseline: swap the projections back to plain nn.Linear
-        for m in model.modules():
-            if isinstance(m, Linear):
-                m.__class__ = torch.nn.Linear
     if args.quantize:
         quantize_(model, args.quantize)
     weight_bytes = model.weight_bytes()
@@ -106,8 +99,7 @@ def main(argv=None):
     copy_gbs = harness.measure_copy_bandwidth(device=device) if device.type == "cuda" else None
 
     gen = Generator(model, compile=args.compile)
-    figures = {"preset": args.preset, "dtype": str(dtype), "compile": args.compile, "quantize": args.quantize,
-               "linear": args.linear, "weight_bytes": weight_bytes,
+    figures = {"preset": args.preset, "dtype": str(dtype), "compile": args.compile, "quantize": args.quantize, "weight_bytes": weight_bytes,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "copy_bandwidth_gbs": copy_gbs,
                "batches": {}}
 
@@ -170,7 +162,7 @@ def main(argv=None):
 
     if not args.no_save:
         name = args.name or (f"llama_decode_{args.preset}_{args.quantize or args.dtype}"
-                             + ("_compile" if args.compile else "") + ("_cublas" if args.linear == "cublas" else ""))
+                             + ("_compile" if args.compile else ""))
         path = harness.save_result(name.replace("/", "-"), figures, args)
         print(f"saved {path}", file=sys.stderr)
     return figures

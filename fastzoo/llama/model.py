@@ -22,18 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastzoo.ops import decode_linear
-
 from .config import LlamaConfig
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict keys) whose forward is
-    ``fastzoo.ops.decode_linear``: a bandwidth-bound Triton kernel for at most 16 rows on
-    CUDA (the decode step), ``F.linear`` everywhere else."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return decode_linear(x, self.weight, self.bias)
 
 
 def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
@@ -118,8 +107,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
-        self.wqkv = Linear(config.dim, q_size + 2 * kv_size, bias=False)
-        self.wo = Linear(q_size, config.dim, bias=False)
+        self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=False)
+        self.wo = nn.Linear(q_size, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos, mask):
@@ -152,8 +141,8 @@ class FeedForward(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.w13 = Linear(config.dim, 2 * config.intermediate_size, bias=False)
-        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)
+        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x):
         x1, x3 = self.w13(x).split(self.intermediate_size, dim=-1)
@@ -180,7 +169,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = Linear(config.dim, config.vocab_size, bias=False)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_length = 0
 
