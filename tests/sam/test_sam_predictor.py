@@ -254,4 +254,6 @@ def test_low_precision_cuda_vs_fp32_reference(dtype):
     _, oi, ol = op.predict(**kw)
     assert rel_err(op.features, rp.features) < 0.05
     assert rel_err(torch.from_numpy(ol), torch.from_numpy(rl)) < 0.05
-    assert rel_err(torch.from_numpy(oi), torch.from_numpy(ri)) < 0.05
+    # IoU predictions of random weights sit near zero, where a relative error says
+    # little: bound the absolute error instead (bf16 keeps ~3 significant digits).
+    assert np.abs(oi - ri).max() < 5e-3
