@@ -61,6 +61,16 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def save(figures, args):
+    """Write (or overwrite) the result JSON; called after each batch size so a run cut short keeps what it measured."""
+    if args.no_save:
+        return
+    name = args.name or (f"llama_decode_{args.preset}_{args.quantize or args.dtype}"
+                         + ("_compile" if args.compile else ""))
+    path = harness.save_result(name.replace("/", "-"), figures, args)
+    print(f"saved {path}", file=sys.stderr)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="llama-2-7b")
@@ -134,6 +144,7 @@ def main(argv=None):
         if copy_gbs:
             entry["pct_of_copy_bandwidth"] = 100 * entry["bandwidth_gbs"] / copy_gbs
         figures["batches"][str(B)] = entry
+        save(figures, args)
         print(f"batch {B:3d}: {rate:8.2f} tok/s per sequence, {B * rate:9.2f} tok/s total, "
               f"{entry['bandwidth_gbs']:8.1f} GB/s"
               + (f" ({entry['pct_of_copy_bandwidth']:.0f}% of copy {copy_gbs:.0f} GB/s)" if copy_gbs else "")
@@ -160,11 +171,7 @@ def main(argv=None):
     figures["prefill_tokens_per_s"] = n / statistics.median(times[1:])
     print(f"prefill: {n} tokens at {figures['prefill_tokens_per_s']:.0f} tokens/s", file=sys.stderr)
 
-    if not args.no_save:
-        name = args.name or (f"llama_decode_{args.preset}_{args.quantize or args.dtype}"
-                             + ("_compile" if args.compile else ""))
-        path = harness.save_result(name.replace("/", "-"), figures, args)
-        print(f"saved {path}", file=sys.stderr)
+    save(figures, args)
     return figures
 
 
