@@ -170,6 +170,8 @@ def git_commit() -> str:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=10)
         commit = out.stdout.strip()
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):  # not a git checkout (e.g. a copied tree)
+            return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
