@@ -225,6 +225,22 @@ if triton_available():
         gemv=((8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8)),
         dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
 
+    @triton.jit
+    def _bias_and_store(res, offs_m, offs_n, M, N, pid_k, b_ptr, out_ptr, ws_ptr, stride_om,
+                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Epilogue shared by the kernels: add the bias (once, in the first K split) and
+        store the fp32 tile, or accumulate it atomically into the split-K workspace."""
+        n_mask = offs_n < N
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0).to(tl.float32)
+            res = res + bias[None, :]
+        mask = (offs_m < M)[:, None] & n_mask[None, :]
+        o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(ws_ptr + o_off, res, mask=mask)
+
     @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT"],
                      prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
@@ -279,18 +295,9 @@ if triton_available():
                 else:
                     acc = tl.dot(xv, tl.trans(wv.to(xv.dtype)), acc)
             res = acc
-        n_mask = offs_n < N
         if QUANT == 1:
-            res = res * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0).to(tl.float32)
-            res = res + bias[None, :]
-        mask = (offs_m < M)[:, None] & n_mask[None, :]
-        o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(ws_ptr + o_off, res, mask=mask)
+            res = res * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        _bias_and_store(res, offs_m, offs_n, M, N, pid_k, b_ptr, out_ptr, ws_ptr, stride_om, HAS_BIAS, SPLIT_K)
 
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
@@ -360,16 +367,7 @@ if triton_available():
                 else:
                     acc = tl.dot(x2, w2.to(x2.dtype), acc)
             res = acc
-        n_mask = offs_n < N
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0).to(tl.float32)
-            res = res + bias[None, :]
-        mask = (offs_m < M)[:, None] & n_mask[None, :]
-        o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(ws_ptr + o_off, res, mask=mask)
+        _bias_and_store(res, offs_m, offs_n, M, N, pid_k, b_ptr, out_ptr, ws_ptr, stride_om, HAS_BIAS, SPLIT_K)
 
 
 # The split-K choice of each autotuning key, learnt on its first call: with SPLIT_K == 1
