@@ -40,7 +40,7 @@ def random_model(cfg: LlamaConfig, device, dtype) -> Transformer:
     """Random weights without a full-precision copy: build on meta, allocate, fill in place."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: no fp32 copy
     g = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -160,8 +160,10 @@ class Generator:
                              f"sequence length {limit}")
         if self.fixed_seq_length is not None:
             return self.fixed_seq_length
-        S = max(need, min(prefill_bucket(max_prompt, limit), limit))
-        return min(-(-S // 8) * 8, limit)
+        # A power-of-two bucket (≥ the prefill bucket): the compiled steps specialise on the
+        # cache's shape, so requests of similar length share one compilation, while decode
+        # attention reads at most twice the slots it needs.
+        return prefill_bucket(need, limit)
 
     def _ensure_caches(self, B: int, S: int):
         m = self.model
@@ -224,7 +226,7 @@ class Generator:
         if callback is not None:
             callback(0, cur)
         i = state.n_written
-        with sdpa:
+        with sdpa, _recompile_limit(64):
             while i < n:
                 if check_every:
                     if cuda:
