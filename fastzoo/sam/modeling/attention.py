@@ -1,13 +1,16 @@
 """Attention entry points of SAM.
 
 Every attention of the image encoder goes through :func:`rel_pos_attention`, and every
-attention of the mask decoder through :func:`attention`.  These are the single places a
-fused kernel replaces later; the versions here are the plain-PyTorch reference.
+attention of the mask decoder through :func:`plain_attention`. With relative positions the
+encoder calls ``fastzoo.ops.rel_pos_attention``: the fused Triton kernel for bf16/fp16 on
+CUDA, its PyTorch reference (bias materialised, then SDPA) everywhere else.
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from fastzoo import ops
 
 
 def rel_pos_attention(
@@ -35,10 +38,7 @@ def rel_pos_attention(
     """
     if rel_h is None or rel_w is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    B, nh, N, _ = q.shape
-    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, N, kh * kw)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+    return ops.rel_pos_attention(q, k, v, rel_h, rel_w, scale)
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
