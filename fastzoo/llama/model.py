@@ -220,6 +220,8 @@ class Transformer(nn.Module):
             if B > self.max_batch_size:
                 raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.max_batch_size}")
             kv_len = kv_len or self.max_seq_length
+            if kv_len > self.max_seq_length:
+                raise ValueError(f"kv_len {kv_len} exceeds the cache's max_seq_length {self.max_seq_length}")
             slots = torch.arange(kv_len, device=tokens.device)
             mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
         else:

@@ -32,6 +32,8 @@ def _round_half_away(v: torch.Tensor) -> torch.Tensor:
 def quantize_rows_int8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference: int8 values of x's shape and float32 scales of shape (..., 1)."""
     xf = x.to(torch.float32)
+    if x.shape[-1] == 0:  # rows of length zero: the scale of an all-zero row
+        return torch.empty_like(x, dtype=torch.int8), xf.new_full((*x.shape[:-1], 1), EPS / 127.0)
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = torch.clamp(amax, min=EPS) / 127.0
     q = _round_half_away(xf / scale).clamp_(-127, 127).to(torch.int8)

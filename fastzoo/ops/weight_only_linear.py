@@ -44,7 +44,7 @@ from ._common import cuda_kernel_applies, launch, triton_available
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-_GROUP_SIZES = (32, 64, 128, 256)
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 # ----------------------------------------------------------------------------------
@@ -108,8 +108,8 @@ def _check_int8_args(name, x, w_int8, scales, bias) -> tuple[int, int]:
 
 def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias) -> tuple[int, int]:
     K = _check_x(name, x)
-    if group_size not in _GROUP_SIZES:
-        raise ValueError(f"{name} expects group_size in {_GROUP_SIZES}, got {group_size}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"{name} expects group_size in {INT4_GROUP_SIZES}, got {group_size}")
     if K % group_size:
         raise ValueError(f"{name} expects K divisible by group_size={group_size}, got K={K}")
     if w_packed.dtype != torch.uint8:

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from .linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+from .linear import INT4_GROUP_SIZES, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,6 @@ class Int8Dynamic(QuantConfig):
         return Int8DynamicLinear.from_linear(linear)
 
 
-INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)

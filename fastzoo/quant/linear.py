@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from fastzoo.ops import int4_weight_only_linear, int8_dynamic_linear, int8_weight_only_linear
-from fastzoo.ops.weight_only_linear import int4_dequantize
-
-_EPS = 1e-12
-
+from fastzoo.ops.quantize_rows import EPS as _EPS
+from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
+from fastzoo.ops.weight_only_linear import INT4_GROUP_SIZES, int4_dequantize
 
 def _check_float_weight(linear: nn.Linear) -> None:
     if not linear.weight.dtype.is_floating_point:
@@ -25,10 +24,8 @@ def _check_float_weight(linear: nn.Linear) -> None:
 
 def quantize_weight_int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: returns (int8 weight, float32 scales of shape (out,))."""
-    wf = w.detach().to(torch.float32)
-    scales = torch.clamp(wf.abs().amax(dim=1), min=_EPS) / 127.0
-    q = torch.round(wf / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scales
+    q, scales = quantize_rows_int8_ref(w.detach())  # each output channel is a row
+    return q, scales.squeeze(-1)
 
 
 class Int8WeightOnlyLinear(nn.Module):
@@ -91,7 +88,9 @@ class Int4WeightOnlyLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
                  device=None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        if in_features % group_size or group_size % 2:
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+        if in_features % group_size:
             raise ValueError(f"int4 with group_size={group_size} needs in_features divisible by it, "
                              f"found in_features={in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size

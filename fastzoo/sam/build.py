@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from .modeling.sam import PIXEL_MEAN, PIXEL_STD
 
 #: Encoder hyper-parameters of the three released SAM sizes (everything else is shared).
 SAM_CONFIGS: Dict[str, Dict[str, Any]] = {
@@ -170,8 +171,8 @@ def build_sam_model(model_type: str = "vit_h", checkpoint: Optional[CheckpointPa
         sam = build_sam_from_config(**SAM_CONFIGS[name])
     load_state_dict_checked(sam, state_dict, model_type=name, source=f"checkpoint {str(checkpoint)!r}", assign=True)
     # Non-persistent buffers are not in the checkpoint: recreate them on the CPU.
-    sam.pixel_mean = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
-    sam.pixel_std = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
+    sam.pixel_mean = torch.tensor(PIXEL_MEAN).view(-1, 1, 1)
+    sam.pixel_std = torch.tensor(PIXEL_STD).view(-1, 1, 1)
     return sam.float().eval()
 
 

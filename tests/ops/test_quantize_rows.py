@@ -101,3 +101,10 @@ def test_public_op_uses_kernel_on_cuda(dtype):
     compiled = torch.compile(lambda t: quantize_rows_int8(t), fullgraph=True)
     q2, s2 = compiled(x)
     assert torch.equal(q2, q) and torch.equal(s2, s)
+
+
+def test_zero_length_rows_reference_and_kernel_agree(kernel_device):
+    for fn, dev in ((quantize_rows_int8, "cpu"), (quantize_rows_int8_triton, kernel_device)):
+        q, s = fn(torch.randn(3, 0, device=dev))
+        assert q.shape == (3, 0) and s.shape == (3, 1)
+        torch.testing.assert_close(s.cpu(), torch.full((3, 1), EPS / 127.0))

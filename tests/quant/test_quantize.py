@@ -103,3 +103,8 @@ def test_filter_fn_and_errors():
         quantize_(mlp(), "int8", filter_fn=lambda m, fqn: fqn == "1")
     assert config_from_string("int4-g64") == Int4WeightOnly(64)
     assert all(config_from_string(k).name == k for k in CONFIGS)
+
+
+def test_int4_linear_rejects_unsupported_group_size():
+    with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128, 256\), got 16"):
+        Int4WeightOnlyLinear(64, 8, group_size=16)

@@ -10,6 +10,11 @@ from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
 
 
+# ImageNet statistics on the 0-255 scale, as segment_anything normalises images.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
 class Sam(nn.Module):
     """Image encoder + prompt encoder + mask decoder (same attributes as segment_anything's ``Sam``)."""
 
@@ -21,8 +26,8 @@ class Sam(nn.Module):
         image_encoder: ImageEncoderViT,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
-        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
