@@ -17,6 +17,8 @@ and makes two passes over longer rows.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, triton_available
@@ -105,7 +107,7 @@ def quantize_rows_int8_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     if x.dim() == 0:
         raise ValueError("quantize_rows_int8_triton expects at least one dimension, got a scalar")
     N = x.shape[-1]
-    x2 = x.reshape(-1, N)
+    x2 = x.reshape(math.prod(x.shape[:-1]), N)
     if N > 0 and x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
