@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from fastzoo.checkpoint import CheckpointError, read_state_dict
+from fastzoo.checkpoint import check_state_dict as _check_state_dict
+
 from .config import LlamaConfig, LlamaError
 from .model import Transformer
 
@@ -123,19 +126,11 @@ def permute_hf_to_meta(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- loading
 def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str = "checkpoint"):
-    """Raise LlamaError naming the first missing / unexpected / mis-shaped tensor."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise LlamaError(f"{where}: missing tensor {missing[0]!r} (expected shape {tuple(expected[missing[0]].shape)})"
-                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-    unexpected = [k for k in sd if k not in expected]
-    if unexpected:
-        raise LlamaError(f"{where}: unexpected tensor {unexpected[0]!r} with shape {tuple(sd[unexpected[0]].shape)}")
-    for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise LlamaError(f"{where}: tensor {k!r} has shape {tuple(sd[k].shape)} but the config expects "
-                             f"{tuple(v.shape)}")
+    """Raise LlamaError naming the missing / unexpected / mis-shaped tensors."""
+    try:
+        _check_state_dict(model, sd, where)
+    except CheckpointError as e:
+        raise LlamaError(str(e)) from None
 
 
 def load_model(checkpoint_dir, device="cpu", dtype=None) -> Transformer:
@@ -150,11 +145,9 @@ def load_model(checkpoint_dir, device="cpu", dtype=None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config)
     try:
-        sd = torch.load(wpath, mmap=True, weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - corrupt file: report it plainly
-        raise LlamaError(f"cannot read weights {wpath}: {e}") from None
-    if not isinstance(sd, dict):
-        raise LlamaError(f"{wpath} does not hold a state dict")
+        sd = read_state_dict(wpath)
+    except CheckpointError as e:
+        raise LlamaError(str(e)) from None
     check_state_dict(model, sd, where=str(wpath))
     model.load_state_dict(sd, strict=True, assign=True)
     dtype = parse_dtype(dtype) if dtype is not None else None

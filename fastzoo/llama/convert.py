@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fastzoo.checkpoint import CheckpointError, read_state_dict
+
 from .checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, FusingStateDict, check_state_dict,
                          map_hf_key, parse_dtype, permute_meta_to_hf)
 from .config import LlamaConfig, LlamaError
@@ -45,15 +47,16 @@ def _hf_weight_files(src: Path) -> list[Path]:
     raise LlamaError(f"no weights found in {src} (expected model.safetensors, pytorch_model.bin or a sharded index)")
 
 
+def _read_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file (torch.save or safetensors, told apart by content), errors as LlamaError."""
+    try:
+        return read_state_dict(path)
+    except CheckpointError as e:
+        raise LlamaError(str(e)) from None
+
+
 def _iter_shard(path: Path):
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                yield k, f.get_tensor(k)
-    else:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        yield from sd.items()
+    yield from _read_shard(path).items()
 
 
 def convert_hf(src: Path, dtype=None, progress=True):
@@ -118,7 +121,7 @@ _META_LAYER = re.compile(r"^layers\.(\d+)\.(attention|feed_forward)\.(wq|wk|wv|w
 def convert_meta(src: Path, dtype=None, progress=True):
     params = json.loads((src / "params.json").read_text())
     files = sorted(src.glob("consolidated.*.pth"))
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    shards = [_read_shard(f) for f in files]
     keys = [k for k in shards[0] if not k.endswith("rope.freqs")]
     merged = {k: _cat_meta_shards(k, [s[k] for s in shards], params["dim"])
               for k in tqdm(keys, desc="merging shards", unit="tensor", disable=not progress or len(files) == 1)}

@@ -7,6 +7,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from fastzoo.checkpoint import CheckpointError, load_checked, read_state_dict
+
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from .modeling.sam import PIXEL_MEAN, PIXEL_STD
 
@@ -22,7 +24,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CheckpointPath = Union[str, PathLike]
 
 
-class SamCheckpointError(ValueError):
+class SamCheckpointError(CheckpointError):
     """A checkpoint is missing, unreadable or does not match the model it is loaded into."""
 
 
@@ -89,29 +91,7 @@ def _guess_model_type(state_dict: Mapping[str, Any]) -> Optional[str]:
 
 def read_checkpoint(checkpoint: CheckpointPath) -> Dict[str, torch.Tensor]:
     """Read a state dict from disk (``weights_only``, memory-mapped when possible)."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise SamCheckpointError(f"checkpoint not found: {str(path)!r} is not a file")
-    try:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a bad checkpoint
-        raise SamCheckpointError(
-            f"cannot read checkpoint {str(path)!r}: expected a PyTorch state dict saved with torch.save "
-            f"({type(e).__name__}: {e})"
-        ) from e
-    if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
-        sd = sd["model"]
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise SamCheckpointError(
-            f"checkpoint {str(path)!r} is not a state dict: expected a mapping of names to tensors, "
-            f"found {type(sd).__name__}"
-        )
-    return dict(sd)
+    return read_state_dict(checkpoint, error=SamCheckpointError)
 
 
 def load_state_dict_checked(
@@ -123,32 +103,13 @@ def load_state_dict_checked(
     assign: bool = False,
 ) -> None:
     """``model.load_state_dict(state_dict, strict=True)`` with errors naming expected vs found."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        (k, tuple(expected[k].shape), tuple(state_dict[k].shape))
-        for k in expected
-        if k in state_dict and tuple(expected[k].shape) != tuple(state_dict[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        what = f"model type {model_type!r}" if model_type else "this model"
-        lines = [f"{source} does not match {what}."]
-        found = _guess_model_type(state_dict)
-        if found is not None and found != model_type:
-            lines.append(f"It looks like a {found!r} checkpoint; pass model_type={found!r} (--model-type {found}).")
-        for k, e, f in mismatched[:5]:
-            lines.append(f"  {k}: expected shape {e}, found {f}")
-        if len(mismatched) > 5:
-            lines.append(f"  ... and {len(mismatched) - 5} more shape mismatches")
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            lines.append(
-                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
-            )
-        raise SamCheckpointError("\n".join(lines))
-    model.load_state_dict(state_dict, strict=True, assign=assign)
+    found = _guess_model_type(state_dict)
+    hint = None
+    if found is not None and found != model_type:
+        hint = f"It looks like a {found!r} checkpoint; pass model_type={found!r} (--model-type {found})."
+    if model_type:
+        source = f"{source} (model type {model_type!r})"
+    load_checked(model, state_dict, source, assign=assign, hint=hint, error=SamCheckpointError)
 
 
 def _resolve_model_type(model_type: str) -> str:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
 import torch
 from torch import nn
+
+from fastzoo.checkpoint import load_checked, read_state_dict
 
 from .model import VisionTransformer, ViTConfig
 
@@ -37,46 +37,9 @@ VIT_CONFIGS: dict[str, ViTConfig] = {
 }
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or does not fit the model."""
-
-
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a timm/fastzoo ViT state dict from .pth/.pt/.bin (torch) or .safetensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # corrupt or foreign file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(sd, dict) and wrapper in sd and isinstance(sd[wrapper], dict):
-            sd = sd[wrapper]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return sd
-
-
-def load_into(model: VisionTransformer, sd: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """``load_state_dict(strict=True, assign=True)`` with errors naming keys and shapes."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{source} does not match the model: missing keys {missing[:5]}"
-                              f"{'…' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                              f"{'…' if len(unexpected) > 5 else ''}")
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
-                                  f"the model expects {tuple(v.shape)}")
-    model.load_state_dict(sd, strict=True, assign=True)
+    """Read a timm/fastzoo ViT state dict (torch.save file or safetensors)."""
+    return read_state_dict(path)
 
 
 def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
@@ -98,7 +61,7 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
         sd = load_state_dict_file(checkpoint)
         with torch.device("meta"):
             model = VisionTransformer(cfg)
-        load_into(model, sd, source=str(checkpoint))
+        load_checked(model, sd, f"checkpoint {str(checkpoint)!r}", assign=True)
     else:
         model = VisionTransformer(cfg)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -95,7 +95,7 @@ def test_bad_inputs(ckpt, image_path, tmp_path, capsys):
     corrupt = tmp_path.parent / "corrupt.pth"
     corrupt.write_bytes(b"\x00not a checkpoint" * 100)
     _bad(["--checkpoint", str(corrupt), "--model-type", "vit_b", *base], tmp_path, capsys, "cannot read checkpoint")
-    err = _bad(["--checkpoint", str(ckpt), "--model-type", "vit_l", *base], tmp_path, capsys, "does not match model type 'vit_l'")
+    err = _bad(["--checkpoint", str(ckpt), "--model-type", "vit_l", *base], tmp_path, capsys, "(model type 'vit_l') does not match the model")
     assert "looks like a 'vit_b' checkpoint" in err
     assert "expected shape (1, 64, 64, 1024), found (1, 64, 64, 768)" in err
     _bad(["--checkpoint", str(ckpt), "--model-type", "vit_x", *base], tmp_path, capsys, "unknown model type 'vit_x'")

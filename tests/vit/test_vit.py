@@ -77,7 +77,7 @@ def test_bad_inputs(tiny_pair, tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         build_vit("vit_tiny_patch16_224", tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match=r"'cls_token' has shape \(1, 1, 192\), the model expects \(1, 1, 384\)"):
+    with pytest.raises(CheckpointError, match=r"cls_token: expected shape \(1, 1, 384\), found \(1, 1, 192\)"):
         build_vit("vit_small_patch16_224", path)
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 224, 224\), got \(1, 3, 64, 64\)"):
         build_vit("vit_tiny_patch16_224")(torch.randn(1, 3, 64, 64))
