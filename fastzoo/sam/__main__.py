@@ -220,11 +220,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"image embedding {t_embed * 1000:.1f} ms, mask prediction {t_pred * 1000:.1f} ms")
     print(f"predicted IoU: {', '.join(f'{s:.3f}' for s in scores)}" + (f" (kept mask {best})" if len(scores) > 1 else ""))
     print(f"mask area: {int(mask.sum())} px of {h * w}")
+    # Render everything before writing anything, so a failure leaves no partial output.
+    ov = _overlay(image, [mask], points, labels, box) if overlay is not None else None
     if output is not None:
         _save_png_atomic(Image.fromarray(mask.astype(np.uint8) * 255), output)
         print(f"wrote {output}")
-    if overlay is not None:
-        _save_png_atomic(_overlay(image, [mask], points, labels, box), overlay)
+    if ov is not None:
+        _save_png_atomic(ov, overlay)
         print(f"wrote {overlay}")
     return 0
 
@@ -253,6 +255,10 @@ def _run_amg(args, sam, image: np.ndarray, output: Optional[Path], overlay: Opti
     _sync(sam.device)
     print(f"automatic mask generation: {len(anns)} masks in {time.perf_counter() - t0:.2f}s")
     masks = [rle_to_mask(a["segmentation"]) for a in anns]
+    ov = None
+    if overlay is not None:  # rendered before anything is written
+        order = np.argsort([-a["area"] for a in anns])
+        ov = _overlay(image, [masks[i] for i in order], [], [], None)
     if output is not None:
         from .utils.amg import coco_encode_rle
 
@@ -283,9 +289,8 @@ def _run_amg(args, sam, image: np.ndarray, output: Optional[Path], overlay: Opti
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         print(f"wrote {len(records)} masks and masks.json to {output}")
-    if overlay is not None:
-        order = np.argsort([-a["area"] for a in anns])
-        _save_png_atomic(_overlay(image, [masks[i] for i in order], [], [], None), overlay)
+    if ov is not None:
+        _save_png_atomic(ov, overlay)
         print(f"wrote {overlay}")
     return 0
 
