@@ -108,6 +108,9 @@ class DecodeState:
     pos: torch.Tensor        # [B] position of `cur`
     done: torch.Tensor       # [B] bool
     out: torch.Tensor        # [B, max_new_tokens] generated tokens (pad after a stop)
+    stop: torch.Tensor       # stop token ids (device)
+    sampling: tuple          # (temperature, top_k, top_p) of this request
+    pad_id: int = 0
     n_written: int = 1
 
 
@@ -194,16 +197,15 @@ class Generator:
             padded[i, :len(p)] = torch.tensor(p, dtype=torch.long)
         tokens = padded.to(dev)
         lengths = torch.tensor(lens, dtype=torch.long).to(dev)
-        self._stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long).to(dev)
-        self._sampling = (temperature, top_k, top_p)
-        self._pad_id = pad_id
+        stop = torch.tensor(sorted(set(stop_ids)) or [-1], dtype=torch.long).to(dev)
         with _recompile_limit(64):
             first = self._prefill(self.model, tokens, lengths, temperature, top_k, top_p)
         first = first.clone()
-        done = (first[:, None] == self._stop[None, :]).any(dim=-1)
+        done = (first[:, None] == stop[None, :]).any(dim=-1)
         out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         out[:, 0] = first
-        return DecodeState(cur=first, pos=lengths.clone(), done=done, out=out)
+        return DecodeState(cur=first, pos=lengths.clone(), done=done, out=out, stop=stop,
+                           sampling=(temperature, top_k, top_p), pad_id=pad_id)
 
     @torch.no_grad()
     def decode(self, state: DecodeState, callback=None, check_every: int = 8) -> DecodeState:
@@ -212,7 +214,7 @@ class Generator:
         ``callback(step, tokens[B])`` is called per step (streaming; it may sync).  With
         ``check_every=0`` the loop runs all steps and never looks at the flags.
         """
-        temperature, top_k, top_p = self._sampling
+        temperature, top_k, top_p = state.sampling
         n = state.out.shape[1]
         cuda = state.out.device.type == "cuda"
         flag = event = None
@@ -242,7 +244,7 @@ class Generator:
                         break
                 if self.compile and cuda:
                     torch.compiler.cudagraph_mark_step_begin()
-                nxt, new_done = self._decode(self.model, cur, pos, done, self._stop, self._pad_id,
+                nxt, new_done = self._decode(self.model, cur, pos, done, state.stop, state.pad_id,
                                              temperature, top_k, top_p)
                 cur, done = nxt.clone(), new_done.clone()
                 pos = pos + 1
