@@ -2,8 +2,9 @@
 
 Every attention of the image encoder goes through :func:`rel_pos_attention`, and every
 attention of the mask decoder through :func:`plain_attention`. With relative positions the
-encoder calls ``fastzoo.ops.rel_pos_attention``: the fused Triton kernel for bf16/fp16 on
-CUDA, its PyTorch reference (bias materialised, then SDPA) everywhere else.
+encoder calls ``fastzoo.ops.rel_pos_attention_ref`` (bias materialised, then SDPA), the
+reference of the fused kernel ``fastzoo.ops.rel_pos_attention``; switching to the kernel is
+one line here, made once the kernel is measured inside SAM on a GPU.
 """
 from typing import Optional
 
@@ -38,7 +39,7 @@ def rel_pos_attention(
     """
     if rel_h is None or rel_w is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return ops.rel_pos_attention(q, k, v, rel_h, rel_w, scale)
+    return ops.rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
