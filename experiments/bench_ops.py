@@ -16,6 +16,7 @@ import torch
 
 from experiments import harness
 from fastzoo.ops import quantize_rows_int8, quantize_rows_int8_ref
+from fastzoo.utils import parse_dtype
 
 GPU_SHAPES = [(8192, 8192), (65536, 768), (16, 4096)]
 CPU_SHAPES = [(256, 1024)]
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="one small shape, few repeats")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = p.parse_args(argv)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     if on_gpu:

@@ -20,6 +20,7 @@ import torch
 
 from fastzoo.checkpoint import CheckpointError, read_state_dict
 from fastzoo.checkpoint import check_state_dict as _check_state_dict
+from fastzoo.utils import parse_dtype as _parse_dtype
 
 from .config import LlamaConfig, LlamaError
 from .model import Transformer
@@ -28,20 +29,9 @@ WEIGHTS_NAME = "model.pth"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.model"
 
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-}
-
-
 def parse_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    try:
-        return DTYPES[str(name).lower()]
-    except KeyError:
-        raise LlamaError(f"unknown dtype {name!r} (use one of {', '.join(sorted(DTYPES))})") from None
+    """``fastzoo.utils.parse_dtype`` with errors as :class:`LlamaError`."""
+    return _parse_dtype(name, error=LlamaError)
 
 
 # ---------------------------------------------------------------------------- HF names

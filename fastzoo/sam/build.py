@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fastzoo.checkpoint import CheckpointError, load_checked, read_state_dict
+from fastzoo.utils import parse_dtype
 
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from .modeling.sam import PIXEL_MEAN, PIXEL_STD
@@ -19,7 +20,6 @@ SAM_CONFIGS: Dict[str, Dict[str, Any]] = {
     "vit_h": dict(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)),
 }
 MODEL_TYPES = ("default", "vit_h", "vit_l", "vit_b")
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 CheckpointPath = Union[str, PathLike]
 
@@ -161,19 +161,7 @@ sam_model_registry = {
 
 def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     """Accept a ``torch.dtype`` or a name (``fp32``/``float32``, ``bf16``/``bfloat16``, ``fp16``/``float16``)."""
-    names = {
-        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-    }
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key not in names:
-            raise ValueError(f"unsupported dtype {dtype!r}; expected one of fp32, bf16, fp16")
-        return names[key]
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"unsupported dtype {dtype}; expected one of torch.float32, torch.bfloat16, torch.float16")
-    return dtype
+    return parse_dtype(dtype)
 
 
 def build_sam_fast(

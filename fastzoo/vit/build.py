@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastzoo.checkpoint import load_checked, read_state_dict
+from fastzoo.utils import parse_dtype
 
 from .model import VisionTransformer, ViTConfig
 
@@ -42,7 +43,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
-def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
+def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: torch.dtype | str = torch.float32,
               device: torch.device | str | None = None, compile: bool = False, quantize=None,
               num_classes: int | None = None) -> nn.Module:
     """Build a ViT by timm name, optionally load a checkpoint, and make it ready for inference.
@@ -54,6 +55,7 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
     """
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown ViT {name!r}; valid: {', '.join(VIT_CONFIGS)}")
+    dtype = parse_dtype(dtype)
     cfg = VIT_CONFIGS[name]
     if num_classes is not None:
         cfg = ViTConfig(**{**cfg.__dict__, "num_classes": num_classes})
