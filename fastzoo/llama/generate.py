@@ -366,13 +366,26 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     _check_args(p, a)
     try:
+        tp = _torchrun_env()  # tensor parallel (fastzoo.llama.tp) when launched by torchrun
+        if tp is not None:
+            from .tp import run_cli
+            return run_cli(_run, a, *tp)
         return _run(a)
     except LlamaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
-def _run(a) -> int:
+def _torchrun_env():
+    """(rank, world_size, local_rank) when launched by torchrun with several ranks, else None."""
+    import os
+    env = os.environ
+    if "MASTER_ADDR" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
+
+
+def _run(a, load=load_model) -> int:
     from .tokenizer import load_tokenizer
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -384,7 +397,7 @@ def _run(a) -> int:
     if not Path(tok_path).is_file():
         raise LlamaError(f"tokenizer file not found: {tok_path}")
     tokenizer = load_tokenizer(tok_path)
-    model = load_model(a.checkpoint, device=device, dtype=dtype)
+    model = load(a.checkpoint, device=device, dtype=dtype)
     cfg = model.config
     if tokenizer.vocab_size > cfg.vocab_size:
         raise LlamaError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

@@ -1,0 +1,254 @@
+"""Tensor-parallel Llama over ``torch.distributed`` (NCCL on GPUs, gloo on CPUs).
+
+Megatron-style sharding of every :class:`~fastzoo.llama.model.TransformerBlock` over the
+``world_size`` ranks of a process group:
+
+* attention, by heads: ``wqkv`` column-parallel (each rank keeps the rows of its
+  ``n_heads / N`` query heads and of its ``n_kv_heads / N`` key and value heads, re-fused
+  as ``[q; k; v]``), ``wo`` row-parallel (the input columns of the rank's query heads);
+* MLP: ``w13`` column-parallel (the rank's slice of ``w1`` *and* the matching slice of
+  ``w3``, re-fused as ``[w1_r; w3_r]``), ``w2`` row-parallel;
+* one all-reduce (sum) of the partial outputs after ``wo`` and one after ``w2``, through
+  the functional collectives so that ``torch.compile`` traces them;
+* embedding, norms and the output projection replicated.
+
+GQA: query head ``h`` uses key/value head ``h // (n_heads / n_kv_heads)``; giving rank ``r``
+the query heads ``r·n_heads/N ..`` and the kv heads ``r·n_kv_heads/N ..`` keeps every
+query head with its kv head, so ``n_kv_heads`` (and hence ``n_heads``) and
+``intermediate_size`` must be divisible by ``N``.
+
+The sharded model's ``config`` holds the *local* head counts and ``intermediate_size``
+(``setup_caches`` sizes the KV cache from it); the full configuration stays in
+``model.tp_config``.  Quantization composes: shard the float model, load it, then
+``fastzoo.quant.quantize_`` the shard.  Column-parallel layers then have exactly the
+single-process int8 weights and scales (per output row); the row-parallel ones get
+per-row scales of the rank's input slice (at least as fine as the full row's).
+
+Library code here reads no environment variables; the ``torchrun`` launch lives in
+:func:`run_cli` and is called from ``fastzoo.llama.generate``'s entry point.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import LlamaConfig, LlamaError
+from .model import Attention, FeedForward, Transformer
+
+__all__ = ["check_tp_config", "shard_config", "shard_tensor", "shard_state_dict", "shard_model_",
+           "load_tp_model", "run_cli"]
+
+
+# ---------------------------------------------------------------------------- the plan
+def check_tp_config(config: LlamaConfig, world_size: int) -> None:
+    """Raise :class:`LlamaError` unless ``config`` can be sharded over ``world_size`` ranks."""
+    if world_size < 1:
+        raise LlamaError(f"tensor-parallel world size must be >= 1, got {world_size}")
+    problems = []
+    if config.n_kv_heads % world_size or config.n_heads % world_size:
+        problems.append(f"num_attention_heads {config.n_heads} and num_key_value_heads {config.n_kv_heads} "
+                        f"must both be divisible by it")
+    if config.intermediate_size % world_size:
+        problems.append(f"intermediate_size {config.intermediate_size} must be divisible by it")
+    if problems:
+        raise LlamaError(f"cannot shard the model over {world_size} tensor-parallel ranks: "
+                         + "; ".join(problems) + f" (use a number of ranks that divides {config.n_kv_heads})")
+
+
+def shard_config(config: LlamaConfig, world_size: int) -> LlamaConfig:
+    """The per-rank configuration: local ``n_heads``, ``n_kv_heads`` and ``intermediate_size``."""
+    check_tp_config(config, world_size)
+    return dataclasses.replace(config, n_heads=config.n_heads // world_size,
+                               n_kv_heads=config.n_kv_heads // world_size,
+                               intermediate_size=config.intermediate_size // world_size,
+                               rope_scaling=dict(config.rope_scaling) if config.rope_scaling else None,
+                               extra=dict(config.extra))
+
+
+def _rows(t: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    return t.narrow(0, start, size)
+
+
+def shard_tensor(name: str, t: torch.Tensor, config: LlamaConfig, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of the full (unsharded) state-dict entry ``name``: a view where the
+    slice is one block of rows or columns, a small copy of the slices where parts are re-fused."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    if world_size == 1:
+        return t
+    hd = config.head_dim
+    if name.endswith("attention.wqkv.weight"):
+        q, kv = config.n_heads * hd, config.n_kv_heads * hd
+        lq, lkv = q // world_size, kv // world_size
+        return torch.cat([_rows(t, rank * lq, lq), _rows(t, q + rank * lkv, lkv),
+                          _rows(t, q + kv + rank * lkv, lkv)], dim=0)
+    if name.endswith("attention.wo.weight"):
+        lq = config.n_heads * hd // world_size
+        return t.narrow(1, rank * lq, lq)
+    if name.endswith("feed_forward.w13.weight"):
+        inter = config.intermediate_size
+        li = inter // world_size
+        return torch.cat([_rows(t, rank * li, li), _rows(t, inter + rank * li, li)], dim=0)
+    if name.endswith("feed_forward.w2.weight"):
+        li = config.intermediate_size // world_size
+        return t.narrow(1, rank * li, li)
+    if name.endswith(("wqkv.scales", "wo.scales", "w13.scales", "w2.scales", "wqkv.bias", "w13.bias")):
+        raise LlamaError(f"shard the float model, then quantize it: cannot shard {name!r}")
+    return t  # embedding, norms, output: replicated
+
+
+def shard_state_dict(sd: dict[str, torch.Tensor], config: LlamaConfig, rank: int, world_size: int,
+                     device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Rank ``rank``'s state dict from the full one (``config``: the full configuration).
+
+    Each slice is copied to ``device`` / ``dtype`` on its own, so with a memory-mapped ``sd``
+    a rank only materialises its own slices (and the replicated tensors)."""
+    check_tp_config(config, world_size)
+    out = {}
+    for name, t in sd.items():
+        s = shard_tensor(name, t, config, rank, world_size)
+        s = s.to(device=device, dtype=dtype if (dtype is not None and s.is_floating_point()) else None)
+        out[name] = s.contiguous()
+    return out
+
+
+# ---------------------------------------------------------------------------- modules
+def _all_reduce(y: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed._functional_collectives as funcol
+    return funcol.all_reduce(y, "sum", group if group is not None else dist.group.WORLD)
+
+
+class TPAttention(Attention):
+    """:class:`Attention` over this rank's heads; the partial ``wo`` outputs are summed over the group."""
+    tp_group = None
+
+    def forward(self, x, cos, sin, input_pos, mask):
+        return _all_reduce(super().forward(x, cos, sin, input_pos, mask), self.tp_group)
+
+
+class TPFeedForward(FeedForward):
+    """:class:`FeedForward` over this rank's slice of the hidden units; ``w2``'s partial outputs summed."""
+    tp_group = None
+
+    def forward(self, x):
+        return _all_reduce(super().forward(x), self.tp_group)
+
+
+def _shard_linear_(parent: nn.Module, attr: str, name: str, config: LlamaConfig, rank: int, world_size: int):
+    lin = getattr(parent, attr)
+    if type(lin) is not nn.Linear:
+        raise LlamaError(f"shard the float model before quantizing it: {name} is a {type(lin).__name__}")
+    if lin.bias is not None:
+        raise LlamaError(f"{name} has a bias: not supported by the tensor-parallel sharding")
+    w = shard_tensor(name + ".weight", lin.weight.detach(), config, rank, world_size).contiguous()
+    new = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    new.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+    setattr(parent, attr, new)
+
+
+def shard_model_(model: Transformer, rank: int, world_size: int, group=None) -> Transformer:
+    """Shard ``model`` in place for rank ``rank`` of ``world_size`` (``group``: the tensor-parallel
+    process group, default the world).  Usually applied to a model built on the meta device,
+    before loading a sharded state dict (:func:`load_tp_model`); on a model with weights, the
+    weights are sliced.  Raises :class:`LlamaError` if the head counts do not divide by
+    ``world_size``.  Returns ``model``."""
+    if getattr(model, "tp_world_size", 1) != 1:
+        raise LlamaError("the model is already sharded")
+    full = model.config
+    local = shard_config(full, world_size)  # checks divisibility
+    if not 0 <= rank < world_size:
+        raise LlamaError(f"rank {rank} is outside 0..{world_size - 1}")
+    if world_size > 1:
+        for i, layer in enumerate(model.layers):
+            att, ff = layer.attention, layer.feed_forward
+            if att.kv_cache is not None:
+                raise LlamaError("shard the model before setting up its KV caches")
+            _shard_linear_(att, "wqkv", f"layers.{i}.attention.wqkv", full, rank, world_size)
+            _shard_linear_(att, "wo", f"layers.{i}.attention.wo", full, rank, world_size)
+            _shard_linear_(ff, "w13", f"layers.{i}.feed_forward.w13", full, rank, world_size)
+            _shard_linear_(ff, "w2", f"layers.{i}.feed_forward.w2", full, rank, world_size)
+            att.n_heads, att.n_kv_heads = local.n_heads, local.n_kv_heads
+            ff.intermediate_size = local.intermediate_size
+            # same state, plus the all-reduce in forward (the projections stay plain
+            # nn.Linear children, so quantize_ can still swap them)
+            att.__class__, ff.__class__ = TPAttention, TPFeedForward
+            att.tp_group = ff.tp_group = group
+    model.config = local
+    model.tp_config = full
+    model.tp_rank, model.tp_world_size, model.tp_group = rank, world_size, group
+    return model
+
+
+def load_tp_model(checkpoint_dir, rank: int, world_size: int, device="cpu", dtype=None,
+                  group=None) -> Transformer:
+    """Rank ``rank``'s shard of an unsharded fastzoo checkpoint, as an eval-mode model.
+
+    Builds the model on the meta device, shards it, then slices each tensor of the
+    memory-mapped state dict, so a rank reads and materialises only its slices."""
+    from fastzoo.checkpoint import CheckpointError, read_state_dict
+
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, parse_dtype
+
+    d = Path(checkpoint_dir)
+    wpath = d / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise LlamaError(f"weights not found: {wpath} (convert a checkpoint with python -m fastzoo.llama.convert)")
+    config = LlamaConfig.from_json(d / CONFIG_NAME)
+    check_tp_config(config, world_size)
+    with torch.device("meta"):
+        model = Transformer(config)
+    shard_model_(model, rank, world_size, group)
+    try:
+        sd = read_state_dict(wpath)
+    except CheckpointError as e:
+        raise LlamaError(str(e)) from None
+    dtype = parse_dtype(dtype) if dtype is not None else None
+    local_sd = shard_state_dict(sd, config, rank, world_size, device=device, dtype=dtype)
+    del sd
+    check_state_dict(model, local_sd, where=f"{wpath} (rank {rank} of {world_size})")
+    model.load_state_dict(local_sd, strict=True, assign=True)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------- torchrun CLI
+def run_cli(run, args, rank: int, world_size: int, local_rank: int) -> int:
+    """Run the generation CLI's ``run(args, loader)`` as rank ``rank`` of a ``torchrun`` job.
+
+    Initialises the default process group from torchrun's rendezvous (NCCL on CUDA, gloo on
+    CPU), puts each rank on its own GPU, makes every rank use the same sampling seed (rank 0's),
+    loads the rank's shard and silences stdout/stderr on every rank but 0."""
+    use_cuda = args.device != "cpu" and (args.device is not None or torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise LlamaError("--device cuda requested but no CUDA GPU is available")
+        if torch.device(args.device or "cuda").index is None:
+            args.device = f"cuda:{local_rank}"
+        torch.cuda.set_device(torch.device(args.device))
+    dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+    try:
+        # every rank must sample the same tokens: share one seed
+        dev = torch.device(args.device) if use_cuda else torch.device("cpu")
+        seed = torch.tensor([args.seed if args.seed is not None else
+                             int(torch.randint(0, 2**62, ()).item())], dtype=torch.int64, device=dev)
+        dist.broadcast(seed, src=0)
+        args.seed = int(seed.item())
+
+        def loader(checkpoint_dir, device, dtype):
+            return load_tp_model(checkpoint_dir, rank, world_size, device=device, dtype=dtype)
+
+        if rank == 0:
+            return run(args, loader)
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                contextlib.redirect_stderr(devnull):
+            try:
+                return run(args, loader)
+            except LlamaError:
+                return 1  # rank 0 reports it
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,176 @@
+"""Tensor-parallel Llama (fastzoo.llama.tp) against the single-process model.
+
+Two gloo ranks are spawned once for the module; rank 0 saves its logits and tokens and the
+tests compare them with the unsharded model in this process."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastzoo.llama.checkpoint import load_model
+from fastzoo.llama.config import LlamaConfig, LlamaError
+from fastzoo.llama.generate import generate
+from fastzoo.llama.model import Transformer
+from fastzoo.llama.tp import load_tp_model, shard_model_, shard_state_dict
+from llama_testutils import VOCAB
+
+WORLD = 2
+KINDS = ("mha", "gqa")
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
+NEW = 8
+
+
+def _tokens():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, VOCAB, (2, 11), generator=g)
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _worker(rank, init_file, ckpts, out):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        from fastzoo.quant import quantize_
+        res = {}
+        for kind, ckpt in ckpts.items():
+            model = load_tp_model(ckpt, rank, WORLD, dtype=torch.float32)
+            with torch.no_grad():
+                res[kind, "logits"] = model(_tokens())
+            res[kind, "greedy"] = generate(model, PROMPTS, NEW).tokens
+            res[kind, "local"] = (model.config.n_heads, model.config.n_kv_heads,
+                                  tuple(model.layers[0].attention.wqkv.weight.shape))
+            quantize_(model, "int8")
+            with torch.no_grad():
+                res[kind, "int8_logits"] = model(_tokens())
+            res[kind, "int8_greedy"] = generate(model, PROMPTS, NEW).tokens
+        if rank == 0:
+            torch.save(res, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tp_results(converted, tmp_path_factory):
+    import torch.multiprocessing as mp
+    d = tmp_path_factory.mktemp("tp")
+    ckpts = {k: str(converted[k][1]) for k in KINDS}
+    mp.spawn(_worker, args=(str(d / "init"), ckpts, str(d / "out.pt")), nprocs=WORLD, join=True)
+    return torch.load(d / "out.pt")
+
+
+# ---------------------------------------------------------------------------- in-process
+def test_heads_not_divisible_is_a_clear_error():
+    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=172)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    with pytest.raises(LlamaError) as e:
+        shard_model_(model, 0, 4)
+    msg = str(e.value)
+    assert "4 tensor-parallel ranks" in msg and "num_attention_heads 4" in msg and "num_key_value_heads 2" in msg
+    assert model.config.n_kv_heads == 2  # untouched
+    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=4, intermediate_size=171)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    with pytest.raises(LlamaError, match="intermediate_size 171"):
+        shard_model_(model, 1, 2)
+
+
+def test_load_tp_model_error_names_heads(converted):
+    with pytest.raises(LlamaError, match=r"num_key_value_heads 2.*over|over 4 .*num_key_value_heads 2"):
+        load_tp_model(converted["gqa"][1], 0, 4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shards_partition_the_weights(converted, kind):
+    """Each rank's wqkv / w13 holds its heads / hidden units; sharding a loaded model in place
+    slices exactly like sharding the state dict."""
+    ref = load_model(converted[kind][1], dtype=torch.float32)
+    cfg = ref.config
+    sd = ref.state_dict()
+    hd, q, kv, inter = cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
+    parts = [shard_state_dict(sd, cfg, r, WORLD) for r in range(WORLD)]
+    k = "layers.1.attention.wqkv.weight"
+    lq, lkv = q // WORLD, kv // WORLD
+    for name in ("q", "k", "v"):
+        off, size, lsize = {"q": (0, q, lq), "k": (q, kv, lkv), "v": (q + kv, kv, lkv)}[name]
+        lo = {"q": 0, "k": lq, "v": lq + lkv}[name]
+        got = torch.cat([p[k][lo:lo + lsize] for p in parts])
+        torch.testing.assert_close(got, sd[k][off:off + size], rtol=0, atol=0)
+    k = "layers.0.feed_forward.w13.weight"
+    li = inter // WORLD
+    torch.testing.assert_close(torch.cat([p[k][:li] for p in parts]), sd[k][:inter], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([p[k][li:] for p in parts]), sd[k][inter:], rtol=0, atol=0)
+    for k in ("layers.0.attention.wo.weight", "layers.0.feed_forward.w2.weight"):
+        torch.testing.assert_close(torch.cat([p[k] for p in parts], dim=1), sd[k], rtol=0, atol=0)
+    m = load_model(converted[kind][1], dtype=torch.float32)
+    shard_model_(m, 1, WORLD)
+    assert m.config.n_heads == cfg.n_heads // WORLD and m.config.n_kv_heads == cfg.n_kv_heads // WORLD
+    assert m.tp_config.n_heads == cfg.n_heads
+    for name, t in m.state_dict().items():
+        torch.testing.assert_close(t, parts[1][name], rtol=0, atol=0, msg=name)
+
+
+# ---------------------------------------------------------------------------- 2 ranks
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp_logits_match_single_process(converted, tp_results, kind):
+    ref = load_model(converted[kind][1], dtype=torch.float32)
+    with torch.no_grad():
+        want = ref(_tokens())
+    got = tp_results[kind, "logits"]
+    assert got.shape == want.shape
+    assert _rel_err(got, want) <= 1e-5
+    n_heads, n_kv, wqkv_shape = tp_results[kind, "local"]
+    cfg = ref.config
+    assert (n_heads, n_kv) == (cfg.n_heads // WORLD, cfg.n_kv_heads // WORLD)
+    assert wqkv_shape == ((cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim // WORLD, cfg.dim)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp_greedy_generation_matches(converted, tp_results, kind):
+    ref = load_model(converted[kind][1], dtype=torch.float32)
+    want = generate(ref, PROMPTS, NEW).tokens
+    assert tp_results[kind, "greedy"] == want
+    assert all(len(t) == NEW for t in want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp_int8_matches_single_process_int8(converted, tp_results, kind):
+    from fastzoo.quant import quantize_
+    ref = load_model(converted[kind][1], dtype=torch.float32)
+    with torch.no_grad():
+        fp = ref(_tokens())
+    quantize_(ref, "int8")
+    with torch.no_grad():
+        want = ref(_tokens())
+    got = tp_results[kind, "int8_logits"]
+    # row-parallel layers are quantized per rank's input slice: close to, not equal to, the
+    # single-process int8 model; both close to the float model
+    assert _rel_err(got, want) < 0.05
+    assert _rel_err(got, fp) < 0.05
+    assert not torch.equal(got, fp)  # really quantized
+    want_tokens = generate(ref, PROMPTS, NEW).tokens
+    agree = sum(a == b for x, y in zip(tp_results[kind, "int8_greedy"], want_tokens) for a, b in zip(x, y))
+    assert agree >= 0.75 * sum(len(t) for t in want_tokens)
+
+
+# ---------------------------------------------------------------------------- torchrun CLI
+def test_torchrun_cli_only_rank0_prints(converted):
+    ckpt = converted["gqa"][1]
+    args = ["--checkpoint", str(ckpt), "--prompt", "hello world", "--max-new-tokens", "6", "--temperature", "0",
+            "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port", "0",
+           "-m", "fastzoo.llama.generate", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "fastzoo.llama.generate", *args], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert r.stdout == single.stdout  # same text, printed once
+    assert r.stderr.count("time to first token") == 1
