@@ -2,9 +2,11 @@
 
 Two gloo ranks are spawned once for the module; rank 0 saves its logits and tokens and the
 tests compare them with the unsharded model in this process."""
+import datetime
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +36,8 @@ def _rel_err(a, b):
 def _worker(rank, init_file, ckpts, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         from fastzoo.quant import quantize_
         res = {}
@@ -160,17 +163,31 @@ def test_tp_int8_matches_single_process_int8(converted, tp_results, kind):
 
 
 # ---------------------------------------------------------------------------- torchrun CLI
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _python(*argv, nproc=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    launch = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return subprocess.run([sys.executable, *launch, "-m", "fastzoo.llama.generate", *map(str, argv)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+
+
 def test_torchrun_cli_only_rank0_prints(converted):
     ckpt = converted["gqa"][1]
-    args = ["--checkpoint", str(ckpt), "--prompt", "hello world", "--max-new-tokens", "6", "--temperature", "0",
+    args = ["--checkpoint", ckpt, "--prompt", "hello world", "--max-new-tokens", 6, "--temperature", 0,
             "--device", "cpu"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port", "0",
-           "-m", "fastzoo.llama.generate", *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    r = _python(*args, nproc=WORLD)
     assert r.returncode == 0, r.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "fastzoo.llama.generate", *args], capture_output=True,
-                            text=True, env=env, timeout=120)
+    single = _python(*args)
     assert single.returncode == 0, single.stderr[-3000:]
     assert r.stdout == single.stdout  # same text, printed once
     assert r.stderr.count("time to first token") == 1
+
+
+def test_torchrun_cli_heads_not_divisible(converted):
+    r = _python("--checkpoint", converted["mha"][1], "--prompt", "hi", "--device", "cpu", nproc=3)
+    assert r.returncode != 0
+    assert r.stderr.count("error: cannot shard the model over 3 tensor-parallel ranks") == 1, r.stderr[-3000:]
+    assert "num_attention_heads 4" in r.stderr
