@@ -182,8 +182,8 @@ def test_torchrun_cli_only_rank0_prints(converted):
     assert r.returncode == 0, r.stderr[-3000:]
     single = _python(*args)
     assert single.returncode == 0, single.stderr[-3000:]
-    assert r.stdout == single.stdout  # same text, printed once
-    assert r.stderr.count("time to first token") == 1
+    assert r.stdout == single.stdout, (r.stdout, single.stdout, r.stderr[-3000:])  # same text, printed once
+    assert r.stderr.count("time to first token") == 1, r.stderr[-3000:]
 
 
 def test_torchrun_cli_heads_not_divisible(converted):
