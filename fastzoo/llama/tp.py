@@ -223,6 +223,8 @@ def run_cli(run, args, rank: int, world_size: int, local_rank: int) -> int:
     Initialises the default process group from torchrun's rendezvous (NCCL on CUDA, gloo on
     CPU), puts each rank on its own GPU, makes every rank use the same sampling seed (rank 0's),
     loads the rank's shard and silences stdout/stderr on every rank but 0."""
+    if args.interactive:
+        raise LlamaError("--interactive is not supported under torchrun (tensor parallel): give --prompt")
     use_cuda = args.device != "cpu" and (args.device is not None or torch.cuda.is_available())
     if use_cuda:
         if not torch.cuda.is_available():
