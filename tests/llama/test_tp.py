@@ -179,6 +179,8 @@ def test_torchrun_cli_only_rank0_prints(converted):
     args = ["--checkpoint", ckpt, "--prompt", "hello world", "--max-new-tokens", 6, "--temperature", 0,
             "--device", "cpu"]
     r = _python(*args, nproc=WORLD)
+    if r.returncode != 0:  # one retry: a launcher hiccup (port, rendezvous) on a loaded machine
+        r = _python(*args, nproc=WORLD)
     assert r.returncode == 0, r.stderr[-3000:]
     single = _python(*args)
     assert single.returncode == 0, single.stderr[-3000:]
