@@ -2,9 +2,10 @@
 
 Every attention of the image encoder goes through :func:`rel_pos_attention`, and every
 attention of the mask decoder through :func:`plain_attention`. With relative positions the
-encoder calls ``fastzoo.ops.rel_pos_attention_ref`` (bias materialised, then SDPA), the
-reference of the fused kernel ``fastzoo.ops.rel_pos_attention``; switching to the kernel is
-one line here, made once the kernel is measured inside SAM on a GPU.
+encoder calls the op ``fastzoo.ops.rel_pos_attention`` (the fused Triton kernel for
+fp16/bf16 CUDA tensors, its reference elsewhere — so CPU/fp32 results are the reference's),
+or, with ``fused=False``, always the reference ``fastzoo.ops.rel_pos_attention_ref`` (bias
+materialised, then SDPA), which is what ``segment_anything`` computes.
 """
 from typing import Optional
 
@@ -21,6 +22,7 @@ def rel_pos_attention(
     rel_h: Optional[torch.Tensor],
     rel_w: Optional[torch.Tensor],
     scale: float,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Attention with SAM's decomposed relative-position bias.
 
@@ -31,6 +33,7 @@ def rel_pos_attention(
             (``q · R_h``, computed from the unscaled query), or ``None``.
         rel_w: ``(B, heads, N, W)``: the bias towards each key *column*, or ``None``.
         scale: softmax scale applied to ``q @ k^T`` (not to the bias).
+        fused: use the fused op (kernel where it applies) rather than the reference.
 
     Returns:
         ``(B, heads, N, head_dim)``.
@@ -39,6 +42,8 @@ def rel_pos_attention(
     """
     if rel_h is None or rel_w is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if fused:
+        return ops.rel_pos_attention(q, k, v, rel_h, rel_w, scale)
     return ops.rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)
 
 

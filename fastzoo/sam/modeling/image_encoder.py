@@ -77,9 +77,13 @@ class Attention(nn.Module):
         use_rel_pos: bool = False,
         rel_pos_zero_init: bool = True,
         input_size: Optional[Tuple[int, int]] = None,
+        fused_attention: bool = True,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
+        # True: the fused rel-pos attention op (Triton kernel on fp16/bf16 CUDA tensors);
+        # False: the reference (bias materialised + SDPA). Not part of the state dict.
+        self.fused_attention = fused_attention
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -101,7 +105,7 @@ class Attention(nn.Module):
         rel_h = rel_w = None
         if self.use_rel_pos:
             rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-        out = rel_pos_attention(q, k, v, rel_h, rel_w, self.scale)
+        out = rel_pos_attention(q, k, v, rel_h, rel_w, self.scale, fused=self.fused_attention)
         out = out.permute(0, 2, 1, 3).reshape(B, H, W, C)
         return self.proj(out)
 

@@ -1,0 +1,256 @@
+"""SAM image-encoder throughput: fastzoo against segment_anything, same run, GPU only.
+
+    python -m experiments.sam_throughput --model vit_b --batch-sizes 16          # default configs
+    python -m experiments.sam_throughput --model vit_h --batch-sizes 1,8,16,32 --configs all
+    python -m experiments.sam_throughput --quick                                 # vit_b, batch 16, few repeats
+
+Configurations (``--configs``, comma-separated, or ``all``):
+
+- ``sa-eager``: Meta's ``segment_anything`` image encoder, eager, in ``--dtype`` (the baseline);
+- ``sa-compile``: the same under ``torch.compile`` (default mode);
+- ``fz-ref-eager``: fastzoo's encoder with the reference attention (bias materialised + SDPA);
+- ``fz-eager``: fastzoo's encoder with the fused rel-pos attention kernel, eager;
+- ``fz-compile``: ``build_sam_fast``'s encoder (fused kernel, regional compile);
+- ``fz-full-compile``: fused kernel, the whole encoder compiled as one graph;
+- ``fz-int8`` / ``fz-sparse`` / ``fz-int8+sparse``: ``build_sam_fast(..., quantize=...)``
+  (skipped with the reason where this tree's ``build_sam_fast`` has no such option).
+
+For each: images/s (batch over the median time of ``--rep`` calls after warm-up, CUDA
+events), TFLOP/s from the counted FLOPs of the encoder (``encoder_flops``) and % of the
+bf16 matmul ceiling measured in the same run, peak memory, the cold time of the first call
+(compile and autotuning included), and the accuracy of the image embeddings against the
+fp32 reference (fastzoo's encoder in fp32 with the reference attention — equal to
+``segment_anything``'s to 1e-5, see tests/sam): relative error and SQNR on the first two
+images. Weights are random (the same for every configuration) and so are the images.
+``--profile`` adds the top kernels by GPU time for the fastest configuration.
+One JSON per model under experiments/results/<gpu>/sam_throughput_<model>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import math
+import time
+
+import torch
+
+from experiments import harness
+from fastzoo.sam.build import SAM_CONFIGS, build_sam_fast, build_sam_model
+from fastzoo.utils import parse_dtype
+
+ALL_CONFIGS = ["sa-eager", "sa-compile", "fz-ref-eager", "fz-eager", "fz-compile", "fz-full-compile",
+               "fz-int8", "fz-sparse", "fz-int8+sparse"]
+DEFAULT_CONFIGS = ["sa-eager", "fz-ref-eager", "fz-eager", "fz-compile"]
+
+
+def encoder_flops(model_type: str, img_size: int = 1024, patch: int = 16, window: int = 14) -> float:
+    """Multiply-adds × 2 of one image through SAM's image encoder (matmuls, convs, attention).
+
+    Windowed blocks run their linears on the zero-padded grid (64 → 70 = 5 × 14), as the
+    reference does; attention counts Q·Kᵀ and P·V; the rel-pos terms q·R are included.
+    """
+    cfg = SAM_CONFIGS[model_type]
+    C, depth, heads = cfg["encoder_embed_dim"], cfg["encoder_depth"], cfg["encoder_num_heads"]
+    g = img_size // patch
+    T = g * g
+    hd = C // heads
+    gp = math.ceil(g / window) * window
+    n_win = (gp // window) ** 2
+    Tw = gp * gp
+    flops = 2 * T * (3 * patch * patch) * C  # patch embedding
+    for i in range(depth):
+        is_global = i in cfg["encoder_global_attn_indexes"]
+        tokens = T if is_global else Tw
+        side = g if is_global else window
+        n = side * side
+        groups = 1 if is_global else n_win
+        flops += 2 * tokens * C * (3 * C + C + 2 * 4 * C)  # qkv, proj, mlp (ratio 4)
+        flops += groups * heads * (4 * n * n * hd + 2 * n * 2 * side * hd)  # QKᵀ, PV; q·R_h, q·R_w
+    flops += 2 * T * C * 256 + 2 * T * 256 * 256 * 9  # neck: 1x1 and 3x3 convs
+    return float(flops)
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
+    ref, x = ref.double(), x.double()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum().clamp_min(1e-30)))
+
+
+def rel_err(ref: torch.Tensor, x: torch.Tensor) -> float:
+    ref, x = ref.double(), x.double()
+    return float((ref - x).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _sa_encoder(model_type: str, fz_encoder: torch.nn.Module):
+    """segment_anything's encoder with the same weights as ``fz_encoder`` (keys are identical)."""
+    from segment_anything import sam_model_registry
+
+    with torch.device("meta"):
+        sam = sam_model_registry[model_type]()
+    enc = sam.image_encoder
+    enc.load_state_dict(fz_encoder.state_dict(), strict=True, assign=True)
+    return enc
+
+
+def _supports(param: str) -> bool:
+    return param in inspect.signature(build_sam_fast).parameters
+
+
+def build_config(name: str, model_type: str, base_sam, dtype, device):
+    """The image encoder of configuration ``name`` (a callable on (B, 3, H, W) images)."""
+    if name.startswith("sa-"):
+        enc = _sa_encoder(model_type, copy.deepcopy(base_sam.image_encoder)).to(device=device, dtype=dtype).eval()
+        return torch.compile(enc) if name == "sa-compile" else enc
+    if name in ("fz-ref-eager", "fz-eager", "fz-full-compile"):
+        enc = copy.deepcopy(base_sam.image_encoder).to(device=device, dtype=dtype).eval()
+        for m in enc.modules():
+            if hasattr(m, "fused_attention"):
+                m.fused_attention = name != "fz-ref-eager"
+        return torch.compile(enc, dynamic=False) if name == "fz-full-compile" else enc
+    kwargs = {}
+    if name != "fz-compile":
+        q = name[len("fz-"):]
+        if not _supports("quantize"):
+            raise NotImplementedError("build_sam_fast has no quantize option in this tree")
+        kwargs["quantize"] = q
+    # build_sam_fast with the shared random weights, so every configuration computes the same function
+    sam = _build_fast_from(base_sam, model_type, device, dtype, kwargs)
+    return sam.image_encoder
+
+
+def _build_fast_from(base_sam, model_type, device, dtype, kwargs):
+    """``build_sam_fast`` with the weights of ``base_sam`` (through a temporary checkpoint)."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "sam.pth")
+        torch.save(base_sam.state_dict(), path)
+        return build_sam_fast(model_type, path, device=device, dtype=dtype, **kwargs)
+
+
+def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
+    torch.manual_seed(0)
+    base = build_sam_model(model_type)
+    with torch.no_grad():  # random relative-position tables (zeros in a fresh model)
+        for n, p in base.image_encoder.named_parameters():
+            if "rel_pos" in n:
+                p.normal_(0, 0.02)
+    flops = encoder_flops(model_type)
+    check_imgs = torch.randn(2, 3, 1024, 1024, device=device)
+    ref_enc = copy.deepcopy(base.image_encoder).to(device).eval()
+    for m in ref_enc.modules():
+        if hasattr(m, "fused_attention"):
+            m.fused_attention = False
+    with torch.inference_mode():
+        ref_out = ref_enc(check_imgs).float()
+    del ref_enc
+    torch.cuda.empty_cache()
+
+    results = {}
+    for name in args.configs:
+        try:
+            enc = build_config(name, model_type, base, dtype, device)
+        except NotImplementedError as e:
+            print(f"  {model_type} {name}: skipped ({e})")
+            results[name] = {"skipped": str(e)}
+            continue
+        entry = {"batches": {}}
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = enc(check_imgs.to(dtype)).float()
+            torch.cuda.synchronize()
+            entry["first_call_s"] = time.perf_counter() - t0
+            entry["embed_rel_err"] = rel_err(ref_out, out)
+            entry["embed_sqnr_db"] = sqnr_db(ref_out, out)
+            for bs in args.batch_sizes:
+                imgs = [torch.randn(bs, 3, 1024, 1024, device=device, dtype=dtype) for _ in range(2)]
+                t0 = time.perf_counter()
+                enc(imgs[0])
+                torch.cuda.synchronize()
+                cold = time.perf_counter() - t0
+                t = harness.bench(enc, inputs=imgs, warmup=args.warmup, rep=args.rep, device=device)
+                mem = harness.peak_memory(lambda: enc(imgs[0]), device)
+                ips = bs / (t["median_ms"] * 1e-3)
+                tflops = ips * flops / 1e12
+                entry["batches"][str(bs)] = {
+                    "img_per_s": ips, "median_ms": t["median_ms"], "p10_ms": t["p10_ms"], "p90_ms": t["p90_ms"],
+                    "tflops": tflops, "pct_bf16_ceiling": 100 * tflops / bf16_tflops,
+                    "peak_mem_gib": mem / 2**30, "cold_s": cold,
+                }
+                print(f"  {model_type} {name:16s} batch {bs:3d}: {ips:8.1f} img/s  {tflops:6.1f} TFLOP/s "
+                      f"({100 * tflops / bf16_tflops:4.1f}% of bf16)  mem {mem / 2**30:5.1f} GiB  "
+                      f"first call {entry['first_call_s']:6.1f} s  emb rel.err {entry['embed_rel_err']:.2e} "
+                      f"SQNR {entry['embed_sqnr_db']:.1f} dB", flush=True)
+        results[name] = entry
+        if args.profile:
+            entry["_enc"] = enc
+        else:
+            del enc
+        torch.cuda.empty_cache()
+    if args.profile:
+        best = max((n for n in results if "batches" in results[n]),
+                   key=lambda n: max(b["img_per_s"] for b in results[n]["batches"].values()))
+        results["profile"] = {"config": best, "top_kernels": profile_top(results[best]["_enc"], args, device, dtype)}
+    for r in results.values():
+        r.pop("_enc", None) if isinstance(r, dict) else None
+    return {"flops_per_image": flops, "configs": results}
+
+
+def profile_top(enc, args, device, dtype, top: int = 15) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    bs = max(args.batch_sizes)
+    x = torch.randn(bs, 3, 1024, 1024, device=device, dtype=dtype)
+    with torch.inference_mode():
+        enc(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                enc(x)
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    rows = [{"kernel": e.key[:120], "pct": 100 * e.self_device_time_total / total,
+             "ms_per_call": e.self_device_time_total / 3 / 1e3, "count_per_call": e.count / 3} for e in events[:top]]
+    print("  top kernels:")
+    for r in rows:
+        print(f"    {r['pct']:5.1f}%  {r['ms_per_call']:7.2f} ms  x{r['count_per_call']:.0f}  {r['kernel']}")
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_b", help="comma-separated SAM sizes: vit_b, vit_l, vit_h")
+    p.add_argument("--batch-sizes", default="16")
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated of {ALL_CONFIGS} or 'all'")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rep", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="top kernels of the fastest configuration")
+    p.add_argument("--quick", action="store_true", help="vit_b, batch 16, 2 warm-up + 5 timed calls")
+    p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.model, args.batch_sizes, args.warmup, args.rep = "vit_b", "16", 2, 5
+    args.models = [m.strip() for m in args.model.split(",") if m.strip()]
+    for m in args.models:
+        if m not in SAM_CONFIGS:
+            p.error(f"--model expects names among {sorted(SAM_CONFIGS)}, got {m!r}")
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    args.configs = ALL_CONFIGS if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
+    for c in args.configs:
+        if c not in ALL_CONFIGS:
+            p.error(f"--configs expects names among {ALL_CONFIGS}, got {c!r}")
+    dtype = parse_dtype(args.dtype)
+    device = harness.require_cuda("the SAM throughput benchmark")
+    bf16 = harness.measure_matmul_tflops(torch.bfloat16)
+    print(f"bf16 matmul ceiling {bf16:.0f} TFLOP/s")
+    for m in args.models:
+        figures = {"model": m, "dtype": args.dtype, "bf16_tflops_ceiling": bf16, **run_model(args, m, device, dtype, bf16)}
+        print("saved", harness.save_result(f"sam_throughput_{m}", figures, args, out_dir=args.out_dir))
+
+
+if __name__ == "__main__":
+    main()
