@@ -47,8 +47,10 @@ DEFAULT_CONFIGS = ["sa-eager", "fz-ref-eager", "fz-eager", "fz-compile"]
 def encoder_flops(model_type: str, img_size: int = 1024, patch: int = 16, window: int = 14) -> float:
     """Multiply-adds × 2 of one image through SAM's image encoder (matmuls, convs, attention).
 
-    Windowed blocks run their linears on the zero-padded grid (64 → 70 = 5 × 14), as the
-    reference does; attention counts Q·Kᵀ and P·V; the rel-pos terms q·R are included.
+    Projections and MLPs count the real tokens (fastzoo projects windowed blocks' tokens
+    before padding them to whole windows; segment_anything also projects the padding:
+    64 → 70 = 5 × 14 per side); attention counts Q·Kᵀ and P·V over the padded windows;
+    the rel-pos terms q·R are included.
     """
     cfg = SAM_CONFIGS[model_type]
     C, depth, heads = cfg["encoder_embed_dim"], cfg["encoder_depth"], cfg["encoder_num_heads"]
@@ -57,15 +59,13 @@ def encoder_flops(model_type: str, img_size: int = 1024, patch: int = 16, window
     hd = C // heads
     gp = math.ceil(g / window) * window
     n_win = (gp // window) ** 2
-    Tw = gp * gp
     flops = 2 * T * (3 * patch * patch) * C  # patch embedding
     for i in range(depth):
         is_global = i in cfg["encoder_global_attn_indexes"]
-        tokens = T if is_global else Tw
         side = g if is_global else window
         n = side * side
         groups = 1 if is_global else n_win
-        flops += 2 * tokens * C * (3 * C + C + 2 * 4 * C)  # qkv, proj, mlp (ratio 4)
+        flops += 2 * T * C * (3 * C + C + 2 * 4 * C)  # qkv, proj, mlp (ratio 4) on the real tokens
         flops += groups * heads * (4 * n * n * hd + 2 * n * 2 * side * hd)  # QKᵀ, PV; q·R_h, q·R_w
     flops += 2 * T * C * 256 + 2 * T * 256 * 256 * 9  # neck: 1x1 and 3x3 convs
     return float(flops)

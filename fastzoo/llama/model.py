@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastzoo import ops
+
 from .config import LlamaConfig
 
 
@@ -99,6 +101,16 @@ class KVCache(nn.Module):
         return k_cache, v_cache
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose products go through
+    :func:`fastzoo.ops.decode_linear`: a bandwidth-bound Triton GEMV for the few rows of a
+    decode step on a CUDA GPU, ``F.linear`` (cuBLAS, or the CPU) for everything else.
+    ``fastzoo.quant.quantize_`` swaps it like any ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.decode_linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -107,8 +119,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
-        self.wqkv = nn.Linear(config.dim, q_size + 2 * kv_size, bias=False)
-        self.wo = nn.Linear(q_size, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, q_size + 2 * kv_size, bias=False)
+        self.wo = Linear(q_size, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos, mask):
@@ -141,8 +153,8 @@ class FeedForward(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.w13 = nn.Linear(config.dim, 2 * config.intermediate_size, bias=False)
-        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+        self.w13 = Linear(config.dim, 2 * config.intermediate_size, bias=False)
+        self.w2 = Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x):
         x1, x3 = self.w13(x).split(self.intermediate_size, dim=-1)
@@ -169,7 +181,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         self.max_batch_size = 0
         self.max_seq_length = 0
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import LlamaConfig, LlamaError
-from .model import Attention, FeedForward, Transformer
+from .model import Attention, FeedForward, Linear, Transformer
 
 __all__ = ["check_tp_config", "shard_config", "shard_tensor", "shard_state_dict", "shard_model_",
            "load_tp_model", "run_cli"]
@@ -142,12 +142,12 @@ class TPFeedForward(FeedForward):
 
 def _shard_linear_(parent: nn.Module, attr: str, name: str, config: LlamaConfig, rank: int, world_size: int):
     lin = getattr(parent, attr)
-    if type(lin) is not nn.Linear:
+    if type(lin) not in (nn.Linear, Linear):
         raise LlamaError(f"shard the float model before quantizing it: {name} is a {type(lin).__name__}")
     if lin.bias is not None:
         raise LlamaError(f"{name} has a bias: not supported by the tensor-parallel sharding")
     w = shard_tensor(name + ".weight", lin.weight.detach(), config, rank, world_size).contiguous()
-    new = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+    new = type(lin)(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
     new.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
     setattr(parent, attr, new)
 

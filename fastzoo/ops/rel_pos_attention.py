@@ -177,14 +177,15 @@ if triton_available():
                 qk += _mm(q2, kt2, DOT_F32)
             s = qk * qk_scale
 
-            if ROWS == 1:
-                # One key row per tile: its rel_h term is one value per query.
-                rh = tl.load(rh_rows + kr0, mask=m_ok & (kr0 < k_h), other=0.0)
-                s += rh.to(tl.float32)[:, None] * LOG2E
-            else:
-                rh = tl.load(rh_rows[:, None] + kr[None, :],
-                             mask=m_ok[:, None] & (kr < k_h)[None, :], other=0.0)
-                s += rh.to(tl.float32) * LOG2E
+            # A tile spans ROWS key rows: their rel_h terms are ROWS values per query,
+            # loaded as vectors and broadcast over each row's columns (no 2-D gather).
+            for r in tl.static_range(ROWS):
+                rh = tl.load(rh_rows + (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
+                rh = rh.to(tl.float32) * LOG2E
+                if ROWS == 1:
+                    s += rh[:, None]
+                else:
+                    s += tl.where((n_row == r)[None, :], rh[:, None], 0.0)
             if WHOLE_ROWS:
                 s += rw_all
             else:

@@ -189,6 +189,9 @@ def build_sam_fast(
     sam.pixel_mean = sam.pixel_mean.float()
     sam.pixel_std = sam.pixel_std.float()
     sam.eval().requires_grad_(False)
+    # The encoder works on channels-last tokens (B, H, W, C): with channels-last conv weights
+    # the patch embedding and the neck run NHWC convolutions with no layout conversion.
+    sam.image_encoder.to(memory_format=torch.channels_last)
     if compile:
         sam.image_encoder.compile(mode=compile_mode, dynamic=False)
     return sam

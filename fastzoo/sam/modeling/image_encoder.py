@@ -99,24 +99,38 @@ class Attention(nn.Module):
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return self.proj(self.attend(self.qkv(x)))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The attention between the projections: ``(B, H, W, 3C)`` qkv -> ``(B, H, W, C)``."""
+        B, H, W, C3 = qkv.shape
+        C = C3 // 3
+        qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
         rel_h = rel_w = None
         if self.use_rel_pos:
             rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
         out = rel_pos_attention(q, k, v, rel_h, rel_w, self.scale, fused=self.fused_attention)
-        out = out.permute(0, 2, 1, 3).reshape(B, H, W, C)
-        return self.proj(out)
+        return out.permute(0, 2, 1, 3).reshape(B, H, W, C)
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
-    """``(B, H, W, C)`` -> ``(B * n_windows, ws, ws, C)`` (zero padded), and the padded ``(Hp, Wp)``."""
+def window_partition(
+    x: torch.Tensor, window_size: int, pad_value: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """``(B, H, W, C)`` -> ``(B * n_windows, ws, ws, C)``, and the padded ``(Hp, Wp)``.
+
+    The padding is zeros, or the vector ``pad_value`` (``(C,)``) at every padded position.
+    """
     B, H, W, C = x.shape
     pad_h = (window_size - H % window_size) % window_size
     pad_w = (window_size - W % window_size) % window_size
     if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        if pad_value is None:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        else:
+            padded = pad_value.to(x.dtype).expand(B, H + pad_h, W + pad_w, C).clone()
+            padded[:, :H, :W] = x
+            x = padded
     Hp, Wp = H + pad_h, W + pad_w
     x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
     windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
@@ -171,10 +185,14 @@ class Block(nn.Module):
         shortcut = x
         x = self.norm1(x)
         if self.window_size > 0:
+            # segment_anything pads the grid with zeros to whole windows and runs the qkv and
+            # output projections on the padded tokens too. A projection acts on each token
+            # alone, so the same result comes from projecting the real tokens only: qkv of a
+            # zero (padded) token is the qkv bias, and padded outputs are dropped before proj.
             H, W = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-            x = self.attn(x)
-            x = window_unpartition(x, self.window_size, pad_hw, (H, W))
+            qkv, pad_hw = window_partition(self.attn.qkv(x), self.window_size, pad_value=self.attn.qkv.bias)
+            x = window_unpartition(self.attn.attend(qkv), self.window_size, pad_hw, (H, W))
+            x = self.attn.proj(x)
         else:
             x = self.attn(x)
         x = shortcut + x

@@ -1,0 +1,70 @@
+"""Where a compiled Llama decode step spends its GPU time (random weights, GPU only).
+
+    python -m experiments.llama_profile --preset llama-2-7b --steps 32
+
+Compiles the library's Generator like ``experiments.llama_decode`` does, decodes once to
+warm up, then records ``--steps`` decode steps with the PyTorch profiler (kernels inside
+CUDA graphs included) and prints the kernels by GPU time per decode step, the sum of
+kernel time per step against the wall time per step (the difference is idle GPU time:
+launch gaps and host work), and the weight bytes over kernel time. An investigation
+tool: it records no result JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from experiments import harness
+from experiments.llama_decode import random_model, random_prompts
+from fastzoo.llama.config import LlamaConfig
+from fastzoo.llama.generate import Generator
+from fastzoo.quant import quantize_
+from fastzoo.utils import parse_dtype
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama-2-7b")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--quantize", default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args(argv)
+    device = harness.require_cuda("llama_profile")
+    cfg = LlamaConfig.from_preset(args.preset)
+    model = random_model(cfg, device, parse_dtype(args.dtype))
+    if args.quantize:
+        quantize_(model, args.quantize)
+    gen = Generator(model, compile=True)
+    prompts = random_prompts(args.batch, 5, cfg.vocab_size, seed=0)
+    kw = dict(temperature=0.8, top_k=200, stop_ids=(), check_every=0)
+    t0 = time.perf_counter()
+    gen.generate(prompts, args.steps + 1, **kw)
+    print(f"warm-up (compile) {time.perf_counter() - t0:.1f} s")
+    res = gen.generate(prompts, args.steps + 1, **kw)
+    wall_step_ms = res.decode_s / res.steps * 1e3
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        res = gen.generate(prompts, args.steps + 1, **kw)
+        torch.cuda.synchronize()
+    steps = res.steps
+    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    total_us = sum(e.self_device_time_total for e in ev)
+    ev.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    print(f"{steps} decode steps (+ prefill): wall {wall_step_ms:.3f} ms/step unprofiled; "
+          f"kernel time {total_us / 1e3 / steps:.3f} ms/step (prefill included)")
+    wb = model.weight_bytes()
+    print(f"weights {wb / 1e9:.2f} GB: at kernel time {wb / (total_us / steps * 1e-6) / 1e9:.0f} GB/s, "
+          f"at wall time {wb / (wall_step_ms * 1e-3) / 1e9:.0f} GB/s")
+    print(f"{'%':>6} {'us/step':>9} {'calls/step':>10}  kernel")
+    for e in ev[:args.top]:
+        print(f"{100 * e.self_device_time_total / total_us:6.1f} {e.self_device_time_total / steps:9.1f} "
+              f"{e.count / steps:10.1f}  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
