@@ -24,6 +24,11 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
   has unit stride.
 - ``rel_pos_attention``: the public op (``torch.ops.fastzoo.rel_pos_attention``):
   the kernel for fp16/bf16 CUDA tensors on Ampere or newer, the reference otherwise.
+- ``rel_pos_attention_packed``: the same op on one packed ``qkv`` tensor
+  (B, N, 3, heads, D), the layout of a fused qkv projection. Under ``torch.compile`` a
+  custom op receives each input as its own buffer, so three views q, k, v of one tensor
+  would be copied out first; the packed form passes the one tensor and the kernel reads
+  q, k and v through strides.
 """
 from __future__ import annotations
 
@@ -366,3 +371,49 @@ def rel_pos_attention(
     if not math.isfinite(scale):
         raise ValueError(f"rel_pos_attention expects a finite scale, got {scale}")
     return _rel_pos_attention_op(q, k, v, rel_h, rel_w, scale)
+
+
+def _unpack_qkv(qkv: torch.Tensor):
+    """(B, N, 3, heads, D) -> q, k, v views of shape (B, heads, N, D)."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _check_packed(name: str, qkv: torch.Tensor) -> None:
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"{name} expects qkv to be a tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"{name} expects qkv of shape (B, N, 3, heads, head_dim), got {tuple(qkv.shape)}")
+
+
+@torch.library.custom_op("fastzoo::rel_pos_attention_packed", mutates_args=())
+def _rel_pos_attention_packed_op(
+    qkv: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return _rel_pos_attention_op(*_unpack_qkv(qkv), rel_h, rel_w, scale)
+
+
+@_rel_pos_attention_packed_op.register_fake
+def _(qkv, rel_h, rel_w, scale):
+    B, N, _, H, D = qkv.shape
+    return qkv.new_empty((B, H, N, D))
+
+
+def rel_pos_attention_packed(
+    qkv: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """:func:`rel_pos_attention` with q, k, v packed in one ``qkv`` (B, N, 3, heads, D) tensor.
+
+    Returns (B, heads, N, D). Same kernel and reference; the packed form spares
+    ``torch.compile`` a copy of each of q, k and v before the call.
+    """
+    _check_packed("rel_pos_attention_packed", qkv)
+    _check_shapes("rel_pos_attention_packed", *_unpack_qkv(qkv), rel_h, rel_w)
+    if scale is None:
+        scale = qkv.shape[-1] ** -0.5
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"rel_pos_attention_packed expects a finite scale, got {scale}")
+    return _rel_pos_attention_packed_op(qkv, rel_h, rel_w, scale)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from fastzoo.ops.rel_pos_attention import (
     rel_pos_attention,
+    rel_pos_attention_packed,
     rel_pos_attention_ref,
     rel_pos_attention_triton,
 )
@@ -159,6 +160,47 @@ def test_compile_fullgraph_no_graph_break():
     assert any("rel_pos_attention" in str(n.target) for g in counter.graphs for n in g.graph.nodes)
 
 
+def _packed_inputs(B, H, hw, D, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    N = hw[0] * hw[1]
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(dtype).to(device)
+    rel_h = (torch.randn(B, H, N, hw[0], generator=g) * 2).to(dtype).to(device)
+    rel_w = (torch.randn(B, H, N, hw[1], generator=g) * 2).to(dtype).to(device)
+    return qkv, rel_h, rel_w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_equals_unpacked_on_cpu(dtype):
+    qkv, rel_h, rel_w = _packed_inputs(2, 3, (3, 5), 20, dtype, "cpu", seed=4)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    out = rel_pos_attention_packed(qkv, rel_h, rel_w, scale=0.4)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale=0.4))
+    with pytest.raises(ValueError, match=r"qkv of shape \(B, N, 3, heads, head_dim\), got \(2, 15, 2, 3, 20\)"):
+        rel_pos_attention_packed(qkv[:, :, :2], rel_h, rel_w)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_kernel_on_packed_views(kernel_device, dtype):
+    # The views the packed op hands to the kernel (strided q, k, v of one tensor).
+    qkv, rel_h, rel_w = _packed_inputs(2, 3, (7, 7), 16, dtype, kernel_device, seed=6)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    _check_close(rel_pos_attention_triton(q, k, v, rel_h, rel_w), (q, k, v, rel_h, rel_w))
+
+
+def test_packed_compile_fullgraph_no_graph_break():
+    import torch._dynamo.testing
+
+    qkv, rel_h, rel_w = _packed_inputs(2, 2, (3, 5), 16, torch.float32, "cpu", seed=8)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    f = lambda t: rel_pos_attention_packed(t * 1.0, rel_h, rel_w)  # noqa: E731
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    torch.testing.assert_close(compiled(qkv), f(qkv))
+    assert counter.frame_count == 1
+    assert any("rel_pos_attention_packed" in str(n.target) for g in counter.graphs for n in g.graph.nodes)
+
+
 # ---- real SAM shapes on a GPU (scripts/gpu_check.sh) ----
 
 def _cuda_check(B, H, hw, D, dtype, seed=0):
@@ -206,3 +248,13 @@ def test_cuda_strided_qkv_and_compile():
     assert (out.float() - ref).abs().max() / ref.abs().max() < 1e-2
     compiled = torch.compile(rel_pos_attention, fullgraph=True)
     assert torch.equal(compiled(q, k, v, rel_h, rel_w), out)
+
+
+@pytest.mark.cuda
+def test_cuda_packed_compiled_equals_eager():
+    qkv, rel_h, rel_w = _packed_inputs(2, 12, (64, 64), 64, torch.bfloat16, "cuda", seed=3)
+    out = rel_pos_attention_packed(qkv, rel_h, rel_w)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert torch.equal(out, rel_pos_attention(q, k, v, rel_h, rel_w))
+    compiled = torch.compile(lambda t: rel_pos_attention_packed(t, rel_h, rel_w), fullgraph=True)
+    assert torch.equal(compiled(qkv), out)

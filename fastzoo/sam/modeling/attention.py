@@ -47,6 +47,20 @@ def rel_pos_attention(
     return ops.rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)
 
 
+def rel_pos_attention_packed(
+    qkv: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+    fused: bool = True,
+) -> torch.Tensor:
+    """:func:`rel_pos_attention` on the packed output of a qkv projection ``(B, N, 3, heads, head_dim)``."""
+    if fused:
+        return ops.rel_pos_attention_packed(qkv, rel_h, rel_w, scale)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return ops.rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)
+
+
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain multi-head attention on ``(B, heads, N, head_dim)`` tensors (scale 1/sqrt(head_dim))."""
     return F.scaled_dot_product_attention(q, k, v)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import rel_pos_attention
+from .attention import rel_pos_attention, rel_pos_attention_packed
 from .common import LayerNorm2d, MLPBlock
 
 
@@ -17,6 +17,15 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        kh, kw = w.shape[-2:]
+        B, Cin, H, W = x.shape
+        if self.proj.stride == (kh, kw) and self.proj.padding == (0, 0) and H % kh == 0 and W % kw == 0:
+            # Non-overlapping patches: the convolution is one matrix product of the
+            # flattened patches (the same sums; a GEMM instead of a strided convolution).
+            patches = x.reshape(B, Cin, H // kh, kh, W // kw, kw).permute(0, 2, 4, 1, 3, 5)
+            patches = patches.reshape(B, H // kh, W // kw, Cin * kh * kw)
+            return F.linear(patches, w.reshape(w.shape[0], -1), self.proj.bias)
         return self.proj(x).permute(0, 2, 3, 1)
 
 
@@ -105,12 +114,13 @@ class Attention(nn.Module):
         """The attention between the projections: ``(B, H, W, 3C)`` qkv -> ``(B, H, W, C)``."""
         B, H, W, C3 = qkv.shape
         C = C3 // 3
-        qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
-        rel_h = rel_w = None
+        packed = qkv.reshape(B, H * W, 3, self.num_heads, -1)
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim) views
         if self.use_rel_pos:
             rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-        out = rel_pos_attention(q, k, v, rel_h, rel_w, self.scale, fused=self.fused_attention)
+            out = rel_pos_attention_packed(packed, rel_h, rel_w, self.scale, fused=self.fused_attention)
+        else:
+            out = rel_pos_attention(q, k, v, None, None, self.scale)
         return out.permute(0, 2, 1, 3).reshape(B, H, W, C)
 
 
