@@ -49,6 +49,13 @@ KIND_OF_NAME = {"weight_only_linear": "bench_weight_only_linear", "int8_mm": "be
 MODEL_ORDER = ("device", "llama", "vit", "sam", "ops")
 LABEL_KEYS = ("technique", "variant", "step", "mode", "config", "impl")
 IMG_S_KEYS = ("img_s", "images_per_s", "img_per_s")
+CEILING_COLUMNS = [  # ceilings record key, column title, unit
+    ("copy_gbps", "copy bandwidth (read + write)", "GB/s"),
+    ("bf16_tflops", "bf16 matmul", "TFLOP/s"),
+    ("fp16_tflops", "fp16 matmul", "TFLOP/s"),
+    ("int8_tops", "int8 `torch._int_mm`", "TOP/s"),
+    ("int8_tops_row_major_b", "int8, row-major B", "TOP/s"),
+]
 DTYPE_SHORT = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
 
 
@@ -215,7 +222,7 @@ def _scalar_columns(rows: Sequence[dict], limit: int = 12) -> list[str]:
     return list(cols)[:limit]
 
 
-def _env_line(records: Sequence[dict]) -> str:
+def _env_line(records: Sequence[dict], gpu: bool = True) -> str:
     def distinct(key: str) -> str:
         vals = sorted({str(r[key]) for r in records if r.get(key)})
         return " / ".join(vals) if vals else "?"
@@ -223,7 +230,7 @@ def _env_line(records: Sequence[dict]) -> str:
     dates = sorted(str(r["date"])[:10] for r in records if r.get("date"))
     when = (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates else "?"
     commits = sorted({str(r["commit"])[:7] for r in records if r.get("commit")})
-    return (f"{distinct('gpu')}; torch {distinct('torch')}, CUDA {distinct('cuda')}, "
+    return ((f"{distinct('gpu')}; " if gpu else "") + f"torch {distinct('torch')}, CUDA {distinct('cuda')}, "
             f"triton {distinct('triton')}, Python {distinct('python')}; measured {when} "
             f"(commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or '?'}).")
 
@@ -237,11 +244,9 @@ def sections(records: Sequence[dict]) -> list[tuple[str, str]]:
         by_kind.setdefault(record_kind(rec), []).append(rec)
     out = []
     if ceilings:
-        c = ceilings
-        out.append(("Device ceilings", md_table(
-            ["copy bandwidth (read + write)", "bf16 matmul", "fp16 matmul", "int8 matmul (`torch._int_mm`)"],
-            [[f"{fmt(c.get('copy_gbps'))} GB/s", f"{fmt(c.get('bf16_tflops'))} TFLOP/s",
-              f"{fmt(c.get('fp16_tflops'))} TFLOP/s", f"{fmt(c.get('int8_tops'))} TOP/s"]])))
+        shown = [(label, unit, ceilings[key]) for key, label, unit in CEILING_COLUMNS if key in ceilings]
+        out.append(("Device ceilings", md_table([label for label, _, _ in shown],
+                                                [[f"{fmt(v)} {unit}" for _, unit, v in shown]])))
     for kind, recs in by_kind.items():
         if kind == "ceilings":
             continue
@@ -305,11 +310,11 @@ def _pivot_table(recs, ceilings, *, index, column, value, pct=None, extra=None) 
     return md_table(header, body)
 
 
-def markdown(records: Sequence[dict], level: int = 3) -> str:
-    """Markdown of every section: an environment line, then a titled table per group."""
+def markdown(records: Sequence[dict], level: int = 3, gpu: bool = True) -> str:
+    """Markdown of every section: an environment line (naming the GPU if ``gpu``), then a titled table per group."""
     if not records:
         return "No records.\n"
-    parts = [_env_line(records)]
+    parts = [_env_line(records, gpu)]
     for title, table in sections(records):
         parts.append(f"{'#' * level} {title}\n\n{table}")
     return "\n\n".join(parts) + "\n"
@@ -482,7 +487,7 @@ def readme_block(results_root: str | os.PathLike = RESULTS_ROOT) -> str:
             continue
         gpus = sorted({str(r.get("gpu")) for r in records if r.get("gpu")})
         parts.append(f"### {', '.join(gpus) or folder.name} (`experiments/results/{folder.name}/`)\n\n"
-                     + markdown(records, level=4).rstrip())
+                     + markdown(records, level=4, gpu=False).rstrip())
     parts.append(END)
     return "\n\n".join(parts)
 

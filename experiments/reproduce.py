@@ -19,7 +19,7 @@ Resumable: a configuration whose ``<config>.json`` is in DIR is not run again (`
 runs it anyway).  A failure is recorded and the run goes on.  With ``--budget-minutes``
 no configuration starts once the budget is spent, and each one's timeout is cut to what
 is left.  ``--quick`` runs the small set (one configuration per model, short runs; under
-10 minutes on an H100); the full set is the rest.
+10 minutes on an H100, with a 9-minute budget unless one is given); the full set is the rest.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 from experiments import harness
 
 MODELS = ("sam", "llama", "vit", "ops")
+QUICK_BUDGET_MINUTES = 9.0  # --quick fits one 10-minute call of a lent GPU
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ def _cfgs(model: str, module: str, entries: Iterable[tuple], **common: Any) -> l
     return out
 
 
-QUICK = {"quick": True, "full": False}
+QUICK = {"quick": True, "full": False, "timeout_s": 360}
 LLAMA_7B = "--preset llama-2-7b --batch-sizes 1,8 --prompt-len 5 --new-tokens 200 --runs 3"
 
 # The table: (name, arguments[, overrides]) per benchmark module.  Names are the record
 # file names in DIR, so keep them stable; add a line to add a configuration.
-CEILINGS = Config("ceilings", "device", "experiments.ceilings", quick=True, timeout_s=600)
+CEILINGS = Config("ceilings", "device", "experiments.ceilings", quick=True, timeout_s=300)
 CONFIGS: list[Config] = [
     CEILINGS,
     # --- SAM
@@ -275,6 +276,8 @@ class Runner:
             shutil.rmtree(staging, ignore_errors=True)
             self._note("failures", cfg, None)
             return "ok"
+        if not records:
+            shutil.rmtree(staging, ignore_errors=True)
         self._note("failures", cfg, {**base, "reason": reason,
                                      "partial_records": [str(r.relative_to(self.out)) for r in records],
                                      "log_tail": _tail(log)})
@@ -310,6 +313,10 @@ class Runner:
             detail = (self.failures.get(cfg.name, {}).get("reason") if outcome == "failed"
                       else self.skipped.get(cfg.name, {}).get("reason") if outcome == "skipped" else "")
             bar.write(f"{cfg.name}: {outcome}" + (f" ({detail})" if detail else ""), file=sys.stderr)
+        try:
+            (self.out / ".staging").rmdir()  # only when no partial record is kept there
+        except OSError:
+            pass
         return self.outcomes
 
 
@@ -320,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--quick", action="store_true", help="the quick set: one short configuration per model")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="start no configuration after this many minutes; cut timeouts to what is left")
+                   help="start no configuration after this many minutes; cut timeouts to what is left "
+                        f"(default: none; {QUICK_BUDGET_MINUTES:g} with --quick)")
     p.add_argument("--only", nargs="+", default=(), metavar="NAME", help="run exactly these configurations")
     p.add_argument("--force", action="store_true", help="run configurations that already have a record")
     p.add_argument("--list", action="store_true", help="print the selected configurations and exit")
@@ -341,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.out is None:
         p.error("--out DIR is required")
+    if args.budget_minutes is None and args.quick:
+        args.budget_minutes = QUICK_BUDGET_MINUTES
     if args.budget_minutes is not None and args.budget_minutes <= 0:
         p.error(f"--budget-minutes must be positive, got {args.budget_minutes}")
     args.out.mkdir(parents=True, exist_ok=True)
