@@ -117,8 +117,10 @@ def llama_rows(rec: dict, ceilings: dict) -> list[dict]:
     copy = _num(ceilings.get("copy_gbps")) or _num(f.get("copy_bandwidth_gbs"))
     ceiling = copy * 1e9 / weight_bytes if copy and weight_bytes else None
     mode = f.get("quantize") or DTYPE_SHORT.get(str(f.get("dtype")), str(f.get("dtype")))
+    if not isinstance(f.get("batches"), dict):
+        raise KeyError("figures['batches']")
     rows = []
-    for batch, e in sorted(f.get("batches", {}).items(), key=lambda kv: int(kv[0])):
+    for batch, e in sorted(f["batches"].items(), key=lambda kv: int(kv[0])):
         tok_s = _num(e.get("decode_tokens_per_s_per_seq"))
         rows.append({
             "preset": f.get("preset"), "mode": mode, "compile": f.get("compile"), "batch": int(batch),
@@ -153,10 +155,14 @@ ROWS_OF_KIND = {"llama_decode": llama_rows, "llama_tp": llama_rows, "vit_through
 
 
 def rows_of(rec: dict, ceilings: dict) -> list[dict]:
-    kind = record_kind(rec)
-    if kind == "llama_tp" and "batches" not in rec["figures"]:
+    """Table rows of one record: by its kind's reader, or as generic rows when it has another layout."""
+    reader = ROWS_OF_KIND.get(record_kind(rec), generic_rows)
+    try:
+        return reader(rec, ceilings)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        print(f"warning: {rec.get('_file', rec.get('name'))}: not in the layout {reader.__name__} reads "
+              f"({type(e).__name__}: {e}); tabulated as generic rows", file=sys.stderr)
         return generic_rows(rec, ceilings)
-    return ROWS_OF_KIND.get(kind, generic_rows)(rec, ceilings)
 
 
 def _label_key(rows: Sequence[dict]) -> str | None:
@@ -250,39 +256,65 @@ def sections(records: Sequence[dict]) -> list[tuple[str, str]]:
     for kind, recs in by_kind.items():
         if kind == "ceilings":
             continue
-        if kind in ("llama_decode", "llama_tp") and all("batches" in r["figures"] for r in recs):
-            rows = [(r, row) for r in recs for row in rows_of(r, ceilings)]
-            rows.sort(key=lambda x: (x[1]["preset"], x[1]["mode"], x[1]["batch"], x[0]["_file"]))
-            title = "Llama decode" + (" (tensor parallel)" if kind == "llama_tp" else "")
-            out.append((title + " — tokens/s; ceiling = copy bandwidth ÷ weight bytes", md_table(
-                ["model", "mode", "batch", "fastzoo tokens/s per sequence", "total tokens/s",
-                 "ceiling tokens/s", "% of ceiling", "time to first token, ms", "compile, s",
-                 "prefill tokens/s", "record"],
-                [[x["preset"], x["mode"], x["batch"], x["tokens_per_s_per_seq"], x["total_tokens_per_s"],
-                  x["ceiling_tokens_per_s"], x["pct_of_ceiling"], x["time_to_first_token_ms"],
-                  x["compile_s"], x["prefill_tokens_per_s"], f"`{r['_file']}`"] for r, x in rows])))
-        elif kind == "vit_throughput":
-            out.append(("ViT — images/s, timm (baseline) and fastzoo", _pivot_table(
-                recs, ceilings, index=("model", "batch"), column="variant", value="img_s",
-                extra=("speedup_vs_timm_compile", "best speedup vs timm compile", max))))
-        elif kind == "bench_weight_only_linear":
-            out.append(("Decode linears (M rows) — µs (% of copy bandwidth), baselines and fastzoo",
-                        _pivot_table(recs, ceilings, index=("shape", "M", "kind"), column="impl",
-                                     value="us", pct="%copy")))
-        elif kind == "bench_ops":
-            rows = [(r, x) for r in recs for x in rows_of(r, ceilings)]
-            out.append(("Kernels vs their references — µs", md_table(
-                ["op", "shape", "dtype", "fastzoo kernel", "compiled reference", "eager reference",
-                 "kernel % of copy", "record"],
-                [[x.get("op"), x.get("shape"), x.get("dtype"), x.get("kernel_us"), x.get("compiled_ref_us"),
-                  x.get("eager_ref_us"), x.get("kernel_pct_of_copy"), f"`{r['_file']}`"] for r, x in rows])))
-        else:
-            for r in recs:
-                rows = rows_of(r, ceilings)
-                cols = _scalar_columns(rows)
-                if rows and cols:
-                    out.append((f"{kind} (`{r['_file']}`)", md_table(cols, [[x.get(c) for c in cols] for x in rows])))
+        layout = LAYOUTS.get(kind)
+        fits = [r for r in recs if layout and _fits(rows_of(r, ceilings), layout[0])]
+        if fits:
+            out.append(layout[1](kind, fits, ceilings))
+        for r in recs:  # records of a layout the kind's table does not know: their rows as they are
+            if r in fits:
+                continue
+            rows = rows_of(r, ceilings)
+            cols = _scalar_columns(rows)
+            if rows and cols:
+                out.append((f"{kind} (`{r['_file']}`)", md_table(cols, [[x.get(c) for c in cols] for x in rows])))
     return out
+
+
+def _fits(rows: Sequence[dict], keys: Sequence[str]) -> bool:
+    return bool(rows) and all(k in x for x in rows for k in keys)
+
+
+def _llama_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, str]:
+    rows = sorted(((r, x) for r in recs for x in rows_of(r, ceilings)),
+                  key=lambda rx: (str(rx[1]["preset"]), str(rx[1]["mode"]), rx[1]["batch"], rx[0]["_file"]))
+    title = "Llama decode" + (" (tensor parallel)" if kind == "llama_tp" else "")
+    return (title + " — tokens/s; ceiling = copy bandwidth ÷ weight bytes", md_table(
+        ["model", "mode", "batch", "fastzoo tokens/s per sequence", "total tokens/s",
+         "ceiling tokens/s", "% of ceiling", "time to first token, ms", "compile, s",
+         "prefill tokens/s", "record"],
+        [[x["preset"], x["mode"], x["batch"], x["tokens_per_s_per_seq"], x["total_tokens_per_s"],
+          x["ceiling_tokens_per_s"], x["pct_of_ceiling"], x["time_to_first_token_ms"],
+          x["compile_s"], x["prefill_tokens_per_s"], f"`{r['_file']}`"] for r, x in rows]))
+
+
+def _vit_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, str]:
+    return ("ViT — images/s, timm (baseline) and fastzoo", _pivot_table(
+        recs, ceilings, index=("model", "batch"), column="variant", value="img_s",
+        extra=("speedup_vs_timm_compile", "best speedup vs timm compile", max)))
+
+
+def _linear_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, str]:
+    return ("Decode linears (M rows) — µs (% of copy bandwidth), baselines and fastzoo",
+            _pivot_table(recs, ceilings, index=("shape", "M", "kind"), column="impl", value="us", pct="%copy"))
+
+
+def _ops_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, str]:
+    rows = [(r, x) for r in recs for x in rows_of(r, ceilings)]
+    return ("Kernels vs their references — µs", md_table(
+        ["op", "shape", "dtype", "fastzoo kernel", "compiled reference", "eager reference",
+         "kernel % of copy", "record"],
+        [[x.get("op"), x.get("shape"), x.get("dtype"), x.get("kernel_us"), x.get("compiled_ref_us"),
+          x.get("eager_ref_us"), x.get("kernel_pct_of_copy"), f"`{r['_file']}`"] for r, x in rows]))
+
+
+# kind -> (keys every row must have, table maker); other kinds and layouts get generic tables
+LAYOUTS = {
+    "llama_decode": (("preset", "mode", "batch", "tokens_per_s_per_seq"), _llama_table),
+    "llama_tp": (("preset", "mode", "batch", "tokens_per_s_per_seq"), _llama_table),
+    "vit_throughput": (("model", "variant", "img_s"), _vit_table),
+    "bench_weight_only_linear": (("shape", "M", "kind", "impl", "us"), _linear_table),
+    "bench_ops": (("op", "kernel_us"), _ops_table),
+}
 
 
 def _pivot_table(recs, ceilings, *, index, column, value, pct=None, extra=None) -> str:
@@ -373,10 +405,10 @@ def write_charts(records: Sequence[dict], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
 
     llama = [x for r in records if record_kind(r) in ("llama_decode", "llama_tp")
-             and "batches" in r["figures"] for x in rows_of(r, ceilings)]
+             for x in rows_of(r, ceilings) if "tokens_per_s_per_seq" in x]
     if llama:
         best: OrderedDict[tuple, dict] = OrderedDict()
-        for x in sorted(llama, key=lambda x: (x["preset"], x["mode"], x["batch"])):
+        for x in sorted(llama, key=lambda x: (str(x["preset"]), str(x["mode"]), x["batch"])):
             best.setdefault((x["preset"], x["mode"]), x)  # the smallest batch per preset and mode
         fig = Figure(figsize=(max(4, 1.3 * len(best) + 2), 4))
         ax = fig.add_subplot()

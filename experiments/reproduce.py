@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -118,11 +119,18 @@ CONFIGS: list[Config] = [
 ]
 
 
+RESERVED = {"failures", "skipped", "summary"}  # file names of the runner's own outputs
+
+
 def _check_table(configs: Sequence[Config]) -> None:
     names = [c.name for c in configs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"configuration names must be unique, repeated: {dup}")
+    bad = [n for n in names if n in RESERVED or not re.fullmatch(r"[A-Za-z0-9_.-]+", n)]
+    if bad:
+        raise ValueError(f"configuration names must be letters, digits, '.', '_' or '-' and not one of "
+                         f"{sorted(RESERVED)}, got {bad}")
 
 
 _check_table(CONFIGS)
@@ -258,7 +266,10 @@ class Runner:
                 rc = proc.wait(timeout=timeout)
                 timed_out = False
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)  # the benchmark and anything it started (torchrun ranks)
+                try:
+                    os.killpg(proc.pid, 9)  # the benchmark and anything it started (torchrun ranks)
+                except ProcessLookupError:
+                    pass
                 rc = proc.wait()
                 timed_out = True
         wall = time.monotonic() - t0

@@ -138,3 +138,18 @@ def test_redirect_results_and_module_in_record(tmp_path):
     assert harness.results_dir() == harness.RESULTS_DIR / harness.gpu_slug()
     rec = json.loads(path.read_text())
     assert "module" in rec  # None under pytest; the benchmark module under python -m
+
+
+def test_records_of_another_layout_do_not_break_the_report(results, tmp_path, capsys):
+    odd = {"name": "llama_decode_x", "module": "experiments.llama_decode", **ENV,
+           "figures": {"batches": [1, 2], "note": "a layout the reader does not know"}}
+    tp = {"name": "llama_tp", "module": "experiments.llama_tp", **ENV,
+          "figures": {"rows": [{"ranks": 2, "tokens_per_s": 250.0}]}}
+    (results / "odd.json").write_text(json.dumps(odd))
+    (results / "tp.json").write_text(json.dumps(tp))
+    res = report.write_report(results, tmp_path / "o", charts=False)
+    assert res["records"] == 7
+    summary = (tmp_path / "o" / "summary.md").read_text()
+    assert "a layout the reader does not know" in summary and "| 2 | 250 |" in summary
+    assert "| llama-2-7b | int8 | 1 | 250 |" in summary  # the other llama records keep their table
+    assert "odd.json: not in the layout llama_rows reads" in capsys.readouterr().err
