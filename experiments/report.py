@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
-import re
 import sys
 import tempfile
 from collections import OrderedDict
@@ -373,8 +373,6 @@ def write_csvs(records: Sequence[dict], out: Path) -> list[Path]:
     paths = []
     for model, rows in groups.items():
         cols = list(OrderedDict((k, None) for r in rows for k in r))
-        import io
-
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
         w.writeheader()
