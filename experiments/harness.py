@@ -7,12 +7,14 @@
 - ``measure_copy_bandwidth`` / ``measure_matmul_tflops``: the device's ceilings,
   so results can be given as a percentage of what the card does.
 - ``save_result``: one JSON record per benchmark with GPU name, versions, git
-  commit, command line, date and the figures, under ``experiments/results/<gpu>/``.
+  commit, command line, producing module, date and the figures, under
+  ``experiments/results/<gpu>/`` (or the folder of an enclosing ``redirect_results``).
 - ``require_cuda``: GPU-only benchmarks exit with status 2 and a message on a
   machine without one.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -197,6 +199,7 @@ def env_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "commit": git_commit(),
         "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+        "module": _main_module(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if torch.cuda.is_available():
@@ -207,8 +210,34 @@ def env_info() -> dict[str, Any]:
     return info
 
 
+def _main_module() -> str | None:
+    """The module run as ``python -m <module>`` (None for a script or an interactive session)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None)
+
+
+_redirected: list[Path] = []  # folders of the enclosing ``redirect_results`` blocks, innermost last
+
+
+@contextlib.contextmanager
+def redirect_results(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Within the block, ``save_result`` calls without an ``out_dir`` write into ``out_dir``.
+
+    ``experiments.run_config`` uses it to send an unmodified benchmark's records to the
+    folder ``experiments.reproduce`` gives it; the previous folder comes back on exit.
+    """
+    folder = Path(out_dir)
+    _redirected.append(folder)
+    try:
+        yield folder
+    finally:
+        _redirected.pop()
+
+
 def results_dir(out_dir: str | os.PathLike | None = None) -> Path:
-    return Path(out_dir) if out_dir is not None else RESULTS_DIR / gpu_slug()
+    if out_dir is not None:
+        return Path(out_dir)
+    return _redirected[-1] if _redirected else RESULTS_DIR / gpu_slug()
 
 
 def save_result(name: str, figures: dict[str, Any], args: Any = None,
