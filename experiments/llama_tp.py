@@ -23,7 +23,8 @@ prefill.  Recorded, from rank 0 (all ranks run in lockstep):
   that as a % of the device-to-device copy bandwidth measured in the same run;
 * time to first token, compile time (first run minus a steady run), model set-up time;
 * latency of one eager all-reduce of a ``dim``-sized activation (the decode step runs
-  2 × n_layers of them), inductor's count of CUDA-graph skips, peak GPU memory.
+  2 × n_layers of them), inductor's count of CUDA-graph skips, peak GPU memory, and
+  whether every rank sampled the same tokens.
 
 Rank 0 saves ``llama_tp_<preset>_<dtype|quant>_ws<N>_<compile|eager>.json`` under
 ``experiments/results/<gpu>/``.  ``--summary FILE...`` prints a table of saved records.
@@ -116,7 +117,8 @@ def summary(paths) -> list[dict]:
                      "GB/s/gpu": f["bandwidth_gbs_per_gpu"], "%copy": f.get("pct_of_copy_bandwidth") or "",
                      "TTFT_ms": f["time_to_first_token_ms"], "compile_s": f.get("compile_s", ""),
                      "setup_s": f["setup_s"], "allreduce_us": f.get("allreduce_us") or "",
-                     "cg_skips": f.get("cudagraph_skips", "")})
+                     "cg_skips": f.get("cudagraph_skips", ""),
+                     "same_tokens": f.get("same_tokens_on_every_rank", "")})
     return rows
 
 
@@ -233,10 +235,11 @@ def _bench(args, cfg, rank, world_size, device):
         figures["compile_s"] = max(first_s - steady_s, 0.0)
     if copy_gbs:
         figures["pct_of_copy_bandwidth"] = 100 * figures["bandwidth_gbs_per_gpu"] / copy_gbs
-    if world_size > 1:  # every rank's rate (they run in lockstep: should agree)
-        rates = [None] * world_size
-        dist.all_gather_object(rates, rate, group=group)
-        figures["decode_tokens_per_s_per_rank"] = rates
+    if world_size > 1:  # every rank's rate (they run in lockstep: should agree) and tokens
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (rate, runs[-1][1].tokens), group=group)
+        figures["decode_tokens_per_s_per_rank"] = [r for r, _ in gathered]
+        figures["same_tokens_on_every_rank"] = all(t == gathered[0][1] for _, t in gathered)
     say(f"decode: {rate:.1f} tokens/s (batch {args.batch}), {figures['bandwidth_gbs_per_gpu']:.0f} GB/s per GPU"
         + (f" = {figures['pct_of_copy_bandwidth']:.0f}% of copy {copy_gbs:.0f} GB/s" if copy_gbs else "")
         + f", TTFT {figures['time_to_first_token_ms']:.1f} ms"
