@@ -11,14 +11,14 @@
 # Random weights, batch 1; every run (the 1-GPU ones too) goes through torchrun and the same code.
 #
 # Each row runs under `timeout`; a row whose estimated time exceeds the budget left (default
-# 540 s) is skipped and listed at the end with the command that runs it.  NVLink multicast
+# 510 s) is skipped and listed at the end with the command that runs it.  NVLink multicast
 # stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1).
 # Writes into OUTDIR: tp_bench.log, summary.txt (the final table) and results.tar.gz (the JSON
 # records, experiments/results/<gpu>/llama_tp_*.json; extract at the repository root).
 set -uo pipefail
 OUTDIR=${1:?usage: scripts/tp_bench.sh OUTDIR [--budget S] [ROW ...]}
 shift
-BUDGET=540
+BUDGET=510
 if [ "${1:-}" = --budget ]; then BUDGET=${2:?--budget needs seconds}; shift 2; fi
 DEFAULT_ROWS="7b-bf16-ws1-compile 7b-bf16-ws2-compile
   70b-int8-ws2-eager 70b-int4-ws2-eager 7b-int8-ws1-eager 7b-int8-ws2-eager 7b-int4-ws1-eager 7b-int4-ws2-eager
