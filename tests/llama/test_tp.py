@@ -257,6 +257,52 @@ def test_tp_compiled_matches_eager(converted, tp_results):
     assert _rel_err(compiled, eager) <= 1e-6
 
 
+# ---------------------------------------------------------------------------- 2 GPUs (NCCL)
+def _cuda_worker(rank, init_file, ckpt, out):
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300), device_id=device)
+    try:
+        model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32)
+        res = {"eager": generate(model, PROMPTS, NEW).tokens}
+        torch._dynamo.reset()
+        counters.clear()
+        gen = Generator(model, compile=True)  # inductor, CUDA graphs: as generate --compile
+        res["compiled"] = gen.generate(PROMPTS, NEW).tokens
+        stop = _stop_ids(res["eager"])
+        g = gen.generate(PROMPTS, STOP_NEW, stop_ids=stop, check_every=STOP_CHECK)
+        res["stopped"] = (g.tokens, g.finished)
+        res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
+        every = [None] * WORLD
+        dist.all_gather_object(every, res)
+        if rank == 0:
+            torch.save(every, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_tp_two_gpus_compiled_with_cuda_graphs(converted, tmp_path):
+    """On 2 GPUs (NCCL): the decode step compiled as generate --compile (inductor, CUDA graphs,
+    none skipped) gives the single-process greedy tokens, with and without stop tokens."""
+    import torch.multiprocessing as mp
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs")
+    ckpt = str(converted["gqa"][1])
+    mp.spawn(_cuda_worker, args=(str(tmp_path / "init"), ckpt, str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
+    every = torch.load(tmp_path / "out.pt")
+    ref = load_model(ckpt, device="cuda", dtype=torch.float32)
+    want = generate(ref, PROMPTS, NEW).tokens
+    out = Generator(ref).generate(PROMPTS, STOP_NEW, stop_ids=_stop_ids(want), check_every=STOP_CHECK)
+    for res in every:  # every rank
+        assert res["cudagraph_skips"] == 0
+        assert res["eager"] == want and res["compiled"] == want
+        assert res["stopped"] == (out.tokens, out.finished) and all(out.finished)
+
+
 # ---------------------------------------------------------------------------- torchrun CLI
 REPO = Path(__file__).resolve().parents[2]
 
