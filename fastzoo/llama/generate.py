@@ -228,9 +228,16 @@ class Generator:
         if callback is not None:
             callback(0, cur)
         i = state.n_written
+        lockstep = None
+        if check_every and getattr(self.model, "tp_world_size", 1) > 1:  # tensor parallel (fastzoo.llama.tp):
+            from .tp import LockstepStop  # every rank must stop at the same step
+            lockstep = LockstepStop(self.model, state.out.device, check_every)
         with sdpa, _recompile_limit(64):
             while i < n:
-                if check_every:
+                if lockstep is not None:
+                    if lockstep(i, done):
+                        break
+                elif check_every:
                     if cuda:
                         if event is not None and event.query():  # the flag copy has landed
                             if bool(flag[0]):  # host memory: no GPU sync

@@ -42,7 +42,7 @@ from .config import LlamaConfig, LlamaError
 from .model import Attention, FeedForward, Linear, Transformer
 
 __all__ = ["check_tp_config", "shard_config", "shard_tensor", "shard_state_dict", "shard_model_",
-           "load_tp_model", "run_cli"]
+           "load_tp_model", "LockstepStop", "run_cli"]
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -214,6 +214,45 @@ def load_tp_model(checkpoint_dir, rank: int, world_size: int, device="cpu", dtyp
     check_state_dict(model, local_sd, where=f"{wpath} (rank {rank} of {world_size})")
     model.load_state_dict(local_sd, strict=True, assign=True)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------- decode loop
+class LockstepStop:
+    """When a tensor-parallel decode loop stops, decided identically on every rank.
+
+    Every step runs collectives, so all ranks must run the same number of steps.  A rank's
+    own "all sequences finished" flag is not enough: ranks sample from replicated logits
+    that may differ in the last bit (e.g. kernels autotuned differently per rank).  A check
+    all-reduces (MIN) the flags over the group, so the loop ends only once every rank is
+    done.  Like the single-process loop, the CPU checks every step and reads the flag at
+    once; CUDA checks every ``check_every`` steps, copies the reduced flag into pinned
+    memory and reads it at the *next* check, after waiting for that copy: the decision lags
+    one interval but never depends on timing, and the host stays at most one interval
+    ahead of the GPU."""
+
+    def __init__(self, model: Transformer, device, check_every: int):
+        self.group = getattr(model, "tp_group", None)
+        self.cuda = torch.device(device).type == "cuda"
+        self.every = check_every if self.cuda else 1
+        self.flag = torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda)
+        self.event = None
+
+    def __call__(self, step: int, done: torch.Tensor) -> bool:
+        """``True`` when every rank should leave the loop before ``step`` (call at every step)."""
+        if step % self.every:
+            return False
+        if self.cuda and self.event is not None:
+            self.event.synchronize()  # the copy issued one interval ago
+            if bool(self.flag[0]):
+                return True
+        f = done.all().to(torch.int32).view(1)
+        dist.all_reduce(f, op=dist.ReduceOp.MIN, group=self.group)
+        if not self.cuda:
+            return bool(f[0])
+        self.flag.copy_(f, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+        return False
 
 
 # ---------------------------------------------------------------------------- torchrun CLI

@@ -13,7 +13,7 @@ import torch
 
 from fastzoo.llama.checkpoint import load_model
 from fastzoo.llama.config import LlamaConfig, LlamaError
-from fastzoo.llama.generate import generate
+from fastzoo.llama.generate import Generator, generate
 from fastzoo.llama.model import Transformer
 from fastzoo.llama.tp import load_tp_model, shard_model_, shard_state_dict
 from llama_testutils import VOCAB
@@ -22,11 +22,67 @@ WORLD = 2
 KINDS = ("mha", "gqa")
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 NEW = 8
+STOP_NEW, STOP_CHECK = 20, 2  # generation with stop tokens: checked every 2 steps
+DRAFT = [[11, 12, 13], [21, 22, 23]]  # K = 3 tokens per sequence after the prompts (speculative verify)
+COMPILED_KIND = "gqa"
 
 
 def _tokens():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, VOCAB, (2, 11), generator=g)
+
+
+def _stop_ids(greedy):
+    """Stop tokens that end the two prompts' greedy continuations at different steps."""
+    return sorted({greedy[0][2], greedy[1][4]})
+
+
+def _multi_token_logits(model):
+    """Prefill the padded prompts, then forward ``DRAFT`` (K tokens per sequence) at each
+    sequence's own next positions through the KV cache: the call speculative decoding's
+    verification makes.  Returns the ``[B, K, V]`` logits; the caches are cleared."""
+    B, Tb = len(PROMPTS), max(map(len, PROMPTS))
+    tokens = torch.zeros(B, Tb, dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in PROMPTS])
+    K = len(DRAFT[0])
+    model.setup_caches(B, 32)
+    with torch.no_grad():
+        model(tokens, torch.arange(Tb), kv_len=16)
+        pos = lengths[:, None] + torch.arange(K)  # [B, K], per sequence
+        out = model(torch.tensor(DRAFT), pos, kv_len=16)
+    model.clear_caches()
+    return out
+
+
+def _count_all_reduces(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and "all_reduce" in str(n.target))
+
+
+def _compiled_results(model):
+    """Greedy tokens and one decode-step's logits with the steps compiled (``fullgraph``, so a
+    graph break is an error; aot_eager: the AOT / functionalisation path inductor takes),
+    and the number of all-reduces in each traced graph."""
+    from torch._dynamo.backends.registry import lookup_backend
+    aot_eager = lookup_backend("aot_eager")
+    counts = []
+
+    def backend(gm, example_inputs):
+        counts.append(_count_all_reduces(gm))
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    tokens = Generator(model, compile=True, compile_backend=backend).generate(PROMPTS, NEW).tokens
+    model.setup_caches(2, 32)
+    cur, pos = torch.tensor([[3], [4]]), torch.tensor([[5], [3]])
+    with torch.no_grad():
+        eager = model(cur, pos, kv_len=16)
+        step = torch.compile(lambda m, t, p: m(t, p, kv_len=16), backend=backend, fullgraph=True, dynamic=False)
+        compiled = step(model, cur, pos)
+    model.clear_caches()
+    torch._dynamo.reset()
+    return tokens, eager, compiled, counts
 
 
 def _rel_err(a, b):
@@ -46,6 +102,12 @@ def _worker(rank, init_file, ckpts, out):
             with torch.no_grad():
                 res[kind, "logits"] = model(_tokens())
             res[kind, "greedy"] = generate(model, PROMPTS, NEW).tokens
+            g = Generator(model).generate(PROMPTS, STOP_NEW, stop_ids=_stop_ids(res[kind, "greedy"]),
+                                          check_every=STOP_CHECK)
+            res[kind, "stopped"] = (g.tokens, g.finished, g.steps)
+            res[kind, "multi_token"] = _multi_token_logits(model)
+            if kind == COMPILED_KIND:
+                res[kind, "compiled"] = _compiled_results(model)
             res[kind, "local"] = (model.config.n_heads, model.config.n_kv_heads,
                                   tuple(model.layers[0].attention.wqkv.weight.shape))
             quantize_(model, "int8")
@@ -160,6 +222,85 @@ def test_tp_int8_matches_single_process_int8(converted, tp_results, kind):
     want_tokens = generate(ref, PROMPTS, NEW).tokens
     agree = sum(a == b for x, y in zip(tp_results[kind, "int8_greedy"], want_tokens) for a, b in zip(x, y))
     assert agree >= 0.75 * sum(len(t) for t in want_tokens)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp_stop_tokens_end_every_rank_at_the_same_step(converted, tp_results, kind):
+    """With stop tokens the TP loop stops (at the same step on both ranks, or the job would
+    hang) exactly where the single-process loop does."""
+    ref = load_model(converted[kind][1], dtype=torch.float32)
+    stop = _stop_ids(tp_results[kind, "greedy"])
+    out = Generator(ref).generate(PROMPTS, STOP_NEW, stop_ids=stop, check_every=STOP_CHECK)
+    assert tp_results[kind, "stopped"] == (out.tokens, out.finished, out.steps)
+    assert all(out.finished) and out.steps < STOP_NEW - 1  # really stopped early
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp_multi_token_cached_forward_matches(converted, tp_results, kind):
+    """K tokens per sequence at per-sequence positions through the KV cache (speculative
+    decoding's verification step) give the single-process logits."""
+    ref = load_model(converted[kind][1], dtype=torch.float32)
+    want = _multi_token_logits(ref)
+    got = tp_results[kind, "multi_token"]
+    assert got.shape == want.shape == (len(PROMPTS), len(DRAFT[0]), VOCAB)
+    assert _rel_err(got, want) <= 1e-5
+
+
+def test_tp_compiled_matches_eager(converted, tp_results):
+    """torch.compile(fullgraph=True) traces the all-reduces (functional collectives: one per
+    block half, no graph break) and gives the eager TP logits and tokens."""
+    tokens, eager, compiled, counts = tp_results[COMPILED_KIND, "compiled"]
+    n_layers = load_model(converted[COMPILED_KIND][1], dtype=torch.float32).config.n_layers
+    assert counts and all(c == 2 * n_layers for c in counts), counts  # prefill, decode, forward graphs
+    assert len(counts) == 3, counts
+    assert tokens == tp_results[COMPILED_KIND, "greedy"]
+    assert _rel_err(compiled, eager) <= 1e-6
+
+
+# ---------------------------------------------------------------------------- 2 GPUs (NCCL)
+def _cuda_worker(rank, init_file, ckpt, out):
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300), device_id=device)
+    try:
+        model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32)
+        res = {"eager": generate(model, PROMPTS, NEW).tokens}
+        torch._dynamo.reset()
+        counters.clear()
+        gen = Generator(model, compile=True)  # inductor, CUDA graphs: as generate --compile
+        res["compiled"] = gen.generate(PROMPTS, NEW).tokens
+        stop = _stop_ids(res["eager"])
+        g = gen.generate(PROMPTS, STOP_NEW, stop_ids=stop, check_every=STOP_CHECK)
+        res["stopped"] = (g.tokens, g.finished)
+        res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
+        every = [None] * WORLD
+        dist.all_gather_object(every, res)
+        if rank == 0:
+            torch.save(every, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_tp_two_gpus_compiled_with_cuda_graphs(converted, tmp_path):
+    """On 2 GPUs (NCCL): the decode step compiled as generate --compile (inductor, CUDA graphs,
+    none skipped) gives the single-process greedy tokens, with and without stop tokens."""
+    import torch.multiprocessing as mp
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs")
+    ckpt = str(converted["gqa"][1])
+    mp.spawn(_cuda_worker, args=(str(tmp_path / "init"), ckpt, str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
+    every = torch.load(tmp_path / "out.pt")
+    ref = load_model(ckpt, device="cuda", dtype=torch.float32)
+    want = generate(ref, PROMPTS, NEW).tokens
+    out = Generator(ref).generate(PROMPTS, STOP_NEW, stop_ids=_stop_ids(want), check_every=STOP_CHECK)
+    for res in every:  # every rank
+        assert res["cudagraph_skips"] == 0
+        assert res["eager"] == want and res["compiled"] == want
+        assert res["stopped"] == (out.tokens, out.finished) and all(out.finished)
 
 
 # ---------------------------------------------------------------------------- torchrun CLI

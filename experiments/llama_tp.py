@@ -1,0 +1,256 @@
+"""Tensor-parallel Llama decode benchmark on random weights of a named preset (no checkpoint).
+
+    torchrun --standalone --nproc-per-node 2 -m experiments.llama_tp --preset llama-2-7b --dtype bf16 \
+        [--quantize int8|int4-g128] [--no-compile] [--new-tokens 128]
+    torchrun --standalone --nproc-per-node 1 -m experiments.llama_tp ...   # the 1-GPU baseline, same code
+
+Each rank builds only its own shard, directly on its GPU: the model is created on the meta
+device and sharded there (:func:`fastzoo.llama.tp.shard_model_`; with one rank that is the
+plain model), then each block is allocated on the GPU, filled with random numbers and, with
+``--quantize``, quantized before the next block is allocated.  A 70B model never exists on
+the host, and the GPU holds at most one block in float beside the quantized shard.  The
+replicated tensors (embedding, final norm, output) get the same values on every rank.
+
+Generation runs the library's :class:`fastzoo.llama.generate.Generator` (the path of
+``fastzoo.llama.generate``), sampling as gpt-fast's benchmark does (temperature 0.8,
+top-k 200, the same seed on every rank) with stop tokens off, so every run decodes exactly
+``--new-tokens`` tokens.  With ``--compile`` the decode step is compiled as ``generate``
+compiles it (inductor, CUDA graphs); the prefill is compiled only with ``--compile-prefill``
+(it doubles the compile time), so by default the time to first token is that of an eager
+prefill.  Recorded, from rank 0 (all ranks run in lockstep):
+
+* batch-1 decode tokens/s; bytes one step reads per GPU (the rank's shard) × tokens/s, and
+  that as a % of the device-to-device copy bandwidth measured in the same run;
+* time to first token, compile time (first run minus a steady run), model set-up time;
+* latency of one eager all-reduce of a ``dim``-sized activation (the decode step runs
+  2 × n_layers of them), inductor's count of CUDA-graph skips, peak GPU memory, and
+  whether every rank sampled the same tokens.
+
+Rank 0 saves ``llama_tp_<preset>_<dtype|quant>_ws<N>_<compile|eager>.json`` under
+``experiments/results/<gpu>/``.  ``--summary FILE...`` prints a table of saved records.
+Without a GPU only the tiny CPU presets run (gloo), for testing.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from experiments import harness
+from experiments.llama_decode import random_prompts, sync
+from fastzoo.llama.checkpoint import parse_dtype
+from fastzoo.llama.config import TINY_PRESETS, LlamaConfig
+from fastzoo.llama.generate import Generator, prefill_step
+from fastzoo.llama.model import RMSNorm, Transformer
+from fastzoo.llama.tp import shard_model_
+from fastzoo.quant import quantize_
+
+
+def _fill_(module: torch.nn.Module, device, gen: torch.Generator) -> None:
+    """Allocate ``module``'s (meta) parameters on ``device``: norms 1, the rest N(0, 0.02)."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for m in module.modules():
+            for p in m.parameters(recurse=False):
+                if isinstance(m, RMSNorm):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
+
+
+def random_tp_model(cfg: LlamaConfig, rank: int, world_size: int, device, dtype, quantize=None,
+                    group=None, seed: int = 0, progress: bool = False) -> Transformer:
+    """Rank ``rank``'s shard of a random-weight model, built block by block on ``device``."""
+    from tqdm import tqdm
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    shard_model_(model, rank, world_size, group)
+    model = model.to(dtype)  # still on meta: nothing allocated
+    device = torch.device(device)
+    replicated = torch.Generator(device=device).manual_seed(seed)  # same on every rank
+    sharded = torch.Generator(device=device).manual_seed(seed + 1 + rank)
+    for name in ("tok_embeddings", "norm", "output"):
+        _fill_(getattr(model, name), device, replicated)
+    if quantize:
+        quantize_(model, quantize, filter_fn=lambda m, fqn: fqn == "output")
+    for layer in tqdm(model.layers, desc="random weights", unit="block", disable=not progress):
+        _fill_(layer, device, sharded)
+        if quantize:
+            quantize_(layer, quantize)
+    return model.eval()
+
+
+def _allreduce_us(dim: int, dtype, device, group) -> float:
+    x = torch.randn(1, 1, dim, dtype=dtype, device=device)
+    t = harness.bench(lambda: dist.all_reduce(x, group=group), warmup=20, rep=200, device=device)
+    return t["median_ms"] * 1e3
+
+
+def _result_name(args, world_size: int) -> str:
+    return (args.name or f"llama_tp_{args.preset}_{args.quantize or args.dtype}_ws{world_size}_"
+            + ("compile" if args.compile else "eager")).replace("/", "-")
+
+
+def summary(paths) -> list[dict]:
+    """Rows of the saved records; ``vs_ws1``: tokens/s over the 1-rank record of the same model,
+    quantization and compile setting, when one is among ``paths``."""
+    recs = []
+    for p in paths:
+        with open(p) as f:
+            r = json.load(f)
+        if "world_size" in r.get("figures", {}):
+            recs.append(r["figures"])
+    base = {(f["preset"], f["weights"], f["compile"]): f["decode_tokens_per_s"] for f in recs if f["world_size"] == 1}
+    rows = []
+    for f in sorted(recs, key=lambda f: (f["compile"] is False, f["preset"], f["weights"], f["world_size"])):
+        b = base.get((f["preset"], f["weights"], f["compile"]))
+        rows.append({"model": f["preset"], "weights": f["weights"], "gpus": f["world_size"],
+                     "compile": f["compile"], "tok/s": f["decode_tokens_per_s"],
+                     "vs_1gpu": f["decode_tokens_per_s"] / b if b else "",
+                     "GB/s/gpu": f["bandwidth_gbs_per_gpu"], "%copy": f.get("pct_of_copy_bandwidth") or "",
+                     "TTFT_ms": f["time_to_first_token_ms"], "compile_s": f.get("compile_s", ""),
+                     "setup_s": f["setup_s"], "allreduce_us": f.get("allreduce_us") or "",
+                     "cg_skips": f.get("cudagraph_skips", ""),
+                     "same_tokens": f.get("same_tokens_on_every_rank", "")})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="llama-2-7b")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--quantize", default=None, help="a fastzoo.quant config string: int8, int4-g128, ...")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3, help="timed runs (median reported)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the decode step (inductor, CUDA graphs on GPUs)")
+    p.add_argument("--compile-prefill", action="store_true", help="compile the prefill too")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (CPU tests: aot_eager)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="result name (default: llama_tp_<preset>_<weights>_ws<N>_<mode>)")
+    p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>)")
+    p.add_argument("--no-save", action="store_true")
+    p.add_argument("--summary", nargs="+", metavar="JSON", help="print a table of saved records and exit")
+    args = p.parse_args(argv)
+
+    if args.summary:
+        harness.print_table(summary(args.summary))
+        return None
+
+    env = os.environ
+    world_size, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
+    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    cfg = LlamaConfig.from_preset(args.preset)
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            sys.exit(f"error: rank {rank} needs GPU {local_rank}, but only {torch.cuda.device_count()} are visible")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif args.preset.lower() in TINY_PRESETS:
+        device = torch.device("cpu")
+    else:
+        device = harness.require_cuda(f"the {args.preset} tensor-parallel benchmark")
+    if "MASTER_ADDR" in env:  # torchrun, any number of ranks (1 included: the same code path)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=10), device_id=device if device.type == "cuda" else None)
+    elif world_size != 1:
+        sys.exit("error: launch with torchrun for more than one rank")
+    try:
+        return _bench(args, cfg, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _barrier(device):
+    if dist.is_initialized():
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _bench(args, cfg, rank, world_size, device):
+    from torch._dynamo.utils import counters
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
+    dtype = parse_dtype(args.dtype)
+    group = dist.group.WORLD if dist.is_initialized() else None
+
+    sync(device)
+    t0 = time.perf_counter()
+    model = random_tp_model(cfg, rank, world_size, device, dtype, args.quantize, group, seed=args.seed,
+                            progress=rank == 0)
+    sync(device)
+    setup_s = time.perf_counter() - t0
+    weight_bytes = model.weight_bytes()
+    weights = args.quantize or args.dtype
+    say(f"{args.preset} {weights} on {world_size} rank(s): {weight_bytes / 1e9:.2f} GB per GPU, "
+        f"set up in {setup_s:.1f} s, device {harness.gpu_name(device) if device.type == 'cuda' else 'cpu'}")
+    copy_gbs = harness.measure_copy_bandwidth(device=device) if device.type == "cuda" else None
+    allreduce_us = _allreduce_us(cfg.dim, dtype, device, group) if world_size > 1 else None
+
+    gen = Generator(model, compile=args.compile, compile_backend=args.compile_backend)
+    if args.compile and not args.compile_prefill:
+        gen._prefill = prefill_step  # eager prefill: halves the compile time (documented above)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, stop_ids=(), check_every=0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def run(seed):
+        prompts = random_prompts(args.batch, args.prompt_len, cfg.vocab_size, seed=seed)
+        torch.manual_seed(args.seed + seed)  # the same sampling on every rank
+        _barrier(device)
+        t = time.perf_counter()
+        res = gen.generate(prompts, args.new_tokens, **sampling)
+        return time.perf_counter() - t, res
+
+    first_s, _ = run(0)  # warm-up and compilation
+    say(f"first run (compilation included): {first_s:.1f} s")
+    runs = [run(1 + r) for r in range(args.runs)]
+    steady_s = statistics.median(t for t, _ in runs)
+    rate = statistics.median(res.steps / res.decode_s for _, res in runs)
+    figures = {
+        "preset": args.preset, "dtype": str(dtype), "quantize": args.quantize, "weights": weights,
+        "world_size": world_size, "batch": args.batch, "compile": args.compile,
+        "compile_prefill": args.compile and args.compile_prefill,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+        "weight_bytes_per_gpu": weight_bytes, "setup_s": setup_s,
+        "copy_bandwidth_gbs": copy_gbs, "allreduce_us": allreduce_us,
+        "decode_tokens_per_s": rate, "total_tokens_per_s": args.batch * rate,
+        "bandwidth_gbs_per_gpu": weight_bytes * rate / 1e9,
+        "time_to_first_token_ms": statistics.median(res.prefill_s for _, res in runs) * 1e3,
+        "first_run_s": first_s, "steady_run_s": steady_s,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"]),
+    }
+    if args.compile:
+        figures["compile_s"] = max(first_s - steady_s, 0.0)
+    if copy_gbs:
+        figures["pct_of_copy_bandwidth"] = 100 * figures["bandwidth_gbs_per_gpu"] / copy_gbs
+    if world_size > 1:  # every rank's rate (they run in lockstep: should agree) and tokens
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (rate, runs[-1][1].tokens), group=group)
+        figures["decode_tokens_per_s_per_rank"] = [r for r, _ in gathered]
+        figures["same_tokens_on_every_rank"] = all(t == gathered[0][1] for _, t in gathered)
+    say(f"decode: {rate:.1f} tokens/s (batch {args.batch}), {figures['bandwidth_gbs_per_gpu']:.0f} GB/s per GPU"
+        + (f" = {figures['pct_of_copy_bandwidth']:.0f}% of copy {copy_gbs:.0f} GB/s" if copy_gbs else "")
+        + f", TTFT {figures['time_to_first_token_ms']:.1f} ms"
+        + (f", compile {figures['compile_s']:.1f} s" if args.compile else "")
+        + (f", all-reduce {allreduce_us:.1f} us" if allreduce_us else "")
+        + f", CUDA-graph skips {figures['cudagraph_skips']}")
+    if rank == 0 and not args.no_save:
+        path = harness.save_result(_result_name(args, world_size), figures, args, out_dir=args.out_dir)
+        say(f"saved {path}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
