@@ -194,7 +194,12 @@ def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
         results["profile"] = {"config": best, "top_kernels": profile_top(results[best]["_enc"], args, device, dtype)}
     for r in results.values():
         r.pop("_enc", None) if isinstance(r, dict) else None
-    return {"flops_per_image": flops, "configs": results}
+    rows = [{"config": name, "batch": int(bs), "img_s": round(b["img_per_s"], 1), "tflops": round(b["tflops"], 1),
+             "pct_bf16": round(b["pct_bf16_ceiling"], 1), "peak_mem_gib": round(b["peak_mem_gib"], 2),
+             "first_call_s": round(r["first_call_s"], 1), "embed_sqnr_db": round(r["embed_sqnr_db"], 1)}
+            for name, r in results.items() if isinstance(r, dict) and "batches" in r
+            for bs, b in r["batches"].items()]
+    return {"flops_per_image": flops, "configs": results, "rows": rows}
 
 
 def profile_top(enc, args, device, dtype, top: int = 15) -> list[dict]:
