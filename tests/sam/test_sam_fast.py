@@ -138,3 +138,46 @@ def test_build_sam_fast_cpu_quantized_vit_b():
     assert type(blk.mlp.lin2) is Sparse24Linear and not blk.mlp.lin2.uses_semi_structured
     assert sam.dtype == torch.float32 and sam.device.type == "cpu"
     assert all(type(m) is nn.Linear for m in sam.mask_decoder.modules() if isinstance(m, nn.Linear))
+
+
+# --------------------------------------------------------------------------- GPU
+def _seeded_vit_b(**kw):
+    torch.manual_seed(0)  # same random weights for every build
+    return build_sam_fast("vit_b", device="cuda", dtype=torch.bfloat16, **kw)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_quantize_options_cuda():
+    """vit_b bf16 on the GPU: int8 SQNR vs bf16; 2:4 paths vs the pruned dense model (same math)."""
+    x = torch.randn(2, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    dense = _seeded_vit_b(compile=False)
+    ref = dense.image_encoder(x)
+    int8 = _seeded_vit_b(compile=False, quantize="int8").image_encoder(x)
+    assert sqnr(int8, ref) >= 20
+    pruned = _pruned_mlp_copy(dense.image_encoder, ("mlp.lin1", "mlp.lin2"))
+    ref_pruned = pruned(x)
+    sparse = _seeded_vit_b(compile=False, quantize="sparse").image_encoder
+    assert all(b.mlp.lin1.uses_semi_structured and b.mlp.lin2.uses_semi_structured for b in sparse.blocks)
+    out = sparse(x)
+    print(f"2:4 on the MLPs, random weights: SQNR vs the dense model {sqnr(out, ref):.1f} dB")
+    assert sqnr(out, ref_pruned) >= 25
+    both = _seeded_vit_b(compile=False, quantize="int8+sparse").image_encoder
+    print("int8 2:4 lin1 on cuSPARSELt:", both.blocks[0].mlp.lin1.uses_semi_structured)
+    assert sqnr(both(x), ref_pruned) >= 18
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_regional_inductor_compile_cuda(fresh_dynamo):
+    """Real inductor on the GPU, with the int8 + 2:4 modules inside the compiled blocks."""
+    sam = _seeded_vit_b(compile=False, quantize="int8+sparse")
+    enc = sam.image_encoder
+    x = torch.randn(1, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    eager = enc(x)
+    compile_image_encoder(enc, "regional")
+    out = enc(x)
+    assert graphs() == 4
+    assert sqnr(out, eager) >= 30
+    enc(torch.randn_like(x))
+    assert graphs() == 4
