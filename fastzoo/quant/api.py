@@ -7,6 +7,7 @@ from typing import Callable
 from torch import nn
 
 from .linear import INT4_GROUP_SIZES, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+from .sparse import Int8DynamicSparse24Linear, Sparse24Linear
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,28 @@ class Int8Dynamic(QuantConfig):
         return Int8DynamicLinear.from_linear(linear)
 
 
+@dataclass(frozen=True)
+class Sparse24(QuantConfig):
+    """2:4 magnitude pruning along K; semi-structured sparse matmul on CUDA fp16/bf16, dense elsewhere."""
+
+    @property
+    def name(self) -> str:
+        return "sparse24"
+
+    def quantize_linear(self, linear: nn.Linear) -> nn.Module:
+        return Sparse24Linear.from_linear(linear)
+
+
+@dataclass(frozen=True)
+class Int8DynamicSparse24(QuantConfig):
+    """2:4 pruning, then ``Int8Dynamic`` on the pruned weight (int8 2:4 cuSPARSELt matmul on CUDA)."""
+
+    @property
+    def name(self) -> str:
+        return "int8dq-sparse24"
+
+    def quantize_linear(self, linear: nn.Linear) -> nn.Module:
+        return Int8DynamicSparse24Linear.from_linear(linear)
 
 
 @dataclass(frozen=True)
@@ -66,7 +89,8 @@ class Int4WeightOnly(QuantConfig):
 
 
 CONFIGS: dict[str, QuantConfig] = {
-    c.name: c for c in [Int8WeightOnly(), Int8Dynamic(), *(Int4WeightOnly(g) for g in INT4_GROUP_SIZES)]
+    c.name: c for c in [Int8WeightOnly(), Int8Dynamic(), *(Int4WeightOnly(g) for g in INT4_GROUP_SIZES),
+                        Sparse24(), Int8DynamicSparse24()]
 }
 
 

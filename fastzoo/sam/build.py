@@ -1,13 +1,16 @@
 """Model configurations, checkpoint loading and the ``sam_model_registry``."""
+import contextlib
+import functools
 from functools import partial
 from os import PathLike
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from fastzoo.checkpoint import CheckpointError, load_checked, read_state_dict
+from fastzoo.quant import Int8Dynamic, Int8DynamicSparse24, QuantConfig, Sparse24, quantize_
 from fastzoo.utils import parse_dtype
 
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -164,22 +167,121 @@ def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     return parse_dtype(dtype)
 
 
+#: ``build_sam_fast(quantize=...)``: which quantization config goes on which encoder linears
+#: (names relative to a block). "int8+sparse" is the combination the torchao authors found best
+#: for SAM: int8 dynamic on attention, int8 dynamic + 2:4 on the MLP's lin1, 2:4 on lin2.
+ENCODER_QUANT_PLANS: Dict[str, Tuple[Tuple[QuantConfig, Tuple[str, ...]], ...]] = {
+    "int8": ((Int8Dynamic(), ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")),),
+    "sparse": ((Sparse24(), ("mlp.lin1", "mlp.lin2")),),
+    "int8+sparse": (
+        (Int8Dynamic(), ("attn.qkv", "attn.proj")),
+        (Int8DynamicSparse24(), ("mlp.lin1",)),
+        (Sparse24(), ("mlp.lin2",)),
+    ),
+}
+COMPILE_MODES = (True, False, None, "regional", "full")
+
+#: Each static shape (batch size), model size, dtype and quantization adds one compiled graph
+#: per block kind to the same code object (``Block.forward``); torch's default limit of 8 per
+#: code object would silently fall back to eager after a few batch sizes.  The compiled encoder
+#: raises it to at least this value, only during its own calls.
+RECOMPILE_LIMIT = 64
+
+
+def quantize_image_encoder_(encoder: nn.Module, quantize: Optional[str]) -> nn.Module:
+    """Apply one of ``ENCODER_QUANT_PLANS`` to the blocks of an image encoder, in place."""
+    if quantize is None:
+        return encoder
+    if quantize not in ENCODER_QUANT_PLANS:
+        raise ValueError(
+            f"unknown quantize={quantize!r} for SAM; expected None or one of {', '.join(ENCODER_QUANT_PLANS)}"
+        )
+    for config, names in ENCODER_QUANT_PLANS[quantize]:
+        quantize_(encoder, config, filter_fn=lambda m, fqn, names=names: (
+            isinstance(m, nn.Linear) and fqn.startswith("blocks.") and fqn.split(".", 2)[2] in names))
+    return encoder
+
+
+@contextlib.contextmanager
+def _recompile_headroom():
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        yield
+
+
+def _with_recompile_headroom(fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with _recompile_headroom():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def compile_image_encoder(
+    encoder: ImageEncoderViT,
+    compile: Union[bool, str, None] = "regional",
+    *,
+    mode: Optional[str] = None,
+    backend: Any = "inductor",
+    options: Optional[Dict[str, Any]] = None,
+) -> ImageEncoderViT:
+    """Compile an image encoder in place with static shapes (``dynamic=False``).
+
+    ``compile``: ``True``/``"regional"`` compiles each block (``Block.compile``), the patch
+    embedding and the neck separately. Parameters are graph inputs (dynamo inlines built-in
+    nn modules), so all windowed blocks share one compiled graph and all global-attention
+    blocks another: cold-start cost is independent of depth.  ``"full"`` compiles the whole
+    encoder forward as one graph.  ``False``/``None``: nothing.  ``mode``/``options`` go to
+    ``torch.compile`` (inductor settings belong in ``options``: applied per compile, never
+    global).  State-dict keys are unchanged.
+    """
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, found {compile!r}")
+    if not compile:
+        return encoder
+    kw: Dict[str, Any] = dict(backend=backend, dynamic=False)
+    if mode is not None:
+        kw["mode"] = mode
+    if options:
+        kw["options"] = options
+    if compile == "full":
+        encoder.forward = _with_recompile_headroom(torch.compile(encoder.forward, **kw))
+        return encoder
+    for module in (encoder.patch_embed, *encoder.blocks, encoder.neck):
+        module.compile(**kw)
+    encoder.forward = _with_recompile_headroom(encoder.forward)
+    return encoder
+
+
 def build_sam_fast(
     model_type: str = "vit_h",
     checkpoint: Optional[CheckpointPath] = None,
     *,
     device: Optional[Union[str, torch.device]] = None,
     dtype: Union[str, torch.dtype] = torch.bfloat16,
-    compile: bool = True,
+    compile: Union[bool, str] = True,
     compile_mode: Optional[str] = None,
+    quantize: Optional[str] = None,
 ) -> Sam:
-    """A ready-to-run eval SAM: weights loaded, moved to ``device``/``dtype``, encoder compiled.
+    """A ready-to-run eval SAM: weights loaded, moved to ``device``/``dtype``, encoder
+    quantized and compiled.
 
     ``device`` defaults to CUDA when available.  The random-frequency positional encoding
-    buffer stays in float32 (it is tiny and sensitive to rounding).  ``compile`` wraps the
-    image encoder with ``torch.compile`` in place (state-dict keys are unchanged).
+    buffer stays in float32 (it is tiny and sensitive to rounding).  ``compile``: ``True`` or
+    ``"regional"`` (one compiled graph per block kind, see :func:`compile_image_encoder`),
+    ``"full"`` (the whole image encoder) or ``False``; ``compile_mode`` is ``torch.compile``'s
+    ``mode``.  ``quantize``: ``None``, ``"int8"`` (int8 dynamic on all encoder linears),
+    ``"sparse"`` (2:4 on the MLPs) or ``"int8+sparse"`` (``ENCODER_QUANT_PLANS``); the prompt
+    encoder and mask decoder stay in ``dtype``.
     """
     dtype = resolve_dtype(dtype)
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, found {compile!r}")
+    if quantize is not None and quantize not in ENCODER_QUANT_PLANS:
+        raise ValueError(
+            f"unknown quantize={quantize!r} for SAM; expected None or one of {', '.join(ENCODER_QUANT_PLANS)}"
+        )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sam = build_sam_model(model_type, checkpoint)
@@ -189,9 +291,9 @@ def build_sam_fast(
     sam.pixel_mean = sam.pixel_mean.float()
     sam.pixel_std = sam.pixel_std.float()
     sam.eval().requires_grad_(False)
-    # The encoder works on channels-last tokens (B, H, W, C): with channels-last conv weights
-    # the patch embedding and the neck run NHWC convolutions with no layout conversion.
-    sam.image_encoder.to(memory_format=torch.channels_last)
-    if compile:
-        sam.image_encoder.compile(mode=compile_mode, dynamic=False)
+    # The neck gets channels-last tokens (B, H, W, C) permuted to NCHW: with channels-last
+    # conv weights it runs NHWC convolutions with no layout conversion.
+    sam.image_encoder.neck.to(memory_format=torch.channels_last)
+    quantize_image_encoder_(sam.image_encoder, quantize)
+    compile_image_encoder(sam.image_encoder, compile, mode=compile_mode)
     return sam

@@ -7,6 +7,9 @@ import torch
 from .modeling import Sam
 from .transforms import ResizeLongestSide
 
+#: ``SamPredictor.predict_torch(batching=...)``: how the prompts of several images are decoded.
+BATCHING_MODES = ("packed", "nested", "loop")
+
 
 def _check_image(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
@@ -21,7 +24,8 @@ class SamPredictor:
 
     Beyond the reference API, :meth:`set_images` embeds a batch of images in one encoder call
     and :meth:`predict_torch` then takes ``num_prompts`` (prompts per image, concatenated
-    along dim 0) and returns per-image lists.
+    along dim 0), decodes all prompts in one batched call (``batching``) and returns
+    per-image lists.
     """
 
     def __init__(self, sam_model: Sam) -> None:
@@ -134,6 +138,7 @@ class SamPredictor:
         return_logits: bool = False,
         *,
         num_prompts: Optional[Sequence[int]] = None,
+        batching: str = "packed",
     ):
         """Batched prediction with prompts already in the resized frame (``ResizeLongestSide``).
 
@@ -142,28 +147,68 @@ class SamPredictor:
         ``return_logits``), IoU predictions BxC and low-res logits BxCx256x256.
 
         After :meth:`set_images` (several images), pass ``num_prompts``: how many of the B
-        prompts belong to each image, in order.  The three results are then lists with one
-        tensor per image (images may have different sizes).
+        prompts belong to each image, in order (0 allowed).  The three results are then lists
+        with one tensor per image (images may have different sizes).  ``batching`` says how the
+        prompts of all images are decoded:
+
+        - ``"packed"`` (default): one prompt-encoder and one mask-decoder call on all B prompts;
+          each prompt's image embedding is gathered with an index built on the device;
+        - ``"nested"``: the same single calls, the embeddings broadcast to the prompts through a
+          ``torch.nested`` jagged tensor (images x ragged prompts);
+        - ``"loop"``: one prompt-encoder + mask-decoder call per image.
+
+        All three give the same results; they differ only in speed
+        (``experiments/bench_sam_prompts.py`` measures them).
         """
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING_MODES)}, found {batching!r}")
         n_images = self.features.shape[0]
-        if num_prompts is None and n_images != 1:
+        if num_prompts is None:
+            if n_images != 1:
+                raise ValueError(
+                    f"{n_images} images are set; pass num_prompts (prompts per image) to predict_torch"
+                )
+            low_res, iou = self._decode(point_coords, point_labels, boxes, mask_input, multimask_output,
+                                        self.features)
+            masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+            if not return_logits:
+                masks = masks > self.model.mask_threshold
+            return masks, iou, low_res
+        counts = [int(c) for c in num_prompts]
+        total = self.model.prompt_encoder._get_batch_size(
+            (point_coords, point_labels) if point_coords is not None else None, boxes, mask_input)
+        if len(counts) != n_images or sum(counts) != total or min(counts) < 0:
             raise ValueError(
-                f"{n_images} images are set; pass num_prompts (prompts per image) to predict_torch"
+                f"num_prompts={counts} must have one non-negative entry per image ({n_images}) summing to "
+                f"the number of prompts ({total})"
             )
+        if batching == "loop":
+            lows, ious = [], []
+            start = 0
+            for i, c in enumerate(counts):
+                sl = slice(start, start + c)
+                pick = lambda t: None if t is None else t[sl]  # noqa: E731
+                lr, io = self._decode(pick(point_coords), pick(point_labels), pick(boxes), pick(mask_input),
+                                      multimask_output, self.features[i : i + 1])
+                lows.append(lr)
+                ious.append(io)
+                start += c
+        else:
+            features = self._features_per_prompt(counts, batching)
+            low_res, iou = self._decode(point_coords, point_labels, boxes, mask_input, multimask_output, features)
+            lows, ious = list(low_res.split(counts)), list(iou.split(counts))
+        out_masks = []
+        for i, lr in enumerate(lows):
+            m = self.model.postprocess_masks(lr, self.input_sizes[i], self.original_sizes[i])
+            out_masks.append(m if return_logits else m > self.model.mask_threshold)
+        return out_masks, ious, lows
+
+    def _decode(self, point_coords, point_labels, boxes, mask_input, multimask_output, features):
+        """Prompt encoder + mask decoder; ``features`` is (1, C, h, w) or one embedding per prompt."""
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        if num_prompts is None:
-            features = self.features
-        else:
-            counts = [int(c) for c in num_prompts]
-            if len(counts) != n_images or sum(counts) != sparse.shape[0]:
-                raise ValueError(
-                    f"num_prompts={counts} must have one entry per image ({n_images}) summing to the "
-                    f"number of prompts ({sparse.shape[0]})"
-                )
-            features = torch.cat([self.features[i : i + 1].expand(c, -1, -1, -1) for i, c in enumerate(counts)])
         low_res, iou = self.model.mask_decoder(
             image_embeddings=features,
             image_pe=self.model.prompt_encoder.get_dense_pe(),
@@ -171,22 +216,26 @@ class SamPredictor:
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-        low_res, iou = low_res.float(), iou.float()
-        if num_prompts is None:
-            masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-            if not return_logits:
-                masks = masks > self.model.mask_threshold
-            return masks, iou, low_res
-        out_masks, out_iou, out_low = [], [], []
-        start = 0
-        for i, c in enumerate(counts):
-            lr = low_res[start : start + c]
-            m = self.model.postprocess_masks(lr, self.input_sizes[i], self.original_sizes[i])
-            out_masks.append(m if return_logits else m > self.model.mask_threshold)
-            out_iou.append(iou[start : start + c])
-            out_low.append(lr)
-            start += c
-        return out_masks, out_iou, out_low
+        return low_res.float(), iou.float()
+
+    def _features_per_prompt(self, counts: List[int], batching: str) -> torch.Tensor:
+        """The image embedding of each prompt, ``(sum(counts), C, h, w)``, without a host sync."""
+        feats = self.features
+        dev = feats.device
+        total = sum(counts)
+        counts_t = torch.tensor(counts, dtype=torch.int64)
+        # pinned + non_blocking: the copy is queued on the stream, the host does not wait
+        counts_t = counts_t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else counts_t.to(dev)
+        if batching == "packed":
+            index = torch.repeat_interleave(torch.arange(len(counts), device=dev), counts_t, output_size=total)
+            return feats.index_select(0, index)
+        # nested: a (images, ragged prompts, 1) jagged tensor of zeros plus the (images, 1, C*h*w)
+        # embeddings broadcasts each image's embedding over its prompts (0 + x is exact).
+        offsets = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)])
+        slots = torch.nested.nested_tensor_from_jagged(
+            feats.new_zeros(total, 1), offsets, min_seqlen=min(counts), max_seqlen=max(counts))
+        per_prompt = slots + feats.flatten(1).unsqueeze(1)
+        return per_prompt.values().view(total, *feats.shape[1:])
 
     def get_image_embedding(self) -> torch.Tensor:
         """The embedding(s) of the set image(s): ``B x C x h x w`` (B = 1 after ``set_image``)."""

@@ -99,6 +99,6 @@ class MaskDecoder(nn.Module):
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, hyper_in.shape[1], h, w)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred

@@ -1,0 +1,183 @@
+"""build_sam_fast: regional / full compilation (counted with CPU backends) and the encoder
+quantization options, on a tiny SAM."""
+import copy
+
+import pytest
+import torch
+from helpers import sqnr
+from sam_testutils import randomize_
+from torch import nn
+from torch._dynamo.utils import counters
+
+from fastzoo.quant import Int8DynamicLinear, Int8DynamicSparse24Linear, Sparse24Linear, prune_2_4
+from fastzoo.sam import build_sam_fast, build_sam_from_config
+from fastzoo.sam.build import compile_image_encoder, quantize_image_encoder_
+
+IMG = 128  # 8x8 token grid; window 4 -> 4 windows per image
+
+
+def tiny_encoder(depth=4, global_idx=(1, 3), seed=0):
+    torch.manual_seed(seed)
+    sam = build_sam_from_config(32, depth, 2, global_idx, image_size=IMG, window_size=4)
+    return randomize_(sam, seed).image_encoder.eval().requires_grad_(False)
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("depth,global_idx", [(4, (1, 3)), (6, (2, 5))])
+@torch.no_grad()
+def test_regional_compile_one_graph_per_block_kind(fresh_dynamo, depth, global_idx):
+    enc = tiny_encoder(depth, global_idx)
+    ref = copy.deepcopy(enc)
+    # a backend given by name gets a new wrapper object per block, as "inductor" does
+    compile_image_encoder(enc, "regional", backend="eager")
+    x = torch.randn(2, 3, IMG, IMG)
+    torch.testing.assert_close(enc(x), ref(x), rtol=1e-5, atol=1e-5)
+    # windowed block + global block + patch embedding + neck, whatever the depth
+    assert graphs() == 4
+    x2 = torch.randn(2, 3, IMG, IMG)
+    torch.testing.assert_close(enc(x2), ref(x2), rtol=1e-5, atol=1e-5)
+    assert graphs() == 4, "a second batch of the same size recompiled"
+    assert enc.state_dict().keys() == ref.state_dict().keys()
+
+
+@torch.no_grad()
+def test_regional_compile_many_batch_sizes_stay_compiled(fresh_dynamo):
+    """Each new batch size adds one graph per region; past torch's default recompile limit (8 per
+    code object, i.e. 4 batch sizes x 2 block kinds) they must still be compiled, not run eagerly."""
+    enc = tiny_encoder()
+    compile_image_encoder(enc, True, backend="eager")
+    limit = torch._dynamo.config.recompile_limit
+    for b in range(1, 6):
+        enc(torch.randn(b, 3, IMG, IMG))
+        assert graphs() == 4 * b
+    assert torch._dynamo.config.recompile_limit == limit  # restored after the calls
+
+
+@torch.no_grad()
+def test_full_compile_one_graph(fresh_dynamo):
+    enc = tiny_encoder()
+    ref = copy.deepcopy(enc)
+    compile_image_encoder(enc, "full", backend="eager")
+    for _ in range(2):
+        x = torch.randn(1, 3, IMG, IMG)
+        torch.testing.assert_close(enc(x), ref(x), rtol=1e-5, atol=1e-5)
+        assert graphs() == 1
+
+
+def test_compile_and_quantize_argument_errors():
+    with pytest.raises(ValueError, match="compile must be one of .*'regional', 'full'.*found 'partial'"):
+        compile_image_encoder(tiny_encoder(), "partial")
+    with pytest.raises(ValueError, match="compile must be one of"):
+        build_sam_fast("vit_b", device="cpu", compile="max-autotune")
+    with pytest.raises(ValueError, match="unknown quantize='int4'.*int8, sparse, int8\\+sparse"):
+        build_sam_fast("vit_b", device="cpu", compile=False, quantize="int4")
+    with pytest.raises(ValueError, match="unknown quantize"):
+        quantize_image_encoder_(tiny_encoder(), "int8dq")
+
+
+def _pruned_mlp_copy(enc, names):
+    out = copy.deepcopy(enc)
+    for blk in out.blocks:
+        for name in names:
+            lin = blk.get_submodule(name)
+            lin.weight.copy_(prune_2_4(lin.weight))
+    return out
+
+
+@torch.no_grad()
+def test_quantize_options_on_tiny_encoder():
+    enc = tiny_encoder()
+    x = torch.randn(1, 3, IMG, IMG)
+    ref = enc(x)
+
+    int8 = quantize_image_encoder_(copy.deepcopy(enc), "int8")
+    for blk in int8.blocks:
+        for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.lin1, blk.mlp.lin2):
+            assert type(lin) is Int8DynamicLinear
+    assert not any(type(m) is nn.Linear for m in int8.blocks.modules())
+    assert sqnr(int8(x), ref) >= 20
+
+    # sparse = the float model with its MLP weights 2:4-pruned (same math on the CPU)
+    sparse = quantize_image_encoder_(copy.deepcopy(enc), "sparse")
+    assert all(type(b.mlp.lin1) is Sparse24Linear and type(b.mlp.lin2) is Sparse24Linear for b in sparse.blocks)
+    assert all(type(b.attn.qkv) is nn.Linear for b in sparse.blocks)
+    pruned = _pruned_mlp_copy(enc, ("mlp.lin1", "mlp.lin2"))
+    torch.testing.assert_close(sparse(x), pruned(x), rtol=1e-6, atol=1e-6)
+
+    # int8+sparse = int8 dynamic on attention and on the pruned lin1, 2:4 on lin2
+    both = quantize_image_encoder_(copy.deepcopy(enc), "int8+sparse")
+    for b in both.blocks:
+        assert type(b.attn.qkv) is Int8DynamicLinear and type(b.attn.proj) is Int8DynamicLinear
+        assert type(b.mlp.lin1) is Int8DynamicSparse24Linear and type(b.mlp.lin2) is Sparse24Linear
+    expected = _pruned_mlp_copy(enc, ("mlp.lin1", "mlp.lin2"))
+    quantize_image_encoder_(expected, "int8")
+    for b in expected.blocks:  # lin2 stays float in int8+sparse
+        b.mlp.lin2 = nn.Linear(b.mlp.lin2.in_features, b.mlp.lin2.out_features)
+    for b, p in zip(expected.blocks, pruned.blocks):
+        b.mlp.lin2.load_state_dict(p.mlp.lin2.state_dict())
+    torch.testing.assert_close(both(x), expected(x), rtol=1e-6, atol=1e-6)
+    assert sqnr(both(x), pruned(x)) >= 20
+
+
+def test_build_sam_fast_cpu_quantized_vit_b():
+    """The real entry point on the CPU (fp32, no compile): right modules, encoder dtype kept."""
+    sam = build_sam_fast("vit_b", device="cpu", dtype=torch.float32, compile=False, quantize="int8+sparse")
+    blk = sam.image_encoder.blocks[0]
+    assert type(blk.attn.qkv) is Int8DynamicLinear and type(blk.mlp.lin1) is Int8DynamicSparse24Linear
+    assert type(blk.mlp.lin2) is Sparse24Linear and not blk.mlp.lin2.uses_semi_structured
+    assert sam.dtype == torch.float32 and sam.device.type == "cpu"
+    assert all(type(m) is nn.Linear for m in sam.mask_decoder.modules() if isinstance(m, nn.Linear))
+
+
+# --------------------------------------------------------------------------- GPU
+def _seeded_vit_b(**kw):
+    torch.manual_seed(0)  # same random weights for every build
+    return build_sam_fast("vit_b", device="cuda", dtype=torch.bfloat16, **kw)
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_quantize_options_cuda():
+    """vit_b bf16 on the GPU: int8 SQNR vs bf16; 2:4 paths vs the pruned dense model (same math)."""
+    x = torch.randn(2, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    dense = _seeded_vit_b(compile=False)
+    ref = dense.image_encoder(x)
+    int8 = _seeded_vit_b(compile=False, quantize="int8").image_encoder(x)
+    assert sqnr(int8, ref) >= 20
+    pruned = _pruned_mlp_copy(dense.image_encoder, ("mlp.lin1", "mlp.lin2"))
+    ref_pruned = pruned(x)
+    sparse = _seeded_vit_b(compile=False, quantize="sparse").image_encoder
+    assert all(b.mlp.lin1.uses_semi_structured and b.mlp.lin2.uses_semi_structured for b in sparse.blocks)
+    out = sparse(x)
+    print(f"2:4 on the MLPs, random weights: SQNR vs the dense model {sqnr(out, ref):.1f} dB")
+    assert sqnr(out, ref_pruned) >= 25
+    both = _seeded_vit_b(compile=False, quantize="int8+sparse").image_encoder
+    print("int8 2:4 lin1 on cuSPARSELt:", both.blocks[0].mlp.lin1.uses_semi_structured)
+    assert sqnr(both(x), ref_pruned) >= 18
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_regional_inductor_compile_cuda(fresh_dynamo):
+    """Real inductor on the GPU, with the int8 + 2:4 modules inside the compiled blocks."""
+    sam = _seeded_vit_b(compile=False, quantize="int8+sparse")
+    enc = sam.image_encoder
+    x = torch.randn(1, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    eager = enc(x)
+    compile_image_encoder(enc, "regional")
+    out = enc(x)
+    assert graphs() == 4
+    assert sqnr(out, eager) >= 30
+    enc(torch.randn_like(x))
+    assert graphs() == 4
