@@ -68,18 +68,31 @@ def semi_structured_reason(weight: torch.Tensor, int8: bool = False) -> str | No
     return None
 
 
+def _repack_after_load(module: nn.Module, incompatible_keys) -> None:
+    module.repack(prune=True)
+
+
 class _Repacks:
     """Mixin: rebuild the derived compressed weight after device/dtype moves and loads."""
 
     def _init_repack(self) -> None:
         self._packed = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.repack(prune=True))
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
     def _apply(self, fn, recurse=True):
         self._packed = None  # derived data: dropped, then rebuilt from the moved dense weight
         out = super()._apply(fn, recurse)
         self.repack()
         return out
+
+    def __getstate__(self):  # copy.deepcopy / pickle: the derived weight is rebuilt, not copied
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.repack()
 
     @property
     def uses_semi_structured(self) -> bool:

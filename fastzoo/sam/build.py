@@ -188,14 +188,23 @@ COMPILE_MODES = (True, False, None, "regional", "full")
 RECOMPILE_LIMIT = 64
 
 
-def quantize_image_encoder_(encoder: nn.Module, quantize: Optional[str]) -> nn.Module:
-    """Apply one of ``ENCODER_QUANT_PLANS`` to the blocks of an image encoder, in place."""
-    if quantize is None:
-        return encoder
-    if quantize not in ENCODER_QUANT_PLANS:
+def _check_quantize(quantize: Optional[str]) -> None:
+    if quantize is not None and quantize not in ENCODER_QUANT_PLANS:
         raise ValueError(
             f"unknown quantize={quantize!r} for SAM; expected None or one of {', '.join(ENCODER_QUANT_PLANS)}"
         )
+
+
+def _check_compile(compile: Union[bool, str, None]) -> None:
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {COMPILE_MODES}, found {compile!r}")
+
+
+def quantize_image_encoder_(encoder: nn.Module, quantize: Optional[str]) -> nn.Module:
+    """Apply one of ``ENCODER_QUANT_PLANS`` to the blocks of an image encoder, in place."""
+    _check_quantize(quantize)
+    if quantize is None:
+        return encoder
     for config, names in ENCODER_QUANT_PLANS[quantize]:
         quantize_(encoder, config, filter_fn=lambda m, fqn, names=names: (
             isinstance(m, nn.Linear) and fqn.startswith("blocks.") and fqn.split(".", 2)[2] in names))
@@ -236,8 +245,7 @@ def compile_image_encoder(
     ``torch.compile`` (inductor settings belong in ``options``: applied per compile, never
     global).  State-dict keys are unchanged.
     """
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}, found {compile!r}")
+    _check_compile(compile)
     if not compile:
         return encoder
     kw: Dict[str, Any] = dict(backend=backend, dynamic=False)
@@ -276,12 +284,8 @@ def build_sam_fast(
     encoder and mask decoder stay in ``dtype``.
     """
     dtype = resolve_dtype(dtype)
-    if compile not in COMPILE_MODES:
-        raise ValueError(f"compile must be one of {COMPILE_MODES}, found {compile!r}")
-    if quantize is not None and quantize not in ENCODER_QUANT_PLANS:
-        raise ValueError(
-            f"unknown quantize={quantize!r} for SAM; expected None or one of {', '.join(ENCODER_QUANT_PLANS)}"
-        )
+    _check_compile(compile)
+    _check_quantize(quantize)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sam = build_sam_model(model_type, checkpoint)

@@ -1,5 +1,7 @@
 """2:4 sparsity in fastzoo.quant: pruning properties, Sparse24Linear / Int8DynamicSparse24Linear
 on the CPU (dense fallback) and, on CUDA, the semi-structured paths."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,6 +106,8 @@ def test_sparse24_semi_structured_cuda(dtype):
     assert sqnr(out, ref) >= 35
     compiled = torch.compile(sp, dynamic=False)
     assert sqnr(compiled(x), ref) >= 35
+    dup = copy.deepcopy(sp)  # the compressed weight is rebuilt, not copied
+    assert dup.uses_semi_structured and torch.equal(dup(x), out)
     # moved to the CPU: dense fallback, then back to CUDA: re-packed
     assert not sp.to("cpu").uses_semi_structured
     assert sp.to("cuda").uses_semi_structured

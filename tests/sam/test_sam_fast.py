@@ -178,6 +178,6 @@ def test_regional_inductor_compile_cuda(fresh_dynamo):
     compile_image_encoder(enc, "regional")
     out = enc(x)
     assert graphs() == 4
-    assert sqnr(out, eager) >= 30
+    assert sqnr(out, eager) >= 25  # bf16 fusion order differs from eager
     enc(torch.randn_like(x))
     assert graphs() == 4
