@@ -29,6 +29,30 @@ WEIGHTS_NAME = "model.pth"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.model"
 
+QUANT_FIELD = "fastzoo_quantization"  # config.json field recording a quantized checkpoint's format
+
+
+def quantization_of(config: LlamaConfig):
+    """The ``fastzoo.quant`` config that builds a checkpoint's quantized modules, or None.
+
+    Read from the ``fastzoo_quantization`` field of its config.json (written by
+    :mod:`fastzoo.llama.quantize`): ``{"mode": "int8"}`` or ``{"mode": "int4", "group_size": N}``
+    (GPTQ checkpoints have int4's layout).
+    """
+    rec = config.extra.get(QUANT_FIELD)
+    if rec is None:
+        return None
+    from fastzoo.quant import Int4WeightOnly, Int8WeightOnly
+    if not isinstance(rec, dict) or rec.get("mode") not in ("int8", "int4"):
+        raise LlamaError(f"config field {QUANT_FIELD!r} must be an object with mode 'int8' or 'int4', found {rec!r}")
+    if rec["mode"] == "int8":
+        return Int8WeightOnly()
+    try:
+        return Int4WeightOnly(int(rec.get("group_size", -1)))
+    except (ValueError, TypeError) as e:
+        raise LlamaError(f"config field {QUANT_FIELD!r}: {e}") from None
+
+
 def parse_dtype(name) -> torch.dtype:
     """``fastzoo.utils.parse_dtype`` with errors as :class:`LlamaError`."""
     return _parse_dtype(name, error=LlamaError)
@@ -132,13 +156,21 @@ def load_model(checkpoint_dir, device="cpu", dtype=None) -> Transformer:
     if not wpath.is_file():
         raise LlamaError(f"weights not found: {wpath} (convert a checkpoint with python -m fastzoo.llama.convert)")
     config = LlamaConfig.from_json(d / CONFIG_NAME)
+    qconfig = quantization_of(config)
     with torch.device("meta"):
         model = Transformer(config)
+        if qconfig is not None:  # the recorded quantization, never the file name
+            from fastzoo.quant import quantize_
+            quantize_(model, qconfig)
     try:
         sd = read_state_dict(wpath)
     except CheckpointError as e:
         raise LlamaError(str(e)) from None
-    check_state_dict(model, sd, where=str(wpath))
+    hint = f"(config.json records the quantization {qconfig.name})" if qconfig is not None else None
+    try:
+        _check_state_dict(model, sd, str(wpath), hint=hint)
+    except CheckpointError as e:
+        raise LlamaError(str(e)) from None
     model.load_state_dict(sd, strict=True, assign=True)
     dtype = parse_dtype(dtype) if dtype is not None else None
     model.to(device=device, dtype=dtype)
