@@ -53,6 +53,19 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """Next token ``[B]`` from logits ``[B, V]``; greedy at temperature 0. Sync-free."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return sample_probs(logits_to_probs(logits, temperature, top_k, top_p))
+
+
+def sample_probs(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of (possibly unnormalised) ``probs [..., V]``, without a host sync."""
+    # exponential-race sampling == multinomial
+    q = torch.empty_like(probs).exponential_(1)
+    return (probs / q).argmax(dim=-1)
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """The sampling distribution (fp32, ``[..., V]``) of ``sample`` at ``temperature > 0``."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -63,10 +76,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    # exponential-race sampling == multinomial, without a host sync
-    q = torch.empty_like(probs).exponential_(1)
-    return (probs / q).argmax(dim=-1)
+    return logits.softmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -133,7 +143,10 @@ class Generator:
     """
 
     def __init__(self, model: Transformer, compile: bool = False, max_seq_length: int | None = None,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", kv_cache_dtype: torch.dtype | None = None):
+        if kv_cache_dtype not in (None, torch.int8):
+            raise LlamaError(f"kv_cache_dtype must be None (the model's dtype) or torch.int8, got {kv_cache_dtype}")
+        self.kv_cache_dtype = kv_cache_dtype
         self.model = model
         self.compile = compile
         self.fixed_seq_length = max_seq_length
@@ -170,9 +183,12 @@ class Generator:
 
     def _ensure_caches(self, B: int, S: int):
         m = self.model
-        if m.has_caches and m.max_seq_length == S and m.max_batch_size >= B:
+        int8 = self.kv_cache_dtype == torch.int8
+        if (m.has_caches and m.max_seq_length == S and m.max_batch_size >= B
+                and (m.layers[0].attention.kv_cache.k_cache.dtype == torch.int8) == int8):
             return
-        m.setup_caches(B, S, dtype=m.tok_embeddings.weight.dtype, device=self.device)
+        m.setup_caches(B, S, dtype=m.tok_embeddings.weight.dtype, device=self.device,
+                       kv_cache_dtype=self.kv_cache_dtype)
 
     # -------------------------------------------------------------- phases
     @torch.no_grad()
