@@ -68,7 +68,7 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int | None 
     """The sampling distribution (fp32, ``[..., V]``) of ``sample`` at ``temperature > 0``."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -109,6 +109,35 @@ def _recompile_limit(n: int):
     name = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"
     with dcfg.patch(**{name: max(getattr(dcfg, name), n)}):
         yield
+
+
+class _DoneFlag:
+    """Tells the host whether every sequence is done without making it wait for the GPU.
+
+    On CUDA, ``done.all()`` is copied asynchronously into pinned host memory every
+    ``every`` steps and read once the copy has landed (``Event.query``); on the CPU it is
+    read directly.  ``every=0``: never looks (the loop runs all its steps).
+    """
+
+    def __init__(self, device: torch.device, every: int):
+        self.every, self.cuda = every, device.type == "cuda"
+        self.flag = torch.zeros(1, dtype=torch.bool, pin_memory=True) if (self.cuda and every) else None
+        self.event = None
+
+    def all_done(self, done: torch.Tensor, step: int) -> bool:
+        if not self.every:
+            return False
+        if not self.cuda:
+            return bool(done.all())
+        if self.event is not None and self.event.query():  # the flag copy has landed
+            if bool(self.flag[0]):  # host memory: no GPU sync
+                return True
+            self.event = None
+        if self.event is None and step % self.every == 0:
+            self.flag.copy_(done.all().view(1), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return False
 
 
 @dataclass
@@ -233,31 +262,15 @@ class Generator:
         temperature, top_k, top_p = state.sampling
         n = state.out.shape[1]
         cuda = state.out.device.type == "cuda"
-        flag = event = None
-        if cuda and check_every:
-            flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-        sdpa = contextlib.nullcontext()
-        if self.compile:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            sdpa = sdpa_kernel([SDPBackend.MATH])  # inductor fuses the (tiny) decode attention
+        flag = _DoneFlag(state.out.device, check_every)
         cur, pos, done = state.cur, state.pos, state.done
         if callback is not None:
             callback(0, cur)
         i = state.n_written
-        with sdpa, _recompile_limit(64):
+        with self._sdpa(), _recompile_limit(64):
             while i < n:
-                if check_every:
-                    if cuda:
-                        if event is not None and event.query():  # the flag copy has landed
-                            if bool(flag[0]):  # host memory: no GPU sync
-                                break
-                            event = None
-                        if event is None and i % check_every == 0:
-                            flag.copy_(done.all().view(1), non_blocking=True)
-                            event = torch.cuda.Event()
-                            event.record()
-                    elif bool(done.all()):
-                        break
+                if flag.all_done(done, i):
+                    break
                 if self.compile and cuda:
                     torch.compiler.cudagraph_mark_step_begin()
                 nxt, new_done = self._decode(self.model, cur, pos, done, state.stop, state.pad_id,
@@ -270,6 +283,12 @@ class Generator:
                 i += 1
         state.cur, state.pos, state.done, state.n_written = cur, pos, done, i
         return state
+
+    def _sdpa(self):
+        if not self.compile:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.MATH])  # inductor fuses the (tiny) decode attention
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
                  top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 8,
@@ -298,6 +317,181 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              **kw) -> GenerationOutput:
     """One-shot convenience wrapper around :class:`Generator`."""
     return Generator(model, compile=compile).generate(prompts, max_new_tokens, **kw)
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+def accept_draft(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor, greedy: bool):
+    """Speculative-sampling acceptance (Leviathan et al. / Chen et al., 2023), batched, sync-free.
+
+    p: the target's distributions ``[..., k+1, V]`` at the k draft positions and one past
+       them (logits when ``greedy``); q: the draft's distributions ``[..., k, V]`` (unused
+       when greedy); draft: the draft tokens ``[..., k]`` (drawn from q).
+
+    Draft token i is accepted with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first
+    rejection the token is resampled from ``norm(max(0, p_i − q_i))``, and if all k are
+    accepted a bonus token is drawn from ``p_k``; so every emitted token follows the
+    target's distribution.  Greedy: a draft token is accepted when it is the target's
+    argmax, and the extra token is the target's argmax.
+
+    Returns ``(n [...], tokens [..., k+1])``: n accepted draft tokens; ``tokens[..., :n]``
+    are the accepted drafts and ``tokens[..., n]`` the resampled / bonus token (later
+    entries are meaningless).
+    """
+    k = draft.shape[-1]
+    if greedy:
+        best = p.argmax(dim=-1)  # [..., k+1]
+        accept = draft == best[..., :k]
+    else:
+        pd = p[..., :k, :].gather(-1, draft[..., None])[..., 0]
+        qd = q.gather(-1, draft[..., None])[..., 0]
+        accept = torch.rand_like(pd) * qd < pd  # u < p/q without dividing (q(d) > 0: d was drawn from q)
+    n = accept.long().cumprod(dim=-1).sum(dim=-1)  # length of the accepted prefix
+    if greedy:
+        extra = best.gather(-1, n[..., None])[..., 0]
+    else:
+        V = p.shape[-1]
+        q_ext = torch.cat([q, torch.zeros_like(q[..., :1, :])], dim=-2)  # row k: residual = p (bonus)
+        row_idx = n[..., None, None].expand(*n.shape, 1, V)
+        resid = (p - q_ext).clamp(min=0).gather(-2, row_idx)[..., 0, :]
+        p_row = p.gather(-2, row_idx)[..., 0, :]
+        # p_i == q_i leaves no residual, but then d_i is always accepted; guard against rounding
+        resid = torch.where(resid.sum(dim=-1, keepdim=True) > 0, resid, p_row)
+        extra = sample_probs(resid)  # unnormalised is fine for the exponential race
+    toks = torch.cat([draft, torch.zeros_like(draft[..., :1])], dim=-1)
+    idx = torch.arange(k + 1, device=draft.device)
+    return n, torch.where(idx == n[..., None], extra[..., None], toks)
+
+
+def speculative_round(target: Transformer, draft: Transformer, cur, pos, k: int, temperature: float,
+                      top_k, top_p):
+    """One round at batch 1: ``cur [1]`` at position ``pos [1]`` (in neither cache yet).
+
+    The draft proposes k tokens (k + 1 single-token steps: the last only writes its final
+    proposal into the draft's cache), the target scores ``[cur, d_1..d_k]`` in one forward,
+    and :func:`accept_draft` decides.  Returns ``(n [1], tokens [1, k+1])``.  Slots written
+    for rejected tokens hold stale keys/values, masked until they are overwritten.
+    """
+    greedy = temperature == 0
+    seq, qs, c = [cur], [], cur
+    for i in range(k + 1):
+        logits = draft(c[:, None], (pos + i)[:, None])[:, -1]
+        if i == k:
+            break
+        if greedy:
+            c = logits.argmax(dim=-1)
+        else:
+            qi = logits_to_probs(logits, temperature, top_k, top_p)
+            qs.append(qi)
+            c = sample_probs(qi)
+        seq.append(c)
+    seq = torch.stack(seq, dim=1)  # [1, k+1]
+    positions = pos[:, None] + torch.arange(k + 1, device=pos.device)
+    tl = target(seq, positions)  # [1, k+1, V]
+    p = tl if greedy else logits_to_probs(tl, temperature, top_k, top_p)
+    q = None if greedy else torch.stack(qs, dim=1)
+    return accept_draft(p, q, seq[:, 1:], greedy)
+
+
+class SpeculativeGenerator:
+    """Speculative decoding at batch 1: a draft model proposes ``speculate_k`` tokens, the
+    target verifies them in one forward; the output follows the target's distribution
+    (greedy: exactly the target's greedy tokens, up to numerical ties).
+
+    ``draft`` may be the target itself (then both share one KV cache) or any model with the
+    same vocabulary, e.g. a quantized copy of the target.  The loop stays on the device:
+    counts, positions and acceptance statistics are device tensors; the host only learns
+    that generation ended through :class:`_DoneFlag`.
+    """
+
+    def __init__(self, target: Transformer, draft: Transformer, speculate_k: int, compile: bool = False,
+                 max_seq_length: int | None = None, compile_backend: str = "inductor",
+                 kv_cache_dtype: torch.dtype | None = None):
+        if speculate_k < 1:
+            raise LlamaError(f"speculate_k must be >= 1, got {speculate_k}")
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise LlamaError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                             f"({target.config.vocab_size})")
+        if draft.tok_embeddings.weight.device != target.tok_embeddings.weight.device:
+            raise LlamaError("the draft and target models must be on the same device")
+        self.k = speculate_k
+        self.target, self.draft, self.compile = target, draft, compile
+        self.target_gen = Generator(target, compile=compile, max_seq_length=max_seq_length,
+                                    compile_backend=compile_backend, kv_cache_dtype=kv_cache_dtype)
+        self.draft_gen = None if draft is target else Generator(
+            draft, compile=False, max_seq_length=max_seq_length, kv_cache_dtype=kv_cache_dtype)
+        self.device = self.target_gen.device
+        self._round = speculative_round
+        if compile:
+            opts = {"coordinate_descent_tuning": True}
+            if self.device.type == "cuda":
+                opts["triton.cudagraphs"] = True
+            self._round = torch.compile(speculative_round, fullgraph=True, dynamic=False, backend=compile_backend,
+                                        options=opts if compile_backend == "inductor" else None)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+                 top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 1,
+                 timed: bool = True) -> GenerationOutput:
+        """As :meth:`Generator.generate` (one prompt); ``stats`` holds the acceptance rate."""
+        if len(prompts) != 1:
+            raise LlamaError(f"speculative decoding supports batch 1 (one prompt), got {len(prompts)} prompts")
+        k = self.k
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if (timed and cuda) else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        # room for the k + 1 slots a round may write past the last kept token
+        state = self.target_gen.prefill(prompts, max_new_tokens + k + 1, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
+        if self.draft_gen is not None:
+            self.draft_gen.prefill(prompts, max_new_tokens + k + 1, temperature=0.0)  # fills the draft's cache
+        sync()
+        t1 = time.perf_counter()
+        out, stop = state.out, state.stop
+        dump = out.shape[1] - 1  # never reached by kept tokens: discarded writes go there
+        cur, pos = state.cur, state.pos
+        count = torch.ones(1, dtype=torch.long, device=self.device)
+        done = state.done | (count >= max_new_tokens)
+        accepted = torch.zeros(1, dtype=torch.long, device=self.device)
+        rounds = torch.zeros(1, dtype=torch.long, device=self.device)
+        ar = torch.arange(k + 1, device=self.device)
+        flag = _DoneFlag(self.device, max(check_every, 1))
+        if callback is not None:
+            callback(0, cur)
+        with self.target_gen._sdpa(), _recompile_limit(64):
+            for r in range(max_new_tokens - 1):  # every live round keeps at least one token
+                if flag.all_done(done, r):
+                    break
+                if self.compile and cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                n, toks = self._round(self.target, self.draft, cur, pos, k, temperature, top_k, top_p)
+                n, toks = n.clone(), toks.clone()
+                live = ~done
+                valid = (ar[None, :] <= n[:, None]) & live[:, None]
+                out.scatter_(1, torch.where(valid, count[:, None] + ar[None, :], dump), toks)
+                hit_stop = (valid & (toks[..., None] == stop).any(dim=-1)).any(dim=-1)
+                step = (n + 1) * live
+                if callback is not None:
+                    for j in range(int(step[0])):  # streaming reads the tokens back (syncs)
+                        callback(int(count[0]) + j, toks[:, j])
+                accepted += n * live
+                rounds += live.long()
+                count = count + step
+                pos = pos + step
+                cur = torch.where(live, toks.gather(1, n[:, None])[:, 0], cur)
+                done = done | hit_stop | (count >= max_new_tokens)
+        res = out[:, :max_new_tokens].cpu()  # the sync of the decode phase
+        n_written = min(int(count[0]), max_new_tokens)
+        n_acc, n_rounds = int(accepted[0]), int(rounds[0])
+        t2 = time.perf_counter()
+        stops = set(stop_ids)
+        row = res[0, :n_written].tolist()
+        cut = next((j for j, t in enumerate(row) if t in stops), None)
+        stats = {"speculate_k": k, "rounds": n_rounds, "accepted": n_acc, "proposed": n_rounds * k,
+                 "acceptance_rate": n_acc / (n_rounds * k) if n_rounds else float("nan"),
+                 "tokens_per_round": (n_acc + n_rounds) / n_rounds if n_rounds else float("nan")}
+        return GenerationOutput(tokens=[row if cut is None else row[:cut]], finished=[cut is not None],
+                                prefill_s=t1 - t0, decode_s=t2 - t1, steps=n_written - 1, stats=stats)
 
 
 # ---------------------------------------------------------------------------- CLI
