@@ -472,8 +472,9 @@ class SpeculativeGenerator:
                 hit_stop = (valid & (toks[..., None] == stop).any(dim=-1)).any(dim=-1)
                 step = (n + 1) * live
                 if callback is not None:
-                    for j in range(int(step[0])):  # streaming reads the tokens back (syncs)
-                        callback(int(count[0]) + j, toks[:, j])
+                    c0 = int(count[0])  # streaming reads the tokens back (syncs)
+                    for j in range(min(int(step[0]), max_new_tokens - c0)):
+                        callback(c0 + j, toks[:, j])
                 accepted += n * live
                 rounds += live.long()
                 count = count + step
@@ -539,6 +540,14 @@ def _build_parser():
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer file (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--kv-cache-dtype", choices=["int8"], default=None,
+                   help="int8: quantized KV cache with per-token, per-head scales (default: the model's dtype)")
+    s = p.add_argument_group("speculative decoding (one prompt)")
+    s.add_argument("--speculate-k", type=int, default=None, help="draft tokens proposed per round")
+    s.add_argument("--draft-checkpoint", type=Path, help="draft model checkpoint (may be a quantized checkpoint)")
+    s.add_argument("--draft-quantize", default=None,
+                   help="quantize the draft with this fastzoo.quant config (int8, int4-g128, ...); without "
+                        "--draft-checkpoint the draft is a quantized copy of the target")
     return p
 
 
@@ -555,6 +564,16 @@ def _check_args(p, a):
         p.error("give at least one --prompt (or --interactive)")
     if a.interactive and a.prompt and len(a.prompt) > 1:
         p.error("--interactive takes at most one --prompt")
+    drafting = a.draft_checkpoint is not None or a.draft_quantize is not None
+    if a.speculate_k is not None:
+        if a.speculate_k < 1:
+            p.error(f"--speculate-k must be >= 1, got {a.speculate_k}")
+        if not drafting:
+            p.error("--speculate-k needs a draft: --draft-checkpoint DIR and/or --draft-quantize CONFIG")
+        if a.interactive or len(a.prompt) != 1:
+            p.error("speculative decoding runs one --prompt (batch 1), not --interactive or several prompts")
+    elif drafting:
+        p.error("--draft-checkpoint / --draft-quantize need --speculate-k K")
 
 
 def _print_stats(model, res: GenerationOutput, batch: int, device, file=None, label=""):
@@ -578,6 +597,8 @@ def main(argv=None) -> int:
     try:
         tp = _torchrun_env()  # tensor parallel (fastzoo.llama.tp) when launched by torchrun
         if tp is not None:
+            if a.speculate_k is not None:
+                raise LlamaError("speculative decoding is not supported with tensor parallelism (torchrun)")
             from .tp import run_cli
             return run_cli(_run, a, *tp)
         return _run(a)
@@ -622,12 +643,17 @@ def _run(a, load=load_model) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    kv_dtype = torch.int8 if a.kv_cache_dtype == "int8" else None
     if a.interactive:
         S = a.max_seq_length or min(4096, cfg.max_position_embeddings)
-        gen = Generator(model, compile=a.compile, max_seq_length=S)
+        gen = Generator(model, compile=a.compile, max_seq_length=S, kv_cache_dtype=kv_dtype)
         return _interactive(gen, tokenizer, a, kw, device)
 
-    gen = Generator(model, compile=a.compile, max_seq_length=a.max_seq_length)
+    if a.speculate_k is not None:
+        gen = SpeculativeGenerator(model, _load_draft(a, model, load, device, dtype), a.speculate_k,
+                                   compile=a.compile, max_seq_length=a.max_seq_length, kv_cache_dtype=kv_dtype)
+    else:
+        gen = Generator(model, compile=a.compile, max_seq_length=a.max_seq_length, kv_cache_dtype=kv_dtype)
 
     def encode(text):
         if a.chat:
@@ -654,7 +680,30 @@ def _run(a, load=load_model) -> int:
         if a.compile and s == 0:
             print(f"{label}first run (includes compilation): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         _print_stats(model, res, len(prompts), device, label=label)
+        if "acceptance_rate" in res.stats:
+            st = res.stats
+            print(f"{label}speculative: acceptance rate {st['acceptance_rate']:.1%} ({st['accepted']}/{st['proposed']} "
+                  f"draft tokens, k={st['speculate_k']}), {st['tokens_per_round']:.2f} tokens per target forward",
+                  file=sys.stderr)
     return 0
+
+
+def _load_draft(a, target, load, device, dtype):
+    """The draft of --draft-checkpoint (quantized or not, as its config records) and/or --draft-quantize."""
+    import copy
+    from fastzoo.quant import quantize_
+    if a.draft_checkpoint is not None:
+        if not a.draft_checkpoint.is_dir():
+            raise LlamaError(f"draft checkpoint directory not found: {a.draft_checkpoint}")
+        draft = load(a.draft_checkpoint, device=device, dtype=dtype)
+    else:
+        draft = copy.deepcopy(target)
+    if a.draft_quantize is not None:
+        try:
+            quantize_(draft, a.draft_quantize)
+        except (ValueError, TypeError) as e:
+            raise LlamaError(f"--draft-quantize {a.draft_quantize}: {e}") from None
+    return draft
 
 
 def _interactive(gen: Generator, tokenizer, a, kw, device) -> int:

@@ -113,3 +113,52 @@ def test_acceptance_rule_greedy():
     assert int(n) == 2 and toks.tolist() == [1, 0, 2]
     n, toks = accept_draft(logits, None, torch.tensor([1, 2]), greedy=True)
     assert int(n) == 1 and toks[:2].tolist() == [1, 0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from fastzoo.llama.checkpoint import save_checkpoint
+    from llama_testutils import write_tiktoken_file
+    base = tmp_path_factory.mktemp("spec")
+    model = make_tiny_model(std=0.15, vocab_size=576)
+    return save_checkpoint(model, model.config, base / "fp32", tokenizer_path=write_tiktoken_file(base / "t.model"))
+
+
+def _cli(capsys, *argv):
+    from fastzoo.llama.generate import main
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_speculative_with_quantized_draft(ckpt, capsys):
+    common = ["--checkpoint", ckpt, "--prompt", "hello world", "--max-new-tokens", 12, "--temperature", 0,
+              "--device", "cpu"]
+    rc, ref, err = _cli(capsys, *common)
+    assert rc == 0, err
+    rc, out, err = _cli(capsys, *common, "--speculate-k", 3, "--draft-quantize", "int4-g32")
+    assert rc == 0, err
+    assert out == ref and "acceptance rate" in err
+    rc, out, err = _cli(capsys, *common, "--speculate-k", 2, "--draft-checkpoint", ckpt)
+    assert rc == 0 and out == ref and "acceptance rate 100.0%" in err
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--speculate-k", "2"], "needs a draft"),
+    (["--draft-quantize", "int8"], "need --speculate-k"),
+    (["--speculate-k", "2", "--draft-quantize", "int8", "--prompt", "again"], "batch 1"),
+    (["--speculate-k", "0", "--draft-quantize", "int8"], ">= 1"),
+])
+def test_cli_speculative_argument_errors(ckpt, capsys, extra, msg):
+    with pytest.raises(SystemExit) as e:
+        _cli(capsys, "--checkpoint", ckpt, "--prompt", "hi", *extra)
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_cli_speculative_runtime_errors(ckpt, capsys, tmp_path):
+    rc, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "hi", "--speculate-k", 2,
+                      "--draft-checkpoint", tmp_path / "missing", "--device", "cpu")
+    assert rc == 1 and "draft checkpoint directory not found" in err
+    rc, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "hi", "--speculate-k", 2,
+                      "--draft-quantize", "int5", "--device", "cpu")
+    assert rc == 1 and "unknown quantization" in err
