@@ -1,0 +1,135 @@
+"""Perplexity: sliding-window NLL equals a direct computation; quantized ppl close to float."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastzoo.llama.config import LlamaError
+from fastzoo.llama.eval import continuation_logprob, perplexity, windows
+from fastzoo.quant import quantize_
+from llama_testutils import make_tiny_model
+
+TOKENS = torch.randint(0, 96, (101,), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model(std=0.1)
+
+
+def _direct_nll_sum(model, ids):
+    with torch.no_grad():
+        logits = model(ids[None])[0]
+    return float(F.cross_entropy(logits[:-1].double(), ids[1:], reduction="sum"))
+
+
+def test_single_window_equals_full_forward(model):
+    res = perplexity(model, TOKENS, max_seq_length=128, progress=False)
+    assert res.tokens == 100 and res.windows == 1
+    assert math.isclose(res.nll_sum, _direct_nll_sum(model, TOKENS), rel_tol=1e-5)
+    assert math.isclose(res.perplexity, math.exp(res.nll_sum / 100))
+
+
+@pytest.mark.parametrize("L,stride", [(40, 39), (48, 16)])
+def test_sliding_windows_equal_direct_per_window_forwards(model, L, stride):
+    res = perplexity(model, TOKENS, max_seq_length=L, stride=stride, progress=False)
+    wins = windows(101, L, stride)
+    assert res.windows == len(wins) > 2 and res.tokens == 100
+    direct = 0.0
+    for b, e, f in wins:  # each window: a plain full forward, cross entropy of its scored tokens
+        ids = TOKENS[b:e]
+        with torch.no_grad():
+            logits = model(ids[None])[0]
+        direct += float(F.cross_entropy(logits[f - b - 1:e - b - 1].double(), ids[f - b:], reduction="sum"))
+    assert math.isclose(res.nll_sum, direct, rel_tol=1e-5)
+
+
+def test_windows_score_every_token_once():
+    for n, L, s in [(101, 40, 39), (101, 40, 13), (5, 40, 20), (64, 16, 1), (2, 2, 1)]:
+        scored = [t for _, e, f in windows(n, L, s) for t in range(f, e)]
+        assert scored == list(range(1, n)), (n, L, s)
+        for i, (b, e, f) in enumerate(windows(n, L, s)):
+            assert e - b <= L and b < f and (i == 0 or f - b >= L - s)
+    for bad in (8, 9, 0):
+        with pytest.raises(LlamaError, match="stride"):
+            windows(10, 8, bad)
+
+
+def test_sliding_window_close_to_full_context(model):
+    full = perplexity(model, TOKENS, 128, progress=False).nll
+    slid = perplexity(model, TOKENS, 48, 16, progress=False).nll
+    assert abs(full - slid) < 0.05 * full  # ≥ 32 tokens of context for every scored token past the first window
+
+
+# quantized vs float perplexity on random weights (consistency check): relative NLL change
+PPL_BOUNDS = {"int8": 0.01, "int4-g32": 0.05}
+
+
+@pytest.mark.parametrize("mode", list(PPL_BOUNDS))
+def test_quantized_perplexity_close_to_float(model, mode):
+    ref = perplexity(model, TOKENS, 64, 32, progress=False)
+    q = perplexity(quantize_(copy.deepcopy(model), mode), TOKENS, 64, 32, progress=False)
+    assert q.tokens == ref.tokens
+    assert abs(q.nll - ref.nll) / ref.nll < PPL_BOUNDS[mode], (mode, ref.perplexity, q.perplexity)
+
+
+def test_continuation_logprob(model):
+    ctx, cont = TOKENS[:10].tolist(), TOKENS[10:14].tolist()
+    ll, greedy = continuation_logprob(model, ctx, cont)
+    with torch.no_grad():
+        logp = model(TOKENS[None, :13])[0].double().log_softmax(-1)
+    assert math.isclose(ll, float(sum(logp[9 + i, t] for i, t in enumerate(cont))), rel_tol=1e-5)
+    best = []
+    with torch.no_grad():
+        for _ in range(4):  # the greedy continuation
+            best.append(int(model(torch.tensor([ctx + best]))[0, -1].argmax()))
+    assert continuation_logprob(model, ctx, best)[1]
+    assert greedy == (cont == best)
+
+
+def test_eval_cli(tmp_path, capsys):
+    from fastzoo.llama.checkpoint import save_checkpoint
+    from fastzoo.llama.eval import main
+    from fastzoo.llama.tokenizer import load_tokenizer
+    from llama_testutils import write_tiktoken_file
+    m = make_tiny_model(std=0.1, vocab_size=576)
+    ckpt = save_checkpoint(m, m.config, tmp_path / "ck", tokenizer_path=write_tiktoken_file(tmp_path / "t.model"))
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 6)
+    assert main(["--checkpoint", str(ckpt), "--text", str(text), "--max-seq-length", "32", "--stride", "16",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    ids = load_tokenizer(ckpt / "tokenizer.model").encode(text.read_text(), bos=True)
+    want = perplexity(m, ids, 32, 16, progress=False)
+    assert f"perplexity: {want.perplexity:.4f}" in out and f"over {len(ids) - 1} tokens" in out
+    assert main(["--checkpoint", str(ckpt), "--text", str(tmp_path / "nope.txt")]) == 1
+    assert "text file not found" in capsys.readouterr().err
+    assert main(["--checkpoint", str(ckpt), "--text", str(text), "--max-seq-length", "32", "--stride", "64",
+                 "--device", "cpu"]) == 1
+    assert "stride must be" in capsys.readouterr().err
+
+
+def test_lm_eval_adapter(model):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from fastzoo.llama.lm_eval_adapter import FastzooLM
+
+    class Tok:
+        stop_ids, pad_id = [], 0
+
+        def encode(self, text, bos=False):
+            return ([1] if bos else []) + [ord(c) % 96 for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    lm = FastzooLM(model, Tok(), max_seq_length=64, max_gen_toks=5)
+    req = Instance(request_type="loglikelihood", doc={}, arguments=("abc", "de"), idx=0)
+    (ll, _), = lm.loglikelihood([req])
+    assert math.isclose(ll, continuation_logprob(model, [1] + Tok().encode("abc"), Tok().encode("de"))[0], rel_tol=1e-6)
+    roll = Instance(request_type="loglikelihood_rolling", doc={}, arguments=("hello there",), idx=0)
+    assert lm.loglikelihood_rolling([roll])[0] < 0
+    gen = Instance(request_type="generate_until", doc={}, arguments=("abc", {"until": ["zzz"]}), idx=0)
+    assert len(lm.generate_until([gen])[0]) == 5
