@@ -64,7 +64,7 @@ def test_sliding_window_close_to_full_context(model):
 
 
 # quantized vs float perplexity on random weights (consistency check): relative NLL change
-PPL_BOUNDS = {"int8": 0.01, "int4-g32": 0.05}
+PPL_BOUNDS = {"int8": 0.005, "int4-g32": 0.02}  # measured: 0.08 %, 0.13 %
 
 
 @pytest.mark.parametrize("mode", list(PPL_BOUNDS))
