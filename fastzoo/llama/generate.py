@@ -429,24 +429,25 @@ class SpeculativeGenerator:
                                         options=opts if compile_backend == "inductor" else None)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
-                 top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 1,
-                 timed: bool = True) -> GenerationOutput:
-        """As :meth:`Generator.generate` (one prompt); ``stats`` holds the acceptance rate."""
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+                top_p=None, stop_ids=(), pad_id: int = 0) -> DecodeState:
+        """Prefill target and draft; the state's ``out`` has room for the k + 1 tokens a round may add."""
         if len(prompts) != 1:
             raise LlamaError(f"speculative decoding supports batch 1 (one prompt), got {len(prompts)} prompts")
-        k = self.k
-        cuda = self.device.type == "cuda"
-        sync = torch.cuda.synchronize if (timed and cuda) else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        # room for the k + 1 slots a round may write past the last kept token
-        state = self.target_gen.prefill(prompts, max_new_tokens + k + 1, temperature=temperature, top_k=top_k,
+        extra = self.k + 1
+        state = self.target_gen.prefill(prompts, max_new_tokens + extra, temperature=temperature, top_k=top_k,
                                         top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
         if self.draft_gen is not None:
-            self.draft_gen.prefill(prompts, max_new_tokens + k + 1, temperature=0.0)  # fills the draft's cache
-        sync()
-        t1 = time.perf_counter()
+            self.draft_gen.prefill(prompts, max_new_tokens + extra, temperature=0.0)  # fills the draft's cache
+        return state
+
+    @torch.no_grad()
+    def decode(self, state: DecodeState, max_new_tokens: int, callback=None, check_every: int = 1):
+        """Speculative rounds until ``max_new_tokens`` are kept or a stop token; sync-free
+        without a callback.  Returns ``(count, accepted, rounds)`` device tensors."""
+        k = self.k
+        temperature, top_k, top_p = state.sampling
+        cuda = self.device.type == "cuda"
         out, stop = state.out, state.stop
         dump = out.shape[1] - 1  # never reached by kept tokens: discarded writes go there
         cur, pos = state.cur, state.pos
@@ -481,9 +482,23 @@ class SpeculativeGenerator:
                 pos = pos + step
                 cur = torch.where(live, toks.gather(1, n[:, None])[:, 0], cur)
                 done = done | hit_stop | (count >= max_new_tokens)
-        res = out[:, :max_new_tokens].cpu()  # the sync of the decode phase
+        return count, accepted, rounds
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+                 top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 1,
+                 timed: bool = True) -> GenerationOutput:
+        """As :meth:`Generator.generate` (one prompt); ``stats`` holds the acceptance rate."""
+        sync = torch.cuda.synchronize if (timed and self.device.type == "cuda") else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        state = self.prefill(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             stop_ids=stop_ids, pad_id=pad_id)
+        sync()
+        t1 = time.perf_counter()
+        count, accepted, rounds = self.decode(state, max_new_tokens, callback=callback, check_every=check_every)
+        res = state.out[:, :max_new_tokens].cpu()  # the sync of the decode phase
         n_written = min(int(count[0]), max_new_tokens)
-        n_acc, n_rounds = int(accepted[0]), int(rounds[0])
+        n_acc, n_rounds, k = int(accepted[0]), int(rounds[0]), self.k
         t2 = time.perf_counter()
         stops = set(stop_ids)
         row = res[0, :n_written].tolist()

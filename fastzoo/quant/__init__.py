@@ -7,8 +7,10 @@
 from .api import (CONFIGS, INT4_GROUP_SIZES, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, QuantConfig,
                   config_from_string, quantize_)
 from .linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+from .gptq import GPTQ, gptq_quantize_weight  # GPTQ (calibrated int4, Int4WeightOnly layout)
 
 __all__ = [
     "CONFIGS", "INT4_GROUP_SIZES", "Int4WeightOnly", "Int8Dynamic", "Int8WeightOnly", "QuantConfig",
     "config_from_string", "quantize_", "Int4WeightOnlyLinear", "Int8DynamicLinear", "Int8WeightOnlyLinear",
+    "GPTQ", "gptq_quantize_weight",
 ]
