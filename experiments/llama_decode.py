@@ -140,8 +140,7 @@ def measure(gen, B, cfg, args, sampling, device, weight_bytes, copy_gbs) -> dict
         rounds = sum(st["rounds"] for st in stats)
         kept = sum(res.steps for _, res in runs)
         k = stats[0]["speculate_k"]
-        per_token = rounds * ((k + 1) * gen.draft.weight_bytes() * (gen.draft is not gen.target)
-                              + gen.target.weight_bytes()) / max(kept, 1)
+        per_token = rounds * ((k + 1) * gen.draft.weight_bytes() + gen.target.weight_bytes()) / max(kept, 1)
         entry.update(acceptance_rate=acc, tokens_per_round=kept / max(rounds, 1), speculate_k=k,
                      bytes_read_per_token=per_token, bandwidth_gbs=per_token * rate / 1e9,
                      target_equivalent_gbs=weight_bytes * rate / 1e9)
@@ -180,7 +179,7 @@ def main(argv=None):
     p.add_argument("--kv-cache-dtype", choices=["int8"], default=None)
     p.add_argument("--speculate-k", type=int, default=None, help="speculative decoding at batch 1 with k draft tokens")
     p.add_argument("--draft-quantize", default=None,
-                   help="draft = a copy of the (quantized) target quantized with this config; "
+                   help="draft = a copy of the float target quantized with this config; "
                         "default: the target itself (acceptance 100%%, measures the overhead)")
     p.add_argument("--spec-baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="with --speculate-k: also measure the target's plain decode in the same run")
@@ -223,6 +222,9 @@ def main(argv=None):
     figures = {"preset": args.preset, "dtype": str(dtype), "compile": args.compile, "quantize": args.quantize,
                "kv_cache_dtype": args.kv_cache_dtype, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "batches": {}}
+    draft = None
+    if args.draft_quantize:  # from the float weights, before the target is quantized
+        draft = quantize_(copy.deepcopy(model), args.draft_quantize)
     if args.quantize:
         figures.update(quantize_model(model, args.quantize, cfg, device, args))
     weight_bytes = model.weight_bytes()
@@ -246,10 +248,7 @@ def main(argv=None):
             figures["compile_s"] = b1.get("compile_s")
 
     if args.speculate_k is not None:
-        draft = model
-        if args.draft_quantize:
-            draft = copy.deepcopy(model)
-            quantize_(draft, args.draft_quantize)
+        draft = draft if draft is not None else model
         spec = SpeculativeGenerator(model, draft, args.speculate_k, compile=args.compile, kv_cache_dtype=kv_dtype)
         spec_sampling = dict(sampling, check_every=1)
         entry = measure(spec, 1, cfg, args, spec_sampling, device, weight_bytes, copy_gbs)

@@ -714,6 +714,9 @@ def _load_draft(a, target, load, device, dtype):
     else:
         draft = copy.deepcopy(target)
     if a.draft_quantize is not None:
+        if not any(isinstance(m, torch.nn.Linear) for m in draft.modules()):
+            raise LlamaError(f"--draft-quantize {a.draft_quantize}: the draft is already quantized "
+                             f"({'its checkpoint' if a.draft_checkpoint else 'the target checkpoint'} is)")
         try:
             quantize_(draft, a.draft_quantize)
         except (ValueError, TypeError) as e:
