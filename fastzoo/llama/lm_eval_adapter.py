@@ -79,7 +79,7 @@ class FastzooLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(gen_kwargs.pop("temperature", 0.0)) if gen_kwargs.get("do_sample", True) else 0.0
-            ids = self._encode(context, bos=True)[-(self.max_seq_length - max_new):]
+            ids = self._encode(context, bos=True)[-max(1, self.max_seq_length - max_new):]
             stop = sorted(set(self.tokenizer.stop_ids) | set(self.model.config.eos_ids))
             res = self.generator.generate([ids], max_new, temperature=temperature, stop_ids=stop,
                                           pad_id=self.tokenizer.pad_id)

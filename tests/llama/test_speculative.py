@@ -162,3 +162,14 @@ def test_cli_speculative_runtime_errors(ckpt, capsys, tmp_path):
     rc, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "hi", "--speculate-k", 2,
                       "--draft-quantize", "int5", "--device", "cpu")
     assert rc == 1 and "unknown quantization" in err
+
+
+def test_cli_draft_quantize_of_quantized_checkpoint_is_an_error(ckpt, capsys, tmp_path):
+    from fastzoo.llama.quantize import quantize_checkpoint
+    q = quantize_checkpoint(ckpt, tmp_path / "int8", "int8", progress=False)
+    rc, _, err = _cli(capsys, "--checkpoint", ckpt, "--prompt", "hi", "--speculate-k", 2,
+                      "--draft-checkpoint", q, "--draft-quantize", "int4-g32", "--device", "cpu")
+    assert rc == 1 and "already quantized" in err
+    rc, _, err = _cli(capsys, "--checkpoint", q, "--prompt", "hi", "--speculate-k", 2, "--max-new-tokens", 4,
+                      "--draft-checkpoint", q, "--device", "cpu", "--temperature", 0)
+    assert rc == 0 and "acceptance rate 100.0%" in err
