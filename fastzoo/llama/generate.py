@@ -362,34 +362,53 @@ def accept_draft(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor, g
     return n, torch.where(idx == n[..., None], extra[..., None], toks)
 
 
-def speculative_round(target: Transformer, draft: Transformer, cur, pos, k: int, temperature: float,
-                      top_k, top_p):
+def draft_step(draft: Transformer, cur, pos, temperature: float, top_k, top_p):
+    """One draft token: ``cur [1]`` at ``pos [1]`` → (token ``[1]``, its distribution ``[1, V]``,
+    or None when greedy)."""
+    logits = draft(cur[:, None], pos[:, None])[:, -1]
+    if temperature == 0:
+        return logits.argmax(dim=-1), None
+    q = logits_to_probs(logits, temperature, top_k, top_p)
+    return sample_probs(q), q
+
+
+def verify_step(target: Transformer, seq, pos, q, temperature: float, top_k, top_p):
+    """The target scores ``seq [1, k+1] = [cur, d_1..d_k]`` at positions ``pos..pos+k`` in one
+    forward; :func:`accept_draft` decides (``q [1, k, V]``: the draft's distributions)."""
+    k = seq.shape[1] - 1
+    logits = target(seq, pos[:, None] + torch.arange(k + 1, device=pos.device))  # [1, k+1, V]
+    greedy = temperature == 0
+    p = logits if greedy else logits_to_probs(logits, temperature, top_k, top_p)
+    return accept_draft(p, q, seq[:, 1:], greedy)
+
+
+def speculative_round(target: Transformer, draft: Transformer, cur, pos, k: int, temperature: float, top_k, top_p,
+                      draft_fn=draft_step, verify_fn=verify_step, mark_step=None):
     """One round at batch 1: ``cur [1]`` at position ``pos [1]`` (in neither cache yet).
 
-    The draft proposes k tokens (k + 1 single-token steps: the last only writes its final
-    proposal into the draft's cache), the target scores ``[cur, d_1..d_k]`` in one forward,
-    and :func:`accept_draft` decides.  Returns ``(n [1], tokens [1, k+1])``.  Slots written
-    for rejected tokens hold stale keys/values, masked until they are overwritten.
+    The draft proposes k tokens in k + 1 single-token steps (the last only writes its final
+    proposal into the draft's cache), the target verifies.  Returns ``(n [1], tokens [1, k+1])``
+    (see :func:`accept_draft`).  Cache slots written for rejected tokens hold stale keys and
+    values, masked until they are overwritten.  ``draft_fn`` / ``verify_fn`` may be compiled
+    versions of :func:`draft_step` / :func:`verify_step`; ``mark_step`` is called before each
+    (CUDA-graph step boundaries: every output is cloned before the next call).
     """
-    greedy = temperature == 0
     seq, qs, c = [cur], [], cur
     for i in range(k + 1):
-        logits = draft(c[:, None], (pos + i)[:, None])[:, -1]
+        if mark_step is not None:
+            mark_step()
+        tok, q = draft_fn(draft, c, pos + i, temperature, top_k, top_p)
         if i == k:
             break
-        if greedy:
-            c = logits.argmax(dim=-1)
-        else:
-            qi = logits_to_probs(logits, temperature, top_k, top_p)
-            qs.append(qi)
-            c = sample_probs(qi)
+        c = tok.clone()
         seq.append(c)
-    seq = torch.stack(seq, dim=1)  # [1, k+1]
-    positions = pos[:, None] + torch.arange(k + 1, device=pos.device)
-    tl = target(seq, positions)  # [1, k+1, V]
-    p = tl if greedy else logits_to_probs(tl, temperature, top_k, top_p)
-    q = None if greedy else torch.stack(qs, dim=1)
-    return accept_draft(p, q, seq[:, 1:], greedy)
+        if q is not None:
+            qs.append(q.clone())
+    if mark_step is not None:
+        mark_step()
+    n, toks = verify_fn(target, torch.stack(seq, dim=1), pos, torch.stack(qs, dim=1) if qs else None,
+                        temperature, top_k, top_p)
+    return n.clone(), toks.clone()
 
 
 class SpeculativeGenerator:
@@ -398,9 +417,11 @@ class SpeculativeGenerator:
     (greedy: exactly the target's greedy tokens, up to numerical ties).
 
     ``draft`` may be the target itself (then both share one KV cache) or any model with the
-    same vocabulary, e.g. a quantized copy of the target.  The loop stays on the device:
-    counts, positions and acceptance statistics are device tensors; the host only learns
-    that generation ended through :class:`_DoneFlag`.
+    same vocabulary, e.g. a quantized copy of the target.  With ``compile``, the draft step
+    and the verify forward are two compiled graphs (CUDA graphs on CUDA), replayed k + 2
+    times per round.  The loop stays on the device: counts, positions and acceptance
+    statistics are device tensors; the host only learns that generation ended through
+    :class:`_DoneFlag`.
     """
 
     def __init__(self, target: Transformer, draft: Transformer, speculate_k: int, compile: bool = False,
@@ -420,13 +441,17 @@ class SpeculativeGenerator:
         self.draft_gen = None if draft is target else Generator(
             draft, compile=False, max_seq_length=max_seq_length, kv_cache_dtype=kv_cache_dtype)
         self.device = self.target_gen.device
-        self._round = speculative_round
-        if compile:
+        self._draft, self._verify, self._mark_step = draft_step, verify_step, None
+        if compile:  # two graphs (draft step, verify), CUDA graphs on CUDA
             opts = {"coordinate_descent_tuning": True}
             if self.device.type == "cuda":
                 opts["triton.cudagraphs"] = True
-            self._round = torch.compile(speculative_round, fullgraph=True, dynamic=False, backend=compile_backend,
-                                        options=opts if compile_backend == "inductor" else None)
+                self._mark_step = torch.compiler.cudagraph_mark_step_begin
+            opts = opts if compile_backend == "inductor" else None
+            self._draft = torch.compile(draft_step, fullgraph=True, dynamic=False, backend=compile_backend,
+                                        options=opts)
+            self._verify = torch.compile(verify_step, fullgraph=True, dynamic=False, backend=compile_backend,
+                                         options=opts)
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
@@ -447,7 +472,6 @@ class SpeculativeGenerator:
         without a callback.  Returns ``(count, accepted, rounds)`` device tensors."""
         k = self.k
         temperature, top_k, top_p = state.sampling
-        cuda = self.device.type == "cuda"
         out, stop = state.out, state.stop
         dump = out.shape[1] - 1  # never reached by kept tokens: discarded writes go there
         cur, pos = state.cur, state.pos
@@ -463,10 +487,8 @@ class SpeculativeGenerator:
             for r in range(max_new_tokens - 1):  # every live round keeps at least one token
                 if flag.all_done(done, r):
                     break
-                if self.compile and cuda:
-                    torch.compiler.cudagraph_mark_step_begin()
-                n, toks = self._round(self.target, self.draft, cur, pos, k, temperature, top_k, top_p)
-                n, toks = n.clone(), toks.clone()
+                n, toks = speculative_round(self.target, self.draft, cur, pos, k, temperature, top_k, top_p,
+                                            self._draft, self._verify, self._mark_step)
                 live = ~done
                 valid = (ar[None, :] <= n[:, None]) & live[:, None]
                 out.scatter_(1, torch.where(valid, count[:, None] + ar[None, :], dump), toks)

@@ -56,12 +56,23 @@ def test_speculative_sampling_runs_and_errors(target):
         SpeculativeGenerator(target, draft, 0)
 
 
-def test_speculative_compiled_fullgraph(target):
-    """The round compiles as one graph (no host sync inside): trace-only check with the eager backend."""
-    ref = Generator(target).generate(PROMPT, 10, temperature=0)
-    out = SpeculativeGenerator(target, target, 2, compile=True, compile_backend="eager").generate(
-        PROMPT, 10, temperature=0)
-    assert out.tokens == ref.tokens
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_speculative_compiled_fullgraph(target, temperature):
+    """Draft step and verify each trace as one graph (fullgraph: no host sync / graph break inside);
+    trace-only check with the eager backend, compiled once for all rounds."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    draft = make_tiny_model(seed=5, std=0.15, n_layers=1)
+    ref = SpeculativeGenerator(target, draft, 2).generate(PROMPT, 10, temperature=0)
+    spec = SpeculativeGenerator(target, draft, 2, compile=True, compile_backend="eager")
+    out = spec.generate(PROMPT, 10, temperature=temperature)
+    if temperature == 0:
+        assert out.tokens == ref.tokens
+    assert len(out.tokens[0]) == 10
+    assert counters["stats"]["unique_graphs"] == 3, counters["stats"]  # target prefill, draft step, verify
+    torch._dynamo.reset()
 
 
 def _emitted_distribution(p, q, n_samples, gen_seed):
