@@ -18,7 +18,8 @@ for speed only), ``--kv-cache-dtype int8``, and speculative decoding at batch 1
 (``--speculate-k K [--draft-quantize int4-g128]``: the draft is a quantized copy of the
 target, or the target itself), reported with its acceptance rate, the bytes it reads per
 kept token and, in the same run, the target's plain decode as the baseline.  ``--quick``
-measures one configuration (batch 1, 100 tokens, one run, no prefill) in a few minutes.
+measures one configuration (batch 1, 100 tokens, one run, eager prefill and no prefill
+measurement: only the decode step is compiled) in a few minutes.
 
 Generation runs the library's :class:`fastzoo.llama.generate.Generator` with sampling as
 in gpt-fast's benchmark (temperature 0.8, top-k 200) and stop tokens off, so every run
@@ -183,9 +184,11 @@ def main(argv=None):
                         "default: the target itself (acceptance 100%%, measures the overhead)")
     p.add_argument("--spec-baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="with --speculate-k: also measure the target's plain decode in the same run")
+    p.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=True,
+                   help="compile the prefill too (with --compile); --no-compile-prefill: eager prefill")
     p.add_argument("--quick", action="store_true",
-                   help="one config in a few minutes: batch 1 only, 100 new tokens, 1 timed run, no prefill "
-                        "measurement (unless given explicitly)")
+                   help="one config in a few minutes: batch 1 only, 100 new tokens, 1 timed run, eager prefill, "
+                        "no prefill measurement (each unless given explicitly)")
     args = p.parse_args(argv)
     if args.quick:
         given = set(argv if argv is not None else sys.argv[1:])
@@ -197,6 +200,8 @@ def main(argv=None):
             args.runs = 1
         if "--prefill-len" not in given:
             args.prefill_len = 0
+        if not given & {"--compile-prefill", "--no-compile-prefill"}:
+            args.compile_prefill = False
 
     cfg = LlamaConfig.from_preset(args.preset)
     if torch.cuda.is_available():
@@ -219,7 +224,8 @@ def main(argv=None):
     kv_dtype = torch.int8 if args.kv_cache_dtype == "int8" else None
 
     model = random_model(cfg, device, dtype)
-    figures = {"preset": args.preset, "dtype": str(dtype), "compile": args.compile, "quantize": args.quantize,
+    figures = {"preset": args.preset, "dtype": str(dtype), "compile": args.compile,
+               "compile_prefill": args.compile and args.compile_prefill, "quantize": args.quantize,
                "kv_cache_dtype": args.kv_cache_dtype, "prompt_len": args.prompt_len,
                "new_tokens": args.new_tokens, "batches": {}}
     draft = None
@@ -233,7 +239,7 @@ def main(argv=None):
     copy_gbs = harness.measure_copy_bandwidth(device=device) if device.type == "cuda" else None
     figures.update(weight_bytes=weight_bytes, copy_bandwidth_gbs=copy_gbs)
 
-    gen = Generator(model, compile=args.compile, kv_cache_dtype=kv_dtype)
+    gen = Generator(model, compile=args.compile, kv_cache_dtype=kv_dtype, compile_prefill=args.compile_prefill)
     if args.speculate_k is None or args.spec_baseline:
         label = "baseline " if args.speculate_k else ""
         for B in batch_sizes:
@@ -249,7 +255,8 @@ def main(argv=None):
 
     if args.speculate_k is not None:
         draft = draft if draft is not None else model
-        spec = SpeculativeGenerator(model, draft, args.speculate_k, compile=args.compile, kv_cache_dtype=kv_dtype)
+        spec = SpeculativeGenerator(model, draft, args.speculate_k, compile=args.compile, kv_cache_dtype=kv_dtype,
+                                    compile_prefill=args.compile_prefill)
         spec_sampling = dict(sampling, check_every=1)
         entry = measure(spec, 1, cfg, args, spec_sampling, device, weight_bytes, copy_gbs)
         entry.update(draft_quantize=args.draft_quantize, draft_weight_bytes=draft.weight_bytes())

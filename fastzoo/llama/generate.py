@@ -111,6 +111,15 @@ def _recompile_limit(n: int):
         yield
 
 
+def _decode_sdpa(compiled: bool):
+    """Attention backend for compiled decode steps: the math path, which inductor fuses
+    (the decode attention is tiny); nothing for eager runs."""
+    if not compiled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 class _DoneFlag:
     """Tells the host whether every sequence is done without making it wait for the GPU.
 
@@ -172,7 +181,8 @@ class Generator:
     """
 
     def __init__(self, model: Transformer, compile: bool = False, max_seq_length: int | None = None,
-                 compile_backend: str = "inductor", kv_cache_dtype: torch.dtype | None = None):
+                 compile_backend: str = "inductor", kv_cache_dtype: torch.dtype | None = None,
+                 compile_prefill: bool = True):
         if kv_cache_dtype not in (None, torch.int8):
             raise LlamaError(f"kv_cache_dtype must be None (the model's dtype) or torch.int8, got {kv_cache_dtype}")
         self.kv_cache_dtype = kv_cache_dtype
@@ -189,8 +199,9 @@ class Generator:
                 opts = dopts = None
             self._decode = torch.compile(decode_step, fullgraph=True, dynamic=False, options=dopts,
                                          backend=compile_backend)
-            self._prefill = torch.compile(prefill_step, fullgraph=True, dynamic=False, options=opts,
-                                          backend=compile_backend)
+            if compile_prefill:  # False: only the decode step is compiled (shorter start-up)
+                self._prefill = torch.compile(prefill_step, fullgraph=True, dynamic=False, options=opts,
+                                              backend=compile_backend)
 
     # -------------------------------------------------------------- set-up
     def _cache_length(self, max_prompt: int, max_new_tokens: int) -> int:
@@ -285,10 +296,7 @@ class Generator:
         return state
 
     def _sdpa(self):
-        if not self.compile:
-            return contextlib.nullcontext()
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel([SDPBackend.MATH])  # inductor fuses the (tiny) decode attention
+        return _decode_sdpa(self.compile)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
                  top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 8,
@@ -426,7 +434,7 @@ class SpeculativeGenerator:
 
     def __init__(self, target: Transformer, draft: Transformer, speculate_k: int, compile: bool = False,
                  max_seq_length: int | None = None, compile_backend: str = "inductor",
-                 kv_cache_dtype: torch.dtype | None = None):
+                 kv_cache_dtype: torch.dtype | None = None, compile_prefill: bool = True):
         if speculate_k < 1:
             raise LlamaError(f"speculate_k must be >= 1, got {speculate_k}")
         if draft.config.vocab_size != target.config.vocab_size:
@@ -436,7 +444,7 @@ class SpeculativeGenerator:
             raise LlamaError("the draft and target models must be on the same device")
         self.k = speculate_k
         self.target, self.draft, self.compile = target, draft, compile
-        self.target_gen = Generator(target, compile=compile, max_seq_length=max_seq_length,
+        self.target_gen = Generator(target, compile=compile and compile_prefill, max_seq_length=max_seq_length,
                                     compile_backend=compile_backend, kv_cache_dtype=kv_cache_dtype)
         self.draft_gen = None if draft is target else Generator(
             draft, compile=False, max_seq_length=max_seq_length, kv_cache_dtype=kv_cache_dtype)
@@ -483,7 +491,7 @@ class SpeculativeGenerator:
         flag = _DoneFlag(self.device, max(check_every, 1))
         if callback is not None:
             callback(0, cur)
-        with self.target_gen._sdpa(), _recompile_limit(64):
+        with _decode_sdpa(self.compile), _recompile_limit(64):
             for r in range(max_new_tokens - 1):  # every live round keeps at least one token
                 if flag.all_done(done, r):
                     break
