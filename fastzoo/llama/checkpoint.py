@@ -177,6 +177,29 @@ def load_model(checkpoint_dir, device="cpu", dtype=None) -> Transformer:
     return model.eval()
 
 
+def write_checkpoint_dir(out_dir, sd: dict[str, torch.Tensor], config: LlamaConfig, tokenizer_path=None) -> Path:
+    """Write a checkpoint directory atomically: into a temporary directory next to
+    ``out_dir``, renamed at the end (replacing ``out_dir`` if it exists); nothing is left
+    behind on failure."""
+    import shutil
+    import tempfile
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        torch.save({k: v.contiguous() for k, v in sd.items()}, tmp / WEIGHTS_NAME)
+        config.to_json(tmp / CONFIG_NAME)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def save_checkpoint(model_or_sd, config: LlamaConfig, out_dir, tokenizer_path=None):
     """Write a fastzoo checkpoint (used by tests and :mod:`fastzoo.llama.convert`)."""
     out = Path(out_dir)

@@ -19,9 +19,7 @@ layer's weights plus the activations.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,8 +29,8 @@ from fastzoo.quant import Int4WeightOnly, Int8WeightOnly, quantize_
 from fastzoo.quant.gptq import GPTQ, gptq_quantize_block_
 from fastzoo.quant.linear import INT4_GROUP_SIZES
 
-from .checkpoint import (CONFIG_NAME, QUANT_FIELD, TOKENIZER_NAME, WEIGHTS_NAME, load_model, parse_dtype,
-                         quantization_of)
+from .checkpoint import (QUANT_FIELD, TOKENIZER_NAME, load_model, parse_dtype, quantization_of,
+                         write_checkpoint_dir)
 from .config import LlamaConfig, LlamaError
 from .model import Transformer, rope_cos_sin
 
@@ -161,21 +159,8 @@ def save_quantized(model: Transformer, out_dir, tokenizer_path=None, record: dic
             raise LlamaError(f"output directory {out} exists and is not empty (use --force to replace it)")
     if record is None or record.get("mode") not in MODES:
         raise LlamaError(f"the quantization record needs a mode in {MODES}, got {record}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / WEIGHTS_NAME)
-        cfg = LlamaConfig(**{**model.config.asdict(), "extra": {**model.config.extra, QUANT_FIELD: dict(record)}})
-        cfg.to_json(tmp / CONFIG_NAME)
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    cfg = LlamaConfig(**{**model.config.asdict(), "extra": {**model.config.extra, QUANT_FIELD: dict(record)}})
+    return write_checkpoint_dir(out, model.state_dict(), cfg, tokenizer_path)
 
 
 def quantize_checkpoint(checkpoint, out, mode: str, group_size: int | None = None, gptq: bool = False,
