@@ -32,25 +32,40 @@ TOKENIZER_NAME = "tokenizer.model"
 QUANT_FIELD = "fastzoo_quantization"  # config.json field recording a quantized checkpoint's format
 
 
+QUANT_MODES = ("int8", "int4")
+
+
+def quant_config_for(mode: str, group_size: int | None = None):
+    """The ``fastzoo.quant`` config of a checkpoint mode: ``int8`` (per channel) or ``int4``
+    with ``group_size`` (default 128); GPTQ checkpoints have int4's layout."""
+    from fastzoo.quant import INT4_GROUP_SIZES, Int4WeightOnly, Int8WeightOnly
+    if mode == "int8":
+        if group_size is not None:
+            raise LlamaError("--group-size applies to int4 only (int8 is per output channel)")
+        return Int8WeightOnly()
+    if mode == "int4":
+        g = 128 if group_size is None else group_size
+        if g not in INT4_GROUP_SIZES:
+            raise LlamaError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {g}")
+        return Int4WeightOnly(g)
+    raise LlamaError(f"unknown quantization mode {mode!r}; expected one of {', '.join(QUANT_MODES)}")
+
+
 def quantization_of(config: LlamaConfig):
     """The ``fastzoo.quant`` config that builds a checkpoint's quantized modules, or None.
 
     Read from the ``fastzoo_quantization`` field of its config.json (written by
-    :mod:`fastzoo.llama.quantize`): ``{"mode": "int8"}`` or ``{"mode": "int4", "group_size": N}``
-    (GPTQ checkpoints have int4's layout).
+    :mod:`fastzoo.llama.quantize`): ``{"mode": "int8"}`` or ``{"mode": "int4", "group_size": N}``.
     """
     rec = config.extra.get(QUANT_FIELD)
     if rec is None:
         return None
-    from fastzoo.quant import Int4WeightOnly, Int8WeightOnly
-    if not isinstance(rec, dict) or rec.get("mode") not in ("int8", "int4"):
-        raise LlamaError(f"config field {QUANT_FIELD!r} must be an object with mode 'int8' or 'int4', found {rec!r}")
-    if rec["mode"] == "int8":
-        return Int8WeightOnly()
+    if not isinstance(rec, dict):
+        raise LlamaError(f"config field {QUANT_FIELD!r} must be an object, found {rec!r}")
     try:
-        return Int4WeightOnly(int(rec.get("group_size", -1)))
-    except (ValueError, TypeError) as e:
-        raise LlamaError(f"config field {QUANT_FIELD!r}: {e}") from None
+        return quant_config_for(rec.get("mode"), rec.get("group_size") if rec.get("mode") == "int4" else None)
+    except LlamaError as e:
+        raise LlamaError(f"config field {QUANT_FIELD!r} ({rec}): {e}") from None
 
 
 def parse_dtype(name) -> torch.dtype:

@@ -25,31 +25,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fastzoo.quant import Int4WeightOnly, Int8WeightOnly, quantize_
+from fastzoo.quant import Int4WeightOnly, quantize_
 from fastzoo.quant.gptq import GPTQ, gptq_quantize_block_
 from fastzoo.quant.linear import INT4_GROUP_SIZES
 
-from .checkpoint import (QUANT_FIELD, TOKENIZER_NAME, load_model, parse_dtype, quantization_of,
-                         write_checkpoint_dir)
+from .checkpoint import QUANT_FIELD, TOKENIZER_NAME, load_model, parse_dtype
+from .checkpoint import QUANT_MODES as MODES
+from .checkpoint import quant_config_for, quantization_of, write_checkpoint_dir
 from .config import LlamaConfig, LlamaError
 from .model import Transformer, rope_cos_sin
-
-MODES = ("int8", "int4")
-
-
-def quant_config_for(mode: str, group_size: int | None = None):
-    """The fastzoo.quant config of a checkpoint mode (``int8`` or ``int4`` + group size)."""
-    if mode == "int8":
-        if group_size is not None:
-            raise LlamaError("--group-size applies to int4 only (int8 is per output channel)")
-        return Int8WeightOnly()
-    if mode == "int4":
-        g = 128 if group_size is None else group_size
-        if g not in INT4_GROUP_SIZES:
-            raise LlamaError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {g}")
-        return Int4WeightOnly(g)
-    raise LlamaError(f"unknown quantization mode {mode!r}; expected one of {', '.join(MODES)}")
-
 
 def _check_divisible(model: Transformer, group_size: int):
     for name, m in model.named_modules():
