@@ -9,7 +9,7 @@ Import this module only when ``lm_eval`` is installed::
 
 The model may be quantized (a quantized checkpoint, or ``quantize=`` on a float one).
 Log-likelihoods come from :func:`fastzoo.llama.eval.continuation_logprob` and
-:func:`fastzoo.llama.eval.perplexity` (rolling, non-overlapping windows), generation from
+:func:`fastzoo.llama.eval.perplexity` (windows overlapping by one token), generation from
 :class:`fastzoo.llama.generate.Generator` (greedy unless ``temperature`` is given).
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class FastzooLM(LM):
             if len(ids) < 2:
                 out.append(0.0)
                 continue
-            res = perplexity(self.model, ids, self.max_seq_length, self.max_seq_length, progress=False)
+            res = perplexity(self.model, ids, self.max_seq_length, self.max_seq_length - 1, progress=False)
             out.append(-res.nll_sum)
         return out
 

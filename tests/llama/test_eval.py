@@ -111,25 +111,67 @@ def test_eval_cli(tmp_path, capsys):
     assert "stride must be" in capsys.readouterr().err
 
 
+class _Tok:
+    stop_ids, pad_id = [], 0
+
+    def encode(self, text, bos=False):
+        return ([1] if bos else []) + [ord(c) % 96 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+class _Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def _check_adapter(FastzooLM, model, make_request):
+    tok = _Tok()
+    lm = FastzooLM(model, tok, max_seq_length=64, max_gen_toks=5)
+    (ll, greedy), = lm.loglikelihood([make_request("loglikelihood", ("abc", "de"))])
+    assert math.isclose(ll, continuation_logprob(model, tok.encode("abc", bos=True), tok.encode("de"))[0],
+                        rel_tol=1e-6)
+    text = "hello there, general"
+    roll = lm.loglikelihood_rolling([make_request("loglikelihood_rolling", (text,))])[0]
+    assert math.isclose(roll, -perplexity(model, tok.encode(text, bos=True), 64, 63, progress=False).nll_sum,
+                        rel_tol=1e-6)
+    out = lm.generate_until([make_request("generate_until", ("abc", {"until": ["zzz"], "max_gen_toks": 4}))])[0]
+    from fastzoo.llama.generate import generate
+    want = tok.decode(generate(model, [tok.encode("abc", bos=True)], 4, temperature=0).tokens[0])
+    assert out == want
+    stop = want[2:]
+    out = lm.generate_until([make_request("generate_until", ("abc", {"until": [stop], "max_gen_toks": 4}))])[0]
+    assert out == want[:want.find(stop)]
+
+
+def test_lm_eval_adapter_with_base_class_stand_in(model, monkeypatch):
+    """The adapter's logic, with a minimal stand-in for lm_eval's LM base class (runs without lm_eval)."""
+    import importlib
+    import sys
+    import types
+    if "lm_eval" in sys.modules or importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm_eval is installed: test_lm_eval_adapter covers it")
+    pkg, api, mod = (types.ModuleType(n) for n in ("lm_eval", "lm_eval.api", "lm_eval.api.model"))
+
+    class LM:
+        def __init__(self):
+            self._rank, self._world_size = 0, 1
+
+    mod.LM = LM
+    for name, m in (("lm_eval", pkg), ("lm_eval.api", api), ("lm_eval.api.model", mod)):
+        monkeypatch.setitem(sys.modules, name, m)
+    monkeypatch.delitem(sys.modules, "fastzoo.llama.lm_eval_adapter", raising=False)
+    adapter = importlib.import_module("fastzoo.llama.lm_eval_adapter")
+    try:
+        _check_adapter(adapter.FastzooLM, model, lambda kind, args: _Req(*args))
+    finally:
+        sys.modules.pop("fastzoo.llama.lm_eval_adapter", None)
+
+
 def test_lm_eval_adapter(model):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from fastzoo.llama.lm_eval_adapter import FastzooLM
-
-    class Tok:
-        stop_ids, pad_id = [], 0
-
-        def encode(self, text, bos=False):
-            return ([1] if bos else []) + [ord(c) % 96 for c in text]
-
-        def decode(self, ids):
-            return "".join(chr(97 + i % 26) for i in ids)
-
-    lm = FastzooLM(model, Tok(), max_seq_length=64, max_gen_toks=5)
-    req = Instance(request_type="loglikelihood", doc={}, arguments=("abc", "de"), idx=0)
-    (ll, _), = lm.loglikelihood([req])
-    assert math.isclose(ll, continuation_logprob(model, [1] + Tok().encode("abc"), Tok().encode("de"))[0], rel_tol=1e-6)
-    roll = Instance(request_type="loglikelihood_rolling", doc={}, arguments=("hello there",), idx=0)
-    assert lm.loglikelihood_rolling([roll])[0] < 0
-    gen = Instance(request_type="generate_until", doc={}, arguments=("abc", {"until": ["zzz"]}), idx=0)
-    assert len(lm.generate_until([gen])[0]) == 5
+    _check_adapter(FastzooLM, model,
+                   lambda kind, args: Instance(request_type=kind, doc={}, arguments=args, idx=0))

@@ -76,7 +76,7 @@ def test_gptq_llama_layer_error_below_rtn(group_size):
         ref = model(tokens)
         e_g = (gptq(tokens) - ref).norm()
         e_r = (rtn(tokens) - ref).norm()
-    assert e_g < 1.5 * e_r  # end to end GPTQ is no worse than RTN (loose: 2 layers, random weights)
+    assert e_g < e_r  # end to end on the calibration tokens too
 
 
 def test_gptq_config_errors():
