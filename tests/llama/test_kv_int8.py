@@ -1,4 +1,5 @@
 """int8 KV cache (per-token, per-head scales): logits close to the float cache, decode sync-free."""
+import pytest
 import torch
 
 from fastzoo.llama.generate import Generator
@@ -48,3 +49,18 @@ def test_generate_with_int8_cache_fullgraph():
     assert [len(t) for t in out.tokens] == [8, 8]
     agree = sum(a == b for r, o in zip(ref.tokens, out.tokens) for a, b in zip(r, o))
     assert agree >= 12, (ref.tokens, out.tokens)  # greedy: nearly the same tokens
+
+
+def test_cli_kv_cache_int8(tmp_path, capsys):
+    from fastzoo.llama.checkpoint import save_checkpoint
+    from fastzoo.llama.generate import main
+    from llama_testutils import write_tiktoken_file
+    m = make_tiny_model(std=0.1, vocab_size=576)
+    ckpt = save_checkpoint(m, m.config, tmp_path / "ck", tokenizer_path=write_tiktoken_file(tmp_path / "t.model"))
+    argv = ["--checkpoint", str(ckpt), "--prompt", "hello", "--prompt", "the fox", "--max-new-tokens", "6",
+            "--temperature", "0", "--device", "cpu"]
+    assert main(argv + ["--kv-cache-dtype", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- [") == 2
+    with pytest.raises(SystemExit):
+        main(argv + ["--kv-cache-dtype", "int4"])
