@@ -29,6 +29,45 @@ WEIGHTS_NAME = "model.pth"
 CONFIG_NAME = "config.json"
 TOKENIZER_NAME = "tokenizer.model"
 
+QUANT_FIELD = "fastzoo_quantization"  # config.json field recording a quantized checkpoint's format
+
+
+QUANT_MODES = ("int8", "int4")
+
+
+def quant_config_for(mode: str, group_size: int | None = None):
+    """The ``fastzoo.quant`` config of a checkpoint mode: ``int8`` (per channel) or ``int4``
+    with ``group_size`` (default 128); GPTQ checkpoints have int4's layout."""
+    from fastzoo.quant import INT4_GROUP_SIZES, Int4WeightOnly, Int8WeightOnly
+    if mode == "int8":
+        if group_size is not None:
+            raise LlamaError("--group-size applies to int4 only (int8 is per output channel)")
+        return Int8WeightOnly()
+    if mode == "int4":
+        g = 128 if group_size is None else group_size
+        if g not in INT4_GROUP_SIZES:
+            raise LlamaError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {g}")
+        return Int4WeightOnly(g)
+    raise LlamaError(f"unknown quantization mode {mode!r}; expected one of {', '.join(QUANT_MODES)}")
+
+
+def quantization_of(config: LlamaConfig):
+    """The ``fastzoo.quant`` config that builds a checkpoint's quantized modules, or None.
+
+    Read from the ``fastzoo_quantization`` field of its config.json (written by
+    :mod:`fastzoo.llama.quantize`): ``{"mode": "int8"}`` or ``{"mode": "int4", "group_size": N}``.
+    """
+    rec = config.extra.get(QUANT_FIELD)
+    if rec is None:
+        return None
+    if not isinstance(rec, dict):
+        raise LlamaError(f"config field {QUANT_FIELD!r} must be an object, found {rec!r}")
+    try:
+        return quant_config_for(rec.get("mode"), rec.get("group_size") if rec.get("mode") == "int4" else None)
+    except LlamaError as e:
+        raise LlamaError(f"config field {QUANT_FIELD!r} ({rec}): {e}") from None
+
+
 def parse_dtype(name) -> torch.dtype:
     """``fastzoo.utils.parse_dtype`` with errors as :class:`LlamaError`."""
     return _parse_dtype(name, error=LlamaError)
@@ -132,17 +171,48 @@ def load_model(checkpoint_dir, device="cpu", dtype=None) -> Transformer:
     if not wpath.is_file():
         raise LlamaError(f"weights not found: {wpath} (convert a checkpoint with python -m fastzoo.llama.convert)")
     config = LlamaConfig.from_json(d / CONFIG_NAME)
+    qconfig = quantization_of(config)
     with torch.device("meta"):
         model = Transformer(config)
+        if qconfig is not None:  # the recorded quantization, never the file name
+            from fastzoo.quant import quantize_
+            quantize_(model, qconfig)
     try:
         sd = read_state_dict(wpath)
     except CheckpointError as e:
         raise LlamaError(str(e)) from None
-    check_state_dict(model, sd, where=str(wpath))
+    hint = f"(config.json records the quantization {qconfig.name})" if qconfig is not None else None
+    try:
+        _check_state_dict(model, sd, str(wpath), hint=hint)
+    except CheckpointError as e:
+        raise LlamaError(str(e)) from None
     model.load_state_dict(sd, strict=True, assign=True)
     dtype = parse_dtype(dtype) if dtype is not None else None
     model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def write_checkpoint_dir(out_dir, sd: dict[str, torch.Tensor], config: LlamaConfig, tokenizer_path=None) -> Path:
+    """Write a checkpoint directory atomically: into a temporary directory next to
+    ``out_dir``, renamed at the end (replacing ``out_dir`` if it exists); nothing is left
+    behind on failure."""
+    import shutil
+    import tempfile
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        torch.save({k: v.contiguous() for k, v in sd.items()}, tmp / WEIGHTS_NAME)
+        config.to_json(tmp / CONFIG_NAME)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_NAME)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def save_checkpoint(model_or_sd, config: LlamaConfig, out_dir, tokenizer_path=None):

@@ -18,6 +18,9 @@ class LlamaError(ValueError):
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+#: config.json fields kept in ``LlamaConfig.extra`` and written back unchanged
+#: (``fastzoo_quantization``: how a quantized checkpoint's weights are stored, see fastzoo.llama.quantize).
+CARRIED_FIELDS = ("sliding_window", "fastzoo_quantization")
 
 
 @dataclass
@@ -105,7 +108,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(d.pop("tie_word_embeddings", False)),
             model_type=d.pop("model_type", "llama"),
             torch_dtype=d.pop("torch_dtype", None) or d.pop("dtype", None),
-            extra={k: v for k, v in d.items() if k == "sliding_window" and v is not None},
+            extra={k: v for k, v in d.items() if k in CARRIED_FIELDS and v is not None},
         )
 
     def to_hf_config(self) -> dict[str, Any]:

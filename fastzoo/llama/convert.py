@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -24,8 +22,8 @@ from tqdm import tqdm
 
 from fastzoo.checkpoint import CheckpointError, read_state_dict
 
-from .checkpoint import (CONFIG_NAME, TOKENIZER_NAME, WEIGHTS_NAME, FusingStateDict, check_state_dict,
-                         map_hf_key, parse_dtype, permute_meta_to_hf)
+from .checkpoint import (CONFIG_NAME, FusingStateDict, check_state_dict, map_hf_key, parse_dtype,
+                         permute_meta_to_hf, write_checkpoint_dir)
 from .config import LlamaConfig, LlamaError
 from .model import Transformer
 
@@ -180,19 +178,7 @@ def convert(src, out_dir, tokenizer=None, dtype=None, progress=True, force=False
     check_state_dict(model, sd, where=str(src))
     if dtype is not None:
         config.torch_dtype = str(dtype).removeprefix("torch.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        torch.save({k: v.contiguous() for k, v in sd.items()}, tmp / WEIGHTS_NAME)
-        config.to_json(tmp / CONFIG_NAME)
-        shutil.copyfile(tok, tmp / TOKENIZER_NAME)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_checkpoint_dir(out, sd, config, tok)
 
 
 def main(argv=None) -> int:

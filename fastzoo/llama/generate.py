@@ -53,9 +53,22 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """Next token ``[B]`` from logits ``[B, V]``; greedy at temperature 0. Sync-free."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return sample_probs(logits_to_probs(logits, temperature, top_k, top_p))
+
+
+def sample_probs(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of (possibly unnormalised) ``probs [..., V]``, without a host sync."""
+    # exponential-race sampling == multinomial
+    q = torch.empty_like(probs).exponential_(1)
+    return (probs / q).argmax(dim=-1)
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """The sampling distribution (fp32, ``[..., V]``) of ``sample`` at ``temperature > 0``."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
@@ -63,10 +76,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
         drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    # exponential-race sampling == multinomial, without a host sync
-    q = torch.empty_like(probs).exponential_(1)
-    return (probs / q).argmax(dim=-1)
+    return logits.softmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------- steps
@@ -101,6 +111,44 @@ def _recompile_limit(n: int):
         yield
 
 
+def _decode_sdpa(compiled: bool):
+    """Attention backend for compiled decode steps: the math path, which inductor fuses
+    (the decode attention is tiny); nothing for eager runs."""
+    if not compiled:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class _DoneFlag:
+    """Tells the host whether every sequence is done without making it wait for the GPU.
+
+    On CUDA, ``done.all()`` is copied asynchronously into pinned host memory every
+    ``every`` steps and read once the copy has landed (``Event.query``); on the CPU it is
+    read directly.  ``every=0``: never looks (the loop runs all its steps).
+    """
+
+    def __init__(self, device: torch.device, every: int):
+        self.every, self.cuda = every, device.type == "cuda"
+        self.flag = torch.zeros(1, dtype=torch.bool, pin_memory=True) if (self.cuda and every) else None
+        self.event = None
+
+    def all_done(self, done: torch.Tensor, step: int) -> bool:
+        if not self.every:
+            return False
+        if not self.cuda:
+            return bool(done.all())
+        if self.event is not None and self.event.query():  # the flag copy has landed
+            if bool(self.flag[0]):  # host memory: no GPU sync
+                return True
+            self.event = None
+        if self.event is None and step % self.every == 0:
+            self.flag.copy_(done.all().view(1), non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        return False
+
+
 @dataclass
 class DecodeState:
     """Device-side state between prefill and decode."""
@@ -133,7 +181,11 @@ class Generator:
     """
 
     def __init__(self, model: Transformer, compile: bool = False, max_seq_length: int | None = None,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", kv_cache_dtype: torch.dtype | None = None,
+                 compile_prefill: bool = True):
+        if kv_cache_dtype not in (None, torch.int8):
+            raise LlamaError(f"kv_cache_dtype must be None (the model's dtype) or torch.int8, got {kv_cache_dtype}")
+        self.kv_cache_dtype = kv_cache_dtype
         self.model = model
         self.compile = compile
         self.fixed_seq_length = max_seq_length
@@ -147,8 +199,9 @@ class Generator:
                 opts = dopts = None
             self._decode = torch.compile(decode_step, fullgraph=True, dynamic=False, options=dopts,
                                          backend=compile_backend)
-            self._prefill = torch.compile(prefill_step, fullgraph=True, dynamic=False, options=opts,
-                                          backend=compile_backend)
+            if compile_prefill:  # False: only the decode step is compiled (shorter start-up)
+                self._prefill = torch.compile(prefill_step, fullgraph=True, dynamic=False, options=opts,
+                                              backend=compile_backend)
 
     # -------------------------------------------------------------- set-up
     def _cache_length(self, max_prompt: int, max_new_tokens: int) -> int:
@@ -170,9 +223,12 @@ class Generator:
 
     def _ensure_caches(self, B: int, S: int):
         m = self.model
-        if m.has_caches and m.max_seq_length == S and m.max_batch_size >= B:
+        int8 = self.kv_cache_dtype == torch.int8
+        if (m.has_caches and m.max_seq_length == S and m.max_batch_size >= B
+                and (m.layers[0].attention.kv_cache.k_cache.dtype == torch.int8) == int8):
             return
-        m.setup_caches(B, S, dtype=m.tok_embeddings.weight.dtype, device=self.device)
+        m.setup_caches(B, S, dtype=m.tok_embeddings.weight.dtype, device=self.device,
+                       kv_cache_dtype=self.kv_cache_dtype)
 
     # -------------------------------------------------------------- phases
     @torch.no_grad()
@@ -217,38 +273,21 @@ class Generator:
         temperature, top_k, top_p = state.sampling
         n = state.out.shape[1]
         cuda = state.out.device.type == "cuda"
-        flag = event = None
-        if cuda and check_every:
-            flag = torch.zeros(1, dtype=torch.bool, pin_memory=True)
-        sdpa = contextlib.nullcontext()
-        if self.compile:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            sdpa = sdpa_kernel([SDPBackend.MATH])  # inductor fuses the (tiny) decode attention
+        flag = _DoneFlag(state.out.device, check_every)
         cur, pos, done = state.cur, state.pos, state.done
         if callback is not None:
             callback(0, cur)
         i = state.n_written
-        lockstep = None
         if check_every and getattr(self.model, "tp_world_size", 1) > 1:  # tensor parallel (fastzoo.llama.tp):
             from .tp import LockstepStop  # every rank must stop at the same step
             lockstep = LockstepStop(self.model, state.out.device, check_every)
-        with sdpa, _recompile_limit(64):
+            stop_now = lambda step, d: lockstep(step, d)  # noqa: E731
+        else:
+            stop_now = lambda step, d: flag.all_done(d, step)  # noqa: E731
+        with self._sdpa(), _recompile_limit(64):
             while i < n:
-                if lockstep is not None:
-                    if lockstep(i, done):
-                        break
-                elif check_every:
-                    if cuda:
-                        if event is not None and event.query():  # the flag copy has landed
-                            if bool(flag[0]):  # host memory: no GPU sync
-                                break
-                            event = None
-                        if event is None and i % check_every == 0:
-                            flag.copy_(done.all().view(1), non_blocking=True)
-                            event = torch.cuda.Event()
-                            event.record()
-                    elif bool(done.all()):
-                        break
+                if stop_now(i, done):
+                    break
                 if self.compile and cuda:
                     torch.compiler.cudagraph_mark_step_begin()
                 nxt, new_done = self._decode(self.model, cur, pos, done, state.stop, state.pad_id,
@@ -261,6 +300,9 @@ class Generator:
                 i += 1
         state.cur, state.pos, state.done, state.n_written = cur, pos, done, i
         return state
+
+    def _sdpa(self):
+        return _decode_sdpa(self.compile)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
                  top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 8,
@@ -289,6 +331,219 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
              **kw) -> GenerationOutput:
     """One-shot convenience wrapper around :class:`Generator`."""
     return Generator(model, compile=compile).generate(prompts, max_new_tokens, **kw)
+
+
+# ---------------------------------------------------------------------------- speculative decoding
+def accept_draft(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor, greedy: bool):
+    """Speculative-sampling acceptance (Leviathan et al. / Chen et al., 2023), batched, sync-free.
+
+    p: the target's distributions ``[..., k+1, V]`` at the k draft positions and one past
+       them (logits when ``greedy``); q: the draft's distributions ``[..., k, V]`` (unused
+       when greedy); draft: the draft tokens ``[..., k]`` (drawn from q).
+
+    Draft token i is accepted with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first
+    rejection the token is resampled from ``norm(max(0, p_i − q_i))``, and if all k are
+    accepted a bonus token is drawn from ``p_k``; so every emitted token follows the
+    target's distribution.  Greedy: a draft token is accepted when it is the target's
+    argmax, and the extra token is the target's argmax.
+
+    Returns ``(n [...], tokens [..., k+1])``: n accepted draft tokens; ``tokens[..., :n]``
+    are the accepted drafts and ``tokens[..., n]`` the resampled / bonus token (later
+    entries are meaningless).
+    """
+    k = draft.shape[-1]
+    if greedy:
+        best = p.argmax(dim=-1)  # [..., k+1]
+        accept = draft == best[..., :k]
+    else:
+        pd = p[..., :k, :].gather(-1, draft[..., None])[..., 0]
+        qd = q.gather(-1, draft[..., None])[..., 0]
+        accept = torch.rand_like(pd) * qd < pd  # u < p/q without dividing (q(d) > 0: d was drawn from q)
+    n = accept.long().cumprod(dim=-1).sum(dim=-1)  # length of the accepted prefix
+    if greedy:
+        extra = best.gather(-1, n[..., None])[..., 0]
+    else:
+        V = p.shape[-1]
+        q_ext = torch.cat([q, torch.zeros_like(q[..., :1, :])], dim=-2)  # row k: residual = p (bonus)
+        row_idx = n[..., None, None].expand(*n.shape, 1, V)
+        resid = (p - q_ext).clamp(min=0).gather(-2, row_idx)[..., 0, :]
+        p_row = p.gather(-2, row_idx)[..., 0, :]
+        # p_i == q_i leaves no residual, but then d_i is always accepted; guard against rounding
+        resid = torch.where(resid.sum(dim=-1, keepdim=True) > 0, resid, p_row)
+        extra = sample_probs(resid)  # unnormalised is fine for the exponential race
+    toks = torch.cat([draft, torch.zeros_like(draft[..., :1])], dim=-1)
+    idx = torch.arange(k + 1, device=draft.device)
+    return n, torch.where(idx == n[..., None], extra[..., None], toks)
+
+
+def draft_step(draft: Transformer, cur, pos, temperature: float, top_k, top_p):
+    """One draft token: ``cur [1]`` at ``pos [1]`` → (token ``[1]``, its distribution ``[1, V]``,
+    or None when greedy)."""
+    logits = draft(cur[:, None], pos[:, None])[:, -1]
+    if temperature == 0:
+        return logits.argmax(dim=-1), None
+    q = logits_to_probs(logits, temperature, top_k, top_p)
+    return sample_probs(q), q
+
+
+def verify_step(target: Transformer, seq, pos, q, temperature: float, top_k, top_p):
+    """The target scores ``seq [1, k+1] = [cur, d_1..d_k]`` at positions ``pos..pos+k`` in one
+    forward; :func:`accept_draft` decides (``q [1, k, V]``: the draft's distributions)."""
+    k = seq.shape[1] - 1
+    logits = target(seq, pos[:, None] + torch.arange(k + 1, device=pos.device))  # [1, k+1, V]
+    greedy = temperature == 0
+    p = logits if greedy else logits_to_probs(logits, temperature, top_k, top_p)
+    return accept_draft(p, q, seq[:, 1:], greedy)
+
+
+def speculative_round(target: Transformer, draft: Transformer, cur, pos, k: int, temperature: float, top_k, top_p,
+                      draft_fn=draft_step, verify_fn=verify_step, mark_step=None):
+    """One round at batch 1: ``cur [1]`` at position ``pos [1]`` (in neither cache yet).
+
+    The draft proposes k tokens in k + 1 single-token steps (the last only writes its final
+    proposal into the draft's cache), the target verifies.  Returns ``(n [1], tokens [1, k+1])``
+    (see :func:`accept_draft`).  Cache slots written for rejected tokens hold stale keys and
+    values, masked until they are overwritten.  ``draft_fn`` / ``verify_fn`` may be compiled
+    versions of :func:`draft_step` / :func:`verify_step`; ``mark_step`` is called before each
+    (CUDA-graph step boundaries: every output is cloned before the next call).
+    """
+    seq, qs, c = [cur], [], cur
+    for i in range(k + 1):
+        if mark_step is not None:
+            mark_step()
+        tok, q = draft_fn(draft, c, pos + i, temperature, top_k, top_p)
+        if i == k:
+            break
+        c = tok.clone()
+        seq.append(c)
+        if q is not None:
+            qs.append(q.clone())
+    if mark_step is not None:
+        mark_step()
+    n, toks = verify_fn(target, torch.stack(seq, dim=1), pos, torch.stack(qs, dim=1) if qs else None,
+                        temperature, top_k, top_p)
+    return n.clone(), toks.clone()
+
+
+class SpeculativeGenerator:
+    """Speculative decoding at batch 1: a draft model proposes ``speculate_k`` tokens, the
+    target verifies them in one forward; the output follows the target's distribution
+    (greedy: exactly the target's greedy tokens, up to numerical ties).
+
+    ``draft`` may be the target itself (then both share one KV cache) or any model with the
+    same vocabulary, e.g. a quantized copy of the target.  With ``compile``, the draft step
+    and the verify forward are two compiled graphs (CUDA graphs on CUDA), replayed k + 2
+    times per round.  The loop stays on the device: counts, positions and acceptance
+    statistics are device tensors; the host only learns that generation ended through
+    :class:`_DoneFlag`.
+    """
+
+    def __init__(self, target: Transformer, draft: Transformer, speculate_k: int, compile: bool = False,
+                 max_seq_length: int | None = None, compile_backend: str = "inductor",
+                 kv_cache_dtype: torch.dtype | None = None, compile_prefill: bool = True):
+        if speculate_k < 1:
+            raise LlamaError(f"speculate_k must be >= 1, got {speculate_k}")
+        if draft.config.vocab_size != target.config.vocab_size:
+            raise LlamaError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                             f"({target.config.vocab_size})")
+        if draft.tok_embeddings.weight.device != target.tok_embeddings.weight.device:
+            raise LlamaError("the draft and target models must be on the same device")
+        self.k = speculate_k
+        self.target, self.draft, self.compile = target, draft, compile
+        self.target_gen = Generator(target, compile=compile and compile_prefill, max_seq_length=max_seq_length,
+                                    compile_backend=compile_backend, kv_cache_dtype=kv_cache_dtype)
+        self.draft_gen = None if draft is target else Generator(
+            draft, compile=False, max_seq_length=max_seq_length, kv_cache_dtype=kv_cache_dtype)
+        self.device = self.target_gen.device
+        self._draft, self._verify, self._mark_step = draft_step, verify_step, None
+        if compile:  # two graphs (draft step, verify), CUDA graphs on CUDA
+            opts = {"coordinate_descent_tuning": True}
+            if self.device.type == "cuda":
+                opts["triton.cudagraphs"] = True
+                self._mark_step = torch.compiler.cudagraph_mark_step_begin
+            opts = opts if compile_backend == "inductor" else None
+            self._draft = torch.compile(draft_step, fullgraph=True, dynamic=False, backend=compile_backend,
+                                        options=opts)
+            self._verify = torch.compile(verify_step, fullgraph=True, dynamic=False, backend=compile_backend,
+                                         options=opts)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+                top_p=None, stop_ids=(), pad_id: int = 0) -> DecodeState:
+        """Prefill target and draft; the state's ``out`` has room for the k + 1 tokens a round may add."""
+        if len(prompts) != 1:
+            raise LlamaError(f"speculative decoding supports batch 1 (one prompt), got {len(prompts)} prompts")
+        extra = self.k + 1
+        state = self.target_gen.prefill(prompts, max_new_tokens + extra, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
+        if self.draft_gen is not None:
+            self.draft_gen.prefill(prompts, max_new_tokens + extra, temperature=0.0)  # fills the draft's cache
+        return state
+
+    @torch.no_grad()
+    def decode(self, state: DecodeState, max_new_tokens: int, callback=None, check_every: int = 1):
+        """Speculative rounds until ``max_new_tokens`` are kept or a stop token; sync-free
+        without a callback.  Returns ``(count, accepted, rounds)`` device tensors."""
+        k = self.k
+        temperature, top_k, top_p = state.sampling
+        out, stop = state.out, state.stop
+        dump = out.shape[1] - 1  # never reached by kept tokens: discarded writes go there
+        cur, pos = state.cur, state.pos
+        count = torch.ones(1, dtype=torch.long, device=self.device)
+        done = state.done | (count >= max_new_tokens)
+        accepted = torch.zeros(1, dtype=torch.long, device=self.device)
+        rounds = torch.zeros(1, dtype=torch.long, device=self.device)
+        ar = torch.arange(k + 1, device=self.device)
+        flag = _DoneFlag(self.device, max(check_every, 1))
+        if callback is not None:
+            callback(0, cur)
+        with _decode_sdpa(self.compile), _recompile_limit(64):
+            for r in range(max_new_tokens - 1):  # every live round keeps at least one token
+                if flag.all_done(done, r):
+                    break
+                n, toks = speculative_round(self.target, self.draft, cur, pos, k, temperature, top_k, top_p,
+                                            self._draft, self._verify, self._mark_step)
+                live = ~done
+                valid = (ar[None, :] <= n[:, None]) & live[:, None]
+                out.scatter_(1, torch.where(valid, count[:, None] + ar[None, :], dump), toks)
+                hit_stop = (valid & (toks[..., None] == stop).any(dim=-1)).any(dim=-1)
+                step = (n + 1) * live
+                if callback is not None:
+                    c0 = int(count[0])  # streaming reads the tokens back (syncs)
+                    for j in range(min(int(step[0]), max_new_tokens - c0)):
+                        callback(c0 + j, toks[:, j])
+                accepted += n * live
+                rounds += live.long()
+                count = count + step
+                pos = pos + step
+                cur = torch.where(live, toks.gather(1, n[:, None])[:, 0], cur)
+                done = done | hit_stop | (count >= max_new_tokens)
+        return count, accepted, rounds
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
+                 top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 1,
+                 timed: bool = True) -> GenerationOutput:
+        """As :meth:`Generator.generate` (one prompt); ``stats`` holds the acceptance rate."""
+        sync = torch.cuda.synchronize if (timed and self.device.type == "cuda") else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        state = self.prefill(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             stop_ids=stop_ids, pad_id=pad_id)
+        sync()
+        t1 = time.perf_counter()
+        count, accepted, rounds = self.decode(state, max_new_tokens, callback=callback, check_every=check_every)
+        res = state.out[:, :max_new_tokens].cpu()  # the sync of the decode phase
+        n_written = min(int(count[0]), max_new_tokens)
+        n_acc, n_rounds, k = int(accepted[0]), int(rounds[0]), self.k
+        t2 = time.perf_counter()
+        stops = set(stop_ids)
+        row = res[0, :n_written].tolist()
+        cut = next((j for j, t in enumerate(row) if t in stops), None)
+        stats = {"speculate_k": k, "rounds": n_rounds, "accepted": n_acc, "proposed": n_rounds * k,
+                 "acceptance_rate": n_acc / (n_rounds * k) if n_rounds else float("nan"),
+                 "tokens_per_round": (n_acc + n_rounds) / n_rounds if n_rounds else float("nan")}
+        return GenerationOutput(tokens=[row if cut is None else row[:cut]], finished=[cut is not None],
+                                prefill_s=t1 - t0, decode_s=t2 - t1, steps=n_written - 1, stats=stats)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -336,6 +591,14 @@ def _build_parser():
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer file (default: CHECKPOINT/tokenizer.model)")
+    p.add_argument("--kv-cache-dtype", choices=["int8"], default=None,
+                   help="int8: quantized KV cache with per-token, per-head scales (default: the model's dtype)")
+    s = p.add_argument_group("speculative decoding (one prompt)")
+    s.add_argument("--speculate-k", type=int, default=None, help="draft tokens proposed per round")
+    s.add_argument("--draft-checkpoint", type=Path, help="draft model checkpoint (may be a quantized checkpoint)")
+    s.add_argument("--draft-quantize", default=None,
+                   help="quantize the draft with this fastzoo.quant config (int8, int4-g128, ...); without "
+                        "--draft-checkpoint the draft is a quantized copy of the target")
     return p
 
 
@@ -352,6 +615,16 @@ def _check_args(p, a):
         p.error("give at least one --prompt (or --interactive)")
     if a.interactive and a.prompt and len(a.prompt) > 1:
         p.error("--interactive takes at most one --prompt")
+    drafting = a.draft_checkpoint is not None or a.draft_quantize is not None
+    if a.speculate_k is not None:
+        if a.speculate_k < 1:
+            p.error(f"--speculate-k must be >= 1, got {a.speculate_k}")
+        if not drafting:
+            p.error("--speculate-k needs a draft: --draft-checkpoint DIR and/or --draft-quantize CONFIG")
+        if a.interactive or len(a.prompt) != 1:
+            p.error("speculative decoding runs one --prompt (batch 1), not --interactive or several prompts")
+    elif drafting:
+        p.error("--draft-checkpoint / --draft-quantize need --speculate-k K")
 
 
 def _print_stats(model, res: GenerationOutput, batch: int, device, file=None, label=""):
@@ -375,6 +648,8 @@ def main(argv=None) -> int:
     try:
         tp = _torchrun_env()  # tensor parallel (fastzoo.llama.tp) when launched by torchrun
         if tp is not None:
+            if a.speculate_k is not None:
+                raise LlamaError("speculative decoding is not supported with tensor parallelism (torchrun)")
             from .tp import run_cli
             return run_cli(_run, a, *tp)
         return _run(a)
@@ -419,12 +694,17 @@ def _run(a, load=load_model) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    kv_dtype = torch.int8 if a.kv_cache_dtype == "int8" else None
     if a.interactive:
         S = a.max_seq_length or min(4096, cfg.max_position_embeddings)
-        gen = Generator(model, compile=a.compile, max_seq_length=S)
+        gen = Generator(model, compile=a.compile, max_seq_length=S, kv_cache_dtype=kv_dtype)
         return _interactive(gen, tokenizer, a, kw, device)
 
-    gen = Generator(model, compile=a.compile, max_seq_length=a.max_seq_length)
+    if a.speculate_k is not None:
+        gen = SpeculativeGenerator(model, _load_draft(a, model, load, device, dtype), a.speculate_k,
+                                   compile=a.compile, max_seq_length=a.max_seq_length, kv_cache_dtype=kv_dtype)
+    else:
+        gen = Generator(model, compile=a.compile, max_seq_length=a.max_seq_length, kv_cache_dtype=kv_dtype)
 
     def encode(text):
         if a.chat:
@@ -451,7 +731,33 @@ def _run(a, load=load_model) -> int:
         if a.compile and s == 0:
             print(f"{label}first run (includes compilation): {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         _print_stats(model, res, len(prompts), device, label=label)
+        if "acceptance_rate" in res.stats:
+            st = res.stats
+            print(f"{label}speculative: acceptance rate {st['acceptance_rate']:.1%} ({st['accepted']}/{st['proposed']} "
+                  f"draft tokens, k={st['speculate_k']}), {st['tokens_per_round']:.2f} tokens per target forward",
+                  file=sys.stderr)
     return 0
+
+
+def _load_draft(a, target, load, device, dtype):
+    """The draft of --draft-checkpoint (quantized or not, as its config records) and/or --draft-quantize."""
+    import copy
+    from fastzoo.quant import quantize_
+    if a.draft_checkpoint is not None:
+        if not a.draft_checkpoint.is_dir():
+            raise LlamaError(f"draft checkpoint directory not found: {a.draft_checkpoint}")
+        draft = load(a.draft_checkpoint, device=device, dtype=dtype)
+    else:
+        draft = copy.deepcopy(target)
+    if a.draft_quantize is not None:
+        if not any(isinstance(m, torch.nn.Linear) for m in draft.modules()):
+            raise LlamaError(f"--draft-quantize {a.draft_quantize}: the draft is already quantized "
+                             f"({'its checkpoint' if a.draft_checkpoint else 'the target checkpoint'} is)")
+        try:
+            quantize_(draft, a.draft_quantize)
+        except (ValueError, TypeError) as e:
+            raise LlamaError(f"--draft-quantize {a.draft_quantize}: {e}") from None
+    return draft
 
 
 def _interactive(gen: Generator, tokenizer, a, kw, device) -> int:

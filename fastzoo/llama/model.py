@@ -111,6 +111,42 @@ class Linear(nn.Linear):
         return ops.decode_linear(x, self.weight, self.bias)
 
 
+class Int8KVCache(nn.Module):
+    """Static int8 cache with one fp32 scale per (token, head): ``x ≈ q · scale``, symmetric,
+    ``scale = max|x| / 127`` over ``head_dim``.  ``update`` returns the dequantized caches in
+    the keys' dtype (under ``torch.compile`` the dequantization fuses into attention)."""
+
+    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, device=None):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        for name in ("k", "v"):
+            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.int8, device=device),
+                                 persistent=False)
+            self.register_buffer(f"{name}_scales", torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device),
+                                 persistent=False)
+
+    @staticmethod
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [..., hd]`` → (int8 values, fp32 scales ``[..., 1]``)."""
+        xf = x.float()
+        scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+        return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        B, H, T, D = k.shape
+        idx = input_pos[:, None, :, None].expand(B, H, T, D)
+        out = []
+        for name, x in (("k", k), ("v", v)):
+            cache, scales = getattr(self, f"{name}_cache"), getattr(self, f"{name}_scales")
+            if B != cache.shape[0]:
+                cache, scales = cache[:B], scales[:B]
+            q, s = self.quantize(x)
+            cache.scatter_(2, idx, q)
+            scales.scatter_(2, idx[..., :1], s)
+            out.append((cache.float() * scales).to(x.dtype))
+        return out[0], out[1]
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -186,8 +222,15 @@ class Transformer(nn.Module):
         self.max_seq_length = 0
 
     # ------------------------------------------------------------------ caches
-    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None, device=None):
-        """Allocate a static KV cache per layer (zeros) of ``max_batch_size × max_seq_length``."""
+    def setup_caches(self, max_batch_size: int, max_seq_length: int, dtype=None, device=None,
+                     kv_cache_dtype: torch.dtype | None = None):
+        """Allocate a static KV cache per layer (zeros) of ``max_batch_size × max_seq_length``.
+
+        ``kv_cache_dtype=torch.int8``: int8 keys/values with per-token, per-head scales
+        (:class:`Int8KVCache`); otherwise the cache is stored in ``dtype``.
+        """
+        if kv_cache_dtype not in (None, torch.int8):
+            raise ValueError(f"kv_cache_dtype must be None or torch.int8, got {kv_cache_dtype}")
         w = self.tok_embeddings.weight
         dtype = dtype or (w.dtype if w.dtype.is_floating_point else torch.bfloat16)
         device = device or w.device
@@ -195,6 +238,10 @@ class Transformer(nn.Module):
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's "
                              f"max_position_embeddings {self.config.max_position_embeddings}")
         for layer in self.layers:
+            if kv_cache_dtype == torch.int8:
+                layer.attention.kv_cache = Int8KVCache(max_batch_size, max_seq_length, self.config.n_kv_heads,
+                                                       self.config.head_dim, device)
+                continue
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_kv_heads,
                                                self.config.head_dim, dtype, device)
         self.max_batch_size = max_batch_size

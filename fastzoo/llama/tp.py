@@ -201,6 +201,10 @@ def load_tp_model(checkpoint_dir, rank: int, world_size: int, device="cpu", dtyp
         raise LlamaError(f"weights not found: {wpath} (convert a checkpoint with python -m fastzoo.llama.convert)")
     config = LlamaConfig.from_json(d / CONFIG_NAME)
     check_tp_config(config, world_size)
+    from .checkpoint import QUANT_FIELD
+    if QUANT_FIELD in config.extra:
+        raise LlamaError(f"{d} is a quantized checkpoint ({config.extra[QUANT_FIELD]}); tensor parallelism loads "
+                         f"float checkpoints (quantize after sharding with fastzoo.quant.quantize_)")
     with torch.device("meta"):
         model = Transformer(config)
     shard_model_(model, rank, world_size, group)

@@ -72,3 +72,19 @@ def write_tiktoken_file(path, text="hello world, the quick brown fox jumps over 
     return path
 
 
+
+
+def make_tiny_model(seed=0, std=0.2, **over):
+    """A tiny random fastzoo Transformer (fp32) whose linears all fit int4 group sizes 32/64."""
+    from fastzoo.llama.config import LlamaConfig
+    from fastzoo.llama.model import Transformer
+    kw = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+              max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
+    kw.update(over)
+    torch.manual_seed(seed)
+    model = Transformer(LlamaConfig(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, std)
+    return model.eval()

@@ -1,0 +1,107 @@
+"""quantize → save → load → generate round trip; the config records the quantization."""
+import copy
+import json
+
+import pytest
+import torch
+
+from fastzoo.llama.checkpoint import QUANT_FIELD, load_model, save_checkpoint
+from fastzoo.llama.generate import generate
+from fastzoo.llama.generate import main as generate_main
+from fastzoo.llama.quantize import main as quantize_main
+from fastzoo.quant import Int4WeightOnlyLinear, Int8WeightOnlyLinear, quantize_
+from llama_testutils import make_tiny_model, write_tiktoken_file
+
+
+@pytest.fixture(scope="module")
+def float_ckpt(tmp_path_factory):
+    base = tmp_path_factory.mktemp("qckpt")
+    model = make_tiny_model(std=0.1, vocab_size=576)  # the tiktoken test tokenizer's vocabulary
+    tok = write_tiktoken_file(base / "tok.model")
+    return model, save_checkpoint(model, model.config, base / "fp32", tokenizer_path=tok)
+
+
+PROMPTS = [[1, 5, 9, 200], [7, 300]]
+
+
+@pytest.mark.parametrize("argv,qcfg,cls", [
+    (["--mode", "int8"], "int8", Int8WeightOnlyLinear),
+    (["--mode", "int4", "--group-size", "32"], "int4-g32", Int4WeightOnlyLinear),
+])
+def test_quantize_save_load_generate(float_ckpt, tmp_path, capsys, argv, qcfg, cls):
+    model, ckpt = float_ckpt
+    out = tmp_path / "q"
+    assert quantize_main(["--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu", *argv]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.pth", "tokenizer.model"]
+    rec = json.loads((out / "config.json").read_text())[QUANT_FIELD]
+    assert rec["mode"] == argv[1] and rec["method"] == "rtn"
+    loaded = load_model(out)
+    assert isinstance(loaded.layers[1].feed_forward.w2, cls) and isinstance(loaded.output, cls)
+    mem = quantize_(copy.deepcopy(model), qcfg)
+    for k, v in mem.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert generate(loaded, PROMPTS, 10).tokens == generate(mem, PROMPTS, 10).tokens
+    # generate --checkpoint needs no extra flag
+    rc = generate_main(["--checkpoint", str(out), "--prompt", "hello", "--max-new-tokens", "4",
+                        "--temperature", "0", "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_gptq_checkpoint_round_trip(float_ckpt, tmp_path):
+    model, ckpt = float_ckpt
+    text = tmp_path / "calib.txt"
+    text.write_text("hello world, the quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "gptq"
+    assert quantize_main(["--checkpoint", str(ckpt), "--out", str(out), "--mode", "int4", "--group-size", "32",
+                          "--gptq", "--calibration", str(text), "--calibration-seq-len", "32",
+                          "--calibration-samples", "4", "--blocksize", "64", "--device", "cpu"]) == 0
+    rec = json.loads((out / "config.json").read_text())[QUANT_FIELD]
+    assert rec["method"] == "gptq" and rec["group_size"] == 32 and rec["calibration_tokens"] == 128
+    loaded = load_model(out)
+    assert isinstance(loaded.layers[0].attention.wqkv, Int4WeightOnlyLinear)
+    ref = generate(model, PROMPTS, 6).tokens
+    assert all(len(t) == 6 for t in generate(loaded, PROMPTS, 6).tokens) and ref
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--mode", "int3"], "unknown quantization mode"),
+    (["--mode", "int4", "--group-size", "48"], "group size must be one of"),
+    (["--mode", "int8", "--group-size", "32"], "int4 only"),
+    (["--mode", "int8", "--gptq", "--calibration", "x.txt"], "--mode int4"),
+    (["--mode", "int4", "--gptq"], "needs --calibration"),
+    (["--mode", "int4", "--gptq", "--calibration", "/nonexistent.txt"], "calibration file not found"),
+])
+def test_quantize_cli_errors(float_ckpt, tmp_path, capsys, argv, msg):
+    _, ckpt = float_ckpt
+    out = tmp_path / "bad"
+    assert quantize_main(["--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu", *argv]) == 1
+    assert msg in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+
+
+def test_quantize_refuses_nonempty_out_and_group_not_dividing(float_ckpt, tmp_path, capsys):
+    _, ckpt = float_ckpt
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    assert quantize_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--mode", "int8"]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert quantize_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "o2"), "--mode", "int4",
+                          "--group-size", "256", "--device", "cpu"]) == 1
+    assert "does not divide" in capsys.readouterr().err
+
+
+def test_bad_recorded_quantization_is_an_error(float_ckpt, tmp_path):
+    from fastzoo.llama.config import LlamaError
+    _, ckpt = float_ckpt
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg[QUANT_FIELD] = {"mode": "int4", "group_size": 48}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LlamaError, match=QUANT_FIELD):
+        load_model(bad)
+    cfg[QUANT_FIELD] = {"mode": "int8"}  # float weights but recorded as int8
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LlamaError, match="records the quantization int8"):
+        load_model(bad)
