@@ -226,3 +226,20 @@ def save_checkpoint(model_or_sd, config: LlamaConfig, out_dir, tokenizer_path=No
         import shutil
         shutil.copyfile(tokenizer_path, out / TOKENIZER_NAME)
     return out
+
+
+def resolve_run_args(checkpoint: Path, device: str | None, dtype: str | None, tokenizer: Path | None = None):
+    """The CLIs' common set-up: ``(device, dtype, tokenizer path)``.
+
+    ``device`` defaults to CUDA when available (an explicit ``cuda`` without a GPU is an
+    error); ``dtype`` to bf16 on CUDA and fp32 on the CPU; the tokenizer to
+    ``CHECKPOINT/tokenizer.model``, which must exist.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LlamaError("--device cuda requested but no CUDA GPU is available")
+    dt = parse_dtype(dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    tok_path = Path(tokenizer or Path(checkpoint) / TOKENIZER_NAME)
+    if not tok_path.is_file():
+        raise LlamaError(f"tokenizer file not found: {tok_path}")
+    return dev, dt, tok_path

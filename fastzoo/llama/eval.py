@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import TOKENIZER_NAME, load_model, parse_dtype
+from .checkpoint import load_model, resolve_run_args
 from .config import LlamaError
 from .model import Transformer
 
@@ -125,13 +125,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         from .tokenizer import load_tokenizer
-        device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = parse_dtype(a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if not a.text.is_file():
             raise LlamaError(f"text file not found: {a.text}")
-        tok_path = a.tokenizer or a.checkpoint / TOKENIZER_NAME
-        if not Path(tok_path).is_file():
-            raise LlamaError(f"tokenizer file not found: {tok_path}")
+        device, dtype, tok_path = resolve_run_args(a.checkpoint, a.device, a.dtype, a.tokenizer)
         model = load_model(a.checkpoint, device=device, dtype=dtype)
         if a.quantize:
             from fastzoo.quant import quantize_

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import TOKENIZER_NAME, load_model, parse_dtype
+from .checkpoint import load_model, resolve_run_args
 from .config import LlamaError
 from .model import Transformer
 
@@ -172,6 +172,17 @@ class GenerationOutput:
     stats: dict = field(default_factory=dict)
 
 
+def _timed_prefill(gen, prompts, max_new_tokens: int, timed: bool, **kw):
+    """``gen.prefill`` between host-clock reads (synchronized on CUDA when ``timed``):
+    ``(state, sync, t0, t1)``; ``sync`` is for the caller's end of decode."""
+    sync = torch.cuda.synchronize if (timed and gen.device.type == "cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    state = gen.prefill(prompts, max_new_tokens, **kw)
+    sync()
+    return state, sync, t0, time.perf_counter()
+
+
 class Generator:
     """Batched generation with a static KV cache; optionally compiled.
 
@@ -307,13 +318,8 @@ class Generator:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
                  top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 8,
                  timed: bool = True) -> GenerationOutput:
-        sync = torch.cuda.synchronize if (timed and self.device.type == "cuda") else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        state = self.prefill(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             stop_ids=stop_ids, pad_id=pad_id)
-        sync()
-        t1 = time.perf_counter()
+        state, sync, t0, t1 = _timed_prefill(self, prompts, max_new_tokens, timed, temperature=temperature,
+                                             top_k=top_k, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
         self.decode(state, callback=callback, check_every=check_every)
         out = state.out.cpu()  # the one sync of the decode phase
         t2 = time.perf_counter()
@@ -524,13 +530,8 @@ class SpeculativeGenerator:
                  top_p=None, stop_ids=(), pad_id: int = 0, callback=None, check_every: int = 1,
                  timed: bool = True) -> GenerationOutput:
         """As :meth:`Generator.generate` (one prompt); ``stats`` holds the acceptance rate."""
-        sync = torch.cuda.synchronize if (timed and self.device.type == "cuda") else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        state = self.prefill(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             stop_ids=stop_ids, pad_id=pad_id)
-        sync()
-        t1 = time.perf_counter()
+        state, sync, t0, t1 = _timed_prefill(self, prompts, max_new_tokens, timed, temperature=temperature,
+                                             top_k=top_k, top_p=top_p, stop_ids=stop_ids, pad_id=pad_id)
         count, accepted, rounds = self.decode(state, max_new_tokens, callback=callback, check_every=check_every)
         res = state.out[:, :max_new_tokens].cpu()  # the sync of the decode phase
         n_written = min(int(count[0]), max_new_tokens)
@@ -669,15 +670,9 @@ def _torchrun_env():
 
 def _run(a, load=load_model) -> int:
     from .tokenizer import load_tokenizer
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LlamaError("--device cuda requested but no CUDA GPU is available")
-    dtype = parse_dtype(a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if not a.checkpoint.is_dir():
         raise LlamaError(f"checkpoint directory not found: {a.checkpoint}")
-    tok_path = a.tokenizer or a.checkpoint / TOKENIZER_NAME
-    if not Path(tok_path).is_file():
-        raise LlamaError(f"tokenizer file not found: {tok_path}")
+    device, dtype, tok_path = resolve_run_args(a.checkpoint, a.device, a.dtype, a.tokenizer)
     tokenizer = load_tokenizer(tok_path)
     model = load(a.checkpoint, device=device, dtype=dtype)
     cfg = model.config
