@@ -57,44 +57,70 @@ class Unavailable(Exception):
 
 
 # ----------------------------------------------------------------------------- prompts
+def _axis_distance(bg: torch.Tensor) -> torch.Tensor:
+    """Distance along dim 0 to the nearest background pixel (``bg`` True), float32 (exact integers)."""
+    b = bg.numpy()
+    n = b.shape[0]
+    idx = np.arange(n)[:, None]
+    above = np.maximum.accumulate(np.where(b, idx, -2 * n - 2), axis=0)
+    below = np.minimum.accumulate(np.where(b, idx, 2 * n + 2)[::-1], axis=0)[::-1]
+    return torch.from_numpy(np.minimum(idx - above, below - idx).astype(np.float32))
+
+
+def _row_pass(g2: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk: int = 1 << 22) -> torch.Tensor:
+    """Exact squared distances of pixels ``(rows, cols)``: ``min_k g2[row, k] + (col - k)^2``."""
+    W = g2.shape[1]
+    k = torch.arange(W, dtype=torch.float32)
+    out = torch.empty(rows.numel())
+    step = max(1, chunk // W)
+    for s in range(0, rows.numel(), step):
+        r, c = rows[s : s + step], cols[s : s + step].float()
+        out[s : s + step] = (g2[r] + (c[:, None] - k[None]) ** 2).amin(-1)
+    return out
+
+
 def squared_distance_to_background(mask: torch.Tensor) -> torch.Tensor:
     """Exact squared Euclidean distance of every pixel to the nearest pixel outside ``mask``
     (pixels beyond the image border count as outside); 0 outside the mask. int64, same shape.
 
-    Separable: distance along the column to the nearest background pixel, then along each row
-    ``min_k g[i, k]^2 + (j - k)^2`` (computed by brute force over k, in row chunks).
+    Separable: the distance along the column to the nearest background pixel, then along each
+    row ``min_k g[i, k]^2 + (j - k)^2`` (brute force over k). float32 holds these integer
+    squares exactly up to 2^24 (images up to ~2900 pixels a side).
     """
     if mask.ndim != 2:
         raise ValueError(f"expected a 2-D mask, found shape {tuple(mask.shape)}")
-    m = F.pad(mask.bool(), (1, 1, 1, 1), value=False)
-    H, W = m.shape
-    big = H + W + 1
-    rows = torch.arange(H)[:, None].expand(H, W)
-    bg = ~m
-    above = torch.where(bg, rows, -big).cummax(0).values
-    below = torch.where(bg, rows, 2 * big).flip(0).cummin(0).values.flip(0)
-    g2 = torch.minimum(rows - above, below - rows) ** 2  # (H, W), finite: the border is background
-    cols = torch.arange(W)
-    dj2 = (cols[:, None] - cols[None, :]) ** 2  # (j, k)
-    out = torch.empty(H, W, dtype=torch.int64)
-    chunk = max(1, (1 << 22) // (W * W))
-    for r0 in range(0, H, chunk):
-        out[r0 : r0 + chunk] = (g2[r0 : r0 + chunk, None, :] + dj2[None]).amin(-1)
-    return out[1:-1, 1:-1]
+    bg = ~F.pad(mask.bool(), (1, 1, 1, 1), value=False)
+    H, W = bg.shape
+    g2 = _axis_distance(bg) ** 2
+    rows, cols = torch.arange(H).repeat_interleave(W), torch.arange(W).repeat(H)
+    return _row_pass(g2, rows, cols).view(H, W)[1:-1, 1:-1].long()
 
 
 def farthest_point(mask: np.ndarray | torch.Tensor) -> tuple[int, int] | None:
-    """``(x, y)`` of the pixel of ``mask`` farthest from its boundary (first in row-major order
-    among ties), or ``None`` for an empty mask. Works on the mask's bounding box (+1 pixel)."""
+    """``(x, y)`` of the pixel of ``mask`` farthest from its boundary (the first in row-major
+    order among ties), or ``None`` for an empty mask; exact Euclidean distances.
+
+    Fast without computing the whole transform: within the mask's bounding box (+1 pixel),
+    ``min(vertical, horizontal)^2`` bounds the squared distance from above; the exact distance
+    of the pixel with the largest bound bounds the maximum from below, and only pixels whose
+    upper bound reaches it (which include every maximum) get their exact distance.
+    """
     m = torch.as_tensor(np.asarray(mask)).bool()
     ys = m.any(1).nonzero()
     if ys.numel() == 0:
         return None
     xs = m.any(0).nonzero()
     y0, y1, x0, x1 = int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
-    d2 = squared_distance_to_background(m[y0:y1, x0:x1])
-    idx = int(d2.flatten().argmax())  # first maximum
-    return x0 + idx % (x1 - x0), y0 + idx // (x1 - x0)
+    bg = ~F.pad(m[y0:y1, x0:x1], (1, 1, 1, 1), value=False)
+    g2 = _axis_distance(bg) ** 2
+    upper = torch.minimum(g2, _axis_distance(bg.t().contiguous()).t() ** 2)
+    W = bg.shape[1]
+    best = int(upper.flatten().argmax())
+    lower = _row_pass(g2, torch.tensor([best // W]), torch.tensor([best % W]))[0]
+    cand = (upper.flatten() >= lower).nonzero()[:, 0]  # row-major order
+    d2 = _row_pass(g2, cand // W, cand % W)
+    idx = int(cand[int(d2.argmax())])  # first maximum
+    return x0 + idx % W - 1, y0 + idx // W - 1
 
 
 # ----------------------------------------------------------------------------- data
@@ -383,7 +409,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="evaluate on N generated images (experiments.coco_synth, COCO-like sizes) instead")
     d.add_argument("--limit", type=int, help="first N images (with annotations) only")
     d.add_argument("--include-crowd", action="store_true", help="also prompt iscrowd=1 annotations")
-    d.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
+    d.add_argument("--workers", type=int, default=4,
+                   help="data-loading processes (decode masks, compute points; default 4)")
     m = p.add_argument_group("model")
     m.add_argument("--model-type", default="vit_h", choices=("vit_h", "vit_l", "vit_b", "tiny"),
                    help="SAM size (tiny: a small random test model, fp32)")

@@ -46,6 +46,18 @@ def test_distance_transform_matches_brute_force(shape):
         np.testing.assert_array_equal(got.numpy(), _brute_d2(m.numpy()))
 
 
+def test_farthest_point_is_the_first_maximum_of_the_transform():
+    g = torch.Generator().manual_seed(5)
+    for shape, p in [((1, 1), 1.0), ((9, 14), 0.7), ((33, 20), 0.9), ((25, 25), 0.97)]:
+        for _ in range(3):
+            m = torch.rand(shape, generator=g) < p
+            if not m.any():
+                continue
+            d2 = sam_eval.squared_distance_to_background(m)
+            i = int(d2.flatten().argmax())
+            assert sam_eval.farthest_point(m) == (i % shape[1], i // shape[1])
+
+
 def test_farthest_point_is_inside_and_central(synth):
     yy, xx = np.mgrid[0:60, 0:80]
     disc = (xx - 50) ** 2 + (yy - 21) ** 2 < 15**2
