@@ -14,7 +14,9 @@ SDPA (``--kernel sdpa``) -> fused attention kernel (``--kernel fused``) -> promp
 2:4 sparse and int8+sparse each on top of that. A technique this tree does not have
 (``sam_eval`` exit status 3) is recorded as skipped with the reason, and the next one builds
 on the last that ran. Writes ``<name>.csv``, ``<name>.json`` (``save_result``),
-``<name>.png`` and ``<name>.svg`` (bars: img/s; line: peak memory; labels: mIoU).
+``<name>.png`` and ``<name>.svg`` (bars: img/s; line: peak memory; labels: mIoU), the CSV
+and chart after every technique. ``--resume`` continues an interrupted waterfall of the same
+``--name`` (e.g. one cut by a time limit: run the same command again with ``--resume``).
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def run_technique(name: str, flags: dict, common: list[str], out_dir: Path, pref
             "--name", f"{prefix}_{name.replace('+', '-')}", "--no-progress"]
     for k, v in flags.items():
         argv += [k, v]
-    row = {"technique": name, "flags": " ".join(f"{k} {v}" for k, v in flags.items())}
+    row = {"technique": name}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     t0 = time.perf_counter()
     try:
@@ -107,6 +109,25 @@ def draw(rows: list[dict], title: str, paths: list[Path]) -> None:
         os.replace(tmp, p)
 
 
+def _number(v):
+    if v in ("", None):
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def write_outputs(rows: list[dict], csv_path: Path, title: str) -> None:
+    tmp_csv = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp_csv, csv_path)
+    draw(rows, title, [csv_path.with_suffix(".png"), csv_path.with_suffix(".svg")])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images")
@@ -122,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per technique (default 3600)")
     p.add_argument("--out-dir", help="results folder (default experiments/results/<gpu>)")
     p.add_argument("--name", help="default sam_waterfall_<model>[_synthetic]")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the techniques already in <name>.csv (ok or skipped, same flags) and run the rest")
     a = p.parse_args(argv)
     if (a.synthetic is None) == (a.images is None or a.annotations is None):
         p.error("give --images and --annotations, or --synthetic N")
@@ -149,27 +172,30 @@ def main(argv=None) -> int:
             if val is not None:
                 common += [flag, str(val)]
         common += shlex.split(a.extra)
+        data = f"{a.synthetic} synthetic images" if a.synthetic else Path(str(annotations)).name
+        weights = Path(a.checkpoint).name if a.checkpoint else "random weights"
+        title = f"SAM {a.model_type} ({weights}), {data}"
+        csv_path = out_dir / f"{name}.csv"
+        done = {}
+        if a.resume and csv_path.is_file():
+            done = {r["technique"]: r for r in csv.DictReader(open(csv_path)) if r["status"] in ("ok", "skipped")}
         base: dict = {}
         rows = []
         for tech, delta, cumulative in tqdm([t for t in TECHNIQUES if t[0] in chosen], desc="SAM waterfall", unit="run"):
             delta = {k: (str(a.batch_size) if v is None else v) for k, v in delta.items()}
             flags = {**base, **delta}
-            row = run_technique(tech, flags, common, out_dir, name, a.timeout)
+            words = shlex.split(done[tech].get("flags") or "") if tech in done else []
+            if tech in done and dict(zip(words[::2], words[1::2])) == flags:
+                row = {k: _number(v) for k, v in done[tech].items()}  # --resume: ran with these flags before
+            else:
+                row = run_technique(tech, flags, common, out_dir, name, a.timeout)
+                row["flags"] = " ".join(f"{k} {shlex.quote(v)}" for k, v in flags.items())
             rows.append(row)
             tqdm.write(f"{tech}: {row['status']} {row.get('img_per_s') or ''} {row.get('reason') or ''}")
             if row["status"] == "ok" and cumulative:
                 base = flags
+            write_outputs(rows, csv_path, title)  # after every run: a run cut short keeps what it measured
     print_table(rows, ["technique", "status", "img_per_s", "peak_memory_gib", "miou_oracle", "reason"])
-    csv_path = out_dir / f"{name}.csv"
-    tmp_csv = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp_csv, csv_path)
-    data = f"{a.synthetic} synthetic images" if a.synthetic else Path(str(annotations)).name
-    weights = Path(a.checkpoint).name if a.checkpoint else "random weights"
-    draw(rows, f"SAM {a.model_type} ({weights}), {data}", [out_dir / f"{name}.png", out_dir / f"{name}.svg"])
     path = save_result(name, {"rows": rows}, a, out_dir=a.out_dir)
     print(f"wrote {path}, {csv_path.name}, {name}.png, {name}.svg")
     return 1 if any(r["status"] == "failed" for r in rows) else 0

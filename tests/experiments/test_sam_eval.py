@@ -195,3 +195,19 @@ def test_torchrun_two_ranks_equal_one(synth, tmp_path):
     assert fb["world_size"] == 2 and fa["world_size"] == 1
     for k in ("images", "annotations", "miou_oracle", "miou_top", "miou_single"):
         assert fa[k] == fb[k], k
+
+
+@pytest.mark.cuda
+def test_gpu_eval_bf16_and_fp32(tmp_path):
+    """On a GPU: vit_b (random weights) on generated images in fp32 and bf16, all prompts of a
+    batch of 2 images in one decoder call; the figures are recorded and the two agree on counts."""
+    figs = {}
+    for dt in ("fp32", "bf16"):
+        rc = sam_eval.main(["--synthetic", "4", "--model-type", "vit_b", "--dtype", dt, "--device", "cuda",
+                            "--batch-size", "2", "--workers", "0", "--out-dir", str(tmp_path), "--name", dt,
+                            "--no-progress"])
+        assert rc == 0
+        figs[dt] = json.loads((tmp_path / f"{dt}.json").read_text())["figures"]
+        assert figs[dt]["peak_memory_gib"] > 0 and figs[dt]["img_per_s"] > 0
+        assert 0 <= figs[dt]["miou_top"] <= figs[dt]["miou_oracle"] <= 1
+    assert figs["fp32"]["annotations"] == figs["bf16"]["annotations"] > 0

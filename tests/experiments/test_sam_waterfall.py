@@ -47,3 +47,27 @@ def test_techniques_build_on_the_last_that_ran(tmp_path, monkeypatch):
     rows = list(csv.DictReader(open(tmp_path / "wf.csv")))
     assert [r["status"] for r in rows].count("skipped") == 3 and len(rows) == len(sam_waterfall.TECHNIQUES)
     assert (tmp_path / "wf.png").stat().st_size > 0 and (tmp_path / "wf.svg").stat().st_size > 0
+
+
+def test_resume_keeps_done_techniques(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(name, flags, common, out_dir, prefix, timeout):
+        calls.append((name, dict(flags)))
+        if name == "bf16" and len(calls) == 2:
+            return {"technique": name, "status": "failed", "reason": "cut short"}
+        return {"technique": name, "status": "ok", "img_per_s": 2.0, "peak_memory_gib": 1.0, "miou_oracle": 0.5}
+
+    monkeypatch.setattr(sam_waterfall, "run_technique", fake)
+    args = ["--synthetic", "1", "--model-type", "tiny", "--techniques", "fp32,bf16,compile", "--out-dir", str(tmp_path),
+            "--name", "wf"]
+    assert sam_waterfall.main(args) == 1  # a failed technique: non-zero exit, recorded
+    assert [c[0] for c in calls] == ["fp32", "bf16", "compile"]
+    calls.clear()
+    assert sam_waterfall.main([*args, "--resume"]) == 0
+    assert [c[0] for c in calls] == ["bf16", "compile"]  # fp32 kept; bf16 failed, compile had its old base
+    assert calls[1][1]["--dtype"] == "bf16" and calls[1][1]["--compile"] == "on"
+    rows = list(csv.DictReader(open(tmp_path / "wf.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"]
+    calls.clear()
+    assert sam_waterfall.main([*args, "--resume"]) == 0 and calls == []  # all done with the same flags
