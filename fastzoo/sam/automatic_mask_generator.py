@@ -35,6 +35,17 @@ from .utils.amg import (
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
 
+def _finish(data: MaskData) -> MaskData:
+    """Columns to numpy; empty columns when no mask survived."""
+    data.to_numpy()
+    if "rles" not in data:
+        for k in ("rles", "points", "crop_boxes"):
+            data[k] = []
+        for k in ("boxes", "iou_preds", "stability_score"):
+            data[k] = np.zeros((0, 4) if k == "boxes" else (0,))
+    return data
+
+
 class SamAutomaticMaskGenerator:
     """Drop-in replacement for ``segment_anything.SamAutomaticMaskGenerator`` (same options and outputs).
 
@@ -147,13 +158,7 @@ class SamAutomaticMaskGenerator:
             scores = 1 / box_area(data["crop_boxes"])
             keep = batched_nms(data["boxes"].float(), scores, torch.zeros(len(data["boxes"])), self.crop_nms_thresh)
             data.filter(keep)
-        data.to_numpy()
-        if "rles" not in data:  # no mask survived: empty columns
-            for k in ("rles", "points", "crop_boxes"):
-                data[k] = []
-            for k in ("boxes", "iou_preds", "stability_score"):
-                data[k] = np.zeros((0, 4) if k == "boxes" else (0,))
-        return data
+        return _finish(data)
 
     # ------------------------------------------------------------------ fast path
     def _progress_bar(self, layer_idxs, progress):
@@ -174,7 +179,7 @@ class SamAutomaticMaskGenerator:
             if bar is not None:
                 bar.close()
         device = self.predictor.device
-        # ---- the one synchronisation: which candidates survived the filters
+        # ---- all points are through: from here on the host reads results (which candidates survived)
         parts = []
         for ci, c in enumerate(crops):
             idx = c["keep"].nonzero()[:, 0]
@@ -206,13 +211,7 @@ class SamAutomaticMaskGenerator:
                     rles[r[0]] = r[1]
             points = np.stack([crops[ci]["points"][s] for ci, s in zip(crop_of, sel)])
             data = MaskData(rles=rles, points=torch.as_tensor(points), **cols)
-        data.to_numpy()
-        if "rles" not in data:  # no mask survived: empty columns
-            for k in ("rles", "points", "crop_boxes"):
-                data[k] = []
-            for k in ("boxes", "iou_preds", "stability_score"):
-                data[k] = np.zeros((0, 4) if k == "boxes" else (0,))
-        return data
+        return _finish(data)
 
     def _rles(self, crop, sel: torch.Tensor, orig_size, positions):
         """(output position, RLE) of the selected candidates of one crop, ``mask_chunk`` at a time."""

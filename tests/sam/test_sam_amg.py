@@ -178,3 +178,13 @@ def copy_to_cuda(model):
     import copy
 
     return copy.deepcopy(model).cuda()
+
+
+def test_fast_amg_no_survivor_and_errors(pair):
+    _, ours = pair
+    image = generated_image((40, 52), 3)
+    kw = dict(points_per_side=2, stability_score_thresh=2.0)  # nothing passes
+    for fast in (False, True):
+        assert fz.SamAutomaticMaskGenerator(ours, **kw, fast=fast, output_mode="coco_rle").generate(image) == []
+    with pytest.raises(ValueError, match="mask_chunk"):
+        fz.SamAutomaticMaskGenerator(ours, fast=True, mask_chunk=0)
