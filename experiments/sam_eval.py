@@ -247,10 +247,14 @@ def mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _predict_batch(predictor, batch, prompt_batch: int, single_mask: bool, device: torch.device):
-    """Per-annotation IoU tensors (on the device) for one batch of images."""
-    predictor.set_images([it["image"] for it in batch])
-    counts = [len(it["ann_ids"]) for it in batch]
+def _predict_batch(predictor, batch, prompt_batch: int, single_mask: bool, device: torch.device, pad_to: int = 0):
+    """Per-annotation IoU tensors (on the device) for one batch of images.
+
+    ``pad_to``: repeat the last image (with no prompts) up to that many images, so that a
+    compiled encoder sees one batch size (a short last batch would recompile it)."""
+    pad = max(0, pad_to - len(batch))
+    predictor.set_images([it["image"] for it in batch] + [batch[-1]["image"]] * pad)
+    counts = [len(it["ann_ids"]) for it in batch] + [0] * pad
     coords = np.concatenate([predictor.transform.apply_coords(it["points"], it["image"].shape[:2]) for it in batch])
     coords_t = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]
     labels_t = torch.ones(coords_t.shape[0], 1, dtype=torch.int, device=device)
@@ -265,7 +269,7 @@ def _predict_batch(predictor, batch, prompt_batch: int, single_mask: bool, devic
                 n = min(prompt_batch, c - s)
                 calls.append((start + s, [n if j == i else 0 for j in range(len(counts))]))
             start += c
-    per_image: list[list[tuple]] = [[] for _ in batch]
+    per_image: list[list[tuple]] = [[] for _ in counts]
     for start, num in calls:
         n = sum(num)
         sl = slice(start, start + n)
@@ -331,7 +335,8 @@ def evaluate(args, rank: int = 0, world: int = 1) -> dict[str, Any]:
         if t_timed is not None:
             wait_s += time.perf_counter() - tw
         if batch:
-            results.extend(_predict_batch(predictor, batch, args.prompt_batch, args.single_mask, device))
+            pad_to = args.batch_size if args.compile != "off" else 0
+            results.extend(_predict_batch(predictor, batch, args.prompt_batch, args.single_mask, device, pad_to))
             for it in batch:
                 meta.extend((it["image_id"], a, ar, float(x), float(y))
                             for a, ar, (x, y) in zip(it["ann_ids"], it["areas"], it["points"]))

@@ -211,3 +211,22 @@ def test_gpu_eval_bf16_and_fp32(tmp_path):
         assert figs[dt]["peak_memory_gib"] > 0 and figs[dt]["img_per_s"] > 0
         assert 0 <= figs[dt]["miou_top"] <= figs[dt]["miou_oracle"] <= 1
     assert figs["fp32"]["annotations"] == figs["bf16"]["annotations"] > 0
+
+
+def test_padding_a_short_batch_changes_nothing(synth):
+    """A compiled encoder gets full batches: the pads (repeated last image, no prompts) do not
+    change the IoUs of the real images."""
+    from fastzoo.sam import SamPredictor
+
+    a = sam_eval.parse_args(["--images", "x", "--annotations", "y", *TINY])
+    a.device, a.dtype = "cpu", "fp32"
+    pred = SamPredictor(sam_eval.build_model(a))
+    ds = sam_eval.CocoPoints(*synth)
+    batch = [ds[0], ds[1]]
+    cpu = torch.device("cpu")
+    plain = sam_eval._predict_batch(pred, batch, 0, True, cpu)
+    for pb in (0, 2):
+        padded = sam_eval._predict_batch(pred, batch, pb, True, cpu, pad_to=4)
+        assert len(padded) == 2
+        for x, y in zip(plain, padded):
+            torch.testing.assert_close(x, y, atol=1e-3, rtol=0)
