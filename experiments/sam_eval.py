@@ -327,6 +327,7 @@ def evaluate(args, rank: int = 0, world: int = 1) -> dict[str, Any]:
             batch = next(it_loader)
         except StopIteration:
             break
+        fetched = len(batch)
         batch = [it for it in batch if it["ann_ids"]]
         if b == args.warmup:
             _sync(device)
@@ -343,7 +344,7 @@ def evaluate(args, rank: int = 0, world: int = 1) -> dict[str, Any]:
             if t_timed is not None:
                 timed_images += len(batch)
         b += 1
-        bar.update(len(batch))
+        bar.update(fetched)
     _sync(device)
     t_end = time.perf_counter()
     bar.close()
