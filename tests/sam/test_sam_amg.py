@@ -45,6 +45,8 @@ def _compare(ours, ref):
     ids=["binary", "coco_rle", "crops", "nms"],
 )
 def test_amg_parity(pair, kwargs):
+    """Both of our pipelines (reference order, and fast: on-device filtering, NMS and RLE with
+    small mask chunks) against segment_anything's generator."""
     from segment_anything import SamAutomaticMaskGenerator as RefAMG
 
     ref, ours = pair
@@ -52,8 +54,8 @@ def test_amg_parity(pair, kwargs):
     # Random weights give weak logits (|x| < 1): a small stability offset keeps the filters meaningful.
     common = dict(pred_iou_thresh=-10.0, stability_score_thresh=0.2, stability_score_offset=0.05, **kwargs)
     r = RefAMG(ref, **common).generate(image)
-    o = fz.SamAutomaticMaskGenerator(ours, **common).generate(image)
-    _compare(o, r)
+    _compare(fz.SamAutomaticMaskGenerator(ours, **common).generate(image), r)
+    _compare(fz.SamAutomaticMaskGenerator(ours, **common, fast=True, mask_chunk=7).generate(image), r)
 
 
 def test_amg_explicit_grid_and_errors(pair):
@@ -101,3 +103,88 @@ def test_nms_matches_torchvision():
     for thr in (0.3, 0.7):
         for c in (torch.zeros(200), cats):
             assert amg.batched_nms(boxes, scores, c, thr).tolist() == tv_batched_nms(boxes, scores, c, thr).tolist()
+
+
+def test_amg_parity_with_iou_filter(pair):
+    """pred_iou_thresh > 0 (random weights predict IoUs < 0: shift the IoU head of both models
+    so that the threshold keeps about half of the candidates)."""
+    import copy
+
+    from segment_anything import SamAutomaticMaskGenerator as RefAMG
+
+    ref, ours = (copy.deepcopy(m) for m in pair)
+    with torch.no_grad():
+        for m in (ref, ours):
+            m.mask_decoder.iou_prediction_head.layers[-1].bias += 0.6
+    image = generated_image((96, 128), 12)
+    kw = dict(points_per_side=4, pred_iou_thresh=0.51, stability_score_thresh=0.2, stability_score_offset=0.05,
+              box_nms_thresh=1.0)
+    r = RefAMG(ref, **kw).generate(image)
+    n_all = len(RefAMG(ref, **{**kw, "pred_iou_thresh": 0.0}).generate(image))
+    assert 0 < len(r) < n_all
+    _compare(fz.SamAutomaticMaskGenerator(ours, **kw).generate(image), r)
+    _compare(fz.SamAutomaticMaskGenerator(ours, **kw, fast=True).generate(image), r)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 130])
+def test_device_nms_matches_greedy(n):
+    g = torch.Generator().manual_seed(n)
+    xy = torch.randint(0, 60, (n, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + torch.randint(0, 30, (n, 2), generator=g).float()], 1)  # some empty boxes
+    scores = torch.rand(n, generator=g).round(decimals=1)  # ties: the stable order decides
+    cats = torch.randint(0, 3, (n,), generator=g)
+    for thr in (0.0, 0.3, 0.7, 1.0):
+        for c in (torch.zeros(n), cats):
+            assert amg.batched_nms_device(boxes, scores, c, thr, block=16).tolist() == \
+                amg.batched_nms(boxes, scores, c, thr).tolist()
+
+
+def test_pack_and_device_rle_match_reference_rle():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(6, 1, 1), (5, 7, 9), (4, 13, 3)]:
+        masks = torch.rand(shape, generator=g) > 0.5
+        masks[0] = True
+        masks[1] = False
+        packed = amg.pack_masks(masks)
+        assert packed.dtype == torch.uint8 and packed.shape == (shape[0], -(-shape[1] * shape[2] // 8))
+        cm = amg.unpack_masks(packed, shape[1], shape[2])
+        torch.testing.assert_close(cm, masks.transpose(1, 2), rtol=0, atol=0)
+        assert amg.rle_from_column_major(cm.flatten(1), list(shape[1:])) == amg.mask_to_rle_pytorch(masks)
+    assert amg.rle_from_column_major(torch.zeros(0, 5, dtype=torch.bool), [1, 5]) == []
+
+
+@pytest.mark.cuda
+def test_fast_amg_on_gpu_matches_and_has_no_sync_in_the_point_loop(pair):
+    """fp32 on the GPU: the fast path gives the reference path's masks, and the candidate loop
+    (decoder, filters, boxes, packing) runs under sync debug mode 'error'."""
+    _, ours = pair
+    model = copy_to_cuda(ours)
+    image = generated_image((96, 128), 12)
+    kw = dict(points_per_side=6, pred_iou_thresh=-10.0, stability_score_thresh=0.2, stability_score_offset=0.05,
+              crop_n_layers=1)
+    gen = fz.SamAutomaticMaskGenerator(model, **kw, fast=True)
+    _compare(gen.generate(image), fz.SamAutomaticMaskGenerator(model, **kw).generate(image))
+    crop = gen._crop_setup(image, [0, 0, 128, 96], 0, (96, 128))  # embeds, copies prompts: outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gen._decode_candidates(crop)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert crop["keep"].shape[0] == 3 * 36 and bool(crop["keep"].any())
+
+
+def copy_to_cuda(model):
+    import copy
+
+    return copy.deepcopy(model).cuda()
+
+
+def test_fast_amg_no_survivor_and_errors(pair):
+    _, ours = pair
+    image = generated_image((40, 52), 3)
+    kw = dict(points_per_side=2, stability_score_thresh=2.0)  # nothing passes
+    for fast in (False, True):
+        assert fz.SamAutomaticMaskGenerator(ours, **kw, fast=fast, output_mode="coco_rle").generate(image) == []
+    with pytest.raises(ValueError, match="mask_chunk"):
+        fz.SamAutomaticMaskGenerator(ours, fast=True, mask_chunk=0)

@@ -118,7 +118,13 @@ def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: List[int], orig_box: Li
     """Boxes touching the edge of the crop but not the edge of the original image."""
     crop_box_t = torch.as_tensor(crop_box, dtype=torch.float, device=boxes.device)
     orig_box_t = torch.as_tensor(orig_box, dtype=torch.float, device=boxes.device)
-    boxes = uncrop_boxes_xyxy(boxes, crop_box).float()
+    return box_near_crop_edge_t(boxes, crop_box_t, orig_box_t, atol)
+
+
+def box_near_crop_edge_t(boxes: torch.Tensor, crop_box_t: torch.Tensor, orig_box_t: torch.Tensor, atol: float = 20.0) -> torch.Tensor:
+    """:func:`is_box_near_crop_edge` with the boxes given as float tensors on ``boxes.device``
+    (no host-to-device copy)."""
+    boxes = boxes.float() + crop_box_t[:2].repeat(2)[None, :]
     near_crop = torch.isclose(boxes, crop_box_t[None, :], atol=atol, rtol=0)
     near_image = torch.isclose(boxes, orig_box_t[None, :], atol=atol, rtol=0)
     return torch.any(near_crop & ~near_image, dim=1)
@@ -310,3 +316,95 @@ def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
     empty = (right < left) | (bottom < top)
     out = torch.stack([left, top, right, bottom], dim=-1) * (~empty).unsqueeze(-1)
     return out.reshape(*shape[:-2], 4) if len(shape) > 2 else out[0]
+
+
+# ---------------------------------------------------------------------------- on-device pipeline
+def pack_masks(masks: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B, H, W)`` masks -> ``(B, ceil(H*W/8))`` uint8, bits in column-major (RLE) order."""
+    b, h, w = masks.shape
+    flat = masks.transpose(1, 2).reshape(b, h * w)
+    pad = -(h * w) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    weights = torch.ones(8, dtype=torch.uint8, device=masks.device) << torch.arange(8, dtype=torch.uint8, device=masks.device)
+    return (flat.view(b, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_masks(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_masks`, kept column-major: bool ``(B, W, H)`` (``mask.T`` per mask)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed[:, :, None] >> shifts) & 1
+    return bits.view(packed.shape[0], -1)[:, : h * w].bool().view(packed.shape[0], w, h)
+
+
+def float32_threshold(thresh: float) -> float:
+    """The float32 ``t`` with ``x > t  <=>  float64(x) > thresh`` for every float32 ``x``."""
+    t = np.float32(thresh)
+    if float(t) > thresh:
+        t = np.nextafter(t, np.float32(-np.inf))
+    return float(t)
+
+
+def batched_nms_device(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float,
+                       block: int = 1024) -> torch.Tensor:
+    """:func:`batched_nms` (greedy, torchvision's semantics and float rounding) on ``boxes.device``.
+
+    The pairwise "suppresses" matrix is built in row blocks; the greedy pass is its unique fixed
+    point ``keep[i] = not any(keep[j] and sup[j, i] for j before i)``, reached by iterating from
+    "all kept" (each step settles at least one more position; one host check per step).
+    Returns indices (on the device) of the kept boxes by decreasing score.
+    """
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    b = boxes.detach().float()
+    b = b + (idxs.to(b) * (b.max() + 1))[:, None]
+    order = torch.sort(scores.detach().float(), descending=True, stable=True).indices
+    b = b[order]
+    x1, y1, x2, y2 = b.unbind(1)
+    areas = (x2 - x1) * (y2 - y1)
+    thr = float32_threshold(iou_threshold)
+    sup = torch.empty(n, n, dtype=torch.bool, device=b.device)
+    for r in range(0, n, block):
+        s = slice(r, r + block)
+        w = (torch.minimum(x2[s, None], x2[None]) - torch.maximum(x1[s, None], x1[None])).clamp_min(0)
+        h = (torch.minimum(y2[s, None], y2[None]) - torch.maximum(y1[s, None], y1[None])).clamp_min(0)
+        inter = w * h
+        sup[s] = inter / (areas[s, None] + areas[None] - inter) > thr
+    sup.triu_(1)
+    keep = torch.ones(n, dtype=torch.bool, device=b.device)
+    while True:
+        new = ~(sup & keep[:, None]).any(0)
+        if torch.equal(new, keep):
+            break
+        keep = new
+    return order[keep]
+
+
+def rle_from_column_major(flat: torch.Tensor, size: List[int]) -> List[Dict[str, Any]]:
+    """Uncompressed RLEs of bool masks given flattened column-major ``(B, H*W)`` (as
+    :func:`mask_to_rle_pytorch`); the run lengths are computed on the device and copied once."""
+    b, n = flat.shape
+    if b == 0:
+        return []
+    rows, cols = (flat[:, 1:] != flat[:, :-1]).nonzero(as_tuple=True)
+    pos = cols + 1
+    prev = torch.zeros_like(pos)
+    prev[1:] = pos[:-1]
+    if rows.numel():
+        new_row = torch.ones_like(rows, dtype=torch.bool)
+        new_row[1:] = rows[1:] != rows[:-1]
+        prev = torch.where(new_row, 0, prev)
+    per_mask = torch.bincount(rows, minlength=b)
+    ends = per_mask.cumsum(0)
+    last = torch.where(per_mask > 0, pos[(ends - 1).clamp_min(0)] if pos.numel() else 0, 0)
+    host = torch.cat([pos - prev, per_mask, n - last, flat[:, 0].long()]).cpu().numpy()
+    k = pos.numel()
+    runs, per_mask, tail, first = host[:k], host[k : k + b], host[k + b : k + 2 * b], host[k + 2 * b :]
+    out, o = [], 0
+    for i in range(b):
+        c = int(per_mask[i])
+        counts = ([0] if first[i] else []) + runs[o : o + c].tolist() + [int(tail[i])]
+        o += c
+        out.append({"size": list(size), "counts": counts})
+    return out
