@@ -98,14 +98,10 @@ def build_config(name: str, model_type: str, base_sam, dtype, device):
     if name.startswith("sa-"):
         enc = _sa_encoder(model_type, copy.deepcopy(base_sam.image_encoder)).to(device=device, dtype=dtype).eval()
         return torch.compile(enc) if name == "sa-compile" else enc
-    if name in ("fz-ref-eager", "fz-eager"):
-        enc = copy.deepcopy(base_sam.image_encoder).to(device=device, dtype=dtype).eval()
-        for m in enc.modules():
-            if hasattr(m, "fused_attention"):
-                m.fused_attention = name != "fz-ref-eager"
-        return enc
     kwargs = {}
-    if name == "fz-full-compile":
+    if name in ("fz-ref-eager", "fz-eager"):
+        kwargs = {"compile": False, "kernel": "sdpa" if name == "fz-ref-eager" else "fused"}
+    elif name == "fz-full-compile":
         kwargs["compile"] = "full"
     elif name == "fz-compile-max":
         kwargs["compile_mode"] = "max-autotune-no-cudagraphs"

@@ -180,6 +180,7 @@ ENCODER_QUANT_PLANS: Dict[str, Tuple[Tuple[QuantConfig, Tuple[str, ...]], ...]] 
     ),
 }
 COMPILE_MODES = (True, False, None, "regional", "full")
+ATTENTION_KERNELS = ("fused", "sdpa")
 
 #: Each static shape (batch size), model size, dtype and quantization adds one compiled graph
 #: per block kind to the same code object (``Block.forward``); torch's default limit of 8 per
@@ -271,6 +272,7 @@ def build_sam_fast(
     compile: Union[bool, str] = True,
     compile_mode: Optional[str] = None,
     quantize: Optional[str] = None,
+    kernel: str = "fused",
 ) -> Sam:
     """A ready-to-run eval SAM: weights loaded, moved to ``device``/``dtype``, encoder
     quantized and compiled.
@@ -281,8 +283,13 @@ def build_sam_fast(
     ``"full"`` (the whole image encoder) or ``False``; ``compile_mode`` is ``torch.compile``'s
     ``mode``.  ``quantize``: ``None``, ``"int8"`` (int8 dynamic on all encoder linears),
     ``"sparse"`` (2:4 on the MLPs) or ``"int8+sparse"`` (``ENCODER_QUANT_PLANS``); the prompt
-    encoder and mask decoder stay in ``dtype``.
+    encoder and mask decoder stay in ``dtype``.  ``kernel``: the encoder's attention, ``"fused"``
+    (``fastzoo.ops.rel_pos_attention``: the Triton kernel on fp16/bf16 CUDA tensors, the
+    reference elsewhere) or ``"sdpa"`` (the reference: bias materialised, then SDPA, as in
+    ``segment_anything``).
     """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"kernel must be one of {ATTENTION_KERNELS}, found {kernel!r}")
     dtype = resolve_dtype(dtype)
     _check_compile(compile)
     _check_quantize(quantize)
@@ -298,6 +305,9 @@ def build_sam_fast(
     # The neck gets channels-last tokens (B, H, W, C) permuted to NCHW: with channels-last
     # conv weights it runs NHWC convolutions with no layout conversion.
     sam.image_encoder.neck.to(memory_format=torch.channels_last)
+    for module in sam.image_encoder.modules():
+        if hasattr(module, "fused_attention"):
+            module.fused_attention = kernel == "fused"
     quantize_image_encoder_(sam.image_encoder, quantize)
     compile_image_encoder(sam.image_encoder, compile, mode=compile_mode)
     return sam

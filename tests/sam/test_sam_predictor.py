@@ -207,6 +207,9 @@ def test_build_sam_fast_cpu():
         fz.build_sam_fast("vit_b", device="cpu", dtype=torch.int8, compile=False)
     with pytest.raises(ValueError, match="unknown SAM model type"):
         fz.build_sam_fast("vit_x", device="cpu", compile=False)
+    assert all(blk.attn.fused_attention for blk in enc.blocks)  # default: the fused op
+    with pytest.raises(ValueError, match=r"kernel must be one of \('fused', 'sdpa'\), found 'flash'"):
+        fz.build_sam_fast("vit_b", device="cpu", compile=False, kernel="flash")
 
 
 # --------------------------------------------------------------------------- GPU
