@@ -14,7 +14,7 @@ out_dtype=torch.bfloat16, out_scale=None)``::
   (and head) for dynamic quantization, one element per tensor for static;
 - ``v``: int8 with ``v_scale`` (like the others), or bf16/fp16 with ``v_scale=None``
   (V kept in floating point);
-- ``out_dtype``: bfloat16 or float16, or ``torch.int8`` with ``out_scale`` (one float32
+- ``out_dtype``: bfloat16, float16 (float32 accepted: P·V still in bf16), or ``torch.int8`` with ``out_scale`` (one float32
   element; the int8 input of the next int8 GEMM).
 
 The output is (B, H, Nq, D) laid out as (B, Nq, H, D) in memory, so that
@@ -39,7 +39,8 @@ from ._common import cuda_kernel_applies, launch, triton_available
 from .int8_mm import requantize_int8_ref
 
 _LOG2E = 1.4426950408889634
-FLOAT_OUT = (torch.bfloat16, torch.float16)
+FLOAT_OUT = (torch.bfloat16, torch.float16, torch.float32)
+_KERNEL_V = (torch.int8, torch.bfloat16, torch.float16)  # fp32 V: the reference
 _MAX_D = 256
 
 
@@ -76,9 +77,9 @@ def _check(fn, q, k, v, q_scale, k_scale, v_scale, out_dtype, out_scale):
         if v_scale is not None:
             raise ValueError(f"{fn} expects v_scale=None with a {v.dtype} v (V kept in floating point)")
     else:
-        raise TypeError(f"{fn} expects v in int8, bfloat16 or float16, got {v.dtype}")
+        raise TypeError(f"{fn} expects v in int8, bfloat16, float16 or float32, got {v.dtype}")
     if out_dtype not in FLOAT_OUT + (torch.int8,):
-        raise TypeError(f"{fn} expects out_dtype bfloat16, float16 or int8 (with out_scale), got {out_dtype}")
+        raise TypeError(f"{fn} expects out_dtype bfloat16, float16, float32 or int8 (with out_scale), got {out_dtype}")
     if (out_dtype == torch.int8) != (out_scale is not None):
         raise ValueError(f"{fn} expects out_scale exactly when out_dtype is torch.int8")
     if out_scale is not None and (out_scale.numel() != 1 or out_scale.dtype != torch.float32):
@@ -260,7 +261,7 @@ def _int8_attention_op(
 ) -> torch.Tensor:
     kw = dict(sm_scale=sm_scale, out_dtype=out_dtype, out_scale=out_scale)
     tensors = [t for t in (q_scale, k_scale, v_scale, out_scale) if t is not None]
-    if (cuda_kernel_applies(q, k, v, dtypes=(torch.int8,) + FLOAT_OUT)
+    if (cuda_kernel_applies(q, k, v, dtypes=_KERNEL_V)
             and cuda_kernel_applies(q, *tensors, dtypes=(torch.int8, torch.float32))
             and q.shape[-1] <= _MAX_D and k.shape[2] > 0):
         return int8_attention_triton(q, k, v, q_scale, k_scale, v_scale, **kw)
