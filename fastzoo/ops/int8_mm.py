@@ -215,10 +215,19 @@ def _m_bucket(M: int) -> int:
     return max(16, 1 << max(0, (M - 1).bit_length()))
 
 
+LARGE_M = 16384  # from this M bucket on, only the big-tile configurations are tried
+
+
 def _prune_configs(configs, named_args, **kwargs):
     """Autotuner pre-filter: no row tile taller than M's bucket (a 128-row tile for a
-    handful of tokens only wastes tuning time). Always keeps at least one config."""
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= named_args["M_BUCKET"]]
+    handful of tokens only wastes tuning time); for large M (ViT / SAM encoders at
+    batch: tens of thousands of tokens) only the 8-warp tiles of at least 128×128, which
+    are the ones that reach the int8 tensor-core rate, so that tuning (and compiling)
+    stays short. Always keeps at least one config."""
+    M_BUCKET = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= M_BUCKET]
+    if M_BUCKET >= LARGE_M:
+        kept = [c for c in kept if c.num_warps == 8 and min(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) >= 128]
     return kept or list(configs[:1])
 
 

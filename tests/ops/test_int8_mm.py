@@ -377,7 +377,12 @@ def test_autotune_prune_keeps_small_tiles_for_small_m():
     assert [_m_bucket(m) for m in (0, 1, 16, 17, 65536, 65537)] == [16, 16, 16, 32, 65536, 131072]
     small = _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(3)})
     assert small and all(c.kwargs["BLOCK_M"] == 16 for c in small)
-    assert _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(65536)}) == list(_CONFIGS)
+    medium = _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(4096)})
+    assert medium == [c for c in _CONFIGS if c.kwargs["BLOCK_M"] <= 4096] and len(medium) == len(_CONFIGS)
+    large = _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(512 * 197)})
+    assert 4 <= len(large) <= 10 and all(c.num_warps == 8 and c.kwargs["BLOCK_M"] >= 128 for c in large)
+    assert any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) == (128, 256, 128, 4)
+               for c in large)
 
 
 
