@@ -219,3 +219,24 @@ def test_vit_block_kernel_path_matches_reference_path(kernel_device, monkeypatch
     if config.attention == "int8":
         assert "_int8_attention_kernel" in launched
     assert sqnr(out, ref) >= 35  # equal up to fp32 ordering and the bf16 P·V of int8_attention
+
+
+@pytest.mark.parametrize("config", ["int8dq", Int8Static(), Int8Static(observer="percentile", weight="tensor")],
+                         ids=str)
+def test_sam_image_encoder_quantization(config):
+    sam_modeling = pytest.importorskip("segment_anything.modeling")
+    torch.manual_seed(0)
+    enc = sam_modeling.ImageEncoderViT(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, out_chans=32,
+                                       window_size=2, global_attn_indexes=(1,), use_rel_pos=True).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        x = _images(2, seed=7)
+        ref = enc(x)
+        quantize_image_encoder_(enc, config, calibration=[_images(2, seed=8), _images(2, seed=9)])
+        out = enc(x)
+    linears = [m for n, m in enc.named_modules() if n.startswith("blocks.") and "Int8" in type(m).__name__]
+    assert len(linears) == 8 and not any(isinstance(m, nn.Linear) for m in enc.blocks.modules())
+    db = sqnr(out, ref)
+    print(f"\nSAM image encoder {config}: SQNR {db:.1f} dB vs fp32")
+    assert db >= 25
