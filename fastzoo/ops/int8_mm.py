@@ -334,10 +334,18 @@ if triton_available():
         if ACT_GELU:  # exact GELU, as nn.GELU()
             out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
         c_mask = m_mask[:, None] & n_mask[None, :]
+        # 64-bit tile base, 32-bit offsets inside the tile: a 128×256 tile of 64-bit
+        # pointers would take most of the registers (and spill) in the epilogue.
+        row0 = (pid_m * BLOCK_M).to(tl.int64)
+        col0 = pid_n * BLOCK_N
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.arange(0, BLOCK_N)
         if HAS_RESIDUAL:
-            r_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+            r_base = res_ptr + row0 * stride_rm + col0 * stride_rn
+            r_ptrs = r_base + (rm[:, None] * stride_rm + rn[None, :] * stride_rn)
             out = out + tl.load(r_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_base = c_ptr + row0 * stride_cm + col0 * stride_cn
+        c_ptrs = c_base + (rm[:, None] * stride_cm + rn[None, :] * stride_cn)
         if OUT_INT8:  # static quantization of the output: round half away from zero, clamp
             o_s = tl.load(os_ptr + offs_n * stride_os, mask=n_mask, other=1.0)
             v = out / o_s[None, :]
