@@ -353,6 +353,35 @@ def test_cuda_odd_shapes(shape, out_dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("NK", [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)])  # ViT-L linears
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_vit_l_epilogue_modes(NK, mode):
+    """The static / GELU / residual epilogues at ViT-L shapes and a large M (big-tile configs)."""
+    N, K = NK
+    M = 32 * 197
+    activation, with_residual, out_kind = mode
+    g = torch.Generator().manual_seed(N + K)
+    a, b = _rand_int8(M, K, generator=g).cuda(), _rand_int8(N, K, generator=g).cuda()
+    a_s = torch.tensor([[2e-3]], device="cuda")
+    b_s = (torch.rand(N, generator=g) * 1e-3 + 1e-4).cuda()
+    bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
+    residual = torch.randn(M, N, generator=g).to(torch.bfloat16).cuda() if with_residual else None
+    out_scale = None
+    if out_kind is not None:
+        y = int8_scaled_mm_ref(a, b, a_s, b_s, bias, torch.float32, activation=activation, residual=residual)
+        amax = y.abs().amax(0) if out_kind == "channel" else y.abs().amax().reshape(1)
+        out_scale = amax / 120
+    out_dtype = torch.int8 if out_scale is not None else torch.bfloat16
+    kw = dict(activation=activation, residual=residual, out_scale=out_scale)
+    out = int8_scaled_mm(a, b, a_s, b_s, bias, out_dtype, **kw)
+    ref = int8_scaled_mm_ref(a, b, a_s, b_s, bias, out_dtype, **kw)
+    if out_dtype == torch.int8:
+        _assert_int8_close(out, ref)
+    else:
+        _assert_matches(out, ref, out_dtype)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_dynamic_linear_and_inductor(dtype):
     g = torch.Generator().manual_seed(17)
