@@ -358,7 +358,7 @@ def test_cuda_odd_shapes(shape, out_dtype):
 def test_cuda_vit_l_epilogue_modes(NK, mode):
     """The static / GELU / residual epilogues at ViT-L shapes and a large M (big-tile configs)."""
     N, K = NK
-    M = 32 * 197
+    M = 128 * 197  # M bucket 32768: the large-M (big-tile) configurations
     activation, with_residual, out_kind = mode
     g = torch.Generator().manual_seed(N + K)
     a, b = _rand_int8(M, K, generator=g).cuda(), _rand_int8(N, K, generator=g).cuda()
