@@ -12,7 +12,14 @@ Modes, timed in the same run on the same (timm-initialised) weights:
 - ``fz-int8dq``: fastzoo, ``quantize="int8dq"`` (per-token dynamic W8A8, fused LN+quant,
   GELU/residual epilogues, SDPA attention), compiled;
 - ``fz-int8static``: fastzoo, ``quantize="int8static-qattn"`` (static W8A8 calibrated on two
-  batches of 32 random images, int8 activations between all GEMMs, int8 attention), compiled.
+  batches of 32 random images, int8 activations between all GEMMs, int8 attention), compiled;
+- on request (``--modes``): ``fz-int8dq-qattn`` (dynamic with int8 attention) and
+  ``fz-int8static-sdpa`` (static linears, bf16 SDPA), to see what the int8 attention brings.
+
+With ``--quick`` (or whenever the goal case runs with ``fz-int8static``) the record also
+holds what bounds the model: the four linears of a block timed alone at the same token count
+(bf16 ``F.linear`` vs the int8 kernel with its epilogue) × depth, as img/s, and each mode's
+% of that linears-only figure.
 
 Images/s from the median of CUDA-event timings (input sets rotated), % of the measured bf16
 (and int8) matmul ceilings in matmul FLOPs, speed-ups against timm fp32 eager and fastzoo
@@ -40,6 +47,8 @@ MODELS = ["vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_22
 BATCHES = [1, 32, 256, 1024]
 EXTRA_BATCHES = {"vit_large_patch16_224": [512]}  # the goal case
 MODES = ["timm-fp32", "timm-bf16-compile", "fz-bf16-compile", "fz-int8dq", "fz-int8static"]
+# not in the default set (--modes): the other attention choices, to see what int8 attention brings
+EXTRA_MODES = ["fz-int8dq-qattn", "fz-int8static-sdpa"]
 QUICK = ("vit_large_patch16_224", 512)
 
 
@@ -82,6 +91,8 @@ def build_models(name: str, modes: list[str], dev: torch.device) -> dict:
 
     torch.manual_seed(0)
     ref = timm.create_model(name, pretrained=False).eval().requires_grad_(False)
+    for p in ref.parameters():  # timm zero-initialises some tensors: perturb all, so logits differ per image
+        p.add_(torch.randn_like(p) * 0.02)
     sd = {k: v.clone() for k, v in ref.state_dict().items()}
     models = {}
     if "timm-fp32" in modes:
@@ -95,12 +106,55 @@ def build_models(name: str, modes: list[str], dev: torch.device) -> dict:
         models["fz-bf16-compile"] = torch.compile(copy.deepcopy(fz))
     if "fz-int8dq" in modes:
         models["fz-int8dq"] = torch.compile(quantize_vit_(copy.deepcopy(fz), "int8dq"))
-    if "fz-int8static" in modes:
-        res = VIT_CONFIGS[name].img_size
-        g = torch.Generator(device=dev).manual_seed(123)
-        cal = [torch.randn(32, 3, res, res, device=dev, generator=g).to(torch.bfloat16) for _ in range(2)]
-        models["fz-int8static"] = torch.compile(quantize_vit_(copy.deepcopy(fz), "int8static-qattn", calibration=cal))
+    if "fz-int8dq-qattn" in modes:
+        models["fz-int8dq-qattn"] = torch.compile(quantize_vit_(copy.deepcopy(fz), "int8dq-qattn"))
+    res = VIT_CONFIGS[name].img_size
+    g = torch.Generator(device=dev).manual_seed(123)
+    cal = [torch.randn(32, 3, res, res, device=dev, generator=g).to(torch.bfloat16) for _ in range(2)]
+    for mode, config in (("fz-int8static", "int8static-qattn"), ("fz-int8static-sdpa", "int8static")):
+        if mode in modes:
+            models[mode] = torch.compile(quantize_vit_(copy.deepcopy(fz), config, calibration=cal))
     return models
+
+
+def gemm_bound(name: str, batch: int, dev: torch.device) -> dict:
+    """What bounds the model: the four linears of one block timed alone at the model's token
+    count (bf16 ``F.linear`` vs the static int8 GEMM with its epilogue), × depth → the img/s
+    the model would reach if it were only its linears."""
+    import torch.nn.functional as F
+
+    from fastzoo.ops import int8_scaled_mm
+
+    c = VIT_CONFIGS[name]
+    M, d, h = batch * c.num_tokens, c.embed_dim, int(c.embed_dim * c.mlp_ratio)
+    shapes = {"qkv": (3 * d, d, "none", True), "proj": (d, d, "none", False), "fc1": (h, d, "gelu", True),
+              "fc2": (d, h, "none", False)}
+    g = torch.Generator(device=dev).manual_seed(0)
+    out = {"tokens": M}
+    tot = {"bf16_ms": 0.0, "int8_ms": 0.0}
+    for lin, (N, K, act, int8_out) in shapes.items():
+        x = torch.randn(M, K, device=dev, generator=g).to(torch.bfloat16)
+        w = torch.randn(N, K, device=dev, generator=g).to(torch.bfloat16) * K**-0.5
+        bias = torch.zeros(N, device=dev, dtype=torch.bfloat16)
+        xq = torch.randint(-127, 128, (M, K), device=dev, generator=g, dtype=torch.int8)
+        wq = torch.randint(-127, 128, (N, K), device=dev, generator=g, dtype=torch.int8)
+        s1, sN = torch.full((1,), 1e-3, device=dev), torch.full((N,), 1e-3, device=dev)
+        res = torch.randn(M, N, device=dev, generator=g).to(torch.bfloat16) if not int8_out else None
+        t_bf16 = harness.bench(lambda: F.linear(x, w, bias), rep=10)["median_ms"]
+        t_int8 = harness.bench(lambda: int8_scaled_mm(xq, wq, s1, sN, bias, torch.int8 if int8_out else torch.bfloat16,
+                                                      activation=act, residual=res,
+                                                      out_scale=s1 if int8_out else None), rep=10)["median_ms"]
+        flops = 2.0 * M * N * K
+        out[f"{lin}_bf16_tflops"] = flops / (t_bf16 * 1e-3) / 1e12
+        out[f"{lin}_int8_tops"] = flops / (t_int8 * 1e-3) / 1e12
+        tot["bf16_ms"] += t_bf16
+        tot["int8_ms"] += t_int8
+        del x, w, xq, wq, res
+    out["linears_only_bf16_img_s"] = batch / (tot["bf16_ms"] * c.depth * 1e-3)
+    out["linears_only_int8_img_s"] = batch / (tot["int8_ms"] * c.depth * 1e-3)
+    out["int8_vs_bf16_linears"] = tot["bf16_ms"] / tot["int8_ms"]
+    torch.cuda.empty_cache()
+    return out
 
 
 def main(argv=None):
@@ -114,9 +168,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     dev = harness.require_cuda("the ViT throughput benchmark")
     modes = args.modes.split(",")
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES + EXTRA_MODES]
     if bad:
-        p.error(f"unknown modes {bad}; valid: {MODES}")
+        p.error(f"unknown modes {bad}; valid: {MODES + EXTRA_MODES}")
     if args.quick:
         plan = [(QUICK[0], [QUICK[1]])]
     else:
@@ -190,6 +244,13 @@ def main(argv=None):
         s = g["fz-int8static"]
         goal = {"int8static_x_vs_fz_bf16": s.get("x_vs_fz_bf16"), "int8static_x_vs_timm_fp32": s.get("x_vs_timm_fp32"),
                 "goal_x_vs_fz_bf16": 1.5, "goal_x_vs_timm_fp32": 8.0}
+        # what bounds it: the linears alone (bf16 cuBLAS vs the int8 kernel) at the same token count
+        bound = gemm_bound(*QUICK, dev)
+        goal["bound"] = bound
+        for mode in ("fz-bf16-compile", "fz-int8static"):
+            if mode in g:
+                key = "bf16" if mode == "fz-bf16-compile" else "int8"
+                goal[f"{mode}_pct_of_linears_only"] = 100 * g[mode]["img_s"] / bound[f"linears_only_{key}_img_s"]
         print("goal case ViT-L/16-224 b512:", goal)
     figures = {"bf16_ceiling_tflops": bf16_ceiling, "int8_ceiling_tops": int8_ceiling,
                "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "goal": goal, "rows": rows}
