@@ -186,6 +186,22 @@ def main(argv=None):
     int8_ceiling = harness.measure_matmul_tflops(torch.int8)
     print(f"{harness.gpu_name()}: bf16 {bf16_ceiling:.0f} TFLOP/s, int8 {int8_ceiling:.0f} TOP/s (8192^3)", flush=True)
 
+    if args.quick:
+        out_name = "vit_throughput_quick"
+    elif args.models == ",".join(MODELS) and not args.batches and modes == MODES:
+        out_name = "vit_throughput"
+    else:  # a chunk of the sweep: its own record
+        out_name = "vit_throughput_" + "-".join(n.replace("vit_", "").replace("_patch", "") for n, _ in plan)
+        if args.batches:
+            out_name += "_b" + "-".join(args.batches.split(","))
+
+    def save(rows, goal, complete):
+        """(Re)write the record; after each model too, so a run cut short keeps what it measured."""
+        figures = {"bf16_ceiling_tflops": bf16_ceiling, "int8_ceiling_tops": int8_ceiling,
+                   "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "complete": complete, "goal": goal,
+                   "rows": rows}
+        return harness.save_result(out_name, figures, args)
+
     rows = []
     bar = tqdm(total=sum(len(b) for _, b in plan) * len(modes), desc="vit throughput")
     for name, batches in plan:
@@ -231,6 +247,7 @@ def main(argv=None):
                     r["x_vs_fz_bf16"] = r["img_s"] / by_mode["fz-bf16-compile"]
             del xs32, xs16, truth
             torch.cuda.empty_cache()
+            save(rows, {}, complete=False)
         del models
         torch._dynamo.reset()
         torch.cuda.empty_cache()
@@ -252,15 +269,7 @@ def main(argv=None):
                 key = "bf16" if mode == "fz-bf16-compile" else "int8"
                 goal[f"{mode}_pct_of_linears_only"] = 100 * g[mode]["img_s"] / bound[f"linears_only_{key}_img_s"]
         print("goal case ViT-L/16-224 b512:", goal)
-    figures = {"bf16_ceiling_tflops": bf16_ceiling, "int8_ceiling_tops": int8_ceiling,
-               "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "goal": goal, "rows": rows}
-    if args.quick:
-        out_name = "vit_throughput_quick"
-    elif args.models == ",".join(MODELS) and not args.batches and modes == MODES:
-        out_name = "vit_throughput"
-    else:  # a chunk of the sweep: its own record
-        out_name = "vit_throughput_" + "-".join(n.replace("vit_", "").replace("_patch", "") for n, _ in plan)
-    print("saved", harness.save_result(out_name, figures, args))
+    print("saved", save(rows, goal, complete=True))
 
 
 if __name__ == "__main__":
