@@ -11,6 +11,8 @@ from .weight_only_linear import (decode_linear, decode_linear_ref, decode_linear
                                  int8_weight_only_linear, int8_weight_only_linear_ref,
                                  int8_weight_only_linear_triton)
 from .quantize_rows import quantize_rows_int8, quantize_rows_int8_ref, quantize_rows_int8_triton
+from .layernorm_quant import layernorm_quant_int8, layernorm_quant_int8_ref, layernorm_quant_int8_triton
+from .int8_attention import int8_attention, int8_attention_ref, int8_attention_triton
 
 __all__ = [
     "int8_dynamic_linear", "int8_dynamic_linear_ref", "int8_scaled_mm", "int8_scaled_mm_ref",
@@ -20,4 +22,6 @@ __all__ = [
     "int8_weight_only_linear", "int8_weight_only_linear_ref", "int8_weight_only_linear_triton",
     "int4_weight_only_linear", "int4_weight_only_linear_ref", "int4_weight_only_linear_triton",
     "quantize_rows_int8", "quantize_rows_int8_ref", "quantize_rows_int8_triton",
+    "layernorm_quant_int8", "layernorm_quant_int8_ref", "layernorm_quant_int8_triton",
+    "int8_attention", "int8_attention_ref", "int8_attention_triton",
 ]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastzoo.ops import int4_weight_only_linear, int8_dynamic_linear, int8_weight_only_linear
+from fastzoo.ops import int4_weight_only_linear, int8_dynamic_linear, int8_scaled_mm, int8_weight_only_linear
+from fastzoo.ops.int8_mm import requantize_int8_ref
 from fastzoo.ops.quantize_rows import EPS as _EPS
 from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
 from fastzoo.ops.weight_only_linear import INT4_GROUP_SIZES, int4_dequantize
@@ -74,6 +75,77 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # scales stay float32 even if the module was cast with .to(dtype)
         return int8_dynamic_linear(x, self.weight, self.scales.float(), self.bias)
+
+
+def quantize_weight_int8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weight: per output channel (scales (out,)) or per tensor (scale (1,))."""
+    if per_channel:
+        return quantize_weight_int8_per_channel(w)
+    scale = (torch.clamp(w.detach().float().abs().amax(), min=_EPS) / 127.0).reshape(1)
+    return requantize_int8_ref(w.detach(), scale), scale
+
+
+class Int8StaticLinear(nn.Module):
+    """int8 weights × int8 activations quantized with a calibrated static scale (W8A8 static).
+
+    Buffers: ``weight`` int8 (out, in), ``scales`` float32 (out,) per channel or (1,) per
+    tensor, ``in_scale`` float32 (1,) (the input's calibrated scale), and optionally
+    ``out_scale`` (1,) or (out,) when the output is int8 (the next layer's input scale; used
+    by the fused ViT blocks). ``forward(x)``: a float x is quantized with ``in_scale``
+    (``clamp(round(x / in_scale))``, fused by torch.compile into one pass), an int8 x is
+    taken as already quantized with it; then ``int8_scaled_mm`` with the scales, bias (and
+    ``activation``/``residual`` when given) in its epilogue. Output: ``out_dtype`` (the
+    bias's dtype by default), int8 when ``out_scale`` is set.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = True,
+                 has_out_scale: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features, self.per_channel = in_features, out_features, per_channel
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features if per_channel else 1, dtype=torch.float32,
+                                                  device=device))
+        self.register_buffer("in_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.out_scale: torch.Tensor | None
+        if has_out_scale:
+            self.register_buffer("out_scale", torch.ones(1, dtype=torch.float32, device=device))
+        else:
+            self.out_scale = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, in_scale: torch.Tensor, per_channel: bool = True,
+                    out_scale: torch.Tensor | None = None) -> "Int8StaticLinear":
+        _check_float_weight(linear)
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, per_channel,
+                out_scale is not None, device=w.device, dtype=w.dtype)
+        m.weight, m.scales = quantize_weight_int8(w, per_channel)
+        m.in_scale = in_scale.detach().float().reshape(1).to(w.device)
+        if out_scale is not None:
+            m.out_scale = out_scale.detach().float().reshape(-1).to(w.device)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def forward(self, x: torch.Tensor, *, activation: str = "none", residual: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        K = x.shape[-1]
+        if x.dtype != torch.int8:
+            out_dtype = out_dtype or x.dtype
+            x = requantize_int8_ref(x, self.in_scale)
+        if self.out_scale is not None:
+            out_dtype = torch.int8
+        elif out_dtype is None:
+            out_dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
+        res = None if residual is None else residual.reshape(-1, self.out_features)
+        out = int8_scaled_mm(x.reshape(-1, K), self.weight, self.in_scale, self.scales, self.bias, out_dtype,
+                             activation=activation, residual=res, out_scale=self.out_scale)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"per_channel={self.per_channel}, int8_out={self.out_scale is not None}")
 
 
 class Int4WeightOnlyLinear(nn.Module):

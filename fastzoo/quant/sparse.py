@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastzoo.ops import int8_dynamic_linear, quantize_rows_int8
+from fastzoo.ops import quantize_rows_int8
 
 from .linear import Int8DynamicLinear, _check_float_weight
 

@@ -3,14 +3,13 @@ import contextlib
 import functools
 from functools import partial
 from os import PathLike
-from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from fastzoo.checkpoint import CheckpointError, load_checked, read_state_dict
-from fastzoo.quant import Int8Dynamic, Int8DynamicSparse24, QuantConfig, Sparse24, quantize_
+from fastzoo.quant.vit import ENCODER_QUANT_PLANS, quantize_image_encoder_
 from fastzoo.utils import parse_dtype
 
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -170,15 +169,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
 #: ``build_sam_fast(quantize=...)``: which quantization config goes on which encoder linears
 #: (names relative to a block). "int8+sparse" is the combination the torchao authors found best
 #: for SAM: int8 dynamic on attention, int8 dynamic + 2:4 on the MLP's lin1, 2:4 on lin2.
-ENCODER_QUANT_PLANS: Dict[str, Tuple[Tuple[QuantConfig, Tuple[str, ...]], ...]] = {
-    "int8": ((Int8Dynamic(), ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")),),
-    "sparse": ((Sparse24(), ("mlp.lin1", "mlp.lin2")),),
-    "int8+sparse": (
-        (Int8Dynamic(), ("attn.qkv", "attn.proj")),
-        (Int8DynamicSparse24(), ("mlp.lin1",)),
-        (Sparse24(), ("mlp.lin2",)),
-    ),
-}
 COMPILE_MODES = (True, False, None, "regional", "full")
 ATTENTION_KERNELS = ("fused", "sdpa")
 
@@ -199,17 +189,6 @@ def _check_quantize(quantize: Optional[str]) -> None:
 def _check_compile(compile: Union[bool, str, None]) -> None:
     if compile not in COMPILE_MODES:
         raise ValueError(f"compile must be one of {COMPILE_MODES}, found {compile!r}")
-
-
-def quantize_image_encoder_(encoder: nn.Module, quantize: Optional[str]) -> nn.Module:
-    """Apply one of ``ENCODER_QUANT_PLANS`` to the blocks of an image encoder, in place."""
-    _check_quantize(quantize)
-    if quantize is None:
-        return encoder
-    for config, names in ENCODER_QUANT_PLANS[quantize]:
-        quantize_(encoder, config, filter_fn=lambda m, fqn, names=names: (
-            isinstance(m, nn.Linear) and fqn.startswith("blocks.") and fqn.split(".", 2)[2] in names))
-    return encoder
 
 
 @contextlib.contextmanager
@@ -308,6 +287,7 @@ def build_sam_fast(
     for module in sam.image_encoder.modules():
         if hasattr(module, "fused_attention"):
             module.fused_attention = kernel == "fused"
-    quantize_image_encoder_(sam.image_encoder, quantize)
+    if quantize is not None:
+        quantize_image_encoder_(sam.image_encoder, quantize)
     compile_image_encoder(sam.image_encoder, compile, mode=compile_mode)
     return sam

@@ -45,13 +45,16 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: torch.dtype | str = torch.float32,
               device: torch.device | str | None = None, compile: bool = False, quantize=None,
-              num_classes: int | None = None) -> nn.Module:
+              calibration=None, num_classes: int | None = None) -> nn.Module:
     """Build a ViT by timm name, optionally load a checkpoint, and make it ready for inference.
 
     checkpoint: a timm or fastzoo state dict (.pth/.pt/.bin or .safetensors), loaded strictly;
-        without one the weights are random. quantize: a ``fastzoo.quant`` config or CLI string
-        (``"int8dq"``, ``"int8"``, …) applied to the blocks' linear layers. compile: wrap in
-        ``torch.compile``. Returns the model in eval mode.
+        without one the weights are random. quantize: a ``fastzoo.quant`` config or name applied
+        to the blocks by ``fastzoo.quant.quantize_vit_``: ``"int8dq"`` / ``"int8dq-qattn"``
+        (dynamic W8A8, SDPA or int8 attention), ``"int8static"`` / ``"int8static-qattn"``
+        (static W8A8, needs ``calibration``: an iterable of image batches, run once in the
+        model's dtype on ``device``), or weight-only ``"int8"`` / ``"int4-g128"``.
+        compile: wrap in ``torch.compile``. Returns the model in eval mode.
     """
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown ViT {name!r}; valid: {', '.join(VIT_CONFIGS)}")
@@ -68,9 +71,9 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
         model = VisionTransformer(cfg)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     if quantize is not None:
-        from fastzoo.quant import quantize_
+        from fastzoo.quant import quantize_vit_
 
-        quantize_(model, quantize, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("blocks."))
+        quantize_vit_(model, quantize, calibration=calibration)
     if compile:
         model = torch.compile(model)
     return model

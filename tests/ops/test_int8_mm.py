@@ -70,6 +70,77 @@ def test_kernel_matches_reference(kernel_device, shape, out_dtype, bias_kind, sc
     _assert_matches(out, ref, out_dtype)
 
 
+# Epilogue modes: (activation, residual, out_scale kind); the static ones write int8.
+MODES = [("none", False, "tensor"), ("none", False, "channel"), ("gelu", False, "tensor"),
+         ("gelu", False, None), ("none", True, None), ("none", True, "tensor")]
+MODE_SHAPES = [(1, 7, 129), (7, 1, 197), (197, 129, 7), (129, 197, 1)]
+
+
+def _assert_int8_close(out, ref):
+    """Re-quantized outputs: equal up to the rounding of a value that lands on a .5 boundary
+    in one fp32 evaluation order and not in the other (at most 1 apart, rarely)."""
+    assert out.dtype == ref.dtype == torch.int8 and out.shape == ref.shape
+    diff = (out.cpu().int() - ref.cpu().int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() <= 0.01, (diff.max(), (diff > 0).float().mean())
+
+
+SCALE_KINDS = ["tensor/tensor", "token/channel", "tensor/channel", "token/tensor"]  # activation/weight
+# Every (shape, mode) once; the scale kinds rotate so that each meets every mode and shape.
+MODE_CASES = [(shape, mode, SCALE_KINDS[(i + j) % 4])
+              for i, shape in enumerate(MODE_SHAPES) for j, mode in enumerate(MODES)]
+
+
+@pytest.mark.parametrize("shape,mode,scales", MODE_CASES, ids=str)
+def test_kernel_epilogue_modes_match_reference(kernel_device, shape, mode, scales):
+    """Static (int8 out, per-tensor or per-channel out_scale), GELU and residual epilogues,
+    with per-tensor / per-token activation and per-tensor / per-channel weight scales."""
+    M, N, K = shape
+    activation, with_residual, out_kind = mode
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, mode, scales)).encode()))
+    a, b = _rand_int8(M, K, generator=g), _rand_int8(N, K, generator=g)
+    a_kind, b_kind = scales.split("/")
+    a_s = torch.rand(M if a_kind == "token" else 1, 1, generator=g) * 1e-2 + 1e-3
+    b_s = torch.rand(N if b_kind == "channel" else 1, generator=g) * 1e-2 + 1e-3
+    bias = torch.randn(N, generator=g)
+    residual = (torch.randn(M, N, generator=g) * 2).to(torch.bfloat16) if with_residual else None
+    out_scale = None
+    if out_kind is not None:  # about 1/100 of the output's range (so a few values clamp at ±127)
+        y = int8_scaled_mm_ref(a, b, a_s, b_s, bias, torch.float32, activation=activation, residual=residual)
+        amax = y.abs().amax(0) if out_kind == "channel" else y.abs().amax().reshape(1)
+        out_scale = (amax.clamp_min(1e-3) / 100) * (torch.rand(amax.shape, generator=g) * 0.5 + 0.75)
+    out_dtype = torch.int8 if out_scale is not None else torch.bfloat16
+    kw = dict(activation=activation, residual=residual, out_scale=out_scale)
+    ref = int8_scaled_mm_ref(a, b, a_s, b_s, bias, out_dtype, **kw)
+    dev = lambda t: None if t is None else t.to(kernel_device)  # noqa: E731
+    out = int8_scaled_mm_triton(dev(a), dev(b), dev(a_s), dev(b_s), dev(bias), out_dtype,
+                                activation=activation, residual=dev(residual), out_scale=dev(out_scale))
+    if out_dtype == torch.int8:
+        _assert_int8_close(out, ref)
+        assert ref.abs().max() > 50  # a test that exercises the int8 range
+    else:
+        _assert_matches(out, ref, out_dtype)
+
+
+def test_reference_epilogue_modes_definition():
+    g = torch.Generator().manual_seed(21)
+    a, b = _rand_int8(9, 40, generator=g), _rand_int8(12, 40, generator=g)
+    a_s, b_s = torch.rand(9, 1, generator=g) * 1e-2, torch.rand(12, generator=g) * 1e-2
+    bias, res = torch.randn(12, generator=g), torch.randn(9, 12, generator=g)
+    y = F.gelu(int8_scaled_mm_ref(a, b, a_s, b_s, bias, torch.float32)) + res
+    got = int8_scaled_mm_ref(a, b, a_s, b_s, bias, torch.float32, activation="gelu", residual=res)
+    torch.testing.assert_close(got, y)
+    s = torch.tensor([0.05])
+    q = int8_scaled_mm_ref(a, b, a_s, b_s, bias, torch.int8, activation="gelu", residual=res, out_scale=s)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert (q.float() * s - y).abs().max() <= 0.5 * s + 1e-6 or (q.abs() == 127).any()
+    with pytest.raises(ValueError, match="out_scale exactly when out_dtype is torch.int8"):
+        int8_scaled_mm(a, b, a_s, b_s, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="activation in"):
+        int8_scaled_mm(a, b, a_s, b_s, activation="relu")
+    with pytest.raises(ValueError, match=r"residual of shape \(9, 12\)"):
+        int8_scaled_mm(a, b, a_s, b_s, residual=res[:3])
+
+
 @pytest.mark.parametrize("K", [16, 64, 200])  # the last block full, and partial
 def test_kernel_integer_product_is_exact(kernel_device, K):
     """Unit scales, fp32 out, |a·b| < 2^24: the output is the exact int32 product,
@@ -195,7 +266,7 @@ def test_public_op_rejects_bad_input():
         int8_scaled_mm(a, b, a_s.reshape(1, 4), b_s)
     with pytest.raises(ValueError, match=r"b_scale of shape \(8,\).*got shape \(7,\)"):
         int8_scaled_mm(a, b, a_s, b_s[:7])
-    with pytest.raises(TypeError, match="out_dtype bfloat16, float16 or float32, got torch.int32"):
+    with pytest.raises(TypeError, match=r"out_dtype bfloat16, float16, float32 or int8 \(with out_scale\), got torch.int32"):
         int8_scaled_mm(a, b, a_s, b_s, out_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"bias of shape \(8,\), got shape \(9,\)"):
         int8_scaled_mm(a, b, a_s, b_s, torch.zeros(9))
@@ -215,8 +286,10 @@ def test_custom_op_opcheck():
     from fastzoo.ops.int8_mm import _int8_scaled_mm_op
 
     a, b, a_s, b_s, bias = _inputs(5, 16, 32, torch.bfloat16, "out", "per_token", "cpu")
-    torch.library.opcheck(_int8_scaled_mm_op, (a, b, a_s, b_s, bias, torch.bfloat16))
-    torch.library.opcheck(_int8_scaled_mm_op, (a, b, a_s[:1], b_s, None, torch.float32))
+    torch.library.opcheck(_int8_scaled_mm_op, (a, b, a_s, b_s, bias, torch.bfloat16, "none", None, None))
+    torch.library.opcheck(_int8_scaled_mm_op, (a, b, a_s[:1], b_s, None, torch.float32, "gelu", None, None))
+    res = torch.randn(5, 16)
+    torch.library.opcheck(_int8_scaled_mm_op, (a, b, a_s, b_s[:1], bias, torch.int8, "gelu", res, torch.tensor([0.5])))
 
 
 def _op_in_graphs(counter, name):
@@ -284,6 +357,35 @@ def test_cuda_odd_shapes(shape, out_dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("NK", [(3072, 1024), (1024, 1024), (4096, 1024), (1024, 4096)])  # ViT-L linears
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_vit_l_epilogue_modes(NK, mode):
+    """The static / GELU / residual epilogues at ViT-L shapes and a large M (big-tile configs)."""
+    N, K = NK
+    M = 128 * 197  # M bucket 32768: the large-M (big-tile) configurations
+    activation, with_residual, out_kind = mode
+    g = torch.Generator().manual_seed(N + K)
+    a, b = _rand_int8(M, K, generator=g).cuda(), _rand_int8(N, K, generator=g).cuda()
+    a_s = torch.tensor([[2e-3]], device="cuda")
+    b_s = (torch.rand(N, generator=g) * 1e-3 + 1e-4).cuda()
+    bias = torch.randn(N, generator=g).to(torch.bfloat16).cuda()
+    residual = torch.randn(M, N, generator=g).to(torch.bfloat16).cuda() if with_residual else None
+    out_scale = None
+    if out_kind is not None:
+        y = int8_scaled_mm_ref(a, b, a_s, b_s, bias, torch.float32, activation=activation, residual=residual)
+        amax = y.abs().amax(0) if out_kind == "channel" else y.abs().amax().reshape(1)
+        out_scale = amax / 120
+    out_dtype = torch.int8 if out_scale is not None else torch.bfloat16
+    kw = dict(activation=activation, residual=residual, out_scale=out_scale)
+    out = int8_scaled_mm(a, b, a_s, b_s, bias, out_dtype, **kw)
+    ref = int8_scaled_mm_ref(a, b, a_s, b_s, bias, out_dtype, **kw)
+    if out_dtype == torch.int8:
+        _assert_int8_close(out, ref)
+    else:
+        _assert_matches(out, ref, out_dtype)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_dynamic_linear_and_inductor(dtype):
     g = torch.Generator().manual_seed(17)
@@ -308,7 +410,12 @@ def test_autotune_prune_keeps_small_tiles_for_small_m():
     assert [_m_bucket(m) for m in (0, 1, 16, 17, 65536, 65537)] == [16, 16, 16, 32, 65536, 131072]
     small = _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(3)})
     assert small and all(c.kwargs["BLOCK_M"] == 16 for c in small)
-    assert _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(65536)}) == list(_CONFIGS)
+    medium = _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(4096)})
+    assert medium == [c for c in _CONFIGS if c.kwargs["BLOCK_M"] <= 4096] and len(medium) == len(_CONFIGS)
+    large = _prune_configs(_CONFIGS, {"M_BUCKET": _m_bucket(512 * 197)})
+    assert 4 <= len(large) <= 10 and all(c.num_warps == 8 and c.kwargs["BLOCK_M"] >= 128 for c in large)
+    assert any((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) == (128, 256, 128, 4)
+               for c in large)
 
 
 
@@ -326,12 +433,12 @@ report = []
 for index in json.loads(sys.argv[1]):
     cfg = mod._CONFIGS[index]
     types = {"a_ptr": "*i8", "b_ptr": "*i8", "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16",
-             "c_ptr": "*bf16"}
-    constexprs = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "HAS_BIAS": True, "EVEN_K": True,
-                  **cfg.kwargs}
+             "c_ptr": "*i8", "res_ptr": "*bf16", "os_ptr": "*fp32"}
+    constexprs = {"stride_ak": 1, "stride_bk": 1, "stride_cn": 1, "stride_rn": 1, "HAS_BIAS": True, "EVEN_K": True,
+                  "ACT_GELU": True, "HAS_RESIDUAL": True, "OUT_INT8": True, **cfg.kwargs}
     signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in jit.arg_names}
-    aligned = ["a_ptr", "b_ptr", "as_ptr", "bs_ptr", "bias_ptr", "c_ptr", "stride_am", "stride_bn",
-               "stride_cm", "K"]
+    aligned = ["a_ptr", "b_ptr", "as_ptr", "bs_ptr", "bias_ptr", "c_ptr", "res_ptr", "os_ptr", "stride_am",
+               "stride_bn", "stride_cm", "stride_rm", "K"]
     try:
         src = ASTSource(
             fn=jit, signature=signature,
@@ -351,7 +458,8 @@ print("AOT-REPORT" + json.dumps(report))
 def test_kernel_compiles_for_hopper_without_a_gpu():
     """Compile the kernel ahead of time for sm_90 (Triton's bundled ptxas, no GPU needed):
     catches GPU-only compile errors in CPU CI, and checks that the big tiles use wgmma
-    with a pipelined K loop. Configs: the small mma tile and 128×256×128 in 3 stages."""
+    with a pipelined K loop, in the fullest epilogue (GELU, residual, int8 out). Configs: the
+    small mma tile and the Hopper 128×256×128 tile in 4 stages."""
     import json
     import os
     import subprocess
@@ -366,7 +474,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no ASTSource/GPUTarget API")
-    indices = [0, 10]
+    indices = [0, 13]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[2]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)

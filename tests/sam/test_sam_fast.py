@@ -11,7 +11,8 @@ from torch._dynamo.utils import counters
 
 from fastzoo.quant import Int8DynamicLinear, Int8DynamicSparse24Linear, Sparse24Linear, prune_2_4
 from fastzoo.sam import build_sam_fast, build_sam_from_config
-from fastzoo.sam.build import compile_image_encoder, quantize_image_encoder_
+from fastzoo.quant import quantize_image_encoder_
+from fastzoo.sam.build import compile_image_encoder
 
 IMG = 128  # 8x8 token grid; window 4 -> 4 windows per image
 
@@ -82,8 +83,8 @@ def test_compile_and_quantize_argument_errors():
         build_sam_fast("vit_b", device="cpu", compile="max-autotune")
     with pytest.raises(ValueError, match="unknown quantize='int4'.*int8, sparse, int8\\+sparse"):
         build_sam_fast("vit_b", device="cpu", compile=False, quantize="int4")
-    with pytest.raises(ValueError, match="unknown quantize"):
-        quantize_image_encoder_(tiny_encoder(), "int8dq")
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        quantize_image_encoder_(tiny_encoder(), "int4")
 
 
 def _pruned_mlp_copy(enc, names):

@@ -1,0 +1,214 @@
+"""int8 ViT blocks (dynamic or static W8A8, optional int8 attention) and the one-call quantizers.
+
+    from fastzoo.quant import Int8Dynamic, Int8Static, quantize_vit_
+    quantize_vit_(model, Int8Dynamic())                                   # no calibration
+    quantize_vit_(model, Int8Static(observer="percentile", attention="int8"), calibration=batches)
+    # or: build_vit(name, ckpt, quantize="int8static-qattn", calibration=batches)
+
+``quantize_vit_`` replaces each ``fastzoo.vit`` block by an ``Int8ViTBlock`` whose forward
+chains the fused ops so that no activation makes an extra trip through memory:
+
+- ``layernorm_quant_int8``: the pre-norms write int8 (per-token scales when dynamic, the
+  calibrated scale when static) straight into the qkv and fc1 GEMMs;
+- ``int8_scaled_mm`` epilogues: fc1 applies GELU (and, static, writes int8 for fc2);
+  proj and fc2 add the residual; static qkv writes int8 q, k, v (one calibrated scale each);
+- attention: ``"int8"`` → ``int8_attention`` on views of the qkv output (dynamic: q, k, v
+  quantized per token and head first; static: int8 out for proj), ``"sdpa"`` → bf16 SDPA.
+
+The block keeps the float block's parameter names (``norm1``, ``attn.qkv``, ``attn.proj``,
+``norm2``, ``mlp.fc1``, ``mlp.fc2``) with quantized linears (``Int8DynamicLinear`` /
+``Int8StaticLinear`` buffers), so a quantized state dict round-trips. The patch embedding,
+final norm and head stay in float.
+
+``quantize_image_encoder_`` offers the same configs for SAM's image encoder (its linears;
+SAM's attention adds a decomposed relative-position bias that ``int8_attention`` does not).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastzoo.ops import int8_attention, int8_scaled_mm, layernorm_quant_int8, quantize_rows_int8
+from fastzoo.ops.int8_mm import int8_dynamic_linear, requantize_int8_ref
+
+from .api import Int8Dynamic, Int8DynamicSparse24, Int8Static, QuantConfig, Sparse24, as_config, quantize_
+from .calibrate import observe
+from .linear import Int8DynamicLinear
+
+
+class _Attn(nn.Module):
+    def __init__(self, qkv: nn.Module, proj: nn.Module, num_heads: int):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = num_heads, qkv, proj
+
+
+class _Mlp(nn.Module):
+    def __init__(self, fc1: nn.Module, fc2: nn.Module):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+
+class Int8ViTBlock(nn.Module):
+    """A ViT block with int8 linears (see the module doc); ``static`` and ``attention`` fixed
+    at construction. Built by ``quantize_vit_``."""
+
+    def __init__(self, block: nn.Module, static: bool, attention: str, qkv: nn.Module, proj: nn.Module,
+                 fc1: nn.Module, fc2: nn.Module):
+        super().__init__()
+        self.static, self.attention = static, attention
+        self.norm1, self.norm2 = block.norm1, block.norm2
+        self.attn = _Attn(qkv, proj, block.attn.num_heads)
+        self.mlp = _Mlp(fc1, fc2)
+
+    def _norm_quant(self, norm: nn.LayerNorm, x: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        return layernorm_quant_int8(x, norm.weight, norm.bias, norm.eps, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        H = self.attn.num_heads
+        D = C // H
+        dt = x.dtype
+        x2 = x.reshape(B * N, C)
+        qkv_l, proj_l, fc1_l, fc2_l = self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2
+        static = self.static
+
+        # --- attention
+        a_q, a_s = self._norm_quant(self.norm1, x2, qkv_l.in_scale if static else None)
+        int8_qkv = static and self.attention == "int8"
+        qkv = int8_scaled_mm(a_q, qkv_l.weight, a_s, qkv_l.scales, qkv_l.bias,
+                             torch.int8 if int8_qkv else dt,
+                             out_scale=qkv_l.out_scale if int8_qkv else None)
+        qkv5 = qkv.view(B, N, 3, H, D)
+        if self.attention == "int8":
+            if int8_qkv:  # one calibrated scale per q / k / v (the qkv GEMM's per-channel out_scale)
+                s = qkv_l.out_scale.view(3, C)[:, 0]
+                q8, scales = qkv5, [s[i:i + 1] for i in range(3)]
+            else:  # per token and head
+                q8, s5 = quantize_rows_int8(qkv5)
+                scales = [s5[:, :, i, :, 0].transpose(1, 2) for i in range(3)]
+            q, k, v = (q8[:, :, i].transpose(1, 2) for i in range(3))
+            o = int8_attention(q, k, v, *scales, out_dtype=torch.int8 if static else dt,
+                               out_scale=proj_l.in_scale if static else None)
+        else:
+            q, k, v = (qkv5[:, :, i].transpose(1, 2) for i in range(3))
+            o = F.scaled_dot_product_attention(q, k, v)
+        o = o.transpose(1, 2).reshape(B * N, C)
+        if static:
+            o8 = o if o.dtype == torch.int8 else requantize_int8_ref(o, proj_l.in_scale)
+            x2 = int8_scaled_mm(o8, proj_l.weight, proj_l.in_scale, proj_l.scales, proj_l.bias, dt, residual=x2)
+        else:
+            x2 = int8_dynamic_linear(o, proj_l.weight, proj_l.scales, proj_l.bias, residual=x2)
+
+        # --- MLP
+        h_q, h_s = self._norm_quant(self.norm2, x2, fc1_l.in_scale if static else None)
+        if static:  # fc1 + GELU → int8 with fc2's input scale; fc2 + residual
+            h8 = int8_scaled_mm(h_q, fc1_l.weight, h_s, fc1_l.scales, fc1_l.bias, torch.int8, activation="gelu",
+                                out_scale=fc2_l.in_scale)
+            x2 = int8_scaled_mm(h8, fc2_l.weight, fc2_l.in_scale, fc2_l.scales, fc2_l.bias, dt, residual=x2)
+        else:
+            h = int8_scaled_mm(h_q, fc1_l.weight, h_s, fc1_l.scales, fc1_l.bias, dt, activation="gelu")
+            x2 = int8_dynamic_linear(h, fc2_l.weight, fc2_l.scales, fc2_l.bias, residual=x2)
+        return x2.reshape(B, N, C)
+
+    def extra_repr(self) -> str:
+        return f"static={self.static}, attention={self.attention!r}"
+
+
+def _vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from fastzoo.vit.model import Block
+
+    blocks = [(f"blocks.{i}", b) for i, b in enumerate(getattr(model, "blocks", []))]
+    if not blocks or not all(isinstance(b, Block) for _, b in blocks):
+        raise TypeError(f"quantize_vit_ expects a fastzoo.vit VisionTransformer with float blocks, "
+                        f"got {type(model).__name__}")
+    return blocks
+
+
+def quantize_vit_(model: nn.Module, config: QuantConfig | str, calibration=None) -> nn.Module:
+    """Quantize a ``fastzoo.vit`` VisionTransformer's blocks in place; returns ``model``.
+
+    ``config``: ``Int8Dynamic(attention=...)`` or ``Int8Static(...)`` (or their names
+    ``"int8dq"``, ``"int8dq-qattn"``, ``"int8static"``, ``"int8static-qattn"``); any other
+    config (weight-only int8/int4) quantizes the blocks' linears with ``quantize_``.
+    ``calibration`` (static only): an iterable of image batches, run through the float
+    model once with observers on every int8 layer's input (and on q, k, v).
+    """
+    config = as_config(config)
+    blocks = _vit_blocks(model)
+    if not isinstance(config, (Int8Dynamic, Int8Static)):
+        return quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("blocks."))
+    static = isinstance(config, Int8Static)
+    if static:
+        if calibration is None:
+            raise ValueError(f"{config.name} needs calibration batches: quantize_vit_(model, config, calibration=batches)"
+                             f" or build_vit(..., quantize={config.name!r}, calibration=batches)")
+        inputs = {f"{n}.{lin}": config.observer_for() for n, _ in blocks
+                  for lin in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        outputs, transform = {}, {}
+        if config.attention == "int8":
+            for n, b in blocks:  # q, k, v: one scale each (per tensor), observed on the qkv output
+                C = b.attn.qkv.in_features
+                outputs[f"{n}.attn.qkv"] = config.observer_for(per_channel=True)
+                transform[f"{n}.attn.qkv"] = lambda t, C=C: t.reshape(-1, 3, C).transpose(1, 2).reshape(-1, 3)
+        observe(model, calibration, inputs=inputs, outputs=outputs, transform=transform)
+        in_scales = {k: o.scale() for k, o in inputs.items()}
+        qkv_scales = {k: o.scale() for k, o in outputs.items()}  # (3,): q, k, v
+    for n, b in blocks:
+        lin = {name: b.get_submodule(name) for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        if static:
+            q = {}
+            for name, l in lin.items():
+                out_scale = None
+                if name == "attn.qkv" and config.attention == "int8":  # per channel: q, k, v segments
+                    out_scale = qkv_scales[f"{n}.attn.qkv"].repeat_interleave(l.in_features)
+                q[name] = config.quantize_linear(l, in_scales[f"{n}.{name}"], out_scale)
+        else:
+            q = {name: Int8DynamicLinear.from_linear(l) for name, l in lin.items()}
+        new = Int8ViTBlock(b, static, config.attention, q["attn.qkv"], q["attn.proj"], q["mlp.fc1"], q["mlp.fc2"])
+        model.blocks[int(n.split(".")[1])] = new
+    return model
+
+
+def _encoder_linears(m: nn.Module, fqn: str) -> bool:
+    return isinstance(m, nn.Linear) and fqn.startswith("blocks.")
+
+
+#: Named mixes of configs over the encoder blocks' linears (names after ``blocks.N.``), the
+#: ``quantize=`` options of ``fastzoo.sam.build_sam_fast``: ``"int8"`` int8 dynamic everywhere;
+#: ``"sparse"`` 2:4 on the MLPs; ``"int8+sparse"`` torchao's best mix for SAM (int8 dynamic on
+#: attention, int8 dynamic + 2:4 on lin1, 2:4 on lin2).
+ENCODER_QUANT_PLANS: dict[str, tuple[tuple[QuantConfig, tuple[str, ...]], ...]] = {
+    "int8": ((Int8Dynamic(), ("attn.qkv", "attn.proj", "mlp.lin1", "mlp.lin2")),),
+    "sparse": ((Sparse24(), ("mlp.lin1", "mlp.lin2")),),
+    "int8+sparse": (
+        (Int8Dynamic(), ("attn.qkv", "attn.proj")),
+        (Int8DynamicSparse24(), ("mlp.lin1",)),
+        (Sparse24(), ("mlp.lin2",)),
+    ),
+}
+
+
+def quantize_image_encoder_(encoder: nn.Module, config: QuantConfig | str, calibration=None) -> nn.Module:
+    """Quantize the linears of a ViT image encoder's blocks (SAM's ``ImageEncoderViT``:
+    ``blocks.*.attn.qkv/proj``, ``blocks.*.mlp.lin1/lin2``) in place; returns ``encoder``.
+
+    ``config``: a name of ``ENCODER_QUANT_PLANS`` (``"int8"``, ``"sparse"``, ``"int8+sparse"``,
+    which take precedence over ``quantize_``'s strings of the same name), or any config:
+    ``Int8Dynamic()`` / ``"int8dq"``: per-token dynamic W8A8. ``Int8Static(...)`` /
+    ``"int8static"``: static W8A8 calibrated on ``calibration`` (an iterable of preprocessed
+    image batches, ``encoder(batch)``). Weight-only configs work too. ``attention="int8"``
+    is refused: SAM's attention adds a decomposed relative-position bias, which
+    ``int8_attention`` does not implement (its linears are quantized either way).
+    """
+    if isinstance(config, str) and config in ENCODER_QUANT_PLANS:
+        for cfg, names in ENCODER_QUANT_PLANS[config]:
+            quantize_(encoder, cfg, filter_fn=lambda m, fqn, names=names: (
+                _encoder_linears(m, fqn) and fqn.split(".", 2)[2] in names))
+        return encoder
+    config = as_config(config)
+    if getattr(config, "attention", "sdpa") != "sdpa":
+        raise ValueError(f"{config.name}: attention='int8' is not available for SAM's image encoder (its attention "
+                         f"adds a decomposed relative-position bias that int8_attention does not implement); "
+                         f"use attention='sdpa' (linears only)")
+    return quantize_(encoder, config, filter_fn=_encoder_linears, calibration=calibration)
