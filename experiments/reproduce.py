@@ -58,6 +58,7 @@ class Config:
     full: bool = True
     timeout_s: float = 1800
     nproc: int = 1
+    record: str | None = None  # a module that writes several records: the name of the one to keep
 
     def command(self) -> list[str]:
         """The command a user types to run this configuration by hand."""
@@ -85,31 +86,37 @@ CONFIGS: list[Config] = [
     CEILINGS,
     # --- SAM
     *_cfgs("sam", "experiments.sam_throughput", [
-        ("sam_throughput_vit_b_quick", "--model vit_b --quick", QUICK),
-        ("sam_throughput_vit_b", "--model vit_b --batch-sizes 1,8,32"),
-        ("sam_throughput_vit_l", "--model vit_l --batch-sizes 1,8,32"),
-        ("sam_throughput_vit_h", "--model vit_h --batch-sizes 1,8,32"),
+        ("sam_throughput_vit_b_quick", "--quick", QUICK),
+        ("sam_throughput_vit_b", "--model vit_b --batch-sizes 1,8,16,32 --configs all --profile"),
+        ("sam_throughput_vit_l", "--model vit_l --batch-sizes 1,8,16,32"),
+        ("sam_throughput_vit_h", "--model vit_h --batch-sizes 1,8,16,32 --configs sa-eager,fz-eager,fz-compile,fz-int8"),
     ]),
-    *_cfgs("sam", "experiments.bench_sam_prompts", [("sam_prompts_vit_h", "--model vit_h")]),
-    *_cfgs("sam", "experiments.sam_waterfall", [("sam_waterfall_vit_h", "--model vit_h")], timeout_s=3600),
-    *_cfgs("sam", "experiments.bench_amg", [("sam_amg_vit_h", "--model vit_h")]),
+    *_cfgs("sam", "experiments.bench_sam_prompts", [("sam_prompts_vit_b", "")]),
+    *_cfgs("sam", "experiments.bench_amg", [
+        ("sam_amg_vit_b_quick", "--quick", QUICK),
+        ("sam_amg_vit_b", ""),
+    ]),
+    *_cfgs("sam", "experiments.sam_waterfall", [
+        ("sam_waterfall_vit_b_synthetic", "--synthetic 32 --model-type vit_b --batch-size 8 --timeout 600",
+         {"record": "sam_waterfall_vit_b_synthetic"}),
+    ], timeout_s=3600),
     # --- Llama (random weights of the preset's shapes; compile time dominates)
     *_cfgs("llama", "experiments.llama_decode", [
-        ("llama_2_7b_bf16_quick", "--preset llama-2-7b --batch-sizes 1 --new-tokens 64 --runs 1 "
-                                  "--prefill-len 16", QUICK),
+        ("llama_2_7b_bf16_quick", "--preset llama-2-7b --quick", QUICK),
         ("llama_2_7b_bf16", LLAMA_7B),
         ("llama_2_7b_int8", LLAMA_7B + " --quantize int8"),
+        ("llama_2_7b_int4_g128", LLAMA_7B + " --quantize int4-g128"),
         ("llama_2_7b_int4_g32", LLAMA_7B + " --quantize int4-g32"),
         ("llama_3_8b_bf16", LLAMA_7B.replace("llama-2-7b", "llama-3-8b")),
     ], timeout_s=2400),
-    *_cfgs("llama", "experiments.llama_tp", [("llama_2_7b_bf16_tp2", "--preset llama-2-7b")],
+    *_cfgs("llama", "experiments.llama_tp", [("llama_2_7b_bf16_tp2", "--preset llama-2-7b --compile")],
            nproc=2, timeout_s=2400),
     # --- ViT (fastzoo and timm, every mode, in one run per model)
     *_cfgs("vit", "experiments.vit_throughput", [
         ("vit_quick", "--quick", QUICK),
-        ("vit_base_patch16_224", "--models vit_base_patch16_224 --batch 256"),
-        ("vit_large_patch16_224", "--models vit_large_patch16_224 --batch 256"),
-        ("vit_huge_patch14_224", "--models vit_huge_patch14_224 --batch 64"),
+        ("vit_base_patch16_224", "--models vit_base_patch16_224 --batches 1,32,256,1024"),
+        ("vit_large_patch16_224", "--models vit_large_patch16_224 --batches 1,32,256,512,1024"),
+        ("vit_large_patch16_384", "--models vit_large_patch16_384 --batches 1,32,256"),
     ]),
     # --- kernels against their references
     *_cfgs("ops", "experiments.bench_ops", [("bench_ops", "")]),
@@ -274,6 +281,8 @@ class Runner:
                 timed_out = True
         wall = time.monotonic() - t0
         records = sorted(staging.glob("*.json"))
+        if cfg.record is not None and len(records) > 1:
+            records = [r for r in records if r.stem == cfg.record] or records
         base = {"returncode": rc, "wall_s": round(wall, 1), "log": str(log.relative_to(self.out))}
         if timed_out:
             reason = f"timed out after {timeout:.0f} s"
