@@ -517,8 +517,8 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: --device cuda asked for but no CUDA GPU is visible", file=sys.stderr)
             return EXIT_BAD_INPUT
-        if tr and torch.device(a.device).index is None:
-            a.device = f"cuda:{local_rank}"
+        if torch.device(a.device).index is None:
+            a.device = f"cuda:{local_rank if tr else torch.cuda.current_device()}"
         torch.cuda.set_device(torch.device(a.device))
     if a.dtype is None:
         a.dtype = "bf16" if a.device.startswith("cuda") else "fp32"
