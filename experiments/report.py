@@ -134,6 +134,20 @@ def llama_rows(rec: dict, ceilings: dict) -> list[dict]:
     return rows
 
 
+def llama_tp_rows(rec: dict, ceilings: dict) -> list[dict]:
+    """A tensor-parallel record (``experiments.llama_tp``): one row, per-GPU bandwidth."""
+    f = rec["figures"]
+    mode = f.get("quantize") or f.get("weights") or DTYPE_SHORT.get(str(f.get("dtype")), str(f.get("dtype")))
+    return [{
+        "preset": f.get("preset"), "mode": mode, "gpus": f.get("world_size"), "compile": f.get("compile"),
+        "batch": f.get("batch"), "tokens_per_s": _num(f.get("decode_tokens_per_s")),
+        "bandwidth_gbs_per_gpu": _num(f.get("bandwidth_gbs_per_gpu")),
+        "pct_of_copy_bandwidth": _num(f.get("pct_of_copy_bandwidth")),
+        "allreduce_us": _num(f.get("allreduce_us")), "time_to_first_token_ms": _num(f.get("time_to_first_token_ms")),
+        "compile_s": _num(f.get("compile_s")), "same_tokens_on_every_rank": f.get("same_tokens_on_every_rank"),
+    }]
+
+
 def vit_rows(rec: dict, ceilings: dict) -> list[dict]:
     return [dict(r) for r in rec["figures"].get("rows", [])]
 
@@ -150,7 +164,7 @@ def generic_rows(rec: dict, ceilings: dict) -> list[dict]:
     return [{k: v for k, v in f.items() if not isinstance(v, (dict, list))}] if isinstance(f, dict) else []
 
 
-ROWS_OF_KIND = {"llama_decode": llama_rows, "llama_tp": llama_rows, "vit_throughput": vit_rows,
+ROWS_OF_KIND = {"llama_decode": llama_rows, "llama_tp": llama_tp_rows, "vit_throughput": vit_rows,
                 "ceilings": ceilings_rows}
 
 
