@@ -52,7 +52,10 @@ def main(argv=None) -> None:
         res = gen.generate(prompts, args.steps + 1, **kw)
         torch.cuda.synchronize()
     steps = res.steps
-    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    # GPU kernels only: not the compiled-graph wrapper ("## Call CompiledFxGraph ..."), operator
+    # rows (aten::, fastzoo::) that repeat their kernels' time, or profiler notes.
+    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0
+          and not e.key.startswith(("##", "Command Buffer", "aten::", "fastzoo::"))]
     total_us = sum(e.self_device_time_total for e in ev)
     ev.sort(key=lambda e: e.self_device_time_total, reverse=True)
     print(f"{steps} decode steps (+ prefill): wall {wall_step_ms:.3f} ms/step unprofiled; "
