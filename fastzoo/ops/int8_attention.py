@@ -120,6 +120,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from .quantize_rows import _round_half_away_tl
+
     # The first configuration runs under Triton's interpreter (CPU tests): small. The
     # others: Ampere/Hopper at ViT lengths (197 = 128 + 69, 577, 785).
     _CONFIGS = [
@@ -202,7 +204,7 @@ if triton_available():
         if OUT_INT8:
             o_s = tl.load(os_ptr)
             t = out / o_s
-            t = tl.where(t >= 0, tl.floor(t + 0.5), -tl.floor(0.5 - t))
+            t = _round_half_away_tl(t)
             t = tl.minimum(tl.maximum(t, -127.0), 127.0)
             tl.store(o_ptrs, t.to(tl.int8), mask=o_mask)
         else:

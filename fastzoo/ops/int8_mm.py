@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 
 from ._common import cuda_kernel_applies, launch, triton_available
-from .quantize_rows import quantize_rows_int8, quantize_rows_int8_ref
+from .quantize_rows import _round_half_away, quantize_rows_int8, quantize_rows_int8_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = ("none", "gelu")
@@ -165,10 +165,6 @@ def _exact_int_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.to(torch.float64), b.to(torch.float64).t()).to(torch.int32)
 
 
-def _round_half_away(v: torch.Tensor) -> torch.Tensor:
-    return torch.where(v >= 0, torch.floor(v + 0.5), -torch.floor(0.5 - v))
-
-
 def requantize_int8_ref(y: torch.Tensor, out_scale: torch.Tensor) -> torch.Tensor:
     """Static int8 quantization: ``clamp(round_half_away(y / out_scale), -127, 127)``, in fp32.
     ``out_scale`` broadcasts against y's last dimension (one element, or one per column)."""
@@ -234,6 +230,8 @@ def _prune_configs(configs, named_args, **kwargs):
 if triton_available():
     import triton
     import triton.language as tl
+
+    from .quantize_rows import _round_half_away_tl
 
     def _cfg(bm, bn, bk, warps, stages, group=8):
         return triton.Config(
@@ -349,7 +347,7 @@ if triton_available():
         if OUT_INT8:  # static quantization of the output: round half away from zero, clamp
             o_s = tl.load(os_ptr + offs_n * stride_os, mask=n_mask, other=1.0)
             v = out / o_s[None, :]
-            v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))
+            v = _round_half_away_tl(v)
             v = tl.minimum(tl.maximum(v, -127.0), 127.0)
             tl.store(c_ptrs, v.to(tl.int8), mask=c_mask)
         else:

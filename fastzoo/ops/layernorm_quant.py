@@ -76,6 +76,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from .quantize_rows import _round_half_away_tl
+
     @triton.autotune(
         configs=[
             triton.Config({"BLOCK_M": 1}, num_warps=4),
@@ -113,7 +115,7 @@ if triton_available():
         else:
             s = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1), EPS_) / 127.0
         v = y / s[:, None]
-        v = tl.where(v >= 0, tl.floor(v + 0.5), -tl.floor(0.5 - v))
+        v = _round_half_away_tl(v)
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
         tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], v.to(tl.int8), mask=mask)
         tl.store(s_ptr + rows, s, mask=row_mask)
