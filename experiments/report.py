@@ -137,6 +137,8 @@ def llama_rows(rec: dict, ceilings: dict) -> list[dict]:
 def llama_tp_rows(rec: dict, ceilings: dict) -> list[dict]:
     """A tensor-parallel record (``experiments.llama_tp``): one row, per-GPU bandwidth."""
     f = rec["figures"]
+    if "decode_tokens_per_s" not in f:
+        raise KeyError("figures['decode_tokens_per_s']")
     mode = f.get("quantize") or f.get("weights") or DTYPE_SHORT.get(str(f.get("dtype")), str(f.get("dtype")))
     return [{
         "preset": f.get("preset"), "mode": mode, "gpus": f.get("world_size"), "compile": f.get("compile"),
