@@ -50,6 +50,9 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--points-per-batch", type=int, default=64, help="AMG: points per decoder batch (default 64)")
     p.add_argument("--pred-iou-thresh", type=float, default=0.88, help="AMG: predicted-IoU filter (default 0.88)")
     p.add_argument("--stability-score-thresh", type=float, default=0.95, help="AMG: stability filter (default 0.95)")
+    p.add_argument("--fast-amg", action="store_true",
+                   help="AMG: the on-device pipeline (SamAutomaticMaskGenerator(fast=True): same masks, no host "
+                        "sync per point batch, bounded memory)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
@@ -249,6 +252,7 @@ def _run_amg(args, sam, image: np.ndarray, output: Optional[Path], overlay: Opti
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_score_thresh,
         output_mode="uncompressed_rle",
+        fast=args.fast_amg,
     )
     t0 = time.perf_counter()
     anns = gen.generate(image, progress=True)

@@ -74,6 +74,23 @@ def test_cli_amg(ckpt, image_path, tmp_path, capsys):
         assert int(png.sum()) == rec["area"]
 
 
+def test_cli_fast_amg_writes_the_same_masks(ckpt, image_path, tmp_path, capsys):
+    outs = {}
+    for flag in ([], ["--fast-amg"]):
+        out = tmp_path / ("fast" if flag else "ref")
+        rc = main([
+            "--checkpoint", str(ckpt), "--model-type", "vit_b", "--image", str(image_path), "--amg",
+            "--points-per-side", "3", "--pred-iou-thresh", "-100", "--stability-score-thresh", "0",
+            "--output", str(out), "--device", "cpu", *flag,
+        ])
+        assert rc == 0, capsys.readouterr().err
+        outs[bool(flag)] = json.loads((out / "masks.json").read_text())["masks"]
+    assert len(outs[False]) > 0
+    key = lambda m: (m["area"], m["bbox"])  # noqa: E731
+    ref, fast = sorted(outs[False], key=key), sorted(outs[True], key=key)
+    assert [(m["area"], m["bbox"], m["rle"]) for m in fast] == [(m["area"], m["bbox"], m["rle"]) for m in ref]
+
+
 def _bad(args, tmp_path, capsys, match):
     before = set(tmp_path.iterdir())
     rc = main(args)
