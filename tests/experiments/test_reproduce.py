@@ -116,7 +116,8 @@ def test_table_names_unique_and_sets():
     assert len({c.name for c in CONFIGS}) == len(CONFIGS)
     quick = select(CONFIGS, quick=True)
     assert quick[0].name == "ceilings"
-    assert sorted(c.model for c in quick[1:]) == ["llama", "sam", "vit"]  # one per model
+    assert {c.model for c in quick[1:]} == {"llama", "sam", "vit"}  # every model
+    assert len(quick) <= 6  # a short set: it must fit one 10-minute GPU call (8.3 min measured on an H100)
     full = select(CONFIGS, quick=False, models=["llama"])
     assert full[0].name == "ceilings" and {c.model for c in full[1:]} == {"llama"} and len(full) > 2
     assert not any(c in full for c in quick[1:])
