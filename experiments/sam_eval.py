@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastzoo.utils import torchrun_env
+
 EXIT_BAD_INPUT = 2
 EXIT_UNAVAILABLE = 3
 #: A reduced encoder for tests on the CPU (random weights, fp32 only).
@@ -472,14 +474,6 @@ def default_name(a) -> str:
     return "_".join(parts)
 
 
-def _torchrun_env():
-    """(rank, world_size, local_rank) when launched by torchrun with several ranks, else None."""
-    env = os.environ
-    if "MASTER_ADDR" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
-
-
 def _run(a, rank: int, world: int) -> int:
     import torch.distributed as dist
 
@@ -509,7 +503,7 @@ def _run(a, rank: int, world: int) -> int:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    tr = _torchrun_env()
+    tr = torchrun_env()
     rank, world, local_rank = tr if tr else (0, 1, 0)
     if a.device is None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"

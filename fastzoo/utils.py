@@ -22,3 +22,17 @@ def parse_dtype(dtype: str | torch.dtype, *, error: type[Exception] = ValueError
     if dtype not in FLOAT_DTYPES:
         raise error(f"unsupported dtype {dtype}; expected one of torch.float32, torch.bfloat16, torch.float16")
     return dtype
+
+
+def torchrun_env():
+    """``(rank, world_size, local_rank)`` when launched by torchrun with several ranks, else None.
+
+    Reads the variables torchrun sets for its workers (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``): the launcher's protocol, not a behaviour switch.
+    """
+    import os
+
+    env = os.environ
+    if "MASTER_ADDR" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))

@@ -34,6 +34,7 @@ import torch
 from .checkpoint import load_model, resolve_run_args
 from .config import LlamaError
 from .model import Transformer
+from ..utils import torchrun_env
 
 MIN_PREFILL_BUCKET = 16
 
@@ -647,7 +648,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     _check_args(p, a)
     try:
-        tp = _torchrun_env()  # tensor parallel (fastzoo.llama.tp) when launched by torchrun
+        tp = torchrun_env()  # tensor parallel (fastzoo.llama.tp) when launched by torchrun
         if tp is not None:
             if a.speculate_k is not None:
                 raise LlamaError("speculative decoding is not supported with tensor parallelism (torchrun)")
@@ -657,15 +658,6 @@ def main(argv=None) -> int:
     except LlamaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-
-
-def _torchrun_env():
-    """(rank, world_size, local_rank) when launched by torchrun with several ranks, else None."""
-    import os
-    env = os.environ
-    if "MASTER_ADDR" not in env or int(env.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
 
 
 def _run(a, load=load_model) -> int:
