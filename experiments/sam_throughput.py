@@ -142,6 +142,7 @@ def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
     torch.cuda.empty_cache()
 
     results = {}
+    fastest = (0.0, None, None)  # (img/s, name, encoder): kept for --profile, the others are freed
     for name in args.configs:
         try:
             enc = build_config(name, model_type, base, dtype, device)
@@ -177,17 +178,13 @@ def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
                       f"first call {entry['first_call_s']:6.1f} s  emb rel.err {entry['embed_rel_err']:.2e} "
                       f"SQNR {entry['embed_sqnr_db']:.1f} dB", flush=True)
         results[name] = entry
-        if args.profile:
-            entry["_enc"] = enc
-        else:
-            del enc
+        best_ips = max(b["img_per_s"] for b in entry["batches"].values())
+        if args.profile and best_ips > fastest[0]:
+            fastest = (best_ips, name, enc)
+        del enc
         torch.cuda.empty_cache()
-    if args.profile:
-        best = max((n for n in results if "batches" in results[n]),
-                   key=lambda n: max(b["img_per_s"] for b in results[n]["batches"].values()))
-        results["profile"] = {"config": best, "top_kernels": profile_top(results[best]["_enc"], args, device, dtype)}
-    for r in results.values():
-        r.pop("_enc", None) if isinstance(r, dict) else None
+    if args.profile and fastest[1] is not None:
+        results["profile"] = {"config": fastest[1], "top_kernels": profile_top(fastest[2], args, device, dtype)}
     rows = [{"config": name, "batch": int(bs), "img_s": round(b["img_per_s"], 1), "tflops": round(b["tflops"], 1),
              "pct_bf16": round(b["pct_bf16_ceiling"], 1), "peak_mem_gib": round(b["peak_mem_gib"], 2),
              "first_call_s": round(r["first_call_s"], 1), "embed_sqnr_db": round(r["embed_sqnr_db"], 1)}
