@@ -131,16 +131,18 @@ class Int8StaticLinear(nn.Module):
     def forward(self, x: torch.Tensor, *, activation: str = "none", residual: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
         K = x.shape[-1]
+        in_scale = self.in_scale.float()  # fp32 for the kernel, also after ``.to(dtype)`` cast the buffers
+        out_scale = None if self.out_scale is None else self.out_scale.float()
         if x.dtype != torch.int8:
             out_dtype = out_dtype or x.dtype
-            x = requantize_int8_ref(x, self.in_scale)
-        if self.out_scale is not None:
+            x = requantize_int8_ref(x, in_scale)
+        if out_scale is not None:
             out_dtype = torch.int8
         elif out_dtype is None:
             out_dtype = self.bias.dtype if self.bias is not None else torch.bfloat16
         res = None if residual is None else residual.reshape(-1, self.out_features)
-        out = int8_scaled_mm(x.reshape(-1, K), self.weight, self.in_scale, self.scales, self.bias, out_dtype,
-                             activation=activation, residual=res, out_scale=self.out_scale)
+        out = int8_scaled_mm(x.reshape(-1, K), self.weight, in_scale, self.scales.float(), self.bias, out_dtype,
+                             activation=activation, residual=res, out_scale=out_scale)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

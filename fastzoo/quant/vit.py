@@ -72,43 +72,46 @@ class Int8ViTBlock(nn.Module):
         x2 = x.reshape(B * N, C)
         qkv_l, proj_l, fc1_l, fc2_l = self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2
         static = self.static
+        # Scales are fp32 for the kernels; ``.to(dtype)`` on the model casts float buffers.
+        sc = {n: {k: getattr(l, k).float() for k in ("scales", "in_scale", "out_scale") if getattr(l, k, None) is not None}
+              for n, l in (("qkv", qkv_l), ("proj", proj_l), ("fc1", fc1_l), ("fc2", fc2_l))}
 
         # --- attention
-        a_q, a_s = self._norm_quant(self.norm1, x2, qkv_l.in_scale if static else None)
+        a_q, a_s = self._norm_quant(self.norm1, x2, sc["qkv"]["in_scale"] if static else None)
         int8_qkv = static and self.attention == "int8"
-        qkv = int8_scaled_mm(a_q, qkv_l.weight, a_s, qkv_l.scales, qkv_l.bias,
+        qkv = int8_scaled_mm(a_q, qkv_l.weight, a_s, sc["qkv"]["scales"], qkv_l.bias,
                              torch.int8 if int8_qkv else dt,
-                             out_scale=qkv_l.out_scale if int8_qkv else None)
+                             out_scale=sc["qkv"]["out_scale"] if int8_qkv else None)
         qkv5 = qkv.view(B, N, 3, H, D)
         if self.attention == "int8":
             if int8_qkv:  # one calibrated scale per q / k / v (the qkv GEMM's per-channel out_scale)
-                s = qkv_l.out_scale.view(3, C)[:, 0]
+                s = sc["qkv"]["out_scale"].view(3, C)[:, 0]
                 q8, scales = qkv5, [s[i:i + 1] for i in range(3)]
             else:  # per token and head
                 q8, s5 = quantize_rows_int8(qkv5)
                 scales = [s5[:, :, i, :, 0].transpose(1, 2) for i in range(3)]
             q, k, v = (q8[:, :, i].transpose(1, 2) for i in range(3))
             o = int8_attention(q, k, v, *scales, out_dtype=torch.int8 if static else dt,
-                               out_scale=proj_l.in_scale if static else None)
+                               out_scale=sc["proj"]["in_scale"] if static else None)
         else:
             q, k, v = (qkv5[:, :, i].transpose(1, 2) for i in range(3))
             o = F.scaled_dot_product_attention(q, k, v)
         o = o.transpose(1, 2).reshape(B * N, C)
         if static:
-            o8 = o if o.dtype == torch.int8 else requantize_int8_ref(o, proj_l.in_scale)
-            x2 = int8_scaled_mm(o8, proj_l.weight, proj_l.in_scale, proj_l.scales, proj_l.bias, dt, residual=x2)
+            o8 = o if o.dtype == torch.int8 else requantize_int8_ref(o, sc["proj"]["in_scale"])
+            x2 = int8_scaled_mm(o8, proj_l.weight, sc["proj"]["in_scale"], sc["proj"]["scales"], proj_l.bias, dt, residual=x2)
         else:
-            x2 = int8_dynamic_linear(o, proj_l.weight, proj_l.scales, proj_l.bias, residual=x2)
+            x2 = int8_dynamic_linear(o, proj_l.weight, sc["proj"]["scales"], proj_l.bias, residual=x2)
 
         # --- MLP
-        h_q, h_s = self._norm_quant(self.norm2, x2, fc1_l.in_scale if static else None)
+        h_q, h_s = self._norm_quant(self.norm2, x2, sc["fc1"]["in_scale"] if static else None)
         if static:  # fc1 + GELU → int8 with fc2's input scale; fc2 + residual
-            h8 = int8_scaled_mm(h_q, fc1_l.weight, h_s, fc1_l.scales, fc1_l.bias, torch.int8, activation="gelu",
-                                out_scale=fc2_l.in_scale)
-            x2 = int8_scaled_mm(h8, fc2_l.weight, fc2_l.in_scale, fc2_l.scales, fc2_l.bias, dt, residual=x2)
+            h8 = int8_scaled_mm(h_q, fc1_l.weight, h_s, sc["fc1"]["scales"], fc1_l.bias, torch.int8, activation="gelu",
+                                out_scale=sc["fc2"]["in_scale"])
+            x2 = int8_scaled_mm(h8, fc2_l.weight, sc["fc2"]["in_scale"], sc["fc2"]["scales"], fc2_l.bias, dt, residual=x2)
         else:
-            h = int8_scaled_mm(h_q, fc1_l.weight, h_s, fc1_l.scales, fc1_l.bias, dt, activation="gelu")
-            x2 = int8_dynamic_linear(h, fc2_l.weight, fc2_l.scales, fc2_l.bias, residual=x2)
+            h = int8_scaled_mm(h_q, fc1_l.weight, h_s, sc["fc1"]["scales"], fc1_l.bias, dt, activation="gelu")
+            x2 = int8_dynamic_linear(h, fc2_l.weight, sc["fc2"]["scales"], fc2_l.bias, residual=x2)
         return x2.reshape(B, N, C)
 
     def extra_repr(self) -> str:
@@ -137,7 +140,7 @@ def quantize_vit_(model: nn.Module, config: QuantConfig | str, calibration=None)
     config = as_config(config)
     blocks = _vit_blocks(model)
     if not isinstance(config, (Int8Dynamic, Int8Static)):
-        return quantize_(model, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn.startswith("blocks."))
+        return quantize_(model, config, filter_fn=_encoder_linears)
     static = isinstance(config, Int8Static)
     if static:
         if calibration is None:
