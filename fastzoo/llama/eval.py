@@ -96,6 +96,8 @@ def continuation_logprob(model: Transformer, context: list[int], continuation: l
 
     The input is truncated on the left to ``max_seq_length`` (default: the model's maximum)
     tokens + 1; ``context`` must be non-empty (start it with BOS)."""
+    if model.has_caches:
+        raise LlamaError("continuation_logprob runs a full forward; call model.clear_caches() first")
     if not context or not continuation:
         raise LlamaError("context and continuation must each have at least one token")
     L = max_seq_length or model.config.max_position_embeddings

@@ -71,6 +71,12 @@ class FastzooLM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False):
+        try:
+            return self._generate_until(requests, disable_tqdm)
+        finally:  # the log-likelihood methods run full forwards: no KV caches left behind
+            self.model.clear_caches()
+
+    def _generate_until(self, requests, disable_tqdm: bool):
         out = []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
             context, gen_kwargs = req.args

@@ -143,6 +143,9 @@ def _check_adapter(FastzooLM, model, make_request):
     stop = want[2:]
     out = lm.generate_until([make_request("generate_until", ("abc", {"until": [stop], "max_gen_toks": 4}))])[0]
     assert out == want[:want.find(stop)]
+    # lm_eval runs request types one after another: log-likelihoods after a generation task
+    assert lm.loglikelihood([make_request("loglikelihood", ("abc", "de"))])[0] == (ll, greedy)
+    assert lm.loglikelihood_rolling([make_request("loglikelihood_rolling", (text,))])[0] == roll
 
 
 def test_lm_eval_adapter_with_base_class_stand_in(model, monkeypatch):
