@@ -41,22 +41,28 @@ from experiments import harness
 from fastzoo.llama.checkpoint import parse_dtype
 from fastzoo.llama.config import TINY_PRESETS, LlamaConfig
 from fastzoo.llama.generate import Generator, SpeculativeGenerator
-from fastzoo.llama.model import Transformer
+from fastzoo.llama.model import RMSNorm, Transformer
 from fastzoo.quant import quantize_
+
+
+def fill_random_(module: torch.nn.Module, device, gen: torch.Generator) -> None:
+    """Allocate ``module``'s (meta) parameters on ``device``: norms 1, the rest N(0, 0.02)."""
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for m in module.modules():
+            for p in m.parameters(recurse=False):
+                if isinstance(m, RMSNorm):
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=gen)
 
 
 def random_model(cfg: LlamaConfig, device, dtype) -> Transformer:
     """Random weights without a full-precision copy: build on meta, allocate, fill in place."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)  # cast on meta: no fp32 copy
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
+    model = model.to(dtype)  # cast on meta: no fp32 copy
+    fill_random_(model, device, torch.Generator(device=device).manual_seed(0))
     return model.eval()
 
 

@@ -44,25 +44,13 @@ import torch
 import torch.distributed as dist
 
 from experiments import harness
-from experiments.llama_decode import random_prompts, sync
+from experiments.llama_decode import fill_random_, random_prompts, sync
 from fastzoo.llama.checkpoint import parse_dtype
 from fastzoo.llama.config import TINY_PRESETS, LlamaConfig
-from fastzoo.llama.generate import Generator, prefill_step
-from fastzoo.llama.model import RMSNorm, Transformer
+from fastzoo.llama.generate import Generator
+from fastzoo.llama.model import Transformer
 from fastzoo.llama.tp import shard_model_
 from fastzoo.quant import quantize_
-
-
-def _fill_(module: torch.nn.Module, device, gen: torch.Generator) -> None:
-    """Allocate ``module``'s (meta) parameters on ``device``: norms 1, the rest N(0, 0.02)."""
-    module.to_empty(device=device)
-    with torch.no_grad():
-        for m in module.modules():
-            for p in m.parameters(recurse=False):
-                if isinstance(m, RMSNorm):
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
 
 
 def random_tp_model(cfg: LlamaConfig, rank: int, world_size: int, device, dtype, quantize=None,
@@ -77,11 +65,11 @@ def random_tp_model(cfg: LlamaConfig, rank: int, world_size: int, device, dtype,
     replicated = torch.Generator(device=device).manual_seed(seed)  # same on every rank
     sharded = torch.Generator(device=device).manual_seed(seed + 1 + rank)
     for name in ("tok_embeddings", "norm", "output"):
-        _fill_(getattr(model, name), device, replicated)
+        fill_random_(getattr(model, name), device, replicated)
     if quantize:
         quantize_(model, quantize, filter_fn=lambda m, fqn: fqn == "output")
     for layer in tqdm(model.layers, desc="random weights", unit="block", disable=not progress):
-        _fill_(layer, device, sharded)
+        fill_random_(layer, device, sharded)
         if quantize:
             quantize_(layer, quantize)
     return model.eval()
@@ -197,9 +185,9 @@ def _bench(args, cfg, rank, world_size, device):
     copy_gbs = harness.measure_copy_bandwidth(device=device) if device.type == "cuda" else None
     allreduce_us = _allreduce_us(cfg.dim, dtype, device, group) if world_size > 1 else None
 
-    gen = Generator(model, compile=args.compile, compile_backend=args.compile_backend)
-    if args.compile and not args.compile_prefill:
-        gen._prefill = prefill_step  # eager prefill: halves the compile time (documented above)
+    # eager prefill unless --compile-prefill: halves the compile time (documented above)
+    gen = Generator(model, compile=args.compile, compile_backend=args.compile_backend,
+                    compile_prefill=args.compile_prefill)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, stop_ids=(), check_every=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
