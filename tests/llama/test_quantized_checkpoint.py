@@ -59,8 +59,15 @@ def test_gptq_checkpoint_round_trip(float_ckpt, tmp_path):
     assert rec["method"] == "gptq" and rec["group_size"] == 32 and rec["calibration_tokens"] == 128
     loaded = load_model(out)
     assert isinstance(loaded.layers[0].attention.wqkv, Int4WeightOnlyLinear)
-    ref = generate(model, PROMPTS, 6).tokens
-    assert all(len(t) == 6 for t in generate(loaded, PROMPTS, 6).tokens) and ref
+    # the checkpoint holds what in-memory GPTQ on the same calibration tokens produces
+    from fastzoo.llama.quantize import calibration_tokens, gptq_quantize_llama_
+    from fastzoo.llama.tokenizer import load_tokenizer
+    from fastzoo.quant import GPTQ
+    ids = calibration_tokens(text, load_tokenizer(ckpt / "tokenizer.model"), 4, 32)
+    mem = gptq_quantize_llama_(copy.deepcopy(model), ids, GPTQ(32, 64), device="cpu", progress=False)
+    for k, v in mem.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert generate(loaded, PROMPTS, 6).tokens == generate(mem, PROMPTS, 6).tokens
 
 
 @pytest.mark.parametrize("argv,msg", [
