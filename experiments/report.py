@@ -194,7 +194,7 @@ def pct_of_ceiling(rec: dict, ceilings: dict) -> list[dict]:
     kind = record_kind(rec)
     rows = rows_of(rec, ceilings)
     out = []
-    if kind in ("llama_decode", "llama_tp"):
+    if kind == "llama_decode":
         for r in rows:
             if r.get("pct_of_ceiling") is not None:
                 out.append({"what": f"{r['preset']} {r['mode']} batch {r['batch']} decode",
@@ -293,8 +293,7 @@ def _fits(rows: Sequence[dict], keys: Sequence[str]) -> bool:
 def _llama_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, str]:
     rows = sorted(((r, x) for r in recs for x in rows_of(r, ceilings)),
                   key=lambda rx: (str(rx[1]["preset"]), str(rx[1]["mode"]), rx[1]["batch"], rx[0]["_file"]))
-    title = "Llama decode" + (" (tensor parallel)" if kind == "llama_tp" else "")
-    return (title + " — tokens/s; ceiling = copy bandwidth ÷ weight bytes", md_table(
+    return ("Llama decode — tokens/s; ceiling = copy bandwidth ÷ weight bytes", md_table(
         ["model", "mode", "batch", "fastzoo tokens/s per sequence", "total tokens/s",
          "ceiling tokens/s", "% of ceiling", "time to first token, ms", "compile, s",
          "prefill tokens/s", "record"],
@@ -305,8 +304,8 @@ def _llama_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, 
 
 def _vit_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, str]:
     return ("ViT — images/s, timm (baseline) and fastzoo", _pivot_table(
-        recs, ceilings, index=("model", "batch"), column="variant", value="img_s",
-        extra=("speedup_vs_timm_compile", "best speedup vs timm compile", max)))
+        recs, ceilings, index=("model", "batch"), column="mode", value="img_s",
+        extra=("x_vs_fz_bf16", "best fastzoo speedup vs fastzoo bf16", max)))
 
 
 def _linear_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, str]:
@@ -326,8 +325,7 @@ def _ops_table(kind: str, recs: Sequence[dict], ceilings: dict) -> tuple[str, st
 # kind -> (keys every row must have, table maker); other kinds and layouts get generic tables
 LAYOUTS = {
     "llama_decode": (("preset", "mode", "batch", "tokens_per_s_per_seq"), _llama_table),
-    "llama_tp": (("preset", "mode", "batch", "tokens_per_s_per_seq"), _llama_table),
-    "vit_throughput": (("model", "variant", "img_s"), _vit_table),
+    "vit_throughput": (("model", "mode", "img_s"), _vit_table),
     "bench_weight_only_linear": (("shape", "M", "kind", "impl", "us"), _linear_table),
     "bench_ops": (("op", "kernel_us"), _ops_table),
 }
@@ -345,7 +343,7 @@ def _pivot_table(recs, ceilings, *, index, column, value, pct=None, extra=None) 
         entry = table.setdefault(key, {"cells": {}, "extra": [], "files": set()})
         entry["cells"][x.get(column)] = cell
         entry["files"].add(r["_file"])
-        if extra and _num(x.get(extra[0])) is not None and str(x.get(column, "")).startswith("fastzoo"):
+        if extra and _num(x.get(extra[0])) is not None and str(x.get(column, "")).startswith("fz-"):
             entry["extra"].append(x[extra[0]])
     header = [*index, *map(str, cols)] + ([extra[1]] if extra else []) + ["record"]
     body = []
@@ -418,7 +416,7 @@ def write_charts(records: Sequence[dict], out: Path) -> list[Path]:
     paths: list[Path] = []
     out.mkdir(parents=True, exist_ok=True)
 
-    llama = [x for r in records if record_kind(r) in ("llama_decode", "llama_tp")
+    llama = [x for r in records if record_kind(r) == "llama_decode"
              for x in rows_of(r, ceilings) if "tokens_per_s_per_seq" in x]
     if llama:
         best: OrderedDict[tuple, dict] = OrderedDict()
@@ -448,12 +446,13 @@ def write_charts(records: Sequence[dict], out: Path) -> list[Path]:
            if _num(x.get("img_s")) is not None]
     if vit:
         models = list(OrderedDict((x.get("model"), None) for x in vit))
-        variants = list(OrderedDict((x.get("variant"), None) for x in vit))
+        label = _label_key(vit)  # the mode (timm-fp32, fz-bf16-compile, ...)
+        variants = list(OrderedDict((x.get(label), None) for x in vit))
         fig = Figure(figsize=(max(5, 1.2 * len(models) * len(variants) / 2 + 2), 4))
         ax = fig.add_subplot()
         w = 0.8 / len(variants)
         for j, v in enumerate(variants):
-            ys = [next((x["img_s"] for x in vit if x.get("model") == m and x.get("variant") == v), 0)
+            ys = [next((x["img_s"] for x in vit if x.get("model") == m and x.get(label) == v), 0)
                   for m in models]
             ax.bar([i + j * w for i in range(len(models))], ys, width=w, label=str(v))
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(models))], [str(m) for m in models], fontsize=8)
