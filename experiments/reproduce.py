@@ -311,7 +311,6 @@ class Runner:
         record["command"] = shlex.join(cfg.command())
         record["config"] = cfg.name
         record["model"] = cfg.model
-        record["module"] = cfg.module
         record["wall_s"] = round(wall, 1)
         if cfg.model == "device":
             ceilings = report.ceilings_of([record])
