@@ -64,12 +64,6 @@ def _unfused(a, b_t, a_s, b_s, bias):
     return (acc.to(torch.float32) * a_s * b_s + bias).to(torch.bfloat16)
 
 
-def _sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.to(torch.float64)
-    noise = (out.to(torch.float64) - ref).norm()
-    return float(20 * torch.log10(ref.norm() / noise)) if noise > 0 else float("inf")
-
-
 def bench_shape(name, M, N, K, device, rep, n_inputs, int8_tops, bf16_tflops):
     g = torch.Generator(device=device).manual_seed(M + N + K)
     xs = [torch.randn(M, K, device=device, generator=g).to(torch.bfloat16) for _ in range(n_inputs)]
@@ -87,7 +81,7 @@ def bench_shape(name, M, N, K, device, rep, n_inputs, int8_tops, bf16_tflops):
     fused_err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
     config = str(getattr(_int8_scaled_mm_kernel, "best_config", "?"))
     dyn = int8_dynamic_linear(xs[0], w_q, w_s, bias)
-    dyn_sqnr = _sqnr_db(dyn, F.linear(xs[0].float(), w.float(), bias.float()))
+    dyn_sqnr = harness.sqnr_db(dyn, F.linear(xs[0].float(), w.float(), bias.float()))
     del out, ref, dyn
 
     t = {}
@@ -151,7 +145,7 @@ def bench_attention(N, B, device, rep, H=16, D=64):
     out = fns["int8dq"]()
     ref = int8_attention_ref(*q8s, *ss)
     err = float((out.float() - ref.float()).norm() / ref.float().norm())
-    sqnr_vs_bf16 = _sqnr_db(out, fns["sdpa"]().float())
+    sqnr_vs_bf16 = harness.sqnr_db(out, fns["sdpa"]().float())
     flops = 4.0 * B * H * N * N * D
     row = {"seq": N, "batch": B, "heads": H, "head_dim": D, "rel_err_vs_ref": err, "sqnr_vs_sdpa_db": sqnr_vs_bf16}
     for name, fn in fns.items():

@@ -258,6 +258,19 @@ def save_result(name: str, figures: dict[str, Any], args: Any = None,
     return path
 
 
+def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``out`` against ``ref`` in dB (float64; inf if equal)."""
+    ref = ref.double()
+    noise = (out.double() - ref).norm()
+    return float(20 * torch.log10(ref.norm() / noise)) if noise > 0 else float("inf")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    ref = ref.double()
+    return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def speedup(baseline_ms: float, fast_ms: float) -> float:
     return baseline_ms / fast_ms if fast_ms > 0 else float("nan")
 

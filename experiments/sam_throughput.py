@@ -72,16 +72,6 @@ def encoder_flops(model_type: str, img_size: int = 1024, patch: int = 16, window
     return float(flops)
 
 
-def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
-    ref, x = ref.double(), x.double()
-    return float(10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum().clamp_min(1e-30)))
-
-
-def rel_err(ref: torch.Tensor, x: torch.Tensor) -> float:
-    ref, x = ref.double(), x.double()
-    return float((ref - x).norm() / ref.norm().clamp_min(1e-30))
-
-
 def _sa_encoder(model_type: str, fz_encoder: torch.nn.Module):
     """segment_anything's encoder with the same weights as ``fz_encoder`` (keys are identical)."""
     from segment_anything import sam_model_registry
@@ -156,8 +146,8 @@ def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
             out = enc(check_imgs.to(dtype)).float()
             torch.cuda.synchronize()
             entry["first_call_s"] = time.perf_counter() - t0
-            entry["embed_rel_err"] = rel_err(ref_out, out)
-            entry["embed_sqnr_db"] = sqnr_db(ref_out, out)
+            entry["embed_rel_err"] = harness.rel_err(out, ref_out)
+            entry["embed_sqnr_db"] = harness.sqnr_db(out, ref_out)
             for bs in args.batch_sizes:
                 imgs = [torch.randn(bs, 3, 1024, 1024, device=device, dtype=dtype) for _ in range(2)]
                 t0 = time.perf_counter()

@@ -61,12 +61,6 @@ def vit_flops(name: str) -> float:
     return c.depth * per_block + patch + 2 * d * max(c.num_classes, 0)
 
 
-def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    noise = (out.double() - ref).norm()
-    return float(20 * torch.log10(ref.norm() / noise)) if noise > 0 else float("inf")
-
-
 def _timed(fn, xs, budget_s: float) -> tuple[dict, float]:
     """First call (compile / autotune included) timed on the host; then harness.bench with a
     repeat count that fits ``budget_s``."""
@@ -233,7 +227,7 @@ def main(argv=None):
                        "pct_int8_ceiling": 100 * img_s * vit_flops(name) / (int8_ceiling * 1e12),
                        "first_call_s": r["first_call_s"], "timing": r["timing"]}
                 if truth is not None:
-                    row["sqnr_db_vs_timm_fp32"] = sqnr_db(out, truth)
+                    row["sqnr_db_vs_timm_fp32"] = harness.sqnr_db(out, truth)
                     row["top1_agree_vs_timm_fp32"] = float((out.argmax(-1) == truth.argmax(-1)).float().mean())
                 rows.append(row)
                 group.append(row)
