@@ -33,7 +33,7 @@ from pathlib import Path
 
 from experiments.harness import REPO_ROOT, print_table, results_dir, save_result
 
-#: (name, flags changed from the base, builds on: "last" = the last technique that ran, or a name)
+#: (name, flags changed from the base, cumulative: later techniques build on this one when it ran)
 TECHNIQUES: list[tuple[str, dict, bool]] = [
     ("fp32", {"--dtype": "fp32", "--compile": "off", "--batch-size": "1", "--prompt-batch": "1"}, True),
     ("bf16", {"--dtype": "bf16"}, True),

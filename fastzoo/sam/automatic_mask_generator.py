@@ -170,7 +170,7 @@ class SamAutomaticMaskGenerator:
         return tqdm(total=total, desc="SAM masks", unit="batch")
 
     def _generate_masks_fast(self, image: np.ndarray, progress: bool = False) -> MaskData:
-        orig_h, orig_w = orig_size = image.shape[:2]
+        orig_size = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         bar = self._progress_bar(layer_idxs, progress)
         try:

@@ -1,7 +1,6 @@
 """Model configurations, checkpoint loading and the ``sam_model_registry``."""
 import contextlib
 import functools
-from functools import partial
 from os import PathLike
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -52,7 +51,7 @@ def build_sam_from_config(
             embed_dim=encoder_embed_dim,
             img_size=image_size,
             mlp_ratio=4,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
             num_heads=encoder_num_heads,
             patch_size=patch_size,
             qkv_bias=True,
@@ -166,9 +165,6 @@ def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
     return parse_dtype(dtype)
 
 
-#: ``build_sam_fast(quantize=...)``: which quantization config goes on which encoder linears
-#: (names relative to a block). "int8+sparse" is the combination the torchao authors found best
-#: for SAM: int8 dynamic on attention, int8 dynamic + 2:4 on the MLP's lin1, 2:4 on lin2.
 COMPILE_MODES = (True, False, None, "regional", "full")
 ATTENTION_KERNELS = ("fused", "sdpa")
 

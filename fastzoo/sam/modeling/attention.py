@@ -3,8 +3,9 @@
 Every attention of the image encoder goes through :func:`rel_pos_attention`, and every
 attention of the mask decoder through :func:`plain_attention`. With relative positions the
 encoder calls the op ``fastzoo.ops.rel_pos_attention`` (the fused Triton kernel for
-fp16/bf16 CUDA tensors, its reference elsewhere — so CPU/fp32 results are the reference's),
-or, with ``fused=False``, always the reference ``fastzoo.ops.rel_pos_attention_ref`` (bias
+fp16/bf16 CUDA tensors, its reference elsewhere — so CPU/fp32 results are the reference's);
+:func:`rel_pos_attention_packed` does the same on the packed qkv projection, or, with
+``fused=False``, always runs the reference ``fastzoo.ops.rel_pos_attention_ref`` (bias
 materialised, then SDPA), which is what ``segment_anything`` computes.
 """
 from typing import Optional
@@ -22,7 +23,6 @@ def rel_pos_attention(
     rel_h: Optional[torch.Tensor],
     rel_w: Optional[torch.Tensor],
     scale: float,
-    fused: bool = True,
 ) -> torch.Tensor:
     """Attention with SAM's decomposed relative-position bias.
 
@@ -33,7 +33,6 @@ def rel_pos_attention(
             (``q · R_h``, computed from the unscaled query), or ``None``.
         rel_w: ``(B, heads, N, W)``: the bias towards each key *column*, or ``None``.
         scale: softmax scale applied to ``q @ k^T`` (not to the bias).
-        fused: use the fused op (kernel where it applies) rather than the reference.
 
     Returns:
         ``(B, heads, N, head_dim)``.
@@ -42,9 +41,7 @@ def rel_pos_attention(
     """
     if rel_h is None or rel_w is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    if fused:
-        return ops.rel_pos_attention(q, k, v, rel_h, rel_w, scale)
-    return ops.rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)
+    return ops.rel_pos_attention(q, k, v, rel_h, rel_w, scale)
 
 
 def rel_pos_attention_packed(
