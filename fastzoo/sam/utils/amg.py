@@ -148,19 +148,7 @@ def batch_iterator(batch_size: int, *args) -> Generator[List[Any], None, None]:
 def mask_to_rle_pytorch(tensor: torch.Tensor) -> List[Dict[str, Any]]:
     """Bool ``(B, H, W)`` masks -> uncompressed (column-major) RLEs as pycocotools expects."""
     b, h, w = tensor.shape
-    flat = tensor.permute(0, 2, 1).flatten(1)
-    diff = flat[:, 1:] ^ flat[:, :-1]
-    change = diff.nonzero().cpu()
-    first = flat[:, 0].cpu().tolist()
-    rows, cols = change[:, 0], change[:, 1]
-    out = []
-    for i in range(b):
-        idx = cols[rows == i]
-        bounds = torch.cat([torch.tensor([0]), idx + 1, torch.tensor([h * w])])
-        counts = [] if not first[i] else [0]
-        counts.extend((bounds[1:] - bounds[:-1]).tolist())
-        out.append({"size": [h, w], "counts": counts})
-    return out
+    return rle_from_column_major(tensor.permute(0, 2, 1).flatten(1), [h, w])
 
 
 def rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:
@@ -382,8 +370,8 @@ def batched_nms_device(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Te
 
 
 def rle_from_column_major(flat: torch.Tensor, size: List[int]) -> List[Dict[str, Any]]:
-    """Uncompressed RLEs of bool masks given flattened column-major ``(B, H*W)`` (as
-    :func:`mask_to_rle_pytorch`); the run lengths are computed on the device and copied once."""
+    """Uncompressed RLEs of bool masks given flattened column-major ``(B, H*W)``; the run
+    lengths are computed on the device and copied once (one host sync for all masks)."""
     b, n = flat.shape
     if b == 0:
         return []
