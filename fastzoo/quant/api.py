@@ -197,11 +197,7 @@ def quantize_(model: nn.Module, config: QuantConfig | str, filter_fn: FilterFn |
     record every selected linear's input range before the swap.
     """
     config = as_config(config)
-    filter_fn = filter_fn or _default_filter
-    targets = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
-    for fqn, module in targets:
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"filter_fn selected {fqn!r}, a {type(module).__name__}; only nn.Linear can be quantized")
+    targets = select_linears(model, filter_fn)
     extra: dict[str, dict] = {fqn: {} for fqn, _ in targets}
     if getattr(config, "needs_calibration", False):
         if calibration is None:
@@ -210,10 +206,26 @@ def quantize_(model: nn.Module, config: QuantConfig | str, filter_fn: FilterFn |
         observe(model, calibration, inputs=observers)
         extra = {fqn: {"in_scale": obs.scale()} for fqn, obs in observers.items()}
     for fqn, module in targets:
-        parent_name, _, child = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        try:
-            setattr(parent, child, config.quantize_linear(module, **extra[fqn]))
-        except ValueError as e:
-            raise ValueError(f"cannot quantize {fqn!r} with {config.name}: {e}") from None
+        swap_linear(model, fqn, config, lambda module=module, fqn=fqn: config.quantize_linear(module, **extra[fqn]))
     return model
+
+
+def select_linears(model: nn.Module, filter_fn: FilterFn | None = None) -> list[tuple[str, nn.Module]]:
+    """``(fqn, module)`` of the submodules ``filter_fn`` selects (default: every ``nn.Linear``);
+    anything selected that is not an ``nn.Linear`` is an error."""
+    filter_fn = filter_fn or _default_filter
+    targets = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
+    for fqn, module in targets:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"filter_fn selected {fqn!r}, a {type(module).__name__}; only nn.Linear can be quantized")
+    return targets
+
+
+def swap_linear(model: nn.Module, fqn: str, config: QuantConfig, make: Callable[[], nn.Module]) -> None:
+    """Replace ``model``'s submodule ``fqn`` by ``make()``; a ``ValueError`` names the module and config."""
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    try:
+        setattr(parent, child, make())
+    except ValueError as e:
+        raise ValueError(f"cannot quantize {fqn!r} with {config.name}: {e}") from None

@@ -83,11 +83,10 @@ OBSERVERS: dict[str, type[Observer]] = {"minmax": MinMaxObserver, "percentile": 
 
 
 def make_observer(kind: str, per_channel: bool = False, percentile: float = 99.99) -> Observer:
-    if kind == "minmax":
-        return MinMaxObserver(per_channel)
-    if kind == "percentile":
-        return PercentileObserver(per_channel, percentile)
-    raise ValueError(f"unknown observer {kind!r}; valid: {', '.join(OBSERVERS)}")
+    if kind not in OBSERVERS:
+        raise ValueError(f"unknown observer {kind!r}; valid: {', '.join(OBSERVERS)}")
+    cls = OBSERVERS[kind]
+    return cls(per_channel, percentile) if cls is PercentileObserver else cls(per_channel)
 
 
 def _as_args(batch) -> tuple:

@@ -33,7 +33,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .api import QuantConfig
+from .api import QuantConfig, select_linears, swap_linear
 from .linear import INT4_GROUP_SIZES, Int4WeightOnlyLinear
 from fastzoo.ops.quantize_rows import EPS as _EPS
 
@@ -183,10 +183,6 @@ class HessianCollector:
         self._handles = []
 
 
-def _default_filter(module: nn.Module, fqn: str) -> bool:
-    return isinstance(module, nn.Linear)
-
-
 @torch.no_grad()
 def gptq_quantize_block_(block: nn.Module, inputs: Iterable, run: Callable, config: GPTQ,
                          filter_fn: Callable[[nn.Module, str], bool] | None = None,
@@ -200,11 +196,7 @@ def gptq_quantize_block_(block: nn.Module, inputs: Iterable, run: Callable, conf
     quantized block and its outputs returned (the next block's calibration inputs, which
     thus see this block's quantization error), else an empty list.
     """
-    filter_fn = filter_fn or _default_filter
-    targets = {fqn: m for fqn, m in block.named_modules() if fqn and filter_fn(m, fqn)}
-    for fqn, m in targets.items():
-        if not isinstance(m, nn.Linear):
-            raise TypeError(f"filter_fn selected {fqn!r}, a {type(m).__name__}; only nn.Linear can be quantized")
+    targets = dict(select_linears(block, filter_fn))
     inputs = list(inputs)
     collector = HessianCollector(targets)
     try:
@@ -215,10 +207,5 @@ def gptq_quantize_block_(block: nn.Module, inputs: Iterable, run: Callable, conf
     for fqn, m in targets.items():
         if fqn not in collector.H:
             raise ValueError(f"GPTQ: {fqn!r} was not called while running the calibration inputs")
-        parent_name, _, child = fqn.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        try:
-            setattr(parent, child, config.quantize_linear(m, collector.H.pop(fqn)))
-        except ValueError as e:
-            raise ValueError(f"cannot quantize {fqn!r} with {config.name}: {e}") from None
+        swap_linear(block, fqn, config, lambda m=m, H=collector.H.pop(fqn): config.quantize_linear(m, H))
     return [run(block, inp) for inp in inputs] if propagate else []
