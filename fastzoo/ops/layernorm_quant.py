@@ -40,6 +40,8 @@ def _check(name, x, weight, bias, scale) -> None:
     if x.dim() == 0:
         raise ValueError(f"{name} expects x of shape (..., D), got a scalar")
     D = x.shape[-1]
+    if D == 0:
+        raise ValueError(f"{name} expects x with D > 0 features to normalise, got shape {tuple(x.shape)}")
     for n, t in (("weight", weight), ("bias", bias)):
         if t is not None and tuple(t.shape) != (D,):
             raise ValueError(f"{name} expects {n} of shape ({D},), got {tuple(t.shape)}")
@@ -141,7 +143,7 @@ def layernorm_quant_int8_triton(
     M = x2.shape[0]
     q = torch.empty((M, D), dtype=torch.int8, device=x.device)
     s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-    if M > 0 and D > 0:
+    if M > 0:
         w = weight.contiguous() if weight is not None else x2
         b = bias.contiguous() if bias is not None else x2
         sc = scale.reshape(1) if scale is not None else s
@@ -152,8 +154,6 @@ def layernorm_quant_int8_triton(
             device=x.device, HAS_W=weight is not None, HAS_B=bias is not None, STATIC=scale is not None,
             EPS_=EPS, BLOCK_D=triton.next_power_of_2(D),
         )
-    elif M > 0:
-        return layernorm_quant_int8_ref(x, weight, bias, eps, scale)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
@@ -164,7 +164,7 @@ def _layernorm_quant_int8_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     params = [t for t in (weight, bias) if t is not None]
     if (cuda_kernel_applies(x, *params) and (scale is None or cuda_kernel_applies(x, scale))
-            and 0 < x.shape[-1] <= _MAX_D):
+            and x.shape[-1] <= _MAX_D):
         return layernorm_quant_int8_triton(x, weight, bias, eps, scale)
     q, s = layernorm_quant_int8_ref(x, weight, bias, eps, scale)
     return q.contiguous(), s

@@ -70,6 +70,10 @@ def test_public_op_cpu_fallback_errors_and_compile():
         layernorm_quant_int8(x, w, b, scale=torch.ones(2))
     with pytest.raises(TypeError, match="got torch.int32"):
         layernorm_quant_int8(x.int(), w, b)
+    with pytest.raises(ValueError, match=r"D > 0 features.*got shape \(3, 0\)"):
+        layernorm_quant_int8(torch.randn(3, 0), None, None)
+    q0, s0 = layernorm_quant_int8(torch.randn(0, 32), w.float(), b.float())  # no rows: empty outputs
+    assert q0.shape == (0, 32) and s0.shape == (0, 1)
     from fastzoo.ops.layernorm_quant import _layernorm_quant_int8_op
     torch.library.opcheck(_layernorm_quant_int8_op, (x, w, b, 1e-6, None))
     torch.library.opcheck(_layernorm_quant_int8_op, (x, w, b, 1e-6, torch.tensor([0.1])))
