@@ -14,11 +14,10 @@ Log-likelihoods come from :func:`fastzoo.llama.eval.continuation_logprob` and
 """
 from __future__ import annotations
 
-import torch
 from lm_eval.api.model import LM
 from tqdm import tqdm
 
-from .checkpoint import TOKENIZER_NAME, load_model
+from .checkpoint import load_model, resolve_run_args
 from .eval import continuation_logprob, perplexity
 from .generate import Generator
 from .model import Transformer
@@ -36,13 +35,12 @@ class FastzooLM(LM):
 
     @classmethod
     def from_checkpoint(cls, checkpoint, device="cuda", dtype=None, quantize: str | None = None, **kw):
-        from pathlib import Path
-        model = load_model(checkpoint, device=device, dtype=dtype or (torch.bfloat16 if str(device).startswith("cuda")
-                                                                      else torch.float32))
+        device, dtype, tok_path = resolve_run_args(checkpoint, device, dtype)
+        model = load_model(checkpoint, device=device, dtype=dtype)
         if quantize:
             from fastzoo.quant import quantize_
             quantize_(model, quantize)
-        return cls(model, load_tokenizer(Path(checkpoint) / TOKENIZER_NAME), **kw)
+        return cls(model, load_tokenizer(tok_path), **kw)
 
     def _encode(self, text: str, bos: bool) -> list[int]:
         return self.tokenizer.encode(text, bos=bos)
