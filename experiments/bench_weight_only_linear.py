@@ -3,6 +3,7 @@
     python -m experiments.bench_weight_only_linear            # Llama-2-7B shapes, M = 1 and 8, JSON saved
     python -m experiments.bench_weight_only_linear --quick    # one shape, M = 1, nothing saved
     python -m experiments.bench_weight_only_linear --llama3   # Llama-3-8B shapes instead
+    python -m experiments.bench_weight_only_linear --sweep    # every tile configuration, ranked
 
 At decode time a linear reads every weight once per token, so its ceiling is the
 weight bytes over the memory bandwidth. For each (N, K) of Llama-2-7B (fused wqkv, wo,
@@ -157,6 +158,58 @@ def bench_shape(name, N, K, M, args, copy_gbs, compiled_int8, dev=None):
     return rows
 
 
+def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
+    """Time every configuration the autotuner would try for this shape (after pruning),
+    for bf16, int8 and each int4 group size, with the weights rotated and CUDA-graph
+    replays, and return one row per (kind, configuration), fastest first per kind. Shows
+    how much the choice of tile matters and what the autotuner leaves on the table."""
+    from fastzoo.ops import weight_only_linear as wol
+
+    dev = torch.device("cuda") if dev is None else dev
+    g = torch.Generator(device=dev).manual_seed(N * 7 + K + M)
+    dtype = torch.bfloat16
+    xs = [torch.randn(M, K, device=dev, generator=g).to(dtype) for _ in range(args.copies)]
+    ws = [(torch.randn(N, K, device=dev, generator=g) * K**-0.5).to(dtype) for _ in range(args.copies)]
+    named = {"M_BUCKET": wol._m_bucket(M), "N": N, "K": K}
+    kinds = [("bf16", wol._linear_kernel, N * K * 2, [(x, w) for x, w in zip(xs, ws)],
+              lambda p, c: wol.decode_linear_triton(p[0], p[1], config=c))]
+    qs = []
+    for w in ws:
+        sc = w.float().abs().amax(dim=1).clamp_min(1e-12) / 127
+        qs.append((torch.round(w.float() / sc[:, None]).clamp(-127, 127).to(torch.int8), sc.to(dtype)))
+    kinds.append(("int8", wol._linear_kernel, N * K + N * 2, [(x, *q) for x, q in zip(xs, qs)],
+                  lambda p, c: wol.int8_weight_only_linear_triton(p[0], p[1], p[2], config=c)))
+    for group in args.groups:
+        packs = [(x, *(t.to(dtype) if t.is_floating_point() else t
+                       for t in Int4WeightOnlyLinear.quantize(w, group))) for x, w in zip(xs, ws)]
+        kinds.append((f"int4g{group}", wol._int4_kernel, N * K // 2 + 2 * N * (K // group) * 2, packs,
+                      lambda p, c, gr=group: wol.int4_weight_only_linear_triton(p[0], p[1], p[2], p[3], gr, config=c)))
+    rows = []
+    for kind, kernel, nbytes, inputs, call in kinds:
+        ranked = []
+        for c in wol._prune(kernel.configs, named):
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            try:
+                r = harness.bench(lambda p: call(p, cfg), inputs=inputs, warmup=3, rep=args.rep, device=dev,
+                                  cuda_graph=True)
+            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
+                print(f"  {kind} {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            us = r["median_ms"] * 1e3
+            gbs = nbytes / (us * 1e-6) / 1e9
+            ranked.append({"shape": name, "M": M, "N": N, "K": K, "kind": kind, "config": cfg, "us": us,
+                           "GB/s": gbs, "%copy": 100 * gbs / copy_gbs})
+        ranked.sort(key=lambda r: r["us"])
+        for i, r in enumerate(ranked):
+            r["rank"] = i
+        print(f"  {kind}: {len(ranked)} configs; best {ranked[0]['us']:.1f} us ({ranked[0]['%copy']:.0f}% copy) "
+              f"{ranked[0]['config']}; median {ranked[len(ranked) // 2]['us']:.1f} us", flush=True)
+        for r in ranked[1:5]:
+            print(f"      {r['us']:.1f} us {r['%copy']:.0f}% {r['config']}")
+        rows += ranked
+    return rows
+
+
 def step_rows(rows, model, copy_gbs):
     """Σ over the layers' shapes + output per (M, kind, impl): one decode step's linears."""
     layers = LAYERS[model]
@@ -187,6 +240,8 @@ def main(argv=None):
                    help="time eager launches (host overhead included) instead of CUDA-graph replays")
     p.add_argument("--shapes", default=None, help="comma-separated subset of the layer names (wqkv,wo,w13,w2,output)")
     p.add_argument("--no-tinygemm", dest="tinygemm", action="store_false")
+    p.add_argument("--sweep", action="store_true",
+                   help="time every tile configuration per shape and kind (ranked), instead of the ops")
     args = p.parse_args(argv)
     harness.require_cuda("bench_weight_only_linear")
     model = "llama3_8b" if args.llama3 else "llama2_7b"
@@ -197,6 +252,19 @@ def main(argv=None):
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s on {harness.gpu_name()}")
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
+    if args.sweep:
+        rows = []
+        for M in args.ms:
+            for name, (N, K) in shapes.items():
+                print(f"{name} M={M} N={N} K={K}", flush=True)
+                rows += sweep_shape(name, N, K, M, args, copy_gbs)
+                torch.cuda.empty_cache()
+        best = [r for r in rows if r["rank"] == 0]
+        harness.print_table(best, ["shape", "M", "kind", "us", "GB/s", "%copy", "config"])
+        path = harness.save_result(f"weight_only_linear_sweep{'_llama3' if args.llama3 else ''}",
+                                   {"copy_gbs": copy_gbs, "best": best, "rows": rows}, args)
+        print(f"saved {path}")
+        return
     compiled_int8 = torch.compile(_gpt_fast_int8, dynamic=False,
                                   options={"coordinate_descent_tuning": True})
     rows = []

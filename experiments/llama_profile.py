@@ -6,8 +6,8 @@ Compiles the library's Generator like ``experiments.llama_decode`` does, decodes
 warm up, then records ``--steps`` decode steps with the PyTorch profiler (kernels inside
 CUDA graphs included) and prints the kernels by GPU time per decode step, the sum of
 kernel time per step against the wall time per step (the difference is idle GPU time:
-launch gaps and host work), and the weight bytes over kernel time. An investigation
-tool: it records no result JSON.
+launch gaps and host work), and the weight bytes over kernel time; records them as
+``llama_profile_<preset>_<dtype>[_<quantize>]`` (``--no-save``: print only).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-save", dest="save", action="store_false")
     args = p.parse_args(argv)
     device = harness.require_cuda("llama_profile")
     cfg = LlamaConfig.from_preset(args.preset)
@@ -43,7 +44,8 @@ def main(argv=None) -> None:
     kw = dict(temperature=0.8, top_k=200, stop_ids=(), check_every=0)
     t0 = time.perf_counter()
     gen.generate(prompts, args.steps + 1, **kw)
-    print(f"warm-up (compile) {time.perf_counter() - t0:.1f} s")
+    warmup_s = time.perf_counter() - t0
+    print(f"warm-up (compile) {warmup_s:.1f} s")
     res = gen.generate(prompts, args.steps + 1, **kw)
     wall_step_ms = res.decode_s / res.steps * 1e3
     from torch.profiler import ProfilerActivity, profile
@@ -67,6 +69,15 @@ def main(argv=None) -> None:
     for e in ev[:args.top]:
         print(f"{100 * e.self_device_time_total / total_us:6.1f} {e.self_device_time_total / steps:9.1f} "
               f"{e.count / steps:10.1f}  {e.key[:110]}")
+    if args.save:
+        rows = [{"kernel": e.key[:160], "us_per_step": e.self_device_time_total / steps,
+                 "calls_per_step": e.count / steps} for e in ev[:args.top]]
+        name = f"llama_profile_{args.preset}_{args.dtype}" + (f"_{args.quantize}" if args.quantize else "")
+        figures = {"wall_ms_per_step": wall_step_ms, "tokens_per_s": 1e3 / wall_step_ms * args.batch,
+                   "kernel_ms_per_step": total_us / 1e3 / steps, "weight_bytes": wb,
+                   "kernel_bandwidth_gbs": wb / (total_us / steps * 1e-6) / 1e9, "warmup_compile_s": warmup_s,
+                   "kernel_calls_per_step": sum(e.count for e in ev) / steps, "rows": rows}
+        print(f"saved {harness.save_result(name, figures, args)}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@ bandwidth. The kernels here are built for that regime:
 - each weight byte is read exactly once, with loads contiguous along K;
 - int8 / int4 weights are dequantized in registers (never written back as bf16);
 - fp32 accumulation; the few rows of ``x`` are re-read per K block (they stay in L1/L2);
-- one program per ``BLOCK_N`` output columns and per K slice (split-K, partial sums
-  combined with fp32 atomics) so that even N = 4096 fills the GPU;
+- one program per ``BLOCK_N`` output columns and per K slice (split-K) so that even
+  N = 4096 fills the GPU. The splits reduce themselves in the same launch: each stores its
+  fp32 partial tile, then bumps an arrival counter of its output tile; the last to arrive
+  sums the partials in split order (deterministic), adds the bias, writes the output in
+  x's dtype and resets the counter to zero. No zeroed workspace, no cast kernel: one
+  launch per linear. (The counters live in a small zeroed int32 buffer per device; the
+  launches of one device must not run concurrently on two streams.)
 - one token (M = 1): a GEMV whose accumulator is a (BLOCK_N, BLOCK_K) fp32 tile reduced
   once at the end; 2 to 16 tokens: a 16-row ``tl.dot`` (tensor cores, rows past M are
   masked). Autotuned per (M bucket, N, K) over tile sizes, split-K, warps and stages.
@@ -177,6 +182,16 @@ def _m_bucket(M: int) -> int:
     return 1 << max(0, (M - 1).bit_length())
 
 
+MAX_SPLIT_K = 16  # the largest split in the configurations
+_WORKSPACE_ELEMS = 1 << 22  # fp32 partials per launch at most (16 MiB): bounds SPLIT_K · M · N
+
+
+def _workspace_splits(M: int, N: int) -> int:
+    """How many (M, N) fp32 partials the split-K workspace holds: split-K configurations
+    with more splits are pruned."""
+    return max(1, min(MAX_SPLIT_K, _WORKSPACE_ELEMS // max(1, M * N)))
+
+
 def _prune(configs, named_args, **kwargs):
     """Keep the GEMV tiles (BLOCK_M == 1) for one row only, the 16-row dot tiles otherwise;
     drop split-K where the K slices would be shorter than a block or N alone fills the GPU."""
@@ -188,7 +203,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if kw["SPLIT_K"] > 1:
             n_tiles = -(-N // kw["BLOCK_N"])
-            if K < kw["SPLIT_K"] * kw["BLOCK_K"] * 2 or n_tiles >= 1024:
+            if (K < kw["SPLIT_K"] * kw["BLOCK_K"] * 2 or n_tiles >= 1024
+                    or kw["SPLIT_K"] > _workspace_splits(M_bucket, N)):
                 continue
         kept.append(c)
     return kept or [c for c in configs if c.kwargs["BLOCK_M"] == 16][:1]
@@ -203,14 +219,14 @@ if triton_available():
                              num_warps=warps, num_stages=stages)
 
     def _configs(gemv: tuple, dot: tuple, first_bk: int) -> list:
-        """gemv: (BLOCK_N, BLOCK_K, warps) tiles for one row (the loads of that loop are not
-        software-pipelined, so one stage); dot: (BLOCK_N, BLOCK_K) 16-row tl.dot tiles, in
-        3 and 5 stages. Each with SPLIT_K 1, 2, 4, 8 (pruned per shape)."""
+        """gemv: (BLOCK_N, BLOCK_K, warps[, stages]) tiles for one row (one stage unless
+        given: whether Triton pipelines a loop without tl.dot is measured, not assumed); dot: (BLOCK_N, BLOCK_K) 16-row tl.dot tiles, in
+        3 and 5 stages. Each with SPLIT_K 1, 2, 4, 8, 16 (pruned per shape)."""
         # First: small, runs in Triton's interpreter (the CPU tests) for any M.
         out = [_cfg(16, 16, first_bk, 1, 4, 1)]
-        for split in (1, 2, 4, 8):
-            for bn, bk, warps in gemv:
-                out.append(_cfg(1, bn, bk, split, warps, 1))
+        for split in (1, 2, 4, 8, 16):
+            for bn, bk, warps, *stages in gemv:
+                out.append(_cfg(1, bn, bk, split, warps, stages[0] if stages else 1))
             for bn, bk in dot:
                 for stages in (3, 5):
                     out.append(_cfg(16, bn, bk, split, 4, stages))
@@ -219,34 +235,49 @@ if triton_available():
     # BLOCK_K in weight columns (int4: unpacked columns; at least one quantization group).
     # Register budget (sm_90 ptxas, no spills): BLOCK_N·BLOCK_K fp32 accumulator over the threads.
     _FLOAT_CONFIGS = _configs(
-        gemv=((8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (64, 128, 8), (16, 1024, 8)),
+        gemv=((8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (64, 128, 8), (16, 1024, 8),
+              (8, 256, 2), (4, 512, 4), (8, 1024, 8), (8, 512, 4, 3), (16, 256, 4, 3)),
         dot=((32, 128), (64, 128), (64, 256), (128, 128)), first_bk=32)
     _INT4_CONFIGS = _configs(
         gemv=((8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8)),
         dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
 
     @triton.jit
-    def _bias_and_store(res, offs_m, offs_n, M, N, pid_k, b_ptr, out_ptr, ws_ptr, stride_om,
-                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-        """Epilogue shared by the kernels: add the bias (once, in the first K split) and
-        store the fp32 tile, or accumulate it atomically into the split-K workspace."""
+    def _bias_and_store(res, offs_m, offs_n, M, N, pid_n, pid_m, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                        stride_om, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Epilogue shared by the kernels. SPLIT_K == 1: add the bias and store. Otherwise
+        store this split's fp32 partial in the workspace (SPLIT_K, M, N); the last split of
+        the output tile to arrive (arrival counter, acq_rel) sums the partials in split
+        order, adds the bias, stores, and resets the counter for the next launch."""
         n_mask = offs_n < N
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=n_mask & (pid_k == 0), other=0.0).to(tl.float32)
-            res = res + bias[None, :]
         mask = (offs_m < M)[:, None] & n_mask[None, :]
         o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         if SPLIT_K == 1:
+            if HAS_BIAS:
+                res = res + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.atomic_add(ws_ptr + o_off, res, mask=mask)
+            p_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            MN = M.to(tl.int64) * N
+            tl.store(ws_ptr + pid_k * MN + p_off, res, mask=mask)
+            tl.debug_barrier()  # every thread's partial is stored before the arrival is released
+            tile = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros_like(res)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(ws_ptr + s * MN + p_off, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total = total + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
 
     @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT"],
-                     prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     @triton.jit
     def _linear_kernel(
-        x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr,
+        x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, M_BUCKET, stride_xm, stride_wn, stride_om,
         QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -297,14 +328,15 @@ if triton_available():
             res = acc
         if QUANT == 1:
             res = res * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        _bias_and_store(res, offs_m, offs_n, M, N, pid_k, b_ptr, out_ptr, ws_ptr, stride_om, HAS_BIAS, SPLIT_K)
+        _bias_and_store(res, offs_m, offs_n, M, N, pid_n, pid_m, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                        HAS_BIAS, SPLIT_K)
 
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
-                     prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["ws_ptr"])
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"])})
     @triton.jit
     def _int4_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -367,47 +399,45 @@ if triton_available():
                 else:
                     acc = tl.dot(x2, w2.to(x2.dtype), acc)
             res = acc
-        _bias_and_store(res, offs_m, offs_n, M, N, pid_k, b_ptr, out_ptr, ws_ptr, stride_om, HAS_BIAS, SPLIT_K)
+        _bias_and_store(res, offs_m, offs_n, M, N, pid_n, pid_m, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
+                        HAS_BIAS, SPLIT_K)
 
 
-# The split-K choice of each autotuning key, learnt on its first call: with SPLIT_K == 1
-# the kernel writes the output directly and no zeroed fp32 workspace is needed.
-_SPLIT_OF_KEY: dict[tuple, int] = {}
+_MIN_BLOCK_N = 4  # the smallest BLOCK_N of the configurations: bounds the number of output tiles
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def _run(kernel, key: tuple, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``n`` arrival counters on ``device``, kept across
+    calls: every launch leaves the counters it used at zero. Grown (to a power of two)
+    on a first call that needs more, which happens in warm-up, before any CUDA graph
+    captures a launch."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(1024, 1 << (n - 1).bit_length()), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
          config: Optional[dict]) -> torch.Tensor:
-    """Launch ``kernel`` writing (M, N) into ``out``; returns the result (out, or the
-    fp32 split-K workspace cast to out's dtype). ``config`` (tests) forces one
-    configuration: {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", optional "num_warps"}."""
+    """Launch ``kernel`` writing (M, N) into ``out`` and return ``out``. The split-K
+    workspace (fp32 partials, never read before written) and the arrival counters are
+    passed to every launch. ``config`` (tests) forces one configuration:
+    {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", optional "num_warps"}."""
     device = out.device
+    max_split = _workspace_splits(M, N) if config is None else config["SPLIT_K"]
+    ws = torch.empty((max_split, M, N), dtype=torch.float32, device=device)
+    cnt = _counters(device, M * triton.cdiv(N, _MIN_BLOCK_N))
+    scalars = kwargs.pop("_scalars")
     if config is not None:
         cfg = dict(config)
-        split = cfg["SPLIT_K"]
-        ws = torch.zeros((M, N), dtype=torch.float32, device=device) if split > 1 else out
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), split, triton.cdiv(M, cfg["BLOCK_M"]))
-        kernel.fn[grid](*args, out, ws, *kwargs.pop("_scalars"), **kwargs, **cfg)
-        return ws.to(out.dtype) if split > 1 else out
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg["BLOCK_M"]))
+        kernel.fn[grid](*args, out, ws, cnt, *scalars, **kwargs, **cfg)
+        return out
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
-    scalars = kwargs.pop("_scalars")
-    if device.type != "cuda":
-        split = kernel.configs[0].kwargs["SPLIT_K"]
-    else:
-        split = _SPLIT_OF_KEY.get(key)
-    if split is None:  # first call for this key: autotune, then learn the split
-        ws = torch.zeros((M, N), dtype=torch.float32, device=device)
-        launch(kernel, grid, *args, out, ws, *scalars, device=device, **kwargs)
-        split = kernel.best_config.kwargs["SPLIT_K"]
-        _SPLIT_OF_KEY[key] = split
-        if split == 1:
-            return out
-        ws.zero_()  # the benchmarking runs may have left sums in it
-    elif split > 1:
-        ws = torch.zeros((M, N), dtype=torch.float32, device=device)
-    else:
-        ws = out  # not written with SPLIT_K == 1
-    launch(kernel, grid, *args, out, ws, *scalars, device=device, **kwargs)
-    return ws.to(out.dtype) if split > 1 else out
+    launch(kernel, grid, *args, out, ws, cnt, *scalars, device=device, **kwargs)
+    return out
 
 
 def _upcast_dot(x: torch.Tensor) -> bool:
@@ -450,8 +480,7 @@ def _float_or_int8_triton(name, x, w, scales, bias, N, K, quant, config):
             w = _k_contig(w)
             s = scales.reshape(-1).contiguous() if scales is not None else w
             b = bias.contiguous() if bias is not None else w
-            key = ("float_int8", quant, _m_bucket(M), N, K, x.dtype, x.device)
-            out = _run(_linear_kernel, key, M, N, out, [x2, w, s, b],
+            out = _run(_linear_kernel, M, N, out, [x2, w, s, b],
                        {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), N),
                         "QUANT": quant, "HAS_BIAS": bias is not None,
                         "UPCAST_DOT": _upcast_dot(x)}, config)
@@ -490,8 +519,7 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
         w = w.view(torch.int32)  # (N, K/8) words: 8 nibbles each, column 8j + i in bits 4i..4i+3
         s, z = _k_contig(scales), _k_contig(zeros)
         b = bias.contiguous() if bias is not None else s
-        key = ("int4", group_size, _m_bucket(M), N, K, x.dtype, x.device)
-        out = _run(_int4_kernel, key, M, N, out, [x2, w, s, z, b],
+        out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],
                    {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N),
                     "GROUP": group_size, "HAS_BIAS": bias is not None,
                     "UPCAST_DOT": _upcast_dot(x)}, config)

@@ -152,6 +152,25 @@ def test_kernel_int8_extremes_exact_sum(kernel_device):
         assert out[0].tolist() == [-128 * K, 127 * K, (127 - 128) * K / 2, -128 * K, -128 * K]
 
 
+
+@pytest.mark.parametrize("config", [GEMV_SPLIT, DOT_SPLIT], ids=["gemv", "dot"])
+def test_split_k_reduces_in_launch_and_resets_counters(kernel_device, config):
+    """Split-K sums its partials in the same launch: repeated calls (the counters reused,
+    the workspace uninitialised) give bit-identical results equal to the one-split
+    result up to fp32 summation order, and leave every arrival counter at zero."""
+    from fastzoo.ops.weight_only_linear import _COUNTERS
+
+    g = _gen("splitk", config["BLOCK_M"])
+    M = 1 if config["BLOCK_M"] == 1 else 19
+    x, w = _x((M,), 200, torch.float16, g), (torch.randn(37, 200, generator=g) * 0.1).half()
+    bias = torch.randn(37, generator=g)
+    x, w, bias = _to(kernel_device, x, w, bias)
+    outs = [decode_linear_triton(x, w, bias, config=config) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    one = decode_linear_triton(x, w, bias, config=dict(config, SPLIT_K=1))
+    assert rel_err(outs[0], one) < 2e-3
+    assert int(_COUNTERS[x.device].abs().sum()) == 0
+
 # ----------------------------------------------------------------------------------
 # References and the quant modules
 # ----------------------------------------------------------------------------------
@@ -298,7 +317,8 @@ def test_custom_ops_opcheck():
 
 def test_autotune_prune():
     pytest.importorskip("triton")
-    from fastzoo.ops.weight_only_linear import _FLOAT_CONFIGS, _INT4_CONFIGS, _m_bucket, _prune
+    from fastzoo.ops.weight_only_linear import (
+        _FLOAT_CONFIGS, _INT4_CONFIGS, _MIN_BLOCK_N, MAX_SPLIT_K, _m_bucket, _prune, _workspace_splits)
 
     assert [_m_bucket(m) for m in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
     for configs in (_FLOAT_CONFIGS, _INT4_CONFIGS):
@@ -309,6 +329,12 @@ def test_autotune_prune():
         assert any(c.kwargs["SPLIT_K"] > 1 for c in one)
         eight = _prune(configs, {"M_BUCKET": 8, "N": 128256, "K": 4096})
         assert eight and all(c.kwargs["BLOCK_M"] == 16 for c in eight)
+        # the arrival counters and the split-K workspace are sized from these bounds
+        assert min(c.kwargs["BLOCK_N"] for c in configs) >= _MIN_BLOCK_N
+        assert max(c.kwargs["SPLIT_K"] for c in configs) <= MAX_SPLIT_K
+        for M, N in ((1, 4096), (16, 128256), (16, 32000)):
+            kept = _prune(configs, {"M_BUCKET": M, "N": N, "K": 4096})
+            assert all(c.kwargs["SPLIT_K"] <= _workspace_splits(M, N) for c in kept)
 
 
 # ----------------------------------------------------------------------------------
