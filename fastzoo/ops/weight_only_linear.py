@@ -257,16 +257,17 @@ if triton_available():
                 res = res + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            p_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-            MN = M.to(tl.int64) * N
-            tl.store(ws_ptr + pid_k * MN + p_off, res, mask=mask)
+            # int32 offsets: the workspace holds at most _WORKSPACE_ELEMS floats (M and N may
+            # arrive as Python ints: Triton specialises an argument equal to 1)
+            p_off = offs_m[:, None] * N + offs_n[None, :]
+            tl.store(ws_ptr + pid_k * M * N + p_off, res, mask=mask)
             tl.debug_barrier()  # every thread's partial is stored before the arrival is released
             tile = pid_m * tl.num_programs(0) + pid_n
             arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 total = tl.zeros_like(res)
                 for s in tl.static_range(SPLIT_K):
-                    total += tl.load(ws_ptr + s * MN + p_off, mask=mask, other=0.0, cache_modifier=".cg")
+                    total += tl.load(ws_ptr + s * M * N + p_off, mask=mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
                     total = total + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
                 tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=mask)
