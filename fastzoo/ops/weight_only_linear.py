@@ -44,11 +44,12 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import cuda_kernel_applies, launch, triton_available
+from ._common import _capability, cuda_kernel_applies, launch, triton_available
 
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+gdc_wait = None  # Triton's griddepcontrol.wait, where this Triton has it (below)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -214,19 +215,28 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    try:  # programmatic dependent launch (Hopper+): Triton >= 3.3
+        from triton.language.extra.cuda import gdc_wait
+    except ImportError:
+        gdc_wait = None
+
     def _cfg(bm, bn, bk, split, warps, stages):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
                              num_warps=warps, num_stages=stages)
 
     def _configs(gemv: tuple, dot: tuple, first_bk: int) -> list:
-        """gemv: (BLOCK_N, BLOCK_K, warps[, stages]) tiles for one row (one stage unless
-        given: whether Triton pipelines a loop without tl.dot is measured, not assumed); dot: (BLOCK_N, BLOCK_K) 16-row tl.dot tiles, in
-        3 and 5 stages. Each with SPLIT_K 1, 2, 4, 8, 16 (pruned per shape)."""
+        """gemv: (BLOCK_N, BLOCK_K, warps, splits) tiles for one row, each with the SPLIT_K
+        values listed (one stage: pipelining stages measured no faster for this loop);
+        dot: (BLOCK_N, BLOCK_K) 16-row tl.dot tiles in 3 and 5 stages, SPLIT_K 1 to 8.
+        Every configuration costs a compilation at the first call of a shape (start-up
+        time), so the GEMV list is the few tiles that came within ~3 % of the best on an
+        H100 for Llama-2-7B's shapes (``experiments.bench_weight_only_linear --sweep``);
+        the autotuner still chooses among them on the GPU it runs on. Pruned per shape."""
         # First: small, runs in Triton's interpreter (the CPU tests) for any M.
         out = [_cfg(16, 16, first_bk, 1, 4, 1)]
-        for split in (1, 2, 4, 8, 16):
-            for bn, bk, warps, *stages in gemv:
-                out.append(_cfg(1, bn, bk, split, warps, stages[0] if stages else 1))
+        for bn, bk, warps, splits in gemv:
+            out += [_cfg(1, bn, bk, split, warps, 1) for split in splits]
+        for split in (1, 2, 4, 8):
             for bn, bk in dot:
                 for stages in (3, 5):
                     out.append(_cfg(16, bn, bk, split, 4, stages))
@@ -235,11 +245,11 @@ if triton_available():
     # BLOCK_K in weight columns (int4: unpacked columns; at least one quantization group).
     # Register budget (sm_90 ptxas, no spills): BLOCK_N·BLOCK_K fp32 accumulator over the threads.
     _FLOAT_CONFIGS = _configs(
-        gemv=((8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (64, 128, 8), (16, 1024, 8),
-              (8, 256, 2), (4, 512, 4), (8, 1024, 8), (8, 512, 4, 3), (16, 256, 4, 3)),
+        gemv=((8, 512, 4, (1, 2)), (4, 512, 4, (1,)), (8, 1024, 8, (1,)), (16, 256, 4, (1, 2)),
+              (8, 256, 2, (1, 2, 8)), (32, 256, 8, (1, 2, 4)), (64, 128, 8, (1, 8, 16))),
         dot=((32, 128), (64, 128), (64, 256), (128, 128)), first_bk=32)
     _INT4_CONFIGS = _configs(
-        gemv=((8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8)),
+        gemv=((8, 256, 4, (1, 2, 4)), (16, 256, 4, (1, 2)), (8, 512, 4, (1,))),
         dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
 
     @triton.jit
@@ -280,7 +290,7 @@ if triton_available():
     def _linear_kernel(
         x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, M_BUCKET, stride_xm, stride_wn, stride_om,
-        QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
@@ -299,7 +309,17 @@ if triton_available():
         if BLOCK_M == 1:
             x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-            for k in range(k_start, k_end, BLOCK_K):
+            k_loop = k_start
+            if PDL:
+                # Launched while the previous kernel finishes: the weights do not depend on
+                # it, so the first tile is requested before waiting for its writes (x).
+                first = offs_k < k_end - k_start
+                w0 = tl.load(w_ptrs + k_start, mask=first[None, :], other=0)
+                gdc_wait()
+                x0 = tl.load(x_ptrs + k_start, mask=first, other=0.0)
+                acc2 += w0.to(tl.float32) * x0.to(tl.float32)[None, :]
+                k_loop = k_start + BLOCK_K
+            for k in range(k_loop, k_end, BLOCK_K):
                 if EVEN_K:
                     xv = tl.load(x_ptrs + k)
                     wv = tl.load(w_ptrs + k)
@@ -314,6 +334,8 @@ if triton_available():
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if PDL:
+                gdc_wait()
             for k in range(k_start, k_end, BLOCK_K):
                 if EVEN_K:
                     xv = tl.load(x_ptrs + k)
@@ -339,7 +361,7 @@ if triton_available():
     def _int4_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
-        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         GPB: tl.constexpr,
     ):
@@ -367,6 +389,8 @@ if triton_available():
         s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
         z_ptrs = z_ptr + rows[:, None] * stride_zn + offs_g[None, :]
         xcol = offs_g[:, None, None] * GROUP + offs_w[None, :, None] * 8 + offs_i[None, None, :]  # (GPB, WPG, 8)
+        if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+            gdc_wait()
         if BLOCK_M == 1:
             x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + xcol
             acc4 = tl.zeros((BLOCK_N, GPB, WPG, 8), dtype=tl.float32)
@@ -441,6 +465,16 @@ def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
     return out
 
 
+def _pdl(x: torch.Tensor) -> dict:
+    """Launch options and the PDL flag: on Hopper and newer GPUs the kernels use
+    programmatic dependent launch (the grid starts while the previous kernel drains, the
+    weight loads begin, and ``griddepcontrol.wait`` orders the reads of x after its writes),
+    which hides most of a launch's ramp-up between consecutive kernels of a decode step."""
+    on = (x.device.type == "cuda" and gdc_wait is not None
+          and _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (9, 0))
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
 def _upcast_dot(x: torch.Tensor) -> bool:
     """Triton's interpreter (CPU tensors) multiplies bf16 tiles in tl.dot wrongly (as raw
     bits); there the dot operands go to fp32. On the GPU they stay in x's dtype."""
@@ -484,7 +518,7 @@ def _float_or_int8_triton(name, x, w, scales, bias, N, K, quant, config):
             out = _run(_linear_kernel, M, N, out, [x2, w, s, b],
                        {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), N),
                         "QUANT": quant, "HAS_BIAS": bias is not None,
-                        "UPCAST_DOT": _upcast_dot(x)}, config)
+                        "UPCAST_DOT": _upcast_dot(x), **_pdl(x)}, config)
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -523,7 +557,7 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
         out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],
                    {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N),
                     "GROUP": group_size, "HAS_BIAS": bias is not None,
-                    "UPCAST_DOT": _upcast_dot(x)}, config)
+                    "UPCAST_DOT": _upcast_dot(x), **_pdl(x)}, config)
     elif M and N:
         out.zero_()
         if bias is not None:

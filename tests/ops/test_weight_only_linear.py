@@ -401,7 +401,8 @@ from fastzoo.ops import weight_only_linear as wol
 
 kernel_name, split = sys.argv[1], int(sys.argv[2])
 jit = getattr(wol, kernel_name).fn.fn  # autotune -> heuristics -> jit
-common = {"M": 1, "M_BUCKET": 1, "HAS_BIAS": True, "UPCAST_DOT": False, "BLOCK_M": 1, "BLOCK_N": 8, "SPLIT_K": split}
+common = {"M": 1, "M_BUCKET": 1, "HAS_BIAS": True, "UPCAST_DOT": False, "BLOCK_M": 1, "BLOCK_N": 8, "SPLIT_K": split,
+          "PDL": split > 1}
 if kernel_name == "_linear_kernel":
     sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16")
     const = dict(common, QUANT=1, BLOCK_K=512, EVEN_K=True)
@@ -414,15 +415,16 @@ for name in jit.arg_names:
 src = triton.compiler.ASTSource(fn=jit, signature=sig,
                                 constexprs={(jit.arg_names.index(k),): v for k, v in const.items()})
 ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-print("acq_rel" if ".acq_rel" in ptx else "no-atomics")
+print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol.wait" in ptx else "no-pdl")
 """
 
 
 @pytest.mark.parametrize("kernel_name,split", [("_linear_kernel", 1), ("_linear_kernel", 4), ("_int4_kernel", 4)])
 def test_kernels_compile_for_hopper(kernel_name, split):
     """Compile the kernels ahead of time for sm_90 with M = 1 (which Triton turns into a
-    constant on the GPU, unlike the interpreter): catches code that only the GPU compiler
-    rejects, without a GPU. In a fresh process without Triton's interpreter."""
+    constant on the GPU, unlike the interpreter) and with programmatic dependent launch,
+    which the interpreter never runs: catches code that only the GPU compiler rejects,
+    without a GPU. In a fresh process without Triton's interpreter."""
     pytest.importorskip("triton")
     import os
     import subprocess
@@ -434,4 +436,5 @@ def test_kernels_compile_for_hopper(kernel_name, split):
     if r.returncode and ("GPUTarget" in r.stderr or "ptxas" in r.stderr) and "CompilationError" not in r.stderr:
         pytest.skip(f"this Triton cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split()[-1] == ("acq_rel" if split > 1 else "no-atomics")  # the arrival counter
+    # the arrival counter with split-K; griddepcontrol.wait where PDL is on (here: with split-K)
+    assert r.stdout.split()[-2:] == (["acq_rel", "pdl"] if split > 1 else ["no-atomics", "no-pdl"])
