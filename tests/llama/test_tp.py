@@ -110,6 +110,15 @@ def _worker(rank, init_file, ckpts, out):
                 res[kind, "compiled"] = _compiled_results(model)
             res[kind, "local"] = (model.config.n_heads, model.config.n_kv_heads,
                                   tuple(model.layers[0].attention.wqkv.weight.shape))
+            if kind == COMPILED_KIND:  # the all-reduce choice on gloo / CPU
+                res["allreduce_auto"] = (model.tp_allreduce, model.layers[0].attention.tp_symm)
+                try:
+                    load_tp_model(ckpt, rank, WORLD, dtype=torch.float32, allreduce="symm_mem")
+                    res["symm_mem_error"] = None
+                except LlamaError as e:
+                    res["symm_mem_error"] = str(e)
+                res["nccl_logits"] = load_tp_model(ckpt, rank, WORLD, dtype=torch.float32,
+                                                   allreduce="nccl")(_tokens()).detach()
             quantize_(model, "int8")
             with torch.no_grad():
                 res[kind, "int8_logits"] = model(_tokens())
@@ -257,17 +266,59 @@ def test_tp_compiled_matches_eager(converted, tp_results):
     assert _rel_err(compiled, eager) <= 1e-6
 
 
+def test_tp_allreduce_choice_on_cpu(converted, tp_results):
+    """On gloo / CPU, "auto" picks the functional collective (the logits above are its), an
+    explicit "nccl" gives the same logits, and an explicit "symm_mem" is an error naming why."""
+    assert tp_results["allreduce_auto"] == ("nccl", None)
+    torch.testing.assert_close(tp_results["nccl_logits"], tp_results[COMPILED_KIND, "logits"], rtol=0, atol=0)
+    msg = tp_results["symm_mem_error"]
+    assert msg is not None and "symm_mem is not available" in msg and "needs CUDA GPUs" in msg, msg
+
+
+def test_setup_allreduce_rejects_unknown_choice(converted):
+    from fastzoo.llama.tp import setup_allreduce_
+    model = load_tp_model(converted["gqa"][1], 0, 1, dtype=torch.float32)
+    assert model.tp_allreduce == "none"  # one rank: nothing to reduce
+    with pytest.raises(LlamaError, match="unknown all-reduce 'mpi'.*auto, nccl, symm_mem"):
+        setup_allreduce_(model, "mpi")
+
+
+def test_all_reduce_falls_back_to_the_collective_off_cuda(monkeypatch):
+    """The static choice of the traced all-reduce: a CPU tensor never takes the symm_mem op."""
+    import torch.distributed._functional_collectives as funcol
+
+    from fastzoo.llama import _allreduce
+    calls = []
+
+    def fake_all_reduce(y, op, group):
+        calls.append((op, group))
+        return y * 2
+
+    monkeypatch.setattr(funcol, "all_reduce", fake_all_reduce)
+    group = object()
+    out = _allreduce.all_reduce(torch.ones(2, 8), group, ("g", torch.float32, 1 << 20))
+    assert calls == [("sum", group)] and torch.equal(out, torch.full((2, 8), 2.0))
+
+
 # ---------------------------------------------------------------------------- 2 GPUs (NCCL)
-def _cuda_worker(rank, init_file, ckpt, out):
+def _no_multicast():
+    """NVLink multicast (NVLS) stays off on the test machines, for NCCL and symmetric memory."""
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+
+def _cuda_worker(rank, init_file, ckpt, out, allreduce):
     import torch.distributed as dist
     from torch._dynamo.utils import counters
+    _no_multicast()
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=300), device_id=device)
     try:
-        model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32)
-        res = {"eager": generate(model, PROMPTS, NEW).tokens}
+        model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32, allreduce=allreduce)
+        res = {"eager": generate(model, PROMPTS, NEW).tokens, "allreduce": model.tp_allreduce}
         torch._dynamo.reset()
         counters.clear()
         gen = Generator(model, compile=True)  # inductor, CUDA graphs: as generate --compile
@@ -285,22 +336,88 @@ def _cuda_worker(rank, init_file, ckpt, out):
 
 
 @pytest.mark.cuda
-def test_tp_two_gpus_compiled_with_cuda_graphs(converted, tmp_path):
-    """On 2 GPUs (NCCL): the decode step compiled as generate --compile (inductor, CUDA graphs,
-    none skipped) gives the single-process greedy tokens, with and without stop tokens."""
+@pytest.mark.parametrize("allreduce", ["nccl", "symm_mem"])
+def test_tp_two_gpus_compiled_with_cuda_graphs(converted, tmp_path, allreduce):
+    """On 2 GPUs (NCCL, or the one-shot symmetric-memory all-reduce): the decode step compiled as
+    generate --compile (inductor, CUDA graphs, none skipped) gives the single-process greedy
+    tokens, with and without stop tokens."""
     import torch.multiprocessing as mp
     if torch.cuda.device_count() < WORLD:
         pytest.skip(f"needs {WORLD} GPUs")
     ckpt = str(converted["gqa"][1])
-    mp.spawn(_cuda_worker, args=(str(tmp_path / "init"), ckpt, str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
+    mp.spawn(_cuda_worker, args=(str(tmp_path / "init"), ckpt, str(tmp_path / "out.pt"), allreduce),
+             nprocs=WORLD, join=True)
     every = torch.load(tmp_path / "out.pt")
     ref = load_model(ckpt, device="cuda", dtype=torch.float32)
     want = generate(ref, PROMPTS, NEW).tokens
     out = Generator(ref).generate(PROMPTS, STOP_NEW, stop_ids=_stop_ids(want), check_every=STOP_CHECK)
     for res in every:  # every rank
+        assert res["allreduce"] == allreduce
         assert res["cudagraph_skips"] == 0
         assert res["eager"] == want and res["compiled"] == want
         assert res["stopped"] == (out.tokens, out.finished) and all(out.finished)
+
+
+def _symm_worker(rank, init_file, out):
+    """symm_mem vs NCCL on random bf16 tensors: eager, and a compiled function (inductor,
+    fullgraph) replayed under CUDA graphs (mode="reduce-overhead")."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from fastzoo.llama._allreduce import all_reduce, setup_symm_mem, symm_mem_backend, symm_mem_problem
+    _no_multicast()
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300), device_id=device)
+    try:
+        group = dist.group.WORLD
+        res = {"problem": symm_mem_problem(device, group)}
+        spec = setup_symm_mem(group, device, torch.bfloat16, max_bytes=64 * 1024)
+        res["backend"], res["numel"] = symm_mem_backend(device), spec[2]
+        g = torch.Generator(device=device).manual_seed(100 + rank)
+        res["eager"] = []
+        for shape in [(1, 1, 4096), (3, 1, 4096), (2, 5, 1000), (1, 1, 2 * spec[2])]:  # the last: NCCL
+            x = torch.randn(shape, dtype=torch.bfloat16, device=device, generator=g)
+            want = x.clone()
+            dist.all_reduce(want)
+            res["eager"].append((shape, (all_reduce(x, group, spec) - want).abs().max().item()))
+        w = torch.randn(256, 4096, dtype=torch.bfloat16, device=device, generator=g)
+
+        def step(h):
+            return all_reduce(h @ w, group, spec) * 0.5
+
+        counters.clear()
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        res["compiled"] = []
+        for _ in range(6):  # warm-up, capture, replays
+            h = torch.randn(2, 1, 256, dtype=torch.bfloat16, device=device, generator=g)
+            want = h @ w
+            dist.all_reduce(want)
+            got = compiled(h).clone()
+            res["compiled"].append((got.float() - want.float() * 0.5).abs().max().item())
+        res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
+        every = [None] * WORLD
+        dist.all_gather_object(every, res)
+        if rank == 0:
+            torch.save(every, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_symm_mem_all_reduce_equals_nccl_two_gpus(tmp_path):
+    import torch.multiprocessing as mp
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs")
+    mp.spawn(_symm_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
+    for res in torch.load(tmp_path / "out.pt"):
+        assert res["problem"] is None
+        assert res["backend"] in (None, "CUDA"), res["backend"]
+        # two ranks: one correctly rounded addition either way, so the sums are equal
+        assert all(d == 0 for _, d in res["eager"]), res["eager"]
+        assert len(res["compiled"]) == 6 and all(d <= 1e-2 for d in res["compiled"]), res["compiled"]
+        assert res["cudagraph_skips"] == 0
 
 
 # ---------------------------------------------------------------------------- torchrun CLI
@@ -327,6 +444,15 @@ def test_torchrun_cli_only_rank0_prints(converted):
     assert single.returncode == 0, single.stderr[-3000:]
     assert r.stdout == single.stdout, (r.stdout, single.stdout, r.stderr[-3000:])  # same text, printed once
     assert r.stderr.count("time to first token") == 1, r.stderr[-3000:]
+    assert r.stderr.count("tensor parallel: 2 ranks, gloo, all-reduce: nccl") == 1, r.stderr[-3000:]  # auto on CPU
+
+
+def test_torchrun_cli_symm_mem_on_cpu_is_an_error(converted):
+    r = _python("--checkpoint", converted["gqa"][1], "--prompt", "hi", "--device", "cpu",
+                "--tp-allreduce", "symm_mem", nproc=WORLD)
+    assert r.returncode != 0
+    assert r.stderr.count("error: --tp-allreduce symm_mem is not available") == 1, r.stderr[-3000:]
+    assert "needs CUDA GPUs" in r.stderr
 
 
 def test_torchrun_cli_heads_not_divisible(converted):
