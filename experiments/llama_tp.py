@@ -57,7 +57,7 @@ import torch.distributed as dist
 from experiments import harness
 from experiments.llama_decode import fill_random_, random_prompts, sync
 from fastzoo.llama.checkpoint import parse_dtype
-from fastzoo.llama.config import TINY_PRESETS, LlamaConfig
+from fastzoo.llama.config import TINY_PRESETS, LlamaConfig, LlamaError
 from fastzoo.llama.generate import Generator
 from fastzoo.llama.model import Transformer
 from fastzoo.llama._allreduce import setup_symm_mem, symm_mem_all_reduce, symm_mem_backend, symm_mem_problem
@@ -234,7 +234,7 @@ def main(argv=None):
             sys.exit(f"error: rank {rank} needs GPU {local_rank}, but only {torch.cuda.device_count()} are visible")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    elif args.preset.lower() in TINY_PRESETS:
+    elif args.preset.lower() in TINY_PRESETS or args.allreduce_bench:  # the latter: an error below
         device = torch.device("cpu")
     else:
         device = harness.require_cuda(f"the {args.preset} tensor-parallel benchmark")
@@ -246,7 +246,10 @@ def main(argv=None):
     try:
         if args.allreduce_bench:
             return allreduce_bench(args, rank, world_size, device)
-        return _bench(args, cfg, rank, world_size, device)
+        try:
+            return _bench(args, cfg, rank, world_size, device)
+        except LlamaError as e:  # e.g. --allreduce symm_mem where it is not available
+            sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -217,7 +217,8 @@ def setup_allreduce_(model: Transformer, allreduce: str = "auto", max_bytes: int
         if problem is None:
             choice = "symm_mem"
         elif allreduce == "symm_mem":
-            raise LlamaError(f"--tp-allreduce symm_mem is not available: {problem} (use nccl or auto)")
+            raise LlamaError(f"the symm_mem all-reduce was requested but is not available: {problem} "
+                             f"(choose the nccl or auto all-reduce)")
     spec = setup_symm_mem(group, device, dtype, max_bytes) if choice == "symm_mem" else None
     for m in tp_modules:
         m.tp_symm = spec

@@ -272,7 +272,7 @@ def test_tp_allreduce_choice_on_cpu(converted, tp_results):
     assert tp_results["allreduce_auto"] == ("nccl", None)
     torch.testing.assert_close(tp_results["nccl_logits"], tp_results[COMPILED_KIND, "logits"], rtol=0, atol=0)
     msg = tp_results["symm_mem_error"]
-    assert msg is not None and "symm_mem is not available" in msg and "needs CUDA GPUs" in msg, msg
+    assert msg is not None and "symm_mem all-reduce was requested but is not available" in msg and "needs CUDA GPUs" in msg, msg
 
 
 def test_setup_allreduce_rejects_unknown_choice(converted):
@@ -451,7 +451,7 @@ def test_torchrun_cli_symm_mem_on_cpu_is_an_error(converted):
     r = _python("--checkpoint", converted["gqa"][1], "--prompt", "hi", "--device", "cpu",
                 "--tp-allreduce", "symm_mem", nproc=WORLD)
     assert r.returncode != 0
-    assert r.stderr.count("error: --tp-allreduce symm_mem is not available") == 1, r.stderr[-3000:]
+    assert r.stderr.count("error: the symm_mem all-reduce was requested but is not available") == 1, r.stderr[-3000:]
     assert "needs CUDA GPUs" in r.stderr
 
 
