@@ -113,9 +113,11 @@ def setup_symm_mem(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_S
     key = (name, dtype, device.index)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
-        get_backend = getattr(symm_mem, "get_backend", None)
-        if get_backend is not None and get_backend(device) is None:
-            symm_mem.set_backend("CUDA")  # peer-to-peer CUDA IPC, not NVSHMEM (the default where unset)
+        if symm_mem_backend(device) not in (None, "CUDA"):
+            try:  # peer-to-peer CUDA mappings, no NVSHMEM: possible until the first symmetric allocation
+                symm_mem.set_backend("CUDA")
+            except RuntimeError:
+                pass  # another backend already allocated in this process: use it (recorded by the callers)
         buf = symm_mem.empty(numel, dtype=dtype, device=device)
         symm_mem.rendezvous(buf, name)  # host-blocking handle exchange: here, never in a step
         _BUFFERS[key] = buf
