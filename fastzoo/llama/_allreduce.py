@@ -161,7 +161,7 @@ def all_reduce(y: torch.Tensor, group, symm: SymmMemSpec | None = None) -> torch
     """Sum of ``y`` over ``group``: through symmetric memory when ``symm`` is set and the
     message fits its buffer (decided from static facts, at trace time), else the functional
     collective (NCCL / gloo)."""
-    if (symm is not None and y.is_cuda and y.dtype == symm[1] and y.numel() <= symm[2]
+    if (symm is not None and y.dtype == symm[1] and y.numel() <= symm[2]
             and (y.numel() * y.element_size()) % 16 == 0):
         return symm_mem_all_reduce(y, symm[0])
     import torch.distributed._functional_collectives as funcol

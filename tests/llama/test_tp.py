@@ -283,11 +283,10 @@ def test_setup_allreduce_rejects_unknown_choice(converted):
         setup_allreduce_(model, "mpi")
 
 
-def test_all_reduce_falls_back_to_the_collective_off_cuda(monkeypatch):
-    """The static choice of the traced all-reduce: a CPU tensor never takes the symm_mem op."""
+@pytest.fixture
+def fake_collective(monkeypatch):
+    """Replaces the functional all-reduce by a doubling that records its calls."""
     import torch.distributed._functional_collectives as funcol
-
-    from fastzoo.llama import _allreduce
     calls = []
 
     def fake_all_reduce(y, op, group):
@@ -295,9 +294,56 @@ def test_all_reduce_falls_back_to_the_collective_off_cuda(monkeypatch):
         return y * 2
 
     monkeypatch.setattr(funcol, "all_reduce", fake_all_reduce)
+    return calls
+
+
+def test_all_reduce_static_choice(fake_collective):
+    """The choice of the traced all-reduce, from static facts: no spec, another dtype, a message
+    larger than the buffer or not a whole number of 16-byte vectors go to the collective."""
+    from fastzoo.llama import _allreduce
     group = object()
-    out = _allreduce.all_reduce(torch.ones(2, 8), group, ("g", torch.float32, 1 << 20))
-    assert calls == [("sum", group)] and torch.equal(out, torch.full((2, 8), 2.0))
+    spec = ("g", torch.float32, 64)
+    for y, s in [(torch.ones(2, 8), None), (torch.ones(2, 8, dtype=torch.float64), spec),
+                 (torch.ones(5, 16), spec), (torch.ones(1, 3), spec)]:
+        fake_collective.clear()
+        out = _allreduce.all_reduce(y, group, s)
+        assert fake_collective == [("sum", group)] and torch.equal(out, 2 * y)
+
+
+def test_symm_mem_all_reduce_traces_into_one_graph(fake_collective):
+    """torch.compile(fullgraph=True) through AOT autograd (fake tensors, functionalisation: the
+    path inductor takes) keeps the symm_mem custom op as one node, its fake impl giving the
+    output's shape; a message over the buffer becomes the collective in the same graph."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from fastzoo.llama._allreduce import all_reduce
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def fw(g, inputs):
+            graphs.append(g)
+            return lambda *a: [torch.zeros(n.meta["val"].shape) for n in g.graph.find_nodes(op="output")[0].args[0]]
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw)
+
+    spec = ("tp_group_7", torch.float32, 256)
+    w = torch.randn(8, 16)
+
+    def step(h):
+        small = all_reduce(h @ w, None, spec)        # 4 x 16 floats: symm_mem
+        big = all_reduce(h.repeat(1, 40), None, spec)  # 4 x 320 floats > 256: the collective
+        return small, big
+
+    torch._dynamo.reset()
+    try:
+        small, big = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)(torch.randn(4, 8))
+    finally:
+        torch._dynamo.reset()
+    assert small.shape == (4, 16) and big.shape == (4, 320)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    symm = [t for t in targets if "symm_mem_all_reduce" in t]
+    assert symm == ["fastzoo.symm_mem_all_reduce.default"], targets
+    assert len(fake_collective) == 1  # the big message, traced through the (faked) collective
 
 
 # ---------------------------------------------------------------------------- 2 GPUs (NCCL)
