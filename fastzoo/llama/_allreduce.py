@@ -147,7 +147,8 @@ def symm_mem_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     if buf is None or buf.numel() < x.numel():
         raise RuntimeError(f"no symmetric buffer of >= {x.numel()} {x.dtype} elements for group {group_name!r} "
                            f"on {x.device}: call fastzoo.llama.tp.setup_allreduce_ first")
-    x = x.contiguous()
+    if not x.is_contiguous() or (x.storage_offset() * x.element_size()) % 16:
+        x = x.clone(memory_format=torch.contiguous_format)  # the op wants the buffer's 16-byte alignment
     view = buf[:x.numel()].view(x.shape)
     return torch.ops.symm_mem.one_shot_all_reduce_copy(view, x, "sum", group_name)
 
