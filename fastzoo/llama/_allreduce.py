@@ -25,6 +25,7 @@ a message larger than the buffer goes through NCCL.
 from __future__ import annotations
 
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -82,8 +83,12 @@ def symm_mem_problem(device, group) -> str | None:
         if len(hosts) > 1:
             local = f"the symm_mem all-reduce needs all ranks on one host, found {sorted(hosts)}"
         else:
-            no_peer = [i for _, i in infos if i != index and not torch.cuda.can_device_access_peer(index, i)]
-            if no_peer:
+            unseen = [i for _, i in infos if i >= torch.cuda.device_count()]
+            no_peer = [i for _, i in infos if i != index and i not in unseen
+                       and not torch.cuda.can_device_access_peer(index, i)]
+            if unseen:
+                local = f"GPU(s) {unseen} of other ranks are not visible to this rank (CUDA_VISIBLE_DEVICES)"
+            elif no_peer:
                 local = f"GPU {index} cannot access GPU(s) {no_peer} peer-to-peer (no NVLink / P2P)"
     problems = [None] * world
     dist.all_gather_object(problems, local, group=group)
@@ -107,12 +112,19 @@ def setup_symm_mem(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_S
         raise LlamaError(f"the symm_mem all-reduce supports {[str(d) for d in SYMM_MEM_DTYPES]}, "
                          f"the model's activations are {dtype}")
     device = torch.device(device)
+    if device.index is None:  # the key the op looks up is the tensors' device index
+        device = torch.device(device.type, torch.cuda.current_device())
     name = _group_name(group)
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = max(max_bytes // itemsize // 8 * 8, 8)  # whole 16-byte vectors
     key = (name, dtype, device.index)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed by older torch, a deprecated no-op-like registration in newer
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                enable(name)
         if symm_mem_backend(device) not in (None, "CUDA"):
             try:  # peer-to-peer CUDA mappings, no NVSHMEM: possible until the first symmetric allocation
                 symm_mem.set_backend("CUDA")
