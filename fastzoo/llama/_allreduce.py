@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-__all__ = ["ALLREDUCE_CHOICES", "SYMM_MEM_DTYPES", "DEFAULT_SYMM_MEM_BYTES", "SymmMemSpec",
+__all__ = ["ALLREDUCE_CHOICES", "SYMM_MEM_DTYPES", "DEFAULT_SYMM_MEM_BYTES", "SymmMemSpec", "symm_mem_backend",
            "symm_mem_problem", "setup_symm_mem", "symm_mem_all_reduce", "all_reduce"]
 
 ALLREDUCE_CHOICES = ("auto", "nccl", "symm_mem")
