@@ -410,7 +410,7 @@ def _symm_worker(rank, init_file, out):
     import torch.distributed as dist
     from torch._dynamo.utils import counters
 
-    from fastzoo.llama._allreduce import all_reduce, setup_symm_mem, symm_mem_backend, symm_mem_problem
+    from fastzoo.llama._allreduce import _BUFFERS, all_reduce, setup_symm_mem, symm_mem_backend, symm_mem_problem
     _no_multicast()
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -421,13 +421,18 @@ def _symm_worker(rank, init_file, out):
         res = {"problem": symm_mem_problem(device, group)}
         spec = setup_symm_mem(group, device, torch.bfloat16, max_bytes=64 * 1024)
         res["backend"], res["numel"] = symm_mem_backend(device), spec[2]
+        buf = _BUFFERS[spec[0], torch.bfloat16, rank]
+
+        def staged(x):  # the symm_mem path ran on x: x is what the symmetric buffer holds now
+            return _rel_err(buf[:x.numel()].view(x.shape), x) if x.numel() <= buf.numel() else None
+
         g = torch.Generator(device=device).manual_seed(100 + rank)
         res["eager"] = []
         for shape in [(1, 1, 4096), (3, 1, 4096), (2, 5, 1000), (1, 1, 2 * spec[2])]:  # the last: NCCL
             x = torch.randn(shape, dtype=torch.bfloat16, device=device, generator=g)
             want = x.clone()
             dist.all_reduce(want)
-            res["eager"].append((shape, (all_reduce(x, group, spec) - want).abs().max().item()))
+            res["eager"].append((shape, (all_reduce(x, group, spec) - want).abs().max().item(), staged(x)))
         w = torch.randn(256, 4096, dtype=torch.bfloat16, device=device, generator=g)
 
         def step(h):
@@ -441,7 +446,7 @@ def _symm_worker(rank, init_file, out):
             want = h @ w
             dist.all_reduce(want)
             got = compiled(h).clone()
-            res["compiled"].append(_rel_err(got, want * 0.5))
+            res["compiled"].append((_rel_err(got, want * 0.5), staged(h @ w)))
         res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
         every = [None] * WORLD
         dist.all_gather_object(every, res)
@@ -461,8 +466,11 @@ def test_symm_mem_all_reduce_equals_nccl_two_gpus(tmp_path):
         assert res["problem"] is None
         assert res["backend"] in (None, "CUDA"), res["backend"]
         # two ranks: one correctly rounded addition either way, so the sums are equal
-        assert all(d == 0 for _, d in res["eager"]), res["eager"]
-        assert len(res["compiled"]) == 6 and all(e <= 1e-2 for e in res["compiled"]), res["compiled"]
+        assert all(d == 0 for _, d, _ in res["eager"]), res["eager"]
+        assert [st == 0 for _, _, st in res["eager"][:3]] == [True] * 3, res["eager"]  # through symm_mem
+        assert res["eager"][3][2] is None  # larger than the buffer: NCCL
+        assert len(res["compiled"]) == 6, res["compiled"]
+        assert all(e <= 1e-2 and st <= 1e-2 for e, st in res["compiled"]), res["compiled"]  # symm_mem in the graph
         assert res["cudagraph_skips"] == 0
 
 
