@@ -3,6 +3,11 @@
     torchrun --standalone --nproc-per-node 2 -m experiments.llama_tp --preset llama-2-7b --dtype bf16 \
         [--quantize int8|int4-g128] [--no-compile] [--new-tokens 128]
     torchrun --standalone --nproc-per-node 1 -m experiments.llama_tp ...   # the 1-GPU baseline, same code
+    torchrun --standalone --nproc-per-node 2 -m experiments.llama_tp --allreduce-bench   # all-reduce latency
+
+``--allreduce auto|nccl|symm_mem`` picks the model's all-reduce (:func:`fastzoo.llama.tp.setup_allreduce_`;
+symm_mem: one-shot over NVLink peer-to-peer through symmetric memory); the record's ``allreduce``
+field holds the choice made ("none" with one rank).
 
 Each rank builds only its own shard, directly on its GPU: the model is created on the meta
 device and sharded there (:func:`fastzoo.llama.tp.shard_model_`; with one rank that is the
@@ -22,9 +27,15 @@ prefill.  Recorded, from rank 0 (all ranks run in lockstep):
 * batch-1 decode tokens/s; bytes one step reads per GPU (the rank's shard) × tokens/s, and
   that as a % of the device-to-device copy bandwidth measured in the same run;
 * time to first token, compile time (first run minus a steady run), model set-up time;
-* latency of one eager all-reduce of a ``dim``-sized activation (the decode step runs
-  2 × n_layers of them), inductor's count of CUDA-graph skips, peak GPU memory, and
-  whether every rank sampled the same tokens.
+* latency of one eager NCCL all-reduce of a ``dim``-sized activation (the decode step runs
+  2 × n_layers of them) and of the model's own all-reduce replayed in a CUDA graph,
+  inductor's count of CUDA-graph skips, peak GPU memory, and whether every rank sampled the
+  same tokens.
+
+``--allreduce-bench`` (no model) times one all-reduce of ``--allreduce-kb`` sizes of bf16
+(default 8 and 32 KB: one and four tokens of Llama-2-7B's 4096-wide hidden state), NCCL against
+symm_mem, each captured in a CUDA graph and replayed (median µs; eager calls too), checks that
+both give the same sums, and saves ``llama_tp_allreduce_ws<N>.json``.
 
 Rank 0 saves ``llama_tp_<preset>_<dtype|quant>_ws<N>_<compile|eager>.json`` under
 ``experiments/results/<gpu>/``.  ``--summary FILE...`` prints a table of saved records.
@@ -46,10 +57,11 @@ import torch.distributed as dist
 from experiments import harness
 from experiments.llama_decode import fill_random_, random_prompts, sync
 from fastzoo.llama.checkpoint import parse_dtype
-from fastzoo.llama.config import TINY_PRESETS, LlamaConfig
+from fastzoo.llama.config import TINY_PRESETS, LlamaConfig, LlamaError
 from fastzoo.llama.generate import Generator
 from fastzoo.llama.model import Transformer
-from fastzoo.llama.tp import shard_model_
+from fastzoo.llama._allreduce import setup_symm_mem, symm_mem_all_reduce, symm_mem_backend, symm_mem_problem
+from fastzoo.llama.tp import setup_allreduce_, shard_model_
 from fastzoo.quant import quantize_
 
 
@@ -81,9 +93,68 @@ def _allreduce_us(dim: int, dtype, device, group) -> float:
     return t["median_ms"] * 1e3
 
 
-def _result_name(args, world_size: int) -> str:
+def _allreduce_call(x, group, symm):
+    """One all-reduce of ``x`` as the compiled decode step issues it: the functional NCCL op and
+    its wait (``symm`` None), or the symm_mem custom op."""
+    name = str(group.group_name)
+    if symm is not None:
+        return lambda: symm_mem_all_reduce(x, name)
+    c10d = torch.ops._c10d_functional
+    return lambda: c10d.wait_tensor(c10d.all_reduce(x, "sum", name))
+
+
+def _graph_allreduce_us(x, group, symm, device) -> float:
+    """Median µs of one all-reduce of ``x`` (``symm`` set: symm_mem, else NCCL) in CUDA-graph replays."""
+    _barrier(device)
+    t = harness.bench(_allreduce_call(x, group, symm), warmup=10, rep=200, device=device, cuda_graph=True)
+    return t["median_ms"] * 1e3
+
+
+def allreduce_bench(args, rank, world_size, device):
+    """NCCL vs symm_mem: latency of one bf16 all-reduce per size, eager and in CUDA-graph replay."""
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
+    if world_size < 2 or device.type != "cuda":
+        sys.exit("error: --allreduce-bench needs >= 2 ranks on CUDA GPUs (torchrun --nproc-per-node 2)")
+    group = dist.group.WORLD
+    dtype = torch.bfloat16
+    problem = symm_mem_problem(device, group)
+    if problem is not None:
+        sys.exit(f"error: the symm_mem all-reduce is not available: {problem}")
+    sizes = [int(kb * 1024) // 2 for kb in args.allreduce_kb]
+    symm = setup_symm_mem(group, device, dtype, max_bytes=max(max(sizes) * 2, 4096))
+    rows = []
+    for numel in sizes:
+        g = torch.Generator(device=device).manual_seed(1000 + rank)
+        x = torch.randn(1, numel, dtype=dtype, device=device, generator=g)
+        want = x.clone()
+        dist.all_reduce(want, group=group)
+        got = _allreduce_call(x, group, symm)()
+        row = {"kb": numel * 2 / 1024, "numel": numel, "same_sum": bool(torch.equal(got, want)),
+               "max_abs_diff": float((got.float() - want.float()).abs().max())}
+        for name, spec in (("nccl", None), ("symm_mem", symm)):
+            _barrier(device)
+            eager = harness.bench(_allreduce_call(x, group, spec), warmup=20, rep=200, device=device)
+            row[f"{name}_eager_us"] = eager["median_ms"] * 1e3
+            row[f"{name}_graph_us"] = _graph_allreduce_us(x, group, spec, device)
+        row["nccl_over_symm_mem_graph"] = row["nccl_graph_us"] / row["symm_mem_graph_us"]
+        rows.append(row)
+        say(f"all-reduce {row['kb']:g} KB bf16 over {world_size} GPUs: NCCL {row['nccl_graph_us']:.1f} us, "
+            f"symm_mem {row['symm_mem_graph_us']:.1f} us (CUDA-graph replay, median; eager "
+            f"{row['nccl_eager_us']:.1f} / {row['symm_mem_eager_us']:.1f} us), same sums: {row['same_sum']}")
+    figures = {"world_size": world_size, "dtype": str(dtype), "symm_mem_backend": symm_mem_backend(device),
+               "rows": rows}
+    if rank == 0 and not args.no_save:
+        path = harness.save_result(args.name or f"llama_tp_allreduce_ws{world_size}", figures, args,
+                                   out_dir=args.out_dir)
+        say(f"saved {path}")
+    return figures
+
+
+def _result_name(args, world_size: int, allreduce: str = "nccl") -> str:
+    # NCCL and one rank keep the names of the records made before the all-reduce choice existed
     return (args.name or f"llama_tp_{args.preset}_{args.quantize or args.dtype}_ws{world_size}_"
-            + ("compile" if args.compile else "eager")).replace("/", "-")
+            + ("compile" if args.compile else "eager")
+            + ("" if allreduce in ("nccl", "none") else f"_{allreduce}")).replace("/", "-")
 
 
 def summary(paths) -> list[dict]:
@@ -93,18 +164,20 @@ def summary(paths) -> list[dict]:
     for p in paths:
         with open(p) as f:
             r = json.load(f)
-        if "world_size" in r.get("figures", {}):
+        if "decode_tokens_per_s" in r.get("figures", {}):
             recs.append(r["figures"])
     base = {(f["preset"], f["weights"], f["compile"]): f["decode_tokens_per_s"] for f in recs if f["world_size"] == 1}
     rows = []
     for f in sorted(recs, key=lambda f: (f["compile"] is False, f["preset"], f["weights"], f["world_size"])):
         b = base.get((f["preset"], f["weights"], f["compile"]))
         rows.append({"model": f["preset"], "weights": f["weights"], "gpus": f["world_size"],
+                     "allreduce": f.get("allreduce", "nccl" if f["world_size"] > 1 else "none"),
                      "compile": f["compile"], "tok/s": f["decode_tokens_per_s"],
                      "vs_1gpu": f["decode_tokens_per_s"] / b if b else "",
                      "GB/s/gpu": f["bandwidth_gbs_per_gpu"], "%copy": f.get("pct_of_copy_bandwidth") or "",
                      "TTFT_ms": f["time_to_first_token_ms"], "compile_s": f.get("compile_s", ""),
                      "setup_s": f["setup_s"], "allreduce_us": f.get("allreduce_us") or "",
+                     "graph_allreduce_us": f.get("graph_allreduce_us") or "",
                      "cg_skips": f.get("cudagraph_skips", ""),
                      "same_tokens": f.get("same_tokens_on_every_rank", "")})
     return rows
@@ -130,10 +203,26 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--summary", nargs="+", metavar="JSON", help="print a table of saved records and exit")
+    p.add_argument("--allreduce", choices=["auto", "nccl", "symm_mem"], default="auto",
+                   help="the model's all-reduce (fastzoo.llama.tp.setup_allreduce_)")
+    p.add_argument("--allreduce-bench", action="store_true",
+                   help="only time one bf16 all-reduce, NCCL vs symm_mem (no model)")
+    p.add_argument("--allreduce-kb", type=float, nargs="+", default=[8, 32],
+                   help="message sizes of --allreduce-bench in KB")
     args = p.parse_args(argv)
 
     if args.summary:
         harness.print_table(summary(args.summary))
+        allreduce_rows = []
+        for path in args.summary:
+            with open(path) as f:
+                r = json.load(f)
+            if "decode_tokens_per_s" not in r.get("figures", {}):
+                allreduce_rows += [{"gpus": r["figures"].get("world_size"), **row}
+                                   for row in r.get("figures", {}).get("rows", [])]
+        if allreduce_rows:
+            print()
+            harness.print_table(allreduce_rows)
         return None
 
     env = os.environ
@@ -145,7 +234,7 @@ def main(argv=None):
             sys.exit(f"error: rank {rank} needs GPU {local_rank}, but only {torch.cuda.device_count()} are visible")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    elif args.preset.lower() in TINY_PRESETS:
+    elif args.preset.lower() in TINY_PRESETS or args.allreduce_bench:  # the latter: an error below
         device = torch.device("cpu")
     else:
         device = harness.require_cuda(f"the {args.preset} tensor-parallel benchmark")
@@ -155,7 +244,12 @@ def main(argv=None):
     elif world_size != 1:
         sys.exit("error: launch with torchrun for more than one rank")
     try:
-        return _bench(args, cfg, rank, world_size, device)
+        if args.allreduce_bench:
+            return allreduce_bench(args, rank, world_size, device)
+        try:
+            return _bench(args, cfg, rank, world_size, device)
+        except LlamaError as e:  # e.g. --allreduce symm_mem where it is not available
+            sys.exit(f"error: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -176,14 +270,21 @@ def _bench(args, cfg, rank, world_size, device):
     t0 = time.perf_counter()
     model = random_tp_model(cfg, rank, world_size, device, dtype, args.quantize, group, seed=args.seed,
                             progress=rank == 0)
+    allreduce = setup_allreduce_(model, args.allreduce)  # collective; the same choice on every rank
     sync(device)
     setup_s = time.perf_counter() - t0
     weight_bytes = model.weight_bytes()
     weights = args.quantize or args.dtype
     say(f"{args.preset} {weights} on {world_size} rank(s): {weight_bytes / 1e9:.2f} GB per GPU, "
-        f"set up in {setup_s:.1f} s, device {harness.gpu_name(device) if device.type == 'cuda' else 'cpu'}")
+        f"set up in {setup_s:.1f} s, device {harness.gpu_name(device) if device.type == 'cuda' else 'cpu'}, "
+        f"all-reduce: {allreduce}")
     copy_gbs = harness.measure_copy_bandwidth(device=device) if device.type == "cuda" else None
     allreduce_us = _allreduce_us(cfg.dim, dtype, device, group) if world_size > 1 else None
+    graph_allreduce_us = None
+    if world_size > 1 and device.type == "cuda":  # the model's own all-reduce, as the decode graph runs it
+        symm = model.layers[0].feed_forward.tp_symm
+        graph_allreduce_us = _graph_allreduce_us(torch.randn(1, 1, cfg.dim, dtype=dtype, device=device),
+                                                 group, symm, device)
 
     # eager prefill unless --compile-prefill: halves the compile time (documented above)
     gen = Generator(model, compile=args.compile, compile_backend=args.compile_backend,
@@ -207,11 +308,13 @@ def _bench(args, cfg, rank, world_size, device):
     rate = statistics.median(res.steps / res.decode_s for _, res in runs)
     figures = {
         "preset": args.preset, "dtype": str(dtype), "quantize": args.quantize, "weights": weights,
-        "world_size": world_size, "batch": args.batch, "compile": args.compile,
+        "world_size": world_size, "allreduce": allreduce,
+        "symm_mem_backend": symm_mem_backend(device) if allreduce == "symm_mem" else None,
+        "batch": args.batch, "compile": args.compile,
         "compile_prefill": args.compile and args.compile_prefill,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "weight_bytes_per_gpu": weight_bytes, "setup_s": setup_s,
-        "copy_bandwidth_gbs": copy_gbs, "allreduce_us": allreduce_us,
+        "copy_bandwidth_gbs": copy_gbs, "allreduce_us": allreduce_us, "graph_allreduce_us": graph_allreduce_us,
         "decode_tokens_per_s": rate, "total_tokens_per_s": args.batch * rate,
         "bandwidth_gbs_per_gpu": weight_bytes * rate / 1e9,
         "time_to_first_token_ms": statistics.median(res.prefill_s for _, res in runs) * 1e3,
@@ -232,10 +335,11 @@ def _bench(args, cfg, rank, world_size, device):
         + (f" = {figures['pct_of_copy_bandwidth']:.0f}% of copy {copy_gbs:.0f} GB/s" if copy_gbs else "")
         + f", TTFT {figures['time_to_first_token_ms']:.1f} ms"
         + (f", compile {figures['compile_s']:.1f} s" if args.compile else "")
-        + (f", all-reduce {allreduce_us:.1f} us" if allreduce_us else "")
+        + (f", NCCL all-reduce {allreduce_us:.1f} us (eager)" if allreduce_us else "")
+        + (f", {allreduce} all-reduce {graph_allreduce_us:.1f} us (CUDA graph)" if graph_allreduce_us else "")
         + f", CUDA-graph skips {figures['cudagraph_skips']}")
     if rank == 0 and not args.no_save:
-        path = harness.save_result(_result_name(args, world_size), figures, args, out_dir=args.out_dir)
+        path = harness.save_result(_result_name(args, world_size, allreduce), figures, args, out_dir=args.out_dir)
         say(f"saved {path}")
     return figures
 

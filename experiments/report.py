@@ -135,11 +135,16 @@ def llama_rows(rec: dict, ceilings: dict) -> list[dict]:
 
 
 def llama_tp_rows(rec: dict, ceilings: dict) -> list[dict]:
-    """A tensor-parallel record (``experiments.llama_tp``): one row, per-GPU bandwidth."""
+    """A tensor-parallel record (``experiments.llama_tp``): one row, per-GPU bandwidth; or the
+    all-reduce micro-benchmark's rows (``--allreduce-bench``: one per message size)."""
     f = rec["figures"]
+    if "decode_tokens_per_s" not in f and "symm_mem_backend" in f and isinstance(f.get("rows"), list):
+        return [{"gpus": f.get("world_size"), **r} for r in f["rows"]]
     if "decode_tokens_per_s" not in f:
         raise KeyError("figures['decode_tokens_per_s']")
     mode = f.get("quantize") or f.get("weights") or DTYPE_SHORT.get(str(f.get("dtype")), str(f.get("dtype")))
+    if f.get("allreduce") not in (None, "nccl", "none"):  # e.g. "bf16 symm_mem"; NCCL rows keep their label
+        mode = f"{mode} {f['allreduce']}"
     return [{
         "preset": f.get("preset"), "mode": mode, "gpus": f.get("world_size"), "compile": f.get("compile"),
         "batch": f.get("batch"), "tokens_per_s": _num(f.get("decode_tokens_per_s")),

@@ -8,8 +8,10 @@ Megatron-style sharding of every :class:`~fastzoo.llama.model.TransformerBlock` 
   as ``[q; k; v]``), ``wo`` row-parallel (the input columns of the rank's query heads);
 * MLP: ``w13`` column-parallel (the rank's slice of ``w1`` *and* the matching slice of
   ``w3``, re-fused as ``[w1_r; w3_r]``), ``w2`` row-parallel;
-* one all-reduce (sum) of the partial outputs after ``wo`` and one after ``w2``, through
-  the functional collectives so that ``torch.compile`` traces them;
+* one all-reduce (sum) of the partial outputs after ``wo`` and one after ``w2``, traced by
+  ``torch.compile``: the functional collective (NCCL / gloo) or, on GPUs that reach each other
+  peer-to-peer, a one-shot all-reduce through symmetric memory (:func:`setup_allreduce_`,
+  :mod:`fastzoo.llama._allreduce`);
 * embedding, norms and the output projection replicated.
 
 GQA: query head ``h`` uses key/value head ``h // (n_heads / n_kv_heads)``; giving rank ``r``
@@ -32,17 +34,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._allreduce import ALLREDUCE_CHOICES, DEFAULT_SYMM_MEM_BYTES
+from ._allreduce import all_reduce as _all_reduce
 from .config import LlamaConfig, LlamaError
 from .model import Attention, FeedForward, Linear, Transformer
 
 __all__ = ["check_tp_config", "shard_config", "shard_tensor", "shard_state_dict", "shard_model_",
-           "load_tp_model", "LockstepStop", "run_cli"]
+           "setup_allreduce_", "ALLREDUCE_CHOICES", "load_tp_model", "LockstepStop", "run_cli"]
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -119,25 +124,22 @@ def shard_state_dict(sd: dict[str, torch.Tensor], config: LlamaConfig, rank: int
 
 
 # ---------------------------------------------------------------------------- modules
-def _all_reduce(y: torch.Tensor, group) -> torch.Tensor:
-    import torch.distributed._functional_collectives as funcol
-    return funcol.all_reduce(y, "sum", group if group is not None else dist.group.WORLD)
-
-
 class TPAttention(Attention):
     """:class:`Attention` over this rank's heads; the partial ``wo`` outputs are summed over the group."""
     tp_group = None
+    tp_symm = None  # set by setup_allreduce_: the symmetric-memory all-reduce's spec
 
     def forward(self, x, cos, sin, input_pos, mask):
-        return _all_reduce(super().forward(x, cos, sin, input_pos, mask), self.tp_group)
+        return _all_reduce(super().forward(x, cos, sin, input_pos, mask), self.tp_group, self.tp_symm)
 
 
 class TPFeedForward(FeedForward):
     """:class:`FeedForward` over this rank's slice of the hidden units; ``w2``'s partial outputs summed."""
     tp_group = None
+    tp_symm = None
 
     def forward(self, x):
-        return _all_reduce(super().forward(x), self.tp_group)
+        return _all_reduce(super().forward(x), self.tp_group, self.tp_symm)
 
 
 def _shard_linear_(parent: nn.Module, attr: str, name: str, config: LlamaConfig, rank: int, world_size: int):
@@ -185,12 +187,52 @@ def shard_model_(model: Transformer, rank: int, world_size: int, group=None) -> 
     return model
 
 
+def setup_allreduce_(model: Transformer, allreduce: str = "auto", max_bytes: int = DEFAULT_SYMM_MEM_BYTES) -> str:
+    """Choose the all-reduce of a sharded, loaded ``model`` and set it up; returns the choice:
+    ``"symm_mem"``, ``"nccl"`` (the process group's functional collective: NCCL on GPUs, gloo
+    on CPUs) or ``"none"`` (one rank: nothing to reduce).
+
+    ``allreduce``: ``"auto"`` (symm_mem where available, else nccl), ``"nccl"`` or ``"symm_mem"``
+    (a :class:`LlamaError` naming what is missing where it is not available: CUDA, the torch op,
+    peer-to-peer access between the group's GPUs, a bf16/fp32 model).  The symm_mem path
+    allocates and rendezvouses one symmetric buffer of ``max_bytes`` per group and dtype, here,
+    outside any traced step; messages larger than it (long prefills) still use NCCL.
+    Collective: every rank of the model's group calls it, before compiling the steps."""
+    from ._allreduce import SYMM_MEM_DTYPES, setup_symm_mem, symm_mem_problem
+    if allreduce not in ALLREDUCE_CHOICES:
+        raise LlamaError(f"unknown all-reduce {allreduce!r}: expected one of {', '.join(ALLREDUCE_CHOICES)}")
+    tp_modules = [m for m in model.modules() if isinstance(m, (TPAttention, TPFeedForward))]
+    if getattr(model, "tp_world_size", 1) == 1 or not tp_modules:
+        model.tp_allreduce = "none"
+        return "none"
+    group = model.tp_group
+    weight = model.tok_embeddings.weight
+    device, dtype = weight.device, weight.dtype
+    choice = "nccl"
+    if allreduce != "nccl":
+        problem = symm_mem_problem(device, group)  # collective: the same answer on every rank
+        if problem is None and dtype not in SYMM_MEM_DTYPES:
+            problem = (f"the symm_mem all-reduce supports {', '.join(map(str, SYMM_MEM_DTYPES))} activations, "
+                       f"the model's are {dtype}")
+        if problem is None:
+            choice = "symm_mem"
+        elif allreduce == "symm_mem":
+            raise LlamaError(f"the symm_mem all-reduce was requested but is not available: {problem} "
+                             f"(choose the nccl or auto all-reduce)")
+    spec = setup_symm_mem(group, device, dtype, max_bytes) if choice == "symm_mem" else None
+    for m in tp_modules:
+        m.tp_symm = spec
+    model.tp_allreduce = choice
+    return choice
+
+
 def load_tp_model(checkpoint_dir, rank: int, world_size: int, device="cpu", dtype=None,
-                  group=None) -> Transformer:
+                  group=None, allreduce: str = "auto") -> Transformer:
     """Rank ``rank``'s shard of an unsharded fastzoo checkpoint, as an eval-mode model.
 
     Builds the model on the meta device, shards it, then slices each tensor of the
-    memory-mapped state dict, so a rank reads and materialises only its slices."""
+    memory-mapped state dict, so a rank reads and materialises only its slices.
+    ``allreduce``: see :func:`setup_allreduce_` (the choice made is ``model.tp_allreduce``)."""
     from fastzoo.checkpoint import CheckpointError, read_state_dict
 
     from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, parse_dtype
@@ -217,6 +259,7 @@ def load_tp_model(checkpoint_dir, rank: int, world_size: int, device="cpu", dtyp
     del sd
     check_state_dict(model, local_sd, where=f"{wpath} (rank {rank} of {world_size})")
     model.load_state_dict(local_sd, strict=True, assign=True)
+    setup_allreduce_(model, allreduce)
     return model.eval()
 
 
@@ -285,7 +328,12 @@ def run_cli(run, args, rank: int, world_size: int, local_rank: int) -> int:
         args.seed = int(seed.item())
 
         def loader(checkpoint_dir, device, dtype):
-            return load_tp_model(checkpoint_dir, rank, world_size, device=device, dtype=dtype)
+            model = load_tp_model(checkpoint_dir, rank, world_size, device=device, dtype=dtype,
+                                  allreduce=args.tp_allreduce)
+            print(f"tensor parallel: {world_size} ranks, {dist.get_backend()}, all-reduce: {model.tp_allreduce}"
+                  + (" (one-shot, symmetric memory, peer-to-peer)" if model.tp_allreduce == "symm_mem" else ""),
+                  file=sys.stderr)
+            return model
 
         if rank == 0:
             return run(args, loader)

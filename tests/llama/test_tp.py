@@ -110,6 +110,15 @@ def _worker(rank, init_file, ckpts, out):
                 res[kind, "compiled"] = _compiled_results(model)
             res[kind, "local"] = (model.config.n_heads, model.config.n_kv_heads,
                                   tuple(model.layers[0].attention.wqkv.weight.shape))
+            if kind == COMPILED_KIND:  # the all-reduce choice on gloo / CPU
+                res["allreduce_auto"] = (model.tp_allreduce, model.layers[0].attention.tp_symm)
+                try:
+                    load_tp_model(ckpt, rank, WORLD, dtype=torch.float32, allreduce="symm_mem")
+                    res["symm_mem_error"] = None
+                except LlamaError as e:
+                    res["symm_mem_error"] = str(e)
+                res["nccl_logits"] = load_tp_model(ckpt, rank, WORLD, dtype=torch.float32,
+                                                   allreduce="nccl")(_tokens()).detach()
             quantize_(model, "int8")
             with torch.no_grad():
                 res[kind, "int8_logits"] = model(_tokens())
@@ -257,17 +266,105 @@ def test_tp_compiled_matches_eager(converted, tp_results):
     assert _rel_err(compiled, eager) <= 1e-6
 
 
+def test_tp_allreduce_choice_on_cpu(converted, tp_results):
+    """On gloo / CPU, "auto" picks the functional collective (the logits above are its), an
+    explicit "nccl" gives the same logits, and an explicit "symm_mem" is an error naming why."""
+    assert tp_results["allreduce_auto"] == ("nccl", None)
+    torch.testing.assert_close(tp_results["nccl_logits"], tp_results[COMPILED_KIND, "logits"], rtol=0, atol=0)
+    msg = tp_results["symm_mem_error"]
+    assert msg is not None and "symm_mem all-reduce was requested but is not available" in msg and "needs CUDA GPUs" in msg, msg
+
+
+def test_setup_allreduce_rejects_unknown_choice(converted):
+    from fastzoo.llama.tp import setup_allreduce_
+    model = load_tp_model(converted["gqa"][1], 0, 1, dtype=torch.float32)
+    assert model.tp_allreduce == "none"  # one rank: nothing to reduce
+    with pytest.raises(LlamaError, match="unknown all-reduce 'mpi'.*auto, nccl, symm_mem"):
+        setup_allreduce_(model, "mpi")
+
+
+@pytest.fixture
+def fake_collective(monkeypatch):
+    """Replaces the functional all-reduce by a doubling that records its calls."""
+    import torch.distributed._functional_collectives as funcol
+    calls = []
+
+    def fake_all_reduce(y, op, group):
+        calls.append((op, group))
+        return y * 2
+
+    monkeypatch.setattr(funcol, "all_reduce", fake_all_reduce)
+    return calls
+
+
+def test_all_reduce_static_choice(fake_collective):
+    """The choice of the traced all-reduce, from static facts: no spec, another dtype, a message
+    larger than the buffer or not a whole number of 16-byte vectors go to the collective."""
+    from fastzoo.llama import _allreduce
+    group = object()
+    spec = ("g", torch.float32, 64)
+    for y, s in [(torch.ones(2, 8), None), (torch.ones(2, 8, dtype=torch.float64), spec),
+                 (torch.ones(5, 16), spec), (torch.ones(1, 3), spec)]:
+        fake_collective.clear()
+        out = _allreduce.all_reduce(y, group, s)
+        assert fake_collective == [("sum", group)] and torch.equal(out, 2 * y)
+
+
+def test_symm_mem_all_reduce_traces_into_one_graph(fake_collective):
+    """torch.compile(fullgraph=True) through AOT autograd (fake tensors, functionalisation: the
+    path inductor takes) keeps the symm_mem custom op as one node, its fake impl giving the
+    output's shape; a message over the buffer becomes the collective in the same graph."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    from fastzoo.llama._allreduce import all_reduce
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def fw(g, inputs):
+            graphs.append(g)
+            return lambda *a: [torch.zeros(n.meta["val"].shape) for n in g.graph.find_nodes(op="output")[0].args[0]]
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw)
+
+    spec = ("tp_group_7", torch.float32, 256)
+    w = torch.randn(8, 16)
+
+    def step(h):
+        small = all_reduce(h @ w, None, spec)        # 4 x 16 floats: symm_mem
+        big = all_reduce(h.repeat(1, 40), None, spec)  # 4 x 320 floats > 256: the collective
+        return small, big
+
+    torch._dynamo.reset()
+    try:
+        small, big = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)(torch.randn(4, 8))
+    finally:
+        torch._dynamo.reset()
+    assert small.shape == (4, 16) and big.shape == (4, 320)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    symm = [t for t in targets if "symm_mem_all_reduce" in t]
+    assert symm == ["fastzoo.symm_mem_all_reduce.default"], targets
+    assert len(fake_collective) == 1  # the big message, traced through the (faked) collective
+
+
 # ---------------------------------------------------------------------------- 2 GPUs (NCCL)
-def _cuda_worker(rank, init_file, ckpt, out):
+def _no_multicast():
+    """NVLink multicast (NVLS) stays off on the test machines, for NCCL and symmetric memory."""
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+
+def _cuda_worker(rank, init_file, ckpt, out, allreduce):
     import torch.distributed as dist
     from torch._dynamo.utils import counters
+    _no_multicast()
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=300), device_id=device)
     try:
-        model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32)
-        res = {"eager": generate(model, PROMPTS, NEW).tokens}
+        model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32, allreduce=allreduce)
+        res = {"eager": generate(model, PROMPTS, NEW).tokens, "allreduce": model.tp_allreduce}
         torch._dynamo.reset()
         counters.clear()
         gen = Generator(model, compile=True)  # inductor, CUDA graphs: as generate --compile
@@ -285,22 +382,96 @@ def _cuda_worker(rank, init_file, ckpt, out):
 
 
 @pytest.mark.cuda
-def test_tp_two_gpus_compiled_with_cuda_graphs(converted, tmp_path):
-    """On 2 GPUs (NCCL): the decode step compiled as generate --compile (inductor, CUDA graphs,
-    none skipped) gives the single-process greedy tokens, with and without stop tokens."""
+@pytest.mark.parametrize("allreduce", ["nccl", "symm_mem"])
+def test_tp_two_gpus_compiled_with_cuda_graphs(converted, tmp_path, allreduce):
+    """On 2 GPUs (NCCL, or the one-shot symmetric-memory all-reduce): the decode step compiled as
+    generate --compile (inductor, CUDA graphs, none skipped) gives the single-process greedy
+    tokens, with and without stop tokens."""
     import torch.multiprocessing as mp
     if torch.cuda.device_count() < WORLD:
         pytest.skip(f"needs {WORLD} GPUs")
     ckpt = str(converted["gqa"][1])
-    mp.spawn(_cuda_worker, args=(str(tmp_path / "init"), ckpt, str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
+    mp.spawn(_cuda_worker, args=(str(tmp_path / "init"), ckpt, str(tmp_path / "out.pt"), allreduce),
+             nprocs=WORLD, join=True)
     every = torch.load(tmp_path / "out.pt")
     ref = load_model(ckpt, device="cuda", dtype=torch.float32)
     want = generate(ref, PROMPTS, NEW).tokens
     out = Generator(ref).generate(PROMPTS, STOP_NEW, stop_ids=_stop_ids(want), check_every=STOP_CHECK)
     for res in every:  # every rank
+        assert res["allreduce"] == allreduce
         assert res["cudagraph_skips"] == 0
         assert res["eager"] == want and res["compiled"] == want
         assert res["stopped"] == (out.tokens, out.finished) and all(out.finished)
+
+
+def _symm_worker(rank, init_file, out):
+    """symm_mem vs NCCL on random bf16 tensors: eager, and a compiled function (inductor,
+    fullgraph) replayed under CUDA graphs (mode="reduce-overhead")."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from fastzoo.llama._allreduce import _BUFFERS, all_reduce, setup_symm_mem, symm_mem_backend, symm_mem_problem
+    _no_multicast()
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=300), device_id=device)
+    try:
+        group = dist.group.WORLD
+        res = {"problem": symm_mem_problem(device, group)}
+        spec = setup_symm_mem(group, device, torch.bfloat16, max_bytes=64 * 1024)
+        res["backend"], res["numel"] = symm_mem_backend(device), spec[2]
+        buf = _BUFFERS[spec[0], torch.bfloat16, rank]
+
+        def staged(x):  # the symm_mem path ran on x: x is what the symmetric buffer holds now
+            return _rel_err(buf[:x.numel()].view(x.shape), x) if x.numel() <= buf.numel() else None
+
+        g = torch.Generator(device=device).manual_seed(100 + rank)
+        res["eager"] = []
+        for shape in [(1, 1, 4096), (3, 1, 4096), (2, 5, 1000), (1, 1, 2 * spec[2])]:  # the last: NCCL
+            x = torch.randn(shape, dtype=torch.bfloat16, device=device, generator=g)
+            want = x.clone()
+            dist.all_reduce(want)
+            res["eager"].append((shape, (all_reduce(x, group, spec) - want).abs().max().item(), staged(x)))
+        w = torch.randn(256, 4096, dtype=torch.bfloat16, device=device, generator=g)
+
+        def step(h):
+            return all_reduce(h @ w, group, spec) * 0.5
+
+        counters.clear()
+        compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        res["compiled"] = []
+        for _ in range(6):  # warm-up, capture, replays
+            h = torch.randn(2, 1, 256, dtype=torch.bfloat16, device=device, generator=g)
+            want = h @ w
+            dist.all_reduce(want)
+            got = compiled(h).clone()
+            res["compiled"].append((_rel_err(got, want * 0.5), staged(h @ w)))
+        res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
+        every = [None] * WORLD
+        dist.all_gather_object(every, res)
+        if rank == 0:
+            torch.save(every, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_symm_mem_all_reduce_equals_nccl_two_gpus(tmp_path):
+    import torch.multiprocessing as mp
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs")
+    mp.spawn(_symm_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
+    for res in torch.load(tmp_path / "out.pt"):
+        assert res["problem"] is None
+        assert res["backend"] in (None, "CUDA"), res["backend"]
+        # two ranks: one correctly rounded addition either way, so the sums are equal
+        assert all(d == 0 for _, d, _ in res["eager"]), res["eager"]
+        assert [st == 0 for _, _, st in res["eager"][:3]] == [True] * 3, res["eager"]  # through symm_mem
+        assert res["eager"][3][2] is None  # larger than the buffer: NCCL
+        assert len(res["compiled"]) == 6, res["compiled"]
+        assert all(e <= 1e-2 and st <= 1e-2 for e, st in res["compiled"]), res["compiled"]  # symm_mem in the graph
+        assert res["cudagraph_skips"] == 0
 
 
 # ---------------------------------------------------------------------------- torchrun CLI
@@ -327,6 +498,15 @@ def test_torchrun_cli_only_rank0_prints(converted):
     assert single.returncode == 0, single.stderr[-3000:]
     assert r.stdout == single.stdout, (r.stdout, single.stdout, r.stderr[-3000:])  # same text, printed once
     assert r.stderr.count("time to first token") == 1, r.stderr[-3000:]
+    assert r.stderr.count("tensor parallel: 2 ranks, gloo, all-reduce: nccl") == 1, r.stderr[-3000:]  # auto on CPU
+
+
+def test_torchrun_cli_symm_mem_on_cpu_is_an_error(converted):
+    r = _python("--checkpoint", converted["gqa"][1], "--prompt", "hi", "--device", "cpu",
+                "--tp-allreduce", "symm_mem", nproc=WORLD)
+    assert r.returncode != 0
+    assert r.stderr.count("error: the symm_mem all-reduce was requested but is not available") == 1, r.stderr[-3000:]
+    assert "needs CUDA GPUs" in r.stderr
 
 
 def test_torchrun_cli_heads_not_divisible(converted):

@@ -41,13 +41,41 @@ def test_tp_benchmark_world_size_1_on_cpu(tmp_path, capsys):
     figs = llama_tp.main(["--preset", "tiny", "--dtype", "fp32", "--no-compile", "--new-tokens", "6", "--runs", "1",
                           "--out-dir", str(tmp_path)])
     assert figs["world_size"] == 1 and figs["decode_tokens_per_s"] > 0 and figs["time_to_first_token_ms"] > 0
+    assert figs["allreduce"] == "none"  # one rank, whatever --allreduce asks
     saved = tmp_path / "llama_tp_tiny_fp32_ws1_eager.json"
     assert saved.is_file()
     capsys.readouterr()
     llama_tp.main(["--summary", str(saved)])
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:4] == ["model", "weights", "gpus", "compile"]
-    assert table[1].split()[:4] == ["tiny", "fp32", "1", "False"]
+    assert table[0].split()[:5] == ["model", "weights", "gpus", "allreduce", "compile"]
+    assert table[1].split()[:5] == ["tiny", "fp32", "1", "none", "False"]
+
+
+def test_tp_benchmark_names_and_summary_of_allreduce_records(tmp_path, capsys):
+    """symm_mem runs get their own record name (NCCL / one-rank names unchanged); --summary
+    tabulates the micro-benchmark's rows after the decode table."""
+    import argparse
+    import json
+
+    from experiments import llama_tp
+    a = argparse.Namespace(name=None, preset="llama-2-7b", quantize=None, dtype="bf16", compile=True)
+    assert llama_tp._result_name(a, 2, "symm_mem") == "llama_tp_llama-2-7b_bf16_ws2_compile_symm_mem"
+    assert llama_tp._result_name(a, 2, "nccl") == "llama_tp_llama-2-7b_bf16_ws2_compile"
+    assert llama_tp._result_name(a, 1, "none") == "llama_tp_llama-2-7b_bf16_ws1_compile"
+    rec = {"figures": {"world_size": 2, "dtype": "torch.bfloat16", "symm_mem_backend": "CUDA",
+                       "rows": [{"kb": 8.0, "nccl_graph_us": 30.5, "symm_mem_graph_us": 6.25}]}}
+    path = tmp_path / "ar.json"
+    path.write_text(json.dumps(rec))
+    llama_tp.main(["--summary", str(path)])
+    table = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert table[-2] == ["gpus", "kb", "nccl_graph_us", "symm_mem_graph_us"]
+    assert table[-1] == ["2", "8", "30.5", "6.25"]
+
+
+def test_allreduce_bench_needs_two_gpus():
+    from experiments import llama_tp
+    with pytest.raises(SystemExit, match="needs >= 2 ranks on CUDA GPUs"):
+        llama_tp.main(["--allreduce-bench", "--no-save"])
 
 
 def test_tp_benchmark_needs_gpu_for_big_presets():

@@ -1,0 +1,181 @@
+"""The all-reduce of tensor-parallel Llama (:mod:`fastzoo.llama.tp`): NCCL or symmetric memory.
+
+Two implementations of the sum over the ranks of a group, chosen once per model by
+:func:`fastzoo.llama.tp.setup_allreduce_`:
+
+* ``"nccl"``: ``torch.distributed._functional_collectives.all_reduce`` on the process group
+  (NCCL on GPUs, gloo on CPUs), traced by ``torch.compile``;
+* ``"symm_mem"``: a one-shot all-reduce over NVLink peer-to-peer loads through PyTorch's
+  symmetric memory (``torch.ops.symm_mem.one_shot_all_reduce_copy``): each rank copies its
+  partial sum into a persistent symmetric buffer, a barrier on the signal pads, then every
+  rank reads all peers' buffers and sums them into a fresh output.  For the small messages
+  of a decode step (one token's hidden state: 8 KB for a 7B model) this is latency-bound,
+  where NCCL's ring/tree protocols cost tens of µs.  It uses only peer-to-peer mappings
+  (no NVLink multicast / NVLS, no ``multimem`` instructions) and the ``"CUDA"`` symmetric-
+  memory backend (no NVSHMEM).
+
+The symmetric buffer (one per group, dtype and device) is allocated and rendezvoused at set-up,
+never inside a traced or captured step, so its address is fixed across CUDA-graph replays.
+The traced step calls :func:`symm_mem_all_reduce` (``torch.ops.fastzoo.symm_mem_all_reduce``),
+a custom op with a fake implementation: ``torch.compile(fullgraph=True)`` keeps it as one
+opaque call, and its kernel (copy, barrier, reduce, barrier) does no host synchronisation.
+Which implementation a call uses is decided at trace time from static facts (dtype, size):
+a message larger than the buffer goes through NCCL.
+"""
+from __future__ import annotations
+
+import socket
+import warnings
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["ALLREDUCE_CHOICES", "SYMM_MEM_DTYPES", "DEFAULT_SYMM_MEM_BYTES", "SymmMemSpec", "symm_mem_backend",
+           "symm_mem_problem", "setup_symm_mem", "symm_mem_all_reduce", "all_reduce"]
+
+ALLREDUCE_CHOICES = ("auto", "nccl", "symm_mem")
+SYMM_MEM_OP = "one_shot_all_reduce_copy"
+# dtypes the one-shot kernel is built for (torch's CUDA symmetric-memory ops dispatch bf16 and fp32)
+SYMM_MEM_DTYPES = (torch.bfloat16, torch.float32)
+# symmetric buffer per (group, dtype, device): 256 KiB = 32 tokens of a 4096-wide bf16 hidden
+# state; larger messages (prefill) go through NCCL, where one-shot loses its edge anyway
+DEFAULT_SYMM_MEM_BYTES = 256 * 1024
+
+# (group name, dtype, device index) -> the rendezvoused symmetric buffer (1-D)
+_BUFFERS: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
+
+
+# ``(group_name, dtype, max_numel)``: what a traced all-reduce needs to choose symm_mem (a plain
+# tuple of constants on the module, so torch.compile specialises on it)
+SymmMemSpec = tuple
+
+
+def _op_available() -> str | None:
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+    except ImportError as e:
+        return f"torch {torch.__version__} has no torch.distributed._symmetric_memory ({e})"
+    if not hasattr(torch.ops.symm_mem, SYMM_MEM_OP):
+        return f"torch {torch.__version__} has no torch.ops.symm_mem.{SYMM_MEM_OP}"
+    return None
+
+
+def symm_mem_problem(device, group) -> str | None:
+    """Why the symm_mem all-reduce cannot run for this rank's ``device`` in ``group``, or None.
+
+    Collective: every rank of ``group`` must call it; all ranks return the same answer (the
+    first rank's problem).  Checks CUDA, the torch op, one host, and peer access between
+    every pair of the group's GPUs (the one-shot kernel loads peers' memory directly)."""
+    device = torch.device(device)
+    local = None
+    if device.type != "cuda":
+        local = f"the symm_mem all-reduce needs CUDA GPUs, the model is on {device.type}"
+    else:
+        local = _op_available()
+    index = device.index if device.type == "cuda" else None
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    world = dist.get_world_size(group)
+    infos = [None] * world
+    dist.all_gather_object(infos, (socket.gethostname(), index), group=group)
+    if local is None:
+        hosts = {h for h, _ in infos}
+        if len(hosts) > 1:
+            local = f"the symm_mem all-reduce needs all ranks on one host, found {sorted(hosts)}"
+        else:
+            unseen = [i for _, i in infos if i >= torch.cuda.device_count()]
+            no_peer = [i for _, i in infos if i != index and i not in unseen
+                       and not torch.cuda.can_device_access_peer(index, i)]
+            if unseen:
+                local = f"GPU(s) {unseen} of other ranks are not visible to this rank (CUDA_VISIBLE_DEVICES)"
+            elif no_peer:
+                local = f"GPU {index} cannot access GPU(s) {no_peer} peer-to-peer (no NVLink / P2P)"
+    problems = [None] * world
+    dist.all_gather_object(problems, local, group=group)
+    for r, p in enumerate(problems):
+        if p is not None:
+            return f"rank {r}: {p}"
+    return None
+
+
+def _group_name(group) -> str:
+    return str((group if group is not None else dist.group.WORLD).group_name)
+
+
+def setup_symm_mem(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_SYMM_MEM_BYTES) -> SymmMemSpec:
+    """Allocate and rendezvous the symmetric buffer of ``group`` for ``dtype`` on ``device``
+    (once; later calls reuse it), check one all-reduce against the expected sum, and return
+    the spec the traced modules keep.  Collective; call :func:`symm_mem_problem` first."""
+    import torch.distributed._symmetric_memory as symm_mem
+    from .config import LlamaError
+    if dtype not in SYMM_MEM_DTYPES:
+        raise LlamaError(f"the symm_mem all-reduce supports {[str(d) for d in SYMM_MEM_DTYPES]}, "
+                         f"the model's activations are {dtype}")
+    device = torch.device(device)
+    if device.index is None:  # the key the op looks up is the tensors' device index
+        device = torch.device(device.type, torch.cuda.current_device())
+    name = _group_name(group)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = max(max_bytes // itemsize // 8 * 8, 8)  # whole 16-byte vectors
+    key = (name, dtype, device.index)
+    buf = _BUFFERS.get(key)
+    if buf is None or buf.numel() < numel:
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # needed by older torch, a deprecated no-op-like registration in newer
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                enable(name)
+        if symm_mem_backend(device) not in (None, "CUDA"):
+            try:  # peer-to-peer CUDA mappings, no NVSHMEM: possible until the first symmetric allocation
+                symm_mem.set_backend("CUDA")
+            except RuntimeError:
+                pass  # another backend already allocated in this process: use it (recorded by the callers)
+        buf = symm_mem.empty(numel, dtype=dtype, device=device)
+        symm_mem.rendezvous(buf, name)  # host-blocking handle exchange: here, never in a step
+        _BUFFERS[key] = buf
+    # first use outside any CUDA-graph capture, and a check of the result
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    x = torch.full((2, 8), float(rank + 1), dtype=dtype, device=device)
+    got = symm_mem_all_reduce(x, name)
+    want = world * (world + 1) / 2
+    if not bool((got == want).all()):
+        raise LlamaError(f"the symm_mem all-reduce check failed on rank {rank}: expected {want}, "
+                         f"got {got.flatten()[:4].tolist()}")
+    return (name, dtype, buf.numel())
+
+
+def symm_mem_backend(device) -> str | None:
+    """The symmetric-memory backend in use on ``device`` ("CUDA", "NVSHMEM", ...), or None."""
+    import torch.distributed._symmetric_memory as symm_mem
+    get_backend = getattr(symm_mem, "get_backend", None)
+    return get_backend(torch.device(device)) if get_backend is not None else None
+
+
+@torch.library.custom_op("fastzoo::symm_mem_all_reduce", mutates_args=())
+def symm_mem_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Sum of ``x`` over the ranks of ``group_name`` (one-shot, symmetric memory): copies ``x``
+    into the group's symmetric buffer and reduces all ranks' buffers into a new tensor."""
+    buf = _BUFFERS.get((group_name, x.dtype, x.device.index))
+    if buf is None or buf.numel() < x.numel():
+        raise RuntimeError(f"no symmetric buffer of >= {x.numel()} {x.dtype} elements for group {group_name!r} "
+                           f"on {x.device}: call fastzoo.llama.tp.setup_allreduce_ first")
+    if not x.is_contiguous() or (x.storage_offset() * x.element_size()) % 16:
+        x = x.clone(memory_format=torch.contiguous_format)  # the op wants the buffer's 16-byte alignment
+    view = buf[:x.numel()].view(x.shape)
+    return torch.ops.symm_mem.one_shot_all_reduce_copy(view, x, "sum", group_name)
+
+
+@symm_mem_all_reduce.register_fake
+def _(x, group_name):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def all_reduce(y: torch.Tensor, group, symm: SymmMemSpec | None = None) -> torch.Tensor:
+    """Sum of ``y`` over ``group``: through symmetric memory when ``symm`` is set and the
+    message fits its buffer (decided from static facts, at trace time), else the functional
+    collective (NCCL / gloo)."""
+    if (symm is not None and y.dtype == symm[1] and y.numel() <= symm[2]
+            and (y.numel() * y.element_size()) % 16 == 0):
+        return symm_mem_all_reduce(y, symm[0])
+    import torch.distributed._functional_collectives as funcol
+    return funcol.all_reduce(y, "sum", group if group is not None else dist.group.WORLD)
