@@ -257,27 +257,63 @@ def check_decode_step_reinplaced(model: torch.nn.Module, device: torch.device, k
         compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="inductor")
         got, codes = run_and_get_code(compiled, model, tok, pos)
         want = step(eager, tok, pos)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    tol = 1e-5 if got.dtype == torch.float32 else 2e-2  # bf16: inductor's fusions round differently
+    assert rel_err(got, want) < tol
     for a, b in zip(model.layers, eager.layers):
         for name in ("k_cache", "v_cache"):
-            torch.testing.assert_close(getattr(a.attention.kv_cache, name), getattr(b.attention.kv_cache, name),
-                                       rtol=1e-4, atol=1e-4)
+            assert rel_err(getattr(a.attention.kv_cache, name), getattr(b.attention.kv_cache, name)) < tol
     code = "\n".join(codes)
-    calls = [ln for ln in code.splitlines() if "torch.ops.fastzoo.decode_attention.default(" in ln]
+    calls = [ln.strip() for ln in code.splitlines() if "torch.ops.fastzoo.decode_attention.default(" in ln]
     assert len(calls) == len(model.layers), calls
-    cfg = model.config
-    cache_shape = (model.max_batch_size, cfg.n_kv_heads, S, cfg.head_dim)
-    alloc = re.compile(r"empty_strided_\w+\(\(" + ", ".join(map(str, cache_shape)) + r"\)")
-    assert not alloc.search(code), "a cache-sized buffer is allocated (the caches were cloned)"
-    assert not re.search(r"\.copy_\(|aten\.copy|\.clone\(", code), "the generated code copies a buffer"
     for ln in calls:
-        assert ln.count("reinterpret_tensor(") >= 3, ln  # q, k, v: views of the wqkv output, no copies
+        args = _call_args(ln.split("torch.ops.fastzoo.decode_attention.default", 1)[1])
+        assert len(args) == 9, args
+        # q, k, v: views of the fused wqkv output (no copies); the caches: the graph's own
+        # inputs (the model's buffers), not a clone written back after the op.
+        assert all(a.startswith("reinterpret_tensor(") for a in args[:3]), args[:3]
+        assert all(re.fullmatch(r"arg\d+_1", a) for a in args[6:8]), args[6:8]
+    cfg = model.config
+    numel = model.max_batch_size * cfg.n_kv_heads * S * cfg.head_dim
+    assert not re.search(r"empty_strided_\w+\(\((?:\d+, )*" + str(numel) + r"\b", code), "a cache-sized buffer"
+    assert not re.search(r"clone|\.copy_\(|aten\.copy", code), "the generated code copies a buffer"
+
+
+def _call_args(text: str) -> list[str]:
+    """The top-level, comma-separated arguments of ``(a, f(b, c), d)``."""
+    args, depth, cur = [], 0, ""
+    for ch in text[text.index("(") + 1:]:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            if depth == 0:
+                break
+            depth -= 1
+        elif ch == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    return args + ([cur.strip()] if cur.strip() else [])
 
 
 def test_compiled_decode_step_reinplaces_caches():
     model = _tiny_model()
     model.setup_caches(2, 40, torch.float32)
     check_decode_step_reinplaced(model, torch.device("cpu"), kv_len=24)
+
+
+def test_reinplace_check_detects_a_clone(monkeypatch):
+    """Negative control: with inductor's reinplacing pass switched off the caches are cloned
+    around the op, and the inspection above says so."""
+    import torch._inductor.fx_passes.reinplace as reinplace
+
+    if not hasattr(reinplace, "reinplace_inplaceable_ops_core"):
+        pytest.skip("this torch has no reinplace_inplaceable_ops_core to switch off")
+    monkeypatch.setattr(reinplace, "reinplace_inplaceable_ops_core", lambda graph: None)
+    model = _tiny_model()
+    model.setup_caches(2, 40, torch.float32)
+    with torch._inductor.config.patch(fx_graph_cache=False), pytest.raises(AssertionError):
+        check_decode_step_reinplaced(model, torch.device("cpu"), kv_len=24)
 
 
 # ----------------------------------------------------------------------------------
