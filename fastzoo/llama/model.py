@@ -10,6 +10,9 @@
   position ``p`` sees cache slots ``0..p``.  Prompts of different lengths are right-padded;
   the slots a padded prompt wrote beyond its length are overwritten by its own decoded
   tokens before they ever become visible, so padding never leaks into attention.
+* With a bf16/fp16/fp32 cache, RoPE, the cache write and the masked attention are one op,
+  :func:`fastzoo.ops.decode_attention` (its reference is this math; on CUDA one decode
+  token runs a fused Triton kernel); the int8 cache and the cache-less path stay inline.
 
 This module is the eager reference: it runs on CPU and GPU; speed comes from
 ``torch.compile`` in :mod:`fastzoo.llama.generate`.

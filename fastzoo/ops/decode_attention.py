@@ -17,10 +17,11 @@ The result is y (B, T, H·D) in x's dtype, the input of the output projection ``
   ``fastzoo.llama.model.Attention`` computes (scatter into the cache, masked SDPA); the
   model's cached path calls :func:`decode_attention`, so there is one implementation.
 - ``decode_attention_triton``: one decode token (T == 1). One program per (sequence,
-  query head, slice of the cache) — flash-decoding: each program loops only over the cache
-  slots ``0..pos-1`` of its slice (later slots are masked anyway), keeps a running max,
-  sum and fp32 accumulator, and a second small kernel combines the slices, so even
-  B·H = 32 programs fill a GPU at a few thousand slots. RoPE of q and of the new k is
+  kv head, slice of the cache), covering the G query heads of that kv head so each cache
+  tile is read once — flash-decoding: each program loops only over the cache slots
+  ``0..pos-1`` of its slice (later slots are masked anyway), keeps a running max, sum and
+  fp32 accumulator per query head, and a second small kernel combines the slices, so
+  even B·Hk = 32 programs fill a GPU at a few thousand slots. RoPE of q and of the new k is
   applied in registers; the new k and v are written to the caches and enter the softmax
   from registers (no program reads slot ``pos`` from memory, so there is no race with the
   write). Head dims 64, 80, 128 (80 is masked inside a 128 block in registers only).
@@ -165,41 +166,55 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    # First: small, what Triton's interpreter (the CPU tests) runs.
     _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=2)] + [
-        triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (2, 4, 8)
-    ]
+        triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)
+    ][1:]
+
+    def _prune(configs, named_args, **kwargs):
+        """Keep the (query heads × cache tile × head dim) fp32 products within ~64 registers
+        per thread for 8 warps: wide tiles for one query head per kv head, narrow ones for groups."""
+        size = named_args["G_PAD"] * named_args["D_PAD"]
+        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 16384 * max(1, c.num_warps // 4)]
+        return kept or configs[:1]
 
     # The kernel may run several times while autotuning: its cache writes are idempotent
     # (computed from k and v, never from the cache), so nothing needs restoring.
-    @triton.autotune(configs=_CONFIGS, key=["D", "KV_BUCKET", "GROUP", "SPLIT_LEN"])
+    @triton.autotune(configs=_CONFIGS, key=["D", "KV_BUCKET", "GROUP", "SPLIT_LEN"],
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _decode_attn_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
-        H, kv_len, S, KV_BUCKET, scale_log2e,
+        Hk, kv_len, S, KV_BUCKET, scale_log2e,
         sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, scs_b, ssn_b, sp_b,
         skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
-        D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, SPLIT_LEN: tl.constexpr,
-        N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+        D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+        SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        pid_bh = tl.program_id(0)
+        """One (sequence b, kv head hk, cache slice): the GROUP query heads of hk read each
+        cache tile once. Scores are (G_PAD, BLOCK_N) sums of q · k over D in fp32."""
+        pid = tl.program_id(0)
         split = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // GROUP
+        b = pid // Hk
+        hk = pid % Hk
         HALF: tl.constexpr = D // 2
         offs_d = tl.arange(0, D_PAD)
+        offs_g = tl.arange(0, G_PAD)
         dmask = offs_d < D
+        gmask = offs_g < GROUP
+        qmask = gmask[:, None] & dmask[None, :]
         partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # rotate-half partner
         sign = tl.where(offs_d < HALF, -1.0, 1.0)
         b64 = b.to(tl.int64)
         pos = tl.load(pos_ptr + b64 * sp_b)
         cos = tl.load(cos_ptr + b64 * scs_b + offs_d, mask=dmask, other=0.0)
         sin = tl.load(sin_ptr + b64 * ssn_b + offs_d, mask=dmask, other=0.0)
-        # RoPE of q (and of the new k) in fp32, rounded to the input dtype as the reference does.
-        q_row = q_ptr + b64 * sq_b + h * sq_h
-        qx = tl.load(q_row + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        qp = tl.load(q_row + partner, mask=dmask, other=0.0).to(tl.float32)
-        q = (qx * cos + sign * qp * sin).to(q_ptr.dtype.element_ty).to(tl.float32)
+        # RoPE of q and of the new k in fp32, rounded to the input dtype as the reference does.
+        heads = hk * GROUP + offs_g  # this program's query heads
+        q_rows = q_ptr + b64 * sq_b + heads[:, None] * sq_h
+        qx = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0).to(tl.float32)
+        qp = tl.load(q_rows + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+        q = (qx * cos[None, :] + sign[None, :] * qp * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
         k_row = k_ptr + b64 * sk_b + hk * sk_h
         kx = tl.load(k_row + offs_d, mask=dmask, other=0.0).to(tl.float32)
         kp = tl.load(k_row + partner, mask=dmask, other=0.0).to(tl.float32)
@@ -207,21 +222,20 @@ if triton_available():
         v_new = tl.load(v_ptr + b64 * sv_b + hk * sv_h + offs_d, mask=dmask, other=0.0)
         kc_row = kc_ptr + b64 * skc_b + hk * skc_h
         vc_row = vc_ptr + b64 * svc_b + hk * svc_h
-        # Slots 0..pos-1 come from the cache, slot pos from registers (if it is among the
-        # first kv_len slots); the first program of each kv head writes the new k, v.
+        # Slots 0..pos-1 come from the cache, slot pos from registers (when it is among the
+        # first kv_len slots); the first slice's program writes the new k, v.
         n_ctx = tl.minimum(pos, kv_len)
         new_visible = pos < kv_len
         if split == 0:
-            if h % GROUP == 0:
-                in_cache = dmask & (pos < S)
-                tl.store(kc_row + pos * skc_s + offs_d, k_new, mask=in_cache)
-                tl.store(vc_row + pos * svc_s + offs_d, v_new, mask=in_cache)
+            in_cache = dmask & (pos < S)
+            tl.store(kc_row + pos * skc_s + offs_d, k_new, mask=in_cache)
+            tl.store(vc_row + pos * svc_s + offs_d, v_new, mask=in_cache)
         qs = q * scale_log2e  # scores in log2 units: exp2 below
-        s_new = tl.sum(qs * k_new.to(tl.float32), axis=0)
+        s_new = tl.sum(qs * k_new.to(tl.float32)[None, :], axis=1)  # (G_PAD,)
         first = (split == 0) & new_visible  # the new token enters slice 0's running softmax
         m_i = tl.where(first, s_new, float("-inf"))
-        l_i = tl.where(first, 1.0, 0.0)
-        acc = tl.where(first, v_new.to(tl.float32), 0.0)
+        l_i = tl.where(first, 1.0, 0.0) + tl.zeros((G_PAD,), dtype=tl.float32)
+        acc = tl.where(first, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
         start = split * SPLIT_LEN
         end = tl.minimum(start + SPLIT_LEN, n_ctx)
         offs_n = tl.arange(0, BLOCK_N)
@@ -230,23 +244,24 @@ if triton_available():
             nmask = slots < end
             lmask = nmask[:, None] & dmask[None, :]
             kt = tl.load(kc_row + slots.to(tl.int64)[:, None] * skc_s + offs_d[None, :], mask=lmask, other=0.0)
-            s = tl.sum(kt.to(tl.float32) * qs[None, :], axis=1)
-            s = tl.where(nmask, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            s = tl.sum(kt.to(tl.float32)[None, :, :] * qs[:, None, :], axis=2)  # (G_PAD, BLOCK_N)
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new)
+            p = tl.exp2(s - m_new[:, None])
             vt = tl.load(vc_row + slots.to(tl.int64)[:, None] * svc_s + offs_d[None, :], mask=lmask, other=0.0)
-            acc = acc * alpha + tl.sum(p[:, None] * vt.to(tl.float32), axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
+        rows = b64 * Hk * GROUP + heads  # (sequence, query head) rows of the output / workspace
         if N_SPLITS == 1:
-            out = acc / l_i
-            tl.store(out_ptr + pid_bh.to(tl.int64) * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=dmask)
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=qmask)
         else:
-            w = pid_bh.to(tl.int64) * N_SPLITS + split
-            tl.store(ws_m_ptr + w, m_i)
-            tl.store(ws_l_ptr + w, l_i)
-            tl.store(ws_acc_ptr + w * D + offs_d, acc, mask=dmask)
+            w = rows * N_SPLITS + split
+            tl.store(ws_m_ptr + w, m_i, mask=gmask)
+            tl.store(ws_l_ptr + w, l_i, mask=gmask)
+            tl.store(ws_acc_ptr + w[:, None] * D + offs_d[None, :], acc, mask=qmask)
 
     @triton.jit
     def _combine_kernel(ws_m_ptr, ws_l_ptr, ws_acc_ptr, out_ptr,
@@ -295,7 +310,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     if B == 0:
         return out
     if split_len is None:
-        split_len = _split_len(kv_len, B * H, q.device)
+        split_len = _split_len(kv_len, B * Hk, q.device)
     elif split_len <= 0 or split_len % _SPLIT_GRANULE:
         raise ValueError(f"{name} expects split_len a positive multiple of {_SPLIT_GRANULE}, got {split_len}")
     n_splits = -(-kv_len // split_len)
@@ -306,14 +321,15 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     else:
         ws_m = ws_l = ws_acc = out
     D_PAD = _next_pow2(D)
-    launch(_decode_attn_kernel, (B * H, n_splits),
+    launch(_decode_attn_kernel, (B * Hk, n_splits),
            q, k, v, cos, sin, input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc,
-           H, kv_len, k_cache.shape[2], _kv_bucket(kv_len), _LOG2E / math.sqrt(D),
+           Hk, kv_len, k_cache.shape[2], _kv_bucket(kv_len), _LOG2E / math.sqrt(D),
            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
            cos.stride(0), sin.stride(0), input_pos.stride(0),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-           device=q.device, D=D, D_PAD=D_PAD, GROUP=H // Hk, SPLIT_LEN=split_len, N_SPLITS=n_splits)
+           device=q.device, D=D, D_PAD=D_PAD, GROUP=H // Hk, G_PAD=_next_pow2(H // Hk), SPLIT_LEN=split_len,
+           N_SPLITS=n_splits)
     if n_splits > 1:
         _combine_kernel[(B * H,)](ws_m, ws_l, ws_acc, out, D=D, D_PAD=D_PAD, N_SPLITS=n_splits,
                                   NS_PAD=max(2, _next_pow2(n_splits)))

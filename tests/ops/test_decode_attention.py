@@ -109,6 +109,7 @@ CASES = {  # B, H, Hk, D, S, kv_len, positions, split_len
     "gqa_b3": (3, 8, 2, 80, 300, 261, [0, 140, 37], 128),
     "mha_b3_split": (3, 4, 4, 80, 400, 389, [388, 5, 200], 128),
     "gqa_b1_d64_pos_past_kv_len": (1, 8, 2, 64, 40, 17, [30], None),
+    "gqa3_b2_split": (2, 6, 2, 64, 140, 131, [130, 60], 128),  # 3 query heads per kv head (padded to 4)
 }
 
 
@@ -126,6 +127,18 @@ def test_kernel_vs_reference(kernel_device, case, dtype):
     # the caches: the new k (rotated) and v written at input_pos, nothing else changed
     _assert_caches_equal(dev_args[6], ref_args[6], args[5])
     _assert_caches_equal(dev_args[7], ref_args[7], args[5])
+
+
+def test_autotune_prune():
+    pytest.importorskip("triton")
+    from fastzoo.ops.decode_attention import _CONFIGS, _prune
+
+    assert _CONFIGS[0].kwargs["BLOCK_N"] == 16
+    mha = _prune(_CONFIGS, {"G_PAD": 1, "D_PAD": 128})
+    assert {c.kwargs["BLOCK_N"] for c in mha} == {16, 32, 64, 128}
+    gqa = _prune(_CONFIGS, {"G_PAD": 8, "D_PAD": 128})
+    assert gqa and all(8 * 128 * c.kwargs["BLOCK_N"] <= 16384 * max(1, c.num_warps // 4) for c in gqa)
+    assert len(gqa) < len(mha)
 
 
 def test_kernel_ignores_slots_past_position(kernel_device):
