@@ -206,7 +206,7 @@ if triton_available():
         partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # rotate-half partner
         sign = tl.where(offs_d < HALF, -1.0, 1.0)
         b64 = b.to(tl.int64)
-        pos = tl.load(pos_ptr + b64 * sp_b)
+        pos = tl.load(pos_ptr + b64 * sp_b).to(tl.int32)  # slots < 2^31; pointer math below in int64
         cos = tl.load(cos_ptr + b64 * scs_b + offs_d, mask=dmask, other=0.0)
         sin = tl.load(sin_ptr + b64 * ssn_b + offs_d, mask=dmask, other=0.0)
         # RoPE of q and of the new k in fp32, rounded to the input dtype as the reference does.
@@ -228,8 +228,8 @@ if triton_available():
         new_visible = pos < kv_len
         if split == 0:
             in_cache = dmask & (pos < S)
-            tl.store(kc_row + pos * skc_s + offs_d, k_new, mask=in_cache)
-            tl.store(vc_row + pos * svc_s + offs_d, v_new, mask=in_cache)
+            tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, k_new, mask=in_cache)
+            tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, v_new, mask=in_cache)
         qs = q * scale_log2e  # scores in log2 units: exp2 below
         s_new = tl.sum(qs * k_new.to(tl.float32)[None, :], axis=1)  # (G_PAD,)
         first = (split == 0) & new_visible  # the new token enters slice 0's running softmax
