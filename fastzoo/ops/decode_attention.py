@@ -101,7 +101,7 @@ def _check_args(name, q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len) ->
         raise ValueError(f"{name} expects v_cache of k_cache's shape {tuple(k_cache.shape)}, "
                          f"got {tuple(v_cache.shape)}")
     S = k_cache.shape[2]
-    if not isinstance(kv_len, int) or not 0 < kv_len <= S:
+    if not isinstance(kv_len, (int, torch.SymInt)) or not 0 < kv_len <= S:
         raise ValueError(f"{name} expects an int kv_len in 1..{S} (the cache length), got {kv_len!r}")
     devices = {t.device for t in (q, k, v, cos, sin, input_pos, k_cache, v_cache)}
     if len(devices) > 1:

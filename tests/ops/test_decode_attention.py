@@ -205,8 +205,10 @@ def test_errors_name_expected_and_found():
 def test_custom_op_opcheck():
     from fastzoo.ops.decode_attention import _decode_attention_op
 
-    args = _inputs(2, 1, 4, 2, 16, 24, [3, 5], torch.float32, "opcheck")
-    torch.library.opcheck(_decode_attention_op, (*args, 20))
+    for T, dtype in ((1, torch.float32), (3, torch.bfloat16)):
+        positions = [[3 + t for t in range(T)], [5 + t for t in range(T)]]
+        args = _inputs(2, T, 4, 2, 16, 24, positions, dtype, "opcheck", T)
+        torch.library.opcheck(_decode_attention_op, (*args, 20))
 
 
 _AOT_SCRIPT = r"""
