@@ -6,7 +6,6 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastzoo.ops.decode_attention import (
     apply_rope,
@@ -177,14 +176,16 @@ def test_errors_name_expected_and_found():
 
     cases = [
         (dict(q=q[..., :8]), ValueError, r"k of shape \(B=2, T=1, Hk, D=8\), got \(2, 1, 2, 16\)"),
-        (dict(k=k[:, :, :1].expand(2, 1, 3, 16)), ValueError, r"query heads \(4\) to be a multiple of the kv heads \(3\)"),
+        (dict(k=k[:, :, :1].expand(2, 1, 3, 16)), ValueError,
+         r"query heads \(4\) to be a multiple of the kv heads \(3\)"),
         (dict(v=v.half()), TypeError, r"v in q's dtype \(torch.float32\), got torch.float16"),
         (dict(k_cache=kc.bfloat16()), TypeError, r"k_cache in q's dtype \(torch.float32\), got torch.bfloat16"),
         (dict(cos=cos.half()), TypeError, r"cos in float32, got torch.float16"),
         (dict(sin=sin[:1]), ValueError, r"sin of shape \(B, T, 1, D\) = \(2, 1, 1, 16\), got \(1, 1, 1, 16\)"),
         (dict(input_pos=pos.int()), TypeError, r"input_pos in torch.int64, got torch.int32"),
         (dict(input_pos=pos[:1]), ValueError, r"input_pos of shape \(B, T\) = \(2, 1\), got \(1, 1\)"),
-        (dict(k_cache=kc[:1], v_cache=vc[:1]), ValueError, r"k_cache of shape \(Bmax >= 2, Hk=2, S, D=16\), got \(1, 2, 24, 16\)"),
+        (dict(k_cache=kc[:1], v_cache=vc[:1]), ValueError,
+         r"k_cache of shape \(Bmax >= 2, Hk=2, S, D=16\), got \(1, 2, 24, 16\)"),
         (dict(v_cache=vc[:, :, :10]), ValueError, r"v_cache of k_cache's shape \(2, 2, 24, 16\), got \(2, 2, 10, 16\)"),
         (dict(kv_len=25), ValueError, r"kv_len in 1..24 \(the cache length\), got 25"),
     ]
