@@ -28,7 +28,8 @@ The result is y (B, T, H·D) in x's dtype, the input of the output projection ``
   Autotuned over the cache tile and warps, keyed on D, the kv_len bucket, G and the slice.
 - ``decode_attention``: the public op ``torch.ops.fastzoo.decode_attention`` (mutates
   ``k_cache`` and ``v_cache``): the kernel for one bf16/fp16 CUDA token, the reference
-  otherwise (CPU, fp32, T > 1: prefill, speculative verification).
+  otherwise (CPU, fp32, other head dims). Several tokens per sequence (prefill,
+  speculative verification) call the reference as plain PyTorch, which inductor fuses.
 """
 from __future__ import annotations
 
@@ -370,9 +371,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     """RoPE + KV-cache write + masked GQA attention of T new tokens per sequence (see the
     module docstring); mutates ``k_cache``/``v_cache`` rows ``0..B-1``; returns (B, T, H·D).
 
-    The Triton kernel for one bf16/fp16 token on CUDA (D 64/80/128), the reference
-    otherwise. Traceable by ``torch.compile(fullgraph=True)``; under inductor the cache
+    The Triton kernel (through the custom op) for one bf16/fp16 token on CUDA (D 64/80/128),
+    the reference otherwise; T > 1 calls the reference directly (traceable PyTorch). Traceable by ``torch.compile(fullgraph=True)``; under inductor the cache
     mutation happens in place (no copy of the caches).
     """
     _check_args("decode_attention", q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+    if q.shape[1] != 1:
+        # Several tokens (prefill, speculative verification): no kernel; the reference is
+        # traced as plain PyTorch, so under torch.compile inductor fuses it as before.
+        return decode_attention_ref(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
     return _decode_attention_op(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)

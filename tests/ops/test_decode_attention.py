@@ -289,6 +289,22 @@ def test_compile_fullgraph_one_frame():
     assert any("decode_attention" in str(n.target) for g in counter.graphs for n in g.graph.nodes)
 
 
+def test_compile_several_tokens_traces_the_reference():
+    """T > 1 (prefill, verification): the reference is traced as plain PyTorch (inductor
+    fuses it), one frame, no custom op; results and caches equal eager."""
+    import torch._dynamo.testing
+
+    args = _inputs(2, 3, 4, 2, 16, 24, [[3, 4, 5], [8, 9, 10]], torch.float32, "compileT")
+    eager_args = [t.clone() for t in args]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: decode_attention(*a, 20), backend=counter, fullgraph=True)
+    assert torch.equal(compiled(*args), decode_attention(*eager_args, 20))
+    assert torch.equal(args[6], eager_args[6]) and torch.equal(args[7], eager_args[7])
+    assert counter.frame_count == 1
+    assert not any("decode_attention" in str(n.target) for g in counter.graphs for n in g.graph.nodes)
+
+
 def _tiny_model():
     from fastzoo.llama.config import LlamaConfig
     from fastzoo.llama.model import Transformer
