@@ -174,8 +174,10 @@ if triton_available():
 
     def _prune(configs, named_args, **kwargs):
         """Keep the (query heads × cache tile × head dim) fp32 products within ~64 registers
-        per thread for 8 warps: wide tiles for one query head per kv head, narrow ones for groups."""
-        size = named_args["G_PAD"] * named_args["D_PAD"]
+        per thread for 8 warps: wide tiles for one query head per kv head, narrow ones for groups.
+        (The autotuner passes the positional arguments as ``named_args``, keywords as ``kwargs``.)"""
+        args = {**named_args, **kwargs}
+        size = args["G_PAD"] * args["D_PAD"]
         kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 16384 * max(1, c.num_warps // 4)]
         return kept or configs[:1]
 

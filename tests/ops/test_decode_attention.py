@@ -131,9 +131,10 @@ def test_autotune_prune():
     from fastzoo.ops.decode_attention import _CONFIGS, _prune
 
     assert _CONFIGS[0].kwargs["BLOCK_N"] == 16
-    mha = _prune(_CONFIGS, {"G_PAD": 1, "D_PAD": 128})
+    # as the autotuner calls it: positional arguments by name, the constexpr keywords apart
+    mha = _prune(_CONFIGS, {"Hk": 32, "kv_len": 4096}, G_PAD=1, D_PAD=128, D=128)
     assert {c.kwargs["BLOCK_N"] for c in mha} == {16, 32, 64, 128}
-    gqa = _prune(_CONFIGS, {"G_PAD": 8, "D_PAD": 128})
+    gqa = _prune(_CONFIGS, {"Hk": 8, "kv_len": 4096}, G_PAD=8, D_PAD=128, D=128)
     assert gqa and all(8 * 128 * c.kwargs["BLOCK_N"] <= 16384 * max(1, c.num_warps // 4) for c in gqa)
     assert len(gqa) < len(mha)
 
