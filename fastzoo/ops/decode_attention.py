@@ -173,12 +173,12 @@ if triton_available():
     ][1:]
 
     def _prune(configs, named_args, **kwargs):
-        """Keep the (query heads × cache tile × head dim) fp32 products within ~64 registers
-        per thread for 8 warps: wide tiles for one query head per kv head, narrow ones for groups.
+        """Keep the (query heads × cache tile × head dim) fp32 products of one tile within 64
+        per thread: wide tiles for one query head per kv head, narrow ones for groups.
         (The autotuner passes the positional arguments as ``named_args``, keywords as ``kwargs``.)"""
         args = {**named_args, **kwargs}
         size = args["G_PAD"] * args["D_PAD"]
-        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 16384 * max(1, c.num_warps // 4)]
+        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
         return kept or configs[:1]
 
     # The kernel may run several times while autotuning: its cache writes are idempotent

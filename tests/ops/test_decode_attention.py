@@ -134,9 +134,9 @@ def test_autotune_prune():
     # as the autotuner calls it: positional arguments by name, the constexpr keywords apart
     mha = _prune(_CONFIGS, {"Hk": 32, "kv_len": 4096}, G_PAD=1, D_PAD=128, D=128)
     assert {c.kwargs["BLOCK_N"] for c in mha} == {16, 32, 64, 128}
+    assert all(128 * c.kwargs["BLOCK_N"] <= 2048 * c.num_warps for c in mha)  # 64 products per thread
     gqa = _prune(_CONFIGS, {"Hk": 8, "kv_len": 4096}, G_PAD=8, D_PAD=128, D=128)
-    assert gqa and all(8 * 128 * c.kwargs["BLOCK_N"] <= 16384 * max(1, c.num_warps // 4) for c in gqa)
-    assert len(gqa) < len(mha)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in gqa] == [(16, 8)]
 
 
 def test_kernel_ignores_slots_past_position(kernel_device):
@@ -218,7 +218,7 @@ from triton.compiler import ASTSource
 import importlib
 mod = importlib.import_module("fastzoo.ops.decode_attention")  # (fastzoo.ops.decode_attention is the function)
 
-for dt, D, G, n_splits, cfg in [("bf16", 128, 1, 8, mod._CONFIGS[-1]), ("fp16", 80, 4, 1, mod._CONFIGS[4])]:
+for dt, D, G, n_splits, cfg in [("bf16", 128, 1, 8, mod._CONFIGS[-1]), ("fp16", 80, 4, 1, mod._CONFIGS[5])]:
     jit = mod._decode_attn_kernel.fn
     ws = "*fp32" if n_splits > 1 else "*" + dt
     types = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "kc_ptr": "*" + dt, "vc_ptr": "*" + dt,
