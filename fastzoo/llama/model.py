@@ -10,6 +10,9 @@
   position ``p`` sees cache slots ``0..p``.  Prompts of different lengths are right-padded;
   the slots a padded prompt wrote beyond its length are overwritten by its own decoded
   tokens before they ever become visible, so padding never leaks into attention.
+* With a bf16/fp16/fp32 cache, RoPE, the cache write and the masked attention are one op,
+  :func:`fastzoo.ops.decode_attention` (its reference is this math; on CUDA one decode
+  token runs a fused Triton kernel); the int8 cache and the cache-less path stay inline.
 
 This module is the eager reference: it runs on CPU and GPU; speed comes from
 ``torch.compile`` in :mod:`fastzoo.llama.generate`.
@@ -23,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastzoo import ops
+from fastzoo.ops import apply_rope  # one RoPE, shared with fastzoo.ops.decode_attention
 
 from .config import LlamaConfig
 
@@ -60,14 +64,6 @@ def rope_cos_sin(config: LlamaConfig, input_pos: torch.Tensor):
     return emb.cos(), emb.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on ``x [B, T, H, hd]``, computed in fp32."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rot * sin).type_as(x)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -81,7 +77,8 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static cache ``[max_batch, n_kv_heads, max_seq, head_dim]`` for keys and values."""
+    """Static cache ``[max_batch, n_kv_heads, max_seq, head_dim]`` for keys and values, in the
+    model's dtype; written and read by :func:`fastzoo.ops.decode_attention`."""
 
     def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype, device=None):
         super().__init__()
@@ -89,16 +86,10 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write ``k, v [B, H, T, hd]`` at slots ``input_pos [B, T]``; return this batch's caches."""
-        B, H, T, D = k.shape
-        k_cache, v_cache = self.k_cache, self.v_cache
-        if B != k_cache.shape[0]:
-            k_cache, v_cache = k_cache[:B], v_cache[:B]
-        idx = input_pos[:, None, :, None].expand(B, H, T, D)
-        k_cache.scatter_(2, idx, k.to(k_cache.dtype))
-        v_cache.scatter_(2, idx, v.to(v_cache.dtype))
-        return k_cache, v_cache
+    def attend(self, q, k, v, cos, sin, input_pos, kv_len: int) -> torch.Tensor:
+        """RoPE, write k, v at slots ``input_pos [B, T]`` and attend over the first ``kv_len``
+        slots (:func:`fastzoo.ops.decode_attention`: a fused kernel for one token on CUDA)."""
+        return ops.decode_attention(q, k, v, cos, sin, input_pos, self.k_cache, self.v_cache, kv_len)
 
 
 class Linear(nn.Linear):
@@ -164,6 +155,11 @@ class Attention(nn.Module):
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        if isinstance(self.kv_cache, KVCache):  # RoPE, cache write and attention in one op
+            q = q.view(B, T, self.n_heads, self.head_dim)
+            k = k.view(B, T, self.n_kv_heads, self.head_dim)
+            v = v.view(B, T, self.n_kv_heads, self.head_dim)
+            return self.wo(self.kv_cache.attend(q, k, v, cos, sin, input_pos, mask.shape[-1]))
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)

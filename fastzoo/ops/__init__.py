@@ -13,6 +13,7 @@ from .weight_only_linear import (decode_linear, decode_linear_ref, decode_linear
 from .quantize_rows import quantize_rows_int8, quantize_rows_int8_ref, quantize_rows_int8_triton
 from .layernorm_quant import layernorm_quant_int8, layernorm_quant_int8_ref, layernorm_quant_int8_triton
 from .int8_attention import int8_attention, int8_attention_ref, int8_attention_triton
+from .decode_attention import apply_rope, decode_attention, decode_attention_ref, decode_attention_triton
 
 __all__ = [
     "int8_dynamic_linear", "int8_dynamic_linear_ref", "int8_scaled_mm", "int8_scaled_mm_ref",
@@ -24,4 +25,5 @@ __all__ = [
     "quantize_rows_int8", "quantize_rows_int8_ref", "quantize_rows_int8_triton",
     "layernorm_quant_int8", "layernorm_quant_int8_ref", "layernorm_quant_int8_triton",
     "int8_attention", "int8_attention_ref", "int8_attention_triton",
+    "apply_rope", "decode_attention", "decode_attention_ref", "decode_attention_triton",
 ]

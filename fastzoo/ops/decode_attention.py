@@ -1,0 +1,385 @@
+"""Decode attention with RoPE and the KV-cache write fused: one op per layer and step.
+
+A Llama layer's attention at decode time is, per sequence ``b`` and its T new tokens:
+
+    q, k = rope(q), rope(k)                          rotate-half RoPE in fp32, rounded to x's dtype
+    k_cache[b, :, input_pos[b]] = k;  v_cache[b, :, input_pos[b]] = v
+    y = softmax(q · k_cache[b, h // G, :kv_len]ᵀ / sqrt(D) + mask) · v_cache[b, h // G, :kv_len]
+    mask: a query at position p sees cache slots j <= p;  G = H / Hk (grouped-query attention)
+
+with q (B, T, H, D), k, v (B, T, Hk, D) (views of the fused ``wqkv`` output are fine: only
+the last dimension needs unit stride), cos/sin (B, T, 1, D) fp32, input_pos (B, T) int64
+(the cache slots written, < S), k_cache/v_cache (Bmax, Hk, S, D) in x's dtype — mutated
+for batch rows ``0..B-1`` — and a static ``kv_len`` (attend over slots ``0..kv_len-1``).
+The result is y (B, T, H·D) in x's dtype, the input of the output projection ``wo``.
+
+- ``apply_rope`` / ``decode_attention_ref``: the definition in plain PyTorch — exactly what
+  ``fastzoo.llama.model.Attention`` computes (scatter into the cache, masked SDPA); the
+  model's cached path calls :func:`decode_attention`, so there is one implementation.
+- ``decode_attention_triton``: one decode token (T == 1). One program per (sequence,
+  kv head, slice of the cache), covering the G query heads of that kv head so each cache
+  tile is read once — flash-decoding: each program loops only over the cache slots
+  ``0..pos-1`` of its slice (later slots are masked anyway), keeps a running max, sum and
+  fp32 accumulator per query head, and a second small kernel combines the slices, so
+  even B·Hk = 32 programs fill a GPU at a few thousand slots. RoPE of q and of the new k is
+  applied in registers; the new k and v are written to the caches and enter the softmax
+  from registers (no program reads slot ``pos`` from memory, so there is no race with the
+  write). Head dims 64, 80, 128 (80 is masked inside a 128 block in registers only).
+  Autotuned over the cache tile and warps, keyed on D, the kv_len bucket, G and the slice.
+- ``decode_attention``: the public op ``torch.ops.fastzoo.decode_attention`` (mutates
+  ``k_cache`` and ``v_cache``): the kernel for one bf16/fp16 CUDA token, the reference
+  otherwise (CPU, fp32, other head dims). Several tokens per sequence (prefill,
+  speculative verification) call the reference as plain PyTorch, which inductor fuses.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, triton_available
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_HEAD_DIMS = (64, 80, 128)
+_LOG2E = 1.4426950408889634
+_SPLIT_GRANULE = 128  # a cache slice is a multiple of this many slots (>= every BLOCK_N)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------------
+# RoPE and the reference
+# ----------------------------------------------------------------------------------
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on ``x [B, T, H, hd]`` (cos, sin broadcastable), in fp32, rounded to x's dtype."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rot * sin).type_as(x)
+
+
+def _check_args(name, q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len) -> None:
+    for label, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("input_pos", input_pos),
+                     ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} expects {label} to be a tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"{name} expects q of shape (B, T, H, D), got {tuple(q.shape)}")
+    B, T, H, D = q.shape
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} expects q in bfloat16, float16 or float32, got {q.dtype}")
+    if k.dim() != 4 or k.shape[:2] != (B, T) or k.shape[3] != D:
+        raise ValueError(f"{name} expects k of shape (B={B}, T={T}, Hk, D={D}), got {tuple(k.shape)}")
+    Hk = k.shape[2]
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"{name} expects the query heads ({H}) to be a multiple of the kv heads ({Hk})")
+    if D % 2:
+        raise ValueError(f"{name} expects an even head dim (rotate-half RoPE), got D={D}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"{name} expects v of k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    for label, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} expects {label} in q's dtype ({q.dtype}), got {t.dtype}")
+    for label, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (B, T, 1, D):
+            raise ValueError(f"{name} expects {label} of shape (B, T, 1, D) = ({B}, {T}, 1, {D}), "
+                             f"got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} expects {label} in float32, got {t.dtype}")
+    if tuple(input_pos.shape) != (B, T):
+        raise ValueError(f"{name} expects input_pos of shape (B, T) = ({B}, {T}), got {tuple(input_pos.shape)}")
+    if input_pos.dtype != torch.int64:
+        raise TypeError(f"{name} expects input_pos in torch.int64, got {input_pos.dtype}")
+    if k_cache.dim() != 4 or k_cache.shape[0] < B or k_cache.shape[1] != Hk or k_cache.shape[3] != D:
+        raise ValueError(f"{name} expects k_cache of shape (Bmax >= {B}, Hk={Hk}, S, D={D}), "
+                         f"got {tuple(k_cache.shape)}")
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"{name} expects v_cache of k_cache's shape {tuple(k_cache.shape)}, "
+                         f"got {tuple(v_cache.shape)}")
+    S = k_cache.shape[2]
+    if not isinstance(kv_len, (int, torch.SymInt)) or not 0 < kv_len <= S:
+        raise ValueError(f"{name} expects an int kv_len in 1..{S} (the cache length), got {kv_len!r}")
+    devices = {t.device for t in (q, k, v, cos, sin, input_pos, k_cache, v_cache)}
+    if len(devices) > 1:
+        raise ValueError(f"{name} expects all tensors on one device, got {sorted(map(str, devices))}")
+
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         kv_len: int) -> torch.Tensor:
+    """Reference (mutates the caches): RoPE, scatter k/v into the caches at ``input_pos``,
+    SDPA over the first ``kv_len`` slots with the per-position mask; returns (B, T, H·D)."""
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    q = apply_rope(q, cos, sin).transpose(1, 2)
+    k = apply_rope(k, cos, sin).transpose(1, 2)
+    v = v.transpose(1, 2)
+    if B != k_cache.shape[0]:
+        k_cache, v_cache = k_cache[:B], v_cache[:B]
+    idx = input_pos[:, None, :, None].expand(B, Hk, T, D)
+    k_cache.scatter_(2, idx, k)
+    v_cache.scatter_(2, idx, v)
+    k, v = k_cache, v_cache
+    if kv_len != k.shape[2]:
+        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    if Hk != H:  # query head h uses kv head h // rep (no host sync)
+        rep = H // Hk
+        S = k.shape[2]
+        k = k[:, :, None].expand(B, Hk, rep, S, D).reshape(B, H, S, D)
+        v = v[:, :, None].expand(B, Hk, rep, S, D).reshape(B, H, S, D)
+    slots = torch.arange(kv_len, device=q.device)
+    mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, T, kv_len]
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+# ----------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------
+def _kv_bucket(kv_len: int) -> int:
+    """Autotuning key for kv_len: the next power of two (at least 64)."""
+    return max(64, _next_pow2(kv_len))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _split_len(kv_len: int, programs: int, device: torch.device) -> int:
+    """Slots per cache slice: enough slices for ~2 programs per SM, each at least
+    ``_SPLIT_GRANULE`` slots (a multiple of it)."""
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        sms = 8
+    want = max(1, -(-2 * sms // max(1, programs)))
+    per = -(-kv_len // want)
+    return max(_SPLIT_GRANULE, -(-per // _SPLIT_GRANULE) * _SPLIT_GRANULE)
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    # First: small, what Triton's interpreter (the CPU tests) runs.
+    _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=2)] + [
+        triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)
+    ][1:]
+
+    def _prune(configs, named_args, **kwargs):
+        """Keep the (query heads × cache tile × head dim) fp32 products of one tile within 64
+        per thread: wide tiles for one query head per kv head, narrow ones for groups.
+        (The autotuner passes the positional arguments as ``named_args``, keywords as ``kwargs``.)"""
+        args = {**named_args, **kwargs}
+        size = args["G_PAD"] * args["D_PAD"]
+        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+        return kept or configs[:1]
+
+    # The kernel may run several times while autotuning: its cache writes are idempotent
+    # (computed from k and v, never from the cache), so nothing needs restoring.
+    @triton.autotune(configs=_CONFIGS, key=["D", "KV_BUCKET", "GROUP", "SPLIT_LEN"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _decode_attn_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
+        Hk, kv_len, S, KV_BUCKET, scale_log2e,
+        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, scs_b, ssn_b, sp_b,
+        skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
+        D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+        SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One (sequence b, kv head hk, cache slice): the GROUP query heads of hk read each
+        cache tile once. Scores are (G_PAD, BLOCK_N) sums of q · k over D in fp32."""
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        b = pid // Hk
+        hk = pid % Hk
+        HALF: tl.constexpr = D // 2
+        offs_d = tl.arange(0, D_PAD)
+        offs_g = tl.arange(0, G_PAD)
+        dmask = offs_d < D
+        gmask = offs_g < GROUP
+        qmask = gmask[:, None] & dmask[None, :]
+        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # rotate-half partner
+        sign = tl.where(offs_d < HALF, -1.0, 1.0)
+        b64 = b.to(tl.int64)
+        pos = tl.load(pos_ptr + b64 * sp_b).to(tl.int32)  # slots < 2^31; pointer math below in int64
+        cos = tl.load(cos_ptr + b64 * scs_b + offs_d, mask=dmask, other=0.0)
+        sin = tl.load(sin_ptr + b64 * ssn_b + offs_d, mask=dmask, other=0.0)
+        # RoPE of q and of the new k in fp32, rounded to the input dtype as the reference does.
+        heads = hk * GROUP + offs_g  # this program's query heads
+        q_rows = q_ptr + b64 * sq_b + heads[:, None] * sq_h
+        qx = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0).to(tl.float32)
+        qp = tl.load(q_rows + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+        q = (qx * cos[None, :] + sign[None, :] * qp * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
+        k_row = k_ptr + b64 * sk_b + hk * sk_h
+        kx = tl.load(k_row + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        kp = tl.load(k_row + partner, mask=dmask, other=0.0).to(tl.float32)
+        k_new = (kx * cos + sign * kp * sin).to(kc_ptr.dtype.element_ty)
+        v_new = tl.load(v_ptr + b64 * sv_b + hk * sv_h + offs_d, mask=dmask, other=0.0)
+        kc_row = kc_ptr + b64 * skc_b + hk * skc_h
+        vc_row = vc_ptr + b64 * svc_b + hk * svc_h
+        # Slots 0..pos-1 come from the cache, slot pos from registers (when it is among the
+        # first kv_len slots); the first slice's program writes the new k, v.
+        n_ctx = tl.minimum(pos, kv_len)
+        new_visible = pos < kv_len
+        if split == 0:
+            in_cache = dmask & (pos < S)
+            tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, k_new, mask=in_cache)
+            tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, v_new, mask=in_cache)
+        qs = q * scale_log2e  # scores in log2 units: exp2 below
+        s_new = tl.sum(qs * k_new.to(tl.float32)[None, :], axis=1)  # (G_PAD,)
+        first = (split == 0) & new_visible  # the new token enters slice 0's running softmax
+        m_i = tl.where(first, s_new, float("-inf"))
+        l_i = tl.where(first, 1.0, 0.0) + tl.zeros((G_PAD,), dtype=tl.float32)
+        acc = tl.where(first, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+        start = split * SPLIT_LEN
+        end = tl.minimum(start + SPLIT_LEN, n_ctx)
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            slots = n0 + offs_n
+            nmask = slots < end
+            lmask = nmask[:, None] & dmask[None, :]
+            kt = tl.load(kc_row + slots.to(tl.int64)[:, None] * skc_s + offs_d[None, :], mask=lmask, other=0.0)
+            s = tl.sum(kt.to(tl.float32)[None, :, :] * qs[:, None, :], axis=2)  # (G_PAD, BLOCK_N)
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            vt = tl.load(vc_row + slots.to(tl.int64)[:, None] * svc_s + offs_d[None, :], mask=lmask, other=0.0)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        rows = b64 * Hk * GROUP + heads  # (sequence, query head) rows of the output / workspace
+        if N_SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=qmask)
+        else:
+            w = rows * N_SPLITS + split
+            tl.store(ws_m_ptr + w, m_i, mask=gmask)
+            tl.store(ws_l_ptr + w, l_i, mask=gmask)
+            tl.store(ws_acc_ptr + w[:, None] * D + offs_d[None, :], acc, mask=qmask)
+
+    @triton.jit
+    def _combine_kernel(ws_m_ptr, ws_l_ptr, ws_acc_ptr, out_ptr,
+                        D: tl.constexpr, D_PAD: tl.constexpr, N_SPLITS: tl.constexpr, NS_PAD: tl.constexpr):
+        """Merge the (max, sum, acc) of each slice of one (sequence, head): empty slices
+        carry max = -inf and weigh 0; slice 0 always holds the new token, so the max is finite."""
+        pid = tl.program_id(0).to(tl.int64)
+        offs_s = tl.arange(0, NS_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        smask = offs_s < N_SPLITS
+        m = tl.load(ws_m_ptr + pid * N_SPLITS + offs_s, mask=smask, other=float("-inf"))
+        l = tl.load(ws_l_ptr + pid * N_SPLITS + offs_s, mask=smask, other=0.0)
+        acc = tl.load(ws_acc_ptr + (pid * N_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+                      mask=smask[:, None] & (offs_d < D)[None, :], other=0.0)
+        m_max = tl.max(m, axis=0)
+        wgt = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
+        out = tl.sum(acc * wgt[:, None], axis=0) / tl.sum(l * wgt, axis=0)
+        tl.store(out_ptr + pid * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, kv_len: int, split_len: Optional[int] = None) -> torch.Tensor:
+    """Launch the decode kernel (T == 1, bf16/fp16, D in 64/80/128; mutates the caches).
+
+    ``split_len`` (tests): slots per cache slice, a multiple of 128; default: chosen so that
+    B·H·slices fills the GPU about twice.
+    """
+    name = "decode_attention_triton"
+    _check_args(name, q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+    if not triton_available():
+        raise RuntimeError(f"{name} needs Triton, which is not importable here")
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    if T != 1:
+        raise ValueError(f"{name} expects one new token per sequence (T == 1), got T={T}")
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name} expects bfloat16 or float16, got {q.dtype}")
+    if D not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"{name} expects a head dim in {KERNEL_HEAD_DIMS}, got {D}")
+    for label, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("k_cache", k_cache),
+                     ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} expects {label} with a unit-stride last dim, got strides {t.stride()}")
+    out = torch.empty((B, 1, H * D), dtype=q.dtype, device=q.device)
+    if B == 0:
+        return out
+    if split_len is None:
+        split_len = _split_len(kv_len, B * Hk, q.device)
+    elif split_len <= 0 or split_len % _SPLIT_GRANULE:
+        raise ValueError(f"{name} expects split_len a positive multiple of {_SPLIT_GRANULE}, got {split_len}")
+    n_splits = -(-kv_len // split_len)
+    if n_splits > 1:
+        ws_m = torch.empty((B * H * n_splits,), dtype=torch.float32, device=q.device)
+        ws_l = torch.empty_like(ws_m)
+        ws_acc = torch.empty((B * H * n_splits, D), dtype=torch.float32, device=q.device)
+    else:
+        ws_m = ws_l = ws_acc = out
+    D_PAD = _next_pow2(D)
+    launch(_decode_attn_kernel, (B * Hk, n_splits),
+           q, k, v, cos, sin, input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc,
+           Hk, kv_len, k_cache.shape[2], _kv_bucket(kv_len), _LOG2E / math.sqrt(D),
+           q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+           cos.stride(0), sin.stride(0), input_pos.stride(0),
+           k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+           v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+           device=q.device, D=D, D_PAD=D_PAD, GROUP=H // Hk, G_PAD=_next_pow2(H // Hk), SPLIT_LEN=split_len,
+           N_SPLITS=n_splits)
+    if n_splits > 1:
+        _combine_kernel[(B * H,)](ws_m, ws_l, ws_acc, out, D=D, D_PAD=D_PAD, N_SPLITS=n_splits,
+                                  NS_PAD=max(2, _next_pow2(n_splits)))
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------
+def _kernel_applies(q, k, v, cos, sin, input_pos, k_cache, v_cache) -> bool:
+    return (
+        q.shape[1] == 1
+        and q.shape[-1] in KERNEL_HEAD_DIMS
+        and cuda_kernel_applies(q, k, v, k_cache, v_cache, dtypes=KERNEL_DTYPES)
+        and all(t.device == q.device for t in (cos, sin, input_pos))
+        and all(t.stride(-1) == 1 for t in (q, k, v, cos, sin, k_cache, v_cache))
+    )
+
+
+@torch.library.custom_op("fastzoo::decode_attention", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         kv_len: int) -> torch.Tensor:
+    if _kernel_applies(q, k, v, cos, sin, input_pos, k_cache, v_cache):
+        return decode_attention_triton(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+    return decode_attention_ref(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+
+
+@_decode_attention_op.register_fake
+def _(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len):
+    B, T, H, D = q.shape
+    return q.new_empty((B, T, H * D))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     kv_len: int) -> torch.Tensor:
+    """RoPE + KV-cache write + masked GQA attention of T new tokens per sequence (see the
+    module docstring); mutates ``k_cache``/``v_cache`` rows ``0..B-1``; returns (B, T, H·D).
+
+    The Triton kernel (through the custom op) for one bf16/fp16 token on CUDA (D 64/80/128),
+    the reference otherwise; T > 1 calls the reference directly (traceable PyTorch). Traceable by ``torch.compile(fullgraph=True)``; under inductor the cache
+    mutation happens in place (no copy of the caches).
+    """
+    _check_args("decode_attention", q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+    if q.shape[1] != 1:
+        # Several tokens (prefill, speculative verification): no kernel; the reference is
+        # traced as plain PyTorch, so under torch.compile inductor fuses it as before.
+        return decode_attention_ref(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+    return _decode_attention_op(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)

@@ -1,0 +1,447 @@
+"""decode_attention: kernel vs reference (output and cache contents), the reference vs the
+unfused math, errors, compile (one frame; inductor reinplaces the cache mutation), real shapes."""
+import copy
+import re
+import zlib
+
+import pytest
+import torch
+
+from fastzoo.ops.decode_attention import (
+    apply_rope,
+    decode_attention,
+    decode_attention_ref,
+    decode_attention_triton,
+)
+from helpers import rel_err
+
+DTYPES = [torch.bfloat16, torch.float16]
+RTOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 1e-5}
+
+
+def _gen(*key):
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _rope_cos_sin(pos: torch.Tensor, D: int):
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    freqs = pos.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
+def _inputs(B, T, H, Hk, D, S, positions, dtype, *key, Bmax=None):
+    """q, k, v as views of one fused (B, T, (H + 2Hk)·D) projection, RoPE tables, positions
+    (B, T), and caches (Bmax, Hk, S, D) pre-filled with random values."""
+    g = _gen(*key)
+    Bmax = Bmax or B
+    fused = torch.randn(B, T, (H + 2 * Hk) * D, generator=g).to(dtype)
+    q, k, v = fused.split([H * D, Hk * D, Hk * D], dim=-1)
+    q, k, v = q.view(B, T, H, D), k.view(B, T, Hk, D), v.view(B, T, Hk, D)
+    input_pos = torch.tensor(positions, dtype=torch.int64).reshape(B, T)
+    cos, sin = _rope_cos_sin(input_pos, D)
+    k_cache = torch.randn(Bmax, Hk, S, D, generator=g).to(dtype)
+    v_cache = torch.randn(Bmax, Hk, S, D, generator=g).to(dtype)
+    return q, k, v, cos, sin, input_pos, k_cache, v_cache
+
+
+def _to(dev, ts):
+    return [t.to(dev) for t in ts]
+
+
+def _assert_caches_equal(got: torch.Tensor, want: torch.Tensor, input_pos: torch.Tensor):
+    """Caches after the kernel equal the reference's: exactly, except the rotated new keys at
+    the written slots, which may differ by one ulp of the cache dtype (the kernel's fp32 RoPE
+    may contract to an FMA, and Triton's interpreter rounds fp32 to bf16 by truncation)."""
+    got = got.cpu()
+    written = torch.zeros(got.shape[:1] + got.shape[2:3], dtype=torch.bool)
+    written[torch.arange(input_pos.shape[0])[:, None], input_pos.cpu()] = True
+    keep = ~written[:, None, :, None].expand_as(got)
+    assert torch.equal(got[keep], want[keep])
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}[got.dtype]
+    torch.testing.assert_close(got[~keep].float(), want[~keep].float(), rtol=ulp, atol=0)
+
+
+# ----------------------------------------------------------------------------------
+# The reference is the math the model did before (RoPE, scatter, masked SDPA)
+# ----------------------------------------------------------------------------------
+def test_reference_equals_unfused_math():
+    B, T, H, Hk, D, S, kv_len = 2, 3, 4, 2, 16, 20, 13
+    args = _inputs(B, T, H, Hk, D, S, [[2, 3, 4], [7, 8, 9]], torch.float32, "ref", Bmax=3)
+    q, k, v, cos, sin, pos, kc, vc = args
+    kc0, vc0 = kc.clone(), vc.clone()
+    y = decode_attention_ref(*args, kv_len)
+    # by hand: per sequence, per head, per token
+    kr, qr = apply_rope(k, cos, sin), apply_rope(q, cos, sin)
+    for b in range(B):
+        for t in range(T):
+            kc0[b, :, pos[b, t]] = kr[b, t]
+            vc0[b, :, pos[b, t]] = v[b, t]
+    assert torch.equal(kc, kc0) and torch.equal(vc, vc0)  # row 2 (>= B) untouched
+    for b in range(B):
+        for t in range(T):
+            p = int(pos[b, t])
+            for h in range(H):
+                s = kc0[b, h // (H // Hk), :p + 1] @ qr[b, t, h] / D**0.5
+                o = torch.softmax(s, 0) @ vc0[b, h // (H // Hk), :p + 1]
+                torch.testing.assert_close(y[b, t, h * D:(h + 1) * D], o, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_rope_rotates_pairs():
+    """Rotate-half RoPE preserves each (i, i + D/2) pair's norm and is the identity at position 0."""
+    g = _gen("rope")
+    x = torch.randn(2, 3, 4, 8, generator=g)
+    cos, sin = _rope_cos_sin(torch.tensor([[0, 1, 5], [2, 3, 7]]), 8)
+    y = apply_rope(x, cos, sin)
+    pair = lambda t: t[..., :4] ** 2 + t[..., 4:] ** 2  # noqa: E731
+    torch.testing.assert_close(pair(y), pair(x))
+    torch.testing.assert_close(y[0, 0], x[0, 0])
+
+
+# ----------------------------------------------------------------------------------
+# Kernel vs reference (Triton's interpreter on the CPU)
+# ----------------------------------------------------------------------------------
+CASES = {  # B, H, Hk, D, S, kv_len, positions, split_len
+    "mha_b1": (1, 4, 4, 64, 150, 137, [136], None),
+    "gqa_b3": (3, 8, 2, 80, 300, 261, [0, 140, 37], 128),
+    "mha_b3_split": (3, 4, 4, 80, 400, 389, [388, 5, 200], 128),
+    "gqa_b1_d64_pos_past_kv_len": (1, 8, 2, 64, 40, 17, [30], None),
+    "gqa3_b2_split": (2, 6, 2, 64, 140, 131, [130, 60], 128),  # 3 query heads per kv head (padded to 4)
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_vs_reference(kernel_device, case, dtype):
+    B, H, Hk, D, S, kv_len, positions, split_len = CASES[case]
+    args = _inputs(B, 1, H, Hk, D, S, positions, dtype, case, str(dtype), Bmax=B + 1)
+    ref_args = [t.clone() if i >= 6 else t for i, t in enumerate(args)]
+    want = decode_attention_ref(*ref_args, kv_len)
+    dev_args = _to(kernel_device, args)
+    got = decode_attention_triton(*dev_args, kv_len, split_len=split_len)
+    assert got.dtype == dtype and tuple(got.shape) == (B, 1, H * D)
+    assert rel_err(got, want) < RTOL[dtype]
+    # the caches: the new k (rotated) and v written at input_pos, nothing else changed
+    _assert_caches_equal(dev_args[6], ref_args[6], args[5])
+    _assert_caches_equal(dev_args[7], ref_args[7], args[5])
+
+
+def test_autotune_prune():
+    pytest.importorskip("triton")
+    from fastzoo.ops.decode_attention import _CONFIGS, _prune
+
+    assert _CONFIGS[0].kwargs["BLOCK_N"] == 16
+    # as the autotuner calls it: positional arguments by name, the constexpr keywords apart
+    mha = _prune(_CONFIGS, {"Hk": 32, "kv_len": 4096}, G_PAD=1, D_PAD=128, D=128)
+    assert {c.kwargs["BLOCK_N"] for c in mha} == {16, 32, 64, 128}
+    assert all(128 * c.kwargs["BLOCK_N"] <= 2048 * c.num_warps for c in mha)  # 64 products per thread
+    gqa = _prune(_CONFIGS, {"Hk": 8, "kv_len": 4096}, G_PAD=8, D_PAD=128, D=128)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in gqa] == [(16, 8)]
+
+
+def test_kernel_ignores_slots_past_position(kernel_device):
+    """Slots after each sequence's position (random garbage) do not change the output."""
+    B, H, Hk, D, S, kv_len = 2, 4, 2, 64, 200, 190
+    args = _inputs(B, 1, H, Hk, D, S, [3, 150], torch.float16, "garbage")
+    other = [t.clone() for t in args]
+    other[6][:, :, 151:] = 1e3
+    other[7][:, :, 151:] = -1e3
+    other[6][0, :, 4:] = 7.0
+    other[7][0, :, 4:] = 7.0
+    a = decode_attention_triton(*_to(kernel_device, args), kv_len, split_len=128)
+    b = decode_attention_triton(*_to(kernel_device, other), kv_len, split_len=128)
+    assert torch.equal(a, b)
+
+
+def test_public_op_falls_back_on_cpu_any_t():
+    """On the CPU (and for T > 1) the public op is the reference, fp32 included."""
+    for T, dtype in ((1, torch.bfloat16), (3, torch.float32)):
+        positions = [[4 + t for t in range(T)], [9 + t for t in range(T)]]
+        args = _inputs(2, T, 4, 2, 16, 24, positions, dtype, "fallback", T)
+        ref_args = [t.clone() for t in args]
+        y = decode_attention(*args, 20)
+        assert torch.equal(y, decode_attention_ref(*ref_args, 20))
+        assert torch.equal(args[6], ref_args[6]) and torch.equal(args[7], ref_args[7])
+
+
+def test_errors_name_expected_and_found():
+    args = _inputs(2, 1, 4, 2, 16, 24, [3, 5], torch.float32, "errors")
+    q, k, v, cos, sin, pos, kc, vc = args
+
+    def call(**over):
+        a = dict(q=q, k=k, v=v, cos=cos, sin=sin, input_pos=pos, k_cache=kc, v_cache=vc, kv_len=20)
+        a.update(over)
+        return decode_attention(**a)
+
+    cases = [
+        (dict(q=q[..., :8]), ValueError, r"k of shape \(B=2, T=1, Hk, D=8\), got \(2, 1, 2, 16\)"),
+        (dict(k=k[:, :, :1].expand(2, 1, 3, 16)), ValueError,
+         r"query heads \(4\) to be a multiple of the kv heads \(3\)"),
+        (dict(v=v.half()), TypeError, r"v in q's dtype \(torch.float32\), got torch.float16"),
+        (dict(k_cache=kc.bfloat16()), TypeError, r"k_cache in q's dtype \(torch.float32\), got torch.bfloat16"),
+        (dict(cos=cos.half()), TypeError, r"cos in float32, got torch.float16"),
+        (dict(sin=sin[:1]), ValueError, r"sin of shape \(B, T, 1, D\) = \(2, 1, 1, 16\), got \(1, 1, 1, 16\)"),
+        (dict(input_pos=pos.int()), TypeError, r"input_pos in torch.int64, got torch.int32"),
+        (dict(input_pos=pos[:1]), ValueError, r"input_pos of shape \(B, T\) = \(2, 1\), got \(1, 1\)"),
+        (dict(k_cache=kc[:1], v_cache=vc[:1]), ValueError,
+         r"k_cache of shape \(Bmax >= 2, Hk=2, S, D=16\), got \(1, 2, 24, 16\)"),
+        (dict(v_cache=vc[:, :, :10]), ValueError, r"v_cache of k_cache's shape \(2, 2, 24, 16\), got \(2, 2, 10, 16\)"),
+        (dict(kv_len=25), ValueError, r"kv_len in 1..24 \(the cache length\), got 25"),
+    ]
+    for over, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            call(**over)
+    pytest.importorskip("triton")
+    with pytest.raises(TypeError, match="bfloat16 or float16, got torch.float32"):
+        decode_attention_triton(*args, 20)
+    h = _inputs(2, 1, 4, 2, 48, 24, [3, 5], torch.float16, "errors48")
+    with pytest.raises(ValueError, match=r"head dim in \(64, 80, 128\), got 48"):
+        decode_attention_triton(*h, 20)
+    t2 = _inputs(1, 2, 4, 2, 64, 24, [[3, 4]], torch.float16, "errorsT")
+    with pytest.raises(ValueError, match="T == 1.*got T=2"):
+        decode_attention_triton(*t2, 20)
+
+
+def test_custom_op_opcheck():
+    from fastzoo.ops.decode_attention import _decode_attention_op
+
+    for T, dtype in ((1, torch.float32), (3, torch.bfloat16)):
+        positions = [[3 + t for t in range(T)], [5 + t for t in range(T)]]
+        args = _inputs(2, T, 4, 2, 16, 24, positions, dtype, "opcheck", T)
+        torch.library.opcheck(_decode_attention_op, (*args, 20))
+
+
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import importlib
+mod = importlib.import_module("fastzoo.ops.decode_attention")  # (fastzoo.ops.decode_attention is the function)
+
+for dt, D, G, n_splits, cfg in [("bf16", 128, 1, 8, mod._CONFIGS[-1]), ("fp16", 80, 4, 1, mod._CONFIGS[5])]:
+    jit = mod._decode_attn_kernel.fn
+    ws = "*fp32" if n_splits > 1 else "*" + dt
+    types = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "kc_ptr": "*" + dt, "vc_ptr": "*" + dt,
+             "out_ptr": "*" + dt, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64", "ws_m_ptr": ws,
+             "ws_l_ptr": ws, "ws_acc_ptr": ws, "scale_log2e": "fp32"}
+    constexprs = dict(D=D, D_PAD=mod._next_pow2(D), GROUP=G, G_PAD=mod._next_pow2(G), SPLIT_LEN=512,
+                      N_SPLITS=n_splits, **cfg.kwargs)
+    signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in jit.arg_names}
+    src = ASTSource(fn=jit, signature=signature,
+                    constexprs={(jit.arg_names.index(k),): v for k, v in constexprs.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
+jit = mod._combine_kernel
+constexprs = dict(D=80, D_PAD=128, N_SPLITS=5, NS_PAD=8)
+types = {"ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "ws_acc_ptr": "*fp32", "out_ptr": "*bf16"}
+src = ASTSource(fn=jit, signature={n: types.get(n, "constexpr") for n in jit.arg_names},
+                constexprs={(jit.arg_names.index(k),): v for k, v in constexprs.items()})
+triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+print("AOT-OK")
+"""
+
+
+def test_kernel_compiles_for_hopper_without_a_gpu():
+    """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU) of the kernel for bf16
+    MHA with slices (D 128) and fp16 GQA (D 80, group 4), and of the combine kernel."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------------
+# torch.compile: one frame; inductor mutates the caches in place (no copy of them)
+# ----------------------------------------------------------------------------------
+def test_compile_fullgraph_one_frame():
+    import torch._dynamo.testing
+
+    args = _inputs(2, 1, 4, 2, 16, 24, [3, 5], torch.float32, "compile")
+    eager_args = [t.clone() for t in args]
+
+    def f(fused, cos, sin, pos, kc, vc):
+        q, k, v = fused.split([64, 32, 32], dim=-1)
+        return decode_attention(q.view(2, 1, 4, 16), k.view(2, 1, 2, 16), v.view(2, 1, 2, 16),
+                                cos, sin, pos, kc, vc, 20) * 2
+
+    def fused(a):
+        return torch.cat([a[0].flatten(2), a[1].flatten(2), a[2].flatten(2)], dim=-1)
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    got = compiled(fused(args), *args[3:])
+    want = f(fused(eager_args), *eager_args[3:])
+    assert torch.equal(got, want)
+    assert torch.equal(args[6], eager_args[6]) and torch.equal(args[7], eager_args[7])
+    assert counter.frame_count == 1
+    assert any("decode_attention" in str(n.target) for g in counter.graphs for n in g.graph.nodes)
+
+
+def test_compile_several_tokens_traces_the_reference():
+    """T > 1 (prefill, verification): the reference is traced as plain PyTorch (inductor
+    fuses it), one frame, no custom op; results and caches equal eager."""
+    import torch._dynamo.testing
+
+    args = _inputs(2, 3, 4, 2, 16, 24, [[3, 4, 5], [8, 9, 10]], torch.float32, "compileT")
+    eager_args = [t.clone() for t in args]
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: decode_attention(*a, 20), backend=counter, fullgraph=True)
+    assert torch.equal(compiled(*args), decode_attention(*eager_args, 20))
+    assert torch.equal(args[6], eager_args[6]) and torch.equal(args[7], eager_args[7])
+    assert counter.frame_count == 1
+    assert not any("decode_attention" in str(n.target) for g in counter.graphs for n in g.graph.nodes)
+
+
+def _tiny_model():
+    from fastzoo.llama.config import LlamaConfig
+    from fastzoo.llama.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                      max_position_embeddings=64, bos_token_id=None, eos_token_id=None)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def check_decode_step_reinplaced(model: torch.nn.Module, device: torch.device, kv_len: int):
+    """Compile a cached decode step with inductor: outputs and caches equal eager, and the
+    generated code passes the cache buffers themselves to the op (no clone / copy of a
+    cache-sized buffer), q/k/v as views of the fused projection."""
+    from torch._inductor.utils import run_and_get_code
+
+    eager = copy.deepcopy(model)
+    B, S = 2, model.max_seq_length
+    tok = torch.randint(0, model.config.vocab_size, (B, 1), device=device)
+    pos = torch.tensor([[kv_len // 3], [kv_len - 1]], device=device)
+
+    def step(m, tok, pos):
+        return m(tok, pos, kv_len=kv_len)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(step, fullgraph=True, dynamic=False, backend="inductor")
+        got, codes = run_and_get_code(compiled, model, tok, pos)
+        want = step(eager, tok, pos)
+    tol = 1e-5 if got.dtype == torch.float32 else 2e-2  # bf16: inductor's fusions round differently
+    assert rel_err(got, want) < tol
+    for a, b in zip(model.layers, eager.layers):
+        for name in ("k_cache", "v_cache"):
+            assert rel_err(getattr(a.attention.kv_cache, name), getattr(b.attention.kv_cache, name)) < tol
+    code = "\n".join(codes)
+    calls = [ln.strip() for ln in code.splitlines() if "torch.ops.fastzoo.decode_attention.default(" in ln]
+    assert len(calls) == len(model.layers), calls
+    for ln in calls:
+        args = _call_args(ln.split("torch.ops.fastzoo.decode_attention.default", 1)[1])
+        assert len(args) == 9, args
+        # q, k, v: views of the fused wqkv output (no copies); the caches: the graph's own
+        # inputs (the model's buffers), not a clone written back after the op.
+        assert all(a.startswith("reinterpret_tensor(") for a in args[:3]), args[:3]
+        assert all(re.fullmatch(r"arg\d+_1", a) for a in args[6:8]), args[6:8]
+    cfg = model.config
+    numel = model.max_batch_size * cfg.n_kv_heads * S * cfg.head_dim
+    assert not re.search(r"empty_strided_\w+\(\((?:\d+, )*" + str(numel) + r"\b", code), "a cache-sized buffer"
+    assert not re.search(r"clone|\.copy_\(|aten\.copy", code), "the generated code copies a buffer"
+
+
+def _call_args(text: str) -> list[str]:
+    """The top-level, comma-separated arguments of ``(a, f(b, c), d)``."""
+    args, depth, cur = [], 0, ""
+    for ch in text[text.index("(") + 1:]:
+        if ch in "([":
+            depth += 1
+        elif ch in ")]":
+            if depth == 0:
+                break
+            depth -= 1
+        elif ch == "," and depth == 0:
+            args.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    return args + ([cur.strip()] if cur.strip() else [])
+
+
+def test_compiled_decode_step_reinplaces_caches():
+    model = _tiny_model()
+    model.setup_caches(2, 40, torch.float32)
+    check_decode_step_reinplaced(model, torch.device("cpu"), kv_len=24)
+
+
+def test_reinplace_check_detects_a_clone(monkeypatch):
+    """Negative control: with inductor's reinplacing pass switched off the caches are cloned
+    around the op, and the inspection above says so."""
+    import torch._inductor.fx_passes.reinplace as reinplace
+
+    if not hasattr(reinplace, "reinplace_inplaceable_ops_core"):
+        pytest.skip("this torch has no reinplace_inplaceable_ops_core to switch off")
+    monkeypatch.setattr(reinplace, "reinplace_inplaceable_ops_core", lambda graph: None)
+    model = _tiny_model()
+    model.setup_caches(2, 40, torch.float32)
+    with torch._inductor.config.patch(fx_graph_cache=False), pytest.raises(AssertionError):
+        check_decode_step_reinplaced(model, torch.device("cpu"), kv_len=24)
+
+
+# ----------------------------------------------------------------------------------
+# CUDA: Llama-2-7B shapes; the compiled decode step on the GPU
+# ----------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("kv_len", [256, 2048])
+@pytest.mark.parametrize("B", [1, 3])
+def test_cuda_llama2_7b_shapes(kv_len, B):
+    dev = torch.device("cuda")
+    H, D, S = 32, 128, 4096
+    positions = [kv_len - 1, kv_len // 2, 7][:B]
+    args = _to(dev, _inputs(B, 1, H, H, D, S, positions, torch.bfloat16, "7b", kv_len, B))
+    ref_args = [t.clone() if i >= 6 else t for i, t in enumerate(args)]
+    want = decode_attention_ref(*ref_args, kv_len)
+    got = decode_attention(*args, kv_len)
+    assert rel_err(got, want) < 1e-2
+    _assert_caches_equal(args[6], ref_args[6].cpu(), args[5])
+    _assert_caches_equal(args[7], ref_args[7].cpu(), args[5])
+
+
+@pytest.mark.cuda
+def test_cuda_gqa_head_dims():
+    dev = torch.device("cuda")
+    for H, Hk, D in ((32, 8, 128), (16, 16, 64), (12, 4, 80)):
+        args = _to(dev, _inputs(2, 1, H, Hk, D, 1024, [1000, 3], torch.float16, "gqa", H, D))
+        ref_args = [t.clone() if i >= 6 else t for i, t in enumerate(args)]
+        want = decode_attention_ref(*ref_args, 1001)
+        assert rel_err(decode_attention(*args, 1001), want) < 3e-3
+        _assert_caches_equal(args[6], ref_args[6].cpu(), args[5])
+        _assert_caches_equal(args[7], ref_args[7].cpu(), args[5])
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_decode_step_reinplaces_caches():
+    """The same inspection on the GPU (this torch's inductor, the Triton kernel in the step)."""
+    dev = torch.device("cuda")
+    from fastzoo.llama.config import LlamaConfig
+    from fastzoo.llama.model import Transformer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                      max_position_embeddings=512, bos_token_id=None, eos_token_id=None)
+    model = Transformer(cfg).to(dev, torch.bfloat16).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    model.setup_caches(2, 384)
+    check_decode_step_reinplaced(model, dev, kv_len=300)
