@@ -41,11 +41,9 @@ def make_inputs(B, kv_len, dtype, device, seed):
     q, k, v = q.view(B, 1, H, D), k.view(B, 1, HK, D), v.view(B, 1, HK, D)
     pos = torch.full((B, 1), kv_len - 1, dtype=torch.int64, device=device)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
-    freqs = pos.to(torch.float32)[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     k_cache = torch.randn(B, HK, kv_len, D, device=device, generator=g).to(dtype)
     v_cache = torch.randn(B, HK, kv_len, D, device=device, generator=g).to(dtype)
-    return [q, k, v, emb.cos(), emb.sin(), pos, k_cache, v_cache]
+    return [q, k, v, inv_freq, pos, k_cache, v_cache]
 
 
 def _math_sdpa():

@@ -210,6 +210,20 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
     return rows
 
 
+def sweep_summary(rows: list[dict]) -> list[dict]:
+    """One row per (shape, M, kind): the fastest configuration (us, GB/s, %copy, its
+    tile as text) and the median and slowest over all configurations tried."""
+    out = []
+    for key in dict.fromkeys((r["shape"], r["M"], r["kind"]) for r in rows):
+        sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
+        c = sel[0]["config"]
+        tile = f"N{c['BLOCK_N']} K{c['BLOCK_K']} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
+        out.append({**{k: sel[0][k] for k in ("shape", "M", "N", "K", "kind", "us", "GB/s", "%copy")},
+                    "median_us": sel[len(sel) // 2]["us"], "slowest_us": sel[-1]["us"], "n_configs": len(sel),
+                    "config": tile})
+    return out
+
+
 def step_rows(rows, model, copy_gbs):
     """Σ over the layers' shapes + output per (M, kind, impl): one decode step's linears."""
     layers = LAYERS[model]
@@ -259,10 +273,10 @@ def main(argv=None):
                 print(f"{name} M={M} N={N} K={K}", flush=True)
                 rows += sweep_shape(name, N, K, M, args, copy_gbs)
                 torch.cuda.empty_cache()
-        best = [r for r in rows if r["rank"] == 0]
-        harness.print_table(best, ["shape", "M", "kind", "us", "GB/s", "%copy", "config"])
+        best = sweep_summary(rows)
+        harness.print_table(best, ["shape", "M", "kind", "us", "GB/s", "%copy", "median_us", "n_configs", "config"])
         path = harness.save_result(f"weight_only_linear_sweep{'_llama3' if args.llama3 else ''}",
-                                   {"copy_gbs": copy_gbs, "best": best, "rows": rows}, args)
+                                   {"copy_gbs": copy_gbs, "rows": best, "all_configs": rows}, args)
         print(f"saved {path}")
         return
     compiled_int8 = torch.compile(_gpt_fast_int8, dynamic=False,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from fastzoo import ops
 from fastzoo.ops import apply_rope  # one RoPE, shared with fastzoo.ops.decode_attention
+from fastzoo.ops.decode_attention import rope_cos_sin as _cos_sin
 
 from .config import LlamaConfig
 
@@ -58,10 +59,7 @@ def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
 
 def rope_cos_sin(config: LlamaConfig, input_pos: torch.Tensor):
     """cos, sin of shape ``[B, T, 1, head_dim]`` (fp32) for positions ``input_pos [B, T]``."""
-    inv_freq = rope_inv_freq(config, input_pos.device)
-    freqs = input_pos.to(torch.float32)[..., None] * inv_freq  # [B, T, hd/2]
-    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-    return emb.cos(), emb.sin()
+    return _cos_sin(input_pos, rope_inv_freq(config, input_pos.device))
 
 
 class RMSNorm(nn.Module):
@@ -80,16 +78,20 @@ class KVCache(nn.Module):
     """Static cache ``[max_batch, n_kv_heads, max_seq, head_dim]`` for keys and values, in the
     model's dtype; written and read by :func:`fastzoo.ops.decode_attention`."""
 
-    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype, device=None):
+    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, inv_freq: torch.Tensor, dtype,
+                 device=None):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # the model's RoPE frequencies (rope_inv_freq), a buffer: under torch.compile each
+        # layer's op reads it instead of a cos/sin table recomputed per layer
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def attend(self, q, k, v, cos, sin, input_pos, kv_len: int) -> torch.Tensor:
+    def attend(self, q, k, v, input_pos, kv_len: int) -> torch.Tensor:
         """RoPE, write k, v at slots ``input_pos [B, T]`` and attend over the first ``kv_len``
         slots (:func:`fastzoo.ops.decode_attention`: a fused kernel for one token on CUDA)."""
-        return ops.decode_attention(q, k, v, cos, sin, input_pos, self.k_cache, self.v_cache, kv_len)
+        return ops.decode_attention(q, k, v, self.inv_freq, input_pos, self.k_cache, self.v_cache, kv_len)
 
 
 class Linear(nn.Linear):
@@ -159,7 +161,7 @@ class Attention(nn.Module):
             q = q.view(B, T, self.n_heads, self.head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
-            return self.wo(self.kv_cache.attend(q, k, v, cos, sin, input_pos, mask.shape[-1]))
+            return self.wo(self.kv_cache.attend(q, k, v, input_pos, mask.shape[-1]))
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -233,13 +235,14 @@ class Transformer(nn.Module):
         if max_seq_length > self.config.max_position_embeddings:
             raise ValueError(f"max_seq_length {max_seq_length} exceeds the model's "
                              f"max_position_embeddings {self.config.max_position_embeddings}")
+        inv_freq = rope_inv_freq(self.config, device)
         for layer in self.layers:
             if kv_cache_dtype == torch.int8:
                 layer.attention.kv_cache = Int8KVCache(max_batch_size, max_seq_length, self.config.n_kv_heads,
                                                        self.config.head_dim, device)
                 continue
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_kv_heads,
-                                               self.config.head_dim, dtype, device)
+                                               self.config.head_dim, inv_freq, dtype, device)
         self.max_batch_size = max_batch_size
         self.max_seq_length = max_seq_length
 

@@ -8,7 +8,8 @@ A Llama layer's attention at decode time is, per sequence ``b`` and its T new to
     mask: a query at position p sees cache slots j <= p;  G = H / Hk (grouped-query attention)
 
 with q (B, T, H, D), k, v (B, T, Hk, D) (views of the fused ``wqkv`` output are fine: only
-the last dimension needs unit stride), cos/sin (B, T, 1, D) fp32, input_pos (B, T) int64
+the last dimension needs unit stride), inv_freq (D/2,) fp32 (the RoPE frequencies: angle =
+position · inv_freq, see :func:`rope_cos_sin`), input_pos (B, T) int64
 (the cache slots written, < S), k_cache/v_cache (Bmax, Hk, S, D) in x's dtype — mutated
 for batch rows ``0..B-1`` — and a static ``kv_len`` (attend over slots ``0..kv_len-1``).
 The result is y (B, T, H·D) in x's dtype, the input of the output projection ``wo``.
@@ -18,7 +19,8 @@ The result is y (B, T, H·D) in x's dtype, the input of the output projection ``
   model's cached path calls :func:`decode_attention`, so there is one implementation.
 - ``decode_attention_triton``: one decode token (T == 1). One program per (sequence,
   kv head, slice of the cache), covering the G query heads of that kv head so each cache
-  tile is read once — flash-decoding: each program loops only over the cache slots
+  tile is read once (cos/sin of its position computed in registers from inv_freq: no
+  per-layer cos/sin tensors) — flash-decoding: each program loops only over the cache slots
   ``0..pos-1`` of its slice (later slots are masked anyway), keeps a running max, sum and
   fp32 accumulator per query head, and a second small kernel combines the slices, so
   even B·Hk = 32 programs fill a GPU at a few thousand slots. RoPE of q and of the new k is
@@ -55,6 +57,14 @@ def _next_pow2(n: int) -> int:
 # ----------------------------------------------------------------------------------
 # RoPE and the reference
 # ----------------------------------------------------------------------------------
+def rope_cos_sin(input_pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[B, T, 1, 2·len(inv_freq)]`` (fp32) of the angles ``input_pos · inv_freq``
+    for positions ``input_pos [B, T]`` (rotate-half layout: both halves the same angles)."""
+    freqs = input_pos.to(torch.float32)[..., None] * inv_freq.to(torch.float32)  # [B, T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos(), emb.sin()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on ``x [B, T, H, hd]`` (cos, sin broadcastable), in fp32, rounded to x's dtype."""
     xf = x.float()
@@ -63,8 +73,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rot * sin).type_as(x)
 
 
-def _check_args(name, q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len) -> None:
-    for label, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("input_pos", input_pos),
+def _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len) -> None:
+    for label, t in (("q", q), ("k", k), ("v", v), ("inv_freq", inv_freq), ("input_pos", input_pos),
                      ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} expects {label} to be a tensor, got {type(t).__name__}")
@@ -85,12 +95,10 @@ def _check_args(name, q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len) ->
     for label, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} expects {label} in q's dtype ({q.dtype}), got {t.dtype}")
-    for label, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (B, T, 1, D):
-            raise ValueError(f"{name} expects {label} of shape (B, T, 1, D) = ({B}, {T}, 1, {D}), "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} expects {label} in float32, got {t.dtype}")
+    if tuple(inv_freq.shape) != (D // 2,):
+        raise ValueError(f"{name} expects inv_freq of shape (D/2,) = ({D // 2},), got {tuple(inv_freq.shape)}")
+    if inv_freq.dtype != torch.float32:
+        raise TypeError(f"{name} expects inv_freq in float32, got {inv_freq.dtype}")
     if tuple(input_pos.shape) != (B, T):
         raise ValueError(f"{name} expects input_pos of shape (B, T) = ({B}, {T}), got {tuple(input_pos.shape)}")
     if input_pos.dtype != torch.int64:
@@ -104,18 +112,19 @@ def _check_args(name, q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len) ->
     S = k_cache.shape[2]
     if not isinstance(kv_len, (int, torch.SymInt)) or not 0 < kv_len <= S:
         raise ValueError(f"{name} expects an int kv_len in 1..{S} (the cache length), got {kv_len!r}")
-    devices = {t.device for t in (q, k, v, cos, sin, input_pos, k_cache, v_cache)}
+    devices = {t.device for t in (q, k, v, inv_freq, input_pos, k_cache, v_cache)}
     if len(devices) > 1:
         raise ValueError(f"{name} expects all tensors on one device, got {sorted(map(str, devices))}")
 
 
-def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
                          input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          kv_len: int) -> torch.Tensor:
     """Reference (mutates the caches): RoPE, scatter k/v into the caches at ``input_pos``,
     SDPA over the first ``kv_len`` slots with the per-position mask; returns (B, T, H·D)."""
     B, T, H, D = q.shape
     Hk = k.shape[2]
+    cos, sin = rope_cos_sin(input_pos, inv_freq)
     q = apply_rope(q, cos, sin).transpose(1, 2)
     k = apply_rope(k, cos, sin).transpose(1, 2)
     v = v.transpose(1, 2)
@@ -187,9 +196,9 @@ if triton_available():
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _decode_attn_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
+        q_ptr, k_ptr, v_ptr, invf_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
         Hk, kv_len, S, KV_BUCKET, scale_log2e,
-        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, scs_b, ssn_b, sp_b,
+        sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sp_b,
         skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
         D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
         SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -210,8 +219,12 @@ if triton_available():
         sign = tl.where(offs_d < HALF, -1.0, 1.0)
         b64 = b.to(tl.int64)
         pos = tl.load(pos_ptr + b64 * sp_b).to(tl.int32)  # slots < 2^31; pointer math below in int64
-        cos = tl.load(cos_ptr + b64 * scs_b + offs_d, mask=dmask, other=0.0)
-        sin = tl.load(sin_ptr + b64 * ssn_b + offs_d, mask=dmask, other=0.0)
+        # the angles position · inv_freq in fp32 as the reference computes them; tl.cos/sin
+        # lower to the accurate libdevice functions on NVIDIA GPUs (no .approx: positions
+        # reach thousands of radians)
+        angle = pos.to(tl.float32) * tl.load(invf_ptr + offs_d % HALF, mask=dmask, other=0.0)
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
         # RoPE of q and of the new k in fp32, rounded to the input dtype as the reference does.
         heads = hk * GROUP + offs_g  # this program's query heads
         q_rows = q_ptr + b64 * sq_b + heads[:, None] * sq_h
@@ -285,8 +298,8 @@ if triton_available():
         tl.store(out_ptr + pid * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
-def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                            sin: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
+def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
+                            input_pos: torch.Tensor, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, kv_len: int, split_len: Optional[int] = None) -> torch.Tensor:
     """Launch the decode kernel (T == 1, bf16/fp16, D in 64/80/128; mutates the caches).
 
@@ -294,7 +307,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     B·H·slices fills the GPU about twice.
     """
     name = "decode_attention_triton"
-    _check_args(name, q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+    _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
     if not triton_available():
         raise RuntimeError(f"{name} needs Triton, which is not importable here")
     B, T, H, D = q.shape
@@ -305,8 +318,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         raise TypeError(f"{name} expects bfloat16 or float16, got {q.dtype}")
     if D not in KERNEL_HEAD_DIMS:
         raise ValueError(f"{name} expects a head dim in {KERNEL_HEAD_DIMS}, got {D}")
-    for label, t in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("k_cache", k_cache),
-                     ("v_cache", v_cache)):
+    for label, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} expects {label} with a unit-stride last dim, got strides {t.stride()}")
     out = torch.empty((B, 1, H * D), dtype=q.dtype, device=q.device)
@@ -325,10 +337,10 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         ws_m = ws_l = ws_acc = out
     D_PAD = _next_pow2(D)
     launch(_decode_attn_kernel, (B * Hk, n_splits),
-           q, k, v, cos, sin, input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc,
+           q, k, v, inv_freq.contiguous(), input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc,
            Hk, kv_len, k_cache.shape[2], _kv_bucket(kv_len), _LOG2E / math.sqrt(D),
            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-           cos.stride(0), sin.stride(0), input_pos.stride(0),
+           input_pos.stride(0),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
            device=q.device, D=D, D_PAD=D_PAD, GROUP=H // Hk, G_PAD=_next_pow2(H // Hk), SPLIT_LEN=split_len,
@@ -342,32 +354,32 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 # ----------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------
-def _kernel_applies(q, k, v, cos, sin, input_pos, k_cache, v_cache) -> bool:
+def _kernel_applies(q, k, v, inv_freq, input_pos, k_cache, v_cache) -> bool:
     return (
         q.shape[1] == 1
         and q.shape[-1] in KERNEL_HEAD_DIMS
         and cuda_kernel_applies(q, k, v, k_cache, v_cache, dtypes=KERNEL_DTYPES)
-        and all(t.device == q.device for t in (cos, sin, input_pos))
-        and all(t.stride(-1) == 1 for t in (q, k, v, cos, sin, k_cache, v_cache))
+        and all(t.device == q.device for t in (inv_freq, input_pos))
+        and all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache))
     )
 
 
 @torch.library.custom_op("fastzoo::decode_attention", mutates_args=("k_cache", "v_cache"))
-def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
                          input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          kv_len: int) -> torch.Tensor:
-    if _kernel_applies(q, k, v, cos, sin, input_pos, k_cache, v_cache):
-        return decode_attention_triton(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
-    return decode_attention_ref(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+    if _kernel_applies(q, k, v, inv_freq, input_pos, k_cache, v_cache):
+        return decode_attention_triton(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
+    return decode_attention_ref(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
 
 
 @_decode_attention_op.register_fake
-def _(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len):
+def _(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len):
     B, T, H, D = q.shape
     return q.new_empty((B, T, H * D))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
                      input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      kv_len: int) -> torch.Tensor:
     """RoPE + KV-cache write + masked GQA attention of T new tokens per sequence (see the
@@ -377,9 +389,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     the reference otherwise; T > 1 calls the reference directly (traceable PyTorch). Traceable by ``torch.compile(fullgraph=True)``; under inductor the cache
     mutation happens in place (no copy of the caches).
     """
-    _check_args("decode_attention", q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+    _check_args("decode_attention", q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
     if q.shape[1] != 1:
         # Several tokens (prefill, speculative verification): no kernel; the reference is
         # traced as plain PyTorch, so under torch.compile inductor fuses it as before.
-        return decode_attention_ref(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
-    return _decode_attention_op(q, k, v, cos, sin, input_pos, k_cache, v_cache, kv_len)
+        return decode_attention_ref(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
+    return _decode_attention_op(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
