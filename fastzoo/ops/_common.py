@@ -66,3 +66,14 @@ def launch(kernel: Any, grid: Callable | tuple, *args: Any, device: torch.device
         return
     config = kernel.configs[0]
     kernel.fn[grid](*args, **kwargs, **config.kwargs)
+
+
+def short_bench(kernel_call: Callable, quantiles) -> Any:
+    """Timing for ``triton.autotune(..., do_bench=short_bench)``: Triton's ``do_bench`` with
+    a 5 ms warm-up and 25 ms of repeats instead of 25 and 100. For kernels of a few to a few
+    hundred µs (decode GEMVs, decode attention) that is still ~100 to thousands of timed
+    runs (each after an L2 flush), and a model that tunes many shapes at its first step
+    starts that much sooner."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)

@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, triton_available
+from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, short_bench, triton_available
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_HEAD_DIMS = (64, 80, 128)
@@ -193,7 +193,7 @@ if triton_available():
     # The kernel may run several times while autotuning: its cache writes are idempotent
     # (computed from k and v, never from the cache), so nothing needs restoring.
     @triton.autotune(configs=_CONFIGS, key=["D", "KV_BUCKET", "GROUP", "SPLIT_LEN"],
-                     prune_configs_by={"early_config_prune": _prune})
+                     prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
     @triton.jit
     def _decode_attn_kernel(
         q_ptr, k_ptr, v_ptr, invf_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,

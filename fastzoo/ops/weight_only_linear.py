@@ -44,7 +44,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import _capability, cuda_kernel_applies, launch, triton_available
+from ._common import _capability, cuda_kernel_applies, launch, short_bench, triton_available
 
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -284,7 +284,7 @@ if triton_available():
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
     @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT"],
-                     prune_configs_by={"early_config_prune": _prune})
+                     prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     @triton.jit
     def _linear_kernel(
@@ -355,7 +355,7 @@ if triton_available():
                         HAS_BIAS, SPLIT_K)
 
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
-                     prune_configs_by={"early_config_prune": _prune})
+                     prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
     @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"])})
     @triton.jit
     def _int4_kernel(
