@@ -47,9 +47,7 @@ from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, short_bench, tri
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_HEAD_DIMS = (64, 80, 128)
 _LOG2E = 1.4426950408889634
-# a cache slice is a multiple of this many slots: short caches are split finely too (at a
-# decode step's first hundred positions, 32 sequences × kv heads alone leave most SMs idle)
-_SPLIT_GRANULE = 32
+_SPLIT_GRANULE = 128  # a cache slice is a multiple of this many slots (>= every BLOCK_N)
 
 
 def _next_pow2(n: int) -> int:
@@ -189,8 +187,7 @@ if triton_available():
         (The autotuner passes the positional arguments as ``named_args``, keywords as ``kwargs``.)"""
         args = {**named_args, **kwargs}
         size = args["G_PAD"] * args["D_PAD"]
-        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
-                and c.kwargs["BLOCK_N"] <= args["SPLIT_LEN"]]  # no tile wider than a slice
+        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
         return kept or configs[:1]
 
     # The kernel may run several times while autotuning: its cache writes are idempotent

@@ -111,7 +111,6 @@ CASES = {  # B, H, Hk, D, S, kv_len, positions, split_len
     "mha_b3_split": (3, 4, 4, 80, 400, 389, [388, 5, 200], 128),
     "gqa_b1_d64_pos_past_kv_len": (1, 8, 2, 64, 40, 17, [30], None),
     "gqa3_b2_split": (2, 6, 2, 64, 140, 131, [130, 60], 128),  # 3 query heads per kv head (padded to 4)
-    "mha_b2_fine_split": (2, 4, 4, 64, 100, 97, [96, 40], 32),  # 4 slices of 32, most empty for row 1
 }
 
 
@@ -137,13 +136,11 @@ def test_autotune_prune():
 
     assert _CONFIGS[0].kwargs["BLOCK_N"] == 16
     # as the autotuner calls it: positional arguments by name, the constexpr keywords apart
-    mha = _prune(_CONFIGS, {"Hk": 32, "kv_len": 4096}, G_PAD=1, D_PAD=128, D=128, SPLIT_LEN=512)
+    mha = _prune(_CONFIGS, {"Hk": 32, "kv_len": 4096}, G_PAD=1, D_PAD=128, D=128)
     assert {c.kwargs["BLOCK_N"] for c in mha} == {16, 32, 64, 128}
     assert all(128 * c.kwargs["BLOCK_N"] <= 2048 * c.num_warps for c in mha)  # 64 products per thread
-    gqa = _prune(_CONFIGS, {"Hk": 8, "kv_len": 4096}, G_PAD=8, D_PAD=128, D=128, SPLIT_LEN=512)
+    gqa = _prune(_CONFIGS, {"Hk": 8, "kv_len": 4096}, G_PAD=8, D_PAD=128, D=128)
     assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in gqa] == [(16, 8)]
-    fine = _prune(_CONFIGS, {"Hk": 32, "kv_len": 128}, G_PAD=1, D_PAD=128, D=128, SPLIT_LEN=32)
-    assert fine and {c.kwargs["BLOCK_N"] for c in fine} == {16, 32}  # no tile wider than a slice
 
 
 def test_kernel_ignores_slots_past_position(kernel_device):
