@@ -23,3 +23,28 @@ def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(20 * torch.log10(ref.norm() / noise))
+
+
+def run_aot_compile(script: str, *args: str):
+    """Run ``script`` (Python that compiles Triton kernels ahead of time for sm_90 with
+    Triton's bundled ptxas: no GPU needed) in a fresh process without Triton's interpreter,
+    with the repository on the path; returns the CompletedProcess. Skips the calling test
+    where Triton or its ahead-of-time API is missing."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource/GPUTarget API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)

@@ -354,14 +354,30 @@ def _no_multicast():
     os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 
-def _cuda_worker(rank, init_file, ckpt, out, allreduce):
+def _init_cuda_rank(rank: int, init_file: str) -> torch.device:
+    """This rank's GPU and its NCCL process group (multicast off)."""
     import torch.distributed as dist
-    from torch._dynamo.utils import counters
     _no_multicast()
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=300), device_id=device)
+    return device
+
+
+def _save_on_rank0(res, out) -> None:
+    """Gather every rank's ``res`` and save the list on rank 0."""
+    import torch.distributed as dist
+    every = [None] * WORLD
+    dist.all_gather_object(every, res)
+    if dist.get_rank() == 0:
+        torch.save(every, out)
+
+
+def _cuda_worker(rank, init_file, ckpt, out, allreduce):
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    device = _init_cuda_rank(rank, init_file)
     try:
         model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32, allreduce=allreduce)
         res = {"eager": generate(model, PROMPTS, NEW).tokens, "allreduce": model.tp_allreduce}
@@ -373,10 +389,7 @@ def _cuda_worker(rank, init_file, ckpt, out, allreduce):
         g = gen.generate(PROMPTS, STOP_NEW, stop_ids=stop, check_every=STOP_CHECK)
         res["stopped"] = (g.tokens, g.finished)
         res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
-        every = [None] * WORLD
-        dist.all_gather_object(every, res)
-        if rank == 0:
-            torch.save(every, out)
+        _save_on_rank0(res, out)
     finally:
         dist.destroy_process_group()
 
@@ -411,11 +424,7 @@ def _symm_worker(rank, init_file, out):
     from torch._dynamo.utils import counters
 
     from fastzoo.llama._allreduce import _BUFFERS, all_reduce, setup_symm_mem, symm_mem_backend, symm_mem_problem
-    _no_multicast()
-    device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=300), device_id=device)
+    device = _init_cuda_rank(rank, init_file)
     try:
         group = dist.group.WORLD
         res = {"problem": symm_mem_problem(device, group)}
@@ -448,10 +457,7 @@ def _symm_worker(rank, init_file, out):
             got = compiled(h).clone()
             res["compiled"].append((_rel_err(got, want * 0.5), staged(h @ w)))
         res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
-        every = [None] * WORLD
-        dist.all_gather_object(every, res)
-        if rank == 0:
-            torch.save(every, out)
+        _save_on_rank0(res, out)
     finally:
         dist.destroy_process_group()
 

@@ -13,7 +13,7 @@ from fastzoo.ops.decode_attention import (
     decode_attention_ref,
     decode_attention_triton,
 )
-from helpers import rel_err
+from helpers import rel_err, run_aot_compile
 
 DTYPES = [torch.bfloat16, torch.float16]
 RTOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3, torch.float32: 1e-5}
@@ -249,22 +249,7 @@ print("AOT-OK")
 def test_kernel_compiles_for_hopper_without_a_gpu():
     """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU) of the kernel for bf16
     MHA with slices (D 128) and fp16 GQA (D 80, group 4), and of the combine kernel."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no ASTSource/GPUTarget API")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_aot_compile(_AOT_SCRIPT)
     assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fastzoo.ops.int8_attention import int8_attention, int8_attention_ref, int8_attention_triton
 from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
-from helpers import rel_err, sqnr
+from helpers import rel_err, run_aot_compile, sqnr
 
 
 def _qkv(B, N, H, D, seed, v_kind="int8", scale_kind="token"):
@@ -149,22 +149,8 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
     """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU): both dots on wgmma
     (int8 Q·Kᵀ, bf16 P·V), int8 and bf16 V, int8 and bf16 output."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    pytest.importorskip("triton")
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton has no ASTSource/GPUTarget API")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_aot_compile(_AOT_SCRIPT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
         assert item["ttgir"].count("warp_group_dot") >= 2 and "xi8" in item["ttgir"]

@@ -20,7 +20,7 @@ from fastzoo.ops.weight_only_linear import (
     int8_weight_only_linear_triton,
 )
 from fastzoo.quant.linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from helpers import rel_err
+from helpers import rel_err, run_aot_compile
 
 DTYPES = [torch.bfloat16, torch.float16]
 RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -425,16 +425,7 @@ def test_kernels_compile_for_hopper(kernel_name, split):
     constant on the GPU, unlike the interpreter) and with programmatic dependent launch,
     which the interpreter never runs: catches code that only the GPU compiler rejects,
     without a GPU. In a fresh process without Triton's interpreter."""
-    pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _AOT_COMPILE, kernel_name, str(split)], env=env,
-                       capture_output=True, text=True, timeout=300)
-    if r.returncode and ("GPUTarget" in r.stderr or "ptxas" in r.stderr) and "CompilationError" not in r.stderr:
-        pytest.skip(f"this Triton cannot compile for sm_90 here: {r.stderr.strip().splitlines()[-1]}")
+    r = run_aot_compile(_AOT_COMPILE, kernel_name, str(split))
     assert r.returncode == 0, r.stderr[-3000:]
     # the arrival counter with split-K; griddepcontrol.wait where PDL is on (here: with split-K)
     assert r.stdout.split()[-2:] == (["acq_rel", "pdl"] if split > 1 else ["no-atomics", "no-pdl"])
