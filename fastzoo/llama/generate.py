@@ -112,6 +112,17 @@ def _recompile_limit(n: int):
         yield
 
 
+def _inductor_options(backend: str, cudagraphs: bool) -> dict | None:
+    """``torch.compile`` options of the compiled steps (passed per call: no global inductor
+    configuration changes); None for another backend (e.g. "eager", a trace-only check)."""
+    if backend != "inductor":
+        return None
+    opts = {"coordinate_descent_tuning": True}
+    if cudagraphs:
+        opts["triton.cudagraphs"] = True
+    return opts
+
+
 def _decode_sdpa(compiled: bool):
     """Attention backend for compiled decode steps: the math path, which inductor fuses
     (the decode attention is tiny); nothing for eager runs."""
@@ -205,10 +216,8 @@ class Generator:
         self._prefill = prefill_step
         self._decode = decode_step
         if compile:
-            opts = {"coordinate_descent_tuning": True}
-            dopts = dict(opts, **({"triton.cudagraphs": True} if self.device.type == "cuda" else {}))
-            if compile_backend != "inductor":  # e.g. "eager": trace-only check of the graphs
-                opts = dopts = None
+            opts = _inductor_options(compile_backend, cudagraphs=False)
+            dopts = _inductor_options(compile_backend, cudagraphs=self.device.type == "cuda")
             self._decode = torch.compile(decode_step, fullgraph=True, dynamic=False, options=dopts,
                                          backend=compile_backend)
             if compile_prefill:  # False: only the decode step is compiled (shorter start-up)
@@ -464,11 +473,9 @@ class SpeculativeGenerator:
         self.device = self.target_gen.device
         self._draft, self._verify, self._mark_step = draft_step, verify_step, None
         if compile:  # two graphs (draft step, verify), CUDA graphs on CUDA
-            opts = {"coordinate_descent_tuning": True}
             if self.device.type == "cuda":
-                opts["triton.cudagraphs"] = True
                 self._mark_step = torch.compiler.cudagraph_mark_step_begin
-            opts = opts if compile_backend == "inductor" else None
+            opts = _inductor_options(compile_backend, cudagraphs=self.device.type == "cuda")
             self._draft = torch.compile(draft_step, fullgraph=True, dynamic=False, backend=compile_backend,
                                         options=opts)
             self._verify = torch.compile(verify_step, fullgraph=True, dynamic=False, backend=compile_backend,
