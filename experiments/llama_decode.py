@@ -168,15 +168,16 @@ def _line(label, B, e, copy_gbs, compiled):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="llama-2-7b")
-    p.add_argument("--batch-sizes", default="1,4,8,16")
+    p.add_argument("--batch-sizes", default=None, help="comma-separated (default 1,4,8,16; --quick: 1)")
     p.add_argument("--prompt-len", type=int, default=5)
-    p.add_argument("--new-tokens", type=int, default=200)
-    p.add_argument("--prefill-len", type=int, default=512, help="prompt length of the prefill measurement (0: skip)")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 200 (--quick: 100)")
+    p.add_argument("--prefill-len", type=int, default=None,
+                   help="prompt length of the prefill measurement (0: skip; default 512, --quick: 0)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--runs", type=int, default=3, help="timed runs per batch size (median reported)")
+    p.add_argument("--runs", type=int, default=None, help="timed runs per batch size, median reported (default 3, --quick: 1)")
     p.add_argument("--name", default=None, help="result name (default: llama_decode_<preset>_<quant or dtype>[...])")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--quantize", default=None,
@@ -190,24 +191,17 @@ def main(argv=None):
                         "default: the target itself (acceptance 100%%, measures the overhead)")
     p.add_argument("--spec-baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="with --speculate-k: also measure the target's plain decode in the same run")
-    p.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile the prefill too (with --compile); --no-compile-prefill: eager prefill")
+    p.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the prefill too (with --compile; default on, --quick: off)")
     p.add_argument("--quick", action="store_true",
                    help="one config in a few minutes: batch 1 only, 100 new tokens, 1 timed run, eager prefill, "
                         "no prefill measurement (each unless given explicitly)")
     args = p.parse_args(argv)
-    if args.quick:
-        given = set(argv if argv is not None else sys.argv[1:])
-        if "--batch-sizes" not in given:
-            args.batch_sizes = "1"
-        if "--new-tokens" not in given:
-            args.new_tokens = 100
-        if "--runs" not in given:
-            args.runs = 1
-        if "--prefill-len" not in given:
-            args.prefill_len = 0
-        if not given & {"--compile-prefill", "--no-compile-prefill"}:
-            args.compile_prefill = False
+    # defaults, or --quick's where an option is not given (None: not given, however spelled)
+    for name, full, quick in (("batch_sizes", "1,4,8,16", "1"), ("new_tokens", 200, 100), ("runs", 3, 1),
+                              ("prefill_len", 512, 0), ("compile_prefill", True, False)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
 
     cfg = LlamaConfig.from_preset(args.preset)
     if torch.cuda.is_available():
