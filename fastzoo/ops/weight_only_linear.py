@@ -14,6 +14,9 @@ bandwidth. The kernels here are built for that regime:
   x's dtype and resets the counter to zero. No zeroed workspace, no cast kernel: one
   launch per linear. (The counters live in a small zeroed int32 buffer per device; the
   launches of one device must not run concurrently on two streams.)
+- on Hopper and newer, programmatic dependent launch: a kernel may start while the
+  previous one drains; it requests its first weight tile, then ``griddepcontrol.wait``
+  orders its reads of x after the previous kernel's writes.
 - one token (M = 1): a GEMV whose accumulator is a (BLOCK_N, BLOCK_K) fp32 tile reduced
   once at the end; 2 to 16 tokens: a 16-row ``tl.dot`` (tensor cores, rows past M are
   masked). Autotuned per (M bucket, N, K) over tile sizes, split-K, warps and stages.
@@ -430,16 +433,19 @@ if triton_available():
 
 _MIN_BLOCK_N = 4  # the smallest BLOCK_N of the configurations: bounds the number of output tiles
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []  # outgrown buffers, kept alive for graphs that captured them
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """A zeroed int32 buffer of at least ``n`` arrival counters on ``device``, kept across
-    calls: every launch leaves the counters it used at zero. Grown (to a power of two)
-    on a first call that needs more, which happens in warm-up, before any CUDA graph
-    captures a launch."""
+    calls: every launch leaves the counters it used at zero. 65536 counters cover every
+    Llama shape up to 16 rows; a call that needs more gets a larger buffer (a power of
+    two), and the outgrown one is kept, since a captured CUDA graph may still use it."""
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(1024, 1 << (n - 1).bit_length()), dtype=torch.int32, device=device)
+        if buf is not None:  # a CUDA graph may hold its address: never free it
+            _RETIRED_COUNTERS.append(buf)
+        buf = torch.zeros(max(1 << 16, 1 << (n - 1).bit_length()), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
 
