@@ -123,6 +123,7 @@ CONFIGS: list[Config] = [
     *_cfgs("ops", "experiments.bench_weight_only_linear", [("weight_only_linear", "")]),
     *_cfgs("ops", "experiments.bench_int8_mm", [("int8_mm", "")]),
     *_cfgs("ops", "experiments.bench_rel_pos_attention", [("rel_pos_attention", "")]),
+    *_cfgs("ops", "experiments.bench_decode_attention", [("decode_attention", "")]),
 ]
 
 

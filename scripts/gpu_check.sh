@@ -70,7 +70,7 @@ if [ "$TESTS" != none ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
-DEFAULT_BENCHES="ceilings bench_ops bench_int8_mm bench_rel_pos_attention bench_weight_only_linear"  # models: python -m experiments.reproduce
+DEFAULT_BENCHES="ceilings bench_ops bench_int8_mm bench_rel_pos_attention bench_weight_only_linear bench_decode_attention"  # models: python -m experiments.reproduce
 BENCHES=${*:-$DEFAULT_BENCHES}
 : >"$OUTDIR/bench.log"
 for b in $BENCHES; do
