@@ -1,0 +1,19 @@
+"""The weight-only linear sweep's summary (pure Python; the sweep itself needs a GPU)."""
+from experiments.bench_weight_only_linear import sweep_summary
+
+
+def _row(shape, kind, us, bn, split):
+    cfg = {"BLOCK_M": 1, "BLOCK_N": bn, "BLOCK_K": 512, "SPLIT_K": split, "num_warps": 4, "num_stages": 1}
+    return {"shape": shape, "M": 1, "N": 4096, "K": 4096, "kind": kind, "config": cfg, "us": us,
+            "GB/s": 33.5e3 / us, "%copy": 1.1e3 / us}
+
+
+def test_sweep_summary_keeps_the_fastest_per_shape_and_kind():
+    rows = [_row("wo", "bf16", 20.0, 8, 1), _row("wo", "bf16", 18.5, 4, 2), _row("wo", "bf16", 25.0, 16, 1),
+            _row("wo", "int8", 15.0, 64, 8), _row("w2", "bf16", 36.0, 4, 1)]
+    best = sweep_summary(rows)
+    assert [(b["shape"], b["kind"]) for b in best] == [("wo", "bf16"), ("wo", "int8"), ("w2", "bf16")]
+    wo = best[0]
+    assert wo["us"] == 18.5 and wo["config"] == "N4 K512 split2 w4 s1"
+    assert wo["median_us"] == 20.0 and wo["slowest_us"] == 25.0 and wo["n_configs"] == 3
+    assert best[1]["n_configs"] == 1 and best[1]["median_us"] == best[1]["us"] == 15.0
