@@ -429,3 +429,17 @@ def test_kernels_compile_for_hopper(kernel_name, split):
     assert r.returncode == 0, r.stderr[-3000:]
     # the arrival counter with split-K; griddepcontrol.wait where PDL is on (here: with split-K)
     assert r.stdout.split()[-2:] == (["acq_rel", "pdl"] if split > 1 else ["no-atomics", "no-pdl"])
+
+
+def test_pdl_only_on_hopper_cuda():
+    """Programmatic dependent launch is asked for only on CUDA tensors of a Hopper-or-newer
+    GPU; CPU tensors (the interpreter) never get the flag or the launch option."""
+    pytest.importorskip("triton")
+    from fastzoo.ops.weight_only_linear import _pdl
+
+    assert _pdl(torch.zeros(2)) == {"PDL": False}
+    if torch.cuda.is_available():
+        out = _pdl(torch.zeros(2, device="cuda"))
+        assert out["PDL"] == out.get("launch_pdl", False)  # the kernel flag and the launch option agree
+        if torch.cuda.get_device_capability() < (9, 0):
+            assert not out["PDL"]
