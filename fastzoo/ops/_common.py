@@ -13,6 +13,13 @@ from typing import Any, Callable, Iterable
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634  # log2(e): softmax kernels scale scores by it and use exp2
+
+
+def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its last dimension is contiguous (or of size <= 1), else a contiguous copy:
+    what kernels that load rows with unit stride need."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 @functools.lru_cache(maxsize=None)

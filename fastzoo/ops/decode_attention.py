@@ -42,11 +42,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, short_bench, triton_available
+from ._common import FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, short_bench, triton_available
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_HEAD_DIMS = (64, 80, 128)
-_LOG2E = 1.4426950408889634
 _SPLIT_GRANULE = 128  # a cache slice is a multiple of this many slots (>= every BLOCK_N)
 
 
@@ -338,7 +337,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     D_PAD = _next_pow2(D)
     launch(_decode_attn_kernel, (B * Hk, n_splits),
            q, k, v, inv_freq.contiguous(), input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc,
-           Hk, kv_len, k_cache.shape[2], _kv_bucket(kv_len), _LOG2E / math.sqrt(D),
+           Hk, kv_len, k_cache.shape[2], _kv_bucket(kv_len), LOG2E / math.sqrt(D),
            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
            input_pos.stride(0),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -386,7 +385,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq
     module docstring); mutates ``k_cache``/``v_cache`` rows ``0..B-1``; returns (B, T, H·D).
 
     The Triton kernel (through the custom op) for one bf16/fp16 token on CUDA (D 64/80/128),
-    the reference otherwise; T > 1 calls the reference directly (traceable PyTorch). Traceable by ``torch.compile(fullgraph=True)``; under inductor the cache
+    the reference otherwise; T > 1 calls the reference directly (traceable PyTorch).
+    Traceable by ``torch.compile(fullgraph=True)``; under inductor the cache
     mutation happens in place (no copy of the caches).
     """
     _check_args("decode_attention", q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)

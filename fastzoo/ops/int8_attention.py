@@ -35,10 +35,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import cuda_kernel_applies, launch, triton_available
+from ._common import LOG2E, cuda_kernel_applies, launch, triton_available, unit_stride_last
 from .int8_mm import requantize_int8_ref
 
-_LOG2E = 1.4426950408889634
 FLOAT_OUT = (torch.bfloat16, torch.float16, torch.float32)
 _KERNEL_V = (torch.int8, torch.bfloat16, torch.float16)  # fp32 V: the reference
 _MAX_D = 256
@@ -211,10 +210,6 @@ if triton_available():
             tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def int8_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
     v_scale: Optional[torch.Tensor] = None, *, sm_scale: Optional[float] = None,
@@ -236,7 +231,7 @@ def int8_attention_triton(
             out.copy_(int8_attention_ref(q, k, v, q_scale, k_scale, v_scale, sm_scale=sm_scale,
                                          out_dtype=out_dtype, out_scale=out_scale))
         return out
-    q, k, v = (_unit_last(t) for t in (q, k, v))
+    q, k, v = (unit_stride_last(t) for t in (q, k, v))
     vs_arg = vs if vs is not None else qs  # any pointer; not read with a float v
     pv_fp16 = (v.dtype == torch.float16) if v.dtype != torch.int8 else out_dtype == torch.float16
     os_arg = out_scale.reshape(1) if out_scale is not None else qs
@@ -249,7 +244,7 @@ def int8_attention_triton(
         qs.stride(0), qs.stride(1), qs.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vs_arg.stride(0), vs_arg.stride(1), vs_arg.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        H, Nq, Nk, D, float(sm_scale) * _LOG2E,
+        H, Nq, Nk, D, float(sm_scale) * LOG2E,
         device=q.device, V_INT8=v.dtype == torch.int8, OUT_INT8=out_scale is not None, PV_FP16=pv_fp16,
         DOT_F32=q.device.type != "cuda", BLOCK_D=max(16, triton.next_power_of_2(D)),
     )

@@ -37,10 +37,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, triton_available
+from ._common import FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, triton_available, unit_stride_last
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-_LOG2E = 1.4426950408889634
 
 
 def _next_pow2(n: int) -> int:
@@ -269,10 +268,6 @@ def _head_dim_blocks(D: int) -> dict:
     return {"BLOCK_D": full, "SPLIT_D": False, "BLOCK_D2": 16}
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-
-
 def rel_pos_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -297,7 +292,7 @@ def rel_pos_attention_triton(
     k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
     if scale is None:
         scale = D ** -0.5
-    q, k, v, rel_h, rel_w = (_unit_last(t) for t in (q, k, v, rel_h, rel_w))
+    q, k, v, rel_h, rel_w = (unit_stride_last(t) for t in (q, k, v, rel_h, rel_w))
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -313,7 +308,7 @@ def rel_pos_attention_triton(
         rel_h.stride(0), rel_h.stride(1), rel_h.stride(2),
         rel_w.stride(0), rel_w.stride(1), rel_w.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        H, Nq, Nk, D, k_h, k_w, float(scale) * _LOG2E,
+        H, Nq, Nk, D, k_h, k_w, float(scale) * LOG2E,
         device=q.device, **_head_dim_blocks(D),
         KW_P=_next_pow2(k_w), KW_EXACT=k_w == _next_pow2(k_w), KH_DIV=min(k_h & -k_h, 1024),
         # Triton's interpreter (CPU tensors) multiplies the raw bits of bf16 operands

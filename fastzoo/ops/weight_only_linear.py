@@ -42,12 +42,12 @@ dequantized weights to the output dtype's rounding.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._common import _capability, cuda_kernel_applies, launch, short_bench, triton_available
+from ._common import _capability, cuda_kernel_applies, launch, short_bench, triton_available, unit_stride_last
 
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -488,12 +488,7 @@ def _upcast_dot(x: torch.Tensor) -> bool:
 
 
 def _rows(x: torch.Tensor, K: int) -> torch.Tensor:
-    x2 = x.reshape(-1, K)
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def _k_contig(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return unit_stride_last(x.reshape(-1, K))
 
 
 def _require_triton(name: str) -> None:
@@ -518,7 +513,7 @@ def _float_or_int8_triton(name, x, w, scales, bias, N, K, quant, config):
             if bias is not None:
                 out += bias.to(x.dtype)
         else:
-            w = _k_contig(w)
+            w = unit_stride_last(w)
             s = scales.reshape(-1).contiguous() if scales is not None else w
             b = bias.contiguous() if bias is not None else w
             out = _run(_linear_kernel, M, N, out, [x2, w, s, b],
@@ -554,11 +549,11 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
     M = x2.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M and N and K:
-        w = _k_contig(w_packed)
+        w = unit_stride_last(w_packed)
         if w.storage_offset() % 4 or w.stride(0) % 4:
             w = w.contiguous()
         w = w.view(torch.int32)  # (N, K/8) words: 8 nibbles each, column 8j + i in bits 4i..4i+3
-        s, z = _k_contig(scales), _k_contig(zeros)
+        s, z = unit_stride_last(scales), unit_stride_last(zeros)
         b = bias.contiguous() if bias is not None else s
         out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],
                    {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N),
