@@ -40,7 +40,7 @@ from fastzoo.ops.weight_only_linear import (
     int8_weight_only_linear,
     int8_weight_only_linear_ref,
 )
-from fastzoo.quant.linear import Int4WeightOnlyLinear
+from fastzoo.quant.linear import Int4WeightOnlyLinear, quantize_weight_int8_per_channel
 
 LLAMA2_7B = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w2": (4096, 11008),
              "output": (32000, 4096)}
@@ -52,6 +52,12 @@ LAYERS = {"llama2_7b": 32, "llama3_8b": 32}
 def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.float(), ref.float()
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def _int8_weights(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel int8 weights (fastzoo.quant's quantizer) with scales in ``dtype``."""
+    q, scales = quantize_weight_int8_per_channel(w)
+    return q, scales.to(dtype)
 
 
 def _gpt_fast_int8(x, w, s):
@@ -114,10 +120,7 @@ def bench_shape(name, N, K, M, args, copy_gbs, compiled_int8, dev=None):
     row("bf16", "fastzoo", t_us(lambda p: decode_linear(p[0], p[1]), pairs), wbytes, err)
 
     # ---- int8
-    qs = []
-    for w in ws:
-        s = w.float().abs().amax(dim=1).clamp_min(1e-12) / 127
-        qs.append((torch.round(w.float() / s[:, None]).clamp(-127, 127).to(torch.int8), s.to(dtype)))
+    qs = [_int8_weights(w, dtype) for w in ws]
     del ws
     trip8 = [(x, q, s) for x, (q, s) in zip(xs, qs)]
     nbytes8 = N * K + N * 2
@@ -173,10 +176,7 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
     named = {"M_BUCKET": wol._m_bucket(M), "N": N, "K": K}
     kinds = [("bf16", wol._linear_kernel, N * K * 2, [(x, w) for x, w in zip(xs, ws)],
               lambda p, c: wol.decode_linear_triton(p[0], p[1], config=c))]
-    qs = []
-    for w in ws:
-        sc = w.float().abs().amax(dim=1).clamp_min(1e-12) / 127
-        qs.append((torch.round(w.float() / sc[:, None]).clamp(-127, 127).to(torch.int8), sc.to(dtype)))
+    qs = [_int8_weights(w, dtype) for w in ws]
     kinds.append(("int8", wol._linear_kernel, N * K + N * 2, [(x, *q) for x, q in zip(xs, qs)],
                   lambda p, c: wol.int8_weight_only_linear_triton(p[0], p[1], p[2], config=c)))
     for group in args.groups:
