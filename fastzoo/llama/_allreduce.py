@@ -60,15 +60,19 @@ def _op_available() -> str | None:
     return None
 
 
-def symm_mem_problem(device, group) -> str | None:
-    """Why the symm_mem all-reduce cannot run for this rank's ``device`` in ``group``, or None.
+def symm_mem_problem(device, group, dtype: torch.dtype | None = None) -> str | None:
+    """Why the symm_mem all-reduce cannot run for this rank's ``device`` in ``group`` (and
+    activations of ``dtype``, when given), or None.
 
     Collective: every rank of ``group`` must call it; all ranks return the same answer (the
-    first rank's problem).  Checks CUDA, the torch op, one host, and peer access between
-    every pair of the group's GPUs (the one-shot kernel loads peers' memory directly)."""
+    first rank's problem).  Checks CUDA, the torch op, the dtype, one host, and peer access
+    between every pair of the group's GPUs (the one-shot kernel loads peers' memory directly)."""
     device = torch.device(device)
     local = None
-    if device.type != "cuda":
+    if dtype is not None and dtype not in SYMM_MEM_DTYPES:
+        local = (f"the symm_mem all-reduce supports {', '.join(map(str, SYMM_MEM_DTYPES))} activations, "
+                 f"the model's are {dtype}")
+    elif device.type != "cuda":
         local = f"the symm_mem all-reduce needs CUDA GPUs, the model is on {device.type}"
     else:
         local = _op_available()

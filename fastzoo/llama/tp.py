@@ -198,7 +198,7 @@ def setup_allreduce_(model: Transformer, allreduce: str = "auto", max_bytes: int
     allocates and rendezvouses one symmetric buffer of ``max_bytes`` per group and dtype, here,
     outside any traced step; messages larger than it (long prefills) still use NCCL.
     Collective: every rank of the model's group calls it, before compiling the steps."""
-    from ._allreduce import SYMM_MEM_DTYPES, setup_symm_mem, symm_mem_problem
+    from ._allreduce import setup_symm_mem, symm_mem_problem
     if allreduce not in ALLREDUCE_CHOICES:
         raise LlamaError(f"unknown all-reduce {allreduce!r}: expected one of {', '.join(ALLREDUCE_CHOICES)}")
     tp_modules = [m for m in model.modules() if isinstance(m, (TPAttention, TPFeedForward))]
@@ -210,10 +210,7 @@ def setup_allreduce_(model: Transformer, allreduce: str = "auto", max_bytes: int
     device, dtype = weight.device, weight.dtype
     choice = "nccl"
     if allreduce != "nccl":
-        problem = symm_mem_problem(device, group)  # collective: the same answer on every rank
-        if problem is None and dtype not in SYMM_MEM_DTYPES:
-            problem = (f"the symm_mem all-reduce supports {', '.join(map(str, SYMM_MEM_DTYPES))} activations, "
-                       f"the model's are {dtype}")
+        problem = symm_mem_problem(device, group, dtype)  # collective: the same answer on every rank
         if problem is None:
             choice = "symm_mem"
         elif allreduce == "symm_mem":
