@@ -54,6 +54,13 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
     """Next token ``[B]`` from logits ``[B, V]``; greedy at temperature 0. Sync-free."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    if top_k is not None and top_k < logits.shape[-1] and (top_p is None or top_p >= 1.0):
+        # top-k alone: sample among the k candidates, not over the whole vocabulary — an
+        # unsorted top-k (no sort kernel) and a softmax over k values instead of V; the
+        # same distribution as logits_to_probs' masking (up to ties at the k-th value)
+        values, indices = torch.topk(logits, top_k, dim=-1, sorted=False)
+        pick = sample_probs((values.float() / temperature).softmax(dim=-1))
+        return indices.gather(-1, pick[..., None]).squeeze(-1)
     return sample_probs(logits_to_probs(logits, temperature, top_k, top_p))
 
 

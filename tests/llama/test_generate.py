@@ -3,7 +3,7 @@ import torch
 
 from fastzoo.llama.checkpoint import load_model
 from fastzoo.llama.config import LlamaError
-from fastzoo.llama.generate import Generator, generate, sample
+from fastzoo.llama.generate import Generator, generate, logits_to_probs, sample
 from llama_testutils import VOCAB
 
 
@@ -74,6 +74,18 @@ def test_sampling_distribution():
     s = sample(logits, 1.0)
     freq = torch.bincount(s, minlength=4).float() / s.numel()
     assert torch.allclose(freq, logits[0].softmax(-1), atol=0.02)
+
+
+def test_top_k_sampling_distribution():
+    """The top-k fast path (sampling among the k candidates) draws from the softmax of
+    the k largest logits, like logits_to_probs' masking of the full vocabulary."""
+    row = torch.tensor([0.5, -2.0, 1.5, 0.0, 2.0, -1.0, 1.0])
+    logits = row.repeat(30000, 1)
+    torch.manual_seed(0)
+    s = sample(logits, 0.7, top_k=3)
+    freq = torch.bincount(s, minlength=row.numel()).float() / s.numel()
+    assert torch.allclose(freq, logits_to_probs(row[None], 0.7, top_k=3)[0], atol=0.01)
+    assert freq[[0, 1, 3, 5]].sum() == 0  # never outside the top 3
 
 
 def test_prompt_too_long(converted):
