@@ -399,13 +399,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from fastzoo.ops import weight_only_linear as wol
 
-kernel_name, split = sys.argv[1], int(sys.argv[2])
+kernel_name, split, opts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 jit = getattr(wol, kernel_name).fn.fn  # autotune -> heuristics -> jit
-common = {"M": 1, "M_BUCKET": 1, "HAS_BIAS": True, "UPCAST_DOT": False, "BLOCK_M": 1, "BLOCK_N": 8, "SPLIT_K": split,
-          "PDL": split > 1}
+dot = "dot" in opts  # the 16-row tl.dot path (M a runtime int); else the GEMV (M = 1, a constant)
+common = {"M_BUCKET": 16 if dot else 1, "HAS_BIAS": True, "UPCAST_DOT": False, "BLOCK_M": 16 if dot else 1,
+          "BLOCK_N": 32 if dot else 8, "SPLIT_K": split, "PDL": split > 1}
+if not dot:
+    common["M"] = 1
 if kernel_name == "_linear_kernel":
-    sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16")
-    const = dict(common, QUANT=1, BLOCK_K=512, EVEN_K=True)
+    sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", nw_ptr="*bf16", r_ptr="*bf16", eps="fp32")
+    const = dict(common, QUANT=1, BLOCK_K=128 if dot else 512, EVEN_K=True,
+                 GLU="glu" in opts, NORM="norm" in opts, HAS_RES="res" in opts)
 else:
     sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16")
     const = dict(common, GROUP=128, BLOCK_K=256, GPB=2)
@@ -419,13 +423,17 @@ print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol
 """
 
 
-@pytest.mark.parametrize("kernel_name,split", [("_linear_kernel", 1), ("_linear_kernel", 4), ("_int4_kernel", 4)])
-def test_kernels_compile_for_hopper(kernel_name, split):
+@pytest.mark.parametrize("kernel_name,split,opts", [
+    ("_linear_kernel", 1, "-"), ("_linear_kernel", 4, "-"), ("_int4_kernel", 4, "-"),
+    ("_linear_kernel", 1, "norm,res"), ("_linear_kernel", 4, "norm,glu,res"), ("_linear_kernel", 2, "glu"),
+    ("_linear_kernel", 1, "dot,norm,glu,res"), ("_linear_kernel", 2, "dot,norm,res")])
+def test_kernels_compile_for_hopper(kernel_name, split, opts):
     """Compile the kernels ahead of time for sm_90 with M = 1 (which Triton turns into a
     constant on the GPU, unlike the interpreter) and with programmatic dependent launch,
-    which the interpreter never runs: catches code that only the GPU compiler rejects,
+    which the interpreter never runs, with and without the RMSNorm / SwiGLU / residual
+    fusions, and the 16-row dot path: catches code that only the GPU compiler rejects,
     without a GPU. In a fresh process without Triton's interpreter."""
-    r = run_aot_compile(_AOT_COMPILE, kernel_name, str(split))
+    r = run_aot_compile(_AOT_COMPILE, kernel_name, str(split), opts)
     assert r.returncode == 0, r.stderr[-3000:]
     # the arrival counter with split-K; griddepcontrol.wait where PDL is on (here: with split-K)
     assert r.stdout.split()[-2:] == (["acq_rel", "pdl"] if split > 1 else ["no-atomics", "no-pdl"])
