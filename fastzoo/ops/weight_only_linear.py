@@ -197,6 +197,12 @@ def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(a) * b
 
 
+def norm_options(norm) -> dict:
+    """The ``norm_weight`` / ``norm_eps`` options of the decode linears from an RMSNorm module
+    (``.weight``, ``.eps``), or none for ``norm=None``."""
+    return {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.eps}
+
+
 def _prologue_ref(x, norm_weight, norm_eps, glu):
     """The input of the product: silu(a)·b where ``glu``, then RMSNorm where ``norm_weight``."""
     if glu:
