@@ -509,9 +509,33 @@ def test_cuda_llama_shapes(N, K, M):
     assert torch.equal(int8_weight_only_linear(xl, w_q, s), int8_weight_only_linear_ref(xl, w_q, s))
 
 
+# Llama-2-7B's fused projections: (N, K, fusions)
+LLAMA_FUSED = [(12288, 4096, "norm"), (4096, 4096, "res"), (22016, 4096, "norm"), (4096, 11008, "glu+res"),
+               (32000, 4096, "norm"), (4096, 4096, "glu+norm+res")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,K,opts", LLAMA_FUSED)
+@pytest.mark.parametrize("M", [1, 8])
+def test_cuda_fused_llama_shapes(N, K, opts, M):
+    """The fused projections of a Llama-2-7B decode step through the public ops (the
+    autotuned kernels, split-K where chosen) against fp32."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(N + K + M)
+    for quant in (0, 1):
+        x, w, scales, bias, fopts, truth = _fused_inputs(M, N, K, torch.bfloat16, opts, quant, g)
+        x, w, scales, bias = _to(dev, x, w, scales, bias)
+        fopts = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in fopts.items()}
+        if quant:
+            out = int8_weight_only_linear(x, w, scales, bias, **fopts)
+        else:
+            out = decode_linear(x, w, bias, **fopts)
+        assert rel_err(out, truth) < 1e-2, (quant, rel_err(out, truth))
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture_and_compile():
-    """reduce-overhead compile (CUDA graphs) over the three ops, split-K or not."""
+    """reduce-overhead compile (CUDA graphs) over the three ops and the fusions, split-K or not."""
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     K, N = 4096, 4096
@@ -521,9 +545,13 @@ def test_cuda_graph_capture_and_compile():
     p, s4, z4 = Int4WeightOnlyLinear.quantize(w, 64)
     s4, z4 = s4.to(dtype), z4.to(dtype)
 
+    nw = (torch.rand(K, device=dev) + 0.5).to(dtype)
+
     def f(x):
-        return (decode_linear(x, w) + int8_weight_only_linear(x, w_q, s)
-                + int4_weight_only_linear(x, p, s4, z4, 64))
+        y = (decode_linear(x, w) + int8_weight_only_linear(x, w_q, s)
+             + int4_weight_only_linear(x, p, s4, z4, 64))
+        y = decode_linear(y, w, norm_weight=nw, residual=x)  # the fusions too (split-K Σx² partials)
+        return int8_weight_only_linear(torch.cat([x, y], -1), w_q, s, glu=True, residual=y)
 
     compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
     for _ in range(4):
