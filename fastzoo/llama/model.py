@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from fastzoo import ops
 from fastzoo.ops import apply_rope  # one RoPE, shared with fastzoo.ops.decode_attention
 from fastzoo.ops.decode_attention import rope_cos_sin as _cos_sin
-from fastzoo.ops.weight_only_linear import norm_options, rms_norm_ref, silu_mul_ref
+from fastzoo.ops.weight_only_linear import MAX_KERNEL_ROWS, norm_options, rms_norm_ref, silu_mul_ref
 
 from .config import LlamaConfig
 
@@ -84,11 +84,14 @@ def fused_linear(module: nn.Module, x: torch.Tensor, *, norm: RMSNorm | None = N
     """``residual + module(norm(silu(a) · b))`` for x = [a | b] (each part optional: ``glu``
     splits x's last dim in halves; ``norm`` an :class:`RMSNorm`; ``residual`` of the output's
     shape). A linear module may implement ``fused_forward(x, *, norm, glu, residual)`` (one
-    kernel on CUDA: :class:`Linear`, ``fastzoo.quant.Int8WeightOnlyLinear``); any other module
-    (int4, GPTQ, sparse, …) runs composed here in plain PyTorch, and so does a module with
-    forward hooks (they observe the plain input: GPTQ's Hessians, calibration)."""
+    kernel on CUDA: :class:`Linear`, ``fastzoo.quant.Int8WeightOnlyLinear``), used for
+    decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows, the kernels' regime). Composed
+    here in plain PyTorch: any other module (int4, GPTQ, sparse, …), a module with forward
+    hooks (they observe the plain input: GPTQ's Hessians, calibration), and more rows
+    (prefill: inductor fuses the norm and SwiGLU, the product is a cuBLAS GEMM)."""
     fused = getattr(module, "fused_forward", None)
-    if fused is not None and not (module._forward_hooks or module._forward_pre_hooks):
+    if (fused is not None and x.shape[:-1].numel() <= MAX_KERNEL_ROWS
+            and not (module._forward_hooks or module._forward_pre_hooks)):
         return fused(x, norm=norm, glu=glu, residual=residual)
     if glu:
         x = silu_mul_ref(x)

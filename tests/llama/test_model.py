@@ -116,7 +116,8 @@ def test_fused_linear_calls_and_equals_composition(monkeypatch, quant):
     """Each block hands wqkv its attention_norm, wo the residual x, w13 its ffn_norm, w2 the
     SwiGLU and the residual h, the output head the final norm (after the logits_at row
     selection); on the CPU (the ops' references) the result equals the plain composition
-    bit for bit, with and without KV cache, for modules that fuse and modules that don't."""
+    bit for bit, with and without KV cache, for modules that fuse and modules that don't;
+    above 16 rows it composes."""
     from fastzoo.llama import model as model_mod
 
     model = _tiny_with_norms()
@@ -159,6 +160,10 @@ def test_fused_linear_calls_and_equals_composition(monkeypatch, quant):
     assert got[:len(expected)] == expected  # the first, cache-less forward
     assert [c[4] for c in calls[:len(expected)]] == [3] * (len(expected) - 1) + [2]  # head: logits_at rows
     assert len(calls) == 2 * len(expected)  # then the cached one; the hooked ones compose
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randint(0, 96, (3, 7)))
+    assert calls == []  # more than 16 rows (prefill): composed, the GEMM is F.linear's
 
 
 def test_compiled_graph_has_no_separate_norm_or_silu():
