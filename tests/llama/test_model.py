@@ -118,8 +118,6 @@ def test_fused_linear_calls_and_equals_composition(monkeypatch, quant):
     selection); on the CPU (the ops' references) the result equals the plain composition
     bit for bit, with and without KV cache, for modules that fuse and modules that don't;
     above 16 rows it composes."""
-    from fastzoo.llama import model as model_mod
-
     model = _tiny_with_norms()
     if quant is not None:
         from fastzoo import quant as q
