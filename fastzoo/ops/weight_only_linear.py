@@ -44,7 +44,9 @@ RMSNorm(x) (``rms_norm_ref``: the model's RMSNorm); ``glu=True``: x holds 2K col
 factor rsqrt(Σx²/K + eps) (it factors out of the dot) and the residual; with split-K each
 split stores its partial Σx² next to its partial tile and the reducing split combines
 them. All in fp32 without the reference's intermediate roundings to x's dtype (after
-silu·mul, the normalisation, the product), so the two agree to x's dtype's rounding.
+silu·mul, the normalisation, the product), so the two agree to x's dtype's rounding. (The
+2–16-row path feeds tl.dot x · norm weight in x's dtype, before the row factor: in fp16 it
+must stay below 65504.)
 
 All accept leading batch dims on ``x`` and return x's dtype, shape (..., N). The
 kernels compute in fp32 and round once (the reference rounds after the matmul, the
