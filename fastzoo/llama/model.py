@@ -10,6 +10,11 @@
   position ``p`` sees cache slots ``0..p``.  Prompts of different lengths are right-padded;
   the slots a padded prompt wrote beyond its length are overwritten by its own decoded
   tokens before they ever become visible, so padding never leaks into attention.
+* Each projection goes through :func:`fused_linear`: the RMSNorm before ``wqkv``, ``w13``
+  and ``output``, the SwiGLU before ``w2`` and the residual adds after ``wo`` and ``w2`` are
+  fused into the linear where the module implements ``fused_forward`` (:class:`Linear`,
+  ``fastzoo.quant.Int8WeightOnlyLinear``: on CUDA the decode kernels of
+  :func:`fastzoo.ops.decode_linear`), and composed in plain PyTorch for any other module.
 * With a bf16/fp16/fp32 cache, RoPE, the cache write and the masked attention are one op,
   :func:`fastzoo.ops.decode_attention` (its reference is this math; on CUDA one decode
   token runs a fused Triton kernel); the int8 cache and the cache-less path stay inline.
@@ -28,6 +33,7 @@ import torch.nn.functional as F
 from fastzoo import ops
 from fastzoo.ops import apply_rope  # one RoPE, shared with fastzoo.ops.decode_attention
 from fastzoo.ops.decode_attention import rope_cos_sin as _cos_sin
+from fastzoo.ops.weight_only_linear import MAX_KERNEL_ROWS, norm_options, rms_norm_ref, silu_mul_ref
 
 from .config import LlamaConfig
 
@@ -69,9 +75,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        # fp32 normalisation, rounded to x's dtype, times the weight
+        return rms_norm_ref(x, self.weight, self.eps)
+
+
+def fused_linear(module: nn.Module, x: torch.Tensor, *, norm: RMSNorm | None = None, glu: bool = False,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + module(norm(silu(a) · b))`` for x = [a | b] (each part optional: ``glu``
+    splits x's last dim in halves; ``norm`` an :class:`RMSNorm`; ``residual`` of the output's
+    shape). A linear module may implement ``fused_forward(x, *, norm, glu, residual)`` (one
+    kernel on CUDA: :class:`Linear`, ``fastzoo.quant.Int8WeightOnlyLinear``), used for
+    decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows, the kernels' regime). Composed
+    here in plain PyTorch: any other module (int4, GPTQ, sparse, …), a module with forward
+    hooks (they observe the plain input: GPTQ's Hessians, calibration), and more rows
+    (prefill: inductor fuses the norm and SwiGLU, the product is a cuBLAS GEMM)."""
+    fused = getattr(module, "fused_forward", None)
+    if (fused is not None and x.shape[:-1].numel() <= MAX_KERNEL_ROWS
+            and not (module._forward_hooks or module._forward_pre_hooks)):
+        return fused(x, norm=norm, glu=glu, residual=residual)
+    if glu:
+        x = silu_mul_ref(x)
+    if norm is not None:
+        x = norm(x)
+    y = module(x)
+    return y if residual is None else residual + y
 
 
 class KVCache(nn.Module):
@@ -102,6 +129,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.decode_linear(x, self.weight, self.bias)
+
+    def fused_forward(self, x: torch.Tensor, *, norm: RMSNorm | None = None, glu: bool = False,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`fused_linear`'s protocol: norm, SwiGLU and residual in the decode kernel."""
+        return ops.decode_linear(x, self.weight, self.bias, glu=glu, residual=residual, **norm_options(norm))
 
 
 class Int8KVCache(nn.Module):
@@ -152,16 +184,19 @@ class Attention(nn.Module):
         self.wo = Linear(q_size, config.dim, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, cos, sin, input_pos, mask, *, norm: RMSNorm | None = None,
+                residual: torch.Tensor | None = None):
+        """Attention of ``norm(x)`` (``norm`` fused into ``wqkv``), plus ``residual`` (fused into ``wo``)."""
         B, T, _ = x.shape
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = fused_linear(self.wqkv, x, norm=norm).split([q_size, kv_size, kv_size], dim=-1)
         if isinstance(self.kv_cache, KVCache):  # RoPE, cache write and attention in one op
             q = q.view(B, T, self.n_heads, self.head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
-            return self.wo(self.kv_cache.attend(q, k, v, input_pos, mask.shape[-1]))
+            y = self.kv_cache.attend(q, k, v, input_pos, mask.shape[-1])
+            return fused_linear(self.wo, y, residual=residual)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -180,7 +215,7 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, q_size)
-        return self.wo(y)
+        return fused_linear(self.wo, y, residual=residual)
 
 
 class FeedForward(nn.Module):
@@ -190,9 +225,10 @@ class FeedForward(nn.Module):
         self.w13 = Linear(config.dim, 2 * config.intermediate_size, bias=False)
         self.w2 = Linear(config.intermediate_size, config.dim, bias=False)
 
-    def forward(self, x):
-        x1, x3 = self.w13(x).split(self.intermediate_size, dim=-1)
-        return self.w2(F.silu(x1) * x3)
+    def forward(self, x, *, norm: RMSNorm | None = None, residual: torch.Tensor | None = None):
+        """SwiGLU MLP of ``norm(x)`` (fused into ``w13``) plus ``residual``; silu(x1)·x3 and
+        the residual fused into ``w2``."""
+        return fused_linear(self.w2, fused_linear(self.w13, x, norm=norm), glu=True, residual=residual)
 
 
 class TransformerBlock(nn.Module):
@@ -204,8 +240,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x, cos, sin, input_pos, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, input_pos, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention(x, cos, sin, input_pos, mask, norm=self.attention_norm, residual=x)
+        return self.feed_forward(h, norm=self.ffn_norm, residual=h)
 
 
 class Transformer(nn.Module):
@@ -289,7 +325,7 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, input_pos, mask)
         if logits_at is not None:
             x = x[torch.arange(B, device=x.device), logits_at]
-        return self.output(self.norm(x))
+        return fused_linear(self.output, x, norm=self.norm)
 
     # ------------------------------------------------------------------ helpers
     def weight_bytes(self) -> int:

@@ -129,8 +129,10 @@ class TPAttention(Attention):
     tp_group = None
     tp_symm = None  # set by setup_allreduce_: the symmetric-memory all-reduce's spec
 
-    def forward(self, x, cos, sin, input_pos, mask):
-        return _all_reduce(super().forward(x, cos, sin, input_pos, mask), self.tp_group, self.tp_symm)
+    def forward(self, x, cos, sin, input_pos, mask, *, norm=None, residual=None):
+        # the residual is added to the reduced sum (not fused into the row-parallel wo)
+        out = _all_reduce(super().forward(x, cos, sin, input_pos, mask, norm=norm), self.tp_group, self.tp_symm)
+        return out if residual is None else residual + out
 
 
 class TPFeedForward(FeedForward):
@@ -138,8 +140,9 @@ class TPFeedForward(FeedForward):
     tp_group = None
     tp_symm = None
 
-    def forward(self, x):
-        return _all_reduce(super().forward(x), self.tp_group, self.tp_symm)
+    def forward(self, x, *, norm=None, residual=None):
+        out = _all_reduce(super().forward(x, norm=norm), self.tp_group, self.tp_symm)  # residual after the sum
+        return out if residual is None else residual + out
 
 
 def _shard_linear_(parent: nn.Module, attr: str, name: str, config: LlamaConfig, rank: int, world_size: int):

@@ -35,6 +35,19 @@ Ops (each: ``<op>_ref``, ``<op>_triton``, public ``<op>`` = ``torch.ops.fastzoo.
     (N, K/group_size) float; w[n, k] = q[n, k] · scales[n, k // g] + zeros[n, k // g].
     Kernel for at most 16 rows; dequantize + ``F.linear`` otherwise.
 
+``decode_linear`` and ``int8_weight_only_linear`` take keyword-only fusions (default:
+none, the plain linear): ``norm_weight`` (K,) with ``norm_eps``: the product's input is
+RMSNorm(x) (``rms_norm_ref``: the model's RMSNorm); ``glu=True``: x holds 2K columns
+[a | b] and the input is silu(a)·b (before the norm where both are given); ``residual``
+(..., N) in x's dtype: added to the output. In the kernel the prologue works per K block
+(the norm weight times x, Σx² from the same loads) and the epilogue applies the row
+factor rsqrt(Σx²/K + eps) (it factors out of the dot) and the residual; with split-K each
+split stores its partial Σx² next to its partial tile and the reducing split combines
+them. All in fp32 without the reference's intermediate roundings to x's dtype (after
+silu·mul, the normalisation, the product), so the two agree to x's dtype's rounding. (The
+2–16-row path feeds tl.dot x · norm weight in x's dtype, before the row factor: in fp16 it
+must stay below 65504.)
+
 All accept leading batch dims on ``x`` and return x's dtype, shape (..., N). The
 kernels compute in fp32 and round once (the reference rounds after the matmul, the
 scale and the bias in x's dtype), so they agree with an fp32 computation on the same
@@ -85,10 +98,41 @@ def _check_devices(name: str, **tensors: Optional[torch.Tensor]) -> None:
         raise ValueError(f"{name} expects all tensors on one device, got {found}")
 
 
-def _check_float_args(name, x, w, bias) -> tuple[int, int]:
+def _gemv_k(name: str, x: torch.Tensor, glu: bool) -> int:
+    """K of the product: x's last dim, or half of it with ``glu`` (x holds [a | b])."""
     K = _check_x(name, x)
+    if glu and K % 2:
+        raise ValueError(f"{name} with glu=True expects x of shape (..., 2K) ([a | b]), got an odd last dim "
+                         f"in {tuple(x.shape)}")
+    return K // 2 if glu else K
+
+
+def _glu_note(x: torch.Tensor, glu: bool) -> str:
+    return f" (glu=True: x of shape {tuple(x.shape)} holds [a | b])" if glu else f" for x of shape {tuple(x.shape)}"
+
+
+def _check_fusion(name, x, N, K, norm_weight, norm_eps, residual) -> None:
+    """The prologue / epilogue options: norm_weight (K,) float, residual (..., N) in x's dtype."""
+    if norm_weight is not None:
+        if tuple(norm_weight.shape) != (K,):
+            raise ValueError(f"{name} expects norm_weight of shape (K,) = ({K},), got {tuple(norm_weight.shape)}")
+        if norm_weight.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name} expects norm_weight in x's dtype ({x.dtype}) or float32, got {norm_weight.dtype}")
+        if not norm_eps >= 0:
+            raise ValueError(f"{name} expects norm_eps >= 0, got {norm_eps}")
+    if residual is not None:
+        want = (*x.shape[:-1], N)
+        if tuple(residual.shape) != want:
+            raise ValueError(f"{name} expects residual of shape {want}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{name} expects residual in x's dtype ({x.dtype}), got {residual.dtype}")
+    _check_devices(name, x=x, norm_weight=norm_weight, residual=residual)
+
+
+def _check_float_args(name, x, w, bias, glu=False) -> tuple[int, int]:
+    K = _gemv_k(name, x, glu)
     if w.dim() != 2 or w.shape[1] != K:
-        raise ValueError(f"{name} expects w of shape (N, K={K}), got {tuple(w.shape)} for x of shape {tuple(x.shape)}")
+        raise ValueError(f"{name} expects w of shape (N, K={K}), got {tuple(w.shape)}{_glu_note(x, glu)}")
     if w.dtype != x.dtype:
         raise TypeError(f"{name} expects w in x's dtype ({x.dtype}), got {w.dtype}")
     N = w.shape[0]
@@ -97,14 +141,12 @@ def _check_float_args(name, x, w, bias) -> tuple[int, int]:
     return N, K
 
 
-def _check_int8_args(name, x, w_int8, scales, bias) -> tuple[int, int]:
-    K = _check_x(name, x)
+def _check_int8_args(name, x, w_int8, scales, bias, glu=False) -> tuple[int, int]:
+    K = _gemv_k(name, x, glu)
     if w_int8.dtype != torch.int8:
         raise TypeError(f"{name} expects w_int8 of dtype torch.int8, got {w_int8.dtype}")
     if w_int8.dim() != 2 or w_int8.shape[1] != K:
-        raise ValueError(
-            f"{name} expects w_int8 of shape (N, K={K}), got {tuple(w_int8.shape)} for x of shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"{name} expects w_int8 of shape (N, K={K}), got {tuple(w_int8.shape)}{_glu_note(x, glu)}")
     N = w_int8.shape[0]
     if not scales.dtype.is_floating_point:
         raise TypeError(f"{name} expects floating-point scales, got {scales.dtype}")
@@ -143,20 +185,63 @@ def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias) -> tupl
 # ----------------------------------------------------------------------------------
 # References
 # ----------------------------------------------------------------------------------
-def decode_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference: ``F.linear(x, w, bias)`` (bias cast to x's dtype)."""
-    _check_float_args("decode_linear_ref", x, w, bias)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, the math of ``fastzoo.llama.model.RMSNorm`` (which calls
+    this): normalise in fp32, round to x's dtype, times ``weight``."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.type_as(x)
+
+
+def silu_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's gate: x = [a | b] along the last dim → ``F.silu(a) * b`` in x's dtype."""
+    a, b = x.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+def norm_options(norm) -> dict:
+    """The ``norm_weight`` / ``norm_eps`` options of the decode linears from an RMSNorm module
+    (``.weight``, ``.eps``), or none for ``norm=None``."""
+    return {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.eps}
+
+
+def _prologue_ref(x, norm_weight, norm_eps, glu):
+    """The input of the product: silu(a)·b where ``glu``, then RMSNorm where ``norm_weight``."""
+    if glu:
+        x = silu_mul_ref(x)
+    if norm_weight is not None:
+        x = rms_norm_ref(x, norm_weight, norm_eps).to(x.dtype)
+    return x
+
+
+def _residual_ref(y, residual):
+    return y if residual is None else residual + y
+
+
+def decode_linear_ref(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                      norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5, glu: bool = False,
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference: ``F.linear(x, w, bias)`` (bias cast to x's dtype); with the options,
+    ``residual + F.linear(RMSNorm(silu(a)·b), w, bias)`` in x's dtype, each step as the
+    model's modules compute it."""
+    N, K = _check_float_args("decode_linear_ref", x, w, bias, glu)
+    _check_fusion("decode_linear_ref", x, N, K, norm_weight, norm_eps, residual)
+    x = _prologue_ref(x, norm_weight, norm_eps, glu)
+    return _residual_ref(F.linear(x, w, None if bias is None else bias.to(x.dtype)), residual)
 
 
 def int8_weight_only_linear_ref(
-    x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None
+    x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+    norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5, glu: bool = False,
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Reference: ``F.linear(x, w_int8.to(x.dtype)) * scales + bias`` in x's dtype
-    (what ``Int8WeightOnlyLinear.forward`` computes)."""
-    _check_int8_args("int8_weight_only_linear_ref", x, w_int8, scales, bias)
+    (what ``Int8WeightOnlyLinear.forward`` computes); the options as in ``decode_linear_ref``."""
+    N, K = _check_int8_args("int8_weight_only_linear_ref", x, w_int8, scales, bias, glu)
+    _check_fusion("int8_weight_only_linear_ref", x, N, K, norm_weight, norm_eps, residual)
+    x = _prologue_ref(x, norm_weight, norm_eps, glu)
     y = F.linear(x, w_int8.to(x.dtype)) * scales.reshape(-1).to(x.dtype)
-    return y + bias.to(x.dtype) if bias is not None else y
+    return _residual_ref(y + bias.to(x.dtype) if bias is not None else y, residual)
 
 
 def int4_dequantize(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -256,48 +341,111 @@ if triton_available():
         dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
 
     @triton.jit
-    def _bias_and_store(res, offs_m, offs_n, M, N, pid_n, pid_m, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                        stride_om, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-        """Epilogue shared by the kernels. SPLIT_K == 1: add the bias and store. Otherwise
-        store this split's fp32 partial in the workspace (SPLIT_K, M, N); the last split of
-        the output tile to arrive (arrival counter, acq_rel) sums the partials in split
-        order, adds the bias, stores, and resets the counter for the next launch."""
-        n_mask = offs_n < N
-        mask = (offs_m < M)[:, None] & n_mask[None, :]
+    def _finish(total, ss, offs_m, offs_n, mask, n_mask, K, b_ptr, r_ptr, out_ptr, stride_om, stride_rm, eps,
+                HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr):
+        """The output tile's last steps in fp32, one rounding: the RMSNorm factor of each row
+        (rsqrt(Σx²/K + eps): it factors out of the dot), the bias, the residual; store."""
+        if NORM:
+            total = total * tl.rsqrt(ss / K + eps)[:, None]
+        if HAS_BIAS:
+            total = total + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            r_off = offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+            total = total + tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
         o_off = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _fused_store(res, ss, offs_m, offs_n, M, N, K, pid_n, pid_m, pid_k, b_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     stride_om, stride_rm, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
+        """Epilogue. SPLIT_K == 1: finish and store. Otherwise store this split's fp32
+        partial in the workspace (SPLIT_K, M, N) and, with NORM, its partial Σx² per row
+        after it (SPLIT_K, M, output tiles: each tile its own slot, no race); the last split
+        of the output tile to arrive (arrival counter, acq_rel) sums the partials in split
+        order, finishes, stores, and resets the counter for the next launch."""
+        n_mask = offs_n < N
+        m_mask = offs_m < M
+        mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K == 1:
-            if HAS_BIAS:
-                res = res + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + o_off, res.to(out_ptr.dtype.element_ty), mask=mask)
+            _finish(res, ss, offs_m, offs_n, mask, n_mask, K, b_ptr, r_ptr, out_ptr, stride_om, stride_rm, eps,
+                    HAS_BIAS, NORM, HAS_RES)
         else:
             # int32 offsets: the workspace holds at most _WORKSPACE_ELEMS floats (M and N may
             # arrive as Python ints: Triton specialises an argument equal to 1)
             p_off = offs_m[:, None] * N + offs_n[None, :]
             tl.store(ws_ptr + pid_k * M * N + p_off, res, mask=mask)
+            n_tiles = tl.num_programs(0)
+            ss_off = SPLIT_K * M * N + offs_m * n_tiles + pid_n
+            if NORM:
+                tl.store(ws_ptr + ss_off + pid_k * M * n_tiles, ss, mask=m_mask)
             tl.debug_barrier()  # every thread's partial is stored before the arrival is released
-            tile = pid_m * tl.num_programs(0) + pid_n
+            tile = pid_m * n_tiles + pid_n
             arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 total = tl.zeros_like(res)
+                total_ss = ss
+                if NORM:
+                    total_ss = tl.zeros_like(ss)
                 for s in tl.static_range(SPLIT_K):
                     total += tl.load(ws_ptr + s * M * N + p_off, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total = total + tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=mask)
+                    if NORM:
+                        total_ss += tl.load(ws_ptr + ss_off + s * M * n_tiles, mask=m_mask, other=0.0,
+                                            cache_modifier=".cg")
+                _finish(total, total_ss, offs_m, offs_n, mask, n_mask, K, b_ptr, r_ptr, out_ptr, stride_om,
+                        stride_rm, eps, HAS_BIAS, NORM, HAS_RES)
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
-    @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT"],
+    @triton.jit
+    def _bias_and_store(res, offs_m, offs_n, M, N, pid_n, pid_m, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                        stride_om, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """The epilogue without RMSNorm factor or residual (``_fused_store``)."""
+        _fused_store(res, 0.0, offs_m, offs_n, M, N, 1, pid_n, pid_m, pid_k, b_ptr, b_ptr, out_ptr, ws_ptr,
+                     cnt_ptr, stride_om, 0, 0.0, HAS_BIAS, False, False, SPLIT_K)
+
+    @triton.jit
+    def _x_block(x_ptrs, nw_ptrs, k, K, kmask, EVEN: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr):
+        """Prologue: x's block at column k as the product consumes it, and its values before
+        the norm weight (their squares sum to Σx²). GLU: silu(a)·b of x = [a | b] (b starts K
+        columns on); NORM: times the RMSNorm weight (the row factor comes in the epilogue).
+        fp32 where an option applies, the plain load in x's dtype otherwise."""
+        if GLU:
+            if EVEN:
+                a = tl.load(x_ptrs + k).to(tl.float32)
+                g = tl.load(x_ptrs + (k + K)).to(tl.float32)
+            else:
+                a = tl.load(x_ptrs + k, mask=kmask, other=0.0).to(tl.float32)
+                g = tl.load(x_ptrs + (k + K), mask=kmask, other=0.0).to(tl.float32)
+            v = a * tl.sigmoid(a) * g
+        elif EVEN:
+            v = tl.load(x_ptrs + k)
+        else:
+            v = tl.load(x_ptrs + k, mask=kmask, other=0.0)
+        xv = v
+        if NORM:
+            v = v.to(tl.float32)
+            if EVEN:
+                xv = v * tl.load(nw_ptrs + k).to(tl.float32)
+            else:
+                xv = v * tl.load(nw_ptrs + k, mask=kmask, other=0.0).to(tl.float32)
+        return xv, v
+
+    @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT", "GLU", "NORM", "HAS_RES"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     @triton.jit
     def _linear_kernel(
-        x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, M_BUCKET, stride_xm, stride_wn, stride_om,
-        QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, w_ptr, s_ptr, b_ptr, nw_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
+        M, N, K, M_BUCKET, stride_xm, stride_wn, stride_om, stride_rm, eps,
+        QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+        UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr,
     ):
-        """out[m, n] = Σ_k x[m, k] · w[n, k] (· s[n] when QUANT == 1: int8 w) + b[n]."""
+        """out[m, n] = Σ_k x[m, k] · w[n, k] (· s[n] when QUANT == 1: int8 w) + b[n]; with
+        GLU x[m, k] is silu(x[m, k]) · x[m, K + k], with NORM it is RMS-normalised (weight
+        nw[k] per block, rsqrt(Σx²/K + eps) per row in the epilogue), with HAS_RES
+        r[m, n] is added (fp32, one rounding)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -311,7 +459,9 @@ if triton_available():
         w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_k[None, :]
         if BLOCK_M == 1:
             x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + offs_k
+            nw_ptrs = nw_ptr + offs_k
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            ssq = tl.zeros((BLOCK_K,), dtype=tl.float32)
             k_loop = k_start
             if PDL:
                 # Launched while the previous kernel finishes: the weights do not depend on
@@ -319,43 +469,51 @@ if triton_available():
                 first = offs_k < k_end - k_start
                 w0 = tl.load(w_ptrs + k_start, mask=first[None, :], other=0)
                 gdc_wait()
-                x0 = tl.load(x_ptrs + k_start, mask=first, other=0.0)
+                x0, v0 = _x_block(x_ptrs, nw_ptrs, k_start, K, first, False, GLU, NORM)
                 acc2 += w0.to(tl.float32) * x0.to(tl.float32)[None, :]
+                if NORM:
+                    ssq += v0 * v0
                 k_loop = k_start + BLOCK_K
             for k in range(k_loop, k_end, BLOCK_K):
+                kmask = offs_k < K - k
+                xv, v = _x_block(x_ptrs, nw_ptrs, k, K, kmask, EVEN_K, GLU, NORM)
                 if EVEN_K:
-                    xv = tl.load(x_ptrs + k)
                     wv = tl.load(w_ptrs + k)
                 else:
-                    kmask = offs_k < K - k
-                    xv = tl.load(x_ptrs + k, mask=kmask, other=0.0)
                     wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0)
                 acc2 += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+                if NORM:
+                    ssq += v * v
             res = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N)
+            ss = tl.zeros((1,), dtype=tl.float32) + tl.sum(ssq, axis=0)
             offs_m = pid_m + tl.arange(0, 1)
         else:
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+            nw_ptrs = nw_ptr + offs_k[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
             if PDL:
                 gdc_wait()
             for k in range(k_start, k_end, BLOCK_K):
+                kmask = (offs_k < K - k)[None, :]
+                xv, v = _x_block(x_ptrs, nw_ptrs, k, K, kmask, EVEN_K, GLU, NORM)
                 if EVEN_K:
-                    xv = tl.load(x_ptrs + k)
                     wv = tl.load(w_ptrs + k)
                 else:
-                    kmask = offs_k < K - k
-                    xv = tl.load(x_ptrs + k, mask=kmask[None, :], other=0.0)
-                    wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0)
+                    wv = tl.load(w_ptrs + k, mask=kmask, other=0)
+                if NORM:
+                    ss += tl.sum(v * v, axis=1)
                 if UPCAST_DOT:
                     acc = tl.dot(xv.to(tl.float32), tl.trans(wv.to(tl.float32)), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(xv, tl.trans(wv.to(xv.dtype)), acc)
+                    x_dtype = x_ptr.dtype.element_ty
+                    acc = tl.dot(xv.to(x_dtype), tl.trans(wv.to(x_dtype)), acc)
             res = acc
         if QUANT == 1:
             res = res * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        _bias_and_store(res, offs_m, offs_n, M, N, pid_n, pid_m, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
-                        HAS_BIAS, SPLIT_K)
+        _fused_store(res, ss, offs_m, offs_n, M, N, K, pid_n, pid_m, pid_k, b_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     stride_om, stride_rm, eps, HAS_BIAS, NORM, HAS_RES, SPLIT_K)
 
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
@@ -451,14 +609,17 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
-         config: Optional[dict]) -> torch.Tensor:
+         config: Optional[dict], norm_partials: bool = False) -> torch.Tensor:
     """Launch ``kernel`` writing (M, N) into ``out`` and return ``out``. The split-K
     workspace (fp32 partials, never read before written) and the arrival counters are
-    passed to every launch. ``config`` (tests) forces one configuration:
+    passed to every launch; ``norm_partials``: the workspace also holds each split's Σx²
+    per row and output tile (SPLIT_K, M, N / BLOCK_N) after the (SPLIT_K, M, N) partials.
+    ``config`` (tests) forces one configuration:
     {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", optional "num_warps"}."""
     device = out.device
     max_split = _workspace_splits(M, N) if config is None else config["SPLIT_K"]
-    ws = torch.empty((max_split, M, N), dtype=torch.float32, device=device)
+    per_split = M * N + (M * triton.cdiv(N, _MIN_BLOCK_N) if norm_partials else 0)
+    ws = torch.empty(max_split * per_split, dtype=torch.float32, device=device)
     cnt = _counters(device, M * triton.cdiv(N, _MIN_BLOCK_N))
     scalars = kwargs.pop("_scalars")
     if config is not None:
@@ -501,40 +662,56 @@ def _check_kernel_dtype(name: str, x: torch.Tensor) -> None:
         raise TypeError(f"{name} (the kernel) expects x in bfloat16 or float16, got {x.dtype}")
 
 
-def _float_or_int8_triton(name, x, w, scales, bias, N, K, quant, config):
+def _float_or_int8_triton(name, x, w, scales, bias, N, K, quant, config, norm_weight, norm_eps, glu, residual):
     _require_triton(name)
     _check_kernel_dtype(name, x)
-    x2 = _rows(x, K)
+    _check_fusion(name, x, N, K, norm_weight, norm_eps, residual)
+    x2 = _rows(x, 2 * K if glu else K)
     M = x2.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M and N:
+        r = None if residual is None else unit_stride_last(residual.reshape(M, N))
         if K == 0:
             out.zero_()
             if bias is not None:
                 out += bias.to(x.dtype)
+            if r is not None:
+                out += r
         else:
             w = unit_stride_last(w)
             s = scales.reshape(-1).contiguous() if scales is not None else w
             b = bias.contiguous() if bias is not None else w
-            out = _run(_linear_kernel, M, N, out, [x2, w, s, b],
-                       {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), N),
-                        "QUANT": quant, "HAS_BIAS": bias is not None,
-                        "UPCAST_DOT": _upcast_dot(x), **_pdl(x)}, config)
+            nw = norm_weight.contiguous() if norm_weight is not None else w
+            out = _run(_linear_kernel, M, N, out, [x2, w, s, b, nw, w if r is None else r],
+                       {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), N,
+                                     N if r is None else r.stride(0), float(norm_eps)),
+                        "QUANT": quant, "HAS_BIAS": bias is not None, "GLU": bool(glu),
+                        "NORM": norm_weight is not None, "HAS_RES": r is not None,
+                        "UPCAST_DOT": _upcast_dot(x), **_pdl(x)}, config, norm_partials=norm_weight is not None)
     return out.reshape(*x.shape[:-1], N)
 
 
 def decode_linear_triton(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                         config: Optional[dict] = None) -> torch.Tensor:
-    """Launch the decode kernel (any M; it is built for M <= 16). ``config`` forces a tile (tests)."""
-    N, K = _check_float_args("decode_linear_triton", x, w, bias)
-    return _float_or_int8_triton("decode_linear_triton", x, w, None, bias, N, K, 0, config)
+                         config: Optional[dict] = None, *, norm_weight: Optional[torch.Tensor] = None,
+                         norm_eps: float = 1e-5, glu: bool = False,
+                         residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch the decode kernel (any M; it is built for M <= 16). ``config`` forces a tile (tests).
+    Options as in ``decode_linear``."""
+    name = "decode_linear_triton"
+    N, K = _check_float_args(name, x, w, bias, glu)
+    return _float_or_int8_triton(name, x, w, None, bias, N, K, 0, config, norm_weight, norm_eps, glu, residual)
 
 
 def int8_weight_only_linear_triton(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
-                                   bias: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
-    """Launch the int8 weight-only decode kernel (any M; built for M <= 16)."""
-    N, K = _check_int8_args("int8_weight_only_linear_triton", x, w_int8, scales, bias)
-    return _float_or_int8_triton("int8_weight_only_linear_triton", x, w_int8, scales, bias, N, K, 1, config)
+                                   bias: Optional[torch.Tensor] = None, config: Optional[dict] = None, *,
+                                   norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5,
+                                   glu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch the int8 weight-only decode kernel (any M; built for M <= 16). Options as in
+    ``int8_weight_only_linear``."""
+    name = "int8_weight_only_linear_triton"
+    N, K = _check_int8_args(name, x, w_int8, scales, bias, glu)
+    return _float_or_int8_triton(name, x, w_int8, scales, bias, N, K, 1, config, norm_weight, norm_eps, glu,
+                                 residual)
 
 
 def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
@@ -580,26 +757,32 @@ def _kernel_applies(x: torch.Tensor, *others: Optional[torch.Tensor]) -> bool:
 
 
 @torch.library.custom_op("fastzoo::decode_linear", mutates_args=())
-def _decode_linear_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if _kernel_applies(x, w, bias) and w.shape[0] > 0:
-        return decode_linear_triton(x, w, bias)
-    return decode_linear_ref(x, w, bias)
+def _decode_linear_op(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor],
+                      norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5, glu: bool = False,
+                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    opts = dict(norm_weight=norm_weight, norm_eps=norm_eps, glu=glu, residual=residual)
+    if _kernel_applies(x, w, bias, norm_weight, residual) and w.shape[0] > 0:
+        return decode_linear_triton(x, w, bias, **opts)
+    return decode_linear_ref(x, w, bias, **opts)
 
 
 @_decode_linear_op.register_fake
-def _(x, w, bias):
+def _(x, w, bias, norm_weight=None, norm_eps=1e-5, glu=False, residual=None):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 @torch.library.custom_op("fastzoo::int8_weight_only_linear", mutates_args=())
-def _int8_op(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if _kernel_applies(x, w_int8, scales, bias) and w_int8.shape[0] > 0:
-        return int8_weight_only_linear_triton(x, w_int8, scales, bias)
-    return int8_weight_only_linear_ref(x, w_int8, scales, bias)
+def _int8_op(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+             norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5, glu: bool = False,
+             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    opts = dict(norm_weight=norm_weight, norm_eps=norm_eps, glu=glu, residual=residual)
+    if _kernel_applies(x, w_int8, scales, bias, norm_weight, residual) and w_int8.shape[0] > 0:
+        return int8_weight_only_linear_triton(x, w_int8, scales, bias, **opts)
+    return int8_weight_only_linear_ref(x, w_int8, scales, bias, **opts)
 
 
 @_int8_op.register_fake
-def _(x, w_int8, scales, bias):
+def _(x, w_int8, scales, bias, norm_weight=None, norm_eps=1e-5, glu=False, residual=None):
     return x.new_empty((*x.shape[:-1], w_int8.shape[0]))
 
 
@@ -616,27 +799,36 @@ def _(x, w_packed, scales, zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
 
-def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def decode_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                  norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5, glu: bool = False,
+                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` with a bandwidth-bound Triton kernel for at most 16 rows of x.
 
     x (..., K) bf16/fp16 (fp32: PyTorch only); w (N, K) in x's dtype; bias (N,) in x's
     dtype or fp32. Returns (..., N) in x's dtype. Kernel on CUDA (Ampere+) for <= 16
     rows, ``F.linear`` otherwise. Traceable by ``torch.compile(fullgraph=True)``.
+    ``norm_weight``/``norm_eps``, ``glu``, ``residual``: RMSNorm / SwiGLU prologue and
+    residual epilogue fused into the product (the module docstring); the reference elsewhere.
     """
-    _check_float_args("decode_linear", x, w, bias)
-    return _decode_linear_op(x, w, bias)
+    N, K = _check_float_args("decode_linear", x, w, bias, glu)
+    _check_fusion("decode_linear", x, N, K, norm_weight, norm_eps, residual)
+    return _decode_linear_op(x, w, bias, norm_weight, float(norm_eps), bool(glu), residual)
 
 
 def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch.Tensor,
-                            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            bias: Optional[torch.Tensor] = None, *, norm_weight: Optional[torch.Tensor] = None,
+                            norm_eps: float = 1e-5, glu: bool = False,
+                            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, w_int8.to(x.dtype)) * scales + bias``: int8 weight-only linear.
 
     x (..., K) bf16/fp16 (fp32: PyTorch only); w_int8 int8 (N, K); scales (N,) float
     (per output channel); bias (N,) in x's dtype or fp32. Kernel on CUDA for <= 16
     rows (weights dequantized in registers), dequantize + ``F.linear`` otherwise.
+    ``norm_weight``/``norm_eps``, ``glu``, ``residual``: as in ``decode_linear``.
     """
-    _check_int8_args("int8_weight_only_linear", x, w_int8, scales, bias)
-    return _int8_op(x, w_int8, scales, bias)
+    N, K = _check_int8_args("int8_weight_only_linear", x, w_int8, scales, bias, glu)
+    _check_fusion("int8_weight_only_linear", x, N, K, norm_weight, norm_eps, residual)
+    return _int8_op(x, w_int8, scales, bias, norm_weight, float(norm_eps), bool(glu), residual)
 
 
 def int4_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -16,7 +16,7 @@ from fastzoo.ops import int4_weight_only_linear, int8_dynamic_linear, int8_scale
 from fastzoo.ops.int8_mm import requantize_int8_ref
 from fastzoo.ops.quantize_rows import EPS as _EPS
 from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
-from fastzoo.ops.weight_only_linear import INT4_GROUP_SIZES, int4_dequantize
+from fastzoo.ops.weight_only_linear import INT4_GROUP_SIZES, int4_dequantize, norm_options
 
 def _check_float_weight(linear: nn.Linear) -> None:
     if not linear.weight.dtype.is_floating_point:
@@ -58,6 +58,13 @@ class Int8WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.bias)
 
+    def fused_forward(self, x: torch.Tensor, *, norm=None, glu: bool = False,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``fastzoo.llama.model.fused_linear``'s protocol: RMSNorm (``norm``), SwiGLU and
+        residual fused into the int8 weight-only kernel."""
+        return int8_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.bias, glu=glu,
+                                       residual=residual, **norm_options(norm))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
@@ -71,6 +78,7 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
     """
 
     scales_in_fp32 = True
+    fused_forward = None  # not the weight-only product: fused_linear composes around forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # scales stay float32 even if the module was cast with .to(dtype)

@@ -89,3 +89,93 @@ def test_config_from_json(tmp_path, converted):
     hf, ckpt = converted["gqa_llama3_rope"]
     cfg = LlamaConfig.from_json(ckpt / "config.json")
     assert cfg.n_kv_heads == 2 and cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_theta == 500000.0
+
+
+# ----------------------------------------------------------------------------------
+# fused_linear: norms, SwiGLU and residuals fused into the projections
+# ----------------------------------------------------------------------------------
+def _tiny_with_norms(seed=0):
+    from llama_testutils import make_tiny_model
+
+    model = make_tiny_model(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _hook_every_linear(model):
+    """A no-op forward pre-hook on every module with fused_forward: fused_linear composes."""
+    return [m.register_forward_pre_hook(lambda m, args: None)
+            for m in model.modules() if getattr(m, "fused_forward", None) is not None]
+
+
+@pytest.mark.parametrize("quant", [None, "int8", "int8dq", "int4-32"])
+def test_fused_linear_calls_and_equals_composition(monkeypatch, quant):
+    """Each block hands wqkv its attention_norm, wo the residual x, w13 its ffn_norm, w2 the
+    SwiGLU and the residual h, the output head the final norm (after the logits_at row
+    selection); on the CPU (the ops' references) the result equals the plain composition
+    bit for bit, with and without KV cache, for modules that fuse and modules that don't;
+    above 16 rows it composes."""
+    model = _tiny_with_norms()
+    if quant is not None:
+        from fastzoo import quant as q
+
+        q.quantize_(model, q.Int4WeightOnly(group_size=32) if quant == "int4-32" else quant)
+    calls = []
+    for cls in {type(m) for m in model.modules() if getattr(m, "fused_forward", None) is not None}:
+        orig = cls.fused_forward
+
+        def spy(self, x, *, norm=None, glu=False, residual=None, _orig=orig):
+            calls.append((self, norm, glu, None if residual is None else tuple(residual.shape), x.dim()))
+            return _orig(self, x, norm=norm, glu=glu, residual=residual)
+        monkeypatch.setattr(cls, "fused_forward", spy)
+    tokens = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+    logits_at = torch.tensor([6, 3])
+    with torch.no_grad():
+        fused = model(tokens, logits_at=logits_at)
+        model.setup_caches(2, 16, torch.float32)
+        fused_cached = model(tokens, torch.arange(7))
+        handles = _hook_every_linear(model)
+        composed_cached = model(tokens, torch.arange(7))
+        model.clear_caches()
+        composed = model(tokens, logits_at=logits_at)
+    for h in handles:
+        h.remove()
+    assert torch.equal(fused, composed) and fused.shape == (2, 96)
+    assert torch.equal(fused_cached, composed_cached)
+    if quant in ("int8dq", "int4-32"):  # these modules do not fuse
+        assert calls == []
+        return
+    expected = []
+    for layer in model.layers:
+        att, ff = layer.attention, layer.feed_forward
+        expected += [(att.wqkv, layer.attention_norm, False, None), (att.wo, None, False, (2, 7, 64)),
+                     (ff.w13, layer.ffn_norm, False, None), (ff.w2, None, True, (2, 7, 64))]
+    expected += [(model.output, model.norm, False, None)]
+    got = [c[:4] for c in calls]
+    assert got[:len(expected)] == expected  # the first, cache-less forward
+    assert [c[4] for c in calls[:len(expected)]] == [3] * (len(expected) - 1) + [2]  # head: logits_at rows
+    assert len(calls) == 2 * len(expected)  # then the cached one; the hooked ones compose
+    calls.clear()
+    with torch.no_grad():
+        model(torch.randint(0, 96, (3, 7)))
+    assert calls == []  # more than 16 rows (prefill): composed, the GEMM is F.linear's
+
+
+def test_compiled_graph_has_no_separate_norm_or_silu():
+    """torch.compile(fullgraph) of the model: every RMSNorm, SwiGLU and residual add lives
+    in a decode_linear call (on the CPU the op runs its reference)."""
+    import torch._dynamo.testing
+
+    model = _tiny_with_norms(1)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    tokens = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), model(tokens), rtol=0, atol=0)
+    targets = [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
+    assert sum("decode_linear" in t for t in targets) == 4 * len(model.layers) + 1
+    assert not [t for t in targets if "rsqrt" in t or "silu" in t], targets

@@ -172,6 +172,142 @@ def test_split_k_reduces_in_launch_and_resets_counters(kernel_device, config):
     assert int(_COUNTERS[x.device].abs().sum()) == 0
 
 # ----------------------------------------------------------------------------------
+# Fusions: RMSNorm / SwiGLU prologue, residual epilogue
+# ----------------------------------------------------------------------------------
+FUSIONS = ["norm", "glu+res", "norm+res", "glu+norm+res"]  # each option, with and without the others
+
+
+def _fused_inputs(M, N, K, dtype, opts, quant, g):
+    """x (M, K or 2K), the weight (float, or int8 + scales), the options, and the fp32 truth."""
+    glu = "glu" in opts
+    x = _x((M,), 2 * K if glu else K, dtype, g)
+    nw = (torch.rand(K, generator=g) + 0.5).to(dtype) if "norm" in opts else None
+    res = torch.randn(M, N, generator=g).to(dtype) if "res" in opts else None
+    bias = _bias(N, "same" if M % 2 else "none", dtype, g)
+    if quant:
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+        scales = (torch.rand(N, generator=g) * 1e-2 + 1e-3).to(dtype)
+        w_true = w.float() * scales.float()[:, None]
+    else:
+        w = (torch.randn(N, K, generator=g) * 0.1).to(dtype)
+        scales, w_true = None, w.float()
+    xf = x.float()
+    if glu:
+        xf = F.silu(xf[:, :K]) * xf[:, K:]
+    if nw is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float()
+    truth = F.linear(xf, w_true, None if bias is None else bias.float())
+    if res is not None:
+        truth = truth + res.float()
+    opts = dict(norm_weight=nw, norm_eps=1e-5, glu=glu, residual=res)
+    return x, w, scales, bias, opts, truth
+
+
+@pytest.mark.parametrize("M,N,K,dtype", [(1, 7, 200, torch.bfloat16), (3, 129, 64, torch.float16),
+                                         (16, 7, 200, torch.float16), (1, 129, 64, torch.float16)])
+@pytest.mark.parametrize("quant", [0, 1], ids=["float", "int8"])
+@pytest.mark.parametrize("cfg", list(CONFIGS))
+@pytest.mark.parametrize("opts", FUSIONS)
+def test_fused_kernel(kernel_device, M, N, K, dtype, quant, cfg, opts):
+    """Each fusion and their combinations, GEMV / dot paths, with and without split-K
+    (the split-K RMSNorm combines per-split Σx²), against an fp32 computation."""
+    config = CONFIGS[cfg]
+    if not _applies(config, M):
+        pytest.skip("GEMV tile is for one row")
+    g = _gen("fused", M, N, K, str(dtype), quant, cfg, opts)
+    x, w, scales, bias, fopts, truth = _fused_inputs(M, N, K, dtype, opts, quant, g)
+    dev = kernel_device
+    fopts = dict(fopts, norm_weight=_to(dev, fopts["norm_weight"])[0], residual=_to(dev, fopts["residual"])[0])
+    if quant:
+        out = int8_weight_only_linear_triton(*_to(dev, x, w, scales, bias), config=config, **fopts)
+        ref = int8_weight_only_linear_ref(x, w, scales, bias, **_to_cpu_opts(fopts))
+    else:
+        out = decode_linear_triton(*_to(dev, x, w, bias), config=config, **fopts)
+        ref = decode_linear_ref(x, w, bias, **_to_cpu_opts(fopts))
+    _check(out, truth, dtype, (M, N))
+    _check(ref, truth, dtype, (M, N))  # the reference's roundings stay within the same tolerance
+
+
+def _to_cpu_opts(opts):
+    return {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
+
+
+@pytest.mark.parametrize("bf16_norm_weight", [False, True])
+def test_fused_kernel_leading_dims_fp32_norm_weight_and_split_k_repeat(kernel_device, bf16_norm_weight):
+    """(2, 3, K) x with strided rows, a float32 norm weight; split-K repeated: bit-identical,
+    the counters back at zero."""
+    from fastzoo.ops.weight_only_linear import _COUNTERS
+
+    g = _gen("fused-lead", bf16_norm_weight)
+    dtype = torch.bfloat16
+    x = _x((2, 3), 300, dtype, g)[..., 10:138]
+    w = (torch.randn(21, 64, generator=g) * 0.1).to(dtype)
+    nw = torch.rand(64, generator=g) + 0.5
+    nw = nw.to(dtype) if bf16_norm_weight else nw
+    res = torch.randn(2, 3, 21, generator=g).to(dtype)
+    xf = F.silu(x.float()[..., :64]) * x.float()[..., 64:]
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.float()
+    truth = F.linear(xf, w.float()) + res.float()
+    x, w, nw, res = _to(kernel_device, x, w, nw, res)
+    outs = [decode_linear_triton(x, w, config=DOT_SPLIT, norm_weight=nw, norm_eps=1e-6, glu=True, residual=res)
+            for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+    _check(outs[0], truth, dtype, (2, 3, 21))
+    assert int(_COUNTERS[x.device].abs().sum()) == 0
+
+
+def test_fused_reference_is_the_model_math():
+    """The references compose the model's own pieces bit for bit: RMSNorm (the model's
+    module), silu·mul, the linear, + residual, in x's dtype."""
+    from fastzoo.llama.model import RMSNorm
+    from fastzoo.ops.weight_only_linear import rms_norm_ref, silu_mul_ref
+
+    g = _gen("fused-ref")
+    for dtype in (torch.bfloat16, torch.float32):
+        norm = RMSNorm(64, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(64, generator=g) + 0.5)
+        x = _x((2, 3), 64, dtype, g)
+        x2 = _x((2, 3), 128, dtype, g)
+        w = (torch.randn(24, 64, generator=g) * 0.1).to(dtype)
+        res = torch.randn(2, 3, 24, generator=g).to(dtype)
+        assert torch.equal(rms_norm_ref(x, norm.weight, 1e-6), norm(x))
+        a, b = x2.split(64, dim=-1)
+        assert torch.equal(silu_mul_ref(x2), F.silu(a) * b)
+        expected = res + F.linear(norm(x), w)
+        got = decode_linear(x, w, norm_weight=norm.weight, norm_eps=norm.eps, residual=res)  # CPU: reference
+        assert torch.equal(got, expected)
+        expected = res + F.linear(F.silu(a) * b, w)
+        assert torch.equal(decode_linear(x2, w, glu=True, residual=res), expected)
+        w_q = torch.randint(-127, 128, (24, 64), dtype=torch.int8, generator=g)
+        s = torch.rand(24, generator=g).to(dtype)
+        expected = res + int8_weight_only_linear_ref(norm(x), w_q, s)
+        assert torch.equal(int8_weight_only_linear(x, w_q, s, norm_weight=norm.weight, norm_eps=1e-6, residual=res),
+                           expected)
+
+
+def test_fused_options_reject_bad_input():
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    w = torch.randn(8, 64, dtype=torch.bfloat16)
+    w_q = torch.zeros(8, 32, dtype=torch.int8)
+    s = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"w of shape \(N, K=32\), got \(8, 64\) \(glu=True"):
+        decode_linear(x, w, glu=True)
+    with pytest.raises(ValueError, match=r"glu=True expects x of shape \(..., 2K\).*odd"):
+        decode_linear(x[:, :63], w[:, :31], glu=True)
+    with pytest.raises(ValueError, match=r"norm_weight of shape \(K,\) = \(64,\), got \(32,\)"):
+        decode_linear(x, w, norm_weight=torch.ones(32, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"norm_weight in x's dtype \(torch.bfloat16\) or float32, got torch.float16"):
+        decode_linear(x, w, norm_weight=torch.ones(64, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"residual of shape \(2, 8\), got \(2, 9\)"):
+        decode_linear(x, w, residual=torch.zeros(2, 9, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match=r"residual in x's dtype \(torch.bfloat16\), got torch.float32"):
+        int8_weight_only_linear(x[:, :32], w_q, s, residual=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"norm_eps >= 0, got -1"):
+        decode_linear(x, w, norm_weight=torch.ones(64, dtype=torch.bfloat16), norm_eps=-1.0)
+
+
+# ----------------------------------------------------------------------------------
 # References and the quant modules
 # ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -313,6 +449,9 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(_decode_linear_op, (x, w, None))
     torch.library.opcheck(_int8_op, (x, w_q, s, s))
     torch.library.opcheck(_int4_op, (x, p, s4, z4, 32, None))
+    nw, res = torch.rand(64, generator=g).to(torch.bfloat16), torch.randn(2, 3, 8, generator=g).to(torch.bfloat16)
+    torch.library.opcheck(_decode_linear_op, (x, w, None, nw, 1e-6, False, res))
+    torch.library.opcheck(_int8_op, (x, w_q[:, :32], s, None, None, 1e-5, True, res))
 
 
 def test_autotune_prune():
@@ -370,9 +509,33 @@ def test_cuda_llama_shapes(N, K, M):
     assert torch.equal(int8_weight_only_linear(xl, w_q, s), int8_weight_only_linear_ref(xl, w_q, s))
 
 
+# Llama-2-7B's fused projections: (N, K, fusions)
+LLAMA_FUSED = [(12288, 4096, "norm"), (4096, 4096, "res"), (22016, 4096, "norm"), (4096, 11008, "glu+res"),
+               (32000, 4096, "norm"), (4096, 4096, "glu+norm+res")]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,K,opts", LLAMA_FUSED)
+@pytest.mark.parametrize("M", [1, 8])
+def test_cuda_fused_llama_shapes(N, K, opts, M):
+    """The fused projections of a Llama-2-7B decode step through the public ops (the
+    autotuned kernels, split-K where chosen) against fp32."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(N + K + M)
+    for quant in (0, 1):
+        x, w, scales, bias, fopts, truth = _fused_inputs(M, N, K, torch.bfloat16, opts, quant, g)
+        x, w, scales, bias = _to(dev, x, w, scales, bias)
+        fopts = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in fopts.items()}
+        if quant:
+            out = int8_weight_only_linear(x, w, scales, bias, **fopts)
+        else:
+            out = decode_linear(x, w, bias, **fopts)
+        assert rel_err(out, truth) < 1e-2, (quant, rel_err(out, truth))
+
+
 @pytest.mark.cuda
 def test_cuda_graph_capture_and_compile():
-    """reduce-overhead compile (CUDA graphs) over the three ops, split-K or not."""
+    """reduce-overhead compile (CUDA graphs) over the three ops and the fusions, split-K or not."""
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     K, N = 4096, 4096
@@ -382,9 +545,13 @@ def test_cuda_graph_capture_and_compile():
     p, s4, z4 = Int4WeightOnlyLinear.quantize(w, 64)
     s4, z4 = s4.to(dtype), z4.to(dtype)
 
+    nw = (torch.rand(K, device=dev) + 0.5).to(dtype)
+
     def f(x):
-        return (decode_linear(x, w) + int8_weight_only_linear(x, w_q, s)
-                + int4_weight_only_linear(x, p, s4, z4, 64))
+        y = (decode_linear(x, w) + int8_weight_only_linear(x, w_q, s)
+             + int4_weight_only_linear(x, p, s4, z4, 64))
+        y = decode_linear(y, w, norm_weight=nw, residual=x)  # the fusions too (split-K Σx² partials)
+        return int8_weight_only_linear(torch.cat([x, y], -1), w_q, s, glu=True, residual=y)
 
     compiled = torch.compile(f, mode="reduce-overhead", fullgraph=True)
     for _ in range(4):
@@ -399,13 +566,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from fastzoo.ops import weight_only_linear as wol
 
-kernel_name, split = sys.argv[1], int(sys.argv[2])
+kernel_name, split, opts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
 jit = getattr(wol, kernel_name).fn.fn  # autotune -> heuristics -> jit
-common = {"M": 1, "M_BUCKET": 1, "HAS_BIAS": True, "UPCAST_DOT": False, "BLOCK_M": 1, "BLOCK_N": 8, "SPLIT_K": split,
-          "PDL": split > 1}
+dot = "dot" in opts  # the 16-row tl.dot path (M a runtime int); else the GEMV (M = 1, a constant)
+common = {"M_BUCKET": 16 if dot else 1, "HAS_BIAS": True, "UPCAST_DOT": False, "BLOCK_M": 16 if dot else 1,
+          "BLOCK_N": 32 if dot else 8, "SPLIT_K": split, "PDL": split > 1}
+if not dot:
+    common["M"] = 1
 if kernel_name == "_linear_kernel":
-    sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16")
-    const = dict(common, QUANT=1, BLOCK_K=512, EVEN_K=True)
+    sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", nw_ptr="*bf16", r_ptr="*bf16", eps="fp32")
+    const = dict(common, QUANT=1, BLOCK_K=128 if dot else 512, EVEN_K=True,
+                 GLU="glu" in opts, NORM="norm" in opts, HAS_RES="res" in opts)
 else:
     sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16")
     const = dict(common, GROUP=128, BLOCK_K=256, GPB=2)
@@ -419,13 +590,17 @@ print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol
 """
 
 
-@pytest.mark.parametrize("kernel_name,split", [("_linear_kernel", 1), ("_linear_kernel", 4), ("_int4_kernel", 4)])
-def test_kernels_compile_for_hopper(kernel_name, split):
+@pytest.mark.parametrize("kernel_name,split,opts", [
+    ("_linear_kernel", 1, "-"), ("_linear_kernel", 4, "-"), ("_int4_kernel", 4, "-"),
+    ("_linear_kernel", 1, "norm,res"), ("_linear_kernel", 4, "norm,glu,res"), ("_linear_kernel", 2, "glu"),
+    ("_linear_kernel", 1, "dot,norm,glu,res"), ("_linear_kernel", 2, "dot,norm,res")])
+def test_kernels_compile_for_hopper(kernel_name, split, opts):
     """Compile the kernels ahead of time for sm_90 with M = 1 (which Triton turns into a
     constant on the GPU, unlike the interpreter) and with programmatic dependent launch,
-    which the interpreter never runs: catches code that only the GPU compiler rejects,
+    which the interpreter never runs, with and without the RMSNorm / SwiGLU / residual
+    fusions, and the 16-row dot path: catches code that only the GPU compiler rejects,
     without a GPU. In a fresh process without Triton's interpreter."""
-    r = run_aot_compile(_AOT_COMPILE, kernel_name, str(split))
+    r = run_aot_compile(_AOT_COMPILE, kernel_name, str(split), opts)
     assert r.returncode == 0, r.stderr[-3000:]
     # the arrival counter with split-K; griddepcontrol.wait where PDL is on (here: with split-K)
     assert r.stdout.split()[-2:] == (["acq_rel", "pdl"] if split > 1 else ["no-atomics", "no-pdl"])
