@@ -31,6 +31,8 @@ The result is y (B, T, H·D) in x's dtype, the input of the output projection ``
   enter the softmax from registers (no program reads slot ``pos`` from memory, so there is
   no race with the write). Head dims 64, 80, 128 (80 is masked inside a 128 block in registers only).
   Autotuned over the cache tile and warps, keyed on D, the kv_len bucket, G and the slice.
+  On Hopper+ launched with programmatic dependent launch, as the decode linears are (the
+  grid starts while the q/k/v projection drains and waits for its writes first).
 - ``decode_attention``: the public op ``torch.ops.fastzoo.decode_attention`` (mutates
   ``k_cache`` and ``v_cache``): the kernel for one bf16/fp16 CUDA token, the reference
   otherwise (CPU, fp32, other head dims). Several tokens per sequence (prefill,
@@ -183,6 +185,9 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    # programmatic dependent launch on Hopper+ (the decode linears' flag and launch option)
+    from .weight_only_linear import _pdl, gdc_wait
+
     # First: small, what Triton's interpreter (the CPU tests) runs.
     _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=2)] + [
         triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (16, 32, 64, 128) for w in (2, 4, 8)
@@ -212,7 +217,8 @@ if triton_available():
         sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sp_b,
         skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
         D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-        SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, MERGE: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """One (sequence b, kv head hk, cache slice): the GROUP query heads of hk read each
         cache tile once. Scores are (G_PAD, BLOCK_N) sums of q · k over D in fp32.
@@ -221,7 +227,10 @@ if triton_available():
         workspace (rows (b, hk, g) of G_PAD heads, padded heads included: they are finite),
         then arrives at the (b, hk) counter; the last of the N_SPLITS programs to arrive
         merges the live slices in slice order (deterministic), stores the output and resets
-        the counter to zero."""
+        the counter to zero. PDL: launched while the previous kernel (the q/k/v projection)
+        finishes; every memory access waits for its writes."""
+        if PDL:
+            gdc_wait()
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hk
@@ -380,7 +389,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
            device=q.device, D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len,
-           N_SPLITS=n_splits, MERGE=merge)
+           N_SPLITS=n_splits, MERGE=merge, **_pdl(q))
     return out
 
 

@@ -280,10 +280,11 @@ mod = importlib.import_module("fastzoo.ops.decode_attention")  # (fastzoo.ops.de
 
 # dtype, D, group, slices, slots per slice, config, int arguments equal to 1 (which Triton
 # turns into constants on the GPU: input_pos's batch stride always, one kv head for MQA)
-VARIANTS = [("bf16", 128, 1, 8, 512, mod._CONFIGS[-1], {"sp_b": 1}),
-            ("bf16", 128, 1, 8, 16, mod._CONFIGS[0], {"sp_b": 1, "Hk": 1}),
-            ("fp16", 128, 8, 13, 16, mod._CONFIGS[2], {"sp_b": 1}),
-            ("fp16", 80, 4, 1, 512, mod._CONFIGS[4], {"kv_len": 1})]
+# programmatic dependent launch on (griddepcontrol.wait) in two of them
+VARIANTS = [("bf16", 128, 1, 8, 512, mod._CONFIGS[-1], {"sp_b": 1, "PDL": False}),
+            ("bf16", 128, 1, 8, 16, mod._CONFIGS[0], {"sp_b": 1, "Hk": 1, "PDL": True}),
+            ("fp16", 128, 8, 13, 16, mod._CONFIGS[2], {"sp_b": 1, "PDL": False}),
+            ("fp16", 80, 4, 1, 512, mod._CONFIGS[4], {"kv_len": 1, "PDL": True})]
 for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
     jit = mod._decode_attn_kernel.fn
     ws = "*fp32" if n_splits > 1 else "*" + dt
@@ -302,6 +303,7 @@ for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
     assert "cos.approx" not in ptx and "sin.approx" not in ptx, "approximate cos/sin"
     # slices merge in the launch through an acq_rel arrival counter; one slice needs none
     assert ("atom.global.acq_rel" in ptx or ".acq_rel" in ptx) == (n_splits > 1), (dt, D, G, n_splits)
+    assert ("griddepcontrol.wait" in ptx) == ones["PDL"], (dt, D, G, n_splits)
 print("AOT-OK")
 """
 
@@ -310,7 +312,7 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
     """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU) of the kernel: bf16 MHA
     (D 128) with 8 slices of 512 and of 16 slots (one kv head: Hk = 1 a constant), fp16 GQA
     (D 128, group 8) with 13 slices merged 2 at a time, and fp16 GQA (D 80, group 4) in one
-    slice with kv_len = 1 a constant."""
+    slice with kv_len = 1 a constant; two of them with programmatic dependent launch."""
     proc = run_aot_compile(_AOT_SCRIPT)
     assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stderr[-3000:]
 
