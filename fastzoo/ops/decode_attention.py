@@ -170,15 +170,17 @@ def _sm_count(index: int) -> int:
 
 
 def _split_len(kv_len: int, programs: int, device: torch.device) -> int:
-    """Slots per cache slice: enough slices for about ``_PROGRAMS_PER_SM`` programs per SM
-    (``programs`` = B·Hk per slice), each a multiple of ``_SPLIT_GRANULE`` slots."""
+    """Slots per cache slice: at most enough slices for about ``_PROGRAMS_PER_SM`` programs
+    per SM (``programs`` = B·Hk per slice), each a multiple of ``_SPLIT_GRANULE`` slots — of
+    up to 128 for long slices, so that wide tiles divide them."""
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 8
     want = max(1, -(-_PROGRAMS_PER_SM * sms // max(1, programs)))
     per = -(-kv_len // want)
-    return max(_SPLIT_GRANULE, -(-per // _SPLIT_GRANULE) * _SPLIT_GRANULE)
+    granule = min(128, max(_SPLIT_GRANULE, 1 << (per.bit_length() - 1)))  # a power of two <= per
+    return -(-per // granule) * granule
 
 
 if triton_available():
