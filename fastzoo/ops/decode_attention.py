@@ -244,8 +244,18 @@ if triton_available():
         gmask = offs_g < GROUP
         qmask = gmask[:, None] & dmask[None, :]
         b64 = b.to(tl.int64)
-        pos = tl.load(pos_ptr + b64 * sp_b).to(tl.int32)  # slots < 2^31; pointer math below in int64
         heads = hk * GROUP + offs_g  # this program's query heads
+        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # rotate-half partner
+        # loads that do not depend on the position go out with it (one round trip)
+        pos = tl.load(pos_ptr + b64 * sp_b).to(tl.int32)  # slots < 2^31; pointer math below in int64
+        invf = tl.load(invf_ptr + offs_d % HALF, mask=dmask, other=0.0)
+        q_rows = q_ptr + b64 * sq_b + heads[:, None] * sq_h
+        qx = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0).to(tl.float32)
+        qp = tl.load(q_rows + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
+        k_row = k_ptr + b64 * sk_b + hk * sk_h
+        kx = tl.load(k_row + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        kp = tl.load(k_row + partner, mask=dmask, other=0.0).to(tl.float32)
+        v_new = tl.load(v_ptr + b64 * sv_b + hk * sv_h + offs_d, mask=dmask, other=0.0)
         rows = b64 * Hk * GROUP + heads  # (sequence, query head) rows of the output
         ws_rows = (pid.to(tl.int64) * G_PAD + offs_g) * N_SPLITS  # workspace rows of slice 0
         # Slots 0..pos-1 come from the cache, slot pos from registers (when it is among the
@@ -255,24 +265,16 @@ if triton_available():
         n_ctx = tl.minimum(pos, kv_len)
         start = split * SPLIT_LEN
         if (split == 0) | (start < n_ctx):
-            partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # rotate-half partner
             sign = tl.where(offs_d < HALF, -1.0, 1.0)
             # the angles position · inv_freq in fp32 as the reference computes them; tl.cos/sin
             # lower to the accurate libdevice functions on NVIDIA GPUs (no .approx: positions
             # reach thousands of radians)
-            angle = pos.to(tl.float32) * tl.load(invf_ptr + offs_d % HALF, mask=dmask, other=0.0)
+            angle = pos.to(tl.float32) * invf
             cos = tl.cos(angle)
             sin = tl.sin(angle)
             # RoPE of q and of the new k in fp32, rounded to the input dtype as the reference does.
-            q_rows = q_ptr + b64 * sq_b + heads[:, None] * sq_h
-            qx = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0).to(tl.float32)
-            qp = tl.load(q_rows + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
             q = (qx * cos[None, :] + sign[None, :] * qp * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
-            k_row = k_ptr + b64 * sk_b + hk * sk_h
-            kx = tl.load(k_row + offs_d, mask=dmask, other=0.0).to(tl.float32)
-            kp = tl.load(k_row + partner, mask=dmask, other=0.0).to(tl.float32)
             k_new = (kx * cos + sign * kp * sin).to(kc_ptr.dtype.element_ty)
-            v_new = tl.load(v_ptr + b64 * sv_b + hk * sv_h + offs_d, mask=dmask, other=0.0)
             kc_row = kc_ptr + b64 * skc_b + hk * skc_h
             vc_row = vc_ptr + b64 * svc_b + hk * svc_h
             new_visible = pos < kv_len
