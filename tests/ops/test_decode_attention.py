@@ -167,6 +167,22 @@ def test_fine_slices_merge_in_launch(kernel_device, case):
     assert counters is None or int(counters.abs().sum()) == 0
 
 
+def test_arrival_counters_persist_and_grow():
+    """One zeroed int32 buffer per device, the same object for every call that fits in it; a
+    larger request gets a new power-of-two buffer and the outgrown one stays alive (a
+    captured CUDA graph may hold its address)."""
+    from fastzoo.ops import _common
+
+    cpu = torch.device("cpu")
+    buf = _common.arrival_counters(cpu, 10)
+    assert buf.dtype == torch.int32 and buf.numel() >= 1 << 16 and int(buf.abs().sum()) == 0
+    assert _common.arrival_counters(cpu, 1000) is buf
+    n = buf.numel() + 1
+    big = _common.arrival_counters(cpu, n)
+    assert big.numel() == 1 << (n - 1).bit_length() and int(big.abs().sum()) == 0
+    assert _common.ARRIVAL_COUNTERS[cpu] is big and any(b is buf for b in _common._RETIRED_COUNTERS)
+
+
 def test_split_len_default_and_validation():
     """Default slices: multiples of 16 slots (of 128 when long), at most about 4 programs per
     SM (CPU: 8 "SMs"); a forced split_len must be a positive multiple of 16."""
