@@ -1,17 +1,21 @@
 """Benchmark the fused decode attention (fastzoo.ops.decode_attention), GPU only.
 
-    python -m experiments.bench_decode_attention            # B 1 and 8, kv_len 256/1024/4096, JSON saved
-    python -m experiments.bench_decode_attention --quick    # B 1, kv_len 256 and 4096, few repeats, no JSON
+    python -m experiments.bench_decode_attention            # B 1 and 8, kv_len 128/256/1024/4096
+    python -m experiments.bench_decode_attention --quick    # B 1, kv_len 128/256/1024/4096, few repeats
+    python -m experiments.bench_decode_attention --quick --split-lens 16,32,64,128   # + forced slice sizes
 
 One decode token of one Llama-2-7B attention layer (32 heads, head_dim 128, bf16): RoPE
 of q and the new k, the cache write at the token's position and attention over slots
 0..pos, with q/k/v slices of one fused wqkv output, as in ``fastzoo.llama.model``. Every
 sequence sits at the last slot (pos = kv_len - 1): the whole cache is read. Timed in the
-same run (µs, medians of CUDA-graph replays, rotating over ``--copies`` cache sets so the
-50 MB L2 does not hold the caches between calls):
+same run (µs per call: medians of CUDA-graph replays of ``--inner`` back-to-back calls, as
+the 32 layers of a decode step run them, divided by ``--inner``; the calls rotate over
+``--copies`` cache sets so the 50 MB L2 does not hold the caches between calls):
 
-- ``fused``: ``decode_attention`` (the Triton kernel, one launch + a combine launch when
-  the cache is split over several programs);
+- ``fused``: ``decode_attention`` (the Triton kernel: one launch; the cache slices of the
+  default ``split_len`` — recorded with the number of slices — merge in the same launch);
+- ``split<n>`` (``--split-lens``): the kernel with ``n`` slots per slice forced (what the
+  default's choice is tuned against);
 - ``compiled_ref``: ``decode_attention_ref`` compiled by inductor (fullgraph, static
   shapes, the SDPA math backend as ``fastzoo.llama.generate`` compiles decode steps):
   what a compiled decode step ran before this op;
@@ -29,7 +33,7 @@ import math
 import torch
 
 from experiments import harness
-from fastzoo.ops.decode_attention import decode_attention, decode_attention_ref
+from fastzoo.ops.decode_attention import _split_len, decode_attention, decode_attention_ref, decode_attention_triton
 
 H, HK, D = 32, 32, 128  # Llama-2-7B attention
 
@@ -53,12 +57,18 @@ def _math_sdpa():
 
 def bench_shape(B, kv_len, dtype, device, args, copy_gbs):
     kv_bytes = 2 * B * HK * kv_len * D * torch.tensor([], dtype=dtype).element_size()
-    copies = max(2, min(16, math.ceil(150e6 / kv_bytes))) if args.copies is None else args.copies
+    # enough sets that one pass over them (150 MB) does not fit in L2, at most 64
+    copies = max(2, min(64, math.ceil(150e6 / kv_bytes))) if args.copies is None else args.copies
+    inner = max(1, min(args.inner, copies))
     sets = [make_inputs(B, kv_len, dtype, device, seed) for seed in range(copies)]
+    groups = [[sets[(i * inner + j) % copies] for j in range(inner)] for i in range(copies)]
 
     def t_us(fn):
-        r = harness.bench(fn, inputs=sets, warmup=args.warmup, rep=args.rep, device=device, cuda_graph=True)
-        return r["median_ms"] * 1e3
+        def run(group):
+            for s in group:
+                fn(s)
+        r = harness.bench(run, inputs=groups, warmup=args.warmup, rep=args.rep, device=device, cuda_graph=True)
+        return r["median_ms"] * 1e3 / inner
 
     # accuracy, on copies of the first set (the caches are mutated)
     first = sets[0]
@@ -73,38 +83,50 @@ def bench_shape(B, kv_len, dtype, device, args, copy_gbs):
         us_ref = t_us(lambda s: compiled(*s, kv_len))
         us_eager = t_us(lambda s: decode_attention_ref(*s, kv_len))
     us_fused = t_us(lambda s: decode_attention(*s, kv_len))
+    split_len = _split_len(kv_len, B * HK, device)
 
     def gbs(us):
         return kv_bytes / (us * 1e-6) / 1e9
 
-    return {"B": B, "kv_len": kv_len, "dtype": str(dtype).replace("torch.", ""), "kv_MB": kv_bytes / 1e6,
-            "copies": copies, "fused_us": us_fused, "compiled_ref_us": us_ref, "eager_ref_us": us_eager,
-            "fused_GBs": gbs(us_fused), "compiled_ref_GBs": gbs(us_ref),
-            "fused_pct_copy": 100 * gbs(us_fused) / copy_gbs, "compiled_ref_pct_copy": 100 * gbs(us_ref) / copy_gbs,
-            "speedup_vs_compiled": us_ref / us_fused, "speedup_vs_eager": us_eager / us_fused, "err": err}
+    row = {"B": B, "kv_len": kv_len, "dtype": str(dtype).replace("torch.", ""), "kv_MB": kv_bytes / 1e6,
+           "copies": copies, "inner": inner, "split_len": split_len, "slices": -(-kv_len // split_len),
+           "fused_us": us_fused, "compiled_ref_us": us_ref, "eager_ref_us": us_eager,
+           "fused_GBs": gbs(us_fused), "compiled_ref_GBs": gbs(us_ref),
+           "fused_pct_copy": 100 * gbs(us_fused) / copy_gbs, "compiled_ref_pct_copy": 100 * gbs(us_ref) / copy_gbs,
+           "speedup_vs_compiled": us_ref / us_fused, "speedup_vs_eager": us_eager / us_fused, "err": err}
+    for n in args.split_lens:
+        row[f"split{n}_us"] = t_us(lambda s, n=n: decode_attention_triton(*s, kv_len, split_len=n))
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="B 1, kv_len 256 and 4096, few repeats, no JSON")
+    p.add_argument("--quick", action="store_true", help="B 1, kv_len 128/256/1024/4096, few repeats")
     p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    p.add_argument("--kv-lens", default="256,1024,4096", help="comma-separated kv lengths")
+    p.add_argument("--kv-lens", default="128,256,1024,4096", help="comma-separated kv lengths")
+    p.add_argument("--split-lens", default="",
+                   help="comma-separated slots per slice (multiples of 16) also timed with the kernel forced to them")
+    p.add_argument("--inner", type=int, default=8, help="back-to-back calls per timed CUDA-graph replay")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--rep", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--copies", type=int, default=None,
-                   help="cache sets rotated between calls (default: enough for 150 MB, 2 to 16)")
+                   help="cache sets rotated between calls (default: enough for 150 MB, 2 to 64)")
     args = p.parse_args(argv)
-    device = harness.require_cuda("experiments/bench_decode_attention.py")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     args.rep = args.rep or (20 if args.quick else 100)
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
         kv_lens = [int(n) for n in args.kv_lens.split(",") if n.strip()]
+        args.split_lens = [int(n) for n in args.split_lens.split(",") if n.strip()]
     except ValueError as e:
-        p.error(f"--batches / --kv-lens: expected comma-separated integers ({e})")
+        p.error(f"--batches / --kv-lens / --split-lens: expected comma-separated integers ({e})")
+    bad = [n for n in args.split_lens if n <= 0 or n % 16]
+    if bad:
+        p.error(f"--split-lens: expected positive multiples of 16, got {bad}")
     if args.quick:
-        batches, kv_lens = [1], [256, 4096]
+        batches, kv_lens = [1], [128, 256, 1024, 4096]
+    device = harness.require_cuda("experiments/bench_decode_attention.py")
 
     copy_gbs = harness.measure_copy_bandwidth()
     print(f"{harness.gpu_name()}: measured copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
@@ -115,13 +137,13 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(f"  B={B} kv_len={kv_len}: fused {row['fused_us']:.1f} us, compiled ref "
                   f"{row['compiled_ref_us']:.1f} us, eager ref {row['eager_ref_us']:.1f} us", flush=True)
-    print("\nOne Llama-2-7B layer, one token per sequence; µs = median of CUDA-graph replays;"
-          " GB/s = KV bytes read / time; pct_copy = % of the copy bandwidth.")
-    harness.print_table(rows, ["B", "kv_len", "kv_MB", "fused_us", "compiled_ref_us", "eager_ref_us", "fused_GBs",
-                               "fused_pct_copy", "compiled_ref_pct_copy", "speedup_vs_compiled", "err"])
-    if not args.quick:
-        figures = {"copy_GBs": copy_gbs, "heads": H, "kv_heads": HK, "head_dim": D, "rows": rows}
-        print("saved", harness.save_result("decode_attention", figures, args))
+    print("\nOne Llama-2-7B layer, one token per sequence; µs per call = median of CUDA-graph replays of"
+          f" {args.inner} calls / {args.inner}; GB/s = KV bytes read / time; pct_copy = % of the copy bandwidth.")
+    harness.print_table(rows, ["B", "kv_len", "kv_MB", "slices", "fused_us", "compiled_ref_us", "eager_ref_us",
+                               "fused_GBs", "fused_pct_copy", "compiled_ref_pct_copy", "speedup_vs_compiled", "err",
+                               *[f"split{n}_us" for n in args.split_lens]])
+    figures = {"copy_GBs": copy_gbs, "heads": H, "kv_heads": HK, "head_dim": D, "rows": rows}
+    print("saved", harness.save_result("decode_attention_quick" if args.quick else "decode_attention", figures, args))
 
 
 if __name__ == "__main__":

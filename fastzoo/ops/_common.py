@@ -84,3 +84,26 @@ def short_bench(kernel_call: Callable, quantiles) -> Any:
     import triton.testing
 
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+# Arrival counters of the kernels that reduce their partial results in the same launch
+# (split-K decode linears, split decode attention): the last program of a group to arrive
+# combines the group's partials and resets its counter to zero.
+ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []  # outgrown buffers, kept alive for graphs that captured them
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``n`` arrival counters on ``device``, kept across
+    calls and shared by every such kernel: each launch leaves the counters it used at zero,
+    and kernels of one stream do not overlap (a kernel launched with programmatic dependent
+    launch touches counters only after ``griddepcontrol.wait``). 65536 counters cover every
+    Llama shape up to 16 rows; a call that needs more gets a larger buffer (a power of two),
+    and the outgrown one is kept, since a captured CUDA graph may still use it."""
+    buf = ARRIVAL_COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if buf is not None:  # a CUDA graph may hold its address: never free it
+            _RETIRED_COUNTERS.append(buf)
+        buf = torch.zeros(max(1 << 16, 1 << (n - 1).bit_length()), dtype=torch.int32, device=device)
+        ARRIVAL_COUNTERS[device] = buf
+    return buf

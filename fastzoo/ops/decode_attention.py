@@ -21,13 +21,18 @@ The result is y (B, T, H·D) in x's dtype, the input of the output projection ``
   kv head, slice of the cache), covering the G query heads of that kv head so each cache
   tile is read once (cos/sin of its position computed in registers from inv_freq: no
   per-layer cos/sin tensors) — flash-decoding: each program loops only over the cache slots
-  ``0..pos-1`` of its slice (later slots are masked anyway), keeps a running max, sum and
-  fp32 accumulator per query head, and a second small kernel combines the slices, so
-  even B·Hk = 32 programs fill a GPU at a few thousand slots. RoPE of q and of the new k is
-  applied in registers; the new k and v are written to the caches and enter the softmax
-  from registers (no program reads slot ``pos`` from memory, so there is no race with the
-  write). Head dims 64, 80, 128 (80 is masked inside a 128 block in registers only).
+  ``0..pos-1`` of its slice (later slots are masked anyway; a slice past ``pos`` does no
+  work), keeps a running max, sum and fp32 accumulator per query head. Slices are multiples
+  of 16 slots, about 4 programs per SM (B·Hk = 32 alone would leave 100 of 132 SMs idle,
+  even at 128 slots). The slices merge in the same launch: each stores its partial to a
+  workspace and bumps a per-(sequence, kv head) arrival counter; the last to arrive merges
+  the partials in slice order (deterministic), writes y and resets the counter. RoPE of q
+  and of the new k is applied in registers; the new k and v are written to the caches and
+  enter the softmax from registers (no program reads slot ``pos`` from memory, so there is
+  no race with the write). Head dims 64, 80, 128 (80 is masked inside a 128 block in registers only).
   Autotuned over the cache tile and warps, keyed on D, the kv_len bucket, G and the slice.
+  On Hopper+ launched with programmatic dependent launch, as the decode linears are (the
+  grid starts while the q/k/v projection drains and waits for its writes first).
 - ``decode_attention``: the public op ``torch.ops.fastzoo.decode_attention`` (mutates
   ``k_cache`` and ``v_cache``): the kernel for one bf16/fp16 CUDA token, the reference
   otherwise (CPU, fp32, other head dims). Several tokens per sequence (prefill,
@@ -42,11 +47,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, short_bench, triton_available
+from ._common import (FLOAT_DTYPES, LOG2E, arrival_counters, cuda_kernel_applies, launch, short_bench,
+                      triton_available)
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_HEAD_DIMS = (64, 80, 128)
-_SPLIT_GRANULE = 128  # a cache slice is a multiple of this many slots (>= every BLOCK_N)
+# A cache slice is a multiple of this many slots (the smallest BLOCK_N; the autotuner keeps
+# tiles that divide the slice): short caches are split finely too (at a decode step's first
+# hundred positions, one slice per (sequence, kv head) leaves most SMs idle).
+_SPLIT_GRANULE = 16
+_PROGRAMS_PER_SM = 4  # the default slicing aims at about this many programs per SM
 
 
 def _next_pow2(n: int) -> int:
@@ -160,20 +170,25 @@ def _sm_count(index: int) -> int:
 
 
 def _split_len(kv_len: int, programs: int, device: torch.device) -> int:
-    """Slots per cache slice: enough slices for ~2 programs per SM, each at least
-    ``_SPLIT_GRANULE`` slots (a multiple of it)."""
+    """Slots per cache slice: at most enough slices for about ``_PROGRAMS_PER_SM`` programs
+    per SM (``programs`` = B·Hk per slice), each a multiple of ``_SPLIT_GRANULE`` slots — of
+    up to 128 for long slices, so that wide tiles divide them."""
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 8
-    want = max(1, -(-2 * sms // max(1, programs)))
+    want = max(1, -(-_PROGRAMS_PER_SM * sms // max(1, programs)))
     per = -(-kv_len // want)
-    return max(_SPLIT_GRANULE, -(-per // _SPLIT_GRANULE) * _SPLIT_GRANULE)
+    granule = min(128, max(_SPLIT_GRANULE, 1 << (per.bit_length() - 1)))  # a power of two <= per
+    return -(-per // granule) * granule
 
 
 if triton_available():
     import triton
     import triton.language as tl
+
+    # programmatic dependent launch on Hopper+ (the decode linears' flag and launch option)
+    from .weight_only_linear import _pdl, gdc_wait
 
     # First: small, what Triton's interpreter (the CPU tests) runs.
     _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=2)] + [
@@ -182,28 +197,42 @@ if triton_available():
 
     def _prune(configs, named_args, **kwargs):
         """Keep the (query heads × cache tile × head dim) fp32 products of one tile within 64
-        per thread: wide tiles for one query head per kv head, narrow ones for groups.
+        per thread (wide tiles for one query head per kv head, narrow ones for groups), and
+        tiles that divide the slice (no masked-off half tiles).
         (The autotuner passes the positional arguments as ``named_args``, keywords as ``kwargs``.)"""
         args = {**named_args, **kwargs}
         size = args["G_PAD"] * args["D_PAD"]
-        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+        split = args.get("SPLIT_LEN")
+        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
+                and (split is None or split % c.kwargs["BLOCK_N"] == 0)]
         return kept or configs[:1]
 
     # The kernel may run several times while autotuning: its cache writes are idempotent
-    # (computed from k and v, never from the cache), so nothing needs restoring.
+    # (computed from k and v, never from the cache), every launch leaves its arrival counters
+    # at zero and writes the workspace before reading it, so nothing needs restoring.
     @triton.autotune(configs=_CONFIGS, key=["D", "KV_BUCKET", "GROUP", "SPLIT_LEN"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
     @triton.jit
     def _decode_attn_kernel(
-        q_ptr, k_ptr, v_ptr, invf_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
+        q_ptr, k_ptr, v_ptr, invf_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, cnt_ptr,
         Hk, kv_len, S, KV_BUCKET, scale_log2e,
         sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sp_b,
         skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
         D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
-        SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+        SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """One (sequence b, kv head hk, cache slice): the GROUP query heads of hk read each
-        cache tile once. Scores are (G_PAD, BLOCK_N) sums of q · k over D in fp32."""
+        cache tile once. Scores are (G_PAD, BLOCK_N) sums of q · k over D in fp32.
+
+        With several slices each live slice stores its (max, sum, acc) per query head in the
+        workspace (rows (b, hk, g) of G_PAD heads, padded heads included: they are finite),
+        then arrives at the (b, hk) counter; the last of the N_SPLITS programs to arrive
+        merges the live slices in slice order (deterministic), stores the output and resets
+        the counter to zero. PDL: launched while the previous kernel (the q/k/v projection)
+        finishes; every memory access waits for its writes."""
+        if PDL:
+            gdc_wait()
         pid = tl.program_id(0)
         split = tl.program_id(1)
         b = pid // Hk
@@ -214,87 +243,104 @@ if triton_available():
         dmask = offs_d < D
         gmask = offs_g < GROUP
         qmask = gmask[:, None] & dmask[None, :]
-        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # rotate-half partner
-        sign = tl.where(offs_d < HALF, -1.0, 1.0)
         b64 = b.to(tl.int64)
-        pos = tl.load(pos_ptr + b64 * sp_b).to(tl.int32)  # slots < 2^31; pointer math below in int64
-        # the angles position · inv_freq in fp32 as the reference computes them; tl.cos/sin
-        # lower to the accurate libdevice functions on NVIDIA GPUs (no .approx: positions
-        # reach thousands of radians)
-        angle = pos.to(tl.float32) * tl.load(invf_ptr + offs_d % HALF, mask=dmask, other=0.0)
-        cos = tl.cos(angle)
-        sin = tl.sin(angle)
-        # RoPE of q and of the new k in fp32, rounded to the input dtype as the reference does.
         heads = hk * GROUP + offs_g  # this program's query heads
+        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)  # rotate-half partner
+        # loads that do not depend on the position go out with it (one round trip)
+        pos = tl.load(pos_ptr + b64 * sp_b).to(tl.int32)  # slots < 2^31; pointer math below in int64
+        invf = tl.load(invf_ptr + offs_d % HALF, mask=dmask, other=0.0)
         q_rows = q_ptr + b64 * sq_b + heads[:, None] * sq_h
         qx = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0).to(tl.float32)
         qp = tl.load(q_rows + partner[None, :], mask=qmask, other=0.0).to(tl.float32)
-        q = (qx * cos[None, :] + sign[None, :] * qp * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
         k_row = k_ptr + b64 * sk_b + hk * sk_h
         kx = tl.load(k_row + offs_d, mask=dmask, other=0.0).to(tl.float32)
         kp = tl.load(k_row + partner, mask=dmask, other=0.0).to(tl.float32)
-        k_new = (kx * cos + sign * kp * sin).to(kc_ptr.dtype.element_ty)
         v_new = tl.load(v_ptr + b64 * sv_b + hk * sv_h + offs_d, mask=dmask, other=0.0)
-        kc_row = kc_ptr + b64 * skc_b + hk * skc_h
-        vc_row = vc_ptr + b64 * svc_b + hk * svc_h
+        rows = b64 * Hk * GROUP + heads  # (sequence, query head) rows of the output
+        ws_rows = (pid.to(tl.int64) * G_PAD + offs_g) * N_SPLITS  # workspace rows of slice 0
         # Slots 0..pos-1 come from the cache, slot pos from registers (when it is among the
-        # first kv_len slots); the first slice's program writes the new k, v.
+        # first kv_len slots); the first slice's program writes the new k, v. A slice is live
+        # when it holds a slot < pos (slice 0 always: the new token, or slot 0 when pos >=
+        # kv_len); the others only arrive at the counter.
         n_ctx = tl.minimum(pos, kv_len)
-        new_visible = pos < kv_len
-        if split == 0:
-            in_cache = dmask & (pos < S)
-            tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, k_new, mask=in_cache)
-            tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, v_new, mask=in_cache)
-        qs = q * scale_log2e  # scores in log2 units: exp2 below
-        s_new = tl.sum(qs * k_new.to(tl.float32)[None, :], axis=1)  # (G_PAD,)
-        first = (split == 0) & new_visible  # the new token enters slice 0's running softmax
-        m_i = tl.where(first, s_new, float("-inf"))
-        l_i = tl.where(first, 1.0, 0.0) + tl.zeros((G_PAD,), dtype=tl.float32)
-        acc = tl.where(first, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
         start = split * SPLIT_LEN
-        end = tl.minimum(start + SPLIT_LEN, n_ctx)
-        offs_n = tl.arange(0, BLOCK_N)
-        for n0 in range(start, end, BLOCK_N):
-            slots = n0 + offs_n
-            nmask = slots < end
-            lmask = nmask[:, None] & dmask[None, :]
-            kt = tl.load(kc_row + slots.to(tl.int64)[:, None] * skc_s + offs_d[None, :], mask=lmask, other=0.0)
-            s = tl.sum(kt.to(tl.float32)[None, :, :] * qs[:, None, :], axis=2)  # (G_PAD, BLOCK_N)
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            vt = tl.load(vc_row + slots.to(tl.int64)[:, None] * svc_s + offs_d[None, :], mask=lmask, other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
-        rows = b64 * Hk * GROUP + heads  # (sequence, query head) rows of the output / workspace
-        if N_SPLITS == 1:
-            out = acc / l_i[:, None]
-            tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=qmask)
-        else:
-            w = rows * N_SPLITS + split
-            tl.store(ws_m_ptr + w, m_i, mask=gmask)
-            tl.store(ws_l_ptr + w, l_i, mask=gmask)
-            tl.store(ws_acc_ptr + w[:, None] * D + offs_d[None, :], acc, mask=qmask)
-
-    @triton.jit
-    def _combine_kernel(ws_m_ptr, ws_l_ptr, ws_acc_ptr, out_ptr,
-                        D: tl.constexpr, D_PAD: tl.constexpr, N_SPLITS: tl.constexpr, NS_PAD: tl.constexpr):
-        """Merge the (max, sum, acc) of each slice of one (sequence, head): empty slices
-        carry max = -inf and weigh 0; slice 0 always holds the new token, so the max is finite."""
-        pid = tl.program_id(0).to(tl.int64)
-        offs_s = tl.arange(0, NS_PAD)
-        offs_d = tl.arange(0, D_PAD)
-        smask = offs_s < N_SPLITS
-        m = tl.load(ws_m_ptr + pid * N_SPLITS + offs_s, mask=smask, other=float("-inf"))
-        l = tl.load(ws_l_ptr + pid * N_SPLITS + offs_s, mask=smask, other=0.0)
-        acc = tl.load(ws_acc_ptr + (pid * N_SPLITS + offs_s)[:, None] * D + offs_d[None, :],
-                      mask=smask[:, None] & (offs_d < D)[None, :], other=0.0)
-        m_max = tl.max(m, axis=0)
-        wgt = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
-        out = tl.sum(acc * wgt[:, None], axis=0) / tl.sum(l * wgt, axis=0)
-        tl.store(out_ptr + pid * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+        if (split == 0) | (start < n_ctx):
+            sign = tl.where(offs_d < HALF, -1.0, 1.0)
+            # the angles position · inv_freq in fp32 as the reference computes them; tl.cos/sin
+            # lower to the accurate libdevice functions on NVIDIA GPUs (no .approx: positions
+            # reach thousands of radians)
+            angle = pos.to(tl.float32) * invf
+            cos = tl.cos(angle)
+            sin = tl.sin(angle)
+            # RoPE of q and of the new k in fp32, rounded to the input dtype as the reference does.
+            q = (qx * cos[None, :] + sign[None, :] * qp * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
+            k_new = (kx * cos + sign * kp * sin).to(kc_ptr.dtype.element_ty)
+            kc_row = kc_ptr + b64 * skc_b + hk * skc_h
+            vc_row = vc_ptr + b64 * svc_b + hk * svc_h
+            new_visible = pos < kv_len
+            if split == 0:
+                in_cache = dmask & (pos < S)
+                tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, k_new, mask=in_cache)
+                tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, v_new, mask=in_cache)
+            qs = q * scale_log2e  # scores in log2 units: exp2 below
+            s_new = tl.sum(qs * k_new.to(tl.float32)[None, :], axis=1)  # (G_PAD,)
+            first = (split == 0) & new_visible  # the new token enters slice 0's running softmax
+            m_i = tl.where(first, s_new, float("-inf"))
+            l_i = tl.where(first, 1.0, 0.0) + tl.zeros((G_PAD,), dtype=tl.float32)
+            acc = tl.where(first, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+            end = tl.minimum(start + SPLIT_LEN, n_ctx)
+            offs_n = tl.arange(0, BLOCK_N)
+            for n0 in range(start, end, BLOCK_N):
+                slots = n0 + offs_n
+                nmask = slots < end
+                lmask = nmask[:, None] & dmask[None, :]
+                # both tiles in flight before the scores need the first
+                kt = tl.load(kc_row + slots.to(tl.int64)[:, None] * skc_s + offs_d[None, :], mask=lmask, other=0.0)
+                vt = tl.load(vc_row + slots.to(tl.int64)[:, None] * svc_s + offs_d[None, :], mask=lmask, other=0.0)
+                s = tl.sum(kt.to(tl.float32)[None, :, :] * qs[:, None, :], axis=2)  # (G_PAD, BLOCK_N)
+                s = tl.where(nmask[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                m_i = m_new
+            if N_SPLITS == 1:
+                out = acc / l_i[:, None]
+                tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=qmask)
+            else:
+                w = ws_rows + split
+                tl.store(ws_m_ptr + w, m_i)
+                tl.store(ws_l_ptr + w, l_i)
+                tl.store(ws_acc_ptr + w[:, None] * D + offs_d[None, :], acc, mask=dmask[None, :])
+        if N_SPLITS > 1:
+            tl.debug_barrier()  # every thread's partial is stored before the arrival is released
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if arrived == N_SPLITS - 1:
+                # live slices 0..n_live-1, MERGE at a time; slice 0 is live, so the running
+                # max is finite after the first chunk and dead rows of a chunk weigh exp2(-inf) = 0
+                n_live = tl.maximum((n_ctx + SPLIT_LEN - 1) // SPLIT_LEN, 1)
+                offs_c = tl.arange(0, MERGE)
+                m_run = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+                l_run = tl.zeros((G_PAD,), dtype=tl.float32)
+                acc_run = tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+                for c0 in range(0, n_live, MERGE):
+                    sl = c0 + offs_c
+                    cmask = sl < n_live
+                    w = ws_rows[None, :] + sl[:, None]  # (MERGE, G_PAD)
+                    ms = tl.load(ws_m_ptr + w, mask=cmask[:, None], other=float("-inf"), cache_modifier=".cg")
+                    ls = tl.load(ws_l_ptr + w, mask=cmask[:, None], other=0.0, cache_modifier=".cg")
+                    accs = tl.load(ws_acc_ptr + w[:, :, None] * D + offs_d[None, None, :],
+                                   mask=cmask[:, None, None] & dmask[None, None, :], other=0.0, cache_modifier=".cg")
+                    m_new = tl.maximum(m_run, tl.max(ms, axis=0))
+                    alpha = tl.exp2(m_run - m_new)
+                    wgt = tl.exp2(ms - m_new[None, :])  # (MERGE, G_PAD)
+                    acc_run = acc_run * alpha[:, None] + tl.sum(accs * wgt[:, :, None], axis=0)
+                    l_run = l_run * alpha + tl.sum(ls * wgt, axis=0)
+                    m_run = m_new
+                out = acc_run / l_run[:, None]
+                tl.store(out_ptr + rows[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=qmask)
+                tl.atomic_xchg(cnt_ptr + pid, 0)
 
 
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
@@ -302,8 +348,8 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
                             v_cache: torch.Tensor, kv_len: int, split_len: Optional[int] = None) -> torch.Tensor:
     """Launch the decode kernel (T == 1, bf16/fp16, D in 64/80/128; mutates the caches).
 
-    ``split_len`` (tests): slots per cache slice, a multiple of 128; default: chosen so that
-    B·H·slices fills the GPU about twice.
+    ``split_len`` (tests): slots per cache slice, a positive multiple of ``_SPLIT_GRANULE``
+    (16); default: chosen so that B·Hk·slices is about ``_PROGRAMS_PER_SM`` programs per SM.
     """
     name = "decode_attention_triton"
     _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
@@ -320,33 +366,34 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     for label, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} expects {label} with a unit-stride last dim, got strides {t.stride()}")
+    if split_len is None:
+        split_len = _split_len(kv_len, B * Hk, q.device)
+    elif not isinstance(split_len, int) or split_len <= 0 or split_len % _SPLIT_GRANULE:
+        raise ValueError(f"{name} expects split_len a positive multiple of {_SPLIT_GRANULE}, got {split_len!r}")
     out = torch.empty((B, 1, H * D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    if split_len is None:
-        split_len = _split_len(kv_len, B * Hk, q.device)
-    elif split_len <= 0 or split_len % _SPLIT_GRANULE:
-        raise ValueError(f"{name} expects split_len a positive multiple of {_SPLIT_GRANULE}, got {split_len}")
     n_splits = -(-kv_len // split_len)
+    G = H // Hk
+    G_PAD, D_PAD = _next_pow2(G), _next_pow2(D)
     if n_splits > 1:
-        ws_m = torch.empty((B * H * n_splits,), dtype=torch.float32, device=q.device)
-        ws_l = torch.empty_like(ws_m)
-        ws_acc = torch.empty((B * H * n_splits, D), dtype=torch.float32, device=q.device)
+        rows = B * Hk * G_PAD * n_splits  # (sequence, kv head, padded query head, slice)
+        ws = torch.empty((rows * (D + 2),), dtype=torch.float32, device=q.device)  # written before read
+        ws_acc, ws_m, ws_l = ws[:rows * D], ws[rows * D:rows * (D + 1)], ws[rows * (D + 1):]
+        cnt = arrival_counters(q.device, B * Hk)
     else:
-        ws_m = ws_l = ws_acc = out
-    D_PAD = _next_pow2(D)
+        ws_acc = ws_m = ws_l = cnt = out
+    # slices merged at a time: (MERGE, G_PAD, D_PAD) fp32 tiles of at most 2048 values
+    merge = max(1, min(_next_pow2(n_splits), 2048 // (G_PAD * D_PAD)))
     launch(_decode_attn_kernel, (B * Hk, n_splits),
-           q, k, v, inv_freq.contiguous(), input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc,
+           q, k, v, inv_freq.contiguous(), input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc, cnt,
            Hk, kv_len, k_cache.shape[2], _kv_bucket(kv_len), LOG2E / math.sqrt(D),
            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
            input_pos.stride(0),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-           device=q.device, D=D, D_PAD=D_PAD, GROUP=H // Hk, G_PAD=_next_pow2(H // Hk), SPLIT_LEN=split_len,
-           N_SPLITS=n_splits)
-    if n_splits > 1:
-        _combine_kernel[(B * H,)](ws_m, ws_l, ws_acc, out, D=D, D_PAD=D_PAD, N_SPLITS=n_splits,
-                                  NS_PAD=max(2, _next_pow2(n_splits)))
+           device=q.device, D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len,
+           N_SPLITS=n_splits, MERGE=merge, **_pdl(q))
     return out
 
 

@@ -590,22 +590,7 @@ if triton_available():
 
 
 _MIN_BLOCK_N = 4  # the smallest BLOCK_N of the configurations: bounds the number of output tiles
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED_COUNTERS: list[torch.Tensor] = []  # outgrown buffers, kept alive for graphs that captured them
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer of at least ``n`` arrival counters on ``device``, kept across
-    calls: every launch leaves the counters it used at zero. 65536 counters cover every
-    Llama shape up to 16 rows; a call that needs more gets a larger buffer (a power of
-    two), and the outgrown one is kept, since a captured CUDA graph may still use it."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if buf is not None:  # a CUDA graph may hold its address: never free it
-            _RETIRED_COUNTERS.append(buf)
-        buf = torch.zeros(max(1 << 16, 1 << (n - 1).bit_length()), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+from ._common import ARRIVAL_COUNTERS as _COUNTERS, arrival_counters as _counters  # noqa: E402,F401
 
 
 def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,

@@ -130,6 +130,78 @@ def test_kernel_vs_reference(kernel_device, case, dtype):
     _assert_caches_equal(dev_args[6], ref_args[6], args[4])
 
 
+FINE = {  # B, H, Hk, D, S, kv_len, positions, split_len, dtype: slices of 16/32 slots, some empty
+    "kv1_mha_pos_past": (2, 4, 4, 64, 8, 1, [0, 5], 16, torch.bfloat16),
+    "kv7_gqa_d128": (3, 8, 2, 128, 20, 7, [6, 0, 3], 16, torch.float16),
+    "kv129_gqa_d80_s16": (3, 8, 2, 80, 140, 129, [128, 3, 70], 16, torch.bfloat16),
+    "kv197_mha_s32": (2, 4, 4, 64, 200, 197, [196, 40], 32, torch.float16),
+    # 13 slices merged 4 at a time; pos 230 >= kv_len (every slice live, the new token
+    # unseen); pos 16: the new token sits in slice 1's range but enters slice 0's softmax
+    "kv197_gqa3_d128_s16": (2, 6, 2, 128, 250, 197, [230, 16], 16, torch.bfloat16),
+    "kv129_mha_default": (1, 2, 2, 64, 129, 129, [100], None, torch.float16),  # CPU default: 9 slices of 16
+}
+
+
+@pytest.mark.parametrize("case", list(FINE))
+def test_fine_slices_merge_in_launch(kernel_device, case):
+    """Slices of 16/32 slots, merged by the last program of each (sequence, kv head) to
+    arrive: equal to the reference, caches written, every arrival counter back at zero, and
+    a second call (the counters reused, the workspace uninitialised) gives the same result."""
+    from fastzoo.ops._common import ARRIVAL_COUNTERS
+
+    B, H, Hk, D, S, kv_len, positions, split_len, dtype = FINE[case]
+    args = _inputs(B, 1, H, Hk, D, S, positions, dtype, "fine", case)
+    ref_args = [t.clone() if i >= 5 else t for i, t in enumerate(args)]
+    want = decode_attention_ref(*ref_args, kv_len)
+    dev_args = _to(kernel_device, args)
+    got = decode_attention_triton(*dev_args, kv_len, split_len=split_len)
+    assert rel_err(got, want) < RTOL[dtype]
+    _assert_caches_equal(dev_args[5], ref_args[5], args[4])
+    _assert_caches_equal(dev_args[6], ref_args[6], args[4])
+    if split_len is not None and kv_len > split_len:  # several slices: the counters are used
+        assert got.device in ARRIVAL_COUNTERS
+    counters = ARRIVAL_COUNTERS.get(got.device)
+    assert counters is None or int(counters.abs().sum()) == 0
+    again = decode_attention_triton(*dev_args, kv_len, split_len=split_len)
+    assert torch.equal(got, again)
+    assert counters is None or int(counters.abs().sum()) == 0
+
+
+def test_arrival_counters_persist_and_grow():
+    """One zeroed int32 buffer per device, the same object for every call that fits in it; a
+    larger request gets a new power-of-two buffer and the outgrown one stays alive (a
+    captured CUDA graph may hold its address)."""
+    from fastzoo.ops import _common
+
+    cpu = torch.device("cpu")
+    buf = _common.arrival_counters(cpu, 10)
+    assert buf.dtype == torch.int32 and buf.numel() >= 1 << 16 and int(buf.abs().sum()) == 0
+    assert _common.arrival_counters(cpu, 1000) is buf
+    n = buf.numel() + 1
+    big = _common.arrival_counters(cpu, n)
+    assert big.numel() == 1 << (n - 1).bit_length() and int(big.abs().sum()) == 0
+    assert _common.ARRIVAL_COUNTERS[cpu] is big and any(b is buf for b in _common._RETIRED_COUNTERS)
+
+
+def test_split_len_default_and_validation():
+    """Default slices: multiples of 16 slots (of 128 when long), at most about 4 programs per
+    SM (CPU: 8 "SMs"); a forced split_len must be a positive multiple of 16."""
+    from fastzoo.ops.decode_attention import _split_len
+
+    cpu = torch.device("cpu")
+    assert _split_len(128, 2, cpu) == 16  # 16 slices wanted, 8 of 16 slots
+    assert _split_len(4096, 2, cpu) == 256
+    assert _split_len(4096, 64, cpu) == 4096  # enough programs without slicing
+    assert _split_len(1, 1, cpu) == 16
+    assert _split_len(1000, 2, cpu) == 64  # 63 slots wanted: a multiple of 32
+    assert _split_len(4096, 3, cpu) == 384  # 373 wanted: a multiple of 128 (every tile divides it)
+    pytest.importorskip("triton")
+    args = _inputs(1, 1, 4, 4, 64, 40, [3], torch.float16, "split_len")
+    for bad in (0, 8, 24, -16):
+        with pytest.raises(ValueError, match=rf"split_len a positive multiple of 16, got {bad}"):
+            decode_attention_triton(*args, 20, split_len=bad)
+
+
 def test_autotune_prune():
     pytest.importorskip("triton")
     from fastzoo.ops.decode_attention import _CONFIGS, _prune
@@ -141,6 +213,9 @@ def test_autotune_prune():
     assert all(128 * c.kwargs["BLOCK_N"] <= 2048 * c.num_warps for c in mha)  # 64 products per thread
     gqa = _prune(_CONFIGS, {"Hk": 8, "kv_len": 4096}, G_PAD=8, D_PAD=128, D=128)
     assert [(c.kwargs["BLOCK_N"], c.num_warps) for c in gqa] == [(16, 8)]
+    # tiles divide the slice: 48 slots keep only 16-slot tiles, 64 slots no 128-slot tile
+    assert {c.kwargs["BLOCK_N"] for c in _prune(_CONFIGS, {}, G_PAD=1, D_PAD=128, SPLIT_LEN=48)} == {16}
+    assert {c.kwargs["BLOCK_N"] for c in _prune(_CONFIGS, {}, G_PAD=1, D_PAD=128, SPLIT_LEN=64)} == {16, 32, 64}
 
 
 def test_kernel_ignores_slots_past_position(kernel_device):
@@ -222,33 +297,41 @@ from triton.compiler import ASTSource
 import importlib
 mod = importlib.import_module("fastzoo.ops.decode_attention")  # (fastzoo.ops.decode_attention is the function)
 
-for dt, D, G, n_splits, cfg in [("bf16", 128, 1, 8, mod._CONFIGS[-1]), ("fp16", 80, 4, 1, mod._CONFIGS[4])]:
+# dtype, D, group, slices, slots per slice, config, int arguments equal to 1 (which Triton
+# turns into constants on the GPU: input_pos's batch stride always, one kv head for MQA)
+# programmatic dependent launch on (griddepcontrol.wait) in two of them
+VARIANTS = [("bf16", 128, 1, 8, 512, mod._CONFIGS[-1], {"sp_b": 1, "PDL": False}),
+            ("bf16", 128, 1, 8, 16, mod._CONFIGS[0], {"sp_b": 1, "Hk": 1, "PDL": True}),
+            ("fp16", 128, 8, 13, 16, mod._CONFIGS[2], {"sp_b": 1, "PDL": False}),
+            ("fp16", 80, 4, 1, 512, mod._CONFIGS[4], {"kv_len": 1, "PDL": True})]
+for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
     jit = mod._decode_attn_kernel.fn
     ws = "*fp32" if n_splits > 1 else "*" + dt
     types = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "kc_ptr": "*" + dt, "vc_ptr": "*" + dt,
              "out_ptr": "*" + dt, "invf_ptr": "*fp32", "pos_ptr": "*i64", "ws_m_ptr": ws,
-             "ws_l_ptr": ws, "ws_acc_ptr": ws, "scale_log2e": "fp32"}
-    constexprs = dict(D=D, D_PAD=mod._next_pow2(D), GROUP=G, G_PAD=mod._next_pow2(G), SPLIT_LEN=512,
-                      N_SPLITS=n_splits, **cfg.kwargs)
+             "ws_l_ptr": ws, "ws_acc_ptr": ws, "cnt_ptr": "*i32" if n_splits > 1 else "*" + dt,
+             "scale_log2e": "fp32"}
+    G_PAD, D_PAD = mod._next_pow2(G), mod._next_pow2(D)
+    constexprs = dict(D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len, N_SPLITS=n_splits,
+                      MERGE=max(1, min(mod._next_pow2(n_splits), 2048 // (G_PAD * D_PAD))), **ones, **cfg.kwargs)
     signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in jit.arg_names}
     src = ASTSource(fn=jit, signature=signature,
                     constexprs={(jit.arg_names.index(k),): v for k, v in constexprs.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps}).asm["ptx"]
     # RoPE angles reach thousands of radians: accurate cos/sin, never the .approx instructions
     assert "cos.approx" not in ptx and "sin.approx" not in ptx, "approximate cos/sin"
-jit = mod._combine_kernel
-constexprs = dict(D=80, D_PAD=128, N_SPLITS=5, NS_PAD=8)
-types = {"ws_m_ptr": "*fp32", "ws_l_ptr": "*fp32", "ws_acc_ptr": "*fp32", "out_ptr": "*bf16"}
-src = ASTSource(fn=jit, signature={n: types.get(n, "constexpr") for n in jit.arg_names},
-                constexprs={(jit.arg_names.index(k),): v for k, v in constexprs.items()})
-triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    # slices merge in the launch through an acq_rel arrival counter; one slice needs none
+    assert ("atom.global.acq_rel" in ptx or ".acq_rel" in ptx) == (n_splits > 1), (dt, D, G, n_splits)
+    assert ("griddepcontrol.wait" in ptx) == ones["PDL"], (dt, D, G, n_splits)
 print("AOT-OK")
 """
 
 
 def test_kernel_compiles_for_hopper_without_a_gpu():
-    """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU) of the kernel for bf16
-    MHA with slices (D 128) and fp16 GQA (D 80, group 4), and of the combine kernel."""
+    """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU) of the kernel: bf16 MHA
+    (D 128) with 8 slices of 512 and of 16 slots (one kv head: Hk = 1 a constant), fp16 GQA
+    (D 128, group 8) with 13 slices merged 2 at a time, and fp16 GQA (D 80, group 4) in one
+    slice with kv_len = 1 a constant; two of them with programmatic dependent launch."""
     proc = run_aot_compile(_AOT_SCRIPT)
     assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stderr[-3000:]
 
@@ -397,7 +480,7 @@ def test_reinplace_check_detects_a_clone(monkeypatch):
 # CUDA: Llama-2-7B shapes; the compiled decode step on the GPU
 # ----------------------------------------------------------------------------------
 @pytest.mark.cuda
-@pytest.mark.parametrize("kv_len", [256, 2048])
+@pytest.mark.parametrize("kv_len", [128, 256, 2048])
 @pytest.mark.parametrize("B", [1, 3])
 def test_cuda_llama2_7b_shapes(kv_len, B):
     dev = torch.device("cuda")
@@ -410,6 +493,32 @@ def test_cuda_llama2_7b_shapes(kv_len, B):
     assert rel_err(got, want) < 1e-2
     _assert_caches_equal(args[5], ref_args[5].cpu(), args[4])
     _assert_caches_equal(args[6], ref_args[6].cpu(), args[4])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split_len", [16, 48, None])
+def test_cuda_slices_merge_deterministically(split_len):
+    """Many slices merged in the launch by the last to arrive (a race there would show as
+    a wrong or varying result): 30 calls are bit-identical, match the reference, and leave
+    every arrival counter at zero; CUDA-graph replays too."""
+    from fastzoo.ops._common import ARRIVAL_COUNTERS
+
+    dev = torch.device("cuda")
+    args = _to(dev, _inputs(3, 1, 32, 8, 128, 1100, [1000, 17, 500], torch.bfloat16, "race", split_len))
+    ref_args = [t.clone() if i >= 5 else t for i, t in enumerate(args)]
+    want = decode_attention_ref(*ref_args, 1024)
+    first = decode_attention_triton(*args, 1024, split_len=split_len)
+    assert rel_err(first, want) < 1e-2
+    outs = [decode_attention_triton(*args, 1024, split_len=split_len) for _ in range(30)]
+    assert all(torch.equal(first, o) for o in outs)
+    assert int(ARRIVAL_COUNTERS[first.device].abs().sum()) == 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = decode_attention_triton(*args, 1024, split_len=split_len)
+    for _ in range(10):
+        graph.replay()
+        assert torch.equal(static, first)
+    assert int(ARRIVAL_COUNTERS[first.device].abs().sum()) == 0
 
 
 @pytest.mark.cuda
