@@ -9,8 +9,10 @@ Design
   tensor, and attention is masked per sequence from those positions (see
   :mod:`fastzoo.llama.model`).
 * Prefill runs on the padded batch with the length rounded up to a power of two (at least
-  16), so a compiled prefill (``dynamic=False``) is compiled once per bucket, not once
-  per prompt length.
+  32), so a compiled prefill (``dynamic=False``) is compiled once per bucket, not once
+  per prompt length. At least 32 rows make every prefill a GEMM (cuBLAS): the decode
+  kernels (at most 16 rows) are left to the decode steps, so a short prompt does not
+  autotune them for its prefill too (start-up time); padding a memory-bound prefill is free.
 * The decode step (one token for the whole batch, sampling and end-of-sequence
   bookkeeping included) has static shapes and is compiled with CUDA graphs.
 * The decode loop never synchronises with the host: tokens, positions and the
@@ -36,7 +38,7 @@ from .config import LlamaError
 from .model import Transformer
 from ..utils import torchrun_env
 
-MIN_PREFILL_BUCKET = 16
+MIN_PREFILL_BUCKET = 32  # > fastzoo.ops' decode-kernel rows (16): prefill is a GEMM
 
 
 # ---------------------------------------------------------------------------- sampling

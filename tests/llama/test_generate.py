@@ -141,7 +141,7 @@ def test_compiled_graphs_trace_whole_and_bucket_prefill(converted):
     counters.clear()
     gen = Generator(model, compile=True, compile_backend="eager", max_seq_length=64)
     eager = Generator(model, max_seq_length=64)
-    for lens in [(3,), (7,), (12,), (16,)]:  # all in the 16-token bucket
+    for lens in [(3,), (7,), (12,), (16,), (29,)]:  # all in the smallest (32-token) bucket
         prompts = _prompts(6, lens)
         assert gen.generate(prompts, 6).tokens == eager.generate(prompts, 6).tokens
     frames = counters["stats"]["unique_graphs"]
