@@ -247,10 +247,29 @@ if triton_available():
 
     # BLOCK_K in weight columns (int4: unpacked columns; at least one quantization group).
     # Register budget (sm_90 ptxas, no spills): BLOCK_N·BLOCK_K fp32 accumulator over the threads.
+    _LINEAR_DOT = ((32, 128), (64, 128), (64, 256), (128, 128))
     _FLOAT_CONFIGS = _configs(
         gemv=((8, 512, 4, (1, 2)), (4, 512, 4, (1,)), (8, 1024, 8, (1,)), (16, 256, 4, (1, 2)),
               (8, 256, 2, (1, 2, 8)), (32, 256, 8, (1, 2, 4)), (64, 128, 8, (1, 8, 16))),
-        dot=((32, 128), (64, 128), (64, 256), (128, 128)), first_bk=32)
+        dot=_LINEAR_DOT, first_bk=32)
+    # int8 GEMV tiles: a byte per weight, so twice bf16's columns per thread for the same
+    # bytes in flight (16 B loads; 32 to 64 weights and 100-120 registers per thread, no
+    # spills). BLOCK_K 256 keeps K = 11008 (w2) unmasked; 1024/2048 for K = 4096.
+    _INT8_CONFIGS = _configs(
+        gemv=((8, 1024, 4, (1, 2)), (4, 1024, 4, (1,)), (16, 1024, 8, (1,)), (8, 2048, 8, (1,)),
+              (16, 512, 4, (1, 2)), (32, 512, 8, (1, 4)), (64, 256, 8, (1, 8))),
+        dot=_LINEAR_DOT, first_bk=32)
+    # One autotuner for _linear_kernel (its key has QUANT): the float tiles, then the int8
+    # GEMV tiles; _prune_linear keeps the GEMV tiles of the launch's kind.
+    _LINEAR_CONFIGS = _FLOAT_CONFIGS + [c for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1]
+    _INT8_GEMV_IDS = frozenset(id(c) for c in _LINEAR_CONFIGS[len(_FLOAT_CONFIGS):])
+
+    def _prune_linear(configs, named_args, **kwargs):
+        """_prune on the GEMV tiles of the launch's kind (int8 when QUANT == 1, else float)
+        and the shared 16-row dot tiles."""
+        int8 = kwargs.get("QUANT", named_args.get("QUANT", 0)) == 1
+        own = [c for c in configs if c.kwargs["BLOCK_M"] == 16 or (id(c) in _INT8_GEMV_IDS) == int8]
+        return _prune(own, named_args, **kwargs)
     _INT4_CONFIGS = _configs(
         gemv=((8, 256, 4, (1, 2, 4)), (16, 256, 4, (1, 2)), (8, 512, 4, (1,))),
         dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
@@ -286,8 +305,21 @@ if triton_available():
                 tl.store(out_ptr + o_off, total.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(cnt_ptr + tile, 0)
 
-    @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT"],
-                     prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
+    @triton.jit
+    def _weight_f32(w, QUANT: tl.constexpr):
+        """A weight tile in fp32. int8 (QUANT == 1) without an int-to-float conversion (I2F
+        issues at 16/clk/SM on sm_90, a quarter of the integer ALU rate: it bounds an int8
+        GEMV below the bandwidth): the byte zero-extended, b = w + 128 (sign bit flipped)
+        placed in the mantissa of 2^23, bits(2^23 + b) = 0x4B000000 | b, minus 2^23 + 128.
+        Exact; ~3 ALU ops (byte extract, xor/or, fsub) at full rate."""
+        if QUANT == 1:
+            b = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+            return b.to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            return w.to(tl.float32)
+
+    @triton.autotune(configs=_LINEAR_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT"],
+                     prune_configs_by={"early_config_prune": _prune_linear}, do_bench=short_bench)
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     @triton.jit
     def _linear_kernel(
@@ -320,7 +352,7 @@ if triton_available():
                 w0 = tl.load(w_ptrs + k_start, mask=first[None, :], other=0)
                 gdc_wait()
                 x0 = tl.load(x_ptrs + k_start, mask=first, other=0.0)
-                acc2 += w0.to(tl.float32) * x0.to(tl.float32)[None, :]
+                acc2 += _weight_f32(w0, QUANT) * x0.to(tl.float32)[None, :]
                 k_loop = k_start + BLOCK_K
             for k in range(k_loop, k_end, BLOCK_K):
                 if EVEN_K:
@@ -330,7 +362,7 @@ if triton_available():
                     kmask = offs_k < K - k
                     xv = tl.load(x_ptrs + k, mask=kmask, other=0.0)
                     wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0)
-                acc2 += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+                acc2 += _weight_f32(wv, QUANT) * xv.to(tl.float32)[None, :]
             res = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N)
             offs_m = pid_m + tl.arange(0, 1)
         else:
