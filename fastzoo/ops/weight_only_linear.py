@@ -270,8 +270,12 @@ if triton_available():
         int8 = kwargs.get("QUANT", named_args.get("QUANT", 0)) == 1
         own = [c for c in configs if c.kwargs["BLOCK_M"] == 16 or (id(c) in _INT8_GEMV_IDS) == int8]
         return _prune(own, named_args, **kwargs)
+    # int4 GEMV tiles: BLOCK_K / 8 words per row and block, at most 64 (two per lane: see
+    # _int4_kernel); 8 to 16 row-words per thread (64 to 128 registers, no spills), 4 to
+    # 16 KB of weights per block. Split-K for N = 4096 (wo, w2).
     _INT4_CONFIGS = _configs(
-        gemv=((8, 256, 4, (1, 2, 4)), (16, 256, 4, (1, 2)), (8, 512, 4, (1,))),
+        gemv=((32, 512, 4, (1, 2, 4)), (64, 512, 8, (1, 2)), (64, 256, 4, (1, 2, 4, 8)), (16, 512, 4, (1,)),
+              (128, 256, 8, (1,))),
         dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
 
     @triton.jit
@@ -391,56 +395,103 @@ if triton_available():
 
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
-    @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"])})
+    @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"]),
+                        "EVEN_W": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0})
     @triton.jit
     def _int4_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
+        M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_om, magic,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        GPB: tl.constexpr,
+        GPB: tl.constexpr, EVEN_W: tl.constexpr,
     ):
         """W4A16. ``w_ptr`` is the packed weight read as int32 words (N, K/8): nibble i
         (bits 4i..4i+3) of word j is column 8j + i (the uint8 layout, little-endian). A
-        block is GPB whole quantization groups (GROUP/8 words each), so its scales and
-        zeros are (BLOCK_N, GPB); the tile is (BLOCK_N, GPB, GROUP/8, 8), x's matching
-        columns are contiguous. A nibble q becomes fp32 exactly with integer ops:
-        bits(q | 0x4B000000) = 2^23 + q, minus 2^23 (no int-to-float conversion)."""
+        nibble becomes fp32 with integer ops, no int-to-float conversion: bits(q | 0x4B000000)
+        = 2^23 + q, minus 2^23. ``magic`` is 0x4B000000 passed at run time: as a register
+        operand, ``(word & mask) | magic`` is one LOP3 (two constants would take two).
+
+        One row (BLOCK_M == 1), a GEMV over a (BLOCK_N, BLOCK_K / 8) tile of words: two
+        consecutive words per lane (an 8-byte load; a warp reads 256 B of a row), rows over
+        the warps and registers. Each word's 8 nibbles are taken in place, without a shift:
+        (word or word >> 16) & (0xF << 4j) is q · 16^j (j = i % 4), and x's column 8·word + i
+        is pre-scaled by 16^-j (exact), so a nibble costs LOP3, FADD (-2^23), FFMA. x's columns
+        are strided loads in the words' own layout (no shared-memory shuffle; x stays in
+        L1). The group's scale and zero apply per word, factorised: Σ_k (q·s + z)·x =
+        s·Σ q·x + z·Σ x, two FFMAs per word, and the fp32 (BLOCK_N, words) accumulator is
+        reduced once at the end. (Four words per lane measured slower in the compiled code:
+        x's layout then needs a shared-memory shuffle per block.)
+
+        2 to 16 rows: a 16-row ``tl.dot`` over GPB whole groups per block (weights
+        dequantized to x's dtype in registers)."""
         WPG: tl.constexpr = GROUP // 8  # int32 words per group
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = (offs_n % N).to(tl.int64)
-        n_groups = K // GROUP
-        g_per_split = tl.cdiv(tl.cdiv(n_groups, GPB), SPLIT_K) * GPB
-        g_start = pid_k * g_per_split
-        g_end = tl.minimum(n_groups, g_start + g_per_split)
-        offs_g = tl.arange(0, GPB)
-        offs_w = tl.arange(0, WPG)
         offs_i = tl.arange(0, 8)
-        shifts = (4 * offs_i)[None, None, None, :]
-        w_ptrs = w_ptr + rows[:, None, None] * stride_wn + (offs_g[None, :, None] * WPG + offs_w[None, None, :])
-        s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
-        z_ptrs = z_ptr + rows[:, None] * stride_zn + offs_g[None, :]
-        xcol = offs_g[:, None, None] * GROUP + offs_w[None, :, None] * 8 + offs_i[None, None, :]  # (GPB, WPG, 8)
         if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
             gdc_wait()
         if BLOCK_M == 1:
-            x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + xcol
-            acc4 = tl.zeros((BLOCK_N, GPB, WPG, 8), dtype=tl.float32)
-            for g in range(g_start, g_end, GPB):
-                gmask = offs_g < n_groups - g
-                wv = tl.load(w_ptrs + g * WPG, mask=gmask[None, :, None], other=0)
-                s = tl.load(s_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None, None]
-                z = tl.load(z_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None, None]
-                xv = tl.load(x_ptrs + g * GROUP, mask=gmask[:, None, None], other=0.0).to(tl.float32)
-                q = ((wv[:, :, :, None] >> shifts) & 0xF) | 0x4B000000
-                w = (q.to(tl.float32, bitcast=True) - 8388608.0) * s + z
-                acc4 += w * xv[None, :, :, :]
-            res = tl.sum(tl.sum(tl.sum(acc4, axis=3), axis=2), axis=1)[None, :]
+            BLOCK_W: tl.constexpr = BLOCK_K // 8  # words per row and block
+            n_words = K // 8
+            w_per_split = tl.cdiv(tl.cdiv(n_words, BLOCK_W), SPLIT_K) * BLOCK_W
+            w_start = pid_k * w_per_split
+            w_end = tl.minimum(n_words, w_start + w_per_split)
+            # contiguity 2: the load is 2 words per lane (the compiler would make it 4, and
+            # x's strided columns could then no longer share the words' layout)
+            offs_c = tl.max_contiguous(tl.arange(0, BLOCK_W), 2)
+            # loop-invariant int32 offsets from scalar bases advanced per block: one
+            # IMAD.WIDE per address (the launcher checks that the offsets fit in int32)
+            rows = offs_n % N  # past-the-edge rows wrap: loads need no N mask
+            w_offs = rows[:, None] * stride_wn + offs_c[None, :]
+            s_offs = rows[:, None] * stride_sn + (offs_c // WPG)[None, :]
+            z_offs = rows[:, None] * stride_zn + (offs_c // WPG)[None, :]
+            x_base = x_ptr + pid_m.to(tl.int64) * stride_xm
+            acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+            for c in range(w_start, w_end, BLOCK_W):
+                # c is a multiple of BLOCK_W, and WPG divides BLOCK_W or the reverse (powers
+                # of two): word c + j is in group c // WPG + j // WPG
+                sv_ptr = s_ptr + c // WPG
+                zv_ptr = z_ptr + c // WPG
+                cmask = offs_c < w_end - c  # (unused when EVEN_W)
+                if EVEN_W:
+                    wv = tl.load(w_ptr + c + w_offs)
+                    sv = tl.load(sv_ptr + s_offs).to(tl.float32)
+                    zv = tl.load(zv_ptr + z_offs).to(tl.float32)
+                else:
+                    wv = tl.load(w_ptr + c + w_offs, mask=cmask[None, :], other=0)
+                    sv = tl.load(sv_ptr + s_offs, mask=cmask[None, :], other=0.0).to(tl.float32)
+                    zv = tl.load(zv_ptr + z_offs, mask=cmask[None, :], other=0.0).to(tl.float32)
+                hi = (wv >> 16) & 0xFFFF  # nibbles 4..7 in bits 0..15
+                inner = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+                xsum = tl.zeros((BLOCK_W,), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    if EVEN_W:
+                        xi = tl.load(x_base + (c * 8 + i) + offs_c * 8).to(tl.float32)
+                    else:
+                        xi = tl.load(x_base + (c * 8 + i) + offs_c * 8, mask=cmask, other=0.0).to(tl.float32)
+                    xsum += xi
+                    src = wv if i < 4 else hi
+                    bits = (src & (15 << (4 * (i % 4)))) | magic
+                    q16 = bits.to(tl.float32, bitcast=True) - 8388608.0  # q · 16^(i%4), exact
+                    inner += q16 * (xi * (1.0 / (1 << (4 * (i % 4)))))[None, :]
+                acc += inner * sv + zv * xsum[None, :]
+            res = tl.sum(acc, axis=1)[None, :]
             offs_m = pid_m + tl.arange(0, 1)
         else:
+            rows = (offs_n % N).to(tl.int64)
+            n_groups = K // GROUP
+            g_per_split = tl.cdiv(tl.cdiv(n_groups, GPB), SPLIT_K) * GPB
+            g_start = pid_k * g_per_split
+            g_end = tl.minimum(n_groups, g_start + g_per_split)
+            offs_g = tl.arange(0, GPB)
+            offs_w = tl.arange(0, WPG)
+            shifts = (4 * offs_i)[None, None, None, :]
+            w_ptrs = w_ptr + rows[:, None, None] * stride_wn + (offs_g[None, :, None] * WPG + offs_w[None, None, :])
+            s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
+            z_ptrs = z_ptr + rows[:, None] * stride_zn + offs_g[None, :]
+            xcol = offs_g[:, None, None] * GROUP + offs_w[None, :, None] * 8 + offs_i[None, None, :]  # (GPB, WPG, 8)
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None, None, None] * stride_xm + xcol[None, :, :, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -463,6 +514,7 @@ if triton_available():
                         HAS_BIAS, SPLIT_K)
 
 
+_EXP_2_23 = 0x4B000000  # bits of 2.0**23: the int4 kernel's magic, passed at run time (see _int4_kernel)
 _MIN_BLOCK_N = 4  # the smallest BLOCK_N of the configurations: bounds the number of output tiles
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _RETIRED_COUNTERS: list[torch.Tensor] = []  # outgrown buffers, kept alive for graphs that captured them
@@ -585,10 +637,14 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
         if w.storage_offset() % 4 or w.stride(0) % 4:
             w = w.contiguous()
         w = w.view(torch.int32)  # (N, K/8) words: 8 nibbles each, column 8j + i in bits 4i..4i+3
+        if N * w.stride(0) >= 2**31:
+            raise ValueError(f"{name} supports at most 2**31 int32 words of packed weights (int32 offsets), "
+                             f"got N={N} rows of stride {w.stride(0)} words")
         s, z = unit_stride_last(scales), unit_stride_last(zeros)
         b = bias.contiguous() if bias is not None else s
         out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],
-                   {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N),
+                   {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N,
+                                 _EXP_2_23),
                     "GROUP": group_size, "HAS_BIAS": bias is not None,
                     "UPCAST_DOT": _upcast_dot(x), **_pdl(x)}, config)
     elif M and N:
