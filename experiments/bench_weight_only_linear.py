@@ -228,7 +228,8 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["shape"], r["M"], r["kind"]) for r in rows):
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
-        tile = f"N{c['BLOCK_N']} K{c['BLOCK_K']} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
+        tile = (f"N{c['BLOCK_N']} K{c['BLOCK_K']} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
+                + (" prefetch" if c.get("PREFETCH") else ""))
         out.append({**{k: sel[0][k] for k in ("shape", "M", "N", "K", "kind", "us", "GB/s", "%copy")},
                     "median_us": sel[len(sel) // 2]["us"], "slowest_us": sel[-1]["us"], "n_configs": len(sel),
                     "config": tile})

@@ -223,13 +223,13 @@ if triton_available():
     except ImportError:
         gdc_wait = None
 
-    def _cfg(bm, bn, bk, split, warps, stages):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
+    def _cfg(bm, bn, bk, split, warps, stages, **extra):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, **extra},
                              num_warps=warps, num_stages=stages)
 
     def _configs(gemv: tuple, dot: tuple, first_bk: int) -> list:
-        """gemv: (BLOCK_N, BLOCK_K, warps, splits) tiles for one row, each with the SPLIT_K
-        values listed (one stage: pipelining stages measured no faster for this loop);
+        """gemv: (BLOCK_N, BLOCK_K, warps, splits[, extra meta-parameters]) tiles for one row,
+        each with the SPLIT_K values listed (one stage: pipelining stages measured no faster for this loop);
         dot: (BLOCK_N, BLOCK_K) 16-row tl.dot tiles in 3 and 5 stages, SPLIT_K 1 to 8.
         Every configuration costs a compilation at the first call of a shape (start-up
         time), so the GEMV list is the few tiles that came within ~3 % of the best on an
@@ -237,8 +237,8 @@ if triton_available():
         the autotuner still chooses among them on the GPU it runs on. Pruned per shape."""
         # First: small, runs in Triton's interpreter (the CPU tests) for any M.
         out = [_cfg(16, 16, first_bk, 1, 4, 1)]
-        for bn, bk, warps, splits in gemv:
-            out += [_cfg(1, bn, bk, split, warps, 1) for split in splits]
+        for bn, bk, warps, splits, *extra in gemv:
+            out += [_cfg(1, bn, bk, split, warps, 1, **(extra[0] if extra else {})) for split in splits]
         for split in (1, 2, 4, 8):
             for bn, bk in dot:
                 for stages in (3, 5):
@@ -271,11 +271,14 @@ if triton_available():
         own = [c for c in configs if c.kwargs["BLOCK_M"] == 16 or (id(c) in _INT8_GEMV_IDS) == int8]
         return _prune(own, named_args, **kwargs)
     # int4 GEMV tiles: BLOCK_K / 8 words per row and block, at most 64 (two per lane: see
-    # _int4_kernel); 8 to 16 row-words per thread (64 to 128 registers, no spills), 4 to
-    # 16 KB of weights per block. Split-K for N = 4096 (wo, w2).
+    # _int4_kernel); 8 or 16 row-words per thread, 4 to 16 KB of weights per block; with
+    # PREFETCH the next block's loads are in flight during this block's arithmetic (sm_90
+    # ptxas: 96 to 178 registers, no spills; without, 64 to 128). Not yet timed on a GPU:
+    # both kinds are listed for the autotuner. Split-K for N = 4096 (wo, w2).
+    _PF = {"PREFETCH": True}
     _INT4_CONFIGS = _configs(
-        gemv=((32, 512, 4, (1, 2, 4)), (64, 512, 8, (1, 2)), (64, 256, 4, (1, 2, 4, 8)), (16, 512, 4, (1,)),
-              (128, 256, 8, (1,))),
+        gemv=((32, 512, 4, (1, 2, 4)), (64, 256, 4, (1, 4, 8)),
+              (16, 512, 4, (1, 2, 4), _PF), (32, 512, 4, (1, 2), _PF), (64, 512, 8, (1,), _PF)),
         dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
 
     @triton.jit
@@ -393,17 +396,37 @@ if triton_available():
         _bias_and_store(res, offs_m, offs_n, M, N, pid_n, pid_m, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
                         HAS_BIAS, SPLIT_K)
 
+    @triton.jit
+    def _int4_gemv_block(acc, wv, sv, zv, x_ptrs, cmask, magic, EVEN_W: tl.constexpr):
+        """acc + one block of the int4 GEMV (see _int4_kernel): wv (rows, words) int32, sv and
+        zv the words' scales and zeros, x_ptrs the words' first x columns (8·word)."""
+        hi = (wv >> 16) & 0xFFFF  # nibbles 4..7 in bits 0..15
+        inner = tl.zeros_like(acc)
+        xsum = tl.sum(inner, axis=0)  # zeros, one per word
+        for i in tl.static_range(8):
+            if EVEN_W:
+                xi = tl.load(x_ptrs + i).to(tl.float32)
+            else:
+                xi = tl.load(x_ptrs + i, mask=cmask, other=0.0).to(tl.float32)
+            xsum += xi
+            src = wv if i < 4 else hi
+            bits = (src & (15 << (4 * (i % 4)))) | magic
+            q16 = bits.to(tl.float32, bitcast=True) - 8388608.0  # q · 16^(i%4), exact
+            inner += q16 * (xi * (1.0 / (1 << (4 * (i % 4)))))[None, :]
+        return acc + inner * sv.to(tl.float32) + zv.to(tl.float32) * xsum[None, :]
+
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
     @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"]),
-                        "EVEN_W": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0})
+                        "EVEN_W": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0,
+                        "PREFETCH": lambda a: a.get("PREFETCH", False)})
     @triton.jit
     def _int4_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_om, magic,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        GPB: tl.constexpr, EVEN_W: tl.constexpr,
+        GPB: tl.constexpr, EVEN_W: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """W4A16. ``w_ptr`` is the packed weight read as int32 words (N, K/8): nibble i
         (bits 4i..4i+3) of word j is column 8j + i (the uint8 layout, little-endian). A
@@ -430,8 +453,6 @@ if triton_available():
         pid_m = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_i = tl.arange(0, 8)
-        if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
-            gdc_wait()
         if BLOCK_M == 1:
             BLOCK_W: tl.constexpr = BLOCK_K // 8  # words per row and block
             n_words = K // 8
@@ -449,37 +470,44 @@ if triton_available():
             z_offs = rows[:, None] * stride_zn + (offs_c // WPG)[None, :]
             x_base = x_ptr + pid_m.to(tl.int64) * stride_xm
             acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-            for c in range(w_start, w_end, BLOCK_W):
-                # c is a multiple of BLOCK_W, and WPG divides BLOCK_W or the reverse (powers
-                # of two): word c + j is in group c // WPG + j // WPG
-                sv_ptr = s_ptr + c // WPG
-                zv_ptr = z_ptr + c // WPG
-                cmask = offs_c < w_end - c  # (unused when EVEN_W)
-                if EVEN_W:
-                    wv = tl.load(w_ptr + c + w_offs)
-                    sv = tl.load(sv_ptr + s_offs).to(tl.float32)
-                    zv = tl.load(zv_ptr + z_offs).to(tl.float32)
-                else:
-                    wv = tl.load(w_ptr + c + w_offs, mask=cmask[None, :], other=0)
-                    sv = tl.load(sv_ptr + s_offs, mask=cmask[None, :], other=0.0).to(tl.float32)
-                    zv = tl.load(zv_ptr + z_offs, mask=cmask[None, :], other=0.0).to(tl.float32)
-                hi = (wv >> 16) & 0xFFFF  # nibbles 4..7 in bits 0..15
-                inner = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
-                xsum = tl.zeros((BLOCK_W,), dtype=tl.float32)
-                for i in tl.static_range(8):
+            # c is a multiple of BLOCK_W, and WPG divides BLOCK_W or the reverse (powers of
+            # two): word c + j is in group c // WPG + j // WPG
+            if PREFETCH:
+                # the next block's words, scales and zeros are requested before this block's
+                # arithmetic (twice the bytes in flight, more registers); the first block's
+                # before waiting for the previous kernel (PDL: weights do not depend on it)
+                cmask = offs_c < w_end - w_start
+                wv = tl.load(w_ptr + w_start + w_offs, mask=cmask[None, :], other=0)
+                sv = tl.load(s_ptr + w_start // WPG + s_offs, mask=cmask[None, :], other=0.0)
+                zv = tl.load(z_ptr + w_start // WPG + z_offs, mask=cmask[None, :], other=0.0)
+                if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+                    gdc_wait()
+                for c in range(w_start, w_end, BLOCK_W):
+                    nmask = offs_c < w_end - (c + BLOCK_W)  # none past the last block
+                    w_next = tl.load(w_ptr + (c + BLOCK_W) + w_offs, mask=nmask[None, :], other=0)
+                    s_next = tl.load(s_ptr + (c + BLOCK_W) // WPG + s_offs, mask=nmask[None, :], other=0.0)
+                    z_next = tl.load(z_ptr + (c + BLOCK_W) // WPG + z_offs, mask=nmask[None, :], other=0.0)
+                    acc = _int4_gemv_block(acc, wv, sv, zv, x_base + c * 8 + offs_c * 8, cmask, magic, EVEN_W)
+                    wv, sv, zv, cmask = w_next, s_next, z_next, nmask
+            else:
+                if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+                    gdc_wait()
+                for c in range(w_start, w_end, BLOCK_W):
+                    cmask = offs_c < w_end - c  # (unused when EVEN_W)
                     if EVEN_W:
-                        xi = tl.load(x_base + (c * 8 + i) + offs_c * 8).to(tl.float32)
+                        wv = tl.load(w_ptr + c + w_offs)
+                        sv = tl.load(s_ptr + c // WPG + s_offs)
+                        zv = tl.load(z_ptr + c // WPG + z_offs)
                     else:
-                        xi = tl.load(x_base + (c * 8 + i) + offs_c * 8, mask=cmask, other=0.0).to(tl.float32)
-                    xsum += xi
-                    src = wv if i < 4 else hi
-                    bits = (src & (15 << (4 * (i % 4)))) | magic
-                    q16 = bits.to(tl.float32, bitcast=True) - 8388608.0  # q · 16^(i%4), exact
-                    inner += q16 * (xi * (1.0 / (1 << (4 * (i % 4)))))[None, :]
-                acc += inner * sv + zv * xsum[None, :]
+                        wv = tl.load(w_ptr + c + w_offs, mask=cmask[None, :], other=0)
+                        sv = tl.load(s_ptr + c // WPG + s_offs, mask=cmask[None, :], other=0.0)
+                        zv = tl.load(z_ptr + c // WPG + z_offs, mask=cmask[None, :], other=0.0)
+                    acc = _int4_gemv_block(acc, wv, sv, zv, x_base + c * 8 + offs_c * 8, cmask, magic, EVEN_W)
             res = tl.sum(acc, axis=1)[None, :]
             offs_m = pid_m + tl.arange(0, 1)
         else:
+            if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+                gdc_wait()
             rows = (offs_n % N).to(tl.int64)
             n_groups = K // GROUP
             g_per_split = tl.cdiv(tl.cdiv(n_groups, GPB), SPLIT_K) * GPB

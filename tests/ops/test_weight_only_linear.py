@@ -155,9 +155,12 @@ def test_kernel_int8_extremes_exact_sum(kernel_device):
 
 # Forced GEMV tiles of the GPU lists (one row): int8 with BLOCK_K 1024 (masked at K = 1000,
 # one block per split) and split-K; int4 with several quantization groups per block
-# (group 32: 8 groups in 256 columns), a partial last block, and odd N.
+# (group 32: 8 groups in 256 columns), partial last blocks, odd N, with and without the
+# next block's loads issued ahead (PREFETCH).
 INT8_WIDE = [dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1), dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=2)]
-INT4_WIDE = [dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1), dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=2)]
+INT4_WIDE = [dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1),
+             dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=2, PREFETCH=True),
+             dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=3, PREFETCH=True)]
 
 
 @pytest.mark.parametrize("N,K", [(7, 1000), (37, 2048)])
@@ -173,7 +176,7 @@ def test_int8_kernel_wide_gemv_tiles(kernel_device, N, K, config):
 
 
 @pytest.mark.parametrize("N,K,group", [(37, 768, 32), (19, 1280, 128), (5, 768, 256), (33, 320, 64)])
-@pytest.mark.parametrize("config", INT4_WIDE, ids=["k256", "k512_split2"])
+@pytest.mark.parametrize("config", INT4_WIDE, ids=["k256", "k512_split2_prefetch", "k256_split3_prefetch"])
 def test_int4_kernel_wide_gemv_tiles(kernel_device, N, K, group, config):
     g = _gen("i4wide", N, K, group, config["BLOCK_K"])
     x = _x((1,), K, torch.float16, g)
@@ -185,7 +188,7 @@ def test_int4_kernel_wide_gemv_tiles(kernel_device, N, K, group, config):
     _check(out, truth, torch.float16, (1, N))
 
 
-@pytest.mark.parametrize("config", [GEMV, INT4_WIDE[0]], ids=["gemv", "k256"])
+@pytest.mark.parametrize("config", [GEMV, INT4_WIDE[0], INT4_WIDE[2]], ids=["gemv", "k256", "k256_prefetch"])
 def test_int4_gemv_every_nibble_exact(kernel_device, config):
     """Every nibble value at every position of a word (the GEMV takes nibbles 0-3 and 4-7
     in place, from the word and from word >> 16), integer x, unit scales, zero point -8:
@@ -469,7 +472,7 @@ if kernel_name == "_linear_kernel":
     const = dict(common, QUANT=1, EVEN_K=True)
 else:
     sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16")
-    const = dict(common, GROUP=128, GPB=max(1, block_k // 128), EVEN_W=True)
+    const = dict(common, GROUP=128, GPB=max(1, block_k // 128), EVEN_W=True, PREFETCH=split > 1)
 sig.update(out_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 for name in jit.arg_names:
     sig.setdefault(name, "constexpr" if name in const else "i32")
