@@ -253,6 +253,13 @@ def step_rows(rows, model, copy_gbs):
     return out
 
 
+def _record_name(base: str, args) -> str:
+    """The JSON record's name: ``_llama3`` for those shapes, ``_subset`` where --shapes or
+    --kinds left some out (a partial run never replaces the full record)."""
+    subset = bool(args.shapes) or set(args.kinds) != {"bf16", "int8", "int4"}
+    return base + ("_llama3" if args.llama3 else "") + ("_subset" if subset else "")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one shape (wo), M = 1, few repeats, nothing saved")
@@ -292,7 +299,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         best = sweep_summary(rows)
         harness.print_table(best, ["shape", "M", "kind", "us", "GB/s", "%copy", "median_us", "n_configs", "config"])
-        path = harness.save_result(f"weight_only_linear_sweep{'_llama3' if args.llama3 else ''}",
+        path = harness.save_result(_record_name("weight_only_linear_sweep", args),
                                    {"copy_gbs": copy_gbs, "rows": best, "all_configs": rows}, args)
         print(f"saved {path}")
         return
@@ -313,7 +320,7 @@ def main(argv=None):
     worst = max(errs) if errs else math.nan
     print(f"\nmax rel err of the fastzoo kernels: {worst:.2e}")
     if not args.quick:
-        path = harness.save_result(f"weight_only_linear{'_llama3' if args.llama3 else ''}",
+        path = harness.save_result(_record_name("weight_only_linear", args),
                                    {"copy_gbs": copy_gbs, "rows": rows, "steps": steps, "max_err": worst}, args)
         print(f"saved {path}")
     if not worst < 2e-2:
