@@ -400,7 +400,7 @@ if triton_available():
     def _int4_gemv_block(acc, wv, sv, zv, x_ptrs, cmask, magic, EVEN_W: tl.constexpr):
         """acc + one block of the int4 GEMV (see _int4_kernel): wv (rows, words) int32, sv and
         zv the words' scales and zeros, x_ptrs the words' first x columns (8·word)."""
-        hi = (wv >> 16) & 0xFFFF  # nibbles 4..7 in bits 0..15
+        hi = wv >> 12  # nibbles 5, 6, 7 in bits 8..19 (higher bits: masked off)
         inner = tl.zeros_like(acc)
         xsum = tl.sum(inner, axis=0)  # zeros, one per word
         for i in tl.static_range(8):
@@ -409,10 +409,13 @@ if triton_available():
             else:
                 xi = tl.load(x_ptrs + i, mask=cmask, other=0.0).to(tl.float32)
             xsum += xi
-            src = wv if i < 4 else hi
-            bits = (src & (15 << (4 * (i % 4)))) | magic
-            q16 = bits.to(tl.float32, bitcast=True) - 8388608.0  # q · 16^(i%4), exact
-            inner += q16 * (xi * (1.0 / (1 << (4 * (i % 4)))))[None, :]
+            # nibble i in place, at bit p < 20 (inside fp32's 23-bit mantissa): q · 2^p, with
+            # x's column pre-scaled by 2^-p (exact)
+            p = 4 * i if i < 5 else 4 * (i - 3)
+            src = wv if i < 5 else hi
+            bits = (src & (15 << p)) | magic
+            qp = bits.to(tl.float32, bitcast=True) - 8388608.0  # q · 2^p, exact
+            inner += qp * (xi * (1.0 / (1 << p)))[None, :]
         return acc + inner * sv.to(tl.float32) + zv.to(tl.float32) * xsum[None, :]
 
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
@@ -437,8 +440,9 @@ if triton_available():
         One row (BLOCK_M == 1), a GEMV over a (BLOCK_N, BLOCK_K / 8) tile of words: two
         consecutive words per lane (an 8-byte load; a warp reads 256 B of a row), rows over
         the warps and registers. Each word's 8 nibbles are taken in place, without a shift:
-        (word or word >> 16) & (0xF << 4j) is q · 16^j (j = i % 4), and x's column 8·word + i
-        is pre-scaled by 16^-j (exact), so a nibble costs LOP3, FADD (-2^23), FFMA. x's columns
+        (word or word >> 12) & (0xF << p) is q · 2^p with p < 20 (nibbles 0-4 of the word,
+        5-7 of word >> 12), and x's column 8·word + i is pre-scaled by 2^-p (exact), so a
+        nibble costs LOP3, FADD (-2^23), FFMA, and a word one shift. x's columns
         are strided loads in the words' own layout (no shared-memory shuffle; x stays in
         L1). The group's scale and zero apply per word, factorised: Σ_k (q·s + z)·x =
         s·Σ q·x + z·Σ x, two FFMAs per word, and the fp32 (BLOCK_N, words) accumulator is
