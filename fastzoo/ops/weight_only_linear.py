@@ -229,7 +229,8 @@ if triton_available():
 
     def _configs(gemv: tuple, dot: tuple, first_bk: int) -> list:
         """gemv: (BLOCK_N, BLOCK_K, warps, splits[, extra meta-parameters]) tiles for one row,
-        each with the SPLIT_K values listed (one stage: pipelining stages measured no faster for this loop);
+        each with the SPLIT_K values listed (one stage: pipelining stages measured no faster
+        for this loop);
         dot: (BLOCK_N, BLOCK_K) 16-row tl.dot tiles in 3 and 5 stages, SPLIT_K 1 to 8.
         Every configuration costs a compilation at the first call of a shape (start-up
         time), so the GEMV list is the few tiles that came within ~3 % of the best on an
