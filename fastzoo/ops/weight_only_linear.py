@@ -419,6 +419,11 @@ if triton_available():
             inner += qp * (xi * (1.0 / (1 << p)))[None, :]
         return acc + inner * sv.to(tl.float32) + zv.to(tl.float32) * xsum[None, :]
 
+    @triton.jit
+    def _int4_gemv_whole_block(acc, w_ptrs, s_ptrs, z_ptrs, x_ptrs, magic):
+        """_int4_gemv_block on a whole block: unmasked loads."""
+        return _int4_gemv_block(acc, tl.load(w_ptrs), tl.load(s_ptrs), tl.load(z_ptrs), x_ptrs, None, magic, True)
+
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
     @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"]),
@@ -498,16 +503,19 @@ if triton_available():
                 if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
                     gdc_wait()
                 for c in range(w_start, w_end, BLOCK_W):
-                    cmask = offs_c < w_end - c  # (unused when EVEN_W)
+                    # unmasked code for every whole block (a branch uniform over the program)
                     if EVEN_W:
-                        wv = tl.load(w_ptr + c + w_offs)
-                        sv = tl.load(s_ptr + c // WPG + s_offs)
-                        zv = tl.load(z_ptr + c // WPG + z_offs)
+                        acc = _int4_gemv_whole_block(acc, w_ptr + c + w_offs, s_ptr + c // WPG + s_offs,
+                                                     z_ptr + c // WPG + z_offs, x_base + c * 8 + offs_c * 8, magic)
+                    elif c + BLOCK_W <= w_end:
+                        acc = _int4_gemv_whole_block(acc, w_ptr + c + w_offs, s_ptr + c // WPG + s_offs,
+                                                     z_ptr + c // WPG + z_offs, x_base + c * 8 + offs_c * 8, magic)
                     else:
+                        cmask = offs_c < w_end - c
                         wv = tl.load(w_ptr + c + w_offs, mask=cmask[None, :], other=0)
                         sv = tl.load(s_ptr + c // WPG + s_offs, mask=cmask[None, :], other=0.0)
                         zv = tl.load(z_ptr + c // WPG + z_offs, mask=cmask[None, :], other=0.0)
-                    acc = _int4_gemv_block(acc, wv, sv, zv, x_base + c * 8 + offs_c * 8, cmask, magic, EVEN_W)
+                        acc = _int4_gemv_block(acc, wv, sv, zv, x_base + c * 8 + offs_c * 8, cmask, magic, False)
             res = tl.sum(acc, axis=1)[None, :]
             offs_m = pid_m + tl.arange(0, 1)
         else:
