@@ -435,6 +435,33 @@ def test_cuda_llama_shapes(N, K, M):
 
 
 @pytest.mark.cuda
+def test_cuda_every_quantized_gemv_config():
+    """Every int8 and int4 GEMV tile the autotuner may pick (one row), forced, on a w2-like
+    shape whose K (11008) is no multiple of most blocks (whole blocks and a masked tail),
+    against an fp32 product of the same weights: a tile that only the GPU compiler gets
+    wrong cannot hide behind the autotuner's choice on the GPU the tests run on."""
+    from fastzoo.ops.weight_only_linear import _int4_kernel, _linear_kernel, _prune, _prune_linear
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(11008)
+    N, K, dtype = 4096, 11008, torch.bfloat16
+    named = {"M_BUCKET": 1, "N": N, "K": K}
+    x = torch.randn(1, K, device=dev, generator=g).to(dtype)
+    w_q = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=dev, generator=g)
+    s = (torch.rand(N, device=dev, generator=g) * 1e-3).to(dtype)
+    ref8 = F.linear(x.float(), w_q.float()) * s.float()
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, device=dev, generator=g) * K**-0.5, 128)
+    s4, z4 = s4.to(dtype), z4.to(dtype)
+    ref4 = F.linear(x.float(), int4_dequantize(p, s4, z4, 128, torch.float32))
+    for c in _prune_linear(_linear_kernel.configs, named, QUANT=1):
+        cfg = dict(c.kwargs, num_warps=c.num_warps)
+        assert rel_err(int8_weight_only_linear_triton(x, w_q, s, config=cfg), ref8) < 1e-2, cfg
+    for c in _prune(_int4_kernel.configs, named):
+        cfg = dict(c.kwargs, num_warps=c.num_warps)
+        assert rel_err(int4_weight_only_linear_triton(x, p, s4, z4, 128, config=cfg), ref4) < 1e-2, cfg
+
+
+@pytest.mark.cuda
 def test_cuda_graph_capture_and_compile():
     """reduce-overhead compile (CUDA graphs) over the three ops, split-K or not."""
     dev = torch.device("cuda")
