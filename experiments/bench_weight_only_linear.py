@@ -4,6 +4,8 @@
     python -m experiments.bench_weight_only_linear --quick    # one shape, M = 1, nothing saved
     python -m experiments.bench_weight_only_linear --llama3   # Llama-3-8B shapes instead
     python -m experiments.bench_weight_only_linear --sweep    # every tile configuration, ranked
+    # the quantized GEMVs only, two shapes, one row (~2 minutes on an H100, compiles included):
+    python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,w2 --kinds int8,int4 --groups 128 --ms 1
 
 At decode time a linear reads every weight once per token, so its ceiling is the
 weight bytes over the memory bandwidth. For each (N, K) of Llama-2-7B (fused wqkv, wo,
@@ -113,31 +115,33 @@ def bench_shape(name, N, K, M, args, copy_gbs, compiled_int8, dev=None):
 
     pairs = list(zip(xs, ws))
     # ---- bf16
-    wbytes = N * K * 2
-    ref = F.linear(xs[0].float(), ws[0].float())
-    err = _err(decode_linear(xs[0], ws[0]), ref)
-    row("bf16", "cublas", t_us(lambda p: F.linear(p[0], p[1]), pairs), wbytes, _err(F.linear(xs[0], ws[0]), ref))
-    row("bf16", "fastzoo", t_us(lambda p: decode_linear(p[0], p[1]), pairs), wbytes, err)
+    if "bf16" in args.kinds:
+        wbytes = N * K * 2
+        ref = F.linear(xs[0].float(), ws[0].float())
+        err = _err(decode_linear(xs[0], ws[0]), ref)
+        row("bf16", "cublas", t_us(lambda p: F.linear(p[0], p[1]), pairs), wbytes, _err(F.linear(xs[0], ws[0]), ref))
+        row("bf16", "fastzoo", t_us(lambda p: decode_linear(p[0], p[1]), pairs), wbytes, err)
 
     # ---- int8
     qs = [_int8_weights(w, dtype) for w in ws]
     del ws
     trip8 = [(x, q, s) for x, (q, s) in zip(xs, qs)]
     nbytes8 = N * K + N * 2
-    ref8 = F.linear(xs[0].float(), qs[0][0].float()) * qs[0][1].float()
-    err8 = _err(int8_weight_only_linear(xs[0], *qs[0]), ref8)
-    row("int8", "eager_ref", t_us(lambda p: int8_weight_only_linear_ref(*p), trip8), nbytes8,
-        _err(int8_weight_only_linear_ref(xs[0], *qs[0]), ref8))
-    try:
-        compiled_int8(*trip8[0])
-        row("int8", "compiled_ref", t_us(lambda p: compiled_int8(*p), trip8), nbytes8,
-            _err(compiled_int8(*trip8[0]), ref8))
-    except Exception as e:  # noqa: BLE001 - a baseline only
-        print(f"  (compiled baseline failed: {type(e).__name__}: {str(e)[:200]})")
-    row("int8", "fastzoo", t_us(lambda p: int8_weight_only_linear(*p), trip8), nbytes8, err8)
+    if "int8" in args.kinds:
+        ref8 = F.linear(xs[0].float(), qs[0][0].float()) * qs[0][1].float()
+        err8 = _err(int8_weight_only_linear(xs[0], *qs[0]), ref8)
+        row("int8", "eager_ref", t_us(lambda p: int8_weight_only_linear_ref(*p), trip8), nbytes8,
+            _err(int8_weight_only_linear_ref(xs[0], *qs[0]), ref8))
+        try:
+            compiled_int8(*trip8[0])
+            row("int8", "compiled_ref", t_us(lambda p: compiled_int8(*p), trip8), nbytes8,
+                _err(compiled_int8(*trip8[0]), ref8))
+        except Exception as e:  # noqa: BLE001 - a baseline only
+            print(f"  (compiled baseline failed: {type(e).__name__}: {str(e)[:200]})")
+        row("int8", "fastzoo", t_us(lambda p: int8_weight_only_linear(*p), trip8), nbytes8, err8)
 
     # ---- int4
-    for group in args.groups:
+    for group in (args.groups if "int4" in args.kinds else ()):
         packs = []
         for q, s in qs:  # re-create float weights from the int8 copies (any values will do)
             w = q.to(dtype) * s[:, None]
@@ -174,20 +178,25 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
     xs = [torch.randn(M, K, device=dev, generator=g).to(dtype) for _ in range(args.copies)]
     ws = [(torch.randn(N, K, device=dev, generator=g) * K**-0.5).to(dtype) for _ in range(args.copies)]
     named = {"M_BUCKET": wol._m_bucket(M), "N": N, "K": K}
-    kinds = [("bf16", wol._linear_kernel, N * K * 2, [(x, w) for x, w in zip(xs, ws)],
-              lambda p, c: wol.decode_linear_triton(p[0], p[1], config=c))]
-    qs = [_int8_weights(w, dtype) for w in ws]
-    kinds.append(("int8", wol._linear_kernel, N * K + N * 2, [(x, *q) for x, q in zip(xs, qs)],
-                  lambda p, c: wol.int8_weight_only_linear_triton(p[0], p[1], p[2], config=c)))
-    for group in args.groups:
+    kinds = []  # (kind, the configurations the autotuner would try, weight bytes, inputs, call)
+    if "bf16" in args.kinds:
+        kinds.append(("bf16", wol._prune_linear(wol._linear_kernel.configs, named, QUANT=0), N * K * 2,
+                      [(x, w) for x, w in zip(xs, ws)], lambda p, c: wol.decode_linear_triton(p[0], p[1], config=c)))
+    if "int8" in args.kinds:
+        qs = [_int8_weights(w, dtype) for w in ws]
+        kinds.append(("int8", wol._prune_linear(wol._linear_kernel.configs, named, QUANT=1), N * K + N * 2,
+                      [(x, *q) for x, q in zip(xs, qs)],
+                      lambda p, c: wol.int8_weight_only_linear_triton(p[0], p[1], p[2], config=c)))
+    for group in (args.groups if "int4" in args.kinds else ()):
         packs = [(x, *(t.to(dtype) if t.is_floating_point() else t
                        for t in Int4WeightOnlyLinear.quantize(w, group))) for x, w in zip(xs, ws)]
-        kinds.append((f"int4g{group}", wol._int4_kernel, N * K // 2 + 2 * N * (K // group) * 2, packs,
+        kinds.append((f"int4g{group}", wol._prune(wol._int4_kernel.configs, named),
+                      N * K // 2 + 2 * N * (K // group) * 2, packs,
                       lambda p, c, gr=group: wol.int4_weight_only_linear_triton(p[0], p[1], p[2], p[3], gr, config=c)))
     rows = []
-    for kind, kernel, nbytes, inputs, call in kinds:
+    for kind, configs, nbytes, inputs, call in kinds:
         ranked = []
-        for c in wol._prune(kernel.configs, named):
+        for c in configs:
             cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
             try:
                 r = harness.bench(lambda p: call(p, cfg), inputs=inputs, warmup=3, rep=args.rep, device=dev,
@@ -199,6 +208,8 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
             gbs = nbytes / (us * 1e-6) / 1e9
             ranked.append({"shape": name, "M": M, "N": N, "K": K, "kind": kind, "config": cfg, "us": us,
                            "GB/s": gbs, "%copy": 100 * gbs / copy_gbs})
+        if not ranked:
+            continue
         ranked.sort(key=lambda r: r["us"])
         for i, r in enumerate(ranked):
             r["rank"] = i
@@ -217,7 +228,8 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["shape"], r["M"], r["kind"]) for r in rows):
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
-        tile = f"N{c['BLOCK_N']} K{c['BLOCK_K']} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
+        tile = (f"N{c['BLOCK_N']} K{c['BLOCK_K']} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
+                + (" prefetch" if c.get("PREFETCH") else ""))
         out.append({**{k: sel[0][k] for k in ("shape", "M", "N", "K", "kind", "us", "GB/s", "%copy")},
                     "median_us": sel[len(sel) // 2]["us"], "slowest_us": sel[-1]["us"], "n_configs": len(sel),
                     "config": tile})
@@ -241,6 +253,13 @@ def step_rows(rows, model, copy_gbs):
     return out
 
 
+def _record_name(base: str, args) -> str:
+    """The JSON record's name: ``_llama3`` for those shapes, ``_subset`` where --shapes or
+    --kinds left some out (a partial run never replaces the full record)."""
+    subset = bool(args.shapes) or set(args.kinds) != {"bf16", "int8", "int4"}
+    return base + ("_llama3" if args.llama3 else "") + ("_subset" if subset else "")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one shape (wo), M = 1, few repeats, nothing saved")
@@ -254,9 +273,14 @@ def main(argv=None):
                    help="time eager launches (host overhead included) instead of CUDA-graph replays")
     p.add_argument("--shapes", default=None, help="comma-separated subset of the layer names (wqkv,wo,w13,w2,output)")
     p.add_argument("--no-tinygemm", dest="tinygemm", action="store_false")
+    p.add_argument("--kinds", default="bf16,int8,int4", type=lambda v: v.split(","),
+                   help="comma-separated subset of bf16,int8,int4 (int4: each of --groups)")
     p.add_argument("--sweep", action="store_true",
                    help="time every tile configuration per shape and kind (ranked), instead of the ops")
     args = p.parse_args(argv)
+    unknown = set(args.kinds) - {"bf16", "int8", "int4"}
+    if unknown:
+        p.error(f"--kinds expects a comma-separated subset of bf16,int8,int4, got {','.join(sorted(unknown))}")
     harness.require_cuda("bench_weight_only_linear")
     model = "llama3_8b" if args.llama3 else "llama2_7b"
     shapes = LLAMA3_8B if args.llama3 else LLAMA2_7B
@@ -275,7 +299,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         best = sweep_summary(rows)
         harness.print_table(best, ["shape", "M", "kind", "us", "GB/s", "%copy", "median_us", "n_configs", "config"])
-        path = harness.save_result(f"weight_only_linear_sweep{'_llama3' if args.llama3 else ''}",
+        path = harness.save_result(_record_name("weight_only_linear_sweep", args),
                                    {"copy_gbs": copy_gbs, "rows": best, "all_configs": rows}, args)
         print(f"saved {path}")
         return
@@ -296,7 +320,7 @@ def main(argv=None):
     worst = max(errs) if errs else math.nan
     print(f"\nmax rel err of the fastzoo kernels: {worst:.2e}")
     if not args.quick:
-        path = harness.save_result(f"weight_only_linear{'_llama3' if args.llama3 else ''}",
+        path = harness.save_result(_record_name("weight_only_linear", args),
                                    {"copy_gbs": copy_gbs, "rows": rows, "steps": steps, "max_err": worst}, args)
         print(f"saved {path}")
     if not worst < 2e-2:

@@ -308,13 +308,14 @@ if triton_available():
     except ImportError:
         gdc_wait = None
 
-    def _cfg(bm, bn, bk, split, warps, stages):
-        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split},
+    def _cfg(bm, bn, bk, split, warps, stages, **extra):
+        return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, **extra},
                              num_warps=warps, num_stages=stages)
 
     def _configs(gemv: tuple, dot: tuple, first_bk: int) -> list:
-        """gemv: (BLOCK_N, BLOCK_K, warps, splits) tiles for one row, each with the SPLIT_K
-        values listed (one stage: pipelining stages measured no faster for this loop);
+        """gemv: (BLOCK_N, BLOCK_K, warps, splits[, extra meta-parameters]) tiles for one row,
+        each with the SPLIT_K values listed (one stage: pipelining stages measured no faster
+        for this loop);
         dot: (BLOCK_N, BLOCK_K) 16-row tl.dot tiles in 3 and 5 stages, SPLIT_K 1 to 8.
         Every configuration costs a compilation at the first call of a shape (start-up
         time), so the GEMV list is the few tiles that came within ~3 % of the best on an
@@ -322,8 +323,8 @@ if triton_available():
         the autotuner still chooses among them on the GPU it runs on. Pruned per shape."""
         # First: small, runs in Triton's interpreter (the CPU tests) for any M.
         out = [_cfg(16, 16, first_bk, 1, 4, 1)]
-        for bn, bk, warps, splits in gemv:
-            out += [_cfg(1, bn, bk, split, warps, 1) for split in splits]
+        for bn, bk, warps, splits, *extra in gemv:
+            out += [_cfg(1, bn, bk, split, warps, 1, **(extra[0] if extra else {})) for split in splits]
         for split in (1, 2, 4, 8):
             for bn, bk in dot:
                 for stages in (3, 5):
@@ -332,12 +333,38 @@ if triton_available():
 
     # BLOCK_K in weight columns (int4: unpacked columns; at least one quantization group).
     # Register budget (sm_90 ptxas, no spills): BLOCK_N·BLOCK_K fp32 accumulator over the threads.
+    _LINEAR_DOT = ((32, 128), (64, 128), (64, 256), (128, 128))
     _FLOAT_CONFIGS = _configs(
         gemv=((8, 512, 4, (1, 2)), (4, 512, 4, (1,)), (8, 1024, 8, (1,)), (16, 256, 4, (1, 2)),
               (8, 256, 2, (1, 2, 8)), (32, 256, 8, (1, 2, 4)), (64, 128, 8, (1, 8, 16))),
-        dot=((32, 128), (64, 128), (64, 256), (128, 128)), first_bk=32)
+        dot=_LINEAR_DOT, first_bk=32)
+    # int8 GEMV tiles: a byte per weight, so twice bf16's columns per thread for the same
+    # bytes in flight (16 B loads; 32 to 64 weights and 100-120 registers per thread, no
+    # spills). BLOCK_K 256 keeps K = 11008 (w2) unmasked; 1024/2048 for K = 4096.
+    _INT8_CONFIGS = _configs(
+        gemv=((8, 1024, 4, (1, 2)), (4, 1024, 4, (1,)), (16, 1024, 8, (1,)), (8, 2048, 8, (1,)),
+              (16, 512, 4, (1, 2)), (32, 512, 8, (1, 4)), (64, 256, 8, (1, 8))),
+        dot=_LINEAR_DOT, first_bk=32)
+    # One autotuner for _linear_kernel (its key has QUANT): the float tiles, then the int8
+    # GEMV tiles; _prune_linear keeps the GEMV tiles of the launch's kind.
+    _LINEAR_CONFIGS = _FLOAT_CONFIGS + [c for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1]
+    _INT8_GEMV_IDS = frozenset(id(c) for c in _LINEAR_CONFIGS[len(_FLOAT_CONFIGS):])
+
+    def _prune_linear(configs, named_args, **kwargs):
+        """_prune on the GEMV tiles of the launch's kind (int8 when QUANT == 1, else float)
+        and the shared 16-row dot tiles."""
+        int8 = kwargs.get("QUANT", named_args.get("QUANT", 0)) == 1
+        own = [c for c in configs if c.kwargs["BLOCK_M"] == 16 or (id(c) in _INT8_GEMV_IDS) == int8]
+        return _prune(own, named_args, **kwargs)
+    # int4 GEMV tiles: BLOCK_K / 8 words per row and block, at most 64 (two per lane: see
+    # _int4_kernel); 8 or 16 row-words per thread, 4 to 16 KB of weights per block; with
+    # PREFETCH the next block's loads are in flight during this block's arithmetic (sm_90
+    # ptxas: 96 to 178 registers, no spills; without, 64 to 128). Not yet timed on a GPU:
+    # both kinds are listed for the autotuner. Split-K for N = 4096 (wo, w2).
+    _PF = {"PREFETCH": True}
     _INT4_CONFIGS = _configs(
-        gemv=((8, 256, 4, (1, 2, 4)), (16, 256, 4, (1, 2)), (8, 512, 4, (1,))),
+        gemv=((32, 512, 4, (1, 2, 4)), (64, 256, 4, (1, 4, 8)),
+              (16, 512, 4, (1, 2, 4), _PF), (32, 512, 4, (1, 2), _PF), (64, 512, 8, (1,), _PF)),
         dot=((32, 128), (32, 256), (64, 128), (64, 256)), first_bk=64)
 
     @triton.jit
@@ -430,8 +457,21 @@ if triton_available():
                 xv = v * tl.load(nw_ptrs + k, mask=kmask, other=0.0).to(tl.float32)
         return xv, v
 
-    @triton.autotune(configs=_FLOAT_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT", "GLU", "NORM", "HAS_RES"],
-                     prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
+    @triton.jit
+    def _weight_f32(w, QUANT: tl.constexpr):
+        """A weight tile in fp32. int8 (QUANT == 1) without an int-to-float conversion (I2F
+        issues at 16/clk/SM on sm_90, a quarter of the integer ALU rate: it bounds an int8
+        GEMV below the bandwidth): the byte zero-extended, b = w + 128 (sign bit flipped)
+        placed in the mantissa of 2^23, bits(2^23 + b) = 0x4B000000 | b, minus 2^23 + 128.
+        Exact; ~3 ALU ops (byte extract, xor/or, fsub) at full rate."""
+        if QUANT == 1:
+            b = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+            return b.to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            return w.to(tl.float32)
+
+    @triton.autotune(configs=_LINEAR_CONFIGS, key=["M_BUCKET", "N", "K", "QUANT", "GLU", "NORM", "HAS_RES"],
+                     prune_configs_by={"early_config_prune": _prune_linear}, do_bench=short_bench)
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     @triton.jit
     def _linear_kernel(
@@ -470,7 +510,7 @@ if triton_available():
                 w0 = tl.load(w_ptrs + k_start, mask=first[None, :], other=0)
                 gdc_wait()
                 x0, v0 = _x_block(x_ptrs, nw_ptrs, k_start, K, first, False, GLU, NORM)
-                acc2 += w0.to(tl.float32) * x0.to(tl.float32)[None, :]
+                acc2 += _weight_f32(w0, QUANT) * x0.to(tl.float32)[None, :]
                 if NORM:
                     ssq += v0 * v0
                 k_loop = k_start + BLOCK_K
@@ -481,7 +521,7 @@ if triton_available():
                     wv = tl.load(w_ptrs + k)
                 else:
                     wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0)
-                acc2 += wv.to(tl.float32) * xv.to(tl.float32)[None, :]
+                acc2 += _weight_f32(wv, QUANT) * xv.to(tl.float32)[None, :]
                 if NORM:
                     ssq += v * v
             res = tl.sum(acc2, axis=1)[None, :]  # (1, BLOCK_N)
@@ -515,58 +555,142 @@ if triton_available():
         _fused_store(res, ss, offs_m, offs_n, M, N, K, pid_n, pid_m, pid_k, b_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
                      stride_om, stride_rm, eps, HAS_BIAS, NORM, HAS_RES, SPLIT_K)
 
+    @triton.jit
+    def _int4_gemv_block(acc, wv, sv, zv, x_ptrs, cmask, magic, EVEN_W: tl.constexpr):
+        """acc + one block of the int4 GEMV (see _int4_kernel): wv (rows, words) int32, sv and
+        zv the words' scales and zeros, x_ptrs the words' first x columns (8·word)."""
+        hi = wv >> 12  # nibbles 5, 6, 7 in bits 8..19 (higher bits: masked off)
+        inner = tl.zeros_like(acc)
+        xsum = tl.sum(inner, axis=0)  # zeros, one per word
+        for i in tl.static_range(8):
+            if EVEN_W:
+                xi = tl.load(x_ptrs + i).to(tl.float32)
+            else:
+                xi = tl.load(x_ptrs + i, mask=cmask, other=0.0).to(tl.float32)
+            xsum += xi
+            # nibble i in place, at bit p < 20 (inside fp32's 23-bit mantissa): q · 2^p, with
+            # x's column pre-scaled by 2^-p (exact)
+            p = 4 * i if i < 5 else 4 * (i - 3)
+            src = wv if i < 5 else hi
+            bits = (src & (15 << p)) | magic
+            qp = bits.to(tl.float32, bitcast=True) - 8388608.0  # q · 2^p, exact
+            inner += qp * (xi * (1.0 / (1 << p)))[None, :]
+        return acc + inner * sv.to(tl.float32) + zv.to(tl.float32) * xsum[None, :]
+
+    @triton.jit
+    def _int4_gemv_whole_block(acc, w_ptrs, s_ptrs, z_ptrs, x_ptrs, magic):
+        """_int4_gemv_block on a whole block: unmasked loads."""
+        return _int4_gemv_block(acc, tl.load(w_ptrs), tl.load(s_ptrs), tl.load(z_ptrs), x_ptrs, None, magic, True)
+
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
-    @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"])})
+    @triton.heuristics({"GPB": lambda a: max(1, a["BLOCK_K"] // a["GROUP"]),
+                        "EVEN_W": lambda a: a["K"] % (a["BLOCK_K"] * a["SPLIT_K"]) == 0,
+                        "PREFETCH": lambda a: a.get("PREFETCH", False)})
     @triton.jit
     def _int4_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-        M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
+        M, N, K, M_BUCKET, stride_xm, stride_wn, stride_sn, stride_zn, stride_om, magic,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        GPB: tl.constexpr,
+        GPB: tl.constexpr, EVEN_W: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """W4A16. ``w_ptr`` is the packed weight read as int32 words (N, K/8): nibble i
         (bits 4i..4i+3) of word j is column 8j + i (the uint8 layout, little-endian). A
-        block is GPB whole quantization groups (GROUP/8 words each), so its scales and
-        zeros are (BLOCK_N, GPB); the tile is (BLOCK_N, GPB, GROUP/8, 8), x's matching
-        columns are contiguous. A nibble q becomes fp32 exactly with integer ops:
-        bits(q | 0x4B000000) = 2^23 + q, minus 2^23 (no int-to-float conversion)."""
+        nibble becomes fp32 with integer ops, no int-to-float conversion: bits(q | 0x4B000000)
+        = 2^23 + q, minus 2^23. ``magic`` is 0x4B000000 passed at run time: as a register
+        operand, ``(word & mask) | magic`` is one LOP3 (two constants would take two).
+
+        One row (BLOCK_M == 1), a GEMV over a (BLOCK_N, BLOCK_K / 8) tile of words: two
+        consecutive words per lane (an 8-byte load; a warp reads 256 B of a row), rows over
+        the warps and registers. Each word's 8 nibbles are taken in place, without a shift:
+        (word or word >> 12) & (0xF << p) is q · 2^p with p < 20 (nibbles 0-4 of the word,
+        5-7 of word >> 12), and x's column 8·word + i is pre-scaled by 2^-p (exact), so a
+        nibble costs LOP3, FADD (-2^23), FFMA, and a word one shift. x's columns
+        are strided loads in the words' own layout (no shared-memory shuffle; x stays in
+        L1). The group's scale and zero apply per word, factorised: Σ_k (q·s + z)·x =
+        s·Σ q·x + z·Σ x, two FFMAs per word, and the fp32 (BLOCK_N, words) accumulator is
+        reduced once at the end. (Four words per lane measured slower in the compiled code:
+        x's layout then needs a shared-memory shuffle per block.)
+
+        2 to 16 rows: a 16-row ``tl.dot`` over GPB whole groups per block (weights
+        dequantized to x's dtype in registers)."""
         WPG: tl.constexpr = GROUP // 8  # int32 words per group
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = (offs_n % N).to(tl.int64)
-        n_groups = K // GROUP
-        g_per_split = tl.cdiv(tl.cdiv(n_groups, GPB), SPLIT_K) * GPB
-        g_start = pid_k * g_per_split
-        g_end = tl.minimum(n_groups, g_start + g_per_split)
-        offs_g = tl.arange(0, GPB)
-        offs_w = tl.arange(0, WPG)
         offs_i = tl.arange(0, 8)
-        shifts = (4 * offs_i)[None, None, None, :]
-        w_ptrs = w_ptr + rows[:, None, None] * stride_wn + (offs_g[None, :, None] * WPG + offs_w[None, None, :])
-        s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
-        z_ptrs = z_ptr + rows[:, None] * stride_zn + offs_g[None, :]
-        xcol = offs_g[:, None, None] * GROUP + offs_w[None, :, None] * 8 + offs_i[None, None, :]  # (GPB, WPG, 8)
-        if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
-            gdc_wait()
         if BLOCK_M == 1:
-            x_ptrs = x_ptr + pid_m.to(tl.int64) * stride_xm + xcol
-            acc4 = tl.zeros((BLOCK_N, GPB, WPG, 8), dtype=tl.float32)
-            for g in range(g_start, g_end, GPB):
-                gmask = offs_g < n_groups - g
-                wv = tl.load(w_ptrs + g * WPG, mask=gmask[None, :, None], other=0)
-                s = tl.load(s_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None, None]
-                z = tl.load(z_ptrs + g, mask=gmask[None, :], other=0.0).to(tl.float32)[:, :, None, None]
-                xv = tl.load(x_ptrs + g * GROUP, mask=gmask[:, None, None], other=0.0).to(tl.float32)
-                q = ((wv[:, :, :, None] >> shifts) & 0xF) | 0x4B000000
-                w = (q.to(tl.float32, bitcast=True) - 8388608.0) * s + z
-                acc4 += w * xv[None, :, :, :]
-            res = tl.sum(tl.sum(tl.sum(acc4, axis=3), axis=2), axis=1)[None, :]
+            BLOCK_W: tl.constexpr = BLOCK_K // 8  # words per row and block
+            n_words = K // 8
+            w_per_split = tl.cdiv(tl.cdiv(n_words, BLOCK_W), SPLIT_K) * BLOCK_W
+            w_start = pid_k * w_per_split
+            w_end = tl.minimum(n_words, w_start + w_per_split)
+            # contiguity 2: the load is 2 words per lane (the compiler would make it 4, and
+            # x's strided columns could then no longer share the words' layout)
+            offs_c = tl.max_contiguous(tl.arange(0, BLOCK_W), 2)
+            # loop-invariant int32 offsets from scalar bases advanced per block: one
+            # IMAD.WIDE per address (the launcher checks that the offsets fit in int32)
+            rows = offs_n % N  # past-the-edge rows wrap: loads need no N mask
+            w_offs = rows[:, None] * stride_wn + offs_c[None, :]
+            s_offs = rows[:, None] * stride_sn + (offs_c // WPG)[None, :]
+            z_offs = rows[:, None] * stride_zn + (offs_c // WPG)[None, :]
+            x_base = x_ptr + pid_m.to(tl.int64) * stride_xm
+            acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.float32)
+            # c is a multiple of BLOCK_W, and WPG divides BLOCK_W or the reverse (powers of
+            # two): word c + j is in group c // WPG + j // WPG
+            if PREFETCH:
+                # the next block's words, scales and zeros are requested before this block's
+                # arithmetic (twice the bytes in flight, more registers); the first block's
+                # before waiting for the previous kernel (PDL: weights do not depend on it)
+                cmask = offs_c < w_end - w_start
+                wv = tl.load(w_ptr + w_start + w_offs, mask=cmask[None, :], other=0)
+                sv = tl.load(s_ptr + w_start // WPG + s_offs, mask=cmask[None, :], other=0.0)
+                zv = tl.load(z_ptr + w_start // WPG + z_offs, mask=cmask[None, :], other=0.0)
+                if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+                    gdc_wait()
+                for c in range(w_start, w_end, BLOCK_W):
+                    nmask = offs_c < w_end - (c + BLOCK_W)  # none past the last block
+                    w_next = tl.load(w_ptr + (c + BLOCK_W) + w_offs, mask=nmask[None, :], other=0)
+                    s_next = tl.load(s_ptr + (c + BLOCK_W) // WPG + s_offs, mask=nmask[None, :], other=0.0)
+                    z_next = tl.load(z_ptr + (c + BLOCK_W) // WPG + z_offs, mask=nmask[None, :], other=0.0)
+                    acc = _int4_gemv_block(acc, wv, sv, zv, x_base + c * 8 + offs_c * 8, cmask, magic, EVEN_W)
+                    wv, sv, zv, cmask = w_next, s_next, z_next, nmask
+            else:
+                if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+                    gdc_wait()
+                for c in range(w_start, w_end, BLOCK_W):
+                    # unmasked code for every whole block (a branch uniform over the program)
+                    if EVEN_W:
+                        acc = _int4_gemv_whole_block(acc, w_ptr + c + w_offs, s_ptr + c // WPG + s_offs,
+                                                     z_ptr + c // WPG + z_offs, x_base + c * 8 + offs_c * 8, magic)
+                    elif c + BLOCK_W <= w_end:
+                        acc = _int4_gemv_whole_block(acc, w_ptr + c + w_offs, s_ptr + c // WPG + s_offs,
+                                                     z_ptr + c // WPG + z_offs, x_base + c * 8 + offs_c * 8, magic)
+                    else:
+                        cmask = offs_c < w_end - c
+                        wv = tl.load(w_ptr + c + w_offs, mask=cmask[None, :], other=0)
+                        sv = tl.load(s_ptr + c // WPG + s_offs, mask=cmask[None, :], other=0.0)
+                        zv = tl.load(z_ptr + c // WPG + z_offs, mask=cmask[None, :], other=0.0)
+                        acc = _int4_gemv_block(acc, wv, sv, zv, x_base + c * 8 + offs_c * 8, cmask, magic, False)
+            res = tl.sum(acc, axis=1)[None, :]
             offs_m = pid_m + tl.arange(0, 1)
         else:
+            if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+                gdc_wait()
+            rows = (offs_n % N).to(tl.int64)
+            n_groups = K // GROUP
+            g_per_split = tl.cdiv(tl.cdiv(n_groups, GPB), SPLIT_K) * GPB
+            g_start = pid_k * g_per_split
+            g_end = tl.minimum(n_groups, g_start + g_per_split)
+            offs_g = tl.arange(0, GPB)
+            offs_w = tl.arange(0, WPG)
+            shifts = (4 * offs_i)[None, None, None, :]
+            w_ptrs = w_ptr + rows[:, None, None] * stride_wn + (offs_g[None, :, None] * WPG + offs_w[None, None, :])
+            s_ptrs = s_ptr + rows[:, None] * stride_sn + offs_g[None, :]
+            z_ptrs = z_ptr + rows[:, None] * stride_zn + offs_g[None, :]
+            xcol = offs_g[:, None, None] * GROUP + offs_w[None, :, None] * 8 + offs_i[None, None, :]  # (GPB, WPG, 8)
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             x_ptrs = x_ptr + (offs_m % M).to(tl.int64)[:, None, None, None] * stride_xm + xcol[None, :, :, :]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -589,6 +713,7 @@ if triton_available():
                         HAS_BIAS, SPLIT_K)
 
 
+_EXP_2_23 = 0x4B000000  # bits of 2.0**23: the int4 kernel's magic, passed at run time (see _int4_kernel)
 _MIN_BLOCK_N = 4  # the smallest BLOCK_N of the configurations: bounds the number of output tiles
 from ._common import ARRIVAL_COUNTERS as _COUNTERS, arrival_counters as _counters  # noqa: E402,F401
 
@@ -715,10 +840,14 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
         if w.storage_offset() % 4 or w.stride(0) % 4:
             w = w.contiguous()
         w = w.view(torch.int32)  # (N, K/8) words: 8 nibbles each, column 8j + i in bits 4i..4i+3
+        if N * w.stride(0) >= 2**31:
+            raise ValueError(f"{name} supports at most 2**31 int32 words of packed weights (int32 offsets), "
+                             f"got N={N} rows of stride {w.stride(0)} words")
         s, z = unit_stride_last(scales), unit_stride_last(zeros)
         b = bias.contiguous() if bias is not None else s
         out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],
-                   {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N),
+                   {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N,
+                                 _EXP_2_23),
                     "GROUP": group_size, "HAS_BIAS": bias is not None,
                     "UPCAST_DOT": _upcast_dot(x), **_pdl(x)}, config)
     elif M and N:

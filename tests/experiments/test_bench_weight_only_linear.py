@@ -17,3 +17,17 @@ def test_sweep_summary_keeps_the_fastest_per_shape_and_kind():
     assert wo["us"] == 18.5 and wo["config"] == "N4 K512 split2 w4 s1"
     assert wo["median_us"] == 20.0 and wo["slowest_us"] == 25.0 and wo["n_configs"] == 3
     assert best[1]["n_configs"] == 1 and best[1]["median_us"] == best[1]["us"] == 15.0
+
+
+def test_partial_runs_get_their_own_record_name():
+    import argparse
+
+    from experiments.bench_weight_only_linear import _record_name
+
+    def ns(shapes=None, kinds=("bf16", "int8", "int4"), llama3=False):
+        return argparse.Namespace(shapes=shapes, kinds=list(kinds), llama3=llama3)
+
+    assert _record_name("weight_only_linear_sweep", ns()) == "weight_only_linear_sweep"
+    assert _record_name("weight_only_linear_sweep", ns(llama3=True)) == "weight_only_linear_sweep_llama3"
+    assert _record_name("weight_only_linear_sweep", ns(shapes="wqkv,w2")) == "weight_only_linear_sweep_subset"
+    assert _record_name("weight_only_linear", ns(kinds=("int8", "int4"))) == "weight_only_linear_subset"

@@ -153,6 +153,59 @@ def test_kernel_int8_extremes_exact_sum(kernel_device):
 
 
 
+# Forced GEMV tiles of the GPU lists (one row): int8 with BLOCK_K 1024 (masked at K = 1000,
+# one block per split) and split-K; int4 with several quantization groups per block
+# (group 32: 8 groups in 256 columns), partial last blocks, odd N, with and without the
+# next block's loads issued ahead (PREFETCH).
+INT8_WIDE = [dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1), dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=2)]
+INT4_WIDE = [dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=1),
+             dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=512, SPLIT_K=2, PREFETCH=True),
+             dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, SPLIT_K=3, PREFETCH=True)]
+
+
+@pytest.mark.parametrize("N,K", [(7, 1000), (37, 2048)])
+@pytest.mark.parametrize("config", INT8_WIDE, ids=["k1024", "k256_split2"])
+def test_int8_kernel_wide_gemv_tiles(kernel_device, N, K, config):
+    g = _gen("i8wide", N, K, config["BLOCK_K"])
+    x = _x((1,), K, torch.bfloat16, g)
+    w_q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
+    scales = (torch.rand(N, generator=g) * 1e-2 + 1e-3).to(torch.bfloat16)
+    truth = F.linear(x.float(), w_q.float()) * scales.float()
+    out = int8_weight_only_linear_triton(*_to(kernel_device, x, w_q, scales), config=config)
+    _check(out, truth, torch.bfloat16, (1, N))
+
+
+@pytest.mark.parametrize("N,K,group", [(37, 768, 32), (19, 1280, 128), (5, 768, 256), (33, 320, 64)])
+@pytest.mark.parametrize("config", INT4_WIDE, ids=["k256", "k512_split2_prefetch", "k256_split3_prefetch"])
+def test_int4_kernel_wide_gemv_tiles(kernel_device, N, K, group, config):
+    g = _gen("i4wide", N, K, group, config["BLOCK_K"])
+    x = _x((1,), K, torch.float16, g)
+    w = torch.randn(N, K, generator=g) * 0.1
+    packed, scales, zeros = Int4WeightOnlyLinear.quantize(w, group)
+    scales, zeros = scales.half(), zeros.half()
+    truth = F.linear(x.float(), int4_dequantize(packed, scales, zeros, group, torch.float32))
+    out = int4_weight_only_linear_triton(*_to(kernel_device, x, packed, scales, zeros), group, config=config)
+    _check(out, truth, torch.float16, (1, N))
+
+
+@pytest.mark.parametrize("config", [GEMV, INT4_WIDE[0], INT4_WIDE[2]], ids=["gemv", "k256", "k256_prefetch"])
+def test_int4_gemv_every_nibble_exact(kernel_device, config):
+    """Every nibble value at every position of a word (the GEMV takes nibbles 0-3 and 4-7
+    in place, from the word and from word >> 16), integer x, unit scales, zero point -8:
+    every partial sum is an integer below 2048, so the fp16 result is exact."""
+    N, K = 16, 256
+    n, k = torch.arange(N)[:, None], torch.arange(K)[None, :]
+    q = ((n + k + k // 8) % 16).to(torch.uint8)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    x = torch.randint(-3, 4, (1, K), generator=_gen("nibbles")).half()
+    scales = torch.ones(N, K // 32, dtype=torch.float16)
+    zeros = torch.full((N, K // 32), -8.0, dtype=torch.float16)
+    expected = F.linear(x.float(), q.float() - 8).half()
+    assert expected.abs().max() < 2048
+    out = int4_weight_only_linear_triton(*_to(kernel_device, x, packed, scales, zeros), 32, config=config)
+    assert torch.equal(out.cpu(), expected)
+
+
 @pytest.mark.parametrize("config", [GEMV_SPLIT, DOT_SPLIT], ids=["gemv", "dot"])
 def test_split_k_reduces_in_launch_and_resets_counters(kernel_device, config):
     """Split-K sums its partials in the same launch: repeated calls (the counters reused,
@@ -457,10 +510,21 @@ def test_custom_ops_opcheck():
 def test_autotune_prune():
     pytest.importorskip("triton")
     from fastzoo.ops.weight_only_linear import (
-        _FLOAT_CONFIGS, _INT4_CONFIGS, _MIN_BLOCK_N, MAX_SPLIT_K, _m_bucket, _prune, _workspace_splits)
+        _FLOAT_CONFIGS, _INT4_CONFIGS, _INT8_CONFIGS, _MIN_BLOCK_N, MAX_SPLIT_K, _linear_kernel, _m_bucket, _prune,
+        _prune_linear, _workspace_splits)
 
     assert [_m_bucket(m) for m in (1, 2, 3, 5, 16)] == [1, 2, 4, 8, 16]
-    for configs in (_FLOAT_CONFIGS, _INT4_CONFIGS):
+    # _linear_kernel's one autotuner: each kind keeps its own GEMV tiles and the shared dot tiles
+    gemv = {q: [c for c in _linear_kernel.configs if c.kwargs["BLOCK_M"] == 1
+                and c in _prune_linear(_linear_kernel.configs, {"M_BUCKET": 1, "N": 4096, "K": 4096}, QUANT=q)]
+            for q in (0, 1)}
+    assert gemv[0] and gemv[1] and not set(map(id, gemv[0])) & set(map(id, gemv[1]))
+    assert max(c.kwargs["BLOCK_K"] for c in gemv[1]) > max(c.kwargs["BLOCK_K"] for c in gemv[0])
+    assert _prune_linear(_linear_kernel.configs, {"M_BUCKET": 8, "N": 4096, "K": 4096}, QUANT=1) == \
+        _prune_linear(_linear_kernel.configs, {"M_BUCKET": 8, "N": 4096, "K": 4096}, QUANT=0)
+    # int4 GEMV: at most 2 words per lane (BLOCK_K / 8 <= 2 · 32), see _int4_kernel
+    assert all(c.kwargs["BLOCK_K"] // 8 <= 64 for c in _INT4_CONFIGS if c.kwargs["BLOCK_M"] == 1)
+    for configs in (_FLOAT_CONFIGS, _INT8_CONFIGS, _INT4_CONFIGS):
         c0 = configs[0].kwargs
         assert c0["BLOCK_M"] == 16 and c0["SPLIT_K"] == 1 and c0["BLOCK_N"] <= 16
         one = _prune(configs, {"M_BUCKET": 1, "N": 4096, "K": 4096})
@@ -534,6 +598,33 @@ def test_cuda_fused_llama_shapes(N, K, opts, M):
 
 
 @pytest.mark.cuda
+def test_cuda_every_quantized_gemv_config():
+    """Every int8 and int4 GEMV tile the autotuner may pick (one row), forced, on a w2-like
+    shape whose K (11008) is no multiple of most blocks (whole blocks and a masked tail),
+    against an fp32 product of the same weights: a tile that only the GPU compiler gets
+    wrong cannot hide behind the autotuner's choice on the GPU the tests run on."""
+    from fastzoo.ops.weight_only_linear import _int4_kernel, _linear_kernel, _prune, _prune_linear
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(11008)
+    N, K, dtype = 4096, 11008, torch.bfloat16
+    named = {"M_BUCKET": 1, "N": N, "K": K}
+    x = torch.randn(1, K, device=dev, generator=g).to(dtype)
+    w_q = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=dev, generator=g)
+    s = (torch.rand(N, device=dev, generator=g) * 1e-3).to(dtype)
+    ref8 = F.linear(x.float(), w_q.float()) * s.float()
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, device=dev, generator=g) * K**-0.5, 128)
+    s4, z4 = s4.to(dtype), z4.to(dtype)
+    ref4 = F.linear(x.float(), int4_dequantize(p, s4, z4, 128, torch.float32))
+    for c in _prune_linear(_linear_kernel.configs, named, QUANT=1):
+        cfg = dict(c.kwargs, num_warps=c.num_warps)
+        assert rel_err(int8_weight_only_linear_triton(x, w_q, s, config=cfg), ref8) < 1e-2, cfg
+    for c in _prune(_int4_kernel.configs, named):
+        cfg = dict(c.kwargs, num_warps=c.num_warps)
+        assert rel_err(int4_weight_only_linear_triton(x, p, s4, z4, 128, config=cfg), ref4) < 1e-2, cfg
+
+
+@pytest.mark.cuda
 def test_cuda_graph_capture_and_compile():
     """reduce-overhead compile (CUDA graphs) over the three ops and the fusions, split-K or not."""
     dev = torch.device("cuda")
@@ -561,49 +652,64 @@ def test_cuda_graph_capture_and_compile():
 
 
 _AOT_COMPILE = r"""
+import re
 import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from fastzoo.ops import weight_only_linear as wol
 
 kernel_name, split, opts = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+block_n, block_k, warps = map(int, sys.argv[4:7])
 jit = getattr(wol, kernel_name).fn.fn  # autotune -> heuristics -> jit
 dot = "dot" in opts  # the 16-row tl.dot path (M a runtime int); else the GEMV (M = 1, a constant)
 common = {"M_BUCKET": 16 if dot else 1, "HAS_BIAS": True, "UPCAST_DOT": False, "BLOCK_M": 16 if dot else 1,
-          "BLOCK_N": 32 if dot else 8, "SPLIT_K": split, "PDL": split > 1}
+          "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "PDL": split > 1}
 if not dot:
     common["M"] = 1
 if kernel_name == "_linear_kernel":
     sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", nw_ptr="*bf16", r_ptr="*bf16", eps="fp32")
-    const = dict(common, QUANT=1, BLOCK_K=128 if dot else 512, EVEN_K=True,
-                 GLU="glu" in opts, NORM="norm" in opts, HAS_RES="res" in opts)
+    const = dict(common, QUANT=1, EVEN_K=True, GLU="glu" in opts, NORM="norm" in opts, HAS_RES="res" in opts)
 else:
     sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16")
-    const = dict(common, GROUP=128, BLOCK_K=256, GPB=2)
+    const = dict(common, GROUP=128, GPB=max(1, block_k // 128), EVEN_W=True, PREFETCH=split > 1)
 sig.update(out_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 for name in jit.arg_names:
     sig.setdefault(name, "constexpr" if name in const else "i32")
+# what a launch on aligned tensors specialises: 16-byte pointers, sizes and strides % 16
+aligned = [n for n in jit.arg_names if sig[n].startswith("*") or n in ("N", "K") or n.startswith("stride")]
 src = triton.compiler.ASTSource(fn=jit, signature=sig,
-                                constexprs={(jit.arg_names.index(k),): v for k, v in const.items()})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
-print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol.wait" in ptx else "no-pdl")
+                                constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
+                                attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol.wait" in ptx else "no-pdl",
+      "i2f" if re.search(r"cvt\.rn\.f32\.s(8|16)\b", ptx) else "no-i2f", "v2-loads" if "ld.global.v2.b32" in ptx else "no-v2-loads")
 """
 
 
-@pytest.mark.parametrize("kernel_name,split,opts", [
-    ("_linear_kernel", 1, "-"), ("_linear_kernel", 4, "-"), ("_int4_kernel", 4, "-"),
-    ("_linear_kernel", 1, "norm,res"), ("_linear_kernel", 4, "norm,glu,res"), ("_linear_kernel", 2, "glu"),
-    ("_linear_kernel", 1, "dot,norm,glu,res"), ("_linear_kernel", 2, "dot,norm,res")])
-def test_kernels_compile_for_hopper(kernel_name, split, opts):
+# (kernel, SPLIT_K, fusions, BLOCK_N, BLOCK_K, warps): old and new GEMV tiles of both kernels
+# (int8: BLOCK_K 2048; int4: 64 rows, 2 words per lane), the fusions, the 16-row dot path
+@pytest.mark.parametrize("kernel_name,split,opts,block_n,block_k,warps", [
+    ("_linear_kernel", 1, "-", 8, 512, 4), ("_linear_kernel", 4, "-", 8, 512, 4), ("_linear_kernel", 1, "-", 8, 2048, 8),
+    ("_int4_kernel", 4, "-", 8, 256, 4), ("_int4_kernel", 1, "-", 64, 512, 8),
+    ("_linear_kernel", 1, "norm,res", 8, 512, 4), ("_linear_kernel", 4, "norm,glu,res", 8, 512, 4),
+    ("_linear_kernel", 2, "glu", 8, 1024, 8),
+    ("_linear_kernel", 1, "dot,norm,glu,res", 32, 128, 4), ("_linear_kernel", 2, "dot,norm,res", 32, 128, 4)])
+def test_kernels_compile_for_hopper(kernel_name, split, opts, block_n, block_k, warps):
     """Compile the kernels ahead of time for sm_90 with M = 1 (which Triton turns into a
     constant on the GPU, unlike the interpreter) and with programmatic dependent launch,
     which the interpreter never runs, with and without the RMSNorm / SwiGLU / residual
     fusions, and the 16-row dot path: catches code that only the GPU compiler rejects,
-    without a GPU. In a fresh process without Triton's interpreter."""
-    r = run_aot_compile(_AOT_COMPILE, kernel_name, str(split), opts)
+    without a GPU. In a fresh process without Triton's interpreter. Also checks the
+    compiled int8 GEMV has no int-to-float conversion of its weights (the fusions convert
+    K once: an s32 conversion) and the int4 GEMV loads its words two per lane."""
+    r = run_aot_compile(_AOT_COMPILE, kernel_name, str(split), opts, str(block_n), str(block_k), str(warps))
     assert r.returncode == 0, r.stderr[-3000:]
+    flags = r.stdout.split()[-4:]
     # the arrival counter with split-K; griddepcontrol.wait where PDL is on (here: with split-K)
-    assert r.stdout.split()[-2:] == (["acq_rel", "pdl"] if split > 1 else ["no-atomics", "no-pdl"])
+    assert flags[:2] == (["acq_rel", "pdl"] if split > 1 else ["no-atomics", "no-pdl"])
+    assert flags[2] == "no-i2f"
+    if kernel_name == "_int4_kernel":
+        assert flags[3] == "v2-loads"
 
 
 def test_pdl_only_on_hopper_cuda():
