@@ -123,13 +123,15 @@ def _recompile_limit(n: int):
 
 def _inductor_options(backend: str, cudagraphs: bool) -> dict | None:
     """``torch.compile`` options of the compiled steps (passed per call: no global inductor
-    configuration changes); None for another backend (e.g. "eager", a trace-only check)."""
+    configuration changes); None for another backend (e.g. "eager", a trace-only check).
+    The decode steps (``cudagraphs``) also get coordinate-descent tuning of their few
+    inductor kernels; a prefill does not: its time is in GEMMs and attention, and tuning
+    each of its many fused kernels would lengthen the start-up."""
     if backend != "inductor":
         return None
-    opts = {"coordinate_descent_tuning": True}
-    if cudagraphs:
-        opts["triton.cudagraphs"] = True
-    return opts
+    if not cudagraphs:
+        return {}
+    return {"coordinate_descent_tuning": True, "triton.cudagraphs": True}
 
 
 def _decode_sdpa(compiled: bool):
