@@ -23,7 +23,9 @@ Every call rotates over ``--copies`` weight copies (default 4) so the 50 MB L2 c
 hold the matrix between calls. Rates are weight bytes (+ scales / zeros) over the time,
 GB/s and % of the device-to-device copy bandwidth measured in the same run. The
 "decode step" rows sum 32 × (wqkv + wo + w1|w3 + w2) + output: the time one decoded
-token spends in linears. ``err``: max |out − ref| / max |ref| against an fp32 product
+token spends in linears. ``fastzoo_fused`` rows: the same op with what the Llama model
+fuses into that projection (``fusion``: RMSNorm prologue, SwiGLU prologue, residual
+epilogue) and ``fused_overhead_us`` over the plain op. ``err``: max |out − ref| / max |ref| against an fp32 product
 of the same (dequantized) weights.
 """
 from __future__ import annotations
@@ -49,6 +51,8 @@ LLAMA2_7B = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w13": (22016, 4096), "w
 LLAMA3_8B = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336),
              "output": (128256, 4096)}
 LAYERS = {"llama2_7b": 32, "llama3_8b": 32}
+# what the model fuses into each projection (fastzoo.llama.model.fused_linear)
+FUSIONS = {"wqkv": "norm", "wo": "res", "w13": "norm", "w2": "glu+res", "output": "norm"}
 
 
 def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -114,6 +118,21 @@ def bench_shape(name, N, K, M, args, copy_gbs, compiled_int8, dev=None):
               "" if err is None else f"err {err:.2e}", flush=True)
 
     pairs = list(zip(xs, ws))
+    # the model's fusion for this projection: the inputs (x twice as wide for the SwiGLU) and options
+    fusion = FUSIONS.get(name, "")
+    xs_f = [torch.randn(M, 2 * K if "glu" in fusion else K, device=dev, generator=g).to(dtype) for _ in range(C)]
+    fopts = {"glu": "glu" in fusion}
+    if "norm" in fusion:
+        fopts["norm_weight"] = (torch.rand(K, device=dev, generator=g) + 0.5).to(dtype)
+    if "res" in fusion:
+        fopts["residual"] = torch.randn(M, N, device=dev, generator=g).to(dtype)
+
+    def fused_row(kind, fn, weights, nbytes, plain_us):
+        """The fused op on the same weights, its time next to the plain one (fused_overhead_us)."""
+        us = t_us(lambda p: fn(p[0], *p[1:], **fopts), [(x, *w) for x, w in zip(xs_f, weights)])
+        row(kind, "fastzoo_fused", us, nbytes)
+        rows[-1].update(fusion=fusion, fused_overhead_us=us - plain_us)
+
     # ---- bf16
     if "bf16" in args.kinds:
         wbytes = N * K * 2
@@ -121,6 +140,8 @@ def bench_shape(name, N, K, M, args, copy_gbs, compiled_int8, dev=None):
         err = _err(decode_linear(xs[0], ws[0]), ref)
         row("bf16", "cublas", t_us(lambda p: F.linear(p[0], p[1]), pairs), wbytes, _err(F.linear(xs[0], ws[0]), ref))
         row("bf16", "fastzoo", t_us(lambda p: decode_linear(p[0], p[1]), pairs), wbytes, err)
+        if fusion:
+            fused_row("bf16", decode_linear, [(w,) for w in ws], wbytes, rows[-1]["us"])
 
     # ---- int8
     qs = [_int8_weights(w, dtype) for w in ws]
@@ -139,6 +160,8 @@ def bench_shape(name, N, K, M, args, copy_gbs, compiled_int8, dev=None):
         except Exception as e:  # noqa: BLE001 - a baseline only
             print(f"  (compiled baseline failed: {type(e).__name__}: {str(e)[:200]})")
         row("int8", "fastzoo", t_us(lambda p: int8_weight_only_linear(*p), trip8), nbytes8, err8)
+        if fusion:
+            fused_row("int8", int8_weight_only_linear, qs, nbytes8, rows[-1]["us"])
 
     # ---- int4
     for group in (args.groups if "int4" in args.kinds else ()):
@@ -312,7 +335,7 @@ def main(argv=None):
             rows += bench_shape(name, N, K, M, args, copy_gbs, compiled_int8)
             torch.cuda.empty_cache()
     steps = step_rows(rows, model, copy_gbs)
-    cols = ["shape", "M", "N", "K", "kind", "impl", "us", "GB/s", "%copy", "err"]
+    cols = ["shape", "M", "N", "K", "kind", "impl", "us", "GB/s", "%copy", "err", "fused_overhead_us"]
     harness.print_table(rows, cols)
     print()
     harness.print_table(steps, ["shape", "M", "kind", "impl", "us", "GB/s", "%copy", "tok/s"])
