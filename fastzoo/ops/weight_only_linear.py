@@ -4,9 +4,7 @@ At decode time (1 to 16 tokens) a linear layer reads every weight once per step 
 does almost no arithmetic per byte, so its speed is the weight bytes over the memory
 bandwidth. The kernels here are built for that regime:
 
-- each weight byte is read exactly once, with loads contiguous along K, cached in L2 only
-  (``.cg``): the weight stream does not evict x (and the RMSNorm weight) from L1, which
-  every program re-reads;
+- each weight byte is read exactly once, with loads contiguous along K;
 - int8 / int4 weights are dequantized in registers (never written back as bf16);
 - fp32 accumulation; the few rows of ``x`` are re-read per K block (they stay in L1/L2);
 - one program per ``BLOCK_N`` output columns and per K slice (split-K) so that even
@@ -509,7 +507,7 @@ if triton_available():
                 # Launched while the previous kernel finishes: the weights do not depend on
                 # it, so the first tile is requested before waiting for its writes (x).
                 first = offs_k < k_end - k_start
-                w0 = tl.load(w_ptrs + k_start, mask=first[None, :], other=0, cache_modifier=".cg")
+                w0 = tl.load(w_ptrs + k_start, mask=first[None, :], other=0)
                 gdc_wait()
                 x0, v0 = _x_block(x_ptrs, nw_ptrs, k_start, K, first, False, GLU, NORM)
                 acc2 += _weight_f32(w0, QUANT) * x0.to(tl.float32)[None, :]
@@ -520,9 +518,9 @@ if triton_available():
                 kmask = offs_k < K - k
                 xv, v = _x_block(x_ptrs, nw_ptrs, k, K, kmask, EVEN_K, GLU, NORM)
                 if EVEN_K:
-                    wv = tl.load(w_ptrs + k, cache_modifier=".cg")
+                    wv = tl.load(w_ptrs + k)
                 else:
-                    wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0, cache_modifier=".cg")
+                    wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0)
                 acc2 += _weight_f32(wv, QUANT) * xv.to(tl.float32)[None, :]
                 if NORM:
                     ssq += v * v
@@ -541,9 +539,9 @@ if triton_available():
                 kmask = (offs_k < K - k)[None, :]
                 xv, v = _x_block(x_ptrs, nw_ptrs, k, K, kmask, EVEN_K, GLU, NORM)
                 if EVEN_K:
-                    wv = tl.load(w_ptrs + k, cache_modifier=".cg")
+                    wv = tl.load(w_ptrs + k)
                 else:
-                    wv = tl.load(w_ptrs + k, mask=kmask, other=0, cache_modifier=".cg")
+                    wv = tl.load(w_ptrs + k, mask=kmask, other=0)
                 if NORM:
                     ss += tl.sum(v * v, axis=1)
                 if UPCAST_DOT:
@@ -582,8 +580,7 @@ if triton_available():
     @triton.jit
     def _int4_gemv_whole_block(acc, w_ptrs, s_ptrs, z_ptrs, x_ptrs, magic):
         """_int4_gemv_block on a whole block: unmasked loads."""
-        return _int4_gemv_block(acc, tl.load(w_ptrs, cache_modifier=".cg"), tl.load(s_ptrs, cache_modifier=".cg"),
-                                tl.load(z_ptrs, cache_modifier=".cg"), x_ptrs, None, magic, True)
+        return _int4_gemv_block(acc, tl.load(w_ptrs), tl.load(s_ptrs), tl.load(z_ptrs), x_ptrs, None, magic, True)
 
     @triton.autotune(configs=_INT4_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
@@ -648,19 +645,16 @@ if triton_available():
                 # arithmetic (twice the bytes in flight, more registers); the first block's
                 # before waiting for the previous kernel (PDL: weights do not depend on it)
                 cmask = offs_c < w_end - w_start
-                wv = tl.load(w_ptr + w_start + w_offs, mask=cmask[None, :], other=0, cache_modifier=".cg")
-                sv = tl.load(s_ptr + w_start // WPG + s_offs, mask=cmask[None, :], other=0.0, cache_modifier=".cg")
-                zv = tl.load(z_ptr + w_start // WPG + z_offs, mask=cmask[None, :], other=0.0, cache_modifier=".cg")
+                wv = tl.load(w_ptr + w_start + w_offs, mask=cmask[None, :], other=0)
+                sv = tl.load(s_ptr + w_start // WPG + s_offs, mask=cmask[None, :], other=0.0)
+                zv = tl.load(z_ptr + w_start // WPG + z_offs, mask=cmask[None, :], other=0.0)
                 if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
                     gdc_wait()
                 for c in range(w_start, w_end, BLOCK_W):
                     nmask = offs_c < w_end - (c + BLOCK_W)  # none past the last block
-                    w_next = tl.load(w_ptr + (c + BLOCK_W) + w_offs, mask=nmask[None, :], other=0,
-                                     cache_modifier=".cg")
-                    s_next = tl.load(s_ptr + (c + BLOCK_W) // WPG + s_offs, mask=nmask[None, :], other=0.0,
-                                     cache_modifier=".cg")
-                    z_next = tl.load(z_ptr + (c + BLOCK_W) // WPG + z_offs, mask=nmask[None, :], other=0.0,
-                                     cache_modifier=".cg")
+                    w_next = tl.load(w_ptr + (c + BLOCK_W) + w_offs, mask=nmask[None, :], other=0)
+                    s_next = tl.load(s_ptr + (c + BLOCK_W) // WPG + s_offs, mask=nmask[None, :], other=0.0)
+                    z_next = tl.load(z_ptr + (c + BLOCK_W) // WPG + z_offs, mask=nmask[None, :], other=0.0)
                     acc = _int4_gemv_block(acc, wv, sv, zv, x_base + c * 8 + offs_c * 8, cmask, magic, EVEN_W)
                     wv, sv, zv, cmask = w_next, s_next, z_next, nmask
             else:
@@ -676,9 +670,9 @@ if triton_available():
                                                      z_ptr + c // WPG + z_offs, x_base + c * 8 + offs_c * 8, magic)
                     else:
                         cmask = offs_c < w_end - c
-                        wv = tl.load(w_ptr + c + w_offs, mask=cmask[None, :], other=0, cache_modifier=".cg")
-                        sv = tl.load(s_ptr + c // WPG + s_offs, mask=cmask[None, :], other=0.0, cache_modifier=".cg")
-                        zv = tl.load(z_ptr + c // WPG + z_offs, mask=cmask[None, :], other=0.0, cache_modifier=".cg")
+                        wv = tl.load(w_ptr + c + w_offs, mask=cmask[None, :], other=0)
+                        sv = tl.load(s_ptr + c // WPG + s_offs, mask=cmask[None, :], other=0.0)
+                        zv = tl.load(z_ptr + c // WPG + z_offs, mask=cmask[None, :], other=0.0)
                         acc = _int4_gemv_block(acc, wv, sv, zv, x_base + c * 8 + offs_c * 8, cmask, magic, False)
             res = tl.sum(acc, axis=1)[None, :]
             offs_m = pid_m + tl.arange(0, 1)
