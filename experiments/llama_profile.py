@@ -72,7 +72,8 @@ def main(argv=None) -> None:
     if args.save:
         rows = [{"kernel": e.key[:160], "us_per_step": e.self_device_time_total / steps,
                  "calls_per_step": e.count / steps} for e in ev[:args.top]]
-        name = f"llama_profile_{args.preset}_{args.dtype}" + (f"_{args.quantize}" if args.quantize else "")
+        name = (f"llama_profile_{args.preset}_{args.dtype}" + (f"_{args.quantize}" if args.quantize else "")
+                + (f"_batch{args.batch}" if args.batch != 1 else ""))
         figures = {"wall_ms_per_step": wall_step_ms, "tokens_per_s": 1e3 / wall_step_ms * args.batch,
                    "kernel_ms_per_step": total_us / 1e3 / steps, "weight_bytes": wb,
                    "kernel_bandwidth_gbs": wb / (total_us / steps * 1e-6) / 1e9, "warmup_compile_s": warmup_s,
