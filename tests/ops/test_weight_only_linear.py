@@ -547,34 +547,72 @@ LLAMA_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (3200
                 (6144, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
 
 
-# One row (decode) at every shape; 8 rows (the 16-row tl.dot path, whose autotuning compiles
-# many more tiles) at two: the GPU check stays within minutes.
-LLAMA_CASES = [(N, K, 1) for N, K in LLAMA_SHAPES] + [(12288, 4096, 8), (4096, 11008, 8)]
+# The kernels on the GPU at every Llama shape with forced tiles (split-K included): each tile
+# compiles once for all shapes, where the autotuner would compile its whole list per kernel
+# variant (that made this file's GPU tests run for over 7 minutes on a cold H100). The
+# autotuned public ops are covered by test_cuda_autotuned_ops and test_cuda_graph_capture_and_compile.
+CUDA_TILES = {
+    1: dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, SPLIT_K=2, num_warps=4),
+    8: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3),
+}
+CUDA_INT4_TILES = {
+    1: dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_warps=4),
+    8: dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, num_warps=4, num_stages=3),
+}
+
+
+def _cuda_weights(N, K, M, dev, g, dtype=torch.bfloat16):
+    x = torch.randn(M, K, device=dev, generator=g).to(dtype)
+    w = (torch.randn(N, K, device=dev, generator=g) * K**-0.5).to(dtype)
+    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev, generator=g)
+    s = (torch.rand(N, device=dev, generator=g) * 1e-3).to(dtype)
+    return x, w, w_q, s
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("N,K,M", LLAMA_CASES)
+@pytest.mark.parametrize("N,K", LLAMA_SHAPES)
+@pytest.mark.parametrize("M", [1, 8])
 def test_cuda_llama_shapes(N, K, M):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(N + K + M)
     dtype = torch.bfloat16
-    x = torch.randn(M, K, device=dev, generator=g).to(dtype)
-    w = (torch.randn(N, K, device=dev, generator=g) * K**-0.5).to(dtype)
+    x, w, w_q, s = _cuda_weights(N, K, M, dev, g)
     bias = torch.randn(N, device=dev, generator=g).to(dtype)
+    tile = CUDA_TILES[M]
     ref = F.linear(x.float(), w.float(), bias.float())
-    assert rel_err(decode_linear(x, w, bias), ref) < 1e-2
-    w_q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=dev, generator=g)
-    s = (torch.rand(N, device=dev, generator=g) * 1e-3).to(dtype)
+    assert rel_err(decode_linear_triton(x, w, bias, config=tile), ref) < 1e-2
     ref8 = F.linear(x.float(), w_q.float()) * s.float()
-    assert rel_err(int8_weight_only_linear(x, w_q, s), ref8) < 1e-2
+    assert rel_err(int8_weight_only_linear_triton(x, w_q, s, config=tile), ref8) < 1e-2
     for group in (32, 128):
         p, s4, z4 = Int4WeightOnlyLinear.quantize(w, group)
         s4, z4 = s4.to(dtype), z4.to(dtype)
         ref4 = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32))
-        assert rel_err(int4_weight_only_linear(x, p, s4, z4, group), ref4) < 1e-2
+        out4 = int4_weight_only_linear_triton(x, p, s4, z4, group, config=CUDA_INT4_TILES[M])
+        assert rel_err(out4, ref4) < 1e-2
     # The large-M path (prefill) equals the reference.
     xl = torch.randn(40, K, device=dev, generator=g).to(dtype)
     assert torch.equal(int8_weight_only_linear(xl, w_q, s), int8_weight_only_linear_ref(xl, w_q, s))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 8])
+def test_cuda_autotuned_ops(M):
+    """The public ops (the autotuner's choice, the fusions included) at w2's shape, whose K
+    (11008) is no multiple of most blocks, against fp32."""
+    dev = torch.device("cuda")
+    N, K, dtype = 4096, 11008, torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(M)
+    x, w, w_q, s = _cuda_weights(N, K, M, dev, g)
+    assert rel_err(decode_linear(x, w), F.linear(x.float(), w.float())) < 1e-2
+    assert rel_err(int8_weight_only_linear(x, w_q, s), F.linear(x.float(), w_q.float()) * s.float()) < 1e-2
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(w, 128)
+    s4, z4 = s4.to(dtype), z4.to(dtype)
+    ref4 = F.linear(x.float(), int4_dequantize(p, s4, z4, 128, torch.float32))
+    assert rel_err(int4_weight_only_linear(x, p, s4, z4, 128), ref4) < 1e-2
+    gc = torch.Generator().manual_seed(M)
+    xf, wf, _, _, fopts, truth = _fused_inputs(M, N, K, dtype, "glu+norm+res", 0, gc)
+    fopts = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in fopts.items()}
+    assert rel_err(decode_linear(xf.to(dev), wf.to(dev), **fopts), truth.to(dev)) < 1e-2
 
 
 # Llama-2-7B's fused projections: (N, K, fusions)
@@ -583,10 +621,10 @@ LLAMA_FUSED = [(12288, 4096, "norm"), (4096, 4096, "res"), (22016, 4096, "norm")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("N,K,opts,M", [(*f, 1) for f in LLAMA_FUSED] + [(*LLAMA_FUSED[0], 8), (*LLAMA_FUSED[3], 8)])
+@pytest.mark.parametrize("N,K,opts", LLAMA_FUSED)
+@pytest.mark.parametrize("M", [1, 8])
 def test_cuda_fused_llama_shapes(N, K, opts, M):
-    """The fused projections of a Llama-2-7B decode step through the public ops (the
-    autotuned kernels, split-K where chosen) against fp32."""
+    """The fused projections of a Llama-2-7B decode step (forced tiles, split-K) against fp32."""
     dev = torch.device("cuda")
     g = torch.Generator().manual_seed(N + K + M)
     for quant in (0, 1):
@@ -594,10 +632,10 @@ def test_cuda_fused_llama_shapes(N, K, opts, M):
         x, w, scales, bias = _to(dev, x, w, scales, bias)
         fopts = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in fopts.items()}
         if quant:
-            out = int8_weight_only_linear(x, w, scales, bias, **fopts)
+            out = int8_weight_only_linear_triton(x, w, scales, bias, config=CUDA_TILES[M], **fopts)
         else:
-            out = decode_linear(x, w, bias, **fopts)
-        assert rel_err(out, truth) < 1e-2, (quant, rel_err(out, truth))
+            out = decode_linear_triton(x, w, bias, config=CUDA_TILES[M], **fopts)
+        assert rel_err(out, truth.to(dev)) < 1e-2, (quant, rel_err(out, truth.to(dev)))
 
 
 @pytest.mark.cuda
