@@ -60,7 +60,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import _capability, cuda_kernel_applies, launch, short_bench, triton_available, unit_stride_last
+from ._common import (_capability, arrival_counters, cuda_kernel_applies, launch, short_bench, triton_available,
+                      unit_stride_last)
 
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -715,7 +716,6 @@ if triton_available():
 
 _EXP_2_23 = 0x4B000000  # bits of 2.0**23: the int4 kernel's magic, passed at run time (see _int4_kernel)
 _MIN_BLOCK_N = 4  # the smallest BLOCK_N of the configurations: bounds the number of output tiles
-from ._common import ARRIVAL_COUNTERS as _COUNTERS, arrival_counters as _counters  # noqa: E402,F401
 
 
 def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
@@ -730,7 +730,7 @@ def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
     max_split = _workspace_splits(M, N) if config is None else config["SPLIT_K"]
     per_split = M * N + (M * triton.cdiv(N, _MIN_BLOCK_N) if norm_partials else 0)
     ws = torch.empty(max_split * per_split, dtype=torch.float32, device=device)
-    cnt = _counters(device, M * triton.cdiv(N, _MIN_BLOCK_N))
+    cnt = arrival_counters(device, M * triton.cdiv(N, _MIN_BLOCK_N))
     scalars = kwargs.pop("_scalars")
     if config is not None:
         cfg = dict(config)

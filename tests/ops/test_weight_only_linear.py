@@ -211,7 +211,7 @@ def test_split_k_reduces_in_launch_and_resets_counters(kernel_device, config):
     """Split-K sums its partials in the same launch: repeated calls (the counters reused,
     the workspace uninitialised) give bit-identical results equal to the one-split
     result up to fp32 summation order, and leave every arrival counter at zero."""
-    from fastzoo.ops.weight_only_linear import _COUNTERS
+    from fastzoo.ops._common import ARRIVAL_COUNTERS as _COUNTERS
 
     g = _gen("splitk", config["BLOCK_M"])
     M = 1 if config["BLOCK_M"] == 1 else 19
@@ -289,7 +289,7 @@ def _to_cpu_opts(opts):
 def test_fused_kernel_leading_dims_fp32_norm_weight_and_split_k_repeat(kernel_device, bf16_norm_weight):
     """(2, 3, K) x with strided rows, a float32 norm weight; split-K repeated: bit-identical,
     the counters back at zero."""
-    from fastzoo.ops.weight_only_linear import _COUNTERS
+    from fastzoo.ops._common import ARRIVAL_COUNTERS as _COUNTERS
 
     g = _gen("fused-lead", bf16_norm_weight)
     dtype = torch.bfloat16
