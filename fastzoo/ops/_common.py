@@ -33,6 +33,14 @@ def triton_available() -> bool:
     return True
 
 
+gdc_wait = None  # Triton's griddepcontrol.wait (programmatic dependent launch), where this Triton has it
+if triton_available():
+    try:  # Triton >= 3.3
+        from triton.language.extra.cuda import gdc_wait
+    except ImportError:
+        gdc_wait = None
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -107,3 +115,14 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(1 << 16, 1 << (n - 1).bit_length()), dtype=torch.int32, device=device)
         ARRIVAL_COUNTERS[device] = buf
     return buf
+
+
+def pdl_options(x: torch.Tensor) -> dict:
+    """The ``PDL`` kernel flag and launch option of the decode kernels: on Hopper and newer
+    GPUs they use programmatic dependent launch (the grid starts while the previous kernel
+    drains, requests what does not depend on it, and ``griddepcontrol.wait`` orders its
+    other reads after that kernel's writes), which hides most of a launch's ramp-up
+    between the consecutive kernels of a decode step."""
+    on = (x.device.type == "cuda" and gdc_wait is not None
+          and _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (9, 0))
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}

@@ -47,8 +47,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (FLOAT_DTYPES, LOG2E, arrival_counters, cuda_kernel_applies, launch, short_bench,
-                      triton_available)
+from ._common import (FLOAT_DTYPES, LOG2E, arrival_counters, cuda_kernel_applies, gdc_wait, launch, pdl_options,
+                      short_bench, triton_available)
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_HEAD_DIMS = (64, 80, 128)
@@ -186,9 +186,6 @@ def _split_len(kv_len: int, programs: int, device: torch.device) -> int:
 if triton_available():
     import triton
     import triton.language as tl
-
-    # programmatic dependent launch on Hopper+ (the decode linears' flag and launch option)
-    from .weight_only_linear import _pdl, gdc_wait
 
     # First: small, what Triton's interpreter (the CPU tests) runs.
     _CONFIGS = [triton.Config({"BLOCK_N": 16}, num_warps=2)] + [
@@ -393,7 +390,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
            device=q.device, D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len,
-           N_SPLITS=n_splits, MERGE=merge, **_pdl(q))
+           N_SPLITS=n_splits, MERGE=merge, **pdl_options(q))
     return out
 
 

@@ -60,13 +60,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (_capability, arrival_counters, cuda_kernel_applies, launch, short_bench, triton_available,
-                      unit_stride_last)
+from ._common import (arrival_counters, cuda_kernel_applies, gdc_wait, launch, pdl_options, short_bench,
+                      triton_available, unit_stride_last)
 
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-gdc_wait = None  # Triton's griddepcontrol.wait, where this Triton has it (below)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -303,11 +302,6 @@ def _prune(configs, named_args, **kwargs):
 if triton_available():
     import triton
     import triton.language as tl
-
-    try:  # programmatic dependent launch (Hopper+): Triton >= 3.3
-        from triton.language.extra.cuda import gdc_wait
-    except ImportError:
-        gdc_wait = None
 
     def _cfg(bm, bn, bk, split, warps, stages, **extra):
         return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, **extra},
@@ -742,16 +736,6 @@ def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
     return out
 
 
-def _pdl(x: torch.Tensor) -> dict:
-    """Launch options and the PDL flag: on Hopper and newer GPUs the kernels use
-    programmatic dependent launch (the grid starts while the previous kernel drains, the
-    weight loads begin, and ``griddepcontrol.wait`` orders the reads of x after its writes),
-    which hides most of a launch's ramp-up between consecutive kernels of a decode step."""
-    on = (x.device.type == "cuda" and gdc_wait is not None
-          and _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= (9, 0))
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
-
-
 def _upcast_dot(x: torch.Tensor) -> bool:
     """Triton's interpreter (CPU tensors) multiplies bf16 tiles in tl.dot wrongly (as raw
     bits); there the dot operands go to fp32. On the GPU they stay in x's dtype."""
@@ -797,7 +781,7 @@ def _float_or_int8_triton(name, x, w, scales, bias, N, K, quant, config, norm_we
                                      N if r is None else r.stride(0), float(norm_eps)),
                         "QUANT": quant, "HAS_BIAS": bias is not None, "GLU": bool(glu),
                         "NORM": norm_weight is not None, "HAS_RES": r is not None,
-                        "UPCAST_DOT": _upcast_dot(x), **_pdl(x)}, config, norm_partials=norm_weight is not None)
+                        "UPCAST_DOT": _upcast_dot(x), **pdl_options(x)}, config, norm_partials=norm_weight is not None)
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -849,7 +833,7 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
                    {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N,
                                  _EXP_2_23),
                     "GROUP": group_size, "HAS_BIAS": bias is not None,
-                    "UPCAST_DOT": _upcast_dot(x), **_pdl(x)}, config)
+                    "UPCAST_DOT": _upcast_dot(x), **pdl_options(x)}, config)
     elif M and N:
         out.zero_()
         if bias is not None:

@@ -757,7 +757,7 @@ def test_pdl_only_on_hopper_cuda():
     """Programmatic dependent launch is asked for only on CUDA tensors of a Hopper-or-newer
     GPU; CPU tensors (the interpreter) never get the flag or the launch option."""
     pytest.importorskip("triton")
-    from fastzoo.ops.weight_only_linear import _pdl
+    from fastzoo.ops._common import pdl_options as _pdl
 
     assert _pdl(torch.zeros(2)) == {"PDL": False}
     if torch.cuda.is_available():
