@@ -16,6 +16,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634  # log2(e): softmax kernels scale scores by it and use exp2
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def unit_stride_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` if its last dimension is contiguous (or of size <= 1), else a contiguous copy:
     what kernels that load rows with unit stride need."""

@@ -47,8 +47,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (FLOAT_DTYPES, LOG2E, arrival_counters, cuda_kernel_applies, gdc_wait, launch, pdl_options,
-                      short_bench, triton_available)
+from ._common import (FLOAT_DTYPES, LOG2E, arrival_counters, cuda_kernel_applies, gdc_wait, launch, next_pow2,
+                      pdl_options, short_bench, triton_available)
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_HEAD_DIMS = (64, 80, 128)
@@ -57,10 +57,6 @@ KERNEL_HEAD_DIMS = (64, 80, 128)
 # hundred positions, one slice per (sequence, kv head) leaves most SMs idle).
 _SPLIT_GRANULE = 16
 _PROGRAMS_PER_SM = 4  # the default slicing aims at about this many programs per SM
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 # ----------------------------------------------------------------------------------
@@ -161,7 +157,7 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_
 # ----------------------------------------------------------------------------------
 def _kv_bucket(kv_len: int) -> int:
     """Autotuning key for kv_len: the next power of two (at least 64)."""
-    return max(64, _next_pow2(kv_len))
+    return max(64, next_pow2(kv_len))
 
 
 @functools.lru_cache(maxsize=None)
@@ -372,7 +368,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         return out
     n_splits = -(-kv_len // split_len)
     G = H // Hk
-    G_PAD, D_PAD = _next_pow2(G), _next_pow2(D)
+    G_PAD, D_PAD = next_pow2(G), next_pow2(D)
     if n_splits > 1:
         rows = B * Hk * G_PAD * n_splits  # (sequence, kv head, padded query head, slice)
         ws = torch.empty((rows * (D + 2),), dtype=torch.float32, device=q.device)  # written before read
@@ -381,7 +377,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     else:
         ws_acc = ws_m = ws_l = cnt = out
     # slices merged at a time: (MERGE, G_PAD, D_PAD) fp32 tiles of at most 2048 values
-    merge = max(1, min(_next_pow2(n_splits), 2048 // (G_PAD * D_PAD)))
+    merge = max(1, min(next_pow2(n_splits), 2048 // (G_PAD * D_PAD)))
     launch(_decode_attn_kernel, (B * Hk, n_splits),
            q, k, v, inv_freq.contiguous(), input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc, cnt,
            Hk, kv_len, k_cache.shape[2], _kv_bucket(kv_len), LOG2E / math.sqrt(D),

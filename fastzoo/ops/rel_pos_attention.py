@@ -37,13 +37,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, triton_available, unit_stride_last
+from ._common import FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, next_pow2, triton_available, unit_stride_last
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def rel_pos_attention_ref(
@@ -260,9 +256,9 @@ def _head_dim_blocks(D: int) -> dict:
     tile would, two: D = 80 runs as 64 + 16 rather than 128 (loads are masked beyond D
     either way; nothing is padded in memory).
     """
-    full = max(16, _next_pow2(D))
+    full = max(16, next_pow2(D))
     hi = max(16, full // 2)
-    lo = max(16, _next_pow2(D - hi)) if D > hi else 0
+    lo = max(16, next_pow2(D - hi)) if D > hi else 0
     if lo and hi + lo < full:
         return {"BLOCK_D": hi, "SPLIT_D": True, "BLOCK_D2": lo}
     return {"BLOCK_D": full, "SPLIT_D": False, "BLOCK_D2": 16}
@@ -310,7 +306,7 @@ def rel_pos_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         H, Nq, Nk, D, k_h, k_w, float(scale) * LOG2E,
         device=q.device, **_head_dim_blocks(D),
-        KW_P=_next_pow2(k_w), KW_EXACT=k_w == _next_pow2(k_w), KH_DIV=min(k_h & -k_h, 1024),
+        KW_P=next_pow2(k_w), KW_EXACT=k_w == next_pow2(k_w), KH_DIV=min(k_h & -k_h, 1024),
         # Triton's interpreter (CPU tensors) multiplies the raw bits of bf16 operands
         # in tl.dot; there the kernel widens its already-rounded fp16/bf16 dot operands
         # to fp32, which gives the same (exact) products. On GPUs: fp16/bf16 MMA.

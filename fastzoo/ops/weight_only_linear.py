@@ -60,7 +60,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (arrival_counters, cuda_kernel_applies, gdc_wait, launch, pdl_options, short_bench,
+from ._common import (arrival_counters, cuda_kernel_applies, gdc_wait, launch, next_pow2, pdl_options, short_bench,
                       triton_available, unit_stride_last)
 
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
@@ -268,7 +268,7 @@ def int4_weight_only_linear_ref(
 # ----------------------------------------------------------------------------------
 def _m_bucket(M: int) -> int:
     """Autotuning key for M: 1, 2, 4, 8 or 16 (the next power of two)."""
-    return 1 << max(0, (M - 1).bit_length())
+    return next_pow2(M)
 
 
 MAX_SPLIT_K = 16  # the largest split in the configurations

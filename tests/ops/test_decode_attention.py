@@ -311,9 +311,9 @@ for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
              "out_ptr": "*" + dt, "invf_ptr": "*fp32", "pos_ptr": "*i64", "ws_m_ptr": ws,
              "ws_l_ptr": ws, "ws_acc_ptr": ws, "cnt_ptr": "*i32" if n_splits > 1 else "*" + dt,
              "scale_log2e": "fp32"}
-    G_PAD, D_PAD = mod._next_pow2(G), mod._next_pow2(D)
+    G_PAD, D_PAD = mod.next_pow2(G), mod.next_pow2(D)
     constexprs = dict(D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len, N_SPLITS=n_splits,
-                      MERGE=max(1, min(mod._next_pow2(n_splits), 2048 // (G_PAD * D_PAD))), **ones, **cfg.kwargs)
+                      MERGE=max(1, min(mod.next_pow2(n_splits), 2048 // (G_PAD * D_PAD))), **ones, **cfg.kwargs)
     signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in jit.arg_names}
     src = ASTSource(fn=jit, signature=signature,
                     constexprs={(jit.arg_names.index(k),): v for k, v in constexprs.items()})
