@@ -213,9 +213,13 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
     for group in (args.groups if "int4" in args.kinds else ()):
         packs = [(x, *(t.to(dtype) if t.is_floating_point() else t
                        for t in Int4WeightOnlyLinear.quantize(w, group))) for x, w in zip(xs, ws)]
-        kinds.append((f"int4g{group}", wol._prune(wol._int4_kernel.configs, named),
-                      N * K // 2 + 2 * N * (K // group) * 2, packs,
-                      lambda p, c, gr=group: wol.int4_weight_only_linear_triton(p[0], p[1], p[2], p[3], gr, config=c)))
+        call4 = lambda p, c, gr=group: wol.int4_weight_only_linear_triton(p[0], p[1], p[2], p[3], gr, config=c)  # noqa: E731
+        nbytes4 = N * K // 2 + 2 * N * (K // group) * 2
+        kinds.append((f"int4g{group}", wol._prune(wol._int4_kernel.configs, named), nbytes4, packs, call4))
+        if M == 1:  # the tensor-core GEMV (its configs carry "MMA")
+            mma = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
+                   for c in wol._int4_mma_kernel.configs]
+            kinds.append((f"int4mma_g{group}", mma, nbytes4, packs, call4))
     rows = []
     for kind, configs, nbytes, inputs, call in kinds:
         ranked = []
@@ -251,7 +255,7 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["shape"], r["M"], r["kind"]) for r in rows):
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
-        tile = (f"N{c['BLOCK_N']} K{c['BLOCK_K']} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
+        tile = (f"N{c['BLOCK_N']} K{c.get('BLOCK_K', 128)} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
                 + (" prefetch" if c.get("PREFETCH") else ""))
         out.append({**{k: sel[0][k] for k in ("shape", "M", "N", "K", "kind", "us", "GB/s", "%copy")},
                     "median_us": sel[len(sel) // 2]["us"], "slowest_us": sel[-1]["us"], "n_configs": len(sel),

@@ -67,6 +67,7 @@ MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT4_MMA_MIN_GROUP = 128  # the one-row tensor-core int4 kernel: a 128-column segment in one group
 
 
 # ----------------------------------------------------------------------------------
@@ -707,6 +708,172 @@ if triton_available():
         _bias_and_store(res, offs_m, offs_n, M, N, pid_n, pid_m, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, stride_om,
                         HAS_BIAS, SPLIT_K)
 
+    # int4 one-row tensor-core GEMV tiles (BLOCK_N = 16 rows per row block, at least one
+    # block per warp; split-K over 128-column segments; prefetching the next segment's
+    # words or not): the best of 40 for each of Llama-2-7B's shapes on an H100
+    # (``experiments.bench_weight_only_linear --sweep``, weight_only_linear_sweep_subset.json).
+    _INT4_MMA_CONFIGS = [triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf}, num_warps=warps,
+                                       num_stages=1)
+                         for bn, warps, split, pf in ((64, 2, 8, True), (64, 2, 16, False), (64, 2, 4, True),
+                                                      (128, 8, 16, False), (64, 4, 2, True), (32, 2, 4, True))]
+
+    def _int4_mma_asm(f16: bool) -> str:
+        """PTX for one word pair of _int4_mma_kernel. In: $8 / $9 the int32 words of rows r
+        and r + 8 (8 nibbles each, nibble i at bits 4i: the lane's columns c0..c7 of this
+        word), $10..$13 x's pairs {x0,x4} {x1,x5} {x2,x6} {x3,x7}, $14..$17 the mma
+        accumulator, $18..$21 the accumulator of Σx. Out: $0..$3 and $4..$7, the two
+        accumulators after this word. (word >> 4i) & 0x000F000F | magic is nibbles i and
+        i + 4 as the 16-bit floats t = magic + q, exact (magic = 2^7 in bf16, 2^10 in fp16;
+        q < 16 fits the mantissa): the mma multiplies t, not q, and the caller subtracts
+        magic·Σx (from a second mma with A = 1) in fp32. Two m16n8k16 mma per product: rows
+        r and r + 8, the lane's 8 columns (slots 2c, 2c + 1, 2c + 8, 2c + 9 of two k16 tiles)."""
+        ty, magic, one = ("f16", "0x64006400", "0x3C003C00") if f16 else ("bf16", "0x43004300", "0x3F803F80")
+        lines = [".reg .b32 h, m, one, q<8>;", f"mov.b32 m, {magic};", f"mov.b32 one, {one};"]
+        for word, base in (("$8", 0), ("$9", 4)):
+            lines.append(f"lop3.b32 q{base}, {word}, 0x000F000F, m, 0xEA;")  # (a & b) | c
+            for i in range(1, 4):
+                lines += [f"shr.u32 h, {word}, {4 * i};", f"lop3.b32 q{base + i}, h, 0x000F000F, m, 0xEA;"]
+        mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+        lines += [f"{mma} {{$0, $1, $2, $3}}, {{q0, q4, q1, q5}}, {{$10, $11}}, {{$14, $15, $16, $17}};",
+                  f"{mma} {{$0, $1, $2, $3}}, {{q2, q6, q3, q7}}, {{$12, $13}}, {{$0, $1, $2, $3}};",
+                  f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {{$10, $11}}, {{$18, $19, $20, $21}};",
+                  f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {{$12, $13}}, {{$4, $5, $6, $7}};"]
+        return "{\n" + "\n".join(lines) + "\n}"
+
+    _MMA_BF16 = tl.constexpr(_int4_mma_asm(False))
+    _MMA_F16 = tl.constexpr(_int4_mma_asm(True))
+    _MMA_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 6 + ["f"] * 8))
+    _PRMT = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;")
+
+    @triton.jit
+    def _int4_mma_word(D, S, uw, vw, x_ptrs, F16: tl.constexpr):
+        """The accumulators D (rows' products) and S (Σx), 4 fp32 tensors each, plus one
+        word pair (rows r, r + 8) times x: _int4_mma_asm's PTX. x_ptrs: the lane's 8 x
+        columns as 4 int32 pairs {x0,x1} {x2,x3} {x4,x5} {x6,x7} from there."""
+        x0 = tl.load(x_ptrs)
+        x1 = tl.load(x_ptrs + 1)
+        x2 = tl.load(x_ptrs + 2)
+        x3 = tl.load(x_ptrs + 3)
+        p0, p1 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x0, x2], dtype=(tl.int32, tl.int32), is_pure=True,
+                                           pack=1)
+        p2, p3 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x1, x3], dtype=(tl.int32, tl.int32), is_pure=True,
+                                           pack=1)
+        args = [uw, vw, p0, p1, p2, p3, D[0], D[1], D[2], D[3], S[0], S[1], S[2], S[3]]
+        if F16:
+            out = tl.inline_asm_elementwise(_MMA_F16, _MMA_CONSTRAINTS, args, dtype=(tl.float32,) * 8, is_pure=True,
+                                            pack=1)
+        else:
+            out = tl.inline_asm_elementwise(_MMA_BF16, _MMA_CONSTRAINTS, args, dtype=(tl.float32,) * 8,
+                                            is_pure=True, pack=1)
+        return (out[0], out[1], out[2], out[3]), (out[4], out[5], out[6], out[7])
+
+    @triton.jit
+    def _int4_mma_words(w_ptr, seg, u_offs, v_offs):
+        """Segment ``seg``'s 4 words of rows r and r + 8 of each lane (one int32 load each)."""
+        base = w_ptr + seg * 16
+        return ((tl.load(base + u_offs), tl.load(base + u_offs + 1), tl.load(base + u_offs + 2),
+                 tl.load(base + u_offs + 3)),
+                (tl.load(base + v_offs), tl.load(base + v_offs + 1), tl.load(base + v_offs + 2),
+                 tl.load(base + v_offs + 3)))
+
+    @triton.jit
+    def _int4_mma_segment(acc_r, acc_r8, U, V, x_ptrs, s_ptr, z_ptr, s_offs, z_offs, s8_offs, z8_offs, seg,
+                          GROUP: tl.constexpr, F16: tl.constexpr):
+        """One 128-column segment of _int4_mma_kernel (one quantization group): U, V the
+        lane's 4 words of rows r and r + 8 (columns 32c + 8w of the segment), x_ptrs the
+        lane's first x pair there. The products chain in the mma accumulator; the group's
+        scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x."""
+        MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
+        zero = tl.zeros_like(acc_r)
+        D = (zero, zero, zero, zero)
+        S = (zero, zero, zero, zero)
+        for w in tl.static_range(4):
+            D, S = _int4_mma_word(D, S, U[w], V[w], x_ptrs + 4 * w, F16)
+        g = (seg * 128) // GROUP
+        sr = tl.load(s_ptr + g + s_offs).to(tl.float32)
+        zr = tl.load(z_ptr + g + z_offs).to(tl.float32)
+        sr8 = tl.load(s_ptr + g + s8_offs).to(tl.float32)
+        zr8 = tl.load(z_ptr + g + z8_offs).to(tl.float32)
+        acc_r += sr * D[0] + (zr - MAGIC * sr) * S[0]  # D[0]: row r, D[2]: row r + 8
+        acc_r8 += sr8 * D[2] + (zr8 - MAGIC * sr8) * S[0]
+        return acc_r, acc_r8
+
+    @triton.autotune(configs=_INT4_MMA_CONFIGS, key=["N", "K", "GROUP"], do_bench=short_bench)
+    @triton.jit
+    def _int4_mma_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+        N, K, stride_wn, stride_sn, stride_zn,
+        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+    ):
+        """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
+        packed layout read as int32 words (N, K/8), x as int32 pairs (the launcher's views);
+        group size >= 128 and K a multiple of 128 (the launcher checks).
+
+        Rows in blocks of 16, one ``mma.sync.m16n8k16`` per 16 columns with the weights as A
+        and x as B, replicated in B's 8 columns (so every lane's accumulator holds its rows'
+        results). Per 128-column segment, lane l = 4r + c of a warp loads words 4c..4c+3
+        (32 columns) of rows r and r + 8 and x's same 32 columns; the order of the columns
+        in a product is free, so each lane feeds its own columns to the slots of its A and B
+        fragments: no data crosses lanes. Every tensor is 1-D, element e = 32·(row block) +
+        lane, one element per thread per row block, all loads scalar: the only layout Triton
+        can give it, so element e is lane e % 32 of a warp in every Triton version (a 2-D
+        tensor or vector loads let the compiler choose layouts where a warp's lanes are not
+        one row block's, which the mma would silently mix). Nibbles become 16-bit floats by
+        bit operations only (see _int4_mma_asm), a segment's products accumulate in fp32 in
+        the tensor cores, and the group's scale and zero apply once per row in fp32. Row r's
+        result is in lanes 4r..4r+3 (all equal), reduced once at the end.
+        ``BLOCK_N`` = 16 · (row blocks); split-K over segments."""
+        G: tl.constexpr = BLOCK_N // 16
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        e = tl.arange(0, 32 * G)
+        lane = e % 32
+        r = lane // 4
+        cc = lane % 4
+        row = (pid_n * BLOCK_N + (e // 32) * 16 + r) % N  # past-the-edge rows wrap: no N mask
+        row8 = (pid_n * BLOCK_N + (e // 32) * 16 + 8 + r) % N
+        u_offs = row * stride_wn + cc * 4
+        v_offs = row8 * stride_wn + cc * 4
+        s_offs = row * stride_sn
+        z_offs = row * stride_zn
+        s8_offs = row8 * stride_sn
+        z8_offs = row8 * stride_zn
+        x_offs = cc * 16  # x pairs
+        n_seg = K // 128
+        seg_per_split = tl.cdiv(n_seg, SPLIT_K)
+        seg_start = pid_k * seg_per_split
+        seg_end = tl.minimum(n_seg, seg_start + seg_per_split)
+        acc_r = tl.zeros((32 * G,), dtype=tl.float32)
+        acc_r8 = tl.zeros((32 * G,), dtype=tl.float32)
+        if PREFETCH:
+            # the next segment's words are requested before this one's arithmetic (the last
+            # segment is loaded again instead of masking), the first before waiting for the
+            # previous kernel (PDL: weights do not depend on it)
+            first = tl.minimum(seg_start, n_seg - 1)  # a split past the end loads (and adds) nothing
+            last = tl.maximum(seg_end - 1, first)
+            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
+            if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+                gdc_wait()
+            for seg in range(seg_start, seg_end):
+                U1, V1 = _int4_mma_words(w_ptr, tl.minimum(seg + 1, last), u_offs, v_offs)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, x_ptr + seg * 64 + x_offs, s_ptr, z_ptr,
+                                                  s_offs, z_offs, s8_offs, z8_offs, seg, GROUP, F16)
+                U, V = U1, V1
+        else:
+            if PDL:
+                gdc_wait()
+            for seg in range(seg_start, seg_end):
+                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, x_ptr + seg * 64 + x_offs, s_ptr, z_ptr,
+                                                  s_offs, z_offs, s8_offs, z8_offs, seg, GROUP, F16)
+        # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
+        lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
+        hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)
+        res = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (1, BLOCK_N))
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _bias_and_store(res, tl.arange(0, 1), offs_n, 1, N, pid_n, 0, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, N,
+                        HAS_BIAS, SPLIT_K)
 
 _EXP_2_23 = 0x4B000000  # bits of 2.0**23: the int4 kernel's magic, passed at run time (see _int4_kernel)
 _MIN_BLOCK_N = 4  # the smallest BLOCK_N of the configurations: bounds the number of output tiles
@@ -719,7 +886,8 @@ def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
     passed to every launch; ``norm_partials``: the workspace also holds each split's Σx²
     per row and output tile (SPLIT_K, M, N / BLOCK_N) after the (SPLIT_K, M, N) partials.
     ``config`` (tests) forces one configuration:
-    {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", optional "num_warps"}."""
+    {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", optional "num_warps"} (the one-row int4
+    tensor-core kernel: {"BLOCK_N", "SPLIT_K", "PREFETCH"}, no BLOCK_M)."""
     device = out.device
     max_split = _workspace_splits(M, N) if config is None else config["SPLIT_K"]
     per_split = M * N + (M * triton.cdiv(N, _MIN_BLOCK_N) if norm_partials else 0)
@@ -728,10 +896,11 @@ def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
     scalars = kwargs.pop("_scalars")
     if config is not None:
         cfg = dict(config)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg["BLOCK_M"]))
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg.get("BLOCK_M", 1)))
         kernel.fn[grid](*args, out, ws, cnt, *scalars, **kwargs, **cfg)
         return out
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"],  # noqa: E731
+                         triton.cdiv(M, meta.get("BLOCK_M", 1)))
     launch(kernel, grid, *args, out, ws, cnt, *scalars, device=device, **kwargs)
     return out
 
@@ -808,10 +977,21 @@ def int8_weight_only_linear_triton(x: torch.Tensor, w_int8: torch.Tensor, scales
                                  residual)
 
 
+def _int4_mma_applies(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
+    """The one-row tensor-core int4 kernel: inline PTX (CUDA, sm_80+, not Triton's
+    interpreter), mma on x's dtype with scales and zeros in it, groups of at least 128
+    columns and K a multiple of 128."""
+    return (cuda_kernel_applies(x, dtypes=_KERNEL_DTYPES) and scales.dtype == x.dtype
+            and zeros.dtype == x.dtype and group_size >= INT4_MMA_MIN_GROUP and x.shape[-1] % 128 == 0)
+
+
 def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
                                    zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None,
                                    config: Optional[dict] = None) -> torch.Tensor:
-    """Launch the int4 weight-only decode kernel (any M; built for M <= 16)."""
+    """Launch the int4 weight-only decode kernel (any M; built for M <= 16). One row on a
+    CUDA GPU with scales and zeros in x's dtype: the tensor-core GEMV (``_int4_mma_kernel``),
+    unless ``config`` forces a tile of ``_int4_kernel`` (a config with ``"MMA": True``
+    forces one of the tensor-core kernel's)."""
     name = "int4_weight_only_linear_triton"
     N, K = _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias)
     _require_triton(name)
@@ -829,6 +1009,19 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
                              f"got N={N} rows of stride {w.stride(0)} words")
         s, z = unit_stride_last(scales), unit_stride_last(zeros)
         b = bias.contiguous() if bias is not None else s
+        mma = _int4_mma_applies(x, s, z, group_size)
+        if config is not None and config.get("MMA") and not (mma and M == 1):
+            raise ValueError(f"{name}: the tensor-core config needs one row of x on a CUDA GPU, scales and zeros in "
+                             f"x's dtype, group_size >= {INT4_MMA_MIN_GROUP} and K % 128 == 0; got {M} rows, "
+                             f"group_size={group_size}, K={K}")
+        if M == 1 and mma and (config is None or config.get("MMA")):
+            if x2.storage_offset() % 2:
+                x2 = x2.clone()
+            cfg = None if config is None else {k: v for k, v in config.items() if k != "MMA"}
+            out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int32), w, s, z, b],
+                       {"_scalars": (N, K, w.stride(0), s.stride(0), z.stride(0)), "GROUP": group_size,
+                        "HAS_BIAS": bias is not None, "F16": x.dtype == torch.float16, **pdl_options(x)}, cfg)
+            return out.reshape(*x.shape[:-1], N)
         out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],
                    {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N,
                                  _EXP_2_23),

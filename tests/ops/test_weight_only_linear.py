@@ -644,7 +644,7 @@ def test_cuda_every_quantized_gemv_config():
     shape whose K (11008) is no multiple of most blocks (whole blocks and a masked tail),
     against an fp32 product of the same weights: a tile that only the GPU compiler gets
     wrong cannot hide behind the autotuner's choice on the GPU the tests run on."""
-    from fastzoo.ops.weight_only_linear import _int4_kernel, _linear_kernel, _prune, _prune_linear
+    from fastzoo.ops.weight_only_linear import _int4_kernel, _int4_mma_kernel, _linear_kernel, _prune, _prune_linear
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(11008)
@@ -663,6 +663,52 @@ def test_cuda_every_quantized_gemv_config():
     for c in _prune(_int4_kernel.configs, named):
         cfg = dict(c.kwargs, num_warps=c.num_warps)
         assert rel_err(int4_weight_only_linear_triton(x, p, s4, z4, 128, config=cfg), ref4) < 1e-2, cfg
+    for c in _int4_mma_kernel.configs:
+        cfg = dict(c.kwargs, MMA=True, num_warps=c.num_warps)
+        assert rel_err(int4_weight_only_linear_triton(x, p, s4, z4, 128, config=cfg), ref4) < 5e-3, cfg
+
+
+# The one-row tensor-core int4 kernel (inline PTX: CUDA only), forced tiles: prefetch or
+# not, split-K, one or several row blocks per warp.
+MMA_TILES = [dict(MMA=True, BLOCK_N=64, SPLIT_K=1, PREFETCH=False, num_warps=4),
+             dict(MMA=True, BLOCK_N=128, SPLIT_K=4, PREFETCH=True, num_warps=4),
+             dict(MMA=True, BLOCK_N=32, SPLIT_K=3, PREFETCH=True, num_warps=2)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("group", [128, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_int4_tensor_core_gemv(group, dtype):
+    """The tensor-core GEMV against an fp32 product of the same dequantized weights, at
+    Llama shapes and at N not a multiple of 16, with a bias; bit-exact where every product
+    is exact; and one nonzero weight lands in its own row only (a warp whose lanes were not
+    one row block's would spread it)."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(group)
+    for N, K in [(4096, 4096), (4096, 11008), (1000, 4096)]:
+        x = torch.randn(1, K, device=dev, generator=g).to(dtype)
+        p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, device=dev, generator=g) * K**-0.5, group)
+        s4, z4 = s4.to(dtype), z4.to(dtype)
+        bias = torch.randn(N, device=dev, generator=g).to(dtype)
+        ref = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32), bias.float())
+        assert rel_err(int4_weight_only_linear(x, p, s4, z4, group, bias), ref) < RTOL[dtype] / 2, (N, K)
+        for tile in MMA_TILES:
+            out = int4_weight_only_linear_triton(x, p, s4, z4, group, bias, config=tile)
+            assert rel_err(out, ref) < RTOL[dtype] / 2, (N, K, tile)
+    # exact: integer x / 4, every nibble value, scales 2^-e, integer zeros
+    N, K = 48, 512
+    q = torch.randint(0, 16, (N, K), device=dev, generator=g, dtype=torch.uint8)
+    q[0] = torch.arange(K, device=dev) % 16
+    s4 = (2.0 ** -torch.randint(0, 3, (N, K // group), device=dev, generator=g)).to(dtype)
+    z4 = torch.randint(-3, 4, (N, K // group), device=dev, generator=g).to(dtype)
+    x = torch.randint(-2, 3, (1, K), device=dev, generator=g).to(dtype) / 4
+    one = torch.zeros_like(q)
+    one[17, 5] = 3
+    for qq, xx in ((q, x), (one, torch.ones_like(x))):
+        p = qq[:, 0::2] | (qq[:, 1::2] << 4)
+        truth = F.linear(xx.double(), int4_dequantize(p, s4, z4, group, torch.float64))
+        for tile in MMA_TILES:
+            assert torch.equal(int4_weight_only_linear_triton(xx, p, s4, z4, group, config=tile), truth.to(dtype)), tile
 
 
 @pytest.mark.cuda
@@ -751,6 +797,48 @@ def test_kernels_compile_for_hopper(kernel_name, split, opts, block_n, block_k, 
     assert flags[2] == "no-i2f"
     if kernel_name == "_int4_kernel":
         assert flags[3] == "v2-loads"
+
+
+_AOT_MMA = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from fastzoo.ops import weight_only_linear as wol
+
+block_n, warps, split, group = map(int, sys.argv[1:5])
+prefetch, f16 = sys.argv[5] == "1", sys.argv[6] == "1"
+jit = wol._int4_mma_kernel.fn  # autotune -> jit
+dt = "fp16" if f16 else "bf16"
+sig = dict(x_ptr="*i32", w_ptr="*i32", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}",
+           ws_ptr="*fp32", cnt_ptr="*i32")
+const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch)
+for name in jit.arg_names:
+    sig.setdefault(name, "constexpr" if name in const else "i32")
+aligned = [n for n in jit.arg_names if sig[n].startswith("*") or n in ("N", "K") or n.startswith("stride")]
+src = triton.compiler.ASTSource(fn=jit, signature=sig,
+                                constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
+                                attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+ptx = k.asm["ptx"]
+print(ptx.count("mma.sync.aligned.m16n8k16"), "local" if ".local" in ptx else "no-local",
+      "vector" if ".v2." in ptx.split("mma.sync")[0] or ".v4." in ptx.split("mma.sync")[0] else "scalar")
+"""
+
+
+# (BLOCK_N, warps, SPLIT_K, group, prefetch, fp16)
+@pytest.mark.parametrize("block_n,warps,split,group,prefetch,f16", [
+    (64, 4, 1, 128, 0, 0), (128, 4, 4, 128, 1, 0), (32, 2, 2, 256, 1, 1), (128, 8, 16, 128, 0, 1)])
+def test_int4_tensor_core_kernel_compiles_for_hopper(block_n, warps, split, group, prefetch, f16):
+    """The one-row tensor-core int4 kernel is inline PTX, which Triton's interpreter cannot
+    run: compile it ahead of time for sm_90 (Triton's ptxas, no GPU) and check what its
+    correctness rests on: two m16n8k16 mma per word pair and two per Σx (16 per segment and
+    row block), scalar loads before the products (a vector load is what lets the compiler
+    give a warp's lanes to several row blocks), no local-memory spills."""
+    r = run_aot_compile(_AOT_MMA, str(block_n), str(warps), str(split), str(group), str(prefetch), str(f16))
+    assert r.returncode == 0, r.stderr[-3000:]
+    n_mma, local, loads = r.stdout.split()[-3:]
+    assert local == "no-local" and loads == "scalar"
+    assert int(n_mma) >= 16 and int(n_mma) % 16 == 0
 
 
 def test_pdl_only_on_hopper_cuda():
