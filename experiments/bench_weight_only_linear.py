@@ -218,7 +218,7 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
         kinds.append((f"int4g{group}", wol._prune(wol._int4_kernel.configs, named), nbytes4, packs, call4))
         if M == 1:  # the tensor-core GEMV (its configs carry "MMA")
             mma = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in wol._int4_mma_kernel.configs]
+                   for c in wol.INT4_MMA_SWEEP]
             kinds.append((f"int4mma_g{group}", mma, nbytes4, packs, call4))
     rows = []
     for kind, configs, nbytes, inputs, call in kinds:

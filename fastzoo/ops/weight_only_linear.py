@@ -710,12 +710,18 @@ if triton_available():
 
     # int4 one-row tensor-core GEMV tiles (BLOCK_N = 16 rows per row block, at least one
     # block per warp; split-K over 128-column segments; prefetching the next segment's
-    # words or not): the best of 40 for each of Llama-2-7B's shapes on an H100
-    # (``experiments.bench_weight_only_linear --sweep``, weight_only_linear_sweep_subset.json).
-    _INT4_MMA_CONFIGS = [triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf}, num_warps=warps,
-                                       num_stages=1)
-                         for bn, warps, split, pf in ((64, 2, 8, True), (64, 2, 16, False), (64, 2, 4, True),
-                                                      (128, 8, 16, False), (64, 4, 2, True), (32, 2, 4, True))]
+    # words or not): the best for each of Llama-2-7B's shapes among INT4_MMA_SWEEP on an H200
+    # and an H100 (``experiments.bench_weight_only_linear --sweep``).
+    def _mma_cfg(bn, warps, split, pf):
+        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf}, num_warps=warps, num_stages=1)
+
+    _INT4_MMA_CONFIGS = [_mma_cfg(*c) for c in ((64, 1, 8, False), (64, 1, 4, False), (128, 2, 16, False),
+                                                (256, 8, 16, True), (64, 2, 8, True), (64, 2, 16, False))]
+    # the candidates ``experiments.bench_weight_only_linear --sweep`` times (one or two row
+    # blocks per warp)
+    INT4_MMA_SWEEP = [_mma_cfg(bn, warps, split, pf)
+                      for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 8), (64, 1), (128, 4), (128, 2), (256, 8))
+                      for split in (1, 2, 4, 8, 16) for pf in (False, True)]
 
     def _int4_mma_asm(f16: bool) -> str:
         """PTX for one word pair of _int4_mma_kernel. In: $8 / $9 the int32 words of rows r
@@ -746,14 +752,10 @@ if triton_available():
     _PRMT = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;")
 
     @triton.jit
-    def _int4_mma_word(D, S, uw, vw, x_ptrs, F16: tl.constexpr):
+    def _int4_mma_word(D, S, uw, vw, x0, x1, x2, x3, F16: tl.constexpr):
         """The accumulators D (rows' products) and S (Σx), 4 fp32 tensors each, plus one
-        word pair (rows r, r + 8) times x: _int4_mma_asm's PTX. x_ptrs: the lane's 8 x
-        columns as 4 int32 pairs {x0,x1} {x2,x3} {x4,x5} {x6,x7} from there."""
-        x0 = tl.load(x_ptrs)
-        x1 = tl.load(x_ptrs + 1)
-        x2 = tl.load(x_ptrs + 2)
-        x3 = tl.load(x_ptrs + 3)
+        word pair (rows r, r + 8) times x: _int4_mma_asm's PTX. x0..x3: the lane's 8 x
+        columns of this word as int32 pairs {x0,x1} {x2,x3} {x4,x5} {x6,x7}."""
         p0, p1 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x0, x2], dtype=(tl.int32, tl.int32), is_pure=True,
                                            pack=1)
         p2, p3 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x1, x3], dtype=(tl.int32, tl.int32), is_pure=True,
@@ -768,34 +770,54 @@ if triton_available():
         return (out[0], out[1], out[2], out[3]), (out[4], out[5], out[6], out[7])
 
     @triton.jit
-    def _int4_mma_words(w_ptr, seg, u_offs, v_offs):
-        """Segment ``seg``'s 4 words of rows r and r + 8 of each lane (one int32 load each)."""
-        base = w_ptr + seg * 16
-        return ((tl.load(base + u_offs), tl.load(base + u_offs + 1), tl.load(base + u_offs + 2),
-                 tl.load(base + u_offs + 3)),
-                (tl.load(base + v_offs), tl.load(base + v_offs + 1), tl.load(base + v_offs + 2),
-                 tl.load(base + v_offs + 3)))
+    def _halves(v):
+        """An int64 tensor → its low and high int32 halves."""
+        return v.to(tl.int32), (v >> 32).to(tl.int32)
 
     @triton.jit
-    def _int4_mma_segment(acc_r, acc_r8, U, V, x_ptrs, s_ptr, z_ptr, s_offs, z_offs, s8_offs, z8_offs, seg,
-                          GROUP: tl.constexpr, F16: tl.constexpr):
-        """One 128-column segment of _int4_mma_kernel (one quantization group): U, V the
-        lane's 4 words of rows r and r + 8 (columns 32c + 8w of the segment), x_ptrs the
-        lane's first x pair there. The products chain in the mma accumulator; the group's
+    def _int4_mma_words(w_ptr, seg, u_offs, v_offs):
+        """Segment ``seg``'s 4 words of rows r and r + 8 of each lane (w an int64 view: two
+        scalar 8-byte loads a row, one element per thread)."""
+        wb = w_ptr + seg * 8
+        u0, u1 = _halves(tl.load(wb + u_offs))
+        u2, u3 = _halves(tl.load(wb + u_offs + 1))
+        v0, v1 = _halves(tl.load(wb + v_offs))
+        v2, v3 = _halves(tl.load(wb + v_offs + 1))
+        return (u0, u1, u2, u3), (v0, v1, v2, v3)
+
+    @triton.jit
+    def _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr):
+        """Segment ``seg``'s x for the lane (x an int64 view: 8 scalar loads, 16 int32 pairs)
+        and the group's scales and zeros of rows r and r + 8, in fp32."""
+        xb = x_ptr + seg * 32 + x_offs
+        X = (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
+             _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)), _halves(tl.load(xb + 7)))
+        g = (seg * 128) // GROUP
+        SZ = (tl.load(s_ptr + g + s_offs).to(tl.float32), tl.load(z_ptr + g + z_offs).to(tl.float32),
+              tl.load(s_ptr + g + s8_offs).to(tl.float32), tl.load(z_ptr + g + z8_offs).to(tl.float32))
+        return X, SZ
+
+    @triton.jit
+    def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16: tl.constexpr):
+        """One 128-column segment of _int4_mma_kernel (one quantization group), from
+        _int4_mma_load's values: the products chain in the mma accumulator; the group's
         scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x."""
         MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
         zero = tl.zeros_like(acc_r)
-        D = (zero, zero, zero, zero)
-        S = (zero, zero, zero, zero)
-        for w in tl.static_range(4):
-            D, S = _int4_mma_word(D, S, U[w], V[w], x_ptrs + 4 * w, F16)
-        g = (seg * 128) // GROUP
-        sr = tl.load(s_ptr + g + s_offs).to(tl.float32)
-        zr = tl.load(z_ptr + g + z_offs).to(tl.float32)
-        sr8 = tl.load(s_ptr + g + s8_offs).to(tl.float32)
-        zr8 = tl.load(z_ptr + g + z8_offs).to(tl.float32)
-        acc_r += sr * D[0] + (zr - MAGIC * sr) * S[0]  # D[0]: row r, D[2]: row r + 8
-        acc_r8 += sr8 * D[2] + (zr8 - MAGIC * sr8) * S[0]
+        # two independent accumulator chains (words 0, 1 and 2, 3): half the mma latency in series
+        Da = (zero, zero, zero, zero)
+        Sa = (zero, zero, zero, zero)
+        Db = (zero, zero, zero, zero)
+        Sb = (zero, zero, zero, zero)
+        for w in tl.static_range(2):
+            Da, Sa = _int4_mma_word(Da, Sa, U[w], V[w], X[2 * w][0], X[2 * w][1], X[2 * w + 1][0], X[2 * w + 1][1],
+                                    F16)
+            Db, Sb = _int4_mma_word(Db, Sb, U[w + 2], V[w + 2], X[2 * w + 4][0], X[2 * w + 4][1], X[2 * w + 5][0],
+                                    X[2 * w + 5][1], F16)
+        sr, zr, sr8, zr8 = SZ
+        sx = Sa[0] + Sb[0]
+        acc_r += sr * (Da[0] + Db[0]) + (zr - MAGIC * sr) * sx  # D[0]: row r, D[2]: row r + 8
+        acc_r8 += sr8 * (Da[2] + Db[2]) + (zr8 - MAGIC * sr8) * sx
         return acc_r, acc_r8
 
     @triton.autotune(configs=_INT4_MMA_CONFIGS, key=["N", "K", "GROUP"], do_bench=short_bench)
@@ -807,7 +829,8 @@ if triton_available():
         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
-        packed layout read as int32 words (N, K/8), x as int32 pairs (the launcher's views);
+        packed layout read as int64 (N, K/16; two int32 words of 8 nibbles each), x as int64
+        (4 bf16 / fp16 each) (the launcher's views);
         group size >= 128 and K a multiple of 128 (the launcher checks).
 
         Rows in blocks of 16, one ``mma.sync.m16n8k16`` per 16 columns with the weights as A
@@ -833,13 +856,13 @@ if triton_available():
         cc = lane % 4
         row = (pid_n * BLOCK_N + (e // 32) * 16 + r) % N  # past-the-edge rows wrap: no N mask
         row8 = (pid_n * BLOCK_N + (e // 32) * 16 + 8 + r) % N
-        u_offs = row * stride_wn + cc * 4
-        v_offs = row8 * stride_wn + cc * 4
+        u_offs = row * stride_wn + cc * 2  # int64 units: a lane's 4 words are 2 int64
+        v_offs = row8 * stride_wn + cc * 2
         s_offs = row * stride_sn
         z_offs = row * stride_zn
         s8_offs = row8 * stride_sn
         z8_offs = row8 * stride_zn
-        x_offs = cc * 16  # x pairs
+        x_offs = cc * 8  # int64 units: the lane's 32 columns are 8 int64 of x
         n_seg = K // 128
         seg_per_split = tl.cdiv(n_seg, SPLIT_K)
         seg_start = pid_k * seg_per_split
@@ -847,26 +870,29 @@ if triton_available():
         acc_r = tl.zeros((32 * G,), dtype=tl.float32)
         acc_r8 = tl.zeros((32 * G,), dtype=tl.float32)
         if PREFETCH:
-            # the next segment's words are requested before this one's arithmetic (the last
-            # segment is loaded again instead of masking), the first before waiting for the
-            # previous kernel (PDL: weights do not depend on it)
+            # the next segment's words, x and scales are requested before this one's
+            # arithmetic (the last segment is read again instead of masking); the first
+            # segment's words before waiting for the previous kernel (PDL: weights do not
+            # depend on it), its x after
             first = tl.minimum(seg_start, n_seg - 1)  # a split past the end loads (and adds) nothing
             last = tl.maximum(seg_end - 1, first)
             U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
-            if PDL:  # launched while the previous kernel finishes: wait for its writes (x)
+            if PDL:
                 gdc_wait()
+            X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
             for seg in range(seg_start, seg_end):
-                U1, V1 = _int4_mma_words(w_ptr, tl.minimum(seg + 1, last), u_offs, v_offs)
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, x_ptr + seg * 64 + x_offs, s_ptr, z_ptr,
-                                                  s_offs, z_offs, s8_offs, z8_offs, seg, GROUP, F16)
-                U, V = U1, V1
+                nxt = tl.minimum(seg + 1, last)
+                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
+                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
+                U, V, X, SZ = U1, V1, X1, SZ1
         else:
             if PDL:
                 gdc_wait()
             for seg in range(seg_start, seg_end):
                 U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, x_ptr + seg * 64 + x_offs, s_ptr, z_ptr,
-                                                  s_offs, z_offs, s8_offs, z8_offs, seg, GROUP, F16)
+                X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
         # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
         lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
         hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)
@@ -1015,11 +1041,12 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
                              f"x's dtype, group_size >= {INT4_MMA_MIN_GROUP} and K % 128 == 0; got {M} rows, "
                              f"group_size={group_size}, K={K}")
         if M == 1 and mma and (config is None or config.get("MMA")):
-            if x2.storage_offset() % 2:
+            if x2.storage_offset() % 4:
                 x2 = x2.clone()
+            w64 = (w.contiguous() if w.stride(0) % 2 or w.storage_offset() % 2 else w).view(torch.int64)
             cfg = None if config is None else {k: v for k, v in config.items() if k != "MMA"}
-            out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int32), w, s, z, b],
-                       {"_scalars": (N, K, w.stride(0), s.stride(0), z.stride(0)), "GROUP": group_size,
+            out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int64), w64, s, z, b],
+                       {"_scalars": (N, K, w64.stride(0), s.stride(0), z.stride(0)), "GROUP": group_size,
                         "HAS_BIAS": bias is not None, "F16": x.dtype == torch.float16, **pdl_options(x)}, cfg)
             return out.reshape(*x.shape[:-1], N)
         out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],

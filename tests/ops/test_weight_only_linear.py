@@ -610,9 +610,10 @@ def test_cuda_autotuned_ops(M):
     ref4 = F.linear(x.float(), int4_dequantize(p, s4, z4, 128, torch.float32))
     assert rel_err(int4_weight_only_linear(x, p, s4, z4, 128), ref4) < 1e-2
     gc = torch.Generator().manual_seed(M)
-    xf, wf, _, _, fopts, truth = _fused_inputs(M, N, K, dtype, "glu+norm+res", 0, gc)
+    xf, wf, _, bias, fopts, truth = _fused_inputs(M, N, K, dtype, "glu+norm+res", 0, gc)  # truth has the bias
     fopts = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in fopts.items()}
-    assert rel_err(decode_linear(xf.to(dev), wf.to(dev), **fopts), truth.to(dev)) < 1e-2
+    bias = None if bias is None else bias.to(dev)
+    assert rel_err(decode_linear(xf.to(dev), wf.to(dev), bias, **fopts), truth.to(dev)) < 1e-2
 
 
 # Llama-2-7B's fused projections: (N, K, fusions)
@@ -809,7 +810,7 @@ block_n, warps, split, group = map(int, sys.argv[1:5])
 prefetch, f16 = sys.argv[5] == "1", sys.argv[6] == "1"
 jit = wol._int4_mma_kernel.fn  # autotune -> jit
 dt = "fp16" if f16 else "bf16"
-sig = dict(x_ptr="*i32", w_ptr="*i32", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}",
+sig = dict(x_ptr="*i64", w_ptr="*i64", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}",
            ws_ptr="*fp32", cnt_ptr="*i32")
 const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch)
 for name in jit.arg_names:
