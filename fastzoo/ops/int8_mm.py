@@ -37,9 +37,21 @@ accumulator tile: the int32 product never goes to memory.
 int8 dynamic (per-token) activation and int8 per-channel weight quantization.
 ``int8_dynamic_linear_ref`` composes the two references.
 
+Two kernels, one op: the plain kernel (one program per output tile, pointer loads
+pipelined by ``num_stages``; Ampere, small M, Triton's interpreter) and, on Hopper
+(capability 9.x) for M >= ``TMA_MIN_M`` with TMA-compatible strides (16-byte aligned
+rows, contiguous last dimension), a persistent kernel: NUM_SMS · OCC programs walk the
+output tiles in grouped order; a and b tiles arrive by TMA (host-side tensor descriptors,
+no global allocator), the tile and K loops are flattened into one software pipeline (the
+next tile's loads in flight during the epilogue), the epilogue runs on column parts of the
+tile and writes by TMA; configurations with two or three CTAs per SM let one CTA's
+epilogue overlap another's MMAs. ``int8_scaled_mm_triton(..., persistent=...)`` forces
+either kernel.
+
 Cost of the kernel: 2·M·N·K integer ops; reads M·K + N·K bytes (plus re-reads from
 L2 across tiles), writes M·N·sizeof(out_dtype) bytes. Autotuning is keyed on
-(next power of two of M, N, K), so a new token count reuses its bucket's choice.
+(next power of two of M, N, K) (and, for the persistent kernel, the epilogue), so a new
+token count reuses its bucket's choice.
 
 Not done yet: fusing the per-row quantization of x into the GEMM's prologue (today
 ``int8_dynamic_linear`` writes int8 x and its scales once, then the GEMM reads them).
@@ -520,6 +532,9 @@ if triton_available():
         _tma_cfg(128, 128, 64, 4, 4, occ=2, sub=2),
         _tma_cfg(128, 128, 128, 8, 2, occ=2, sub=1, maxnreg=128),
         _tma_cfg(128, 128, 64, 4, 3, occ=3, sub=2, maxnreg=168),
+        # one warpgroup per CTA on the widest wgmma (m64n256), two CTAs per SM
+        _tma_cfg(64, 256, 64, 4, 4, occ=2, sub=2),
+        _tma_cfg(64, 256, 128, 4, 2, occ=2, sub=2),
         # tl.range(warp_specialize=True): on sm_90 Triton 3.6/3.8 leave this loop as it
         # is (no partitions in the TTGIR, checked ahead of time); timed to confirm
         _tma_cfg(128, 256, 128, 8, 4, sub=2, flatten=False, ws=True),
@@ -534,6 +549,7 @@ if triton_available():
         "256x128x128_w8_s4_o1_sub2_flat",
         "128x128x128_w8_s3_o2_sub2_flat_r128",
         "128x128x64_w4_s4_o2_sub2_flat",
+        "64x256x64_w4_s4_o2_sub2_flat",
     )
     _TMA_CONFIGS = [c for n in _TMA_AUTOTUNE_NAMES for c in TMA_SWEEP_CONFIGS if tma_config_name(c) == n]
     # Triton's interpreter (the CPU tests): small tiles, several tiles per program.

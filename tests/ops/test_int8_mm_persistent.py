@@ -235,8 +235,11 @@ def _hopper():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("NK", VIT_L)
-@pytest.mark.parametrize("epilogue", ["bare", "gelu", "residual", "static", "static_gelu", "full"])
+@pytest.mark.parametrize("epilogue", ["bare", "static_gelu", "full"])
 def test_cuda_every_tuned_config_at_vit_l(NK, epilogue):
+    """Each autotuned tile whose shared memory fits the epilogue (what the autotuner's
+    pre-filter keeps), forced, and the public op (autotuned, persistent) against the
+    reference. The other epilogues go through the public op in test_int8_mm.py's CUDA tests."""
     _hopper()
     N, K = NK
     M = 24 * 197 + 5  # >= TMA_MIN_M, a partial last row tile
@@ -244,7 +247,12 @@ def test_cuda_every_tuned_config_at_vit_l(NK, epilogue):
     a, b, a_s, b_s, bias, out_dtype = [t.cuda() if isinstance(t, torch.Tensor) else t for t in args]
     kw = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     o_s = kw["out_scale"].reshape(-1) if kw["out_scale"] is not None else None
-    for cfg in int8_mm._TMA_CONFIGS:
+    out_bytes = torch.empty(0, dtype=out_dtype).element_size()
+    res_bytes = 2 if kw["residual"] is not None else 0
+    fitting = [c for c in int8_mm._TMA_CONFIGS
+               if int8_mm.tma_shared_bytes(c, out_bytes, res_bytes) <= int8_mm._tma_shared_limit(c)]
+    assert fitting
+    for cfg in fitting:
         out = torch.empty(M, N, dtype=out_dtype, device="cuda")
         int8_mm._int8_scaled_mm_tma_launch(a, b, a_s.reshape(-1), b_s, bias, out, kw["residual"], o_s,
                                            kw["activation"], config=cfg)
