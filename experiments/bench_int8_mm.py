@@ -248,22 +248,53 @@ def _precompile(job):
         return name, spec_items, f"{type(e).__name__}: {str(e)[:400]}", time.perf_counter() - t0
 
 
-def precompile_all(configs, specs, workers: int, device: torch.device) -> dict:
-    """Compile every (config, epilogue) in ``workers`` spawned processes; {(name, spec): error or None}."""
+def _run_pool(jobs, workers: int, fresh: bool, timeout_s: float, desc: str) -> dict:
+    """Run ``_precompile`` over ``jobs`` in spawned processes (a fresh process per job with
+    ``fresh``); a job that hangs past ``timeout_s`` stops the pool and the jobs left are
+    reported as timed out. {(name, spec): error or None}."""
     import multiprocessing
 
     from tqdm import tqdm
 
-    jobs = [(int8_mm.tma_config_name(c), _spec_key(s), str(device)) for c in configs for s in specs]
     results = {}
-    t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(processes=workers) as pool:
-        for name, spec_items, err, secs in tqdm(pool.imap_unordered(_precompile, jobs), total=len(jobs),
-                                                desc="compile", mininterval=2):
+    pool = ctx.Pool(processes=min(workers, len(jobs)), maxtasksperchild=1 if fresh else None)
+    try:
+        it = pool.imap_unordered(_precompile, jobs)
+        for _ in tqdm(range(len(jobs)), desc=desc, mininterval=2):
+            try:
+                name, spec_items, err, _secs = it.next(timeout=timeout_s)
+            except multiprocessing.TimeoutError:
+                for name, spec_items, _ in jobs:
+                    results.setdefault((name, spec_items), f"timeout: no result within {timeout_s:.0f} s (hang?)")
+                break
             results[(name, spec_items)] = err
-            if err:
-                tqdm.write(f"  compile/launch error {name} {dict(spec_items)}: {err[:200]}")
+    finally:
+        pool.terminate()
+        pool.join()
+    return results
+
+
+def precompile_all(configs, specs, workers: int, device: torch.device) -> dict:
+    """Compile (and run once on small tensors) every (config, epilogue) in ``workers``
+    spawned processes, filling Triton's on-disk cache for the sweep; {(name, spec): error or
+    None}. Jobs that fail are retried once, each in a fresh process (a kernel fault leaves a
+    process's CUDA context unusable for the jobs after it), so that only their own errors
+    stay; the sweep skips those configurations (a fault in its own process would end it)."""
+    jobs = [(int8_mm.tma_config_name(c), _spec_key(s), str(device)) for c in configs for s in specs]
+    t0 = time.perf_counter()
+    try:
+        results = _run_pool(jobs, workers, fresh=False, timeout_s=300, desc="compile")
+        failed = [j for j in jobs if results.get((j[0], j[1]))]
+        if failed:
+            print(f"{len(failed)} jobs failed; retrying each in a fresh process", flush=True)
+            results.update(_run_pool(failed, workers, fresh=True, timeout_s=300, desc="retry"))
+    except Exception as e:  # the pool itself failed: the sweep compiles in its own process
+        print(f"warning: parallel compilation failed ({type(e).__name__}: {e}); compiling in turn", flush=True)
+        return {}
+    for (name, spec_items), err in results.items():
+        if err:
+            print(f"  error {name} {dict(spec_items)}: {err[:300]}", flush=True)
     print(f"compiled {len(jobs)} kernels in {time.perf_counter() - t0:.0f} s with {workers} processes", flush=True)
     return results
 
