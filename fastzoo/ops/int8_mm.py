@@ -273,7 +273,7 @@ if triton_available():
         reciprocal of the per-column scale (one division per column, not per element).
         ``trunc(v + copysign(0.5, v))`` is round-half-away-from-zero with the reference's
         rounding of ``v ± 0.5``, and the truncation is the float-to-int conversion itself
-        (one conversion per element: they run at a quarter of the FP32 rate)."""
+        (one conversion per element: conversions issue at an eighth of the FP32 rate on Hopper)."""
         v = out * inv_scale[None, :]
         v = tl.minimum(tl.maximum(v, -127.0), 127.0)
         v = v + tl.where(v >= 0, 0.5, -0.5)
