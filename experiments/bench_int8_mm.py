@@ -251,7 +251,7 @@ def _precompile(job):
 def _run_pool(jobs, workers: int, fresh: bool, timeout_s: float, desc: str) -> dict:
     """Run ``_precompile`` over ``jobs`` in spawned processes (a fresh process per job with
     ``fresh``); a job that hangs past ``timeout_s`` stops the pool and the jobs left are
-    reported as timed out. {(name, spec): error or None}."""
+    reported as timed out. {(name, spec): (error or None, seconds)}."""
     import multiprocessing
 
     from tqdm import tqdm
@@ -266,9 +266,10 @@ def _run_pool(jobs, workers: int, fresh: bool, timeout_s: float, desc: str) -> d
                 name, spec_items, err, _secs = it.next(timeout=timeout_s)
             except multiprocessing.TimeoutError:
                 for name, spec_items, _ in jobs:
-                    results.setdefault((name, spec_items), f"timeout: no result within {timeout_s:.0f} s (hang?)")
+                    results.setdefault((name, spec_items), (f"timeout: no result within {timeout_s:.0f} s (hang?)",
+                                                            timeout_s))
                 break
-            results[(name, spec_items)] = err
+            results[(name, spec_items)] = (err, _secs)
     finally:
         pool.terminate()
         pool.join()
@@ -277,22 +278,22 @@ def _run_pool(jobs, workers: int, fresh: bool, timeout_s: float, desc: str) -> d
 
 def precompile_all(configs, specs, workers: int, device: torch.device) -> dict:
     """Compile (and run once on small tensors) every (config, epilogue) in ``workers``
-    spawned processes, filling Triton's on-disk cache for the sweep; {(name, spec): error or
-    None}. Jobs that fail are retried once, each in a fresh process (a kernel fault leaves a
+    spawned processes, filling Triton's on-disk cache for the sweep; {(name, spec): (error or
+    None, seconds of compile and first run)}. Jobs that fail are retried once, each in a fresh process (a kernel fault leaves a
     process's CUDA context unusable for the jobs after it), so that only their own errors
     stay; the sweep skips those configurations (a fault in its own process would end it)."""
     jobs = [(int8_mm.tma_config_name(c), _spec_key(s), str(device)) for c in configs for s in specs]
     t0 = time.perf_counter()
     try:
         results = _run_pool(jobs, workers, fresh=False, timeout_s=300, desc="compile")
-        failed = [j for j in jobs if results.get((j[0], j[1]))]
+        failed = [j for j in jobs if results.get((j[0], j[1]), ("missing", 0))[0]]
         if failed:
             print(f"{len(failed)} jobs failed; retrying each in a fresh process", flush=True)
             results.update(_run_pool(failed, workers, fresh=True, timeout_s=300, desc="retry"))
     except Exception as e:  # the pool itself failed: the sweep compiles in its own process
         print(f"warning: parallel compilation failed ({type(e).__name__}: {e}); compiling in turn", flush=True)
         return {}
-    for (name, spec_items), err in results.items():
+    for (name, spec_items), (err, _secs) in results.items():
         if err:
             print(f"  error {name} {dict(spec_items)}: {err[:300]}", flush=True)
     print(f"compiled {len(jobs)} kernels in {time.perf_counter() - t0:.0f} s with {workers} processes", flush=True)
@@ -327,13 +328,15 @@ def sweep(args, device) -> None:
         raise SystemExit(f"error: --sweep needs Triton >= 3.4 (TMA descriptors), found {int8_mm.triton.__version__}")
     if torch.cuda.get_device_capability()[0] != 9:
         print("warning: the persistent kernel is for Hopper (capability 9.x); the public op will not use it here")
-    compile_errors = precompile_all(configs, list(specs.values()), args.workers, device) if args.workers > 0 else {}
+    compiled = precompile_all(configs, list(specs.values()), args.workers, device) if args.workers > 0 else {}
+    compile_errors = {k: err for k, (err, _secs) in compiled.items() if err}
     int8_tops = harness.measure_matmul_tflops(torch.int8)
     bf16_tflops = harness.measure_matmul_tflops(torch.bfloat16)
     print(f"{harness.gpu_name()}: ceilings int8 {int8_tops:.0f} TOP/s, bf16 {bf16_tflops:.0f} TFLOP/s (8192^3)")
     figures = {"int8_ceiling_tops": int8_tops, "bf16_ceiling_tflops": bf16_tflops, "configs": names,
                "autotune_configs": [int8_mm.tma_config_name(c) for c in int8_mm._TMA_CONFIGS],
-               "compile_errors": {f"{n} {dict(k)}": e for (n, k), e in compile_errors.items() if e},
+               "compile_errors": {f"{n} {dict(k)}": e for (n, k), e in compile_errors.items()},
+               "compile_s": {f"{n} {dict(k)}": round(t, 2) for (n, k), (_e, t) in compiled.items()},
                "cases": [], "rows": []}
     t_start = time.perf_counter()
     for shape, M, N, K in shape_list:
@@ -454,7 +457,7 @@ def _print_sweep(figures) -> None:
     harness.print_table(list(rows.values()))
     print("\nPublic op (autotuned) and baselines:")
     harness.print_table(figures["cases"], ["shape", "variant", "bf16_tflops", "int_mm_tops", "auto_tops",
-                                           "auto_vs_bf16", "auto_config"])
+                                           "auto_vs_bf16", "plain_tops", "plain_vs_bf16", "auto_config"])
     s = figures.get("summary", {})
     print("\nbest per case:")
     for k, v in s.get("best_per_case", {}).items():
