@@ -527,11 +527,11 @@ if triton_available():
         _tma_cfg(128, 128, 128, 4, 4, sub=2),
         # several CTAs per SM: the epilogue of one overlapping the mainloop of another
         _tma_cfg(128, 128, 128, 8, 3, occ=2, sub=2, maxnreg=128),
+        _tma_cfg(128, 128, 128, 8, 3, occ=2, sub=4, maxnreg=128),
         _tma_cfg(128, 128, 128, 4, 3, occ=2, sub=2),
-        _tma_cfg(128, 128, 64, 8, 4, occ=2, sub=2, maxnreg=128),
+        _tma_cfg(128, 128, 64, 8, 4, occ=2, sub=4, maxnreg=128),
         _tma_cfg(128, 128, 64, 4, 4, occ=2, sub=2),
-        _tma_cfg(128, 128, 128, 8, 2, occ=2, sub=1, maxnreg=128),
-        _tma_cfg(128, 128, 64, 4, 3, occ=3, sub=2, maxnreg=168),
+        _tma_cfg(64, 128, 128, 4, 2, occ=3, sub=2, maxnreg=168),
         # one warpgroup per CTA on the widest wgmma (m64n256), two CTAs per SM
         _tma_cfg(64, 256, 64, 4, 4, occ=2, sub=2),
         _tma_cfg(64, 256, 128, 4, 2, occ=2, sub=2),
@@ -545,9 +545,9 @@ if triton_available():
     # the call's epilogue buffers.
     _TMA_AUTOTUNE_NAMES = (
         "128x256x128_w8_s4_o1_sub2_flat",
-        "128x256x128_w8_s3_o1_sub2_flat",
+        "128x256x128_w8_s4_o1_sub4_flat",
         "256x128x128_w8_s4_o1_sub2_flat",
-        "128x128x128_w8_s3_o2_sub2_flat_r128",
+        "128x128x128_w8_s3_o2_sub4_flat_r128",
         "128x128x64_w4_s4_o2_sub2_flat",
         "64x256x64_w4_s4_o2_sub2_flat",
     )
