@@ -2,6 +2,7 @@
 
     python -m experiments.bench_int8_mm            # all shapes, JSON under experiments/results/<gpu>/
     python -m experiments.bench_int8_mm --quick    # ViT-L fc1 + attention at 197, few repeats, nothing saved
+    python -m experiments.bench_int8_mm --sweep    # every config of the Hopper persistent kernel, JSON int8_mm_sweep
 
 GEMM shapes: ViT-L/16-224 at batch 512 (M = 512·197 = 100864 tokens; qkv / proj / fc1 /
 fc2, K and N in {1024, 3072, 4096}: the goal shapes), the linears of SAM's image encoder
@@ -29,16 +30,36 @@ the int8 / bf16 matmul ceilings measured in the same run (8192³, harness). Accu
 ``fused_err`` = max|out − ref| / max|ref| against ``int8_scaled_mm_ref`` (exact product
 via ``torch._int_mm``); ``dyn_sqnr_db`` = SQNR of the dynamic linear against the fp32
 linear of the same bf16 inputs.
+
+``--sweep`` (Hopper): every candidate configuration of the persistent TMA kernel
+(``TMA_SWEEP_CONFIGS``: tile, stages, warps, CTAs per SM, epilogue subtiles, flattened
+loop, warp specialization) forced one at a time at the four ViT-L shapes (M = 100864) in
+three epilogue variants, next to bf16 ``F.linear``, ``torch._int_mm`` and the public op
+(autotuned): ``bare`` (per-token a_scale, bias, bf16 out), ``dyn`` (the int8-dynamic ViT
+block's epilogues: proj/fc2 add the residual, fc1 applies GELU) and ``static`` (per-tensor
+a_scale; qkv writes int8 with a per-channel out_scale, fc1 GELU + int8 out, proj/fc2 bf16
+with the residual). All configurations are compiled first in parallel worker processes
+(Triton's on-disk cache), so the sweep stays within ~3 minutes. Per config and case:
+median ms, TOP/s, speed-up over bf16, error against ``int8_scaled_mm_ref`` (float: max
+|out − ref| / max |ref|; int8: share of values that differ and the largest difference),
+registers / spills / shared memory of the compiled kernel, or the compile/launch error.
+The JSON (``int8_mm_sweep``) is rewritten after each shape, so an interrupted sweep keeps
+what it measured.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
 
 from experiments import harness
-from fastzoo.ops.int8_mm import _int8_scaled_mm_kernel, int8_dynamic_linear, int8_scaled_mm, int8_scaled_mm_ref
+from fastzoo.ops import int8_mm
+from fastzoo.ops.int8_mm import (_int8_scaled_mm_kernel, int8_dynamic_linear, int8_scaled_mm, int8_scaled_mm_ref,
+                                 int8_scaled_mm_triton)
 from fastzoo.ops.quantize_rows import quantize_rows_int8
 
 SAM_TOKENS = 16 * 64 * 64  # batch 16 of 64×64 image-embedding tokens
@@ -57,6 +78,14 @@ def shapes(quick: bool) -> list[tuple[str, int, int, int]]:
     out += [(name, SAM_TOKENS, n, k) for name, (n, k) in {**VIT_B, **VIT_H}.items()]
     out.append(("square", 8192, 8192, 8192))
     return out
+
+
+def _chosen_config(a, b, out) -> str:
+    """The autotuner's choice for the last call: the persistent kernel's on Hopper at large M."""
+    if int8_mm._tma_path_applies(a, b, out, None):
+        best = getattr(int8_mm._int8_scaled_mm_tma, "best_config", None)
+        return "persistent " + (int8_mm.tma_config_name(best) if best is not None else "?")
+    return str(getattr(_int8_scaled_mm_kernel, "best_config", "?"))
 
 
 def _unfused(a, b_t, a_s, b_s, bias):
@@ -79,7 +108,7 @@ def bench_shape(name, M, N, K, device, rep, n_inputs, int8_tops, bf16_tflops):
     out = int8_scaled_mm(a0, w_q, s0, w_s, bias)
     ref = int8_scaled_mm_ref(a0, w_q, s0, w_s, bias)
     fused_err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-    config = str(getattr(_int8_scaled_mm_kernel, "best_config", "?"))
+    config = _chosen_config(a0, w_q, out)
     dyn = int8_dynamic_linear(xs[0], w_q, w_s, bias)
     dyn_sqnr = harness.sqnr_db(dyn, F.linear(xs[0].float(), w.float(), bias.float()))
     del out, ref, dyn
@@ -159,13 +188,300 @@ def bench_attention(N, B, device, rep, H=16, D=64):
     return row
 
 
+# ----------------------------------------------------------------------------------
+# --sweep: every configuration of the Hopper persistent kernel at the ViT-L shapes
+# ----------------------------------------------------------------------------------
+SWEEP_VARIANTS = ("bare", "dyn", "static")
+
+
+def _case_spec(shape: str, variant: str) -> dict:
+    """The epilogue of one (ViT-L linear, variant): what the int8 ViT block asks of the GEMM."""
+    layer = shape.split(".")[-1]
+    spec = {"per_tensor_a": variant == "static", "residual": False, "gelu": False, "out_scale": None}
+    if variant == "bare":
+        return spec
+    spec["residual"] = layer in ("proj", "fc2")
+    spec["gelu"] = layer == "fc1"
+    if variant == "static" and layer in ("qkv", "fc1"):
+        spec["out_scale"] = "channel" if layer == "qkv" else "tensor"
+    return spec
+
+
+def _spec_key(spec: dict) -> tuple:
+    return tuple(sorted(spec.items()))
+
+
+def _spec_args(spec, a_s_tok, device, residual=None, out_scale=None):
+    """(a_scale, out_dtype, keyword arguments) of a case."""
+    a_s = torch.full((1,), 0.02, device=device) if spec["per_tensor_a"] else a_s_tok
+    kw = {"activation": "gelu" if spec["gelu"] else "none", "residual": residual if spec["residual"] else None,
+          "out_scale": out_scale}
+    return a_s, (torch.int8 if spec["out_scale"] else torch.bfloat16), kw
+
+
+def _precompile(job):
+    """Worker process: compile one (configuration, epilogue) of the persistent kernel by
+    running it on small tensors of the same dtypes, strides and alignments as the sweep's
+    (same specialization, so the sweep's process finds it in Triton's on-disk cache)."""
+    name, spec_items, device = job
+    spec = dict(spec_items)
+    t0 = time.perf_counter()
+    try:
+        cfg = {int8_mm.tma_config_name(c): c
+               for c in int8_mm.TMA_SWEEP_CONFIGS + int8_mm.TMA_INTERPRETER_CONFIGS}[name]
+        dev = torch.device(device)
+        M, N, K = 256, 1024, 1024
+        a = torch.zeros(M, K, dtype=torch.int8, device=dev)
+        b = torch.zeros(N, K, dtype=torch.int8, device=dev)
+        a_s = torch.ones(1 if spec["per_tensor_a"] else M, device=dev)
+        b_s = torch.ones(N, device=dev)
+        bias = torch.zeros(N, dtype=torch.bfloat16, device=dev)
+        res = torch.zeros(M, N, dtype=torch.bfloat16, device=dev) if spec["residual"] else None
+        o_s = None if spec["out_scale"] is None else torch.ones(N if spec["out_scale"] == "channel" else 1, device=dev)
+        out = torch.empty(M, N, dtype=torch.int8 if o_s is not None else torch.bfloat16, device=dev)
+        int8_mm._int8_scaled_mm_tma_launch(a, b, a_s, b_s, bias, out, res, o_s, "gelu" if spec["gelu"] else "none",
+                                           config=cfg)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return name, spec_items, None, time.perf_counter() - t0
+    except Exception as e:  # recorded, and the config is skipped in the sweep
+        return name, spec_items, f"{type(e).__name__}: {str(e)[:400]}", time.perf_counter() - t0
+
+
+def _run_pool(jobs, workers: int, fresh: bool, timeout_s: float, desc: str) -> dict:
+    """Run ``_precompile`` over ``jobs`` in spawned processes (a fresh process per job with
+    ``fresh``); a job that hangs past ``timeout_s`` stops the pool and the jobs left are
+    reported as timed out. {(name, spec): (error or None, seconds)}."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    results = {}
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(processes=min(workers, len(jobs)), maxtasksperchild=1 if fresh else None)
+    try:
+        it = pool.imap_unordered(_precompile, jobs)
+        for _ in tqdm(range(len(jobs)), desc=desc, mininterval=2):
+            try:
+                name, spec_items, err, _secs = it.next(timeout=timeout_s)
+            except multiprocessing.TimeoutError:
+                for name, spec_items, _ in jobs:
+                    results.setdefault((name, spec_items), (f"timeout: no result within {timeout_s:.0f} s (hang?)",
+                                                            timeout_s))
+                break
+            results[(name, spec_items)] = (err, _secs)
+    finally:
+        pool.terminate()
+        pool.join()
+    return results
+
+
+def precompile_all(configs, specs, workers: int, device: torch.device) -> dict:
+    """Compile (and run once on small tensors) every (config, epilogue) in ``workers``
+    spawned processes, filling Triton's on-disk cache for the sweep; {(name, spec): (error or
+    None, seconds of compile and first run)}. Jobs that fail are retried once, each in a fresh process (a kernel fault leaves a
+    process's CUDA context unusable for the jobs after it), so that only their own errors
+    stay; the sweep skips those configurations (a fault in its own process would end it)."""
+    jobs = [(int8_mm.tma_config_name(c), _spec_key(s), str(device)) for c in configs for s in specs]
+    t0 = time.perf_counter()
+    try:
+        results = _run_pool(jobs, workers, fresh=False, timeout_s=300, desc="compile")
+        failed = [j for j in jobs if results.get((j[0], j[1]), ("missing", 0))[0]]
+        if failed:
+            print(f"{len(failed)} jobs failed; retrying each in a fresh process", flush=True)
+            results.update(_run_pool(failed, workers, fresh=True, timeout_s=300, desc="retry"))
+    except Exception as e:  # the pool itself failed: the sweep compiles in its own process
+        print(f"warning: parallel compilation failed ({type(e).__name__}: {e}); compiling in turn", flush=True)
+        return {}
+    for (name, spec_items), (err, _secs) in results.items():
+        if err:
+            print(f"  error {name} {dict(spec_items)}: {err[:300]}", flush=True)
+    print(f"compiled {len(jobs)} kernels in {time.perf_counter() - t0:.0f} s with {workers} processes", flush=True)
+    return results
+
+
+def _error(out, ref) -> dict:
+    if out.dtype == torch.int8:
+        diff = (out.int() - ref.int()).abs()
+        return {"int8_mismatch": float((diff > 0).float().mean()), "int8_max_diff": int(diff.max())}
+    return {"rel_max_err": float((out.float() - ref.float()).abs().max() / ref.float().abs().max())}
+
+
+def _ok(err: dict) -> bool:
+    if "rel_max_err" in err:
+        return err["rel_max_err"] < 2e-2
+    return err["int8_max_diff"] <= 1 and err["int8_mismatch"] <= 0.01
+
+
+def sweep(args, device) -> None:
+    from tqdm import tqdm
+
+    rep = args.rep or 20
+    configs = list(int8_mm.TMA_SWEEP_CONFIGS)
+    if args.configs:
+        wanted = set(args.configs.split(","))
+        configs = [c for c in configs if int8_mm.tma_config_name(c) in wanted]
+    names = [int8_mm.tma_config_name(c) for c in configs]
+    shape_list = [(name, VIT_L_TOKENS, n, k) for name, (n, k) in VIT_L.items()]
+    specs = {_spec_key(_case_spec(sh, v)): _case_spec(sh, v) for sh, *_ in shape_list for v in SWEEP_VARIANTS}
+    if not int8_mm._tma_api():
+        raise SystemExit(f"error: --sweep needs Triton >= 3.4 (TMA descriptors), found {int8_mm.triton.__version__}")
+    if torch.cuda.get_device_capability()[0] != 9:
+        print("warning: the persistent kernel is for Hopper (capability 9.x); the public op will not use it here")
+    compiled = precompile_all(configs, list(specs.values()), args.workers, device) if args.workers > 0 else {}
+    compile_errors = {k: err for k, (err, _secs) in compiled.items() if err}
+    int8_tops = harness.measure_matmul_tflops(torch.int8)
+    bf16_tflops = harness.measure_matmul_tflops(torch.bfloat16)
+    print(f"{harness.gpu_name()}: ceilings int8 {int8_tops:.0f} TOP/s, bf16 {bf16_tflops:.0f} TFLOP/s (8192^3)")
+    figures = {"int8_ceiling_tops": int8_tops, "bf16_ceiling_tflops": bf16_tflops, "configs": names,
+               "autotune_configs": [int8_mm.tma_config_name(c) for c in int8_mm._TMA_CONFIGS],
+               "compile_errors": {f"{n} {dict(k)}": e for (n, k), e in compile_errors.items()},
+               "compile_s": {f"{n} {dict(k)}": round(t, 2) for (n, k), (_e, t) in compiled.items()},
+               "cases": [], "rows": []}
+    t_start = time.perf_counter()
+    for shape, M, N, K in shape_list:
+        g = torch.Generator(device=device).manual_seed(N + K)
+        xs = [torch.randn(M, K, device=device, generator=g).to(torch.bfloat16) for _ in range(args.inputs)]
+        w = (torch.randn(N, K, device=device, generator=g) * K**-0.5).to(torch.bfloat16)
+        bias = (torch.randn(N, device=device, generator=g) * 0.1).to(torch.bfloat16)
+        residual = torch.randn(M, N, device=device, generator=g).to(torch.bfloat16)
+        w_q, w_s = quantize_rows_int8(w)
+        w_s = w_s.reshape(N)
+        qs = [quantize_rows_int8(x) for x in xs]
+        ops = 2.0 * M * N * K
+        base = {"bf16": harness.bench(lambda x: F.linear(x, w, bias), inputs=xs, rep=rep)["median_ms"],
+                "int_mm": harness.bench(lambda q: torch._int_mm(q[0], w_q.t()), inputs=qs, rep=rep)["median_ms"]}
+        for variant in SWEEP_VARIANTS:
+            spec = _case_spec(shape, variant)
+            a_s0, out_dtype, kw = _spec_args(spec, qs[0][1], device, residual)
+            if spec["out_scale"]:  # about 1/120 of the float output's range, per channel or per tensor
+                y = int8_scaled_mm_ref(qs[0][0], w_q, a_s0, w_s, bias.float(), torch.float32, activation=kw["activation"],
+                                       residual=kw["residual"])
+                amax = y.abs().amax(0) if spec["out_scale"] == "channel" else y.abs().amax().reshape(1)
+                kw["out_scale"] = (amax / 120).clamp_min(1e-6)
+                del y
+            ref = int8_scaled_mm_ref(qs[0][0], w_q, a_s0, w_s, bias, out_dtype, **kw)
+
+            def call_args(q):
+                return (q[0], w_q, a_s0 if spec["per_tensor_a"] else q[1], w_s, bias, out_dtype)
+
+            case = {"shape": shape, "variant": variant, "M": M, "N": N, "K": K, "spec": spec,
+                    "bf16_ms": base["bf16"], "int_mm_ms": base["int_mm"],
+                    "bf16_tflops": ops / base["bf16"] / 1e9, "int_mm_tops": ops / base["int_mm"] / 1e9}
+            # the public op (the autotuner's choice among _TMA_CONFIGS on Hopper)
+            out = int8_scaled_mm(*call_args(qs[0]), **kw)
+            case["auto_err"] = _error(out, ref)
+            case["auto_config"] = _chosen_config(qs[0][0], w_q, out)
+            del out
+            t = harness.bench(lambda q: int8_scaled_mm(*call_args(q), **kw), inputs=qs, rep=rep)["median_ms"]
+            case.update(auto_ms=t, auto_tops=ops / t / 1e9, auto_vs_bf16=harness.speedup(base["bf16"], t))
+            if args.plain:  # the plain (non-persistent) kernel, autotuned
+                out = int8_scaled_mm_triton(*call_args(qs[0]), **kw, persistent=False)
+                case["plain_err"] = _error(out, ref)
+                del out
+                t = harness.bench(lambda q: int8_scaled_mm_triton(*call_args(q), **kw, persistent=False), inputs=qs,
+                                  rep=rep)["median_ms"]
+                case.update(plain_ms=t, plain_tops=ops / t / 1e9, plain_vs_bf16=harness.speedup(base["bf16"], t))
+            figures["cases"].append(case)
+            print(f"{shape} {variant}: bf16 {case['bf16_tflops']:.0f} TFLOP/s, _int_mm {case['int_mm_tops']:.0f}, "
+                  f"public op {case['auto_tops']:.0f} TOP/s ({case['auto_vs_bf16']:.2f}x bf16, "
+                  f"{case['auto_config']})", flush=True)
+
+            o_s = kw["out_scale"].reshape(-1) if kw["out_scale"] is not None else None
+            res = kw["residual"]
+            for cfg, name in tqdm(list(zip(configs, names)), desc=f"{shape} {variant}", mininterval=2, leave=False):
+                row = {"shape": shape, "variant": variant, "config": name}
+                err = compile_errors.get((name, _spec_key(spec)))
+                if err:
+                    row["error"] = err
+                    figures["rows"].append(row)
+                    continue
+
+                def run(q, cfg=cfg, want_kernel=False):
+                    a, b, a_s, b_s, bias_, out_dtype_ = call_args(q)
+                    out = torch.empty(M, N, dtype=out_dtype_, device=device)
+                    return int8_mm._int8_scaled_mm_tma_launch(a, b, a_s.reshape(-1), b_s, bias_, out, res, o_s,
+                                                              kw["activation"], config=cfg, return_kernel=want_kernel)
+
+                try:
+                    out, kernel = run(qs[0], want_kernel=True)
+                    row.update(_error(out, ref))
+                    row["correct"] = _ok(row)
+                    del out
+                    for attr in ("n_regs", "n_spills"):
+                        row[attr] = getattr(kernel, attr, None)
+                    row["shared"] = getattr(getattr(kernel, "metadata", None), "shared", None)
+                    t = harness.bench(run, inputs=qs, warmup=3, rep=rep)["median_ms"]
+                    row.update(ms=t, tops=ops / t / 1e9, vs_bf16=harness.speedup(base["bf16"], t),
+                               pct_int8=100 * ops / t / 1e9 / int8_tops)
+                except Exception as e:  # out of resources at launch, ...
+                    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                figures["rows"].append(row)
+            del ref
+        del xs, qs, residual
+        torch.cuda.empty_cache()
+        figures["summary"] = _sweep_summary(figures)
+        figures["elapsed_s"] = time.perf_counter() - t_start
+        print("saved", harness.save_result("int8_mm_sweep", figures, args), flush=True)
+    _print_sweep(figures)
+
+
+def _sweep_summary(figures) -> dict:
+    """Best config per case, and per config the geometric mean and minimum speed-up over bf16
+    across all cases (only correct runs count; a config missing a case gets no aggregate)."""
+    cases = {(c["shape"], c["variant"]) for c in figures["cases"]}
+    best = {}
+    per_config = {}
+    for r in figures["rows"]:
+        if "ms" not in r or not r.get("correct"):
+            continue
+        key = f"{r['shape']} {r['variant']}"
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = {"config": r["config"], "ms": r["ms"], "tops": r["tops"], "vs_bf16": r["vs_bf16"]}
+        per_config.setdefault(r["config"], []).append(r["vs_bf16"])
+    agg = {n: {"geomean_vs_bf16": math.exp(sum(math.log(v) for v in vs) / len(vs)), "min_vs_bf16": min(vs)}
+           for n, vs in per_config.items() if len(vs) == len(cases)}
+    ranked = sorted(agg.items(), key=lambda kv: -kv[1]["geomean_vs_bf16"])
+    return {"best_per_case": best, "per_config": dict(ranked),
+            "best_single_config": ranked[0][0] if ranked else None,
+            "goal_min_best_vs_bf16": min((b["vs_bf16"] for b in best.values()), default=None)}
+
+
+def _print_sweep(figures) -> None:
+    print("\nPer config (TOP/s; x = speed-up over bf16 F.linear):")
+    rows = {}
+    for r in figures["rows"]:
+        col = f"{r['shape'].split('.')[-1]}.{r['variant']}"
+        cell = f"{r['tops']:.0f} {r['vs_bf16']:.2f}x" + ("" if r.get("correct") else " WRONG") if "ms" in r else "err"
+        rows.setdefault(r["config"], {"config": r["config"]})[col] = cell
+    harness.print_table(list(rows.values()))
+    print("\nPublic op (autotuned) and baselines:")
+    harness.print_table(figures["cases"], ["shape", "variant", "bf16_tflops", "int_mm_tops", "auto_tops",
+                                           "auto_vs_bf16", "plain_tops", "plain_vs_bf16", "auto_config"])
+    s = figures.get("summary", {})
+    print("\nbest per case:")
+    for k, v in s.get("best_per_case", {}).items():
+        print(f"  {k}: {v['config']} {v['tops']:.0f} TOP/s {v['vs_bf16']:.2f}x")
+    print("best single config:", s.get("best_single_config"), "| goal: min best speed-up",
+          s.get("goal_min_best_vs_bf16"), ">= 1.6")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one shape, few repeats, no JSON")
     p.add_argument("--rep", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--inputs", type=int, default=2, help="input sets rotated between calls")
+    p.add_argument("--sweep", action="store_true",
+                   help="time every persistent-kernel config at the ViT-L shapes (Hopper); JSON int8_mm_sweep")
+    p.add_argument("--configs", default="", help="--sweep: only these configs (comma-separated names)")
+    p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="--sweep: processes compiling the configs ahead of the timing (0: compile in turn)")
+    p.add_argument("--plain", action="store_true", help="--sweep: also time the plain (non-persistent) kernel")
     args = p.parse_args(argv)
     device = harness.require_cuda("experiments/bench_int8_mm.py")
+    if args.sweep:
+        sweep(args, device)
+        return
     rep = args.rep or (10 if args.quick else 50)
 
     int8_tops = harness.measure_matmul_tflops(torch.int8)

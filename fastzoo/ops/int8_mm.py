@@ -37,20 +37,33 @@ accumulator tile: the int32 product never goes to memory.
 int8 dynamic (per-token) activation and int8 per-channel weight quantization.
 ``int8_dynamic_linear_ref`` composes the two references.
 
+Two kernels, one op: the plain kernel (one program per output tile, pointer loads
+pipelined by ``num_stages``; Ampere, small M, Triton's interpreter) and, on Hopper
+(capability 9.x) for M >= ``TMA_MIN_M`` with TMA-compatible strides (16-byte aligned
+rows, contiguous last dimension), a persistent kernel: NUM_SMS · OCC programs walk the
+output tiles in grouped order; a and b tiles arrive by TMA (host-side tensor descriptors,
+no global allocator), the tile and K loops are flattened into one software pipeline (the
+next tile's loads in flight during the epilogue), the epilogue runs on column parts of the
+tile and writes by TMA; configurations with two or three CTAs per SM let one CTA's
+epilogue overlap another's MMAs. ``int8_scaled_mm_triton(..., persistent=...)`` forces
+either kernel.
+
 Cost of the kernel: 2·M·N·K integer ops; reads M·K + N·K bytes (plus re-reads from
 L2 across tiles), writes M·N·sizeof(out_dtype) bytes. Autotuning is keyed on
-(next power of two of M, N, K), so a new token count reuses its bucket's choice.
+(next power of two of M, N, K) (and, for the persistent kernel, the epilogue), so a new
+token count reuses its bucket's choice.
 
 Not done yet: fusing the per-row quantization of x into the GEMM's prologue (today
 ``int8_dynamic_linear`` writes int8 x and its scales once, then the GEMM reads them).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from ._common import cuda_kernel_applies, launch, triton_available
+from ._common import _capability, cuda_kernel_applies, launch, short_bench, triton_available
 from .quantize_rows import _round_half_away, quantize_rows_int8, quantize_rows_int8_ref
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -231,7 +244,40 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .quantize_rows import _round_half_away_tl
+    @triton.jit
+    def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """(row tile, column tile) of output tile ``tile_id`` in grouped order: GROUP_M
+        row-tiles share the same column-tiles of b while they are hot in L2."""
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = tile_id // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+        pid_n = (tile_id % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _dequantize_tile(acc, a_s, b_s, bias, HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr):
+        """fp32 epilogue values of an int32 accumulator tile: ``act(acc · a_s · b_s + bias)``
+        (a_s per row, b_s and bias per column; bias ignored without HAS_BIAS)."""
+        out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+        if HAS_BIAS:
+            out = out + bias[None, :]
+        if ACT_GELU:  # exact GELU, as nn.GELU()
+            out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
+        return out
+
+    @triton.jit
+    def _requantize_tile(out, inv_scale):
+        """Static int8 output: ``clamp(round_half_away(out / scale), -127, 127)`` with the
+        reciprocal of the per-column scale (one division per column, not per element).
+        ``trunc(v + copysign(0.5, v))`` is round-half-away-from-zero with the reference's
+        rounding of ``v ± 0.5``, and the truncation is the float-to-int conversion itself
+        (one conversion per element: conversions issue at an eighth of the FP32 rate on Hopper)."""
+        v = out * inv_scale[None, :]
+        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+        v = v + tl.where(v >= 0, 0.5, -0.5)
+        return v.to(tl.int8)
 
     def _cfg(bm, bn, bk, warps, stages, group=8):
         return triton.Config(
@@ -284,17 +330,7 @@ if triton_available():
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
     ):
-        # Grouped program order: GROUP_M row-tiles share the same column-tiles of b
-        # while they are hot in L2.
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
+        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -325,12 +361,10 @@ if triton_available():
         n_mask = offs_n < N
         a_s = tl.load(as_ptr + offs_m * stride_as, mask=m_mask, other=0.0)
         b_s = tl.load(bs_ptr + offs_n * stride_bs, mask=n_mask, other=0.0)
-        out = acc.to(tl.float32) * a_s[:, None] * b_s[None, :]
+        bias = b_s
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-            out = out + bias[None, :]
-        if ACT_GELU:  # exact GELU, as nn.GELU()
-            out = 0.5 * out * (1.0 + tl.math.erf(out * 0.7071067811865476))
+        out = _dequantize_tile(acc, a_s, b_s, bias, HAS_BIAS, ACT_GELU)
         c_mask = m_mask[:, None] & n_mask[None, :]
         # 64-bit tile base, 32-bit offsets inside the tile: a 128×256 tile of 64-bit
         # pointers would take most of the registers (and spill) in the epilogue.
@@ -346,13 +380,308 @@ if triton_available():
         c_ptrs = c_base + (rm[:, None] * stride_cm + rn[None, :] * stride_cn)
         if OUT_INT8:  # static quantization of the output: round half away from zero, clamp
             o_s = tl.load(os_ptr + offs_n * stride_os, mask=n_mask, other=1.0)
-            v = out / o_s[None, :]
-            v = _round_half_away_tl(v)
-            v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-            tl.store(c_ptrs, v.to(tl.int8), mask=c_mask)
+            tl.store(c_ptrs, _requantize_tile(out, 1.0 / o_s), mask=c_mask)
         else:
             tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
+
+    # ------------------------------------------------------------------------------
+    # Hopper: persistent kernel, TMA tensor descriptors
+    # ------------------------------------------------------------------------------
+    @triton.jit
+    def _tma_epilogue_part(acc, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
+                           stride_bs, stride_os, HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr, PART_N: tl.constexpr):
+        """Epilogue of one (BLOCK_M, PART_N) part of an output tile at (off_m, off_n): the
+        per-column vectors by pointer (masked), the residual by TMA (zero-padded), the
+        output by a TMA store (clipped at the tensor's edges)."""
+        offs_n = off_n + tl.arange(0, PART_N)
+        n_mask = offs_n < N
+        b_s = tl.load(bs_ptr + offs_n * stride_bs, mask=n_mask, other=0.0)
+        bias = b_s
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out = _dequantize_tile(acc, a_s, b_s, bias, HAS_BIAS, ACT_GELU)
+        if HAS_RESIDUAL:
+            out = out + r_desc.load([off_m, off_n]).to(tl.float32)
+        if OUT_INT8:
+            o_s = tl.load(os_ptr + offs_n * stride_os, mask=n_mask, other=1.0)
+            c_desc.store([off_m, off_n], _requantize_tile(out, 1.0 / o_s))
+        else:
+            c_desc.store([off_m, off_n], out.to(c_desc.dtype))
+
+    @triton.jit
+    def _int8_scaled_mm_tma_kernel(
+        a_desc, b_desc, c_desc, r_desc, as_ptr, bs_ptr, bias_ptr, os_ptr,
+        M, N, K, M_BUCKET, stride_as, stride_bs, stride_os, out_bytes,  # M_BUCKET, out_bytes: tuning keys
+        NUM_SMS: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        OCC: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
+    ):
+        # Persistent: NUM_SMS · OCC programs (OCC per SM) walk the output tiles in grouped
+        # order with a stride of the program count. a (M, K) and b (N, K) tiles arrive by
+        # TMA into swizzled shared memory (zeros past the edges: no masks, any K), the
+        # int32 accumulator stays in registers (wgmma), and the epilogue runs on SUBTILE
+        # column parts of the tile (fewer live fp32 registers, TMA stores of each part).
+        # FLATTEN lets the compiler fuse the tile and K loops into one software pipeline,
+        # so the next tile's first loads are in flight during this tile's epilogue.
+        start = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        num_tiles = num_pid_m * num_pid_n
+        NUM_PROGS: tl.constexpr = NUM_SMS * OCC
+        PART_N: tl.constexpr = BLOCK_N // SUBTILE
+        # The epilogue's tile index is kept apart from the loop's (a separate counter), so
+        # that the flattened loop does not carry tile coordinates across its stages.
+        tile_epi = start - NUM_PROGS
+        for tile_id in tl.range(start, num_tiles, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
+            pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+            off_am = pid_m * BLOCK_M
+            off_bn = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            for ki in range(k_tiles):
+                off_k = ki * BLOCK_K
+                a = a_desc.load([off_am, off_k])
+                b = b_desc.load([off_bn, off_k])
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+
+            tile_epi += NUM_PROGS
+            pid_m, pid_n = _tile_coords(tile_epi, num_pid_m, num_pid_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            a_s = tl.load(as_ptr + offs_m * stride_as, mask=offs_m < M, other=0.0)
+            if SUBTILE == 1:
+                _tma_epilogue_part(acc, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, stride_bs,
+                                   stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
+            else:
+                # columns [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N) of the tile
+                halves = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)).permute(0, 2, 1)
+                acc0, acc1 = tl.split(halves)
+                if SUBTILE == 2:
+                    _tma_epilogue_part(acc0, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
+                                       stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
+                    _tma_epilogue_part(acc1, a_s, off_m, off_n + PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
+                else:  # SUBTILE == 4: each half split again
+                    q0, q1 = tl.split(tl.reshape(acc0, (BLOCK_M, 2, PART_N)).permute(0, 2, 1))
+                    _tma_epilogue_part(q0, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
+                                       stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
+                    _tma_epilogue_part(q1, a_s, off_m, off_n + PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
+                    q2, q3 = tl.split(tl.reshape(acc1, (BLOCK_M, 2, PART_N)).permute(0, 2, 1))
+                    _tma_epilogue_part(q2, a_s, off_m, off_n + 2 * PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
+                    _tma_epilogue_part(q3, a_s, off_m, off_n + 3 * PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
+
+    def _tma_block_shapes(nargs):
+        """Autotuner pre-hook: the TMA descriptors' block shapes follow the configuration."""
+        bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        part_n = bn // nargs["SUBTILE"]
+        nargs["a_desc"].block_shape = [bm, bk]
+        nargs["b_desc"].block_shape = [bn, bk]
+        nargs["c_desc"].block_shape = [bm, part_n]
+        nargs["r_desc"].block_shape = [bm, part_n]
+
+    def _tma_cfg(bm, bn, bk, warps, stages, occ=1, sub=2, flatten=True, ws=False, group=8, maxnreg=None):
+        return triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "OCC": occ, "SUBTILE": sub,
+             "FLATTEN": flatten, "WARP_SPEC": ws},
+            num_warps=warps, num_stages=stages, maxnreg=maxnreg, pre_hook=_tma_block_shapes,
+        )
+
+    def tma_config_name(cfg) -> str:
+        """Short name of a persistent-kernel configuration, e.g. ``128x256x128_w8_s4_o1_sub2_flat``."""
+        kw = cfg.kwargs
+        name = (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}_w{cfg.num_warps}_s{cfg.num_stages}"
+                f"_o{kw['OCC']}_sub{kw['SUBTILE']}")
+        name += "_flat" if kw["FLATTEN"] else ""
+        name += "_ws" if kw["WARP_SPEC"] else ""
+        name += f"_g{kw['GROUP_M']}" if kw["GROUP_M"] != 8 else ""
+        name += f"_r{cfg.maxnreg}" if cfg.maxnreg else ""
+        return name
+
+    # Every candidate of the Hopper persistent kernel, timed one by one by
+    # ``experiments.bench_int8_mm --sweep`` (int8 K tiles of 64 or 128 bytes: TMA rows of
+    # one 64/128-byte swizzle). Shared memory per CTA: see ``tma_shared_bytes``. OCC > 1
+    # asks for several CTAs per SM (each under its share of the SM's 228 KiB; maxnreg
+    # where their threads would otherwise not fit the register file), so that one CTA's
+    # epilogue (GELU, int/float conversions) overlaps another's MMAs.
+    TMA_SWEEP_CONFIGS = [
+        # one CTA per SM, big tiles: 2 consumer warpgroups of 64 rows (or 128 rows)
+        _tma_cfg(128, 256, 128, 8, 4, sub=2),
+        _tma_cfg(128, 256, 128, 8, 4, sub=4),
+        _tma_cfg(128, 256, 128, 8, 3, sub=2),
+        _tma_cfg(128, 256, 128, 8, 4, sub=2, flatten=False),
+        _tma_cfg(256, 128, 128, 8, 4, sub=2),
+        _tma_cfg(256, 128, 128, 8, 3, sub=1),
+        _tma_cfg(128, 256, 64, 8, 6, sub=2),
+        _tma_cfg(128, 128, 128, 8, 4, sub=1),
+        _tma_cfg(128, 128, 128, 4, 4, sub=2),
+        # several CTAs per SM: the epilogue of one overlapping the mainloop of another
+        _tma_cfg(128, 128, 128, 8, 3, occ=2, sub=2, maxnreg=128),
+        _tma_cfg(128, 128, 128, 8, 3, occ=2, sub=4, maxnreg=128),
+        _tma_cfg(128, 128, 128, 4, 3, occ=2, sub=2),
+        _tma_cfg(128, 128, 64, 8, 4, occ=2, sub=4, maxnreg=128),
+        _tma_cfg(128, 128, 64, 4, 4, occ=2, sub=2),
+        _tma_cfg(64, 128, 128, 4, 2, occ=3, sub=2, maxnreg=168),
+        # one warpgroup per CTA on the widest wgmma (m64n256), two CTAs per SM
+        _tma_cfg(64, 256, 64, 4, 4, occ=2, sub=2),
+        _tma_cfg(64, 256, 128, 4, 2, occ=2, sub=2),
+        # tl.range(warp_specialize=True): on sm_90 Triton 3.6/3.8 leave this loop as it
+        # is (no partitions in the TTGIR, checked ahead of time); timed to confirm
+        _tma_cfg(128, 256, 128, 8, 4, sub=2, flatten=False, ws=True),
+    ]
+    # What the autotuner tries at run time (the first is the default): sweep candidates
+    # that compile for sm_90 on Triton 3.6 and 3.8 (checked ahead of time), a big tile and
+    # tiles for two CTAs per SM; ``_prune_tma`` drops those whose shared memory cannot fit
+    # the call's epilogue buffers.
+    _TMA_AUTOTUNE_NAMES = (
+        "128x256x128_w8_s4_o1_sub2_flat",
+        "128x256x128_w8_s4_o1_sub4_flat",
+        "256x128x128_w8_s4_o1_sub2_flat",
+        "128x128x128_w8_s3_o2_sub4_flat_r128",
+        "128x128x64_w4_s4_o2_sub2_flat",
+        "64x256x64_w4_s4_o2_sub2_flat",
+    )
+    _TMA_CONFIGS = [c for n in _TMA_AUTOTUNE_NAMES for c in TMA_SWEEP_CONFIGS if tma_config_name(c) == n]
+    # Triton's interpreter (the CPU tests): small tiles, several tiles per program.
+    TMA_INTERPRETER_CONFIGS = [
+        _tma_cfg(32, 32, 32, 4, 2, sub=2),
+        _tma_cfg(16, 64, 32, 4, 2, sub=4, flatten=False),
+        _tma_cfg(32, 16, 64, 4, 2, sub=1),
+    ]
+    TMA_INTERPRETER_PROGRAMS = 3  # NUM_SMS stand-in on the CPU: programs loop over several tiles
+
+    def _prune_tma(configs, named_args, **kwargs):
+        """Autotuner pre-filter: only the configurations whose shared memory (operand
+        pipeline, output and residual tiles) fits one CTA, and its share of the SM when
+        OCC > 1; always at least one."""
+        out_bytes = named_args["c_desc"].base.element_size()
+        res_bytes = named_args["r_desc"].base.element_size() if kwargs.get("HAS_RESIDUAL") else 0
+        kept = [c for c in configs if tma_shared_bytes(c, out_bytes, res_bytes) <= _tma_shared_limit(c)]
+        return kept or list(configs[:1])
+
+    _int8_scaled_mm_tma = triton.autotune(
+        configs=_TMA_CONFIGS,
+        key=["M_BUCKET", "N", "K", "out_bytes", "HAS_BIAS", "ACT_GELU", "HAS_RESIDUAL", "OUT_INT8", "NUM_SMS"],
+        prune_configs_by={"early_config_prune": _prune_tma},
+        do_bench=short_bench,
+    )(_int8_scaled_mm_tma_kernel)
+
+# ----------------------------------------------------------------------------------
+# Hopper fast path: persistent TMA kernel
+# ----------------------------------------------------------------------------------
+TMA_MIN_M = 4096  # below, the plain kernel (fewer tiles than a few waves of SMs)
+SM90_SHARED_PER_SM = 228 * 1024  # H100 / H200: 228 KiB per SM, at most 227 KiB per CTA,
+SM90_SHARED_PER_CTA = 227 * 1024  # 1 KiB of each CTA's share reserved by the system
+
+
+def tma_shared_bytes(cfg, out_bytes: int, res_bytes: int = 0) -> int:
+    """Shared memory of a persistent-kernel configuration: the operand pipeline (stages ·
+    (BLOCK_M + BLOCK_N) · BLOCK_K int8), the TMA store buffer of one output part and, with a
+    residual, its TMA load buffer (BLOCK_M × BLOCK_N / SUBTILE each); what Triton allocates
+    is this plus barriers and alignment padding (about 1 KiB at most, checked ahead of time)."""
+    kw = cfg.kwargs
+    part = kw["BLOCK_M"] * kw["BLOCK_N"] // kw["SUBTILE"]
+    return cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] + part * (out_bytes + res_bytes)
+
+
+def _tma_shared_limit(cfg) -> int:
+    """Shared memory one CTA may use so that OCC of them share an SM."""
+    occ = cfg.kwargs["OCC"]
+    return min(SM90_SHARED_PER_CTA, SM90_SHARED_PER_SM // occ - 1024)
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_api() -> bool:
+    """Whether this Triton has host-side TMA descriptors and ``tl.range``'s ``flatten`` /
+    ``warp_specialize`` (Triton >= 3.4; the GPU's 3.6 and this repo's 3.8 both do)."""
+    if not triton_available():
+        return False
+    try:
+        import inspect
+
+        import triton.language as tl
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    params = inspect.signature(tl.range.__init__).parameters
+    return "flatten" in params and "warp_specialize" in params
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A 2-D tensor TMA can address: 16-byte aligned base and row stride, unit last stride."""
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * t.element_size()) % 16 == 0)
+
+
+def _tma_path_applies(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    """The persistent TMA kernel runs on Hopper (capability 9.x) for M >= TMA_MIN_M when
+    every matrix has TMA-compatible strides; anything else takes the plain kernel."""
+    if not (a.is_cuda and a.shape[0] >= TMA_MIN_M and _tma_api()):
+        return False
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if _capability(index)[0] != 9:
+        return False
+    return all(_tma_ok(t) for t in (a, b, out) + (() if residual is None else (residual,)))
+
+
+def _int8_scaled_mm_tma_launch(a, b, a_s, b_s, bias, out, residual, o_s, activation, config=None,
+                               return_kernel=False):
+    """Launch the persistent TMA kernel into ``out`` (arguments already checked and laid
+    out: a, b, out, residual TMA-compatible; a_s, b_s, o_s flat; bias contiguous).
+    ``config``: one of ``TMA_SWEEP_CONFIGS`` / ``TMA_INTERPRETER_CONFIGS`` to run it
+    without the autotuner (the sweep, the CPU tests); None: autotuned on CUDA.
+    Returns ``out``, or ``(out, compiled kernel)`` with ``return_kernel`` (its registers,
+    spills and shared memory, for the sweep's record)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    M, K = a.shape
+    N = b.shape[0]
+
+    def desc(t):  # block shape set by the configuration's pre-hook
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+
+    c_desc = desc(out)
+    descs = {"a_desc": desc(a), "b_desc": desc(b), "c_desc": c_desc,
+             "r_desc": desc(residual) if residual is not None else c_desc}
+    num_sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device()) \
+        if a.is_cuda else TMA_INTERPRETER_PROGRAMS
+    args = (descs["a_desc"], descs["b_desc"], descs["c_desc"], descs["r_desc"], a_s, b_s,
+            bias if bias is not None else b_s, o_s if o_s is not None else b_s,
+            M, N, K, _m_bucket(M),
+            a_s.stride(0) if a_s.numel() > 1 else 0,
+            b_s.stride(0) if b_s.numel() > 1 else 0,
+            o_s.stride(0) if o_s is not None and o_s.numel() > 1 else 0,
+            out.element_size())
+    flags = dict(NUM_SMS=num_sms, HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu",
+                 HAS_RESIDUAL=residual is not None, OUT_INT8=o_s is not None)
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(meta["NUM_SMS"] * meta["OCC"], tiles),)
+
+    if config is None and a.is_cuda:
+        kernel = _int8_scaled_mm_tma[grid](*args, **flags)
+    else:
+        config = config if config is not None else TMA_INTERPRETER_CONFIGS[0]
+        kwargs = {**flags, **config.all_kwargs()}
+        _tma_block_shapes({**descs, **kwargs})
+        kernel = _int8_scaled_mm_tma.fn[grid](*args, **kwargs)
+    return (out, kernel) if return_kernel else out
 
 def int8_scaled_mm_triton(
     a: torch.Tensor,
@@ -365,8 +694,14 @@ def int8_scaled_mm_triton(
     activation: str = "none",
     residual: Optional[torch.Tensor] = None,
     out_scale: Optional[torch.Tensor] = None,
+    persistent: Optional[bool] = None,
 ) -> torch.Tensor:
-    """Launch the Triton kernel (tensors on CUDA, or on the CPU under Triton's interpreter)."""
+    """Launch the Triton kernel (tensors on CUDA, or on the CPU under Triton's interpreter).
+
+    ``persistent``: None picks the kernel (the persistent TMA kernel on Hopper for
+    M >= ``TMA_MIN_M`` with TMA-compatible strides, the plain kernel otherwise); False
+    forces the plain kernel; True the persistent one (raises where TMA cannot address the
+    tensors; on CPU tensors it runs under the interpreter with its first test tile)."""
     if not triton_available():
         raise RuntimeError("int8_scaled_mm_triton needs Triton, which is not importable here")
     M, N, K = _check_args("int8_scaled_mm_triton", a, b, a_scale, b_scale, bias, out_dtype, activation,
@@ -388,6 +723,18 @@ def int8_scaled_mm_triton(
     bias_arg = bias if bias is not None else b_s  # any pointer; not read without bias
     if bias is not None and bias.stride(0) != 1:
         bias_arg = bias.contiguous()
+    if persistent is None:
+        persistent = _tma_path_applies(a, b, out, residual)
+    elif persistent and not (_tma_api() and all(_tma_ok(t) for t in (a, b, out) + ((residual,) if residual is not None
+                                                                                   else ()))):
+        raise ValueError("int8_scaled_mm_triton(persistent=True) needs Triton >= 3.4 and 2-D a, b, out and residual "
+                         "with 16-byte aligned rows and a contiguous last dimension (TMA), got strides "
+                         f"a {a.stride()}, b {b.stride()}, out {out.stride()}"
+                         + (f", residual {residual.stride()}" if residual is not None else ""))
+    if persistent:  # Hopper, large M: the persistent TMA kernel
+        o_s = out_scale.reshape(-1) if out_scale is not None else None
+        return _int8_scaled_mm_tma_launch(a, b, a_s, b_s, None if bias is None else bias_arg, out, residual, o_s,
+                                          activation)
     res_arg = residual if residual is not None else out  # any pointer; not read without residual
     o_s = out_scale.reshape(-1) if out_scale is not None else b_s
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
