@@ -739,6 +739,20 @@ def test_cuda_graph_capture_and_compile():
         assert rel_err(out, f(x)) < 1e-2
 
 
+# The end of both ahead-of-time compile scripts: ``jit``, ``sig`` (the pointer types),
+# ``const`` and ``warps`` given; the other arguments int32, and what a launch on aligned
+# tensors specialises (16-byte pointers, sizes and strides % 16); sets ``ptx`` for sm_90.
+_AOT_PTX = r"""
+for name in jit.arg_names:
+    sig.setdefault(name, "constexpr" if name in const else "i32")
+# what a launch on aligned tensors specialises: 16-byte pointers, sizes and strides % 16
+aligned = [n for n in jit.arg_names if sig[n].startswith("*") or n in ("N", "K") or n.startswith("stride")]
+src = triton.compiler.ASTSource(fn=jit, signature=sig,
+                                constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
+                                attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+"""
+
 _AOT_COMPILE = r"""
 import re
 import sys
@@ -761,14 +775,7 @@ else:
     sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16")
     const = dict(common, GROUP=128, GPB=max(1, block_k // 128), EVEN_W=True, PREFETCH=split > 1)
 sig.update(out_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
-for name in jit.arg_names:
-    sig.setdefault(name, "constexpr" if name in const else "i32")
-# what a launch on aligned tensors specialises: 16-byte pointers, sizes and strides % 16
-aligned = [n for n in jit.arg_names if sig[n].startswith("*") or n in ("N", "K") or n.startswith("stride")]
-src = triton.compiler.ASTSource(fn=jit, signature=sig,
-                                constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
-                                attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+""" + _AOT_PTX + r"""
 print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol.wait" in ptx else "no-pdl",
       "i2f" if re.search(r"cvt\.rn\.f32\.s(8|16)\b", ptx) else "no-i2f", "v2-loads" if "ld.global.v2.b32" in ptx else "no-v2-loads")
 """
@@ -813,14 +820,7 @@ dt = "fp16" if f16 else "bf16"
 sig = dict(x_ptr="*i64", w_ptr="*i64", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}",
            ws_ptr="*fp32", cnt_ptr="*i32")
 const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch)
-for name in jit.arg_names:
-    sig.setdefault(name, "constexpr" if name in const else "i32")
-aligned = [n for n in jit.arg_names if sig[n].startswith("*") or n in ("N", "K") or n.startswith("stride")]
-src = triton.compiler.ASTSource(fn=jit, signature=sig,
-                                constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
-                                attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-ptx = k.asm["ptx"]
+""" + _AOT_PTX + r"""
 print(ptx.count("mma.sync.aligned.m16n8k16"), "local" if ".local" in ptx else "no-local",
       "vector" if ".v2." in ptx.split("mma.sync")[0] or ".v4." in ptx.split("mma.sync")[0] else "scalar")
 """
