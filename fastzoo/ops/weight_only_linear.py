@@ -717,11 +717,18 @@ if triton_available():
 
     _INT4_MMA_CONFIGS = [_mma_cfg(*c) for c in ((64, 1, 8, False), (64, 1, 4, False), (128, 2, 16, False),
                                                 (256, 8, 16, True), (64, 2, 8, True), (64, 2, 16, False))]
-    # the candidates ``experiments.bench_weight_only_linear --sweep`` times (one or two row
+    # the candidates ``experiments.bench_weight_only_linear --sweep`` times (one to four row
     # blocks per warp)
     INT4_MMA_SWEEP = [_mma_cfg(bn, warps, split, pf)
                       for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 8), (64, 1), (128, 4), (128, 2), (256, 8))
                       for split in (1, 2, 4, 8, 16) for pf in (False, True)]
+
+    def _prune_mma(configs, named_args, **kwargs):
+        """No more splits than the split-K workspace holds for N (``_workspace_splits``, as
+        ``_prune``) or than K has 128-column segments; one split where none fits."""
+        N, K = named_args["N"], named_args["K"]
+        limit = min(_workspace_splits(1, N), max(1, K // 128))
+        return [c for c in configs if c.kwargs["SPLIT_K"] <= limit] or [_mma_cfg(64, 2, 1, False)]
 
     def _int4_mma_asm(f16: bool) -> str:
         """PTX for one word pair of _int4_mma_kernel. In: $8 / $9 the int32 words of rows r
@@ -799,8 +806,8 @@ if triton_available():
 
     @triton.jit
     def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16: tl.constexpr):
-        """One 128-column segment of _int4_mma_kernel (one quantization group), from
-        _int4_mma_load's values: the products chain in the mma accumulator; the group's
+        """One 128-column segment of _int4_mma_kernel (one quantization group), from the values
+        of _int4_mma_words and _int4_mma_xs: the products chain in the mma accumulator; the group's
         scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x."""
         MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
         zero = tl.zeros_like(acc_r)
@@ -820,7 +827,8 @@ if triton_available():
         acc_r8 += sr8 * (Da[2] + Db[2]) + (zr8 - MAGIC * sr8) * sx
         return acc_r, acc_r8
 
-    @triton.autotune(configs=_INT4_MMA_CONFIGS, key=["N", "K", "GROUP"], do_bench=short_bench)
+    @triton.autotune(configs=_INT4_MMA_CONFIGS, key=["N", "K", "GROUP"],
+                     prune_configs_by={"early_config_prune": _prune_mma}, do_bench=short_bench)
     @triton.jit
     def _int4_mma_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,

@@ -538,6 +538,13 @@ def test_autotune_prune():
         for M, N in ((1, 4096), (16, 128256), (16, 32000)):
             kept = _prune(configs, {"M_BUCKET": M, "N": N, "K": 4096})
             assert all(c.kwargs["SPLIT_K"] <= _workspace_splits(M, N) for c in kept)
+    # the tensor-core int4 GEMV: splits bounded by the workspace and by K's 128-column segments
+    from fastzoo.ops.weight_only_linear import INT4_MMA_SWEEP, _prune_mma
+    assert max(c.kwargs["SPLIT_K"] for c in INT4_MMA_SWEEP) <= MAX_SPLIT_K
+    for N, K in ((4096, 4096), (600_000, 4096), (4096, 512), (4096, 128)):
+        kept = _prune_mma(INT4_MMA_SWEEP, {"N": N, "K": K})
+        assert kept and all(c.kwargs["SPLIT_K"] <= min(_workspace_splits(1, N), K // 128) for c in kept)
+    assert {c.kwargs["SPLIT_K"] for c in _prune_mma(INT4_MMA_SWEEP, {"N": 4096, "K": 4096})} == {1, 2, 4, 8, 16}
 
 
 # ----------------------------------------------------------------------------------
