@@ -210,6 +210,9 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
         kinds.append(("int8", wol._prune_linear(wol._linear_kernel.configs, named, QUANT=1), N * K + N * 2,
                       [(x, *q) for x, q in zip(xs, qs)],
                       lambda p, c: wol.int8_weight_only_linear_triton(p[0], p[1], p[2], config=c)))
+        if M == 1 and args.int8_wide:  # the wider candidate list (wol.INT8_GEMV_SWEEP)
+            kinds.append(("int8wide", wol._prune(wol.INT8_GEMV_SWEEP, named), N * K + N * 2, kinds[-1][3],
+                          kinds[-1][4]))
     for group in (args.groups if "int4" in args.kinds else ()):
         packs = [(x, *(t.to(dtype) if t.is_floating_point() else t
                        for t in Int4WeightOnlyLinear.quantize(w, group))) for x, w in zip(xs, ws)]
@@ -284,7 +287,8 @@ def _record_name(base: str, args) -> str:
     """The JSON record's name: ``_llama3`` for those shapes, ``_subset`` where --shapes or
     --kinds left some out (a partial run never replaces the full record)."""
     subset = bool(args.shapes) or set(args.kinds) != {"bf16", "int8", "int4"}
-    return base + ("_llama3" if args.llama3 else "") + ("_subset" if subset else "")
+    wide = "_int8wide" if getattr(args, "int8_wide", False) else ""
+    return base + ("_llama3" if args.llama3 else "") + wide + ("_subset" if subset else "")
 
 
 def main(argv=None):
@@ -304,6 +308,8 @@ def main(argv=None):
                    help="comma-separated subset of bf16,int8,int4 (int4: each of --groups)")
     p.add_argument("--sweep", action="store_true",
                    help="time every tile configuration per shape and kind (ranked), instead of the ops")
+    p.add_argument("--int8-wide", action="store_true",
+                   help="with --sweep and int8 at M = 1: also time the wider int8 GEMV list (INT8_GEMV_SWEEP)")
     args = p.parse_args(argv)
     unknown = set(args.kinds) - {"bf16", "int8", "int4"}
     if unknown:

@@ -345,6 +345,11 @@ if triton_available():
     # GEMV tiles; _prune_linear keeps the GEMV tiles of the launch's kind.
     _LINEAR_CONFIGS = _FLOAT_CONFIGS + [c for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1]
     _INT8_GEMV_IDS = frozenset(id(c) for c in _LINEAR_CONFIGS[len(_FLOAT_CONFIGS):])
+    # the int8 GEMV candidates ``experiments.bench_weight_only_linear --sweep --int8-wide``
+    # times (not the autotuner's list: 16 to 64 weights per thread, splits 1 to 16)
+    INT8_GEMV_SWEEP = [_cfg(1, bn, bk, split, warps, 1)
+                       for bn in (4, 8, 16, 32, 64, 128) for bk in (256, 512, 1024, 2048) for warps in (4, 8)
+                       if 16 <= bn * bk // (32 * warps) <= 64 for split in (1, 2, 4, 8, 16)]
 
     def _prune_linear(configs, named_args, **kwargs):
         """_prune on the GEMV tiles of the launch's kind (int8 when QUANT == 1, else float)
