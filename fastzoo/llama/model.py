@@ -309,7 +309,11 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         if input_pos.dim() == 1:
             input_pos = input_pos[None, :].expand(B, T)
-        cos, sin = rope_cos_sin(self.config, input_pos)
+        # KVCache layers apply RoPE inside their attention op: the cos/sin table is built only
+        # where some layer (no cache, Int8KVCache) applies it itself
+        cos = sin = None
+        if not all(isinstance(layer.attention.kv_cache, KVCache) for layer in self.layers):
+            cos, sin = rope_cos_sin(self.config, input_pos)
         if self.has_caches:
             if B > self.max_batch_size:
                 raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.max_batch_size}")

@@ -179,3 +179,24 @@ def test_compiled_graph_has_no_separate_norm_or_silu():
     targets = [str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op in ("call_function", "call_method")]
     assert sum("decode_linear" in t for t in targets) == 4 * len(model.layers) + 1
     assert not [t for t in targets if "rsqrt" in t or "silu" in t], targets
+
+
+@pytest.mark.parametrize("kv_cache_dtype", [None, torch.int8])
+def test_rope_table_only_where_a_layer_applies_it(monkeypatch, kv_cache_dtype):
+    """KVCache applies RoPE inside its attention op: the model builds no cos/sin table then;
+    without caches and with Int8KVCache (RoPE in the layer) it does."""
+    import fastzoo.llama.model as model_mod
+    from llama_testutils import make_tiny_model
+
+    model = make_tiny_model(0)
+    calls = []
+    real = model_mod.rope_cos_sin
+    monkeypatch.setattr(model_mod, "rope_cos_sin", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        full = model(tokens)
+        assert len(calls) == 1
+        model.setup_caches(1, 8, torch.float32, kv_cache_dtype=kv_cache_dtype)
+        cached = model(tokens, torch.arange(6))
+    assert len(calls) == (2 if kv_cache_dtype == torch.int8 else 1)
+    assert rel_err(cached, full) <= (5e-2 if kv_cache_dtype == torch.int8 else 1e-5)

@@ -545,6 +545,13 @@ def test_autotune_prune():
         kept = _prune_mma(INT4_MMA_SWEEP, {"N": N, "K": K})
         assert kept and all(c.kwargs["SPLIT_K"] <= min(_workspace_splits(1, N), K // 128) for c in kept)
     assert {c.kwargs["SPLIT_K"] for c in _prune_mma(INT4_MMA_SWEEP, {"N": 4096, "K": 4096})} == {1, 2, 4, 8, 16}
+    # the wider int8 GEMV sweep list: one-row tiles of 16 to 64 weights per thread, within the
+    # bounds the counters and the workspace are sized for, and it contains the autotuner's tiles
+    from fastzoo.ops.weight_only_linear import INT8_GEMV_SWEEP
+    key = lambda c: (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_warps)  # noqa: E731
+    assert all(c.kwargs["BLOCK_M"] == 1 and 16 <= c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= 64
+               and c.kwargs["BLOCK_N"] >= _MIN_BLOCK_N and c.kwargs["SPLIT_K"] <= MAX_SPLIT_K for c in INT8_GEMV_SWEEP)
+    assert {key(c) for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1} <= {key(c) for c in INT8_GEMV_SWEEP}
 
 
 # ----------------------------------------------------------------------------------
