@@ -53,10 +53,8 @@ L2 across tiles), writes M·N·sizeof(out_dtype) bytes. Autotuning is keyed on
 (next power of two of M, N, K) (and, for the persistent kernel, the epilogue), so a new
 token count reuses its bucket's choice.
 
-Under ``torch.compile``, ``int8_dynamic_linear`` traces the per-row quantization as its
-reference (``quantize_rows_int8_ref``), which inductor fuses into the kernel producing x
-(layer norm, GELU, a re-layout): int8 x and its scales are written once and x never makes
-a float round trip through memory. Eager calls use the ``quantize_rows_int8`` kernel.
+Not done yet: fusing the per-row quantization of x into the GEMM's prologue (today
+``int8_dynamic_linear`` writes int8 x and its scales once, then the GEMM reads them).
 """
 from __future__ import annotations
 
@@ -848,13 +846,7 @@ def int8_dynamic_linear(
     """
     _check_linear_args("int8_dynamic_linear", x, w_int8, w_scale)
     K, N = x.shape[-1], w_int8.shape[0]
-    if torch.compiler.is_compiling():
-        # traced as its definition, the row quantization fuses into the kernel inductor
-        # generates for x's producer (layer norm, GELU, a re-layout): x is never written
-        # in its float dtype and read back by a separate quantization pass
-        q, s = quantize_rows_int8_ref(x.reshape(-1, K))
-    else:
-        q, s = quantize_rows_int8(x.reshape(-1, K))
+    q, s = quantize_rows_int8(x.reshape(-1, K))
     res = None if residual is None else residual.reshape(-1, N)
     out = int8_scaled_mm(q, w_int8, s, w_scale, bias, out_dtype=x.dtype, activation=activation, residual=res)
     return out.reshape(*x.shape[:-1], N)

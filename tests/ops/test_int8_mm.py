@@ -403,28 +403,6 @@ def test_cuda_dynamic_linear_and_inductor(dtype):
     assert rel_err(compiled(x), out) < 1e-3
 
 
-def test_compiled_dynamic_linear_traces_the_row_quantization():
-    """Under torch.compile the per-row quantization is traced as its reference (inductor can
-    fuse it into x's producer): no quantize_rows_int8 op in the graph, the GEMM op still there,
-    the same result as the eager reference."""
-    g = torch.Generator().manual_seed(23)
-    x = torch.randn(2, 7, 96, generator=g)
-    w_q, w_s = quantize_rows_int8_ref(torch.randn(33, 96, generator=g))
-    w_s = w_s.squeeze(-1)
-    targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(lambda t: int8_dynamic_linear(torch.nn.functional.gelu(t), w_q, w_s), backend=backend,
-                        fullgraph=True)(x)
-    assert any("int8_scaled_mm" in t for t in targets)
-    assert not any("quantize_rows_int8" in t for t in targets)
-    assert torch.equal(out, int8_dynamic_linear_ref(torch.nn.functional.gelu(x), w_q, w_s))
-
-
 def test_autotune_prune_keeps_small_tiles_for_small_m():
     pytest.importorskip("triton")
     from fastzoo.ops.int8_mm import _CONFIGS, _m_bucket, _prune_configs
