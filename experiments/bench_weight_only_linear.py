@@ -6,6 +6,8 @@
     python -m experiments.bench_weight_only_linear --sweep    # every tile configuration, ranked
     # the quantized GEMVs only, two shapes, one row (~2 minutes on an H100, compiles included):
     python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,w2 --kinds int8,int4 --groups 128 --ms 1
+    # the int8 GEMV over a wider tile list than the autotuner's (~2 minutes for wo, w2):
+    python -m experiments.bench_weight_only_linear --sweep --shapes wo,w2 --kinds int8 --ms 1 --int8-wide --rep 30
 
 At decode time a linear reads every weight once per token, so its ceiling is the
 weight bytes over the memory bandwidth. For each (N, K) of Llama-2-7B (fused wqkv, wo,
@@ -284,8 +286,9 @@ def step_rows(rows, model, copy_gbs):
 
 
 def _record_name(base: str, args) -> str:
-    """The JSON record's name: ``_llama3`` for those shapes, ``_subset`` where --shapes or
-    --kinds left some out (a partial run never replaces the full record)."""
+    """The JSON record's name: ``_llama3`` for those shapes, ``_int8wide`` with the wider
+    int8 list, ``_subset`` where --shapes or --kinds left some out (a partial run never
+    replaces the full record)."""
     subset = bool(args.shapes) or set(args.kinds) != {"bf16", "int8", "int4"}
     wide = "_int8wide" if getattr(args, "int8_wide", False) else ""
     return base + ("_llama3" if args.llama3 else "") + wide + ("_subset" if subset else "")
