@@ -8,6 +8,8 @@
     python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,w2 --kinds int8,int4 --groups 128 --ms 1
     # the int8 GEMV over a wider tile list than the autotuner's (~2 minutes for wo, w2):
     python -m experiments.bench_weight_only_linear --sweep --shapes wo,w2 --kinds int8 --ms 1 --int8-wide --rep 30
+    # the int8 GEMV tiles with weight prefetch and evict-first loads:
+    python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,wo,w13,w2 --kinds int8 --ms 1 --int8-variants
 
 At decode time a linear reads every weight once per token, so its ceiling is the
 weight bytes over the memory bandwidth. For each (N, K) of Llama-2-7B (fused wqkv, wo,
@@ -209,12 +211,14 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
                       [(x, w) for x, w in zip(xs, ws)], lambda p, c: wol.decode_linear_triton(p[0], p[1], config=c)))
     if "int8" in args.kinds:
         qs = [_int8_weights(w, dtype) for w in ws]
+        inputs8 = [(x, *q) for x, q in zip(xs, qs)]
+        call8 = lambda p, c: wol.int8_weight_only_linear_triton(p[0], p[1], p[2], config=c)  # noqa: E731
         kinds.append(("int8", wol._prune_linear(wol._linear_kernel.configs, named, QUANT=1), N * K + N * 2,
-                      [(x, *q) for x, q in zip(xs, qs)],
-                      lambda p, c: wol.int8_weight_only_linear_triton(p[0], p[1], p[2], config=c)))
+                      inputs8, call8))
         if M == 1 and args.int8_wide:  # the wider candidate list (wol.INT8_GEMV_SWEEP)
-            kinds.append(("int8wide", wol._prune(wol.INT8_GEMV_SWEEP, named), N * K + N * 2, kinds[-1][3],
-                          kinds[-1][4]))
+            kinds.append(("int8wide", wol._prune(wol.INT8_GEMV_SWEEP, named), N * K + N * 2, inputs8, call8))
+        if M == 1 and args.int8_variants:  # weight prefetch / eviction policy (wol.INT8_GEMV_VARIANTS)
+            kinds.append(("int8var", wol._prune(wol.INT8_GEMV_VARIANTS, named), N * K + N * 2, inputs8, call8))
     for group in (args.groups if "int4" in args.kinds else ()):
         packs = [(x, *(t.to(dtype) if t.is_floating_point() else t
                        for t in Int4WeightOnlyLinear.quantize(w, group))) for x, w in zip(xs, ws)]
@@ -287,10 +291,11 @@ def step_rows(rows, model, copy_gbs):
 
 def _record_name(base: str, args) -> str:
     """The JSON record's name: ``_llama3`` for those shapes, ``_int8wide`` with the wider
-    int8 list, ``_subset`` where --shapes or --kinds left some out (a partial run never
-    replaces the full record)."""
+    int8 list, ``_int8var`` with the prefetch / eviction variants, ``_subset`` where
+    --shapes or --kinds left some out (a partial run never replaces the full record)."""
     subset = bool(args.shapes) or set(args.kinds) != {"bf16", "int8", "int4"}
     wide = "_int8wide" if getattr(args, "int8_wide", False) else ""
+    wide += "_int8var" if getattr(args, "int8_variants", False) else ""
     return base + ("_llama3" if args.llama3 else "") + wide + ("_subset" if subset else "")
 
 
@@ -313,6 +318,9 @@ def main(argv=None):
                    help="time every tile configuration per shape and kind (ranked), instead of the ops")
     p.add_argument("--int8-wide", action="store_true",
                    help="with --sweep and int8 at M = 1: also time the wider int8 GEMV list (INT8_GEMV_SWEEP)")
+    p.add_argument("--int8-variants", action="store_true",
+                   help="with --sweep and int8 at M = 1: also time the autotuner's int8 GEMV tiles with weight "
+                        "prefetch and L2 evict-first loads (INT8_GEMV_VARIANTS)")
     args = p.parse_args(argv)
     unknown = set(args.kinds) - {"bf16", "int8", "int4"}
     if unknown:

@@ -351,6 +351,13 @@ if triton_available():
                        for bn in (4, 8, 16, 32, 64, 128) for bk in (256, 512, 1024, 2048) for warps in (4, 8)
                        if 16 <= bn * bk // (32 * warps) <= 64 for split in (1, 2, 4, 8, 16)]
 
+    # the autotuner's int8 GEMV tiles with the weight-prefetch and eviction options
+    # (``--int8-variants``)
+    INT8_GEMV_VARIANTS = [_cfg(1, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_warps, 1,
+                               PREFETCH=pf, EVICT_W=ev)
+                          for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1
+                          for pf in (False, True) for ev in ("", "evict_first")]
+
     def _prune_linear(configs, named_args, **kwargs):
         """_prune on the GEMV tiles of the launch's kind (int8 when QUANT == 1, else float)
         and the shared 16-row dot tiles."""
@@ -481,12 +488,15 @@ if triton_available():
         QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
         UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        EVEN_K: tl.constexpr,
+        EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False, EVICT_W: tl.constexpr = "",
     ):
         """out[m, n] = Σ_k x[m, k] · w[n, k] (· s[n] when QUANT == 1: int8 w) + b[n]; with
         GLU x[m, k] is silu(x[m, k]) · x[m, K + k], with NORM it is RMS-normalised (weight
         nw[k] per block, rsqrt(Σx²/K + eps) per row in the epilogue), with HAS_RES
-        r[m, n] is added (fp32, one rounding)."""
+        r[m, n] is added (fp32, one rounding). One-row tiles only: PREFETCH requests the
+        next weight tile before this one's arithmetic (registers double-buffered); EVICT_W
+        is the weight loads' L1/L2 eviction policy ("" or "evict_first": weights stream
+        once, x and the outputs stay)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -504,11 +514,35 @@ if triton_available():
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ssq = tl.zeros((BLOCK_K,), dtype=tl.float32)
             k_loop = k_start
-            if PDL:
+            if PREFETCH:
+                # the tile at k is in registers while the one at k + BLOCK_K is requested;
+                # the first before waiting for the previous kernel (PDL: weights do not
+                # depend on it); past k_end nothing is loaded (masked)
+                if EVEN_K:
+                    wv = tl.load(w_ptrs + k_start, mask=k_start < k_end, other=0, eviction_policy=EVICT_W)
+                else:
+                    wv = tl.load(w_ptrs + k_start, mask=(offs_k < k_end - k_start)[None, :], other=0,
+                                 eviction_policy=EVICT_W)
+                if PDL:
+                    gdc_wait()
+                for k in range(k_start, k_end, BLOCK_K):
+                    kn = k + BLOCK_K
+                    if EVEN_K:  # k_end is a multiple of BLOCK_K: a whole tile or none
+                        w_next = tl.load(w_ptrs + kn, mask=kn < k_end, other=0, eviction_policy=EVICT_W)
+                    else:
+                        w_next = tl.load(w_ptrs + kn, mask=(offs_k < k_end - kn)[None, :], other=0,
+                                         eviction_policy=EVICT_W)
+                    xv, v = _x_block(x_ptrs, nw_ptrs, k, K, offs_k < K - k, EVEN_K, GLU, NORM)
+                    acc2 += _weight_f32(wv, QUANT) * xv.to(tl.float32)[None, :]
+                    if NORM:
+                        ssq += v * v
+                    wv = w_next
+                k_loop = k_end
+            elif PDL:
                 # Launched while the previous kernel finishes: the weights do not depend on
                 # it, so the first tile is requested before waiting for its writes (x).
                 first = offs_k < k_end - k_start
-                w0 = tl.load(w_ptrs + k_start, mask=first[None, :], other=0)
+                w0 = tl.load(w_ptrs + k_start, mask=first[None, :], other=0, eviction_policy=EVICT_W)
                 gdc_wait()
                 x0, v0 = _x_block(x_ptrs, nw_ptrs, k_start, K, first, False, GLU, NORM)
                 acc2 += _weight_f32(w0, QUANT) * x0.to(tl.float32)[None, :]
@@ -519,9 +553,9 @@ if triton_available():
                 kmask = offs_k < K - k
                 xv, v = _x_block(x_ptrs, nw_ptrs, k, K, kmask, EVEN_K, GLU, NORM)
                 if EVEN_K:
-                    wv = tl.load(w_ptrs + k)
+                    wv = tl.load(w_ptrs + k, eviction_policy=EVICT_W)
                 else:
-                    wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0)
+                    wv = tl.load(w_ptrs + k, mask=kmask[None, :], other=0, eviction_policy=EVICT_W)
                 acc2 += _weight_f32(wv, QUANT) * xv.to(tl.float32)[None, :]
                 if NORM:
                     ssq += v * v

@@ -175,6 +175,25 @@ def test_int8_kernel_wide_gemv_tiles(kernel_device, N, K, config):
     _check(out, truth, torch.bfloat16, (1, N))
 
 
+# the one-row tiles with the next weight tile requested before this one's arithmetic
+# (PREFETCH) and evict-first weight loads: whole and ragged K, splits past the end of K
+INT8_PREFETCH = [dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=256, SPLIT_K=1, PREFETCH=True),
+                 dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, SPLIT_K=3, PREFETCH=True, EVICT_W="evict_first"),
+                 dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=64, SPLIT_K=16, PREFETCH=True)]
+
+
+@pytest.mark.parametrize("N,K", [(7, 1000), (37, 1024), (1, 197)])
+@pytest.mark.parametrize("config", INT8_PREFETCH, ids=["k256", "k128_split3_evict", "k64_split16"])
+@pytest.mark.parametrize("opts", ["plain", "glu+norm+res"])
+def test_int8_gemv_prefetch(kernel_device, N, K, config, opts):
+    g = _gen("i8prefetch", N, K, config["BLOCK_K"], opts)
+    x, w, scales, bias, fopts, truth = _fused_inputs(1, N, K, torch.bfloat16, opts if opts != "plain" else "", 1, g)
+    fopts = dict(fopts, norm_weight=_to(kernel_device, fopts["norm_weight"])[0],
+                 residual=_to(kernel_device, fopts["residual"])[0])
+    out = int8_weight_only_linear_triton(*_to(kernel_device, x, w, scales, bias), config=config, **fopts)
+    _check(out, truth, torch.bfloat16, (1, N))
+
+
 @pytest.mark.parametrize("N,K,group", [(37, 768, 32), (19, 1280, 128), (5, 768, 256), (33, 320, 64)])
 @pytest.mark.parametrize("config", INT4_WIDE, ids=["k256", "k512_split2_prefetch", "k256_split3_prefetch"])
 def test_int4_kernel_wide_gemv_tiles(kernel_device, N, K, group, config):
@@ -655,11 +674,13 @@ def test_cuda_fused_llama_shapes(N, K, opts, M):
 
 @pytest.mark.cuda
 def test_cuda_every_quantized_gemv_config():
-    """Every int8 and int4 GEMV tile the autotuner may pick (one row), forced, on a w2-like
+    """Every int8 and int4 GEMV tile the autotuner may pick (one row) and the int8 tiles'
+    prefetch / eviction variants, forced, on a w2-like
     shape whose K (11008) is no multiple of most blocks (whole blocks and a masked tail),
     against an fp32 product of the same weights: a tile that only the GPU compiler gets
     wrong cannot hide behind the autotuner's choice on the GPU the tests run on."""
-    from fastzoo.ops.weight_only_linear import _int4_kernel, _int4_mma_kernel, _linear_kernel, _prune, _prune_linear
+    from fastzoo.ops.weight_only_linear import (INT8_GEMV_VARIANTS, _int4_kernel, _int4_mma_kernel, _linear_kernel,
+                                                _prune, _prune_linear)
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(11008)
@@ -672,7 +693,7 @@ def test_cuda_every_quantized_gemv_config():
     p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, device=dev, generator=g) * K**-0.5, 128)
     s4, z4 = s4.to(dtype), z4.to(dtype)
     ref4 = F.linear(x.float(), int4_dequantize(p, s4, z4, 128, torch.float32))
-    for c in _prune_linear(_linear_kernel.configs, named, QUANT=1):
+    for c in _prune_linear(_linear_kernel.configs, named, QUANT=1) + _prune(INT8_GEMV_VARIANTS, named):
         cfg = dict(c.kwargs, num_warps=c.num_warps)
         assert rel_err(int8_weight_only_linear_triton(x, w_q, s, config=cfg), ref8) < 1e-2, cfg
     for c in _prune(_int4_kernel.configs, named):
@@ -784,7 +805,8 @@ if not dot:
     common["M"] = 1
 if kernel_name == "_linear_kernel":
     sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", nw_ptr="*bf16", r_ptr="*bf16", eps="fp32")
-    const = dict(common, QUANT=1, EVEN_K=True, GLU="glu" in opts, NORM="norm" in opts, HAS_RES="res" in opts)
+    const = dict(common, QUANT=1, EVEN_K=True, GLU="glu" in opts, NORM="norm" in opts, HAS_RES="res" in opts,
+                 PREFETCH="prefetch" in opts, EVICT_W="evict_first" if "evict" in opts else "")
 else:
     sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16")
     const = dict(common, GROUP=128, GPB=max(1, block_k // 128), EVEN_W=True, PREFETCH=split > 1)
@@ -801,7 +823,8 @@ print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol
     ("_linear_kernel", 1, "-", 8, 512, 4), ("_linear_kernel", 4, "-", 8, 512, 4), ("_linear_kernel", 1, "-", 8, 2048, 8),
     ("_int4_kernel", 4, "-", 8, 256, 4), ("_int4_kernel", 1, "-", 64, 512, 8),
     ("_linear_kernel", 1, "norm,res", 8, 512, 4), ("_linear_kernel", 4, "norm,glu,res", 8, 512, 4),
-    ("_linear_kernel", 2, "glu", 8, 1024, 8),
+    ("_linear_kernel", 2, "glu", 8, 1024, 8), ("_linear_kernel", 1, "prefetch,evict,norm", 8, 1024, 4),
+    ("_linear_kernel", 4, "prefetch,glu,res", 16, 512, 4),
     ("_linear_kernel", 1, "dot,norm,glu,res", 32, 128, 4), ("_linear_kernel", 2, "dot,norm,res", 32, 128, 4)])
 def test_kernels_compile_for_hopper(kernel_name, split, opts, block_n, block_k, warps):
     """Compile the kernels ahead of time for sm_90 with M = 1 (which Triton turns into a
