@@ -14,9 +14,10 @@ bandwidth. The kernels here are built for that regime:
   x's dtype and resets the counter to zero. No zeroed workspace, no cast kernel: one
   launch per linear. (The counters live in a small zeroed int32 buffer per device; the
   launches of one device must not run concurrently on two streams.)
-- on Hopper and newer, programmatic dependent launch: a kernel may start while the
-  previous one drains; it requests its first weight tile, then ``griddepcontrol.wait``
-  orders its reads of x after the previous kernel's writes.
+- on Hopper and newer, programmatic dependent launch: the bf16 / int8 kernel lets the
+  next launch once all its programs have started (``griddepcontrol.launch_dependents``),
+  so a kernel starts while the previous one drains; it requests its first weight tile, then
+  ``griddepcontrol.wait`` orders its reads of x after the previous kernel's writes.
 - one token (M = 1): a GEMV whose accumulator is a (BLOCK_N, BLOCK_K) fp32 tile reduced
   once at the end; 2 to 16 tokens: a 16-row ``tl.dot`` (tensor cores, rows past M are
   masked). Autotuned per (M bucket, N, K) over tile sizes, split-K, warps and stages.
@@ -60,8 +61,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (arrival_counters, cuda_kernel_applies, gdc_wait, launch, next_pow2, pdl_options, short_bench,
-                      triton_available, unit_stride_last)
+from ._common import (arrival_counters, cuda_kernel_applies, gdc_launch_dependents, gdc_wait, launch, next_pow2,
+                      pdl_options, short_bench, triton_available, unit_stride_last)
 
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -337,9 +338,14 @@ if triton_available():
     # int8 GEMV tiles: a byte per weight, so twice bf16's columns per thread for the same
     # bytes in flight (16 B loads; 32 to 64 weights and 100-120 registers per thread, no
     # spills). BLOCK_K 256 keeps K = 11008 (w2) unmasked; 1024/2048 for K = 4096.
+    # Evict-first weight loads: they stream once (as inductor's GEMV loads them); measured
+    # on an H100 no slower for any of Llama-2-7B's shapes and up to ~15 % faster for wqkv
+    # and w2 (``--int8-variants``, where a weight prefetch into registers measured slower).
+    _EVICT = {"EVICT_W": "evict_first"}
     _INT8_CONFIGS = _configs(
-        gemv=((8, 1024, 4, (1, 2)), (4, 1024, 4, (1,)), (16, 1024, 8, (1,)), (8, 2048, 8, (1,)),
-              (16, 512, 4, (1, 2)), (32, 512, 8, (1, 4)), (64, 256, 8, (1, 8))),
+        gemv=tuple(t + (_EVICT,) for t in ((8, 1024, 4, (1, 2)), (4, 1024, 4, (1,)), (16, 1024, 8, (1,)),
+                                          (8, 2048, 8, (1,)), (16, 512, 4, (1, 2)), (32, 512, 8, (1, 4)),
+                                          (64, 256, 8, (1, 8)))),
         dot=_LINEAR_DOT, first_bk=32)
     # One autotuner for _linear_kernel (its key has QUANT): the float tiles, then the int8
     # GEMV tiles; _prune_linear keeps the GEMV tiles of the launch's kind.
@@ -351,12 +357,11 @@ if triton_available():
                        for bn in (4, 8, 16, 32, 64, 128) for bk in (256, 512, 1024, 2048) for warps in (4, 8)
                        if 16 <= bn * bk // (32 * warps) <= 64 for split in (1, 2, 4, 8, 16)]
 
-    # the autotuner's int8 GEMV tiles with the weight-prefetch and eviction options
+    # the autotuner's int8 GEMV tiles with and without evict-first weight loads
     # (``--int8-variants``)
     INT8_GEMV_VARIANTS = [_cfg(1, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"], c.num_warps, 1,
-                               PREFETCH=pf, EVICT_W=ev)
-                          for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1
-                          for pf in (False, True) for ev in ("", "evict_first")]
+                               EVICT_W=ev)
+                          for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1 for ev in ("", "evict_first")]
 
     def _prune_linear(configs, named_args, **kwargs):
         """_prune on the GEMV tiles of the launch's kind (int8 when QUANT == 1, else float)
@@ -488,15 +493,19 @@ if triton_available():
         QUANT: tl.constexpr, HAS_BIAS: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
         UPCAST_DOT: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-        EVEN_K: tl.constexpr, PREFETCH: tl.constexpr = False, EVICT_W: tl.constexpr = "",
+        EVEN_K: tl.constexpr, EVICT_W: tl.constexpr = "",
     ):
         """out[m, n] = Σ_k x[m, k] · w[n, k] (· s[n] when QUANT == 1: int8 w) + b[n]; with
         GLU x[m, k] is silu(x[m, k]) · x[m, K + k], with NORM it is RMS-normalised (weight
         nw[k] per block, rsqrt(Σx²/K + eps) per row in the epilogue), with HAS_RES
-        r[m, n] is added (fp32, one rounding). One-row tiles only: PREFETCH requests the
-        next weight tile before this one's arithmetic (registers double-buffered); EVICT_W
-        is the weight loads' L1/L2 eviction policy ("" or "evict_first": weights stream
-        once, x and the outputs stay)."""
+        r[m, n] is added (fp32, one rounding). One-row tiles: EVICT_W is the weight loads'
+        L1/L2 eviction policy ("" or "evict_first": the weights stream once, x and the
+        outputs stay)."""
+        if PDL:
+            # the next kernel may launch once every program here has started (it waits for
+            # this one's writes): +2-3 % int8 / bf16 decode on an H100 (the int4 kernels and
+            # decode attention measured slower with it and do not)
+            gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -514,31 +523,7 @@ if triton_available():
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
             ssq = tl.zeros((BLOCK_K,), dtype=tl.float32)
             k_loop = k_start
-            if PREFETCH:
-                # the tile at k is in registers while the one at k + BLOCK_K is requested;
-                # the first before waiting for the previous kernel (PDL: weights do not
-                # depend on it); past k_end nothing is loaded (masked)
-                if EVEN_K:
-                    wv = tl.load(w_ptrs + k_start, mask=k_start < k_end, other=0, eviction_policy=EVICT_W)
-                else:
-                    wv = tl.load(w_ptrs + k_start, mask=(offs_k < k_end - k_start)[None, :], other=0,
-                                 eviction_policy=EVICT_W)
-                if PDL:
-                    gdc_wait()
-                for k in range(k_start, k_end, BLOCK_K):
-                    kn = k + BLOCK_K
-                    if EVEN_K:  # k_end is a multiple of BLOCK_K: a whole tile or none
-                        w_next = tl.load(w_ptrs + kn, mask=kn < k_end, other=0, eviction_policy=EVICT_W)
-                    else:
-                        w_next = tl.load(w_ptrs + kn, mask=(offs_k < k_end - kn)[None, :], other=0,
-                                         eviction_policy=EVICT_W)
-                    xv, v = _x_block(x_ptrs, nw_ptrs, k, K, offs_k < K - k, EVEN_K, GLU, NORM)
-                    acc2 += _weight_f32(wv, QUANT) * xv.to(tl.float32)[None, :]
-                    if NORM:
-                        ssq += v * v
-                    wv = w_next
-                k_loop = k_end
-            elif PDL:
+            if PDL:
                 # Launched while the previous kernel finishes: the weights do not depend on
                 # it, so the first tile is requested before waiting for its writes (x).
                 first = offs_k < k_end - k_start
@@ -751,8 +736,9 @@ if triton_available():
     # block per warp; split-K over 128-column segments; prefetching the next segment's
     # words or not): the best for each of Llama-2-7B's shapes among INT4_MMA_SWEEP on an H200
     # and an H100 (``experiments.bench_weight_only_linear --sweep``).
-    def _mma_cfg(bn, warps, split, pf):
-        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf}, num_warps=warps, num_stages=1)
+    def _mma_cfg(bn, warps, split, pf, evict="evict_first"):
+        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf, "EVICT_W": evict}, num_warps=warps,
+                             num_stages=1)
 
     _INT4_MMA_CONFIGS = [_mma_cfg(*c) for c in ((64, 1, 8, False), (64, 1, 4, False), (128, 2, 16, False),
                                                 (256, 8, 16, True), (64, 2, 8, True), (64, 2, 16, False))]
@@ -821,14 +807,14 @@ if triton_available():
         return v.to(tl.int32), (v >> 32).to(tl.int32)
 
     @triton.jit
-    def _int4_mma_words(w_ptr, seg, u_offs, v_offs):
+    def _int4_mma_words(w_ptr, seg, u_offs, v_offs, EVICT_W: tl.constexpr):
         """Segment ``seg``'s 4 words of rows r and r + 8 of each lane (w an int64 view: two
-        scalar 8-byte loads a row, one element per thread)."""
+        scalar 8-byte loads a row, one element per thread; eviction policy EVICT_W)."""
         wb = w_ptr + seg * 8
-        u0, u1 = _halves(tl.load(wb + u_offs))
-        u2, u3 = _halves(tl.load(wb + u_offs + 1))
-        v0, v1 = _halves(tl.load(wb + v_offs))
-        v2, v3 = _halves(tl.load(wb + v_offs + 1))
+        u0, u1 = _halves(tl.load(wb + u_offs, eviction_policy=EVICT_W))
+        u2, u3 = _halves(tl.load(wb + u_offs + 1, eviction_policy=EVICT_W))
+        v0, v1 = _halves(tl.load(wb + v_offs, eviction_policy=EVICT_W))
+        v2, v3 = _halves(tl.load(wb + v_offs + 1, eviction_policy=EVICT_W))
         return (u0, u1, u2, u3), (v0, v1, v2, v3)
 
     @triton.jit
@@ -873,7 +859,7 @@ if triton_available():
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         N, K, stride_wn, stride_sn, stride_zn,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT_W: tl.constexpr = "",
     ):
         """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
         packed layout read as int64 (N, K/16; two int32 words of 8 nibbles each), x as int64
@@ -893,7 +879,8 @@ if triton_available():
         bit operations only (see _int4_mma_asm), a segment's products accumulate in fp32 in
         the tensor cores, and the group's scale and zero apply once per row in fp32. Row r's
         result is in lanes 4r..4r+3 (all equal), reduced once at the end.
-        ``BLOCK_N`` = 16 · (row blocks); split-K over segments."""
+        ``BLOCK_N`` = 16 · (row blocks); split-K over segments; EVICT_W: the weight loads'
+        eviction policy ("" or "evict_first")."""
         G: tl.constexpr = BLOCK_N // 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -923,13 +910,13 @@ if triton_available():
             # depend on it), its x after
             first = tl.minimum(seg_start, n_seg - 1)  # a split past the end loads (and adds) nothing
             last = tl.maximum(seg_end - 1, first)
-            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
+            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs, EVICT_W)
             if PDL:
                 gdc_wait()
             X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
             for seg in range(seg_start, seg_end):
                 nxt = tl.minimum(seg + 1, last)
-                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
+                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs, EVICT_W)
                 X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
                 acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
                 U, V, X, SZ = U1, V1, X1, SZ1
@@ -937,7 +924,7 @@ if triton_available():
             if PDL:
                 gdc_wait()
             for seg in range(seg_start, seg_end):
-                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
+                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs, EVICT_W)
                 X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
                 acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
         # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r

@@ -175,18 +175,18 @@ def test_int8_kernel_wide_gemv_tiles(kernel_device, N, K, config):
     _check(out, truth, torch.bfloat16, (1, N))
 
 
-# the one-row tiles with the next weight tile requested before this one's arithmetic
-# (PREFETCH) and evict-first weight loads: whole and ragged K, splits past the end of K
-INT8_PREFETCH = [dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=256, SPLIT_K=1, PREFETCH=True),
-                 dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, SPLIT_K=3, PREFETCH=True, EVICT_W="evict_first"),
-                 dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=64, SPLIT_K=16, PREFETCH=True)]
+# one-row tiles with evict-first weight loads (the autotuner's int8 GEMV tiles have them):
+# whole and ragged K, splits past the end of K
+INT8_EVICT = [dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=256, SPLIT_K=1, EVICT_W="evict_first"),
+              dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=128, SPLIT_K=3, EVICT_W="evict_first"),
+              dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=64, SPLIT_K=16, EVICT_W="evict_first")]
 
 
 @pytest.mark.parametrize("N,K", [(7, 1000), (37, 1024), (1, 197)])
-@pytest.mark.parametrize("config", INT8_PREFETCH, ids=["k256", "k128_split3_evict", "k64_split16"])
+@pytest.mark.parametrize("config", INT8_EVICT, ids=["k256", "k128_split3", "k64_split16"])
 @pytest.mark.parametrize("opts", ["plain", "glu+norm+res"])
-def test_int8_gemv_prefetch(kernel_device, N, K, config, opts):
-    g = _gen("i8prefetch", N, K, config["BLOCK_K"], opts)
+def test_int8_gemv_evict_first(kernel_device, N, K, config, opts):
+    g = _gen("i8evict", N, K, config["BLOCK_K"], opts)
     x, w, scales, bias, fopts, truth = _fused_inputs(1, N, K, torch.bfloat16, opts if opts != "plain" else "", 1, g)
     fopts = dict(fopts, norm_weight=_to(kernel_device, fopts["norm_weight"])[0],
                  residual=_to(kernel_device, fopts["residual"])[0])
@@ -675,7 +675,7 @@ def test_cuda_fused_llama_shapes(N, K, opts, M):
 @pytest.mark.cuda
 def test_cuda_every_quantized_gemv_config():
     """Every int8 and int4 GEMV tile the autotuner may pick (one row) and the int8 tiles'
-    prefetch / eviction variants, forced, on a w2-like
+    evict-first variants, forced, on a w2-like
     shape whose K (11008) is no multiple of most blocks (whole blocks and a masked tail),
     against an fp32 product of the same weights: a tile that only the GPU compiler gets
     wrong cannot hide behind the autotuner's choice on the GPU the tests run on."""
@@ -806,14 +806,16 @@ if not dot:
 if kernel_name == "_linear_kernel":
     sig = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*bf16", b_ptr="*bf16", nw_ptr="*bf16", r_ptr="*bf16", eps="fp32")
     const = dict(common, QUANT=1, EVEN_K=True, GLU="glu" in opts, NORM="norm" in opts, HAS_RES="res" in opts,
-                 PREFETCH="prefetch" in opts, EVICT_W="evict_first" if "evict" in opts else "")
+                 EVICT_W="evict_first" if "evict" in opts else "")
 else:
     sig = dict(x_ptr="*bf16", w_ptr="*i32", s_ptr="*bf16", z_ptr="*bf16", b_ptr="*bf16")
     const = dict(common, GROUP=128, GPB=max(1, block_k // 128), EVEN_W=True, PREFETCH=split > 1)
 sig.update(out_ptr="*bf16", ws_ptr="*fp32", cnt_ptr="*i32")
 """ + _AOT_PTX + r"""
 print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol.wait" in ptx else "no-pdl",
-      "i2f" if re.search(r"cvt\.rn\.f32\.s(8|16)\b", ptx) else "no-i2f", "v2-loads" if "ld.global.v2.b32" in ptx else "no-v2-loads")
+      "i2f" if re.search(r"cvt\.rn\.f32\.s(8|16)\b", ptx) else "no-i2f", "v2-loads" if "ld.global.v2.b32" in ptx else "no-v2-loads",
+      "evict-first" if "L2::evict_first" in ptx else "no-evict",
+      "trigger" if "griddepcontrol.launch_dependents" in ptx else "no-trigger")
 """
 
 
@@ -823,8 +825,8 @@ print("acq_rel" if ".acq_rel" in ptx else "no-atomics", "pdl" if "griddepcontrol
     ("_linear_kernel", 1, "-", 8, 512, 4), ("_linear_kernel", 4, "-", 8, 512, 4), ("_linear_kernel", 1, "-", 8, 2048, 8),
     ("_int4_kernel", 4, "-", 8, 256, 4), ("_int4_kernel", 1, "-", 64, 512, 8),
     ("_linear_kernel", 1, "norm,res", 8, 512, 4), ("_linear_kernel", 4, "norm,glu,res", 8, 512, 4),
-    ("_linear_kernel", 2, "glu", 8, 1024, 8), ("_linear_kernel", 1, "prefetch,evict,norm", 8, 1024, 4),
-    ("_linear_kernel", 4, "prefetch,glu,res", 16, 512, 4),
+    ("_linear_kernel", 2, "glu", 8, 1024, 8), ("_linear_kernel", 1, "evict,norm", 8, 1024, 4),
+    ("_linear_kernel", 4, "evict,glu,res", 16, 512, 4),
     ("_linear_kernel", 1, "dot,norm,glu,res", 32, 128, 4), ("_linear_kernel", 2, "dot,norm,res", 32, 128, 4)])
 def test_kernels_compile_for_hopper(kernel_name, split, opts, block_n, block_k, warps):
     """Compile the kernels ahead of time for sm_90 with M = 1 (which Triton turns into a
@@ -833,15 +835,19 @@ def test_kernels_compile_for_hopper(kernel_name, split, opts, block_n, block_k, 
     fusions, and the 16-row dot path: catches code that only the GPU compiler rejects,
     without a GPU. In a fresh process without Triton's interpreter. Also checks the
     compiled int8 GEMV has no int-to-float conversion of its weights (the fusions convert
-    K once: an s32 conversion) and the int4 GEMV loads its words two per lane."""
+    K once: an s32 conversion), the int4 GEMV loads its words two per lane, and
+    EVICT_W="evict_first" gives the weight loads an L2 evict-first policy."""
     r = run_aot_compile(_AOT_COMPILE, kernel_name, str(split), opts, str(block_n), str(block_k), str(warps))
     assert r.returncode == 0, r.stderr[-3000:]
-    flags = r.stdout.split()[-4:]
+    flags = r.stdout.split()[-6:]
     # the arrival counter with split-K; griddepcontrol.wait where PDL is on (here: with split-K)
     assert flags[:2] == (["acq_rel", "pdl"] if split > 1 else ["no-atomics", "no-pdl"])
     assert flags[2] == "no-i2f"
     if kernel_name == "_int4_kernel":
         assert flags[3] == "v2-loads"
+    assert flags[4] == ("evict-first" if "evict" in opts else "no-evict")
+    # the bf16 / int8 kernel lets the next kernel launch early (PDL); the int4 kernel does not
+    assert flags[5] == ("trigger" if split > 1 and kernel_name == "_linear_kernel" else "no-trigger")
 
 
 _AOT_MMA = r"""
@@ -856,10 +862,12 @@ jit = wol._int4_mma_kernel.fn  # autotune -> jit
 dt = "fp16" if f16 else "bf16"
 sig = dict(x_ptr="*i64", w_ptr="*i64", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}",
            ws_ptr="*fp32", cnt_ptr="*i32")
-const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch)
+const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch,
+             EVICT_W="evict_first")
 """ + _AOT_PTX + r"""
 print(ptx.count("mma.sync.aligned.m16n8k16"), "local" if ".local" in ptx else "no-local",
-      "vector" if ".v2." in ptx.split("mma.sync")[0] or ".v4." in ptx.split("mma.sync")[0] else "scalar")
+      "vector" if ".v2." in ptx.split("mma.sync")[0] or ".v4." in ptx.split("mma.sync")[0] else "scalar",
+      "evict-first" if "L2::evict_first" in ptx else "no-evict")
 """
 
 
@@ -871,11 +879,12 @@ def test_int4_tensor_core_kernel_compiles_for_hopper(block_n, warps, split, grou
     run: compile it ahead of time for sm_90 (Triton's ptxas, no GPU) and check what its
     correctness rests on: two m16n8k16 mma per word pair and two per Σx (16 per segment and
     row block), scalar loads before the products (a vector load is what lets the compiler
-    give a warp's lanes to several row blocks), no local-memory spills."""
+    give a warp's lanes to several row blocks), no local-memory spills; the autotuner's
+    evict-first weight loads."""
     r = run_aot_compile(_AOT_MMA, str(block_n), str(warps), str(split), str(group), str(prefetch), str(f16))
     assert r.returncode == 0, r.stderr[-3000:]
-    n_mma, local, loads = r.stdout.split()[-3:]
-    assert local == "no-local" and loads == "scalar"
+    n_mma, local, loads, evict = r.stdout.split()[-4:]
+    assert local == "no-local" and loads == "scalar" and evict == "evict-first"
     assert int(n_mma) >= 16 and int(n_mma) % 16 == 0
 
 
