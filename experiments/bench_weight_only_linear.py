@@ -8,7 +8,7 @@
     python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,w2 --kinds int8,int4 --groups 128 --ms 1
     # the int8 GEMV over a wider tile list than the autotuner's (~2 minutes for wo, w2):
     python -m experiments.bench_weight_only_linear --sweep --shapes wo,w2 --kinds int8 --ms 1 --int8-wide --rep 30
-    # the int8 GEMV tiles with weight prefetch and evict-first loads:
+    # the int8 GEMV tiles with and without evict-first weight loads:
     python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,wo,w13,w2 --kinds int8 --ms 1 --int8-variants
 
 At decode time a linear reads every weight once per token, so its ceiling is the
@@ -217,7 +217,7 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
                       inputs8, call8))
         if M == 1 and args.int8_wide:  # the wider candidate list (wol.INT8_GEMV_SWEEP)
             kinds.append(("int8wide", wol._prune(wol.INT8_GEMV_SWEEP, named), N * K + N * 2, inputs8, call8))
-        if M == 1 and args.int8_variants:  # weight prefetch / eviction policy (wol.INT8_GEMV_VARIANTS)
+        if M == 1 and args.int8_variants:  # with and without evict-first loads (wol.INT8_GEMV_VARIANTS)
             kinds.append(("int8var", wol._prune(wol.INT8_GEMV_VARIANTS, named), N * K + N * 2, inputs8, call8))
     for group in (args.groups if "int4" in args.kinds else ()):
         packs = [(x, *(t.to(dtype) if t.is_floating_point() else t
@@ -265,7 +265,7 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
         tile = (f"N{c['BLOCK_N']} K{c.get('BLOCK_K', 128)} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
-                + (" prefetch" if c.get("PREFETCH") else ""))
+                + (" prefetch" if c.get("PREFETCH") else "") + (" evict" if c.get("EVICT_W") else ""))
         out.append({**{k: sel[0][k] for k in ("shape", "M", "N", "K", "kind", "us", "GB/s", "%copy")},
                     "median_us": sel[len(sel) // 2]["us"], "slowest_us": sel[-1]["us"], "n_configs": len(sel),
                     "config": tile})
@@ -291,7 +291,7 @@ def step_rows(rows, model, copy_gbs):
 
 def _record_name(base: str, args) -> str:
     """The JSON record's name: ``_llama3`` for those shapes, ``_int8wide`` with the wider
-    int8 list, ``_int8var`` with the prefetch / eviction variants, ``_subset`` where
+    int8 list, ``_int8var`` with the eviction variants, ``_subset`` where
     --shapes or --kinds left some out (a partial run never replaces the full record)."""
     subset = bool(args.shapes) or set(args.kinds) != {"bf16", "int8", "int4"}
     wide = "_int8wide" if getattr(args, "int8_wide", False) else ""
@@ -319,8 +319,8 @@ def main(argv=None):
     p.add_argument("--int8-wide", action="store_true",
                    help="with --sweep and int8 at M = 1: also time the wider int8 GEMV list (INT8_GEMV_SWEEP)")
     p.add_argument("--int8-variants", action="store_true",
-                   help="with --sweep and int8 at M = 1: also time the autotuner's int8 GEMV tiles with weight "
-                        "prefetch and L2 evict-first loads (INT8_GEMV_VARIANTS)")
+                   help="with --sweep and int8 at M = 1: also time the autotuner's int8 GEMV tiles with "
+                        "and without evict-first loads (INT8_GEMV_VARIANTS)")
     args = p.parse_args(argv)
     unknown = set(args.kinds) - {"bf16", "int8", "int4"}
     if unknown:

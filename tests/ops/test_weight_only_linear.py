@@ -571,6 +571,15 @@ def test_autotune_prune():
     assert all(c.kwargs["BLOCK_M"] == 1 and 16 <= c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= 64
                and c.kwargs["BLOCK_N"] >= _MIN_BLOCK_N and c.kwargs["SPLIT_K"] <= MAX_SPLIT_K for c in INT8_GEMV_SWEEP)
     assert {key(c) for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1} <= {key(c) for c in INT8_GEMV_SWEEP}
+    # the autotuner's int8 GEMV tiles (and the int4 tensor-core tiles) load weights evict-first;
+    # the --int8-variants list has each int8 tile with and without
+    # (the bf16 tiles keep the default policy: not measured with it)
+    from fastzoo.ops.weight_only_linear import _INT4_MMA_CONFIGS, INT8_GEMV_VARIANTS
+    int8_gemv = [c for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1]
+    assert all(c.kwargs["EVICT_W"] == "evict_first" for c in int8_gemv + _INT4_MMA_CONFIGS)
+    assert all("EVICT_W" not in c.kwargs for c in _FLOAT_CONFIGS)
+    assert sorted((key(c), c.kwargs["EVICT_W"]) for c in INT8_GEMV_VARIANTS) == sorted(
+        (key(c), ev) for c in int8_gemv for ev in ("", "evict_first"))
 
 
 # ----------------------------------------------------------------------------------
