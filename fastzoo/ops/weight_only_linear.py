@@ -505,8 +505,8 @@ if triton_available():
         outputs stay)."""
         if PDL:
             # the next kernel may launch once every program here has started (it waits for
-            # this one's writes): +2-3 % int8 / bf16 decode on an H100 (the int4 kernels and
-            # decode attention measured slower with it and do not)
+            # this one's writes): +2 to +4.5 % int8 and +1 % bf16 decode on an H100 (with it
+            # the int4 kernels and decode attention measured slower: they do not call it)
             gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -738,9 +738,8 @@ if triton_available():
     # block per warp; split-K over 128-column segments; prefetching the next segment's
     # words or not): the best for each of Llama-2-7B's shapes among INT4_MMA_SWEEP on an H200
     # and an H100 (``experiments.bench_weight_only_linear --sweep``).
-    def _mma_cfg(bn, warps, split, pf, evict="evict_first"):
-        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf, "EVICT_W": evict}, num_warps=warps,
-                             num_stages=1)
+    def _mma_cfg(bn, warps, split, pf):
+        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf}, num_warps=warps, num_stages=1)
 
     _INT4_MMA_CONFIGS = [_mma_cfg(*c) for c in ((64, 1, 8, False), (64, 1, 4, False), (128, 2, 16, False),
                                                 (256, 8, 16, True), (64, 2, 8, True), (64, 2, 16, False))]
@@ -809,14 +808,14 @@ if triton_available():
         return v.to(tl.int32), (v >> 32).to(tl.int32)
 
     @triton.jit
-    def _int4_mma_words(w_ptr, seg, u_offs, v_offs, EVICT_W: tl.constexpr):
+    def _int4_mma_words(w_ptr, seg, u_offs, v_offs):
         """Segment ``seg``'s 4 words of rows r and r + 8 of each lane (w an int64 view: two
-        scalar 8-byte loads a row, one element per thread; eviction policy EVICT_W)."""
+        scalar 8-byte loads a row, one element per thread)."""
         wb = w_ptr + seg * 8
-        u0, u1 = _halves(tl.load(wb + u_offs, eviction_policy=EVICT_W))
-        u2, u3 = _halves(tl.load(wb + u_offs + 1, eviction_policy=EVICT_W))
-        v0, v1 = _halves(tl.load(wb + v_offs, eviction_policy=EVICT_W))
-        v2, v3 = _halves(tl.load(wb + v_offs + 1, eviction_policy=EVICT_W))
+        u0, u1 = _halves(tl.load(wb + u_offs))
+        u2, u3 = _halves(tl.load(wb + u_offs + 1))
+        v0, v1 = _halves(tl.load(wb + v_offs))
+        v2, v3 = _halves(tl.load(wb + v_offs + 1))
         return (u0, u1, u2, u3), (v0, v1, v2, v3)
 
     @triton.jit
@@ -861,7 +860,7 @@ if triton_available():
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         N, K, stride_wn, stride_sn, stride_zn,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, EVICT_W: tl.constexpr = "",
+        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
         packed layout read as int64 (N, K/16; two int32 words of 8 nibbles each), x as int64
@@ -881,8 +880,7 @@ if triton_available():
         bit operations only (see _int4_mma_asm), a segment's products accumulate in fp32 in
         the tensor cores, and the group's scale and zero apply once per row in fp32. Row r's
         result is in lanes 4r..4r+3 (all equal), reduced once at the end.
-        ``BLOCK_N`` = 16 · (row blocks); split-K over segments; EVICT_W: the weight loads'
-        eviction policy ("" or "evict_first")."""
+        ``BLOCK_N`` = 16 · (row blocks); split-K over segments."""
         G: tl.constexpr = BLOCK_N // 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -912,13 +910,13 @@ if triton_available():
             # depend on it), its x after
             first = tl.minimum(seg_start, n_seg - 1)  # a split past the end loads (and adds) nothing
             last = tl.maximum(seg_end - 1, first)
-            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs, EVICT_W)
+            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
             if PDL:
                 gdc_wait()
             X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
             for seg in range(seg_start, seg_end):
                 nxt = tl.minimum(seg + 1, last)
-                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs, EVICT_W)
+                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
                 X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
                 acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
                 U, V, X, SZ = U1, V1, X1, SZ1
@@ -926,7 +924,7 @@ if triton_available():
             if PDL:
                 gdc_wait()
             for seg in range(seg_start, seg_end):
-                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs, EVICT_W)
+                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
                 X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
                 acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
         # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r

@@ -571,12 +571,11 @@ def test_autotune_prune():
     assert all(c.kwargs["BLOCK_M"] == 1 and 16 <= c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) <= 64
                and c.kwargs["BLOCK_N"] >= _MIN_BLOCK_N and c.kwargs["SPLIT_K"] <= MAX_SPLIT_K for c in INT8_GEMV_SWEEP)
     assert {key(c) for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1} <= {key(c) for c in INT8_GEMV_SWEEP}
-    # the autotuner's int8 GEMV tiles (and the int4 tensor-core tiles) load weights evict-first;
-    # the --int8-variants list has each int8 tile with and without
-    # (the bf16 tiles keep the default policy: not measured with it)
-    from fastzoo.ops.weight_only_linear import _INT4_MMA_CONFIGS, INT8_GEMV_VARIANTS
+    # the autotuner's int8 GEMV tiles load weights evict-first; the --int8-variants list has
+    # each int8 tile with and without (the bf16 tiles keep the default policy: not measured)
+    from fastzoo.ops.weight_only_linear import INT8_GEMV_VARIANTS
     int8_gemv = [c for c in _INT8_CONFIGS if c.kwargs["BLOCK_M"] == 1]
-    assert all(c.kwargs["EVICT_W"] == "evict_first" for c in int8_gemv + _INT4_MMA_CONFIGS)
+    assert all(c.kwargs["EVICT_W"] == "evict_first" for c in int8_gemv)
     assert all("EVICT_W" not in c.kwargs for c in _FLOAT_CONFIGS)
     assert sorted((key(c), c.kwargs["EVICT_W"]) for c in INT8_GEMV_VARIANTS) == sorted(
         (key(c), ev) for c in int8_gemv for ev in ("", "evict_first"))
@@ -871,12 +870,10 @@ jit = wol._int4_mma_kernel.fn  # autotune -> jit
 dt = "fp16" if f16 else "bf16"
 sig = dict(x_ptr="*i64", w_ptr="*i64", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}",
            ws_ptr="*fp32", cnt_ptr="*i32")
-const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch,
-             EVICT_W="evict_first")
+const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch)
 """ + _AOT_PTX + r"""
 print(ptx.count("mma.sync.aligned.m16n8k16"), "local" if ".local" in ptx else "no-local",
-      "vector" if ".v2." in ptx.split("mma.sync")[0] or ".v4." in ptx.split("mma.sync")[0] else "scalar",
-      "evict-first" if "L2::evict_first" in ptx else "no-evict")
+      "vector" if ".v2." in ptx.split("mma.sync")[0] or ".v4." in ptx.split("mma.sync")[0] else "scalar")
 """
 
 
@@ -888,12 +885,11 @@ def test_int4_tensor_core_kernel_compiles_for_hopper(block_n, warps, split, grou
     run: compile it ahead of time for sm_90 (Triton's ptxas, no GPU) and check what its
     correctness rests on: two m16n8k16 mma per word pair and two per Σx (16 per segment and
     row block), scalar loads before the products (a vector load is what lets the compiler
-    give a warp's lanes to several row blocks), no local-memory spills; the autotuner's
-    evict-first weight loads."""
+    give a warp's lanes to several row blocks), no local-memory spills."""
     r = run_aot_compile(_AOT_MMA, str(block_n), str(warps), str(split), str(group), str(prefetch), str(f16))
     assert r.returncode == 0, r.stderr[-3000:]
-    n_mma, local, loads, evict = r.stdout.split()[-4:]
-    assert local == "no-local" and loads == "scalar" and evict == "evict-first"
+    n_mma, local, loads = r.stdout.split()[-3:]
+    assert local == "no-local" and loads == "scalar"
     assert int(n_mma) >= 16 and int(n_mma) % 16 == 0
 
 
