@@ -138,6 +138,10 @@ def measure(gen, B, cfg, args, sampling, device, weight_bytes, copy_gbs) -> dict
         "first_run_s": first_s,
         "steady_run_s": steady_s,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        # every timed run, in order: the spread between runs and processes (host speed, the
+        # autotuner's picks) is part of the figure
+        "runs_tokens_per_s_per_seq": [res.steps / res.decode_s for _, res in runs],
+        "runs_time_to_first_token_ms": [res.prefill_s * 1e3 for _, res in runs],
     }
     if args.compile:
         entry["compile_s"] = max(first_s - steady_s, 0.0)
@@ -162,7 +166,9 @@ def _line(label, B, e, copy_gbs, compiled):
             + (f" ({e['pct_of_copy_bandwidth']:.0f}% of copy {copy_gbs:.0f} GB/s)" if copy_gbs else "")
             + (f", acceptance {e['acceptance_rate']:.1%}, {e['tokens_per_round']:.2f} tok/round"
                if "acceptance_rate" in e else "")
-            + f", TTFT {e['time_to_first_token_ms']:.1f} ms" + (f", compile {e['compile_s']:.1f} s" if compiled else ""))
+            + f", TTFT {e['time_to_first_token_ms']:.1f} ms" + (f", compile {e['compile_s']:.1f} s" if compiled else "")
+            + (f" (runs {min(e['runs_tokens_per_s_per_seq']):.1f} to {max(e['runs_tokens_per_s_per_seq']):.1f} tok/s)"
+               if len(e.get("runs_tokens_per_s_per_seq", ())) > 1 else ""))
 
 
 def main(argv=None):
