@@ -14,8 +14,8 @@ bandwidth. The kernels here are built for that regime:
   x's dtype and resets the counter to zero. No zeroed workspace, no cast kernel: one
   launch per linear. (The counters live in a small zeroed int32 buffer per device; the
   launches of one device must not run concurrently on two streams.)
-- on Hopper and newer, programmatic dependent launch: the bf16 / int8 kernel lets the
-  next launch once all its programs have started (``griddepcontrol.launch_dependents``),
+- on Hopper and newer, programmatic dependent launch: the bf16 / int8 one-row GEMV lets
+  the next launch once all its programs have started (``griddepcontrol.launch_dependents``),
   so a kernel starts while the previous one drains; it requests its first weight tile, then
   ``griddepcontrol.wait`` orders its reads of x after the previous kernel's writes.
 - one token (M = 1): a GEMV whose accumulator is a (BLOCK_N, BLOCK_K) fp32 tile reduced
@@ -503,10 +503,11 @@ if triton_available():
         r[m, n] is added (fp32, one rounding). One-row tiles: EVICT_W is the weight loads'
         L1/L2 eviction policy ("" or "evict_first": the weights stream once, x and the
         outputs stay)."""
-        if PDL:
+        if PDL and BLOCK_M == 1:
             # the next kernel may launch once every program here has started (it waits for
-            # this one's writes): +2 to +4.5 % int8 and +1 % bf16 decode on an H100 (with it
-            # the int4 kernels and decode attention measured slower: they do not call it)
+            # this one's writes): +2 to +4.5 % int8 and +1 % bf16 batch-1 decode on an H100
+            # (with it the int4 kernels and decode attention measured slower: they do not
+            # call it; the 16-row path is not measured with it)
             gdc_launch_dependents()
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
