@@ -3,6 +3,7 @@
     python -m fastzoo.llama.quantize --checkpoint DIR --mode int8 --out DIR_INT8
     python -m fastzoo.llama.quantize --checkpoint DIR --mode int4 --group-size 128 --out DIR_INT4
     python -m fastzoo.llama.quantize --checkpoint DIR --mode int4 --gptq --calibration text.txt --out DIR_GPTQ
+    python -m fastzoo.llama.quantize --checkpoint DIR --mode int4 --gptq --calibration-ids ids.pt --out DIR_GPTQ
 
 The output directory holds ``model.pth`` (the quantized state dict: int8 / packed uint8
 weights, scales, zeros), the tokenizer, and ``config.json`` whose ``fastzoo_quantization``
@@ -74,7 +75,12 @@ def calibration_tokens(source, tokenizer=None, n_samples: int = 128, seq_len: in
             raise LlamaError(f"calibration file not found: {path}")
         if tokenizer is None:
             raise LlamaError("a tokenizer is needed to tokenize the calibration text")
-        ids = torch.tensor(tokenizer.encode(path.read_text(encoding="utf-8"), bos=True), dtype=torch.long)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LlamaError(f"calibration file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                             f"token ids go in a torch.save'd tensor (--calibration-ids)") from None
+        ids = torch.tensor(tokenizer.encode(text, bos=True), dtype=torch.long)
     else:
         ids = torch.as_tensor(source, dtype=torch.long)
         if ids.dim() == 2:
@@ -151,15 +157,17 @@ def quantize_checkpoint(checkpoint, out, mode: str, group_size: int | None = Non
                         calibration=None, n_samples: int = 128, seq_len: int = 2048, device=None, dtype=None,
                         blocksize: int = 128, percdamp: float = 0.01, force: bool = False,
                         progress: bool = True) -> Path:
-    """Library form of the CLI: load ``checkpoint``, quantize, write ``out``."""
+    """Library form of the CLI: load ``checkpoint``, quantize, write ``out``. ``calibration``
+    (GPTQ): a text file (tokenized with the checkpoint's tokenizer) or token ids (a tensor or
+    list, 1-D or ``[n, T]``)."""
     checkpoint = Path(checkpoint)
     qcfg = quant_config_for(mode, group_size)
     if gptq and mode != "int4":
         raise LlamaError("--gptq quantizes to int4: use it with --mode int4")
     if gptq and calibration is None:
-        raise LlamaError("--gptq needs --calibration FILE (a text file)")
+        raise LlamaError("--gptq needs --calibration FILE (a text file) or --calibration-ids FILE (token ids)")
     if not gptq and calibration is not None:
-        raise LlamaError("--calibration is only used with --gptq")
+        raise LlamaError("--calibration / --calibration-ids are only used with --gptq")
     out = Path(out)
     if out.resolve() == checkpoint.resolve():
         raise LlamaError("--out must differ from --checkpoint")
@@ -174,18 +182,38 @@ def quantize_checkpoint(checkpoint, out, mode: str, group_size: int | None = Non
     if mode == "int4":
         record["group_size"] = qcfg.group_size
     if gptq:
-        from .tokenizer import load_tokenizer
-        if tok is None:
-            raise LlamaError(f"tokenizer not found in {checkpoint}: needed to tokenize the calibration text")
-        ids = calibration_tokens(calibration, load_tokenizer(tok), n_samples, seq_len)
+        text = isinstance(calibration, (str, Path))
+        tokenizer = None
+        if text:
+            from .tokenizer import load_tokenizer
+            if tok is None:
+                raise LlamaError(f"tokenizer not found in {checkpoint}: needed to tokenize the calibration text")
+            tokenizer = load_tokenizer(tok)
+        ids = calibration_tokens(calibration, tokenizer, n_samples, seq_len)
         config = GPTQ(qcfg.group_size, blocksize, percdamp)
         gptq_quantize_llama_(model, ids, config, device=device, progress=progress)
-        record.update(blocksize=blocksize, percdamp=percdamp, calibration_tokens=int(ids.numel()),
-                      calibration_file=Path(calibration).name)
+        record.update(blocksize=blocksize, percdamp=percdamp, calibration_tokens=int(ids.numel()))
+        if text:
+            record["calibration_file"] = Path(calibration).name
     else:
         quantize_model_(model, qcfg, device=device, progress=progress)
     model.to("cpu")
     return save_quantized(model, out, tok, record, force=force)
+
+
+def load_token_ids(path) -> torch.Tensor:
+    """Token ids saved with ``torch.save``: an integer tensor, 1-D or ``[n, T]``."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlamaError(f"calibration token ids not found: {path}")
+    try:
+        ids = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same message
+        raise LlamaError(f"{path} is not a torch.save'd tensor of token ids ({type(e).__name__})") from None
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dim() not in (1, 2):
+        found = f"a {ids.dim()}-D {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise LlamaError(f"{path}: expected an integer tensor of token ids, 1-D or [n, T]; found {found}")
+    return ids.long()
 
 
 def main(argv=None) -> int:
@@ -194,7 +222,10 @@ def main(argv=None) -> int:
     p.add_argument("--mode", required=True, help="int8 (per channel) or int4 (group-wise)")
     p.add_argument("--group-size", type=int, default=None, help=f"int4 group size {INT4_GROUP_SIZES} (default 128)")
     p.add_argument("--gptq", action="store_true", help="GPTQ instead of round-to-nearest (int4)")
-    p.add_argument("--calibration", type=Path, help="GPTQ calibration text file")
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument("--calibration", type=Path, help="GPTQ calibration text file")
+    cal.add_argument("--calibration-ids", type=Path,
+                     help="GPTQ calibration token ids: a torch.save'd integer tensor, 1-D or [n, T]")
     p.add_argument("--calibration-samples", type=int, default=128)
     p.add_argument("--calibration-seq-len", type=int, default=2048)
     p.add_argument("--blocksize", type=int, default=128)
@@ -214,7 +245,8 @@ def main(argv=None) -> int:
                 GPTQ(a.group_size or 128, a.blocksize, a.percdamp)
         except ValueError as e:
             raise LlamaError(str(e)) from None
-        out = quantize_checkpoint(a.checkpoint, a.out, a.mode, a.group_size, a.gptq, a.calibration,
+        calibration = a.calibration if a.calibration_ids is None else load_token_ids(a.calibration_ids)
+        out = quantize_checkpoint(a.checkpoint, a.out, a.mode, a.group_size, a.gptq, calibration,
                                   a.calibration_samples, a.calibration_seq_len, device=device, dtype=dtype,
                                   blocksize=a.blocksize, percdamp=a.percdamp, force=a.force)
     except LlamaError as e:

@@ -70,6 +70,46 @@ def test_gptq_checkpoint_round_trip(float_ckpt, tmp_path):
     assert generate(loaded, PROMPTS, 6).tokens == generate(mem, PROMPTS, 6).tokens
 
 
+def test_gptq_from_token_ids(float_ckpt, tmp_path):
+    """--calibration-ids: a torch.save'd tensor of token ids, no tokenizer involved; the
+    checkpoint equals in-memory GPTQ on the same ids."""
+    model, ckpt = float_ckpt
+    ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(3))
+    torch.save(ids, tmp_path / "ids.pt")
+    out = tmp_path / "gptq_ids"
+    assert quantize_main(["--checkpoint", str(ckpt), "--out", str(out), "--mode", "int4", "--group-size", "32",
+                          "--gptq", "--calibration-ids", str(tmp_path / "ids.pt"), "--blocksize", "64",
+                          "--device", "cpu"]) == 0
+    rec = json.loads((out / "config.json").read_text())[QUANT_FIELD]
+    assert rec["method"] == "gptq" and rec["calibration_tokens"] == 96 and "calibration_file" not in rec
+    from fastzoo.llama.quantize import gptq_quantize_llama_
+    from fastzoo.quant import GPTQ
+    mem = gptq_quantize_llama_(copy.deepcopy(model), ids, GPTQ(32, 64), device="cpu", progress=False)
+    loaded = load_model(out)
+    for k, v in mem.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+
+
+def test_calibration_file_errors(float_ckpt, tmp_path, capsys):
+    """A calibration text that is not UTF-8, and token-id files that are not an integer
+    tensor, are errors that say what was expected; both options at once are refused."""
+    _, ckpt = float_ckpt
+    (tmp_path / "bin.txt").write_bytes(bytes(range(128, 256)) * 4)
+    torch.save(torch.rand(4, 8), tmp_path / "float.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a tensor")
+    base = ["--checkpoint", str(ckpt), "--mode", "int4", "--group-size", "32", "--gptq", "--device", "cpu"]
+    for argv, msg in ((["--calibration", str(tmp_path / "bin.txt")], "is not UTF-8 text"),
+                      (["--calibration-ids", str(tmp_path / "float.pt")], "expected an integer tensor"),
+                      (["--calibration-ids", str(tmp_path / "junk.pt")], "is not a torch.save'd tensor"),
+                      (["--calibration-ids", str(tmp_path / "none.pt")], "token ids not found")):
+        out = tmp_path / "bad"
+        assert quantize_main([*base, "--out", str(out), *argv]) == 1
+        assert msg in capsys.readouterr().err
+        assert not out.exists()
+    with pytest.raises(SystemExit):
+        quantize_main([*base, "--out", str(tmp_path / "o"), "--calibration", "a.txt", "--calibration-ids", "b.pt"])
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["--mode", "int3"], "unknown quantization mode"),
     (["--mode", "int4", "--group-size", "48"], "group size must be one of"),
