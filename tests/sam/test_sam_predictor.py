@@ -167,9 +167,10 @@ def test_predictor_image_batch_with_prompt_counts(tiny):
 
 # --------------------------------------------------------------------------- low precision
 @torch.no_grad()
-@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 0.02), (torch.float16, 0.01)])
 def test_low_precision_vs_fp32_reference(tiny, dtype, bound):
-    """bf16 / fp16 model (as ``build_sam_fast`` prepares it) vs the fp32 reference."""
+    """bf16 / fp16 model (as ``build_sam_fast`` prepares it) vs the fp32 reference; bf16
+    within the SAM issue's accuracy goal (low-res mask logits ≤ 2e-2 relative error)."""
     from segment_anything import SamPredictor as RefPredictor
 
     ref, ours = tiny
