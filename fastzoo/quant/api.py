@@ -192,11 +192,19 @@ def quantize_(model: nn.Module, config: QuantConfig | str, filter_fn: FilterFn |
     so a quantized checkpoint can be loaded with ``load_state_dict(..., assign=True)``
     into a model built on meta and quantized first.
 
-    ``calibration``: for ``Int8Static``, an iterable of model inputs (tensors, or tuples of
-    positional arguments): ``model(*batch)`` runs on each, in float, and the observers
-    record every selected linear's input range before the swap.
+    ``calibration``: for ``Int8Static`` and ``GPTQ``, an iterable of model inputs (tensors,
+    or tuples of positional arguments): ``model(*batch)`` runs on each, in float, and the
+    observers record every selected linear's input range (``Int8Static``) or its Hessian
+    ``2 X Xᵀ`` (``GPTQ``: all in one pass, every Hessian held at once; for a Llama model
+    ``fastzoo.llama.quantize.gptq_quantize_llama_`` goes layer by layer instead, each
+    layer's Hessians from the already-quantized layers' outputs) before the swap.
     """
     config = as_config(config)
+    if hasattr(config, "quantize_model_"):  # configs that quantize from statistics of the whole model
+        if calibration is None:
+            raise ValueError(f"{config.name} needs calibration batches: quantize_(model, config, calibration=batches)")
+        config.quantize_model_(model, calibration, filter_fn)
+        return model
     targets = select_linears(model, filter_fn)
     extra: dict[str, dict] = {fqn: {} for fqn, _ in targets}
     if getattr(config, "needs_calibration", False):

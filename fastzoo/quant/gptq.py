@@ -20,7 +20,8 @@ Pieces:
 * :func:`gptq_quantize_block_` — one block of a model (e.g. a decoder layer): collect the
   Hessians of its linears on calibration inputs, swap them for GPTQ-quantized int4
   linears, and return the block's outputs (through the quantized block) for the next one;
-* :class:`GPTQ` — the configuration (its CLI name is ``gptq-g<group_size>``).
+* :class:`GPTQ` — the configuration (its CLI name is ``gptq-g<group_size>``);
+  ``quantize_(model, GPTQ(...), calibration=batches)`` quantizes any model from one pass.
 
 The model-level, layer-by-layer driver for Llama is :func:`fastzoo.llama.quantize.gptq_quantize_llama_`.
 """
@@ -64,10 +65,26 @@ class GPTQ(QuantConfig):
     def name(self) -> str:
         return f"gptq-g{self.group_size}"
 
+    def quantize_model_(self, model: nn.Module, calibration: Iterable,
+                        filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+        """``quantize_(model, GPTQ(...), calibration=batches)``: the Hessians of every selected
+        linear from one pass of ``model(*batch)`` over the batches (in eval mode), then each
+        linear GPTQ-quantized (``gptq_quantize_block_`` with the whole model as the block)."""
+        from .calibrate import _as_args
+
+        was_training = model.training
+        model.eval()
+        try:
+            gptq_quantize_block_(model, calibration, lambda m, batch: m(*_as_args(batch)), self, filter_fn,
+                                 propagate=False)
+        finally:
+            model.train(was_training)
+        return model
+
     def quantize_linear(self, linear: nn.Linear, hessian: torch.Tensor | None = None) -> nn.Module:
         if hessian is None:
-            raise ValueError("GPTQ needs calibration data: use fastzoo.llama.quantize.gptq_quantize_llama_ "
-                             "(or gptq_quantize_block_) instead of quantize_ with a GPTQ config")
+            raise ValueError("GPTQ needs calibration data: quantize_(model, GPTQ(...), calibration=batches), "
+                             "fastzoo.llama.quantize.gptq_quantize_llama_ or gptq_quantize_block_")
         w = linear.weight
         m = Int4WeightOnlyLinear(linear.in_features, linear.out_features, linear.bias is not None,
                                  self.group_size, device=w.device, dtype=w.dtype)

@@ -79,6 +79,25 @@ def test_gptq_llama_layer_error_below_rtn(group_size):
     assert e_g < e_r  # end to end on the calibration tokens too
 
 
+def test_quantize_api_gptq_any_model_below_rtn():
+    """``quantize_(model, GPTQ(g), calibration=batches)`` on a plain MLP: every linear becomes
+    an int4 linear of that group size, the outputs on the calibration inputs are closer to
+    the float model's than round-to-nearest's, and the model's training flag is kept."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).train()
+    basis = torch.randn(8, 128)
+    batches = [torch.randn(64, 8) @ basis + 0.1 * torch.randn(64, 128) for _ in range(4)]  # correlated inputs
+    gptq = quantize_(copy.deepcopy(model), GPTQ(32, blocksize=64), calibration=batches)
+    rtn = quantize_(copy.deepcopy(model), Int4WeightOnly(32))
+    assert gptq.training and all(isinstance(gptq[i], Int4WeightOnlyLinear) and gptq[i].group_size == 32
+                                 for i in (0, 2))
+    with torch.no_grad():
+        x = torch.cat(batches)
+        ref = model(x)
+        e_g, e_r = (gptq(x) - ref).norm(), (rtn(x) - ref).norm()
+    assert e_g < 0.8 * e_r, (float(e_g), float(e_r))
+
+
 def test_gptq_config_errors():
     with pytest.raises(ValueError, match="group_size"):
         GPTQ(48)
