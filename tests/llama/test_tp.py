@@ -16,10 +16,11 @@ from fastzoo.llama.config import LlamaConfig, LlamaError
 from fastzoo.llama.generate import Generator, generate
 from fastzoo.llama.model import Transformer
 from fastzoo.llama.tp import load_tp_model, shard_model_, shard_state_dict
-from llama_testutils import VOCAB
+from llama_testutils import VOCAB, make_tiny_model
 
 WORLD = 2
 KINDS = ("mha", "gqa")
+QKINDS = ("int8-mha", "int8-gqa", "int4-g32")  # quantized checkpoints (fixture ``quantized``)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 NEW = 8
 STOP_NEW, STOP_CHECK = 20, 2  # generation with stop tokens: checked every 2 steps
@@ -89,13 +90,12 @@ def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _worker(rank, init_file, ckpts, out):
+def _worker(rank, init_file, ckpts, qckpts, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
-        from fastzoo.quant import quantize_
         res = {}
         for kind, ckpt in ckpts.items():
             model = load_tp_model(ckpt, rank, WORLD, dtype=torch.float32)
@@ -119,10 +119,15 @@ def _worker(rank, init_file, ckpts, out):
                     res["symm_mem_error"] = str(e)
                 res["nccl_logits"] = load_tp_model(ckpt, rank, WORLD, dtype=torch.float32,
                                                    allreduce="nccl")(_tokens()).detach()
-            quantize_(model, "int8")
+        for qkind, ckpt in qckpts.items():  # quantized checkpoints: quantize, then shard
+            model = load_tp_model(ckpt, rank, WORLD, dtype=torch.float32)
             with torch.no_grad():
-                res[kind, "int8_logits"] = model(_tokens())
-            res[kind, "int8_greedy"] = generate(model, PROMPTS, NEW).tokens
+                res[qkind, "logits"] = model(_tokens())
+            res[qkind, "greedy"] = generate(model, PROMPTS, NEW).tokens
+            res[qkind, "modules"] = {name.rpartition(".")[2]: (type(m).__name__, {k: tuple(t.shape) for k, t in
+                                                                                 m.state_dict().items()})
+                                     for name, m in model.layers[0].named_modules()
+                                     if name.endswith(("wqkv", "wo", "w13", "w2"))}
         if rank == 0:
             torch.save(res, out)
     finally:
@@ -130,11 +135,31 @@ def _worker(rank, init_file, ckpts, out):
 
 
 @pytest.fixture(scope="module")
-def tp_results(converted, tmp_path_factory):
+def quantized(converted, tiktoken_file, tmp_path_factory):
+    """{qkind: (float checkpoint, quantized checkpoint)}: int8 of the converted MHA and GQA models
+    (written by ``quantize_checkpoint``) and int4 with group size 32 of a tiny GQA model whose
+    row-parallel layers hold whole groups on each of 2 ranks (written by the quantize CLI)."""
+    from fastzoo.llama.checkpoint import save_checkpoint
+    from fastzoo.llama.quantize import main as quantize_main
+    from fastzoo.llama.quantize import quantize_checkpoint
+    d = tmp_path_factory.mktemp("tpq")
+    out = {f"int8-{k}": (converted[k][1], quantize_checkpoint(converted[k][1], d / f"int8-{k}", "int8",
+                                                              progress=False)) for k in KINDS}
+    tiny = make_tiny_model(vocab_size=VOCAB)  # intermediate_size 128: w2's local width 64
+    fp = save_checkpoint(tiny, tiny.config, d / "tiny", tokenizer_path=tiktoken_file)
+    assert quantize_main(["--checkpoint", str(fp), "--out", str(d / "int4-g32"), "--mode", "int4",
+                          "--group-size", "32", "--device", "cpu"]) == 0
+    out["int4-g32"] = (fp, d / "int4-g32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp_results(converted, quantized, tmp_path_factory):
     import torch.multiprocessing as mp
     d = tmp_path_factory.mktemp("tp")
     ckpts = {k: str(converted[k][1]) for k in KINDS}
-    mp.spawn(_worker, args=(str(d / "init"), ckpts, str(d / "out.pt")), nprocs=WORLD, join=True)
+    qckpts = {k: str(quantized[k][1]) for k in QKINDS}
+    mp.spawn(_worker, args=(str(d / "init"), ckpts, qckpts, str(d / "out.pt")), nprocs=WORLD, join=True)
     return torch.load(d / "out.pt")
 
 
@@ -213,24 +238,36 @@ def test_tp_greedy_generation_matches(converted, tp_results, kind):
     assert all(len(t) == NEW for t in want)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_tp_int8_matches_single_process_int8(converted, tp_results, kind):
-    from fastzoo.quant import quantize_
-    ref = load_model(converted[kind][1], dtype=torch.float32)
-    with torch.no_grad():
-        fp = ref(_tokens())
-    quantize_(ref, "int8")
+@pytest.mark.parametrize("qkind", QKINDS)
+def test_tp_quantized_checkpoint_matches_single_process(quantized, tp_results, qkind):
+    """A quantized checkpoint (int8, int4) loaded under TP (quantize, then shard: every rank holds
+    the single-process quantized values) gives the single-process quantized logits up to the
+    all-reduce's summation order, and the same greedy tokens."""
+    fp_ckpt, ckpt = quantized[qkind]
+    ref = load_model(ckpt, dtype=torch.float32)
     with torch.no_grad():
         want = ref(_tokens())
-    got = tp_results[kind, "int8_logits"]
-    # row-parallel layers are quantized per rank's input slice: close to, not equal to, the
-    # single-process int8 model; both close to the float model
-    assert _rel_err(got, want) < 0.05
-    assert _rel_err(got, fp) < 0.05
-    assert not torch.equal(got, fp)  # really quantized
-    want_tokens = generate(ref, PROMPTS, NEW).tokens
-    agree = sum(a == b for x, y in zip(tp_results[kind, "int8_greedy"], want_tokens) for a, b in zip(x, y))
-    assert agree >= 0.75 * sum(len(t) for t in want_tokens)
+        fp = load_model(fp_ckpt, dtype=torch.float32)(_tokens())
+    got = tp_results[qkind, "logits"]
+    assert got.shape == want.shape
+    assert _rel_err(got, want) <= 1e-5
+    assert _rel_err(want, fp) > 1e-3  # really quantized: far from the float model at this tolerance
+    assert tp_results[qkind, "greedy"] == generate(ref, PROMPTS, NEW).tokens
+    # the quantized module types, with the local shapes
+    cls = "Int8WeightOnlyLinear" if qkind.startswith("int8") else "Int4WeightOnlyLinear"
+    att, ff = ref.layers[0].attention, ref.layers[0].feed_forward
+    single = {"wqkv": att.wqkv, "wo": att.wo, "w13": ff.w13, "w2": ff.w2}
+    assert tp_results[qkind, "modules"].keys() == single.keys()
+    for name, (tp_cls, shapes) in tp_results[qkind, "modules"].items():
+        assert tp_cls == type(single[name]).__name__ == cls
+        full = {k: tuple(t.shape) for k, t in single[name].state_dict().items()}
+        assert shapes.keys() == full.keys()
+        for k, (n, *rest) in full.items():
+            if name in ("wo", "w2"):  # row-parallel: K (in its units) split, 1-D per-channel scales whole
+                want_shape = (n, rest[0] // WORLD) if rest else (n,)
+            else:  # column-parallel: output rows split
+                want_shape = (n // WORLD, *rest)
+            assert shapes[k] == want_shape, (name, k, shapes[k], want_shape)
 
 
 @pytest.mark.parametrize("kind", KINDS)
