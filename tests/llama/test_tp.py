@@ -172,12 +172,16 @@ def test_heads_not_divisible_is_a_clear_error():
         shard_model_(model, 0, 4)
     msg = str(e.value)
     assert "4 tensor-parallel ranks" in msg and "num_attention_heads 4" in msg and "num_key_value_heads 2" in msg
+    assert "intermediate_size" not in msg.split(" (")[0] and "divides 2," in msg, msg
     assert model.config.n_kv_heads == 2  # untouched
     cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=4, intermediate_size=171)
     with torch.device("meta"):
         model = Transformer(cfg)
-    with pytest.raises(LlamaError, match="intermediate_size 171"):
+    with pytest.raises(LlamaError) as e:
         shard_model_(model, 1, 2)
+    msg = str(e.value)  # the hint names every count, not only the head counts
+    assert "intermediate_size 171" in msg and "num_key_value_heads" not in msg, msg
+    assert "divides 1, the greatest common divisor of the head counts and intermediate_size" in msg, msg
 
 
 def test_load_tp_model_error_names_heads(converted):
@@ -185,34 +189,64 @@ def test_load_tp_model_error_names_heads(converted):
         load_tp_model(converted["gqa"][1], 0, 4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_shards_partition_the_weights(converted, kind):
-    """Each rank's wqkv / w13 holds its heads / hidden units; sharding a loaded model in place
-    slices exactly like sharding the state dict."""
-    ref = load_model(converted[kind][1], dtype=torch.float32)
+@pytest.mark.parametrize("kind", [*KINDS, "int8-gqa", "int4-g32"])
+def test_shards_partition_the_weights(converted, quantized, kind):
+    """Each rank's wqkv / w13 tensors hold the rows of its heads / hidden units, its wo / w2
+    tensors their input columns (packed int4 pairs, int4 groups) with int8's per-channel
+    scales whole; the rest is replicated.  Sharding a loaded (float or quantized) model in
+    place slices exactly like sharding the state dict."""
+    ckpt = quantized[kind][1] if kind in QKINDS else converted[kind][1]
+    ref = load_model(ckpt, dtype=torch.float32)
     cfg = ref.config
     sd = ref.state_dict()
-    hd, q, kv, inter = cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
+    q, kv, inter = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size
     parts = [shard_state_dict(sd, cfg, r, WORLD) for r in range(WORLD)]
-    k = "layers.1.attention.wqkv.weight"
-    lq, lkv = q // WORLD, kv // WORLD
-    for name in ("q", "k", "v"):
-        off, size, lsize = {"q": (0, q, lq), "k": (q, kv, lkv), "v": (q + kv, kv, lkv)}[name]
-        lo = {"q": 0, "k": lq, "v": lq + lkv}[name]
-        got = torch.cat([p[k][lo:lo + lsize] for p in parts])
-        torch.testing.assert_close(got, sd[k][off:off + size], rtol=0, atol=0)
-    k = "layers.0.feed_forward.w13.weight"
-    li = inter // WORLD
-    torch.testing.assert_close(torch.cat([p[k][:li] for p in parts]), sd[k][:inter], rtol=0, atol=0)
-    torch.testing.assert_close(torch.cat([p[k][li:] for p in parts]), sd[k][inter:], rtol=0, atol=0)
-    for k in ("layers.0.attention.wo.weight", "layers.0.feed_forward.w2.weight"):
-        torch.testing.assert_close(torch.cat([p[k] for p in parts], dim=1), sd[k], rtol=0, atol=0)
-    m = load_model(converted[kind][1], dtype=torch.float32)
+    seen = set()
+    for k, full in sd.items():
+        got = [p[k] for p in parts]
+        if ".attention.wqkv." in k:
+            lq, lkv = q // WORLD, kv // WORLD
+            for off, size, lo, lsize in [(0, q, 0, lq), (q, kv, lq, lkv), (q + kv, kv, lq + lkv, lkv)]:
+                assert torch.equal(torch.cat([g[lo:lo + lsize] for g in got]), full[off:off + size]), k
+        elif ".feed_forward.w13." in k:
+            li = inter // WORLD
+            assert torch.equal(torch.cat([g[:li] for g in got]), full[:inter]), k
+            assert torch.equal(torch.cat([g[li:] for g in got]), full[inter:]), k
+        elif k.endswith(("attention.wo.scales", "feed_forward.w2.scales")) and full.dim() == 1:
+            assert all(torch.equal(g, full) for g in got), k  # int8 per-channel scales
+        elif ".attention.wo." in k or ".feed_forward.w2." in k:
+            assert all(g.shape[1] == full.shape[1] // WORLD for g in got), k
+            assert torch.equal(torch.cat(got, dim=1), full), k
+        else:
+            assert all(torch.equal(g, full) for g in got), k  # replicated
+        seen.add(k.rpartition(".")[2])
+    assert seen == {"weight"} | ({"scales"} if kind.startswith("int8") else set()) | \
+        ({"scales", "zeros"} if kind.startswith("int4") else set())
+    m = load_model(ckpt, dtype=torch.float32)
     shard_model_(m, 1, WORLD)
     assert m.config.n_heads == cfg.n_heads // WORLD and m.config.n_kv_heads == cfg.n_kv_heads // WORLD
     assert m.tp_config.n_heads == cfg.n_heads
-    for name, t in m.state_dict().items():
-        torch.testing.assert_close(t, parts[1][name], rtol=0, atol=0, msg=name)
+    local = m.state_dict()
+    assert local.keys() == parts[1].keys()
+    for name, t in local.items():
+        assert t.dtype == parts[1][name].dtype and torch.equal(t, parts[1][name]), name
+
+
+def test_int4_group_must_fit_the_local_width():
+    """int4 row-parallel layers split K by whole groups: a clear error names the layer, the local
+    width and the group size when it does not divide (building the model and slicing tensors)."""
+    from fastzoo.llama.tp import shard_tensor
+    from fastzoo.quant import quantize_
+    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=160)
+    with torch.device("meta"):
+        model = quantize_(Transformer(cfg), "int4-g32")  # 160 = 5 groups: fine on one rank
+    with pytest.raises(LlamaError) as e:
+        shard_model_(model, 0, WORLD)
+    msg = str(e.value)
+    assert "layers.0.feed_forward.w2" in msg and "group size 32" in msg and "local input width 80" in msg, msg
+    with pytest.raises(LlamaError, match=r"layers.0.feed_forward.w2.scales over 2 .*local input width 80 is not a "
+                                         r"multiple of the group size 32"):
+        shard_tensor("layers.0.feed_forward.w2.scales", torch.ones(64, 5), cfg, 0, WORLD)
 
 
 # ---------------------------------------------------------------------------- 2 ranks
@@ -529,8 +563,11 @@ def _python(*argv, nproc=None):
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
 
-def test_torchrun_cli_only_rank0_prints(converted):
-    ckpt = converted["gqa"][1]
+@pytest.mark.parametrize("kind", ["gqa", "int4-g32"])
+def test_torchrun_cli_only_rank0_prints(converted, quantized, kind):
+    """torchrun generate on 2 ranks prints once what the single process prints; a quantized
+    checkpoint (int4, written by the quantize CLI) loads under torchrun with no extra flag."""
+    ckpt = quantized[kind][1] if kind in QKINDS else converted[kind][1]
     args = ["--checkpoint", ckpt, "--prompt", "hello world", "--max-new-tokens", 6, "--temperature", 0,
             "--device", "cpu"]
     r = _python(*args, nproc=WORLD)
