@@ -466,15 +466,15 @@ def _cuda_worker(rank, init_file, ckpt, out, allreduce):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("allreduce", ["nccl", "symm_mem"])
-def test_tp_two_gpus_compiled_with_cuda_graphs(converted, tmp_path, allreduce):
+@pytest.mark.parametrize("kind,allreduce", [("gqa", "nccl"), ("gqa", "symm_mem"), ("int4-g32", "symm_mem")])
+def test_tp_two_gpus_compiled_with_cuda_graphs(converted, quantized, tmp_path, kind, allreduce):
     """On 2 GPUs (NCCL, or the one-shot symmetric-memory all-reduce): the decode step compiled as
     generate --compile (inductor, CUDA graphs, none skipped) gives the single-process greedy
-    tokens, with and without stop tokens."""
+    tokens, with and without stop tokens; a quantized (int4) checkpoint too."""
     import torch.multiprocessing as mp
     if torch.cuda.device_count() < WORLD:
         pytest.skip(f"needs {WORLD} GPUs")
-    ckpt = str(converted["gqa"][1])
+    ckpt = str(quantized[kind][1] if kind in QKINDS else converted[kind][1])
     mp.spawn(_cuda_worker, args=(str(tmp_path / "init"), ckpt, str(tmp_path / "out.pt"), allreduce),
              nprocs=WORLD, join=True)
     every = torch.load(tmp_path / "out.pt")
