@@ -21,10 +21,20 @@ query head with its kv head, so ``n_kv_heads`` (and hence ``n_heads``) and
 
 The sharded model's ``config`` holds the *local* head counts and ``intermediate_size``
 (``setup_caches`` sizes the KV cache from it); the full configuration stays in
-``model.tp_config``.  Quantization composes: shard the float model, load it, then
-``fastzoo.quant.quantize_`` the shard.  Column-parallel layers then have exactly the
-single-process int8 weights and scales (per output row); the row-parallel ones get
-per-row scales of the rank's input slice (at least as fine as the full row's).
+``model.tp_config``.
+
+Quantization composes by quantize-then-shard: a quantized checkpoint (int8 or int4 weight-only,
+GPTQ included, written by ``python -m fastzoo.llama.quantize``) is loaded as the quantized
+modules its config records, each rank taking its slices of the quantized tensors.  int8
+(weight ``(N, K)``, per-output-channel scales ``(N,)``): column-parallel layers take their rows
+of both, row-parallel layers their ``K`` columns of the weight and the full scales.  int4
+(packed weight ``(N, K/2)``, scales and zeros ``(N, K/group)``): column-parallel layers take their
+rows of all three, row-parallel layers whole groups of ``K`` (the local width must be a
+multiple of the group size).  So every rank holds exactly the single-process quantized values
+and TP equals the single-process quantized model up to the all-reduce's summation order.
+(``fastzoo.quant.quantize_`` on a sharded float model also works, e.g. for random weights
+quantized on the GPU, but then the row-parallel layers are quantized per rank's input slice:
+close to, not equal to, the single-process quantization.)
 
 Library code here reads no environment variables; the ``torchrun`` launch lives in
 :func:`run_cli` and is called from ``fastzoo.llama.generate``'s entry point.
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -45,6 +56,11 @@ from ._allreduce import ALLREDUCE_CHOICES, DEFAULT_SYMM_MEM_BYTES
 from ._allreduce import all_reduce as _all_reduce
 from .config import LlamaConfig, LlamaError
 from .model import Attention, FeedForward, Linear, Transformer
+
+# the modules a projection may be when sharded: float, or the layouts of quantized checkpoints
+_FLOAT_LINEARS = (nn.Linear, Linear)
+_COLUMN_PARALLEL = ("attention.wqkv", "feed_forward.w13")
+_ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 __all__ = ["check_tp_config", "shard_config", "shard_tensor", "shard_state_dict", "shard_model_",
            "setup_allreduce_", "ALLREDUCE_CHOICES", "load_tp_model", "LockstepStop", "run_cli"]
@@ -62,8 +78,11 @@ def check_tp_config(config: LlamaConfig, world_size: int) -> None:
     if config.intermediate_size % world_size:
         problems.append(f"intermediate_size {config.intermediate_size} must be divisible by it")
     if problems:
+        # every count must divide by the number of ranks: the valid ones divide their gcd
+        valid = math.gcd(config.n_heads, config.n_kv_heads, config.intermediate_size)
         raise LlamaError(f"cannot shard the model over {world_size} tensor-parallel ranks: "
-                         + "; ".join(problems) + f" (use a number of ranks that divides {config.n_kv_heads})")
+                         + "; ".join(problems) + f" (use a number of ranks that divides {valid}, the greatest "
+                         f"common divisor of the head counts and intermediate_size)")
 
 
 def shard_config(config: LlamaConfig, world_size: int) -> LlamaConfig:
@@ -80,32 +99,63 @@ def _rows(t: torch.Tensor, start: int, size: int) -> torch.Tensor:
     return t.narrow(0, start, size)
 
 
+def _projection(name: str) -> tuple[str | None, str]:
+    """``"layers.3.attention.wo.scales"`` → ``("attention.wo", "scales")``; ``(None, ...)`` outside the layers."""
+    module, _, param = name.rpartition(".")
+    parts = module.split(".", 2)
+    return (parts[2] if len(parts) == 3 and parts[0] == "layers" else None), param
+
+
+def _row_parallel_width(kind: str, config: LlamaConfig) -> int:
+    """The full input width ``K`` of a row-parallel projection."""
+    return config.n_heads * config.head_dim if kind == "attention.wo" else config.intermediate_size
+
+
+def _column_unit(param: str, unit: int) -> str:
+    """What one column of a row-parallel tensor holds, for errors (``unit`` input features)."""
+    return f"int4 packing ({unit} values per byte)" if param == "weight" else f"group size {unit}"
+
+
 def shard_tensor(name: str, t: torch.Tensor, config: LlamaConfig, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s slice of the full (unsharded) state-dict entry ``name``: a view where the
-    slice is one block of rows or columns, a small copy of the slices where parts are re-fused."""
+    slice is one block of rows or columns, a small copy of the slices where parts are re-fused.
+
+    Float and quantized entries alike: column-parallel projections (``wqkv``, ``w13``) slice the
+    rows (output channels) of every tensor (weight, int8 per-channel scales, int4 scales and
+    zeros); row-parallel ones (``wo``, ``w2``) slice the input columns of 2-D tensors in their
+    own units (one column of a float / int8 weight, two of a packed int4 weight, one group of
+    int4 scales and zeros) and keep 1-D per-output-channel scales whole."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
     if world_size == 1:
         return t
-    hd = config.head_dim
-    if name.endswith("attention.wqkv.weight"):
-        q, kv = config.n_heads * hd, config.n_kv_heads * hd
-        lq, lkv = q // world_size, kv // world_size
-        return torch.cat([_rows(t, rank * lq, lq), _rows(t, q + rank * lkv, lkv),
-                          _rows(t, q + kv + rank * lkv, lkv)], dim=0)
-    if name.endswith("attention.wo.weight"):
-        lq = config.n_heads * hd // world_size
-        return t.narrow(1, rank * lq, lq)
-    if name.endswith("feed_forward.w13.weight"):
+    kind, param = _projection(name)
+    if kind not in _COLUMN_PARALLEL + _ROW_PARALLEL:
+        return t  # embedding, norms, output (float or quantized): replicated
+    if param == "bias":
+        raise LlamaError(f"{name}: projections with a bias are not supported by the tensor-parallel sharding")
+    if kind in _COLUMN_PARALLEL:
+        if kind == "attention.wqkv":
+            hd = config.head_dim
+            q, kv = config.n_heads * hd, config.n_kv_heads * hd
+            lq, lkv = q // world_size, kv // world_size
+            return torch.cat([_rows(t, rank * lq, lq), _rows(t, q + rank * lkv, lkv),
+                              _rows(t, q + kv + rank * lkv, lkv)], dim=0)
         inter = config.intermediate_size
         li = inter // world_size
         return torch.cat([_rows(t, rank * li, li), _rows(t, inter + rank * li, li)], dim=0)
-    if name.endswith("feed_forward.w2.weight"):
-        li = config.intermediate_size // world_size
-        return t.narrow(1, rank * li, li)
-    if name.endswith(("wqkv.scales", "wo.scales", "w13.scales", "w2.scales", "wqkv.bias", "w13.bias")):
-        raise LlamaError(f"shard the float model, then quantize it: cannot shard {name!r}")
-    return t  # embedding, norms, output: replicated
+    if t.dim() == 1:
+        return t  # per-output-channel (int8) scales: a split of K leaves them unchanged
+    K = _row_parallel_width(kind, config)
+    if t.dim() != 2 or K % t.shape[1]:
+        raise LlamaError(f"cannot shard {name} of shape {tuple(t.shape)}: expected a 1-D per-channel tensor or "
+                         f"a 2-D one whose columns divide the layer's {K} input features")
+    unit = K // t.shape[1]  # input features per column of t
+    local = K // world_size
+    if local % unit:
+        raise LlamaError(f"cannot shard {name} over {world_size} tensor-parallel ranks: the local input width "
+                         f"{local} is not a multiple of the {_column_unit(param, unit)}")
+    return t.narrow(1, rank * (local // unit), local // unit)
 
 
 def shard_state_dict(sd: dict[str, torch.Tensor], config: LlamaConfig, rank: int, world_size: int,
@@ -145,15 +195,41 @@ class TPFeedForward(FeedForward):
         return out if residual is None else residual + out
 
 
+def _sharded_linear(lin: nn.Module, name: str, in_features: int, out_features: int) -> nn.Module:
+    """An empty projection of ``lin``'s type (float, int8 or int4 weight-only) with the local shape."""
+    from fastzoo.quant.linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear
+    kw = dict(bias=False, device=lin.weight.device)
+    if type(lin) in _FLOAT_LINEARS:
+        return type(lin)(in_features, out_features, dtype=lin.weight.dtype, **kw)
+    if type(lin) in (Int8WeightOnlyLinear, Int8DynamicLinear):
+        return type(lin)(in_features, out_features, dtype=lin.scales.dtype, **kw)
+    if type(lin) is Int4WeightOnlyLinear:
+        if in_features % lin.group_size:
+            raise LlamaError(f"cannot shard {name} (int4, group size {lin.group_size}): its local input width "
+                             f"{in_features} on each tensor-parallel rank is not a multiple of the group size "
+                             f"(use fewer ranks or quantize with a smaller group size)")
+        return Int4WeightOnlyLinear(in_features, out_features, group_size=lin.group_size, dtype=lin.scales.dtype, **kw)
+    raise LlamaError(f"cannot shard {name}, a {type(lin).__name__}: tensor parallelism shards float linears and "
+                     f"the int8 / int4 weight-only layers of fastzoo.llama.quantize checkpoints")
+
+
 def _shard_linear_(parent: nn.Module, attr: str, name: str, config: LlamaConfig, rank: int, world_size: int):
     lin = getattr(parent, attr)
-    if type(lin) not in (nn.Linear, Linear):
-        raise LlamaError(f"shard the float model before quantizing it: {name} is a {type(lin).__name__}")
-    if lin.bias is not None:
+    if getattr(lin, "bias", None) is not None:
         raise LlamaError(f"{name} has a bias: not supported by the tensor-parallel sharding")
-    w = shard_tensor(name + ".weight", lin.weight.detach(), config, rank, world_size).contiguous()
-    new = type(lin)(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
-    new.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+    kind = name.split(".", 2)[2]
+    full_in, full_out = lin.in_features, lin.out_features
+    if kind in _COLUMN_PARALLEL:
+        shape = (full_in, full_out // world_size)
+    else:
+        shape = (full_in // world_size, full_out)
+    new = _sharded_linear(lin, name, *shape)
+    for key, cur in list(new.state_dict().items()):  # each tensor: the rank's slice of lin's
+        t = shard_tensor(f"{name}.{key}", getattr(lin, key).detach(), config, rank, world_size).contiguous()
+        if t.shape != cur.shape:
+            raise LlamaError(f"{name}.{key}: the rank's slice has shape {tuple(t.shape)}, expected {tuple(cur.shape)}")
+        old = getattr(lin, key)
+        setattr(new, key, nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else t)
     setattr(parent, attr, new)
 
 
@@ -161,8 +237,11 @@ def shard_model_(model: Transformer, rank: int, world_size: int, group=None) -> 
     """Shard ``model`` in place for rank ``rank`` of ``world_size`` (``group``: the tensor-parallel
     process group, default the world).  Usually applied to a model built on the meta device,
     before loading a sharded state dict (:func:`load_tp_model`); on a model with weights, the
-    weights are sliced.  Raises :class:`LlamaError` if the head counts do not divide by
-    ``world_size``.  Returns ``model``."""
+    weights are sliced.  The projections may be float or quantized (int8 / int4 weight-only,
+    as ``fastzoo.quant.quantize_`` makes them from a quantized checkpoint's config): quantize,
+    then shard.  Raises :class:`LlamaError` if the head counts do not divide by ``world_size``
+    or an int4 row-parallel layer's local width is not a multiple of its group size.
+    Returns ``model``."""
     if getattr(model, "tp_world_size", 1) != 1:
         raise LlamaError("the model is already sharded")
     full = model.config
@@ -180,7 +259,7 @@ def shard_model_(model: Transformer, rank: int, world_size: int, group=None) -> 
             _shard_linear_(ff, "w2", f"layers.{i}.feed_forward.w2", full, rank, world_size)
             att.n_heads, att.n_kv_heads = local.n_heads, local.n_kv_heads
             ff.intermediate_size = local.intermediate_size
-            # same state, plus the all-reduce in forward (the projections stay plain
+            # same state, plus the all-reduce in forward (float projections stay plain
             # nn.Linear children, so quantize_ can still swap them)
             att.__class__, ff.__class__ = TPAttention, TPFeedForward
             att.tp_group = ff.tp_group = group
@@ -228,14 +307,15 @@ def setup_allreduce_(model: Transformer, allreduce: str = "auto", max_bytes: int
 
 def load_tp_model(checkpoint_dir, rank: int, world_size: int, device="cpu", dtype=None,
                   group=None, allreduce: str = "auto") -> Transformer:
-    """Rank ``rank``'s shard of an unsharded fastzoo checkpoint, as an eval-mode model.
+    """Rank ``rank``'s shard of an unsharded fastzoo checkpoint, float or quantized (the
+    quantization its config.json records, as :func:`fastzoo.llama.load_model`), as an eval-mode model.
 
-    Builds the model on the meta device, shards it, then slices each tensor of the
-    memory-mapped state dict, so a rank reads and materialises only its slices.
+    Builds the model (with its quantized modules) on the meta device, shards it, then slices
+    each tensor of the memory-mapped state dict, so a rank reads and materialises only its slices.
     ``allreduce``: see :func:`setup_allreduce_` (the choice made is ``model.tp_allreduce``)."""
     from fastzoo.checkpoint import CheckpointError, read_state_dict
 
-    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, parse_dtype
+    from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, parse_dtype, quantization_of
 
     d = Path(checkpoint_dir)
     wpath = d / WEIGHTS_NAME
@@ -243,12 +323,12 @@ def load_tp_model(checkpoint_dir, rank: int, world_size: int, device="cpu", dtyp
         raise LlamaError(f"weights not found: {wpath} (convert a checkpoint with python -m fastzoo.llama.convert)")
     config = LlamaConfig.from_json(d / CONFIG_NAME)
     check_tp_config(config, world_size)
-    from .checkpoint import QUANT_FIELD
-    if QUANT_FIELD in config.extra:
-        raise LlamaError(f"{d} is a quantized checkpoint ({config.extra[QUANT_FIELD]}); tensor parallelism loads "
-                         f"float checkpoints (quantize after sharding with fastzoo.quant.quantize_)")
+    qconfig = quantization_of(config)
     with torch.device("meta"):
         model = Transformer(config)
+        if qconfig is not None:  # the recorded quantization: quantize, then shard
+            from fastzoo.quant import quantize_
+            quantize_(model, qconfig)
     shard_model_(model, rank, world_size, group)
     try:
         sd = read_state_dict(wpath)
@@ -257,7 +337,9 @@ def load_tp_model(checkpoint_dir, rank: int, world_size: int, device="cpu", dtyp
     dtype = parse_dtype(dtype) if dtype is not None else None
     local_sd = shard_state_dict(sd, config, rank, world_size, device=device, dtype=dtype)
     del sd
-    check_state_dict(model, local_sd, where=f"{wpath} (rank {rank} of {world_size})")
+    where = f"{wpath} (rank {rank} of {world_size}" + (f"; config.json records the quantization {qconfig.name})"
+                                                       if qconfig is not None else ")")
+    check_state_dict(model, local_sd, where=where)
     model.load_state_dict(local_sd, strict=True, assign=True)
     setup_allreduce_(model, allreduce)
     return model.eval()
