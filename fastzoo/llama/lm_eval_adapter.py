@@ -6,6 +6,9 @@ Import this module only when ``lm_eval`` is installed::
     import lm_eval
     lm = FastzooLM.from_checkpoint("ckpt/llama-2-7b-int4", device="cuda")
     lm_eval.simple_evaluate(model=lm, tasks=["wikitext", "hellaswag"])
+    # or by its registered name (importing this module registers "fastzoo"):
+    lm_eval.simple_evaluate(model="fastzoo", model_args="checkpoint=ckpt/llama-2-7b,quantize=int4-g128",
+                            tasks=["wikitext"])
 
 The model may be quantized (a quantized checkpoint, or ``quantize=`` on a float one).
 Log-likelihoods come from :func:`fastzoo.llama.eval.continuation_logprob` and
@@ -15,6 +18,8 @@ Log-likelihoods come from :func:`fastzoo.llama.eval.continuation_logprob` and
 from __future__ import annotations
 
 from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 from .checkpoint import load_model, resolve_run_args
@@ -24,6 +29,7 @@ from .model import Transformer
 from .tokenizer import Tokenizer, load_tokenizer
 
 
+@register_model("fastzoo")
 class FastzooLM(LM):
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_length: int | None = None,
                  max_gen_toks: int = 256, compile: bool = False):
@@ -34,13 +40,29 @@ class FastzooLM(LM):
         self.generator = Generator(model, compile=compile)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, device="cuda", dtype=None, quantize: str | None = None, **kw):
+    def from_checkpoint(cls, checkpoint, device=None, dtype=None, quantize: str | None = None, **kw):
+        """``device``: default CUDA when available, else the CPU; ``dtype``: default bf16 on
+        CUDA, fp32 on the CPU; ``quantize``: a ``fastzoo.quant`` config name for a float
+        checkpoint; ``kw``: the constructor's options."""
         device, dtype, tok_path = resolve_run_args(checkpoint, device, dtype)
         model = load_model(checkpoint, device=device, dtype=dtype)
         if quantize:
             from fastzoo.quant import quantize_
             quantize_(model, quantize)
         return cls(model, load_tokenizer(tok_path), **kw)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """``lm_eval`` building the model by name: ``model_args`` as
+        ``checkpoint=DIR[,device=cpu][,dtype=bf16][,quantize=int4-g128][,max_seq_length=N]``
+        ``[,max_gen_toks=N][,compile=True]``; of lm_eval's own options only ``device`` applies."""
+        args = simple_parse_args_string(arg_string)
+        if "checkpoint" not in args:
+            raise ValueError(f"fastzoo model_args need checkpoint=DIR, got {arg_string!r}")
+        device = (additional_config or {}).get("device")
+        if device is not None:
+            args.setdefault("device", device)
+        return cls.from_checkpoint(args.pop("checkpoint"), **args)
 
     def _encode(self, text: str, bos: bool) -> list[int]:
         return self.tokenizer.encode(text, bos=bos)

@@ -155,18 +155,23 @@ def test_lm_eval_adapter_with_base_class_stand_in(model, monkeypatch):
     import types
     if "lm_eval" in sys.modules or importlib.util.find_spec("lm_eval") is not None:
         pytest.skip("lm_eval is installed: test_lm_eval_adapter covers it")
-    pkg, api, mod = (types.ModuleType(n) for n in ("lm_eval", "lm_eval.api", "lm_eval.api.model"))
+    names = ("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry", "lm_eval.utils")
+    pkg, api, mod, registry, utils = (types.ModuleType(n) for n in names)
 
     class LM:
         def __init__(self):
             self._rank, self._world_size = 0, 1
 
     mod.LM = LM
-    for name, m in (("lm_eval", pkg), ("lm_eval.api", api), ("lm_eval.api.model", mod)):
+    registered = {}
+    registry.register_model = lambda *names: lambda cls: registered.update(dict.fromkeys(names, cls)) or cls
+    utils.simple_parse_args_string = lambda s: dict(kv.split("=", 1) for kv in s.split(",") if kv)
+    for name, m in zip(names, (pkg, api, mod, registry, utils)):
         monkeypatch.setitem(sys.modules, name, m)
     monkeypatch.delitem(sys.modules, "fastzoo.llama.lm_eval_adapter", raising=False)
     adapter = importlib.import_module("fastzoo.llama.lm_eval_adapter")
     try:
+        assert registered == {"fastzoo": adapter.FastzooLM}
         _check_adapter(adapter.FastzooLM, model, lambda kind, args: _Req(*args))
     finally:
         sys.modules.pop("fastzoo.llama.lm_eval_adapter", None)
@@ -178,3 +183,22 @@ def test_lm_eval_adapter(model):
     from fastzoo.llama.lm_eval_adapter import FastzooLM
     _check_adapter(FastzooLM, model,
                    lambda kind, args: Instance(request_type=kind, doc={}, arguments=args, idx=0))
+
+
+def test_lm_eval_builds_the_registered_model_from_model_args(tmp_path):
+    """``lm_eval.simple_evaluate(model="fastzoo", model_args="checkpoint=DIR,...")``: the
+    registered name builds the adapter from a checkpoint; lm_eval's ``device`` applies."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.registry import get_model
+    from fastzoo.llama.checkpoint import save_checkpoint
+    from fastzoo.llama.lm_eval_adapter import FastzooLM
+    from llama_testutils import write_tiktoken_file
+    m = make_tiny_model(std=0.1, vocab_size=576)
+    ckpt = save_checkpoint(m, m.config, tmp_path / "ck", tokenizer_path=write_tiktoken_file(tmp_path / "t.model"))
+    lm = get_model("fastzoo").create_from_arg_string(f"checkpoint={ckpt},quantize=int8,max_gen_toks=3",
+                                                     {"device": "cpu", "batch_size": 1})
+    assert isinstance(lm, FastzooLM) and lm.max_gen_toks == 3
+    assert next(lm.model.parameters()).device.type == "cpu"
+    assert not any(isinstance(x, torch.nn.Linear) for x in lm.model.modules())  # quantized
+    with pytest.raises(ValueError, match="checkpoint=DIR"):
+        FastzooLM.create_from_arg_string("quantize=int8")
