@@ -121,6 +121,9 @@ class Int8ViTBlock(nn.Module):
         return f"static={self.static}, attention={self.attention!r}"
 
 
+_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # each block's int8 linears
+
+
 def _vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from fastzoo.vit.model import Block
 
@@ -151,16 +154,14 @@ def quantize_vit_(model: nn.Module, config: QuantConfig | str, calibration=None,
     static = isinstance(config, Int8Static)
     int8_qkv = static and config.attention == "int8"  # qkv writes int8 q, k, v: per-channel out_scale
     if static and for_loading:  # placeholders of the calibrated scales' shapes, overwritten by the load
-        in_scales = {f"{n}.{lin}": torch.ones(1) for n, _ in blocks
-                     for lin in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        in_scales = {f"{n}.{lin}": torch.ones(1) for n, _ in blocks for lin in _LINEARS}
         qkv_scales = {f"{n}.attn.qkv": torch.ones(3) for n, _ in blocks} if int8_qkv else {}
     elif static:
         if calibration is None:
             raise ValueError(f"{config.name} needs calibration batches: quantize_vit_(model, config, calibration=batches)"
                              f" or build_vit(..., quantize={config.name!r}, calibration=batches); to load a "
                              f"quantized state dict: quantize_vit_(model, config, for_loading=True)")
-        inputs = {f"{n}.{lin}": config.observer_for() for n, _ in blocks
-                  for lin in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        inputs = {f"{n}.{lin}": config.observer_for() for n, _ in blocks for lin in _LINEARS}
         outputs, transform = {}, {}
         if int8_qkv:
             for n, b in blocks:  # q, k, v: one scale each (per tensor), observed on the qkv output
@@ -171,7 +172,7 @@ def quantize_vit_(model: nn.Module, config: QuantConfig | str, calibration=None,
         in_scales = {k: o.scale() for k, o in inputs.items()}
         qkv_scales = {k: o.scale() for k, o in outputs.items()}  # (3,): q, k, v
     for n, b in blocks:
-        lin = {name: b.get_submodule(name) for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        lin = {name: b.get_submodule(name) for name in _LINEARS}
         if static:
             q = {}
             for name, l in lin.items():
