@@ -190,7 +190,8 @@ def quantize_(model: nn.Module, config: QuantConfig | str, filter_fn: FilterFn |
 
     ``config`` may be a config object or its CLI string. Works on the meta device,
     so a quantized checkpoint can be loaded with ``load_state_dict(..., assign=True)``
-    into a model built on meta and quantized first.
+    into a model built on meta and quantized first (not for ``Int8Static``, which needs
+    calibration here; a static ViT uses ``quantize_vit_(..., for_loading=True)``).
 
     ``calibration``: for ``Int8Static`` and ``GPTQ``, an iterable of model inputs (tensors,
     or tuples of positional arguments): ``model(*batch)`` runs on each, in float, and the

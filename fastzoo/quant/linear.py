@@ -97,9 +97,10 @@ class Int8StaticLinear(nn.Module):
     """int8 weights × int8 activations quantized with a calibrated static scale (W8A8 static).
 
     Buffers: ``weight`` int8 (out, in), ``scales`` float32 (out,) per channel or (1,) per
-    tensor, ``in_scale`` float32 (1,) (the input's calibrated scale), and optionally
-    ``out_scale`` (1,) or (out,) when the output is int8 (the next layer's input scale; used
-    by the fused ViT blocks). ``forward(x)``: a float x is quantized with ``in_scale``
+    tensor, ``in_scale`` float32 (1,) (the input's calibrated scale), and, when the output is
+    int8, ``out_scale`` of ``out_scale_size`` entries: 1 (per tensor: the next layer's input
+    scale) or ``out`` (per output channel: the fused ViT blocks' q / k / v segments of qkv);
+    ``out_scale_size=0``: float output, no ``out_scale``. ``forward(x)``: a float x is quantized with ``in_scale``
     (``clamp(round(x / in_scale))``, fused by torch.compile into one pass), an int8 x is
     taken as already quantized with it; then ``int8_scaled_mm`` with the scales, bias (and
     ``activation``/``residual`` when given) in its epilogue. Output: ``out_dtype`` (the
@@ -107,16 +108,19 @@ class Int8StaticLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = True,
-                 has_out_scale: bool = False, device=None, dtype: torch.dtype = torch.bfloat16):
+                 out_scale_size: int = 0, device=None, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
+        if out_scale_size not in (0, 1, out_features):
+            raise ValueError(f"out_scale_size must be 0 (float output), 1 (per tensor) or out_features="
+                             f"{out_features} (per channel), got {out_scale_size}")
         self.in_features, self.out_features, self.per_channel = in_features, out_features, per_channel
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features if per_channel else 1, dtype=torch.float32,
                                                   device=device))
         self.register_buffer("in_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.out_scale: torch.Tensor | None
-        if has_out_scale:
-            self.register_buffer("out_scale", torch.ones(1, dtype=torch.float32, device=device))
+        if out_scale_size:
+            self.register_buffer("out_scale", torch.ones(out_scale_size, dtype=torch.float32, device=device))
         else:
             self.out_scale = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
@@ -127,7 +131,7 @@ class Int8StaticLinear(nn.Module):
         _check_float_weight(linear)
         w = linear.weight
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, per_channel,
-                out_scale is not None, device=w.device, dtype=w.dtype)
+                0 if out_scale is None else out_scale.numel(), device=w.device, dtype=w.dtype)
         m.weight, m.scales = quantize_weight_int8(w, per_channel)
         m.in_scale = in_scale.detach().float().reshape(1).to(w.device)
         if out_scale is not None:

@@ -17,8 +17,11 @@ chains the fused ops so that no activation makes an extra trip through memory:
 
 The block keeps the float block's parameter names (``norm1``, ``attn.qkv``, ``attn.proj``,
 ``norm2``, ``mlp.fc1``, ``mlp.fc2``) with quantized linears (``Int8DynamicLinear`` /
-``Int8StaticLinear`` buffers), so a quantized state dict round-trips. The patch embedding,
-final norm and head stay in float.
+``Int8StaticLinear`` buffers), so a quantized state dict round-trips: save
+``model.state_dict()``; to load it, build the same ViT (on the meta device, say), call
+``quantize_vit_(model, config, for_loading=True)`` (the quantized layout, no calibration), then
+``load_state_dict(sd, strict=True, assign=True)`` — or ``build_vit(name, path, quantize=config,
+quantized_checkpoint=True)``. The patch embedding, final norm and head stay in float.
 
 ``quantize_image_encoder_`` offers the same configs for SAM's image encoder (its linears;
 SAM's attention adds a decomposed relative-position bias that ``int8_attention`` does not).
@@ -118,6 +121,9 @@ class Int8ViTBlock(nn.Module):
         return f"static={self.static}, attention={self.attention!r}"
 
 
+_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # each block's int8 linears
+
+
 def _vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from fastzoo.vit.model import Block
 
@@ -128,7 +134,8 @@ def _vit_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
-def quantize_vit_(model: nn.Module, config: QuantConfig | str, calibration=None) -> nn.Module:
+def quantize_vit_(model: nn.Module, config: QuantConfig | str, calibration=None, *,
+                  for_loading: bool = False) -> nn.Module:
     """Quantize a ``fastzoo.vit`` VisionTransformer's blocks in place; returns ``model``.
 
     ``config``: ``Int8Dynamic(attention=...)`` or ``Int8Static(...)`` (or their names
@@ -136,20 +143,27 @@ def quantize_vit_(model: nn.Module, config: QuantConfig | str, calibration=None)
     config (weight-only int8/int4) quantizes the blocks' linears with ``quantize_``.
     ``calibration`` (static only): an iterable of image batches, run through the float
     model once with observers on every int8 layer's input (and on q, k, v).
+    ``for_loading``: build only the quantized layout (same modules, buffers and shapes) to load
+    a quantized state dict into: no calibration runs and the static scales are placeholders (1);
+    works on the meta device.
     """
     config = as_config(config)
     blocks = _vit_blocks(model)
     if not isinstance(config, (Int8Dynamic, Int8Static)):
         return quantize_(model, config, filter_fn=_encoder_linears)
     static = isinstance(config, Int8Static)
-    if static:
+    int8_qkv = static and config.attention == "int8"  # qkv writes int8 q, k, v: per-channel out_scale
+    if static and for_loading:  # placeholders of the calibrated scales' shapes, overwritten by the load
+        in_scales = {f"{n}.{lin}": torch.ones(1) for n, _ in blocks for lin in _LINEARS}
+        qkv_scales = {f"{n}.attn.qkv": torch.ones(3) for n, _ in blocks} if int8_qkv else {}
+    elif static:
         if calibration is None:
             raise ValueError(f"{config.name} needs calibration batches: quantize_vit_(model, config, calibration=batches)"
-                             f" or build_vit(..., quantize={config.name!r}, calibration=batches)")
-        inputs = {f"{n}.{lin}": config.observer_for() for n, _ in blocks
-                  for lin in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+                             f" or build_vit(..., quantize={config.name!r}, calibration=batches); to load a "
+                             f"quantized state dict: quantize_vit_(model, config, for_loading=True)")
+        inputs = {f"{n}.{lin}": config.observer_for() for n, _ in blocks for lin in _LINEARS}
         outputs, transform = {}, {}
-        if config.attention == "int8":
+        if int8_qkv:
             for n, b in blocks:  # q, k, v: one scale each (per tensor), observed on the qkv output
                 C = b.attn.qkv.in_features
                 outputs[f"{n}.attn.qkv"] = config.observer_for(per_channel=True)
@@ -158,12 +172,12 @@ def quantize_vit_(model: nn.Module, config: QuantConfig | str, calibration=None)
         in_scales = {k: o.scale() for k, o in inputs.items()}
         qkv_scales = {k: o.scale() for k, o in outputs.items()}  # (3,): q, k, v
     for n, b in blocks:
-        lin = {name: b.get_submodule(name) for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+        lin = {name: b.get_submodule(name) for name in _LINEARS}
         if static:
             q = {}
             for name, l in lin.items():
                 out_scale = None
-                if name == "attn.qkv" and config.attention == "int8":  # per channel: q, k, v segments
+                if name == "attn.qkv" and int8_qkv:  # per channel: q, k, v segments
                     out_scale = qkv_scales[f"{n}.attn.qkv"].repeat_interleave(l.in_features)
                 q[name] = config.quantize_linear(l, in_scales[f"{n}.{name}"], out_scale)
         else:

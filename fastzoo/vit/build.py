@@ -45,7 +45,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: torch.dtype | str = torch.float32,
               device: torch.device | str | None = None, compile: bool = False, quantize=None,
-              calibration=None, num_classes: int | None = None) -> nn.Module:
+              calibration=None, num_classes: int | None = None, quantized_checkpoint: bool = False) -> nn.Module:
     """Build a ViT by timm name, optionally load a checkpoint, and make it ready for inference.
 
     checkpoint: a timm or fastzoo state dict (.pth/.pt/.bin or .safetensors), loaded strictly;
@@ -54,6 +54,10 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
         (dynamic W8A8, SDPA or int8 attention), ``"int8static"`` / ``"int8static-qattn"``
         (static W8A8, needs ``calibration``: an iterable of image batches, run once in the
         model's dtype on ``device``), or weight-only ``"int8"`` / ``"int4-g128"``.
+        quantized_checkpoint: ``checkpoint`` is the ``state_dict()`` of a model quantized with
+        ``quantize`` (calibrated scales included): the quantized layout is built on the meta
+        device and the checkpoint loaded strictly into it, no calibration; tensors take the
+        dtypes that quantizing a ``dtype`` model gives (static scales: float32).
         compile: wrap in ``torch.compile``. Returns the model in eval mode.
     """
     if name not in VIT_CONFIGS:
@@ -62,18 +66,35 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
     cfg = VIT_CONFIGS[name]
     if num_classes is not None:
         cfg = ViTConfig(**{**cfg.__dict__, "num_classes": num_classes})
-    if checkpoint is not None:
-        sd = load_state_dict_file(checkpoint)
-        with torch.device("meta"):
-            model = VisionTransformer(cfg)
-        load_checked(model, sd, f"checkpoint {str(checkpoint)!r}", assign=True)
-    else:
-        model = VisionTransformer(cfg)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if quantize is not None:
+    if quantized_checkpoint and (checkpoint is None or quantize is None):
+        raise ValueError("quantized_checkpoint=True needs the checkpoint and the quantize config it was saved with")
+    source = f"checkpoint {str(checkpoint)!r}"
+    if quantized_checkpoint:
         from fastzoo.quant import quantize_vit_
 
-        quantize_vit_(model, quantize, calibration=calibration)
+        sd = load_state_dict_file(checkpoint)
+        with torch.device("meta"):
+            model = VisionTransformer(cfg).to(dtype)
+        quantize_vit_(model, quantize, for_loading=True)  # the layout (and buffer dtypes) quantizing gives
+        model.to_empty(device=device or "cpu")
+        load_checked(model, sd, source,  # copies into that layout
+                     hint=f"quantized_checkpoint=True expects the state_dict() of a ViT quantized with {quantize!r}")
+        model.eval().requires_grad_(False)
+    else:
+        if checkpoint is not None:
+            sd = load_state_dict_file(checkpoint)
+            with torch.device("meta"):
+                model = VisionTransformer(cfg)
+            hint = (None if quantize is None
+                    else "the state_dict() of a quantized ViT loads with quantized_checkpoint=True")
+            load_checked(model, sd, source, assign=True, hint=hint)
+        else:
+            model = VisionTransformer(cfg)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        if quantize is not None:
+            from fastzoo.quant import quantize_vit_
+
+            quantize_vit_(model, quantize, calibration=calibration)
     if compile:
         model = torch.compile(model)
     return model

@@ -3,8 +3,7 @@
 Class token, learned position embeddings (class token included), pre-norm blocks
 (LayerNorm eps 1e-6, fused ``qkv`` projection, GELU MLP), final norm, linear head on the
 class token. Attention goes through ``F.scaled_dot_product_attention``. A state dict of
-timm's ``vit_{tiny,small,base,large,huge}_patch{8,14,16,32}_{224,384}`` loads with
-``strict=True``.
+timm's ViTs named in ``fastzoo.vit.VIT_CONFIGS`` loads with ``strict=True``.
 """
 from __future__ import annotations
 

@@ -251,3 +251,58 @@ def test_sam_image_encoder_quantization(config):
     db = sqnr(out, ref)
     print(f"\nSAM image encoder {config}: SQNR {db:.1f} dB vs fp32")
     assert db >= 25
+
+
+def test_static_linear_per_channel_out_scale_loads_into_a_fresh_module():
+    """An Int8StaticLinear built by its constructor has the layout from_linear gives, per-channel
+    out_scale (the ViT's qkv) included."""
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 48)
+    src = Int8StaticLinear.from_linear(lin, torch.tensor([0.03]), out_scale=torch.rand(48) * 0.1 + 0.01)
+    dst = Int8StaticLinear(24, 48, out_scale_size=48, dtype=torch.float32)
+    dst.load_state_dict(src.state_dict(), strict=True)
+    x = torch.randn(5, 24)
+    assert torch.equal(dst(x), src(x)) and dst(x).dtype == torch.int8
+    with pytest.raises(ValueError, match="out_scale_size must be 0 .* or out_features=48 .*, got 3"):
+        Int8StaticLinear(24, 48, out_scale_size=3)
+
+
+@pytest.mark.parametrize("config", [Int8Static(), Int8Static(attention="int8"), Int8Static(weight="tensor"),
+                                    Int8Dynamic(attention="int8")], ids=str)
+def test_quantized_vit_state_dict_round_trip(config, tmp_path):
+    """quantize (calibrated) → save → a fresh ViT on meta given the quantized layout (no
+    calibration) → load strictly → identical logits."""
+    cal = [_images(4, seed=12)] if isinstance(config, Int8Static) else None
+    src = quantize_vit_(_vit(), config, calibration=cal)
+    torch.save(src.state_dict(), tmp_path / "q.pth")
+    with torch.device("meta"):
+        dst = VisionTransformer(CFG)
+    quantize_vit_(dst, config, for_loading=True)
+    dst.load_state_dict(torch.load(tmp_path / "q.pth", weights_only=True), strict=True, assign=True)
+    dst.eval()
+    x = _images(3, seed=13)
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))
+    if config == Int8Static(attention="int8"):
+        assert src.blocks[0].attn.qkv.out_scale.shape == (3 * CFG.embed_dim,)
+
+
+def test_build_vit_loads_a_static_quantized_checkpoint(tmp_path):
+    from fastzoo.vit import CheckpointError
+
+    name, q = "vit_tiny_patch16_224", "int8static-qattn"
+    g = torch.Generator().manual_seed(14)
+    src = build_vit(name, quantize=q, calibration=[torch.randn(1, 3, 224, 224, generator=g)])
+    torch.save(src.state_dict(), tmp_path / "q.pth")
+    dst = build_vit(name, tmp_path / "q.pth", quantize=q, quantized_checkpoint=True)
+    x = torch.randn(1, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))
+    with pytest.raises(CheckpointError, match="loads with quantized_checkpoint=True"):
+        build_vit(name, tmp_path / "q.pth", quantize=q, calibration=[x])
+    torch.save(build_vit(name).state_dict(), tmp_path / "float.pth")
+    with pytest.raises(CheckpointError, match="expects the state_dict.. of a ViT quantized with 'int8static-qattn'"
+                                              "(.|\n)*missing keys"):
+        build_vit(name, tmp_path / "float.pth", quantize=q, quantized_checkpoint=True)
+    with pytest.raises(ValueError, match="quantized_checkpoint=True needs the checkpoint and the quantize config"):
+        build_vit(name, tmp_path / "q.pth", quantized_checkpoint=True)

@@ -9,11 +9,18 @@ timm = pytest.importorskip("timm")
 
 
 def _timm_model(name, **kw):
+    """timm's ``name`` (``pretrained=False``) in fp32 with every tensor random (timm zero-initialises
+    biases and the class token): built on the meta device and filled here, which is much faster
+    than timm's own init for the base models. LayerNorm weights around 1, everything else N(0, 0.02)."""
     torch.manual_seed(0)
-    m = timm.create_model(name, pretrained=False, **kw).eval()
-    with torch.no_grad():  # timm zero-initialises some tensors: randomise them all
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+    with torch.device("meta"):
+        m = timm.create_model(name, pretrained=False, **kw)
+    assert not list(m.buffers())  # to_empty would leave buffers uninitialised
+    m.to_empty(device="cpu").eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                p.normal_(1.0 if isinstance(mod, torch.nn.LayerNorm) and pname == "weight" else 0.0, 0.02)
     return m
 
 
@@ -32,6 +39,50 @@ def test_parity_with_timm_fp32(tiny_pair):
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) <= 1e-5
         assert rel_err(ours.forward_features(x), ref.forward_features(x)) <= 1e-5
+
+
+# issue 8's parity set: every vit_{small,base}_patch{16,32}_{224,384} (all eight are timm names);
+# one loads from safetensors. The 384 / patch16 base models take a few seconds each on a CPU.
+_PARITY = [(f"vit_{s}_patch{p}_{r}", "safetensors" if (s, p, r) == ("small", 32, 384) else "pth")
+           for s in ("small", "base") for p in (16, 32) for r in (224, 384)]
+
+
+@pytest.mark.parametrize("name,fmt", [pytest.param(n, f, marks=[pytest.mark.slow] if "base_patch16" in n else [])
+                                      for n, f in _PARITY])
+def test_named_config_parity_with_timm_fp32(name, fmt, tmp_path):
+    assert timm.is_model(name)
+    ref = _timm_model(name)
+    sd = ref.state_dict()
+    path = tmp_path / f"{name}.{fmt}"
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    else:
+        torch.save(sd, path)
+    ours = build_vit(name, path)  # strict load
+    assert ours.config.img_size == ref.patch_embed.img_size[0]
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, ours.config.img_size, ours.config.img_size)
+    with torch.no_grad():
+        expected = ref(x)
+        assert expected.shape == (1, 1000) and expected.std() > 0.1  # random weights: non-trivial logits
+        assert rel_err(ours(x), expected) <= 1e-4
+
+
+def test_parity_with_timm_unfused_attention(tiny_pair):
+    """Against timm's explicit softmax(q·kᵀ)·v (not SDPA, which both use by default)."""
+    ref, path = tiny_pair
+    ours = build_vit("vit_tiny_patch16_224", path)
+    for blk in ref.blocks:
+        blk.attn.fused_attn = False
+    x = torch.randn(1, 3, 224, 224)
+    try:
+        with torch.no_grad():
+            assert rel_err(ours(x), ref(x)) <= 1e-5
+    finally:
+        for blk in ref.blocks:
+            blk.attn.fused_attn = True
 
 
 def test_parity_small_custom_config():
