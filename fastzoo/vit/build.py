@@ -43,6 +43,26 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
+def _checkpoint_hint(cfg: ViTConfig, sd: dict) -> str | None:
+    """What a float state dict that does not fit ``cfg`` probably is: its head's class count,
+    and the named configs of its width, patch size and resolution."""
+    hints = []
+    head = sd.get("head.weight")
+    if head is not None and head.dim() == 2 and head.shape[0] != cfg.num_classes:
+        hints.append(f"its head has {head.shape[0]} classes: pass num_classes={head.shape[0]}")
+    elif head is None and cfg.num_classes:
+        hints.append("it has no head (no head.weight): pass num_classes=0")
+    pos, proj = sd.get("pos_embed"), sd.get("patch_embed.proj.weight")
+    if pos is not None and proj is not None and pos.dim() == 3 and proj.dim() == 4:
+        width, patch, tokens = proj.shape[0], proj.shape[-1], pos.shape[1] - 1
+        res = round(tokens**0.5) * patch
+        if (width, patch, res) != (cfg.embed_dim, cfg.patch_size, cfg.img_size):
+            names = [n for n, c in VIT_CONFIGS.items() if (c.embed_dim, c.patch_size, c.img_size) == (width, patch, res)]
+            hints.append(f"it is a ViT of width {width}, patch {patch}, resolution {res}"
+                         + (f": {' / '.join(names)}" if names else ""))
+    return "; ".join(hints) or None
+
+
 def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: torch.dtype | str = torch.float32,
               device: torch.device | str | None = None, compile: bool = False, quantize=None,
               calibration=None, num_classes: int | None = None, quantized_checkpoint: bool = False) -> nn.Module:
@@ -85,9 +105,10 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
             sd = load_state_dict_file(checkpoint)
             with torch.device("meta"):
                 model = VisionTransformer(cfg)
-            hint = (None if quantize is None
-                    else "the state_dict() of a quantized ViT loads with quantized_checkpoint=True")
-            load_checked(model, sd, source, assign=True, hint=hint)
+            hints = [_checkpoint_hint(cfg, sd)]
+            if quantize is not None:
+                hints.append("the state_dict() of a quantized ViT loads with quantized_checkpoint=True")
+            load_checked(model, sd, source, assign=True, hint="; ".join(h for h in hints if h) or None)
         else:
             model = VisionTransformer(cfg)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)

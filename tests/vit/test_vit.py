@@ -130,6 +130,18 @@ def test_bad_inputs(tiny_pair, tmp_path):
         build_vit("vit_tiny_patch16_224", tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match=r"cls_token: expected shape \(1, 1, 384\), found \(1, 1, 192\)"):
         build_vit("vit_small_patch16_224", path)
+    # the error says what the checkpoint probably is: another size / resolution, another head
+    with pytest.raises(CheckpointError, match="width 192, patch 16, resolution 224: vit_tiny_patch16_224"):
+        build_vit("vit_tiny_patch16_384", path)
+    with pytest.raises(CheckpointError, match="its head has 1000 classes: pass num_classes=1000"):
+        build_vit("vit_tiny_patch16_224", path, num_classes=10)
+    sd = torch.load(path)
+    headless = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    torch.save(headless, tmp_path / "headless.pth")
+    with pytest.raises(CheckpointError, match="no head .*pass num_classes=0"):
+        build_vit("vit_tiny_patch16_224", tmp_path / "headless.pth")
+    assert build_vit("vit_tiny_patch16_224", tmp_path / "headless.pth", num_classes=0)(
+        torch.randn(1, 3, 224, 224)).shape == (1, 192)  # headless: the class token's features
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 224, 224\), got \(1, 3, 64, 64\)"):
         build_vit("vit_tiny_patch16_224")(torch.randn(1, 3, 64, 64))
 
