@@ -35,6 +35,7 @@ CASES = [  # (B, N, H, D, v kind, scale kind, out)
     (1, 33, 1, 24, torch.float16, "tensor", torch.float16),
     (2, 7, 3, 16, "int8", "token", torch.int8),
     (1, 129, 1, 32, "int8", "tensor", torch.int8),
+    (1, 1, 2, 64, "int8", "token", torch.bfloat16),  # one token; ViT's head dim
 ]
 
 

@@ -76,6 +76,13 @@ def test_kernel_matches_reference(kernel_device, q_hw, k_hw, D, dtype):
     _check_close(out, inputs)
 
 
+def test_kernel_sam_window_at_vit_h_head_dim(kernel_device):
+    """SAM's real window (14×14 = 196 tokens) at vit_h's head dim 80 (one head: the
+    interpreter is slow at this size)."""
+    inputs = _inputs(1, 1, (14, 14), (14, 14), 80, torch.bfloat16, kernel_device, seed=14)
+    _check_close(rel_pos_attention_triton(*inputs), inputs)
+
+
 def test_kernel_bias_matters(kernel_device):
     """The relative-position terms really change the output (not a no-op bias)."""
     q, k, v, rel_h, rel_w = _inputs(1, 2, (3, 5), (3, 5), 16, torch.bfloat16, kernel_device, seed=3)
