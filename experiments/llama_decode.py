@@ -109,7 +109,10 @@ def quantize_model(model, spec: str, cfg: LlamaConfig, device, args) -> dict:
         tokens = torch.randint(0, cfg.vocab_size, (args.gptq_samples, args.gptq_seq_len), generator=g)
         gptq_quantize_llama_(model, tokens, config, device=device)
     else:
-        quantize_(model, spec)
+        try:
+            quantize_(model, spec)
+        except ValueError as e:  # an unknown name, a group size the model's widths do not fit
+            raise SystemExit(f"--quantize {spec}: {e}") from None
     sync(device)
     return {"quantize_s": time.perf_counter() - t0}
 

@@ -48,10 +48,17 @@ def test_decode_benchmark_gptq_mode():
     from experiments import llama_decode
     from fastzoo.quant import Int4WeightOnlyLinear
     from llama_testutils import make_tiny_model
-    model = make_tiny_model()  # the tiny preset's 172-wide MLP does not fit int4 groups
+    model = make_tiny_model()
     figs = llama_decode.quantize_model(model, "gptq-g32", model.config, torch.device("cpu"),
                                        SimpleNamespace(gptq_samples=2, gptq_seq_len=16))
     assert figs["quantize_s"] > 0 and isinstance(model.output, Int4WeightOnlyLinear)
+    # the tiny preset runs int4 and GPTQ through the CLI; a group that does not fit is a clean error
+    for mode in ("int4-g64", "gptq-g32"):
+        out = llama_decode.main(["--preset", "tiny", "--quick", "--new-tokens", "4", "--no-compile", "--dtype", "fp32",
+                                 "--quantize", mode, "--gptq-samples", "2", "--gptq-seq-len", "16", "--no-save"])
+        assert out["quantize"] == mode and out["batches"]["1"]["decode_tokens_per_s_per_seq"] > 0
+    with pytest.raises(SystemExit, match="--quantize int4-g128: .*group_size=128"):
+        llama_decode.main(["--preset", "tiny", "--quick", "--no-compile", "--quantize", "int4-g128", "--no-save"])
     with pytest.raises(SystemExit, match="group_size"):
         llama_decode.quantize_model(model, "gptq-g48", model.config, torch.device("cpu"), None)
     with pytest.raises(SystemExit):
