@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import sqnr
+from helpers import kernels_on_cpu, sqnr
 from sam_testutils import randomize_
 from torch import nn
 from torch._dynamo.utils import counters
@@ -145,6 +145,31 @@ def test_quantize_options_on_tiny_encoder():
         b.mlp.lin2.load_state_dict(p.mlp.lin2.state_dict())
     torch.testing.assert_close(both(x), expected(x), rtol=1e-6, atol=1e-6)
     assert sqnr(both(x), pruned(x)) >= 20
+
+
+@pytest.mark.parametrize("quantize,int8_linears", [("int8", 4), ("int8+sparse", 3)])
+@torch.no_grad()
+def test_int8_encoder_kernel_path_matches_reference_path(kernel_device, monkeypatch, quantize, int8_linears):
+    """SAM's int8 dynamic linears through the Triton kernels (Triton's interpreter on the CPU)
+    against the reference path, on the 4-D (B, H, W, C) token grids SAM's linears get: a
+    windowed block (5x5 grid, 25 tokens, padded to 2x2 windows of 3 after qkv) and a global
+    block. ``int8+sparse``: lin1 is int8 on the pruned weight (cuSPARSELt only on a GPU), lin2
+    2:4 in float (no kernel on the CPU)."""
+    if kernel_device.type == "cuda":
+        pytest.skip("on a GPU the kernels run in test_quantize_options_cuda")
+    torch.manual_seed(0)
+    enc = randomize_(build_sam_from_config(32, 2, 2, (1,), image_size=80, window_size=3), 0).image_encoder
+    enc = quantize_image_encoder_(enc.eval().requires_grad_(False), quantize)
+    x = torch.randn(1, 3, 80, 80, generator=torch.Generator().manual_seed(1))
+    ref = enc(x)
+    launched = kernels_on_cpu(monkeypatch, ("int8_mm", "quantize_rows"))
+    out = enc(x)
+    # per block: each int8 linear quantizes its rows, then runs the int8 GEMM with the fused epilogue
+    assert sorted(set(launched)) == ["_int8_scaled_mm_kernel", "_quantize_rows_int8_kernel"]
+    assert launched.count("_int8_scaled_mm_kernel") == launched.count("_quantize_rows_int8_kernel") == 2 * int8_linears
+    db = sqnr(out, ref)
+    print(f"\n{quantize} kernel path vs reference path: SQNR {db:.1f} dB")
+    assert db >= 40, f"kernel path vs reference path: SQNR {db:.1f} dB"
 
 
 TINY = dict(encoder_embed_dim=32, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=(1, 3),
