@@ -259,6 +259,22 @@ def test_quantize_options_cuda():
 
 @pytest.mark.cuda
 @torch.no_grad()
+def test_static_int8_cuda():
+    """vit_b bf16 on the GPU: static int8 (calibrated on other random images, given on the CPU in
+    fp32: build_sam_fast moves them) vs the bf16 encoder."""
+    x = torch.randn(2, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = _seeded_vit_b(compile=False).image_encoder(x)
+    cal = [torch.randn(2, 3, 1024, 1024)]
+    for q in ("int8static", Int8Static(observer="percentile")):
+        enc = _seeded_vit_b(compile=False, quantize=q, calibration=cal).image_encoder
+        assert type(enc.blocks[0].mlp.lin1) is Int8StaticLinear
+        db = sqnr(enc(x), ref)
+        print(f"vit_b {q}: image embeddings SQNR vs bf16 {db:.1f} dB")
+        assert db >= 20
+
+
+@pytest.mark.cuda
+@torch.no_grad()
 def test_regional_inductor_compile_cuda(fresh_dynamo):
     """Real inductor on the GPU, with the int8 + 2:4 modules inside the compiled blocks."""
     sam = _seeded_vit_b(compile=False, quantize="int8+sparse")
