@@ -14,8 +14,9 @@ Configurations (``--configs``, comma-separated, or ``all``):
 - ``fz-compile-max``: the same with ``compile_mode="max-autotune-no-cudagraphs"`` (inductor
   autotunes Triton GEMM templates, which can take the GELU into the GEMM's epilogue);
 - ``fz-full-compile``: fused kernel, the whole encoder compiled as one graph;
-- ``fz-int8`` / ``fz-sparse`` / ``fz-int8+sparse``: ``build_sam_fast(..., quantize=...)``
-  (skipped with the reason where this tree's ``build_sam_fast`` has no such option).
+- ``fz-int8`` / ``fz-sparse`` / ``fz-int8+sparse`` / ``fz-int8static``: ``build_sam_fast(...,
+  quantize=...)`` (``int8static``: calibrated on 4 random images like the other inputs; skipped
+  with the reason where this tree's ``build_sam_fast`` has no such option).
 
 For each: images/s (batch over the median time of ``--rep`` calls after warm-up, CUDA
 events), TFLOP/s from the counted FLOPs of the encoder (``encoder_flops``) and % of the
@@ -41,7 +42,7 @@ from fastzoo.sam.build import SAM_CONFIGS, build_sam_fast, build_sam_model
 from fastzoo.utils import parse_dtype
 
 ALL_CONFIGS = ["sa-eager", "sa-compile", "fz-ref-eager", "fz-eager", "fz-compile", "fz-compile-max", "fz-full-compile",
-               "fz-int8", "fz-sparse", "fz-int8+sparse"]
+               "fz-int8", "fz-sparse", "fz-int8+sparse", "fz-int8static"]
 DEFAULT_CONFIGS = ["sa-eager", "fz-ref-eager", "fz-eager", "fz-compile"]
 
 
@@ -97,6 +98,8 @@ def build_config(name: str, model_type: str, base_sam, dtype, device):
         kwargs["compile_mode"] = "max-autotune-no-cudagraphs"
     elif name != "fz-compile":
         kwargs["quantize"] = name[len("fz-"):]
+        if name == "fz-int8static":
+            kwargs["calibration"] = [torch.randn(4, 3, 1024, 1024)]
     # build_sam_fast with the shared random weights, so every configuration computes the same function
     sam = _build_fast_from(base_sam, model_type, device, dtype, kwargs)
     return sam.image_encoder

@@ -25,6 +25,35 @@ def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float(20 * torch.log10(ref.norm() / noise))
 
 
+def _kernel_name(kernel) -> str:
+    while hasattr(kernel, "fn"):  # Autotuner -> Heuristics -> JITFunction -> python function
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+INT8_OP_MODULES = ("int8_attention", "int8_mm", "layernorm_quant", "quantize_rows")
+
+
+def kernels_on_cpu(monkeypatch, modules=INT8_OP_MODULES) -> list:
+    """Route the public ops of ``fastzoo.ops.<module>`` (default: the int8 ops) to their Triton
+    kernels for CPU tensors (Triton's interpreter), so that a model's use of them (strided
+    views, scales, epilogues, shapes) is checked against its reference path without a GPU.
+    Returns the list that collects the name of every kernel launched from then on."""
+    import importlib
+
+    def applies(*tensors, dtypes=None, **kw):
+        return all(dtypes is None or t.dtype in tuple(dtypes) for t in tensors)
+
+    launched = []
+    # (fastzoo.ops re-exports functions named like their modules: import the modules by name)
+    for name in modules:
+        mod = importlib.import_module(f"fastzoo.ops.{name}")
+        monkeypatch.setattr(mod, "cuda_kernel_applies", applies)
+        monkeypatch.setattr(mod, "launch", lambda kernel, *a, _l=mod.launch, **k: (launched.append(_kernel_name(kernel)),
+                                                                                   _l(kernel, *a, **k)))
+    return launched
+
+
 def run_aot_compile(script: str, *args: str):
     """Run ``script`` (Python that compiles Triton kernels ahead of time for sm_90 with
     Triton's bundled ptxas: no GPU needed) in a fresh process without Triton's interpreter,

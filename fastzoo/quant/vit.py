@@ -35,7 +35,8 @@ from torch import nn
 from fastzoo.ops import int8_attention, int8_scaled_mm, layernorm_quant_int8, quantize_rows_int8
 from fastzoo.ops.int8_mm import int8_dynamic_linear, requantize_int8_ref
 
-from .api import Int8Dynamic, Int8DynamicSparse24, Int8Static, QuantConfig, Sparse24, as_config, quantize_
+from .api import (ACTIVATION_CONFIGS, CONFIGS, Int8Dynamic, Int8DynamicSparse24, Int8Static, QuantConfig, Sparse24,
+                  as_config, config_from_string, quantize_)
 from .calibrate import observe
 from .linear import Int8DynamicLinear
 
@@ -206,6 +207,46 @@ ENCODER_QUANT_PLANS: dict[str, tuple[tuple[QuantConfig, tuple[str, ...]], ...]] 
 }
 
 
+def _linears_only(config: QuantConfig) -> bool:
+    return getattr(config, "attention", "sdpa") == "sdpa"
+
+
+#: Every name ``quantize_image_encoder_`` / ``build_sam_fast(quantize=...)`` accepts: the plans
+#: above, then the ``fastzoo.quant`` config names (``config_from_string``) that quantize linears
+#: only (``int8dq``, ``int8static``, ``int4-g128``, ``sparse24``, …; not the ``-qattn`` ones).
+#: The plan ``"int8"`` (int8 dynamic) shadows the weight-only config of that name.
+IMAGE_ENCODER_QUANT_NAMES: tuple[str, ...] = tuple(dict.fromkeys([
+    *ENCODER_QUANT_PLANS, *(n for n, c in {**CONFIGS, **ACTIVATION_CONFIGS}.items() if _linears_only(c))]))
+
+
+def resolve_image_encoder_quant(quantize: QuantConfig | str) -> QuantConfig | str:
+    """Check a ``quantize=`` option of a SAM-style image encoder before any work is done.
+
+    Returns a plan name of ``ENCODER_QUANT_PLANS`` as is and anything else as its
+    ``QuantConfig``. A ``ValueError`` names what was given and what is accepted: an unknown
+    name, or ``attention="int8"`` (SAM's attention adds a decomposed relative-position bias
+    that ``int8_attention`` does not implement).
+    """
+    accepted = (f"None, one of {', '.join(IMAGE_ENCODER_QUANT_NAMES)}, or a fastzoo.quant config "
+                f"(e.g. Int8Dynamic(), Int8Static(observer='percentile')) with attention='sdpa'")
+    if isinstance(quantize, str):
+        if quantize in ENCODER_QUANT_PLANS:
+            return quantize
+        try:
+            config = config_from_string(quantize)
+        except ValueError:
+            raise ValueError(f"unknown quantize={quantize!r} for SAM's image encoder; expected {accepted}") from None
+    elif isinstance(quantize, QuantConfig):
+        config = quantize
+    else:
+        raise TypeError(f"quantize for SAM's image encoder expects {accepted}; got a {type(quantize).__name__}")
+    if not _linears_only(config):
+        raise ValueError(f"quantize={quantize!r}: attention={config.attention!r} is not available for SAM's image "
+                         f"encoder (its attention adds a decomposed relative-position bias that int8_attention does "
+                         f"not implement); expected {accepted}")
+    return config
+
+
 def quantize_image_encoder_(encoder: nn.Module, config: QuantConfig | str, calibration=None) -> nn.Module:
     """Quantize the linears of a ViT image encoder's blocks (SAM's ``ImageEncoderViT``:
     ``blocks.*.attn.qkv/proj``, ``blocks.*.mlp.lin1/lin2``) in place; returns ``encoder``.
@@ -216,16 +257,13 @@ def quantize_image_encoder_(encoder: nn.Module, config: QuantConfig | str, calib
     ``"int8static"``: static W8A8 calibrated on ``calibration`` (an iterable of preprocessed
     image batches, ``encoder(batch)``). Weight-only configs work too. ``attention="int8"``
     is refused: SAM's attention adds a decomposed relative-position bias, which
-    ``int8_attention`` does not implement (its linears are quantized either way).
+    ``int8_attention`` does not implement (its linears are quantized either way). The
+    accepted names: ``IMAGE_ENCODER_QUANT_NAMES``; checked by ``resolve_image_encoder_quant``.
     """
-    if isinstance(config, str) and config in ENCODER_QUANT_PLANS:
+    config = resolve_image_encoder_quant(config)
+    if isinstance(config, str):  # a plan
         for cfg, names in ENCODER_QUANT_PLANS[config]:
             quantize_(encoder, cfg, filter_fn=lambda m, fqn, names=names: (
                 _encoder_linears(m, fqn) and fqn.split(".", 2)[2] in names))
         return encoder
-    config = as_config(config)
-    if getattr(config, "attention", "sdpa") != "sdpa":
-        raise ValueError(f"{config.name}: attention='int8' is not available for SAM's image encoder (its attention "
-                         f"adds a decomposed relative-position bias that int8_attention does not implement); "
-                         f"use attention='sdpa' (linears only)")
     return quantize_(encoder, config, filter_fn=_encoder_linears, calibration=calibration)

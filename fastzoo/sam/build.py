@@ -2,13 +2,15 @@
 import contextlib
 import functools
 from os import PathLike
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from fastzoo.checkpoint import CheckpointError, load_checked, read_state_dict
-from fastzoo.quant.vit import ENCODER_QUANT_PLANS, quantize_image_encoder_
+from fastzoo.quant import QuantConfig
+from fastzoo.quant.api import needs_calibration
+from fastzoo.quant.vit import quantize_image_encoder_, resolve_image_encoder_quant
 from fastzoo.utils import parse_dtype
 
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -175,11 +177,23 @@ ATTENTION_KERNELS = ("fused", "sdpa")
 RECOMPILE_LIMIT = 64
 
 
-def _check_quantize(quantize: Optional[str]) -> None:
-    if quantize is not None and quantize not in ENCODER_QUANT_PLANS:
-        raise ValueError(
-            f"unknown quantize={quantize!r} for SAM; expected None or one of {', '.join(ENCODER_QUANT_PLANS)}"
-        )
+def _check_quantize(quantize: Union[str, QuantConfig, None], calibration: Optional[Iterable]) -> None:
+    """Refuse a ``quantize=`` option SAM cannot run, or static quantization without calibration,
+    before any weights are built."""
+    config = None if quantize is None else resolve_image_encoder_quant(quantize)
+    calibrated = isinstance(config, QuantConfig) and needs_calibration(config)
+    if calibration is not None and not calibrated:
+        raise ValueError(f"calibration= is used only by calibrated quantization (e.g. quantize='int8static'); "
+                         f"found quantize={quantize!r}")
+    if calibrated and calibration is None:
+        raise ValueError(f"quantize={quantize!r} needs calibration images: build_sam_fast(..., quantize={quantize!r}, "
+                         f"calibration=batches), batches an iterable of preprocessed (B, 3, S, S) image tensors")
+
+
+def _calibration_batches(calibration: Iterable, device: torch.device, dtype: torch.dtype):
+    """Calibration tensors moved to the encoder's device and dtype, one at a time."""
+    for batch in calibration:
+        yield batch.to(device=device, dtype=dtype) if isinstance(batch, torch.Tensor) else batch
 
 
 def _check_compile(compile: Union[bool, str, None]) -> None:
@@ -246,7 +260,8 @@ def build_sam_fast(
     dtype: Union[str, torch.dtype] = torch.bfloat16,
     compile: Union[bool, str] = True,
     compile_mode: Optional[str] = None,
-    quantize: Optional[str] = None,
+    quantize: Union[str, QuantConfig, None] = None,
+    calibration: Optional[Iterable] = None,
     kernel: str = "fused",
 ) -> Sam:
     """A ready-to-run eval SAM: weights loaded, moved to ``device``/``dtype``, encoder
@@ -256,9 +271,17 @@ def build_sam_fast(
     buffer stays in float32 (it is tiny and sensitive to rounding).  ``compile``: ``True`` or
     ``"regional"`` (one compiled graph per block kind, see :func:`compile_image_encoder`),
     ``"full"`` (the whole image encoder) or ``False``; ``compile_mode`` is ``torch.compile``'s
-    ``mode``.  ``quantize``: ``None``, ``"int8"`` (int8 dynamic on all encoder linears),
-    ``"sparse"`` (2:4 on the MLPs) or ``"int8+sparse"`` (``ENCODER_QUANT_PLANS``); the prompt
-    encoder and mask decoder stay in ``dtype``.  ``kernel``: the encoder's attention, ``"fused"``
+    ``mode``.  ``quantize`` (the encoder blocks' linears; the prompt encoder and mask decoder
+    stay in ``dtype``): ``None``; ``"int8"`` (int8 dynamic on all encoder linears), ``"sparse"``
+    (2:4 on the MLPs) or ``"int8+sparse"`` (``fastzoo.quant.vit.ENCODER_QUANT_PLANS``); or,
+    as for ``build_vit``, a ``fastzoo.quant`` config or its name: ``"int8dq"`` /
+    ``Int8Dynamic()`` (dynamic W8A8), ``"int8static"`` / ``Int8Static(observer=..., weight=...)``
+    (static W8A8, needs ``calibration``), weight-only ``"int4-g128"``, … (all names:
+    ``fastzoo.quant.vit.IMAGE_ENCODER_QUANT_NAMES``).  ``attention="int8"`` configs are refused
+    (SAM's attention has relative-position terms that ``int8_attention`` lacks).
+    ``calibration``: for calibrated configs, an iterable of preprocessed image batches
+    ``(B, 3, S, S)`` (what ``image_encoder`` takes, e.g. from ``Sam.preprocess``), each moved
+    to ``device``/``dtype`` and run once through the float encoder.  ``kernel``: the encoder's attention, ``"fused"``
     (``fastzoo.ops.rel_pos_attention``: the Triton kernel on fp16/bf16 CUDA tensors, the
     reference elsewhere) or ``"sdpa"`` (the reference: bias materialised, then SDPA, as in
     ``segment_anything``).
@@ -267,7 +290,7 @@ def build_sam_fast(
         raise ValueError(f"kernel must be one of {ATTENTION_KERNELS}, found {kernel!r}")
     dtype = resolve_dtype(dtype)
     _check_compile(compile)
-    _check_quantize(quantize)
+    _check_quantize(quantize, calibration)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     sam = build_sam_model(model_type, checkpoint)
@@ -284,6 +307,8 @@ def build_sam_fast(
         if hasattr(module, "fused_attention"):
             module.fused_attention = kernel == "fused"
     if quantize is not None:
-        quantize_image_encoder_(sam.image_encoder, quantize)
+        if calibration is not None:
+            calibration = _calibration_batches(calibration, torch.device(device), dtype)
+        quantize_image_encoder_(sam.image_encoder, quantize, calibration=calibration)
     compile_image_encoder(sam.image_encoder, compile, mode=compile_mode)
     return sam

@@ -9,7 +9,7 @@ from fastzoo.quant import (ACTIVATION_CONFIGS, Int8Dynamic, Int8Static, Int8Stat
                            MinMaxObserver, PercentileObserver, config_from_string, quantize_,
                            quantize_image_encoder_, quantize_vit_)
 from fastzoo.vit import VisionTransformer, ViTConfig, build_vit
-from helpers import sqnr
+from helpers import kernels_on_cpu, sqnr
 
 CFG = ViTConfig(img_size=64, patch_size=16, embed_dim=96, depth=2, num_heads=4, num_classes=100)
 
@@ -184,32 +184,6 @@ def test_cuda_vit_base_bf16_compiled_vs_fp32(quantize):
     assert db >= (25 if "dq" in quantize else 20)
 
 
-def _name(kernel) -> str:
-    while hasattr(kernel, "fn"):  # Autotuner -> Heuristics -> JITFunction -> python function
-        kernel = kernel.fn
-    return kernel.__name__
-
-
-def _kernels_on_cpu(monkeypatch):
-    """Route the int8 ops' public functions to their Triton kernels for CPU tensors (Triton's
-    interpreter), so that the block's use of them (strided q/k/v views, scales, epilogues)
-    is checked against the reference path without a GPU."""
-    import importlib
-
-    def applies(*tensors, dtypes=None, **kw):
-        return all(dtypes is None or t.dtype in tuple(dtypes) for t in tensors)
-
-    launched = []
-
-    # (fastzoo.ops re-exports functions named like their modules: import the modules by name)
-    for name in ("int8_attention", "int8_mm", "layernorm_quant", "quantize_rows"):
-        mod = importlib.import_module(f"fastzoo.ops.{name}")
-        monkeypatch.setattr(mod, "cuda_kernel_applies", applies)
-        monkeypatch.setattr(mod, "launch", lambda kernel, *a, _l=mod.launch, **k: (launched.append(_name(kernel)),
-                                                                                   _l(kernel, *a, **k)))
-    return launched
-
-
 @pytest.mark.parametrize("config", [Int8Dynamic(attention="int8"), Int8Static(attention="int8"), Int8Static()],
                          ids=lambda c: c.name)
 def test_vit_block_kernel_path_matches_reference_path(kernel_device, monkeypatch, config):
@@ -224,7 +198,7 @@ def test_vit_block_kernel_path_matches_reference_path(kernel_device, monkeypatch
     quantize_vit_(m, config, calibration=[x])
     with torch.no_grad():
         ref = m.forward_features(x)
-        launched = _kernels_on_cpu(monkeypatch)
+        launched = kernels_on_cpu(monkeypatch)
         out = m.forward_features(x)
     assert len(launched) >= 6  # 2 LayerNorm+quant, 4 GEMMs (+ attention, row quantization)
     if config.attention == "int8":

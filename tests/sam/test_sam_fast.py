@@ -4,14 +4,15 @@ import copy
 
 import pytest
 import torch
-from helpers import sqnr
+from helpers import kernels_on_cpu, sqnr
 from sam_testutils import randomize_
 from torch import nn
 from torch._dynamo.utils import counters
 
-from fastzoo.quant import Int8DynamicLinear, Int8DynamicSparse24Linear, Sparse24Linear, prune_2_4
+from fastzoo.quant import (Int8Dynamic, Int8DynamicLinear, Int8DynamicSparse24Linear, Int8Static, Int8StaticLinear,
+                           Int4WeightOnlyLinear, Sparse24Linear, prune_2_4, quantize_image_encoder_)
 from fastzoo.sam import build_sam_fast, build_sam_from_config
-from fastzoo.quant import quantize_image_encoder_
+from fastzoo.sam import build as sam_build
 from fastzoo.sam.build import compile_image_encoder
 
 IMG = 128  # 8x8 token grid; window 4 -> 4 windows per image
@@ -81,10 +82,25 @@ def test_compile_and_quantize_argument_errors():
         compile_image_encoder(tiny_encoder(), "partial")
     with pytest.raises(ValueError, match="compile must be one of"):
         build_sam_fast("vit_b", device="cpu", compile="max-autotune")
-    with pytest.raises(ValueError, match="unknown quantize='int4'.*int8, sparse, int8\\+sparse"):
+    with pytest.raises(ValueError, match="unknown quantize='int4'.*int8, sparse, int8\\+sparse, int8dq.*int8static"):
         build_sam_fast("vit_b", device="cpu", compile=False, quantize="int4")
-    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+    with pytest.raises(ValueError, match="unknown quantize='int4' for SAM's image encoder"):
         quantize_image_encoder_(tiny_encoder(), "int4")
+    with pytest.raises(TypeError, match="quantize for SAM's image encoder expects .*got a int"):
+        build_sam_fast("vit_b", device="cpu", compile=False, quantize=8)
+    # SAM's attention has relative-position terms: the int8 attention kernel is refused, up front
+    for q in ("int8dq-qattn", "int8static-qattn", Int8Dynamic(attention="int8"), Int8Static(attention="int8")):
+        with pytest.raises(ValueError, match="attention='int8' is not available for SAM's image encoder.*"
+                                             "expected None, one of int8, sparse, int8\\+sparse, int8dq"):
+            build_sam_fast("vit_b", device="cpu", compile=False, quantize=q, calibration=[torch.zeros(1)])
+    # static quantization needs calibration images; calibration is refused where it is not used
+    for q in ("int8static", Int8Static(observer="percentile")):
+        with pytest.raises(ValueError, match=f"quantize={q!r} needs calibration images.*calibration=batches".replace(
+                "(", "\\(").replace(")", "\\)")):
+            build_sam_fast("vit_b", device="cpu", compile=False, quantize=q)
+    for q in (None, "int8", "int8dq"):
+        with pytest.raises(ValueError, match=f"calibration= is used only by calibrated quantization.*found quantize={q!r}"):
+            build_sam_fast("vit_b", device="cpu", compile=False, quantize=q, calibration=[torch.zeros(1)])
 
 
 def _pruned_mlp_copy(enc, names):
@@ -131,6 +147,79 @@ def test_quantize_options_on_tiny_encoder():
     assert sqnr(both(x), pruned(x)) >= 20
 
 
+@pytest.mark.parametrize("quantize,int8_linears", [("int8", 4), ("int8+sparse", 3)])
+@torch.no_grad()
+def test_int8_encoder_kernel_path_matches_reference_path(kernel_device, monkeypatch, quantize, int8_linears):
+    """SAM's int8 dynamic linears through the Triton kernels (Triton's interpreter on the CPU)
+    against the reference path, on the 4-D (B, H, W, C) token grids SAM's linears get: a
+    windowed block (5x5 grid, 25 tokens, padded to 2x2 windows of 3 after qkv) and a global
+    block. ``int8+sparse``: lin1 is int8 on the pruned weight (cuSPARSELt only on a GPU), lin2
+    2:4 in float (no kernel on the CPU)."""
+    if kernel_device.type == "cuda":
+        pytest.skip("on a GPU the kernels run in test_quantize_options_cuda")
+    torch.manual_seed(0)
+    enc = randomize_(build_sam_from_config(32, 2, 2, (1,), image_size=80, window_size=3), 0).image_encoder
+    enc = quantize_image_encoder_(enc.eval().requires_grad_(False), quantize)
+    x = torch.randn(1, 3, 80, 80, generator=torch.Generator().manual_seed(1))
+    ref = enc(x)
+    launched = kernels_on_cpu(monkeypatch, ("int8_mm", "quantize_rows"))
+    out = enc(x)
+    # per block: each int8 linear quantizes its rows, then runs the int8 GEMM with the fused epilogue
+    assert sorted(set(launched)) == ["_int8_scaled_mm_kernel", "_quantize_rows_int8_kernel"]
+    assert launched.count("_int8_scaled_mm_kernel") == launched.count("_quantize_rows_int8_kernel") == 2 * int8_linears
+    db = sqnr(out, ref)
+    print(f"\n{quantize} kernel path vs reference path: SQNR {db:.1f} dB")
+    assert db >= 40, f"kernel path vs reference path: SQNR {db:.1f} dB"
+
+
+TINY = dict(encoder_embed_dim=32, encoder_depth=4, encoder_num_heads=2, encoder_global_attn_indexes=(1, 3),
+            image_size=IMG, window_size=4)
+
+
+@pytest.fixture
+def tiny_sam_checkpoint(tmp_path, monkeypatch):
+    """``build_sam_fast("vit_b", path)`` builds the tiny SAM of ``tiny_encoder`` with its random weights."""
+    monkeypatch.setitem(sam_build.SAM_CONFIGS, "vit_b", TINY)
+    torch.manual_seed(0)
+    sam = randomize_(build_sam_from_config(**TINY), 0)
+    path = tmp_path / "tiny_sam.pth"
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("quantize,linear,min_db", [
+    pytest.param("int8dq", Int8DynamicLinear, 25, id="int8dq"),
+    pytest.param(Int8Dynamic(), Int8DynamicLinear, 25, id="Int8Dynamic()"),
+    pytest.param("int8static", Int8StaticLinear, 20, id="int8static"),
+    pytest.param(Int8Static(observer="percentile", percentile=99.9, weight="tensor"), Int8StaticLinear, 20,
+                 id="Int8Static(percentile,tensor)"),
+    pytest.param("int4-g32", Int4WeightOnlyLinear, 18, id="int4-g32"),
+])
+@torch.no_grad()
+def test_build_sam_fast_quantize_configs_tiny(tiny_sam_checkpoint, quantize, linear, min_db):
+    """Each ``fastzoo.quant`` config build_sam_fast accepts equals quantize_image_encoder_ on the
+    same float model (calibration moved to the model's dtype), and is close to the float encoder."""
+    kw = dict(device="cpu", dtype=torch.float32, compile=False)
+    gen = torch.Generator().manual_seed(3)
+    cal = [torch.randn(2, 3, IMG, IMG, generator=gen) for _ in range(2)]
+    static = isinstance(quantize, Int8Static) or quantize == "int8static"
+    calibration = dict(calibration=[c.double() for c in cal]) if static else {}  # any float dtype is cast
+    x = torch.randn(2, 3, IMG, IMG, generator=gen)
+
+    enc = build_sam_fast("vit_b", tiny_sam_checkpoint, quantize=quantize, **calibration, **kw).image_encoder
+    for blk in enc.blocks:
+        for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.lin1, blk.mlp.lin2):
+            assert type(lin) is linear
+    float_enc = build_sam_fast("vit_b", tiny_sam_checkpoint, **kw).image_encoder
+    ref = float_enc(x)
+    direct = quantize_image_encoder_(float_enc, quantize, calibration=cal if static else None)
+    out = enc(x)
+    torch.testing.assert_close(out, direct(x), rtol=0, atol=0)
+    db = sqnr(out, ref)
+    print(f"\ntiny SAM encoder {quantize}: SQNR {db:.1f} dB vs float")
+    assert db >= min_db, f"{quantize}: SQNR {db:.1f} dB vs the float encoder"
+
+
 def test_build_sam_fast_cpu_quantized_vit_b():
     """The real entry point on the CPU (fp32, no compile): right modules, encoder dtype kept."""
     sam = build_sam_fast("vit_b", device="cpu", dtype=torch.float32, compile=False, quantize="int8+sparse")
@@ -166,6 +255,22 @@ def test_quantize_options_cuda():
     both = _seeded_vit_b(compile=False, quantize="int8+sparse").image_encoder
     print("int8 2:4 lin1 on cuSPARSELt:", both.blocks[0].mlp.lin1.uses_semi_structured)
     assert sqnr(both(x), ref_pruned) >= 18
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_static_int8_cuda():
+    """vit_b bf16 on the GPU: static int8 (calibrated on other random images, given on the CPU in
+    fp32: build_sam_fast moves them) vs the bf16 encoder."""
+    x = torch.randn(2, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = _seeded_vit_b(compile=False).image_encoder(x)
+    cal = [torch.randn(2, 3, 1024, 1024)]
+    for q in ("int8static", Int8Static(observer="percentile")):
+        enc = _seeded_vit_b(compile=False, quantize=q, calibration=cal).image_encoder
+        assert type(enc.blocks[0].mlp.lin1) is Int8StaticLinear
+        db = sqnr(enc(x), ref)
+        print(f"vit_b {q}: image embeddings SQNR vs bf16 {db:.1f} dB")
+        assert db >= 20
 
 
 @pytest.mark.cuda
