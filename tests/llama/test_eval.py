@@ -100,7 +100,9 @@ def test_eval_cli(tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 6)
     assert main(["--checkpoint", str(ckpt), "--text", str(text), "--max-seq-length", "32", "--stride", "16",
                  "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "perplexity" in captured.err and "window" in captured.err  # the progress bar over the windows
     ids = load_tokenizer(ckpt / "tokenizer.model").encode(text.read_text(), bos=True)
     want = perplexity(m, ids, 32, 16, progress=False)
     assert f"perplexity: {want.perplexity:.4f}" in out and f"over {len(ids) - 1} tokens" in out

@@ -32,6 +32,9 @@ def test_quantize_save_load_generate(float_ckpt, tmp_path, capsys, argv, qcfg, c
     model, ckpt = float_ckpt
     out = tmp_path / "q"
     assert quantize_main(["--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu", *argv]) == 0
+    err = capsys.readouterr().err  # a progress bar over the model's layers
+    n = len(model.layers) + 1  # each decoder layer, then the output head
+    assert f"quantizing ({qcfg})" in err and f"{n}/{n}" in err and "layer" in err, err
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.pth", "tokenizer.model"]
     rec = json.loads((out / "config.json").read_text())[QUANT_FIELD]
     assert rec["mode"] == argv[1] and rec["method"] == "rtn"
@@ -47,7 +50,7 @@ def test_quantize_save_load_generate(float_ckpt, tmp_path, capsys, argv, qcfg, c
     assert rc == 0, capsys.readouterr().err
 
 
-def test_gptq_checkpoint_round_trip(float_ckpt, tmp_path):
+def test_gptq_checkpoint_round_trip(float_ckpt, tmp_path, capsys):
     model, ckpt = float_ckpt
     text = tmp_path / "calib.txt"
     text.write_text("hello world, the quick brown fox jumps over the lazy dog. " * 20)
@@ -55,6 +58,8 @@ def test_gptq_checkpoint_round_trip(float_ckpt, tmp_path):
     assert quantize_main(["--checkpoint", str(ckpt), "--out", str(out), "--mode", "int4", "--group-size", "32",
                           "--gptq", "--calibration", str(text), "--calibration-seq-len", "32",
                           "--calibration-samples", "4", "--blocksize", "64", "--device", "cpu"]) == 0
+    n = len(model.layers)
+    assert "GPTQ (gptq-g32)" in (err := capsys.readouterr().err) and f"{n}/{n}" in err, err  # per-layer bar
     rec = json.loads((out / "config.json").read_text())[QUANT_FIELD]
     assert rec["method"] == "gptq" and rec["group_size"] == 32 and rec["calibration_tokens"] == 128
     loaded = load_model(out)
