@@ -796,13 +796,14 @@ def test_torchrun_cli_heads_not_divisible(converted):
     assert "num_attention_heads 4" in r.stderr
 
 
-def test_torchrun_cli_speculative(converted):
-    """torchrun generate --speculate-k with --draft-quantize on 2 ranks: the draft is an int8
-    copy of each rank's shard; greedy, it prints the single-process target's text once, and
-    the acceptance rate once (rank 0)."""
+def test_torchrun_cli_speculative(converted, quantized):
+    """torchrun generate --speculate-k with --draft-checkpoint on 2 ranks: the draft (an int8
+    checkpoint) is loaded sharded by the same loader as the target; greedy, it prints the
+    single-process target's text once, and the acceptance rate once (rank 0).  (The
+    --draft-quantize path, a quantized copy of the shard, runs in the gloo tests above.)"""
     args = ["--checkpoint", converted[SPEC_KIND][1], "--prompt", "hello world", "--max-new-tokens", 8,
             "--temperature", 0, "--device", "cpu"]
-    spec = [*args, "--speculate-k", SPEC_K, "--draft-quantize", "int8"]
+    spec = [*args, "--speculate-k", SPEC_K, "--draft-checkpoint", quantized[f"int8-{SPEC_KIND}"][1]]
     r = _python(*spec, nproc=WORLD)
     if r.returncode != 0:  # one retry: a launcher hiccup (port, rendezvous) on a loaded machine
         r = _python(*spec, nproc=WORLD)
@@ -812,3 +813,4 @@ def test_torchrun_cli_speculative(converted):
     assert r.stdout == single.stdout, (r.stdout, single.stdout, r.stderr[-3000:])
     assert r.stderr.count("speculative: acceptance rate") == 1, r.stderr[-3000:]
     assert r.stderr.count("time to first token") == 1, r.stderr[-3000:]
+    assert r.stderr.count("tensor parallel: 2 ranks") == 1, r.stderr[-3000:]  # once, not again for the draft
