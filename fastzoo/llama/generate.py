@@ -172,6 +172,21 @@ class _DoneFlag:
         return False
 
 
+def _stop_check(model: Transformer, device: torch.device, check_every: int):
+    """``stop_now(step, done) -> bool`` for a decode loop: called before each step with the
+    device-side ``done`` flags, true when the loop should end.
+
+    One process: :class:`_DoneFlag` (never waits for the GPU).  Tensor parallel
+    (``model.tp_world_size > 1``, :mod:`fastzoo.llama.tp`): every step runs collectives, so
+    every rank must run the same number of steps; :class:`~fastzoo.llama.tp.LockstepStop`
+    all-reduces the flags so the ranks agree.  ``check_every=0``: never stops early."""
+    if check_every and getattr(model, "tp_world_size", 1) > 1:
+        from .tp import LockstepStop
+        return LockstepStop(model, device, check_every)
+    flag = _DoneFlag(device, check_every)
+    return lambda step, done: flag.all_done(done, step)
+
+
 @dataclass
 class DecodeState:
     """Device-side state between prefill and decode."""
@@ -305,17 +320,11 @@ class Generator:
         temperature, top_k, top_p = state.sampling
         n = state.out.shape[1]
         cuda = state.out.device.type == "cuda"
-        flag = _DoneFlag(state.out.device, check_every)
         cur, pos, done = state.cur, state.pos, state.done
         if callback is not None:
             callback(0, cur)
         i = state.n_written
-        if check_every and getattr(self.model, "tp_world_size", 1) > 1:  # tensor parallel (fastzoo.llama.tp):
-            from .tp import LockstepStop  # every rank must stop at the same step
-            lockstep = LockstepStop(self.model, state.out.device, check_every)
-            stop_now = lambda step, d: lockstep(step, d)  # noqa: E731
-        else:
-            stop_now = lambda step, d: flag.all_done(d, step)  # noqa: E731
+        stop_now = _stop_check(self.model, state.out.device, check_every)
         with self._sdpa(), _recompile_limit(64):
             while i < n:
                 if stop_now(i, done):
@@ -463,6 +472,12 @@ class SpeculativeGenerator:
     times per round.  The loop stays on the device: counts, positions and acceptance
     statistics are device tensors; the host only learns that generation ended through
     :class:`_DoneFlag`.
+
+    Tensor parallel (:mod:`fastzoo.llama.tp`): the target, and the draft if it is sharded too
+    (:func:`~fastzoo.llama.tp.load_tp_model`, or a quantized copy of the sharded target), over
+    the same process group; every rank runs the same rounds (the stop decision is all-reduced,
+    :class:`~fastzoo.llama.tp.LockstepStop`) and samples the same tokens given the same seed,
+    as plain tensor-parallel generation.  An unsharded draft is replicated on every rank.
     """
 
     def __init__(self, target: Transformer, draft: Transformer, speculate_k: int, compile: bool = False,
@@ -475,6 +490,10 @@ class SpeculativeGenerator:
                              f"({target.config.vocab_size})")
         if draft.tok_embeddings.weight.device != target.tok_embeddings.weight.device:
             raise LlamaError("the draft and target models must be on the same device")
+        tp, draft_tp = getattr(target, "tp_world_size", 1), getattr(draft, "tp_world_size", 1)
+        if draft_tp > 1 and (draft_tp != tp or draft.tp_group is not target.tp_group):
+            raise LlamaError(f"the draft is sharded over {draft_tp} tensor-parallel ranks, the target over {tp}: "
+                             f"shard both over the same process group (or replicate an unsharded draft)")
         self.k = speculate_k
         self.target, self.draft, self.compile = target, draft, compile
         self.target_gen = Generator(target, compile=compile and compile_prefill, max_seq_length=max_seq_length,
@@ -519,12 +538,13 @@ class SpeculativeGenerator:
         accepted = torch.zeros(1, dtype=torch.long, device=self.device)
         rounds = torch.zeros(1, dtype=torch.long, device=self.device)
         ar = torch.arange(k + 1, device=self.device)
-        flag = _DoneFlag(self.device, max(check_every, 1))
+        # the same number of rounds on every rank under tensor parallelism (LockstepStop)
+        stop_now = _stop_check(self.target, self.device, max(check_every, 1))
         if callback is not None:
             callback(0, cur)
         with _decode_sdpa(self.compile), _recompile_limit(64):
             for r in range(max_new_tokens - 1):  # every live round keeps at least one token
-                if flag.all_done(done, r):
+                if stop_now(r, done):
                     break
                 n, toks = speculative_round(self.target, self.draft, cur, pos, k, temperature, top_k, top_p,
                                             self._draft, self._verify, self._mark_step)
@@ -540,9 +560,13 @@ class SpeculativeGenerator:
                 accepted += n * live
                 rounds += live.long()
                 count = count + step
-                pos = pos + step
                 cur = torch.where(live, toks.gather(1, n[:, None])[:, 0], cur)
-                done = done | hit_stop | (count >= max_new_tokens)
+                new_done = done | hit_stop | (count >= max_new_tokens)
+                # a finished sequence keeps its position: rounds run after it finished (the host
+                # learns of it late on CUDA) rewrite the cache slots of its last round, so they
+                # stay within the k + 1 slots reserved past max_new_tokens
+                pos = torch.where(new_done, pos, pos + step)
+                done = new_done
         return count, accepted, rounds
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, *, temperature=0.0, top_k=None,
@@ -671,8 +695,6 @@ def main(argv=None) -> int:
     try:
         tp = torchrun_env()  # tensor parallel (fastzoo.llama.tp) when launched by torchrun
         if tp is not None:
-            if a.speculate_k is not None:
-                raise LlamaError("speculative decoding is not supported with tensor parallelism (torchrun)")
             from .tp import run_cli
             return run_cli(_run, a, *tp)
         return _run(a)
@@ -748,15 +770,21 @@ def _run(a, load=load_model) -> int:
 
 
 def _load_draft(a, target, load, device, dtype):
-    """The draft of --draft-checkpoint (quantized or not, as its config records) and/or --draft-quantize."""
+    """The draft of --draft-checkpoint (quantized or not, as its config records) and/or --draft-quantize.
+
+    Under torchrun ``load`` is the tensor-parallel loader, so the draft is sharded like the
+    target; --draft-quantize then quantizes the rank's shard (see :mod:`fastzoo.llama.tp`: the
+    single-process quantization except int8's per-channel scales of the row-parallel ``wo`` /
+    ``w2``, taken over the rank's input columns; the draft changes the acceptance rate only)."""
     import copy
     from fastzoo.quant import quantize_
     if a.draft_checkpoint is not None:
         if not a.draft_checkpoint.is_dir():
             raise LlamaError(f"draft checkpoint directory not found: {a.draft_checkpoint}")
         draft = load(a.draft_checkpoint, device=device, dtype=dtype)
-    else:
-        draft = copy.deepcopy(target)
+    else:  # under tensor parallelism a copy of the rank's shard, sharing the process group
+        group = getattr(target, "tp_group", None)
+        draft = copy.deepcopy(target, memo={} if group is None else {id(group): group})
     if a.draft_quantize is not None:
         if not any(isinstance(m, torch.nn.Linear) for m in draft.modules()):
             raise LlamaError(f"--draft-quantize {a.draft_quantize}: the draft is already quantized "

@@ -32,9 +32,12 @@ of both, row-parallel layers their ``K`` columns of the weight and the full scal
 rows of all three, row-parallel layers whole groups of ``K`` (the local width must be a
 multiple of the group size).  So every rank holds exactly the single-process quantized values
 and TP equals the single-process quantized model up to the all-reduce's summation order.
-(``fastzoo.quant.quantize_`` on a sharded float model also works, e.g. for random weights
-quantized on the GPU, but then the row-parallel layers are quantized per rank's input slice:
-close to, not equal to, the single-process quantization.)
+``fastzoo.quant.quantize_`` on a sharded float model also works (random weights quantized on
+the GPU; ``generate --speculate-k K --draft-quantize CONFIG`` under torchrun, whose draft is a
+quantized copy of the rank's shard of the target): every tensor then equals the rank's slice of
+the single-process quantization (each int4 group lies within one rank's input columns) except
+int8's row-parallel ``wo`` / ``w2``, whose per-output-channel scales come from the rank's ``K / N``
+input columns instead of all ``K``: close to, not equal to, the single-process quantization.
 
 Library code here reads no environment variables; the ``torchrun`` launch lives in
 :func:`run_cli` and is called from ``fastzoo.llama.generate``'s entry point.
@@ -409,12 +412,16 @@ def run_cli(run, args, rank: int, world_size: int, local_rank: int) -> int:
         dist.broadcast(seed, src=0)
         args.seed = int(seed.item())
 
-        def loader(checkpoint_dir, device, dtype):
+        loaded = []
+
+        def loader(checkpoint_dir, device, dtype):  # the target's, and a --draft-checkpoint's
             model = load_tp_model(checkpoint_dir, rank, world_size, device=device, dtype=dtype,
                                   allreduce=args.tp_allreduce)
-            print(f"tensor parallel: {world_size} ranks, {dist.get_backend()}, all-reduce: {model.tp_allreduce}"
-                  + (" (one-shot, symmetric memory, peer-to-peer)" if model.tp_allreduce == "symm_mem" else ""),
-                  file=sys.stderr)
+            if not loaded:
+                print(f"tensor parallel: {world_size} ranks, {dist.get_backend()}, all-reduce: {model.tp_allreduce}"
+                      + (" (one-shot, symmetric memory, peer-to-peer)" if model.tp_allreduce == "symm_mem" else ""),
+                      file=sys.stderr)
+            loaded.append(checkpoint_dir)
             return model
 
         if rank == 0:

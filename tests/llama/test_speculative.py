@@ -184,3 +184,21 @@ def test_cli_draft_quantize_of_quantized_checkpoint_is_an_error(ckpt, capsys, tm
     rc, _, err = _cli(capsys, "--checkpoint", q, "--prompt", "hi", "--speculate-k", 2, "--max-new-tokens", 4,
                       "--draft-checkpoint", q, "--device", "cpu", "--temperature", 0)
     assert rc == 0 and "acceptance rate 100.0%" in err
+
+
+def test_rounds_after_the_end_stay_in_the_cache(target, monkeypatch):
+    """Rounds the host runs after the sequence finished (it learns of the end late: every few
+    steps on CUDA, one round late under tensor parallelism) rewrite the finished round's cache
+    slots: with a cache of exactly prompt + max_new_tokens + k + 1 slots and a stop check that
+    never fires, every extra round stays inside it and the output is unchanged."""
+    import importlib
+    gen_mod = importlib.import_module("fastzoo.llama.generate")  # the module (the package exports a function)
+    k, new = 3, 11  # the draft is the target: 1 + 4 + 4 + 4 = 13 tokens, 2 past max_new_tokens
+    draft = target
+    want = SpeculativeGenerator(target, draft, k).generate(PROMPT, new, temperature=0)
+    assert want.stats["rounds"] == 3
+    monkeypatch.setattr(gen_mod, "_stop_check", lambda model, device, every: lambda step, done: False)
+    tight = len(PROMPT[0]) + new + k + 1
+    out = SpeculativeGenerator(target, draft, k, max_seq_length=tight).generate(PROMPT, new, temperature=0)
+    assert out.tokens == want.tokens and out.stats == want.stats
+    assert want.stats["rounds"] < new - 1  # the loop really ran rounds past the end

@@ -13,7 +13,7 @@ import torch
 
 from fastzoo.llama.checkpoint import load_model
 from fastzoo.llama.config import LlamaConfig, LlamaError
-from fastzoo.llama.generate import Generator, generate
+from fastzoo.llama.generate import Generator, SpeculativeGenerator, generate
 from fastzoo.llama.model import Transformer
 from fastzoo.llama.tp import load_tp_model, shard_model_, shard_state_dict
 from llama_testutils import VOCAB, make_tiny_model
@@ -26,6 +26,8 @@ NEW = 8
 STOP_NEW, STOP_CHECK = 20, 2  # generation with stop tokens: checked every 2 steps
 DRAFT = [[11, 12, 13], [21, 22, 23]]  # K = 3 tokens per sequence after the prompts (speculative verify)
 COMPILED_KIND = "gqa"
+SPEC_K, SPEC_NEW, SPEC_PROMPT = 3, 16, [PROMPTS[0]]  # speculative decoding (batch 1)
+SPEC_KIND = "gqa"  # also runs a quantized checkpoint's draft, stop tokens and sampling
 
 
 def _tokens():
@@ -86,11 +88,59 @@ def _compiled_results(model):
     return tokens, eager, compiled, counts
 
 
+def _spec_run(target, draft, **kw):
+    """Greedy speculative decoding of ``SPEC_PROMPT``: (tokens, finished, rounds and accepted drafts)."""
+    out = SpeculativeGenerator(target, draft, SPEC_K).generate(SPEC_PROMPT, SPEC_NEW, temperature=0, **kw)
+    return out.tokens, out.finished, (out.stats["rounds"], out.stats["accepted"])
+
+
+def _quantized_copy(model, config):
+    """The draft of ``generate --draft-quantize CONFIG`` without --draft-checkpoint."""
+    from argparse import Namespace
+
+    from fastzoo.llama.generate import _load_draft
+    return _load_draft(Namespace(draft_checkpoint=None, draft_quantize=config), model, None, None, None)
+
+
+def _speculative_results(res, kind, model, rank, qckpts, tiny_ckpt):
+    """Speculative decoding under TP: the draft is the target, a quantized copy of its shard
+    (int8), and for ``SPEC_KIND`` a TP-loaded int8 checkpoint (greedy, with a stop token, and
+    sampled on both ranks with the same seed); plus an int4 copy of a tiny model's shard."""
+    import torch.distributed as dist
+    res[kind, "spec_same"] = _spec_run(model, model)
+    res[kind, "spec_int8_copy"] = _spec_run(model, _quantized_copy(model, "int8"))
+    if kind == SPEC_KIND:
+        draft = load_tp_model(qckpts[f"int8-{kind}"], rank, WORLD, dtype=torch.float32)
+        res["spec_int8_ckpt"] = _spec_run(model, draft)
+        stop = [_spec_stop_id(res[kind, "greedy"])]
+        res["spec_stop"] = _spec_run(model, draft, stop_ids=stop)
+        # rank 0 alone finishes early: it must keep running rounds (collectives) until rank 1 is done
+        every = [None] * WORLD
+        dist.all_gather_object(every, _spec_run(model, draft, stop_ids=stop if rank == 0 else []))
+        res["spec_rank0_stops"] = every
+        torch.manual_seed(1234)  # every rank the same seed (as run_cli arranges)
+        sampled = SpeculativeGenerator(model, draft, SPEC_K).generate(SPEC_PROMPT, SPEC_NEW, temperature=1.0,
+                                                                       top_k=50)
+        every = [None] * WORLD
+        dist.all_gather_object(every, (sampled.tokens, sampled.stats["rounds"], sampled.stats["accepted"]))
+        res["spec_sampled"] = every
+    if tiny_ckpt is not None:
+        tiny = load_tp_model(tiny_ckpt, rank, WORLD, dtype=torch.float32)
+        res["spec_int4_copy"] = _spec_run(tiny, _quantized_copy(tiny, "int4-g32"))
+
+
+def _spec_stop_id(greedy):
+    """A stop token ending ``SPEC_PROMPT``'s greedy continuation after a few tokens (the first
+    token from the 4th on that did not occur before)."""
+    row = greedy[0]
+    return next(t for i, t in enumerate(row) if i >= 3 and t not in row[:i])
+
+
 def _rel_err(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _worker(rank, init_file, ckpts, qckpts, out):
+def _worker(rank, init_file, ckpts, qckpts, tiny_ckpt, out):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -106,6 +156,7 @@ def _worker(rank, init_file, ckpts, qckpts, out):
                                           check_every=STOP_CHECK)
             res[kind, "stopped"] = (g.tokens, g.finished, g.steps)
             res[kind, "multi_token"] = _multi_token_logits(model)
+            _speculative_results(res, kind, model, rank, qckpts, tiny_ckpt if kind == SPEC_KIND else None)
             if kind == COMPILED_KIND:
                 res[kind, "compiled"] = _compiled_results(model)
             res[kind, "local"] = (model.config.n_heads, model.config.n_kv_heads,
@@ -159,7 +210,8 @@ def tp_results(converted, quantized, tmp_path_factory):
     d = tmp_path_factory.mktemp("tp")
     ckpts = {k: str(converted[k][1]) for k in KINDS}
     qckpts = {k: str(quantized[k][1]) for k in QKINDS}
-    mp.spawn(_worker, args=(str(d / "init"), ckpts, qckpts, str(d / "out.pt")), nprocs=WORLD, join=True)
+    tiny = str(quantized["int4-g32"][0])  # float tiny GQA model (int4-g32 fits each rank's w2)
+    mp.spawn(_worker, args=(str(d / "init"), ckpts, qckpts, tiny, str(d / "out.pt")), nprocs=WORLD, join=True)
     return torch.load(d / "out.pt")
 
 
@@ -326,6 +378,107 @@ def test_tp_multi_token_cached_forward_matches(converted, tp_results, kind):
     assert _rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp_speculative_greedy_equals_single_process_target(converted, tp_results, kind):
+    """Greedy speculative decoding under TP (k = 3) gives the single-process greedy target's
+    tokens with the target as its own draft (every draft accepted, as in one process) and with
+    a quantized copy of the rank's shard as the draft (--draft-quantize int8 under torchrun)."""
+    ref = load_model(converted[kind][1], dtype=torch.float32)
+    want = Generator(ref).generate(SPEC_PROMPT, SPEC_NEW, temperature=0).tokens
+    assert len(want[0]) == SPEC_NEW
+    tokens, finished, (rounds, accepted) = tp_results[kind, "spec_same"]
+    assert tokens == want and finished == [False]
+    assert (rounds, accepted) == _spec_run(ref, ref)[2]
+    assert accepted == SPEC_K * rounds and rounds < SPEC_NEW - 1  # really speculated: several tokens per round
+    tokens, finished, (rounds, accepted) = tp_results[kind, "spec_int8_copy"]
+    assert tokens == want and finished == [False]
+    assert 0 <= accepted <= SPEC_K * rounds and rounds <= SPEC_NEW - 1
+
+
+def test_tp_speculative_quantized_drafts_match_single_process(converted, quantized, tp_results):
+    """Drafts equal to their single-process counterparts give the single-process rounds and
+    acceptances, not only its tokens: an int8 checkpoint loaded with load_tp_model (quantize,
+    then shard), and int4 (group 32) quantization of the rank's shard of a float model (each
+    group within one rank's slice, so the draft is the single-process int4 draft)."""
+    import copy
+
+    from fastzoo.quant import quantize_
+    ref = load_model(converted[SPEC_KIND][1], dtype=torch.float32)
+    draft = load_model(quantized[f"int8-{SPEC_KIND}"][1], dtype=torch.float32)
+    want = _spec_run(ref, draft)
+    assert want[0] == Generator(ref).generate(SPEC_PROMPT, SPEC_NEW, temperature=0).tokens
+    assert tp_results["spec_int8_ckpt"] == want
+    tiny = load_model(quantized["int4-g32"][0], dtype=torch.float32)
+    want = _spec_run(tiny, quantize_(copy.deepcopy(tiny), "int4-g32"))
+    assert want[0] == Generator(tiny).generate(SPEC_PROMPT, SPEC_NEW, temperature=0).tokens
+    assert tp_results["spec_int4_copy"] == want
+    rounds, accepted = want[2]
+    assert 0 < accepted < SPEC_K * rounds  # both paths: accepted drafts and corrections
+
+
+def test_tp_speculative_stops_and_samples_in_lockstep(converted, tp_results):
+    """With a stop token, speculative TP decoding stops where the single-process target does;
+    when only rank 0 is done, it keeps running rounds until rank 1 is (the stop decision is
+    all-reduced; otherwise the job would hang); sampled with one seed, both ranks emit the
+    same tokens."""
+    ref = load_model(converted[SPEC_KIND][1], dtype=torch.float32)
+    stop = _spec_stop_id(tp_results[SPEC_KIND, "greedy"])
+    want = Generator(ref).generate(SPEC_PROMPT, SPEC_NEW, temperature=0, stop_ids=[stop])
+    tokens, finished, _ = tp_results["spec_stop"]
+    assert (tokens, finished) == (want.tokens, want.finished) == (want.tokens, [True])
+    assert len(tokens[0]) < SPEC_NEW - 1
+    assert len(tokens[0]) >= 3
+    # rank 0 alone done: it keeps running rounds until rank 1 is done (no hang). Rank 1's later
+    # tokens are meaningless (the ranks' partial sums then come from different tokens: tensor
+    # parallel ranks must decode the same tokens), its earlier ones are rank 0's
+    r0, r1 = tp_results["spec_rank0_stops"]
+    assert r0 == tp_results["spec_stop"]
+    assert len(r1[0][0]) == SPEC_NEW and r1[1] == [False] and r1[0][0][:len(tokens[0])] == tokens[0]
+    (t0, r0, a0), (t1, r1, a1) = tp_results["spec_sampled"]
+    assert t0 == t1 and (r0, a0) == (r1, a1)
+    assert len(t0[0]) == SPEC_NEW and r0 <= SPEC_NEW - 1
+
+
+def test_speculative_draft_sharded_differently_is_an_error(converted):
+    target = load_tp_model(converted["gqa"][1], 0, 1, dtype=torch.float32)
+    draft = load_model(converted["gqa"][1], dtype=torch.float32)
+    shard_model_(draft, 0, WORLD)  # a draft on 2 ranks, the target on 1
+    with pytest.raises(LlamaError, match="draft is sharded over 2 tensor-parallel ranks, the target over 1"):
+        SpeculativeGenerator(target, draft, SPEC_K)
+
+
+@pytest.mark.parametrize("config", ["int8", "int4-g32"])
+def test_quantizing_a_shard_vs_sharding_the_quantized_model(config):
+    """--draft-quantize under torchrun quantizes the rank's shard of the target.  int4 (each
+    group within one rank's input columns) and every column-parallel layer equal the rank's
+    slice of the single-process quantization; int8's row-parallel wo / w2 take per-channel
+    scales over the rank's columns only: smaller or equal, each weight within half a step."""
+    import copy
+
+    from fastzoo.quant import quantize_
+    from llama_testutils import make_tiny_model
+    full = make_tiny_model(vocab_size=VOCAB)
+    single = quantize_(copy.deepcopy(full), config)
+    for rank in range(WORLD):
+        want = shard_model_(copy.deepcopy(single), rank, WORLD).state_dict()
+        shard = shard_model_(copy.deepcopy(full), rank, WORLD)
+        got = quantize_(shard, config).state_dict()
+        assert got.keys() == want.keys()
+        differ = {k for k in got if not torch.equal(got[k], want[k])}
+        if config == "int4-g32":
+            assert not differ, sorted(differ)
+            continue
+        assert differ == {f"layers.{i}.{m}.{p}" for i in range(full.config.n_layers)
+                          for m in ("attention.wo", "feed_forward.w2") for p in ("weight", "scales")}, sorted(differ)
+        float_sd = shard_model_(copy.deepcopy(full), rank, WORLD).state_dict()
+        for k in differ:
+            if k.endswith(".scales"):
+                assert (got[k] <= want[k]).all() and (got[k] < want[k]).any(), k
+            else:
+                s = got[k.replace("weight", "scales")][:, None]
+                assert ((got[k].float() * s - float_sd[k]).abs() <= s / 2 + 1e-6).all(), k
+
+
 def test_tp_compiled_matches_eager(converted, tp_results):
     """torch.compile(fullgraph=True) traces the all-reduces (functional collectives: one per
     block half, no graph break) and gives the eager TP logits and tokens."""
@@ -488,6 +641,53 @@ def test_tp_two_gpus_compiled_with_cuda_graphs(converted, quantized, tmp_path, k
         assert res["stopped"] == (out.tokens, out.finished) and all(out.finished)
 
 
+def _cuda_spec_worker(rank, init_file, ckpt, out, allreduce):
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+    device = _init_cuda_rank(rank, init_file)
+    try:
+        model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32, allreduce=allreduce)
+        greedy = generate(model, SPEC_PROMPT, SPEC_NEW).tokens
+        torch._dynamo.reset()
+        counters.clear()
+        # as generate --compile --speculate-k 3 --draft-quantize int8 under torchrun
+        gen = SpeculativeGenerator(model, _quantized_copy(model, "int8"), SPEC_K, compile=True)
+        res = {"greedy": greedy, "allreduce": model.tp_allreduce}
+        out_ = gen.generate(SPEC_PROMPT, SPEC_NEW, temperature=0)
+        res["compiled"] = (out_.tokens, out_.stats["rounds"], out_.stats["accepted"])
+        stopped = gen.generate(SPEC_PROMPT, SPEC_NEW, temperature=0, stop_ids=[_spec_stop_id(greedy)])
+        res["stopped"] = (stopped.tokens, stopped.finished)
+        res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
+        _save_on_rank0(res, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("allreduce", ["nccl", "symm_mem"])
+def test_tp_two_gpus_speculative_compiled(converted, tmp_path, allreduce):
+    """On 2 GPUs, speculative decoding compiled as generate --compile (inductor, CUDA graphs: the
+    draft step and the verify forward) with an int8 copy of each rank's shard as the draft gives
+    the single-process greedy tokens on every rank, and stops at a stop token (the stop decision
+    lags one round on CUDA: the extra rounds must stay within the KV cache)."""
+    import torch.multiprocessing as mp
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip(f"needs {WORLD} GPUs")
+    ckpt = str(converted[SPEC_KIND][1])
+    mp.spawn(_cuda_spec_worker, args=(str(tmp_path / "init"), ckpt, str(tmp_path / "out.pt"), allreduce),
+             nprocs=WORLD, join=True)
+    ref = load_model(ckpt, device="cuda", dtype=torch.float32)
+    want = generate(ref, SPEC_PROMPT, SPEC_NEW).tokens
+    stop = _spec_stop_id(want)
+    want_stop = Generator(ref).generate(SPEC_PROMPT, SPEC_NEW, temperature=0, stop_ids=[stop])
+    every = torch.load(tmp_path / "out.pt")
+    for res in every:
+        assert res["allreduce"] == allreduce and res["cudagraph_skips"] == 0
+        assert res["greedy"] == want and res["compiled"][0] == want
+        assert res["stopped"] == (want_stop.tokens, [True])
+    assert every[0]["compiled"] == every[1]["compiled"]
+
+
 def _symm_worker(rank, init_file, out):
     """symm_mem vs NCCL on random bf16 tensors: eager, and a compiled function (inductor,
     fullgraph) replayed under CUDA graphs (mode="reduce-overhead")."""
@@ -594,3 +794,23 @@ def test_torchrun_cli_heads_not_divisible(converted):
     assert r.returncode != 0
     assert r.stderr.count("error: cannot shard the model over 3 tensor-parallel ranks") == 1, r.stderr[-3000:]
     assert "num_attention_heads 4" in r.stderr
+
+
+def test_torchrun_cli_speculative(converted, quantized):
+    """torchrun generate --speculate-k with --draft-checkpoint on 2 ranks: the draft (an int8
+    checkpoint) is loaded sharded by the same loader as the target; greedy, it prints the
+    single-process target's text once, and the acceptance rate once (rank 0).  (The
+    --draft-quantize path, a quantized copy of the shard, runs in the gloo tests above.)"""
+    args = ["--checkpoint", converted[SPEC_KIND][1], "--prompt", "hello world", "--max-new-tokens", 8,
+            "--temperature", 0, "--device", "cpu"]
+    spec = [*args, "--speculate-k", SPEC_K, "--draft-checkpoint", quantized[f"int8-{SPEC_KIND}"][1]]
+    r = _python(*spec, nproc=WORLD)
+    if r.returncode != 0:  # one retry: a launcher hiccup (port, rendezvous) on a loaded machine
+        r = _python(*spec, nproc=WORLD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = _python(*args)  # the target alone, one process
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert r.stdout == single.stdout, (r.stdout, single.stdout, r.stderr[-3000:])
+    assert r.stderr.count("speculative: acceptance rate") == 1, r.stderr[-3000:]
+    assert r.stderr.count("time to first token") == 1, r.stderr[-3000:]
+    assert r.stderr.count("tensor parallel: 2 ranks") == 1, r.stderr[-3000:]  # once, not again for the draft
