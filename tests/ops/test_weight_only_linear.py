@@ -682,11 +682,11 @@ def test_cuda_fused_llama_shapes(N, K, opts, M):
 
 @pytest.mark.cuda
 def test_cuda_every_quantized_gemv_config():
-    """Every int8 and int4 GEMV tile the autotuner may pick (one row) and the int8 tiles'
-    evict-first variants, forced, on a w2-like
-    shape whose K (11008) is no multiple of most blocks (whole blocks and a masked tail),
-    against an fp32 product of the same weights: a tile that only the GPU compiler gets
-    wrong cannot hide behind the autotuner's choice on the GPU the tests run on."""
+    """Every int8 and int4 GEMV tile the autotuner may pick (one row), and the int8 tiles
+    with and without evict-first loads, forced, on a w2-like shape whose K (11008) is no
+    multiple of most blocks (whole blocks and a masked tail), against an fp32 product of the
+    same weights: a tile that only the GPU compiler gets wrong cannot hide behind the
+    autotuner's choice on the GPU the tests run on."""
     from fastzoo.ops.weight_only_linear import (INT8_GEMV_VARIANTS, _int4_kernel, _int4_mma_kernel, _linear_kernel,
                                                 _prune, _prune_linear)
 
