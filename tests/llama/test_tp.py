@@ -781,6 +781,21 @@ def test_torchrun_cli_only_rank0_prints(converted, quantized, kind):
     assert r.stderr.count("tensor parallel: 2 ranks, gloo, all-reduce: nccl") == 1, r.stderr[-3000:]  # auto on CPU
 
 
+def test_torchrun_cli_four_ranks(converted):
+    """torchrun generate on 4 ranks (one kv head each of the MHA model) prints what the single
+    process prints."""
+    args = ["--checkpoint", converted["mha"][1], "--prompt", "hello world", "--max-new-tokens", 6,
+            "--temperature", 0, "--device", "cpu"]
+    r = _python(*args, nproc=4)
+    if r.returncode != 0:  # one retry: a launcher hiccup (port, rendezvous) on a loaded machine
+        r = _python(*args, nproc=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single = _python(*args)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert r.stdout == single.stdout, (r.stdout, single.stdout, r.stderr[-3000:])
+    assert r.stderr.count("tensor parallel: 4 ranks, gloo") == 1, r.stderr[-3000:]
+
+
 def test_torchrun_cli_symm_mem_on_cpu_is_an_error(converted):
     r = _python("--checkpoint", converted["gqa"][1], "--prompt", "hi", "--device", "cpu",
                 "--tp-allreduce", "symm_mem", nproc=WORLD)
