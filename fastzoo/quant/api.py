@@ -15,7 +15,10 @@ ATTENTIONS = ("sdpa", "int8")
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Base class: a config knows its CLI name and how to quantize one ``nn.Linear``."""
+    """Base class: a config knows its CLI name and how to quantize one ``nn.Linear``;
+    ``needs_calibration``: it quantizes from statistics of calibration batches."""
+
+    needs_calibration = False  # a class attribute, not a dataclass field
 
     @property
     def name(self) -> str:
@@ -167,11 +170,6 @@ def config_from_string(name: str) -> QuantConfig:
         raise ValueError(f"unknown quantization {name!r}; valid: {', '.join(table)}") from None
 
 
-def needs_calibration(config: QuantConfig) -> bool:
-    """Whether ``config`` quantizes from calibration batches (``Int8Static``, ``GPTQ``)."""
-    return bool(getattr(config, "needs_calibration", False)) or hasattr(config, "quantize_model_")
-
-
 FilterFn = Callable[[nn.Module, str], bool]
 
 
@@ -206,14 +204,14 @@ def quantize_(model: nn.Module, config: QuantConfig | str, filter_fn: FilterFn |
     layer's Hessians from the already-quantized layers' outputs) before the swap.
     """
     config = as_config(config)
-    if needs_calibration(config) and calibration is None:
+    if config.needs_calibration and calibration is None:
         raise ValueError(f"{config.name} needs calibration batches: quantize_(model, config, calibration=batches)")
     if hasattr(config, "quantize_model_"):  # configs that quantize from statistics of the whole model
         config.quantize_model_(model, calibration, filter_fn)
         return model
     targets = select_linears(model, filter_fn)
     extra: dict[str, dict] = {fqn: {} for fqn, _ in targets}
-    if getattr(config, "needs_calibration", False):
+    if config.needs_calibration:
         observers = {fqn: config.observer_for() for fqn, _ in targets}
         observe(model, calibration, inputs=observers)
         extra = {fqn: {"in_scale": obs.scale()} for fqn, obs in observers.items()}

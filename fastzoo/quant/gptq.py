@@ -65,6 +65,8 @@ class GPTQ(QuantConfig):
     def name(self) -> str:
         return f"gptq-g{self.group_size}"
 
+    needs_calibration = True
+
     def quantize_model_(self, model: nn.Module, calibration: Iterable,
                         filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
         """``quantize_(model, GPTQ(...), calibration=batches)``: the Hessians of every selected

@@ -9,7 +9,6 @@ from torch import nn
 
 from fastzoo.checkpoint import CheckpointError, load_checked, read_state_dict
 from fastzoo.quant import QuantConfig
-from fastzoo.quant.api import needs_calibration
 from fastzoo.quant.vit import quantize_image_encoder_, resolve_image_encoder_quant
 from fastzoo.utils import parse_dtype
 
@@ -181,7 +180,7 @@ def _check_quantize(quantize: Union[str, QuantConfig, None], calibration: Option
     """Refuse a ``quantize=`` option SAM cannot run, or static quantization without calibration,
     before any weights are built."""
     config = None if quantize is None else resolve_image_encoder_quant(quantize)
-    calibrated = isinstance(config, QuantConfig) and needs_calibration(config)
+    calibrated = isinstance(config, QuantConfig) and config.needs_calibration
     if calibration is not None and not calibrated:
         raise ValueError(f"calibration= is used only by calibrated quantization (e.g. quantize='int8static'); "
                          f"found quantize={quantize!r}")
