@@ -90,15 +90,49 @@ def launch(kernel: Any, grid: Callable | tuple, *args: Any, device: torch.device
     kernel.fn[grid](*args, **kwargs, **config.kwargs)
 
 
-def short_bench(kernel_call: Callable, quantiles) -> Any:
-    """Timing for ``triton.autotune(..., do_bench=short_bench)``: Triton's ``do_bench`` with
-    a 5 ms warm-up and 25 ms of repeats instead of 25 and 100. For kernels of a few to a few
-    hundred µs (decode GEMVs, decode attention) that is still ~100 to thousands of timed
-    runs (each after an L2 flush), and a model that tunes many shapes at its first step
-    starts that much sooner."""
-    import triton.testing
+_BENCH_CHUNK = 20  # timed calls queued behind one GPU sleep (short_bench)
+_BENCH_SLEEP_CYCLES = 8_000_000  # ~4 ms at H100 clocks: time for the host to queue a chunk
+_BENCH_MAX_CALLS = 100  # timed calls (each after a ~0.1 ms L2 flush) and warm-up calls at most
 
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+def short_bench(kernel_call: Callable, quantiles) -> Any:
+    """Timing for ``triton.autotune(..., do_bench=short_bench)``: as Triton's ``do_bench``
+    (an L2 flush before each timed call, CUDA events, the quantiles the autotuner asks
+    for), with 5 ms of warm-up and 25 ms of timed calls (at most 100 of each) instead of
+    25 and 100 ms, and with the timed calls queued on the GPU behind a short sleep,
+    ``_BENCH_CHUNK`` at a time, so the host's launch latency never falls between a call's
+    start and end events. (``do_bench`` records the start event, then launches: where the
+    host is slow or busy that gap is most of a 10-40 µs decode kernel's time, and the
+    autotuner's choice becomes noise.)"""
+    import triton
+
+    driver = triton.runtime.driver.active
+    kernel_call()
+    torch.cuda.synchronize()
+    cache = driver.get_empty_cache_for_benchmark()
+    clear = getattr(driver, "clear_cache", None) or (lambda c: c.zero_())
+
+    def timed(n: int) -> list:
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            if i % _BENCH_CHUNK == 0:
+                torch.cuda._sleep(_BENCH_SLEEP_CYCLES)
+            clear(cache)
+            starts[i].record()
+            kernel_call()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in zip(starts, ends)]
+
+    estimate_ms = max(sum(timed(5)) / 5, 1e-3)
+    for _ in range(min(_BENCH_MAX_CALLS, max(1, int(5 / estimate_ms)))):
+        kernel_call()
+    times = torch.tensor(timed(min(_BENCH_MAX_CALLS, max(1, int(25 / estimate_ms)))), dtype=torch.float)
+    if quantiles:
+        out = torch.quantile(times, torch.tensor(quantiles, dtype=torch.float)).tolist()
+        return out[0] if len(out) == 1 else out
+    return times.mean().item()
 
 
 # Arrival counters of the kernels that reduce their partial results in the same launch
