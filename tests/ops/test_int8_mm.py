@@ -491,3 +491,79 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
             assert "warp_group_dot" in item["ttgir"]  # Hopper wgmma on int8
             assert f"{cfg.num_stages}x{bm}x{bk}xi8" in item["ttgir"]  # K loop pipelined in shared memory
         assert item["shared"] <= 228 * 1024
+
+
+# ----------------------------------------------------------------------------------
+# The epilogue's elementwise helpers, on their own (Triton's interpreter)
+# ----------------------------------------------------------------------------------
+from fastzoo.ops._common import triton_available  # noqa: E402
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from fastzoo.ops.int8_mm import _gelu, _requantize_tile
+
+    @triton.jit
+    def _gelu_test_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        tl.store(y_ptr + offs, _gelu(v), mask=offs < n)
+
+    @triton.jit
+    def _requant_test_kernel(x_ptr, s_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        s = tl.load(s_ptr + offs, mask=offs < n, other=1.0)
+        q = _requantize_tile(v[None, :], s)
+        tl.store(y_ptr + offs[None, :], q, mask=(offs < n)[None, :])
+
+
+def _apply_tile_fn(kernel_device, which, x, inv_scale=None):
+    """Run the epilogue's ``_gelu`` or ``_requantize_tile`` on one row of x."""
+    if not triton_available():
+        pytest.skip("needs Triton")
+    n = x.numel()
+    block = triton.next_power_of_2(n)
+    x = x.to(kernel_device)
+    if which == "gelu":
+        y = torch.empty_like(x)
+        _gelu_test_kernel[(1,)](x, y, n, BLOCK=block)
+    else:
+        y = torch.empty(n, dtype=torch.int8, device=kernel_device)
+        _requant_test_kernel[(1,)](x, inv_scale.to(kernel_device), y, n, BLOCK=block)
+    return y.cpu()
+
+
+def test_epilogue_gelu_is_exact_gelu_to_fp32_rounding(kernel_device):
+    """The polynomial GELU of the epilogue against float64 x·erfc(−x/√2)/2: absolute error
+    (relative above 1) at most 5e-7, as torch's own fp32 GELU; relative error on the
+    negative tail (tiny values) ≤ 1e-5 down to −6 and ≤ 5e-5 down to −9; below, under
+    1e-18·|x|; exact 0 at 0; NaN stays NaN."""
+    x = torch.cat([torch.linspace(-12, 12, 8191), torch.randn(4096) * 3,
+                   torch.tensor([0.0, -0.0, 1e-30, -1e-30, 9.0, -9.0, 1e4, -1e4, float("nan")])])
+    y = _apply_tile_fn(kernel_device, "gelu", x.float())
+    ok = ~x.isnan()
+    xd, yd = x[ok].double(), y[ok].double()
+    ref = xd * 0.5 * torch.special.erfc(-xd / 2 ** 0.5)
+    assert ((yd - ref).abs() / ref.abs().clamp_min(1)).max() <= 5e-7
+    rel = (yd - ref).abs() / ref.abs()
+    assert rel[(xd < -0.5) & (xd >= -6)].max() <= 1e-5
+    assert rel[(xd < -6) & (xd >= -9)].max() <= 5e-5
+    assert ((yd.abs() / xd.abs())[xd < -9]).max() <= 1e-18
+    assert y[x == 0].eq(0).all() and y[-1].isnan()
+
+
+def test_epilogue_requantize_rounds_half_away_as_the_reference(kernel_device):
+    """The epilogue's ALU-only round-half-away-from-zero and clamp give the reference's int8
+    exactly where the scale is 1 (no reciprocal rounding): ties at ±k.5, values next to
+    them, the clamp at ±127 and beyond, tiny values and zeros."""
+    ties = torch.arange(-130, 131, dtype=torch.float32) + 0.5
+    near = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
+    special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.49999997, -0.49999997, 127.0, -127.0, 127.49998,
+                            -127.49998, 1e9, -1e9, 126.99999])
+    x = torch.cat([ties, near, special, torch.randn(1000) * 80])
+    got = _apply_tile_fn(kernel_device, "requant", x, torch.ones_like(x))
+    from fastzoo.ops.int8_mm import requantize_int8_ref
+
+    torch.testing.assert_close(got, requantize_int8_ref(x, torch.ones(1)), rtol=0, atol=0)
