@@ -68,10 +68,16 @@ def decomposed_rel_pos_terms(
     k_h, k_w = k_size
     Rh = get_rel_pos(q_h, k_h, rel_pos_h).to(q.dtype)
     Rw = get_rel_pos(q_w, k_w, rel_pos_w).to(q.dtype)
+    # The key counts are padded with zero rows to a multiple of 8, so that the einsums write
+    # 16-byte rows in bf16: with 14 keys (the windowed blocks) cuBLAS ran an align-2 16×16 WMMA
+    # kernel (~0.1 ms a call on an H100). The terms returned are views of the first k_h / k_w
+    # columns (the same values).
+    Rh = F.pad(Rh, (0, 0, 0, (-k_h) % 8))
+    Rw = F.pad(Rw, (0, 0, 0, (-k_w) % 8))
     B, nh, N, C = q.shape
     r_q = q.reshape(B * nh, q_h, q_w, C)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).reshape(B, nh, N, k_h)
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).reshape(B, nh, N, k_w)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).reshape(B, nh, N, -1)[..., :k_h]
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).reshape(B, nh, N, -1)[..., :k_w]
     return rel_h, rel_w
 
 
