@@ -1,0 +1,90 @@
+"""experiments.ab: same-machine A/B runs of a command, base files swapped in and restored."""
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from experiments import ab
+
+# Reads the compared file, says whether a file that only the new side has exists, and
+# writes a record as a benchmark would (a fresh name per run, like --name).
+_BENCH = r"""
+import json, os, pathlib, sys
+root = pathlib.Path('.')
+v = float((root / 'pkg' / 'val.txt').read_text())
+out = root / 'experiments' / 'results' / 'gpu'
+out.mkdir(parents=True, exist_ok=True)
+n = len(list(out.glob('*.json')))
+(out / f'rec{n}.json').write_text(json.dumps({'figures': {'v': v, 'extra': os.path.exists('pkg/only_new.py')}}))
+sys.exit(int(os.environ.get('AB_TEST_EXIT', '0')) if v == 1 else 0)
+"""
+
+
+def _git(root, *args):
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=root, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A repository whose HEAD~1 has val.txt = 1 and whose working tree has 2 and a new file."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "val.txt").write_text("1")
+    (tmp_path / "bench.py").write_text(_BENCH)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "base")
+    (tmp_path / "pkg" / "val.txt").write_text("2")
+    _git(tmp_path, "commit", "-qam", "new")
+    (tmp_path / "pkg" / "only_new.py").write_text("x = 1\n")
+    return tmp_path
+
+
+def test_alternating_runs_compare_base_and_new_and_restore_the_tree(repo, tmp_path_factory):
+    manifest_dir = ab.prepare("HEAD~1", ["pkg/val.txt", "pkg/only_new.py"], root=repo)
+    manifest = json.loads((manifest_dir / ab.MANIFEST).read_text())
+    assert manifest["files"] == ["pkg/val.txt"] and manifest["absent_at_base"] == ["pkg/only_new.py"]
+    assert manifest["new_commit"] != manifest["base_commit"]
+    out = tmp_path_factory.mktemp("out")
+    summary = ab.run([sys.executable, "bench.py"], out, repeat=2, metric="figures.v", root=repo)
+    assert [(r["label"], r["index"]) for r in summary["runs"]] == [("base", 1), ("new", 1), ("base", 2), ("new", 2)]
+    assert [r["metric"] for r in summary["runs"]] == [[1.0], [2.0], [1.0], [2.0]]
+    assert summary["median"] == {"base": 1.0, "new": 2.0} and summary["new_over_base"] == 2.0
+    # the base runs did not see the file the base revision lacks; the new runs did
+    for r in summary["runs"]:
+        (rec,) = r["records"]
+        got = json.loads((repo / rec).read_text())["figures"]["extra"]
+        assert got == (r["label"] == "new")
+    # the working tree is as it was
+    assert (repo / "pkg" / "val.txt").read_text() == "2" and (repo / "pkg" / "only_new.py").exists()
+    assert json.loads((out / "ab_summary.json").read_text())["runs"] == summary["runs"]
+    with tarfile.open(out / "ab_runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "ab_runs/base_1.log" in names and any(n.endswith("rec0.json") for n in names)
+
+
+def test_a_failing_base_run_still_restores_the_tree(repo, tmp_path_factory, monkeypatch):
+    ab.prepare("HEAD~1", ["pkg/val.txt"], root=repo)
+    monkeypatch.setenv("AB_TEST_EXIT", "3")
+    out = tmp_path_factory.mktemp("out")
+    summary = ab.run([sys.executable, "bench.py"], out, repeat=1, metric="figures.v", root=repo)
+    assert [r["rc"] for r in summary["runs"]] == [3, 0]
+    assert summary["median"] == {"base": None, "new": 2.0} and "new_over_base" not in summary
+    assert (repo / "pkg" / "val.txt").read_text() == "2"
+
+
+def test_errors_name_what_is_missing(repo, tmp_path):
+    with pytest.raises(SystemExit, match="ab.json not found.*prepare"):
+        ab.run([sys.executable, "-c", "pass"], tmp_path / "out", root=repo)
+    with pytest.raises(SystemExit, match="cannot resolve revision 'nope'"):
+        ab.prepare("nope", ["pkg/val.txt"], root=repo)
+    with pytest.raises(SystemExit, match="relative to the repository root"):
+        ab.prepare("HEAD", ["../x"], root=repo)
+
+
+def test_cli_refuses_a_run_without_a_command(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ab.main(["run", "--out", str(tmp_path), "--"])
+    assert e.value.code == 2 and "run needs a command after --" in capsys.readouterr().err
