@@ -92,6 +92,7 @@ def launch(kernel: Any, grid: Callable | tuple, *args: Any, device: torch.device
 
 _BENCH_CHUNK = 20  # timed calls queued behind one GPU sleep (short_bench)
 _BENCH_SLEEP_CYCLES = 8_000_000  # ~4 ms at H100 clocks: time for the host to queue a chunk
+_BENCH_MAX_SLEEP_CYCLES = 64_000_000  # the sleep doubles up to this where the host was slower
 _BENCH_MAX_CALLS = 100  # timed calls (each after a ~0.1 ms L2 flush) and warm-up calls at most
 
 
@@ -103,7 +104,9 @@ def short_bench(kernel_call: Callable, quantiles) -> Any:
     ``_BENCH_CHUNK`` at a time, so the host's launch latency never falls between a call's
     start and end events. (``do_bench`` records the start event, then launches: where the
     host is slow or busy that gap is most of a 10-40 µs decode kernel's time, and the
-    autotuner's choice becomes noise.)"""
+    autotuner's choice becomes noise.) Where the GPU has woken before the host finished
+    queueing a chunk (an event recorded after the sleep has completed by then), the
+    following chunks sleep twice as long."""
     import triton
 
     driver = triton.runtime.driver.active
@@ -112,12 +115,19 @@ def short_bench(kernel_call: Callable, quantiles) -> Any:
     cache = driver.get_empty_cache_for_benchmark()
     clear = getattr(driver, "clear_cache", None) or (lambda c: c.zero_())
 
+    sleep = [_BENCH_SLEEP_CYCLES]
+
     def timed(n: int) -> list:
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        woke = None
         for i in range(n):
             if i % _BENCH_CHUNK == 0:
-                torch.cuda._sleep(_BENCH_SLEEP_CYCLES)
+                if woke is not None and woke.query() and sleep[0] < _BENCH_MAX_SLEEP_CYCLES:
+                    sleep[0] *= 2  # the last chunk's calls were queued after the GPU woke
+                torch.cuda._sleep(sleep[0])
+                woke = torch.cuda.Event()
+                woke.record()
             clear(cache)
             starts[i].record()
             kernel_call()

@@ -554,16 +554,21 @@ def test_epilogue_gelu_is_exact_gelu_to_fp32_rounding(kernel_device):
     assert y[x == 0].eq(0).all() and y[-1].isnan()
 
 
-def test_epilogue_requantize_rounds_half_away_as_the_reference(kernel_device):
+@pytest.mark.parametrize("scale", [1.0, 0.25, 4.0], ids=["scale1", "scale0.25", "scale4"])
+def test_epilogue_requantize_rounds_half_away_as_the_reference(kernel_device, scale):
     """The epilogue's ALU-only round-half-away-from-zero and clamp give the reference's int8
-    exactly where the scale is 1 (no reciprocal rounding): ties at ±k.5, values next to
-    them, the clamp at ±127 and beyond, tiny values and zeros."""
+    exactly where the per-column scale is a power of two (its reciprocal exact): ties at
+    ±k.5, values next to them, the clamp at ±127 and beyond, ±inf, tiny values and zeros;
+    NaN gives 127."""
     ties = torch.arange(-130, 131, dtype=torch.float32) + 0.5
     near = torch.cat([torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1)])
     special = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.49999997, -0.49999997, 127.0, -127.0, 127.49998,
-                            -127.49998, 1e9, -1e9, 126.99999])
-    x = torch.cat([ties, near, special, torch.randn(1000) * 80])
-    got = _apply_tile_fn(kernel_device, "requant", x, torch.ones_like(x))
+                            -127.49998, 1e9, -1e9, 126.99999, float("inf"), float("-inf"), 3e38, -3e38])
+    v = torch.cat([ties, near, special, torch.randn(1000) * 80])
+    x = v * scale  # out = v · scale, re-quantized with out_scale = scale
+    got = _apply_tile_fn(kernel_device, "requant", torch.cat([x, torch.tensor([float("nan")])]),
+                         torch.full((x.numel() + 1,), 1 / scale))
     from fastzoo.ops.int8_mm import requantize_int8_ref
 
-    torch.testing.assert_close(got, requantize_int8_ref(x, torch.ones(1)), rtol=0, atol=0)
+    torch.testing.assert_close(got[:-1], requantize_int8_ref(x, torch.tensor([scale])), rtol=0, atol=0)
+    assert got[-1] == 127
