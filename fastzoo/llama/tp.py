@@ -412,16 +412,17 @@ def run_cli(run, args, rank: int, world_size: int, local_rank: int) -> int:
         dist.broadcast(seed, src=0)
         args.seed = int(seed.item())
 
-        loaded = []
+        announced = False
 
         def loader(checkpoint_dir, device, dtype):  # the target's, and a --draft-checkpoint's
+            nonlocal announced
             model = load_tp_model(checkpoint_dir, rank, world_size, device=device, dtype=dtype,
                                   allreduce=args.tp_allreduce)
-            if not loaded:
+            if not announced:
                 print(f"tensor parallel: {world_size} ranks, {dist.get_backend()}, all-reduce: {model.tp_allreduce}"
                       + (" (one-shot, symmetric memory, peer-to-peer)" if model.tp_allreduce == "symm_mem" else ""),
                       file=sys.stderr)
-            loaded.append(checkpoint_dir)
+                announced = True
             return model
 
         if rank == 0:

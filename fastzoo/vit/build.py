@@ -89,10 +89,10 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
     if quantized_checkpoint and (checkpoint is None or quantize is None):
         raise ValueError("quantized_checkpoint=True needs the checkpoint and the quantize config it was saved with")
     source = f"checkpoint {str(checkpoint)!r}"
-    if quantized_checkpoint:
+    sd = load_state_dict_file(checkpoint) if checkpoint is not None else None
+    if quantize is not None:
         from fastzoo.quant import quantize_vit_
-
-        sd = load_state_dict_file(checkpoint)
+    if quantized_checkpoint:
         with torch.device("meta"):
             model = VisionTransformer(cfg).to(dtype)
         quantize_vit_(model, quantize, for_loading=True)  # the layout (and buffer dtypes) quantizing gives
@@ -101,8 +101,7 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
                      hint=f"quantized_checkpoint=True expects the state_dict() of a ViT quantized with {quantize!r}")
         model.eval().requires_grad_(False)
     else:
-        if checkpoint is not None:
-            sd = load_state_dict_file(checkpoint)
+        if sd is not None:
             with torch.device("meta"):
                 model = VisionTransformer(cfg)
             hints = [_checkpoint_hint(cfg, sd)]
@@ -113,8 +112,6 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
             model = VisionTransformer(cfg)
         model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         if quantize is not None:
-            from fastzoo.quant import quantize_vit_
-
             quantize_vit_(model, quantize, calibration=calibration)
     if compile:
         model = torch.compile(model)

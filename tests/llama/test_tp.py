@@ -2,6 +2,7 @@
 
 Two gloo ranks are spawned once for the module; rank 0 saves its logits and tokens and the
 tests compare them with the unsharded model in this process."""
+import contextlib
 import datetime
 import os
 import subprocess
@@ -578,15 +579,20 @@ def _no_multicast():
     os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 
 
-def _init_cuda_rank(rank: int, init_file: str) -> torch.device:
-    """This rank's GPU and its NCCL process group (multicast off)."""
+@contextlib.contextmanager
+def _cuda_rank(rank: int, init_file: str):
+    """Within the block: this rank's GPU (yielded) and its NCCL process group (multicast
+    off), destroyed on exit."""
     import torch.distributed as dist
     _no_multicast()
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=300), device_id=device)
-    return device
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
 
 
 def _save_on_rank0(res, out) -> None:
@@ -599,10 +605,8 @@ def _save_on_rank0(res, out) -> None:
 
 
 def _cuda_worker(rank, init_file, ckpt, out, allreduce):
-    import torch.distributed as dist
     from torch._dynamo.utils import counters
-    device = _init_cuda_rank(rank, init_file)
-    try:
+    with _cuda_rank(rank, init_file) as device:
         model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32, allreduce=allreduce)
         res = {"eager": generate(model, PROMPTS, NEW).tokens, "allreduce": model.tp_allreduce}
         torch._dynamo.reset()
@@ -614,8 +618,6 @@ def _cuda_worker(rank, init_file, ckpt, out, allreduce):
         res["stopped"] = (g.tokens, g.finished)
         res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
         _save_on_rank0(res, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.cuda
@@ -642,10 +644,8 @@ def test_tp_two_gpus_compiled_with_cuda_graphs(converted, quantized, tmp_path, k
 
 
 def _cuda_spec_worker(rank, init_file, ckpt, out, allreduce):
-    import torch.distributed as dist
     from torch._dynamo.utils import counters
-    device = _init_cuda_rank(rank, init_file)
-    try:
+    with _cuda_rank(rank, init_file) as device:
         model = load_tp_model(ckpt, rank, WORLD, device=device, dtype=torch.float32, allreduce=allreduce)
         greedy = generate(model, SPEC_PROMPT, SPEC_NEW).tokens
         torch._dynamo.reset()
@@ -659,8 +659,6 @@ def _cuda_spec_worker(rank, init_file, ckpt, out, allreduce):
         res["stopped"] = (stopped.tokens, stopped.finished)
         res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
         _save_on_rank0(res, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.cuda
@@ -695,8 +693,7 @@ def _symm_worker(rank, init_file, out):
     from torch._dynamo.utils import counters
 
     from fastzoo.llama._allreduce import _BUFFERS, all_reduce, setup_symm_mem, symm_mem_backend, symm_mem_problem
-    device = _init_cuda_rank(rank, init_file)
-    try:
+    with _cuda_rank(rank, init_file) as device:
         group = dist.group.WORLD
         res = {"problem": symm_mem_problem(device, group)}
         spec = setup_symm_mem(group, device, torch.bfloat16, max_bytes=64 * 1024)
@@ -729,8 +726,6 @@ def _symm_worker(rank, init_file, out):
             res["compiled"].append((_rel_err(got, want * 0.5), staged(h @ w)))
         res["cudagraph_skips"] = int(counters["inductor"]["cudagraph_skips"])
         _save_on_rank0(res, out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.cuda
