@@ -8,7 +8,8 @@ as they are at another revision, alternating, in one GPU call.
         --metric figures.batches.1.decode_tokens_per_s_per_seq \\
         -- python -m experiments.llama_decode --preset llama-2-7b --quick --quantize int8
 
-``prepare`` writes the base versions under ``ab_base/`` (ignored by git; a file absent at that
+``prepare`` writes the base versions under ``ab_base/`` (``--base-dir`` names another folder, so
+that two A/Bs can travel in one call; ``ab_base*/`` is ignored by git; a file absent at that
 revision is listed as absent) and ``ab_base/ab.json`` (the base revision and HEAD, so the summary names
 both commits). ``run`` alternates base and new runs (base first unless ``--first new``), each
 a fresh process: for a base run it swaps the base files in and puts the working tree's back
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -44,8 +46,16 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
 
 
+def _check_base_dir(base_dir: str) -> None:
+    # prepare replaces the folder: only a name that git ignores, never a path into the tree
+    if not re.fullmatch(r"ab_base[A-Za-z0-9_.-]*", base_dir):
+        raise SystemExit(f"error: the base folder must be a name starting with {BASE_DIR!r} (ignored "
+                         f"by git, replaced by prepare), got {base_dir!r}")
+
+
 def prepare(rev: str, paths: list[str], root: Path = REPO_ROOT, base_dir: str = BASE_DIR) -> Path:
     """Write ``paths`` as they are at ``rev`` under ``root/base_dir`` (replacing what was there)."""
+    _check_base_dir(base_dir)
     resolved = _git(root, "rev-parse", "--short", rev)
     if resolved.returncode != 0:
         raise SystemExit(f"error: git cannot resolve revision {rev!r}: {resolved.stderr.strip()}")
@@ -127,6 +137,7 @@ def run(command: list[str], out: Path, repeat: int = 3, metric: str | None = Non
         root: Path = REPO_ROOT, base_dir: str = BASE_DIR, timeout: float | None = None) -> dict:
     """Alternate ``repeat`` base and ``repeat`` new runs of ``command``; returns the summary
     (also written to ``out/ab_summary.json``)."""
+    _check_base_dir(base_dir)
     base = root / base_dir
     if not (base / MANIFEST).exists():
         raise SystemExit(f"error: {base / MANIFEST} not found: run `python -m experiments.ab prepare "
@@ -191,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     pp = sub.add_parser("prepare", help="write the base versions of PATHS (needs the git history)")
     pp.add_argument("--rev", required=True, help="the base revision, e.g. HEAD~1")
+    pp.add_argument("--base-dir", default=BASE_DIR,
+                    help=f"folder for the base files, under the repository root (default {BASE_DIR}/; "
+                         f"another name lets two A/Bs travel in one GPU call)")
     pp.add_argument("paths", nargs="+")
     pr = sub.add_parser("run", help="alternate base and new runs of a command")
     pr.add_argument("--repeat", type=int, default=3, help="runs of each side (default 3)")
@@ -198,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--metric", help="dotted path of a number in the records, e.g. figures.x.y")
     pr.add_argument("--first", choices=("base", "new"), default="base")
     pr.add_argument("--timeout", type=float, help="seconds per run (exit status 124 past it)")
+    pr.add_argument("--base-dir", default=BASE_DIR, help=f"the folder prepare wrote (default {BASE_DIR}/)")
     pr.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
     args = p.parse_args(argv)
     if args.cmd == "prepare":
-        out = prepare(args.rev, args.paths)
+        out = prepare(args.rev, args.paths, base_dir=args.base_dir)
         print(f"wrote {out}: {json.loads((out / MANIFEST).read_text())}")
         return 0
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -209,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("run needs a command after --")
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1, got {args.repeat}")
-    summary = run(command, Path(args.out), args.repeat, args.metric, args.first, timeout=args.timeout)
+    summary = run(command, Path(args.out), args.repeat, args.metric, args.first, base_dir=args.base_dir,
+                  timeout=args.timeout)
     return 0 if all(r["rc"] == 0 for r in summary["runs"]) else 1
 
 

@@ -88,3 +88,24 @@ def test_cli_refuses_a_run_without_a_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ab.main(["run", "--out", str(tmp_path), "--"])
     assert e.value.code == 2 and "run needs a command after --" in capsys.readouterr().err
+
+
+def test_two_base_folders_hold_two_base_revisions(repo, tmp_path_factory):
+    """--base-dir: two A/Bs prepared side by side, each run against its own base."""
+    (repo / "pkg" / "val.txt").write_text("3")  # working tree 3, HEAD 2, HEAD~1 1
+    ab.prepare("HEAD~1", ["pkg/val.txt"], root=repo, base_dir="ab_base_one")
+    ab.prepare("HEAD", ["pkg/val.txt"], root=repo, base_dir="ab_base_two")
+    for name, base_value in (("ab_base_one", 1.0), ("ab_base_two", 2.0)):
+        s = ab.run([sys.executable, "bench.py"], tmp_path_factory.mktemp(name), repeat=1, metric="figures.v",
+                   root=repo, base_dir=name)
+        assert s["median"] == {"base": base_value, "new": 3.0}
+    assert (repo / "pkg" / "val.txt").read_text() == "3"
+
+
+@pytest.mark.parametrize("bad", [".", "pkg", "../ab_base", "ab_base/../pkg"])
+def test_a_base_folder_outside_the_ignored_names_is_refused(repo, tmp_path, bad):
+    with pytest.raises(SystemExit, match="must be a name starting with 'ab_base'"):
+        ab.prepare("HEAD", ["pkg/val.txt"], root=repo, base_dir=bad)
+    with pytest.raises(SystemExit, match="must be a name starting with 'ab_base'"):
+        ab.run([sys.executable, "-c", "pass"], tmp_path / "out", root=repo, base_dir=bad)
+    assert (repo / "pkg" / "val.txt").exists()
