@@ -196,6 +196,39 @@ def run(command: list[str], out: Path, repeat: int = 3, metric: str | None = Non
     return summary
 
 
+ENV_KEYS = ("gpu", "torch", "cuda", "triton", "fastzoo", "python", "sm_count", "capability", "memory_gib")
+
+
+def record(folder: Path, name: str, note: str, root: Path = REPO_ROOT) -> Path:
+    """A results record from an A/B that came back (``folder`` holds ab_summary.json and
+    ab_runs.tar.gz): the machine fields of the runs' records, every run's metric and the
+    medians, under ``experiments/results/<gpu>/<name>.json``. Its ``commit`` is the new side's
+    commit as prepare saw it; ``note`` says what the two sides were."""
+    summary_path = folder / "ab_summary.json"
+    if not summary_path.exists():
+        raise SystemExit(f"error: {summary_path} not found: give the folder that `ab run --out` wrote")
+    summary = json.loads(summary_path.read_text())
+    env = None
+    with tarfile.open(folder / "ab_runs.tar.gz") as tar:
+        for m in tar.getmembers():
+            if m.isfile() and m.name.endswith(".json"):
+                env = json.load(tar.extractfile(m))
+                break
+    if env is None or "gpu" not in env:
+        raise SystemExit(f"error: no run of {folder} wrote a record with the machine's fields (gpu, torch, ...)")
+    from experiments import harness
+
+    figures = {k: summary.get(k) for k in ("metric", "median", "new_over_base", "repeat", "first")}
+    figures["runs"] = [{k: r[k] for k in ("label", "index", "rc", "wall_s", "metric")} for r in summary["runs"]]
+    figures["base"] = {"rev": summary["base_rev"], "commit": summary["base_commit"], "files": summary["files"],
+                       "absent_at_base": summary["absent_at_base"]}
+    rec = {"name": name, **{k: env.get(k) for k in ENV_KEYS}, "commit": summary["new_commit"], "commit_note": note,
+           "command": "python -m experiments.ab run --repeat {} --metric {} -- {}".format(
+               summary["repeat"], summary["metric"], " ".join(summary["command"])),
+           "module": "experiments.ab", "date": env.get("date"), "figures": figures}
+    return harness.write_record(rec, root / "experiments" / "results" / harness.gpu_slug(env["gpu"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.ab", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,7 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--timeout", type=float, help="seconds per run (exit status 124 past it)")
     pr.add_argument("--base-dir", default=BASE_DIR, help=f"the folder prepare wrote (default {BASE_DIR}/)")
     pr.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command")
+    pc = sub.add_parser("record", help="write a results record from a returned A/B folder")
+    pc.add_argument("folder", help="the folder `run --out` wrote (ab_summary.json, ab_runs.tar.gz)")
+    pc.add_argument("--name", required=True, help="record name: experiments/results/<gpu>/NAME.json")
+    pc.add_argument("--note", required=True, help="what the base and new sides were")
     args = p.parse_args(argv)
+    if args.cmd == "record":
+        print("wrote", record(Path(args.folder), args.name, args.note))
+        return 0
     if args.cmd == "prepare":
         out = prepare(args.rev, args.paths, base_dir=args.base_dir)
         print(f"wrote {out}: {json.loads((out / MANIFEST).read_text())}")

@@ -248,7 +248,15 @@ def save_result(name: str, figures: dict[str, Any], args: Any = None,
     record = {"name": name, **env_info(),
               "args": vars(args) if hasattr(args, "__dict__") else args,
               "figures": figures}
-    folder = results_dir(out_dir)
+    return write_record(record, results_dir(out_dir))
+
+
+def write_record(record: dict[str, Any], folder: str | os.PathLike) -> Path:
+    """Write ``record`` to ``folder/<record["name"]>.json`` atomically (nothing half-written)."""
+    name = record["name"]
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"result name must be letters, digits, '.', '_' or '-', got {name!r}")
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:

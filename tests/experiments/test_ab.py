@@ -109,3 +109,23 @@ def test_a_base_folder_outside_the_ignored_names_is_refused(repo, tmp_path, bad)
     with pytest.raises(SystemExit, match="must be a name starting with 'ab_base'"):
         ab.run([sys.executable, "-c", "pass"], tmp_path / "out", root=repo, base_dir=bad)
     assert (repo / "pkg" / "val.txt").exists()
+
+
+def test_record_from_a_returned_ab_folder(repo, tmp_path_factory, monkeypatch):
+    """`ab record`: the machine fields from the runs' records, each run's metric, the medians."""
+    bench = (repo / "bench.py").read_text().replace(
+        "{'figures':", "{'gpu': 'NVIDIA H100 80GB HBM3', 'torch': '2.11', 'date': 'd', 'figures':")
+    (repo / "bench.py").write_text(bench)
+    ab.prepare("HEAD~1", ["pkg/val.txt"], root=repo)
+    out = tmp_path_factory.mktemp("out")
+    ab.run([sys.executable, "bench.py"], out, repeat=2, metric="figures.v", root=repo)
+    path = ab.record(out, "thing_ab", "base: val 1, new: val 2", root=repo)
+    assert path == repo / "experiments" / "results" / "h100-80gb-hbm3" / "thing_ab.json"
+    rec = json.loads(path.read_text())
+    assert rec["gpu"] == "NVIDIA H100 80GB HBM3" and rec["torch"] == "2.11" and rec["commit_note"].startswith("base")
+    f = rec["figures"]
+    assert f["median"] == {"base": 1.0, "new": 2.0} and f["new_over_base"] == 2.0
+    assert [(r["label"], r["metric"]) for r in f["runs"]] == [("base", [1.0]), ("new", [2.0])] * 2
+    assert f["base"]["files"] == ["pkg/val.txt"]
+    with pytest.raises(SystemExit, match="ab_summary.json not found"):
+        ab.record(tmp_path_factory.mktemp("empty"), "x", "y", root=repo)
