@@ -5,7 +5,8 @@ See ``fastzoo/ops/README.md`` for the pattern every op follows.
 from .int8_mm import (int8_dynamic_linear, int8_dynamic_linear_ref, int8_scaled_mm, int8_scaled_mm_ref,
                       int8_scaled_mm_triton)
 from .rel_pos_attention import (rel_pos_attention, rel_pos_attention_packed, rel_pos_attention_ref,
-                                rel_pos_attention_triton)
+                                rel_pos_attention_triton, rel_pos_window_attention, rel_pos_window_attention_ref,
+                                rel_pos_window_attention_triton)
 from .weight_only_linear import (decode_linear, decode_linear_ref, decode_linear_triton, int4_weight_only_linear,
                                  int4_weight_only_linear_ref, int4_weight_only_linear_triton,
                                  int8_weight_only_linear, int8_weight_only_linear_ref,
@@ -19,6 +20,7 @@ __all__ = [
     "int8_dynamic_linear", "int8_dynamic_linear_ref", "int8_scaled_mm", "int8_scaled_mm_ref",
     "int8_scaled_mm_triton",
     "rel_pos_attention", "rel_pos_attention_packed", "rel_pos_attention_ref", "rel_pos_attention_triton",
+    "rel_pos_window_attention", "rel_pos_window_attention_ref", "rel_pos_window_attention_triton",
     "decode_linear", "decode_linear_ref", "decode_linear_triton",
     "int8_weight_only_linear", "int8_weight_only_linear_ref", "int8_weight_only_linear_triton",
     "int4_weight_only_linear", "int4_weight_only_linear_ref", "int4_weight_only_linear_triton",

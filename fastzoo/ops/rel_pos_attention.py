@@ -24,6 +24,12 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
   has unit stride.
 - ``rel_pos_attention``: the public op (``torch.ops.fastzoo.rel_pos_attention``):
   the kernel for fp16/bf16 CUDA tensors on Ampere or newer, the reference otherwise.
+- ``rel_pos_window_attention``: SAM's encoder attention between its qkv and output
+  projections on the (B, H, W, 3·heads·D) token grid: windows (or the whole grid) read in
+  place by the same kernel (keys outside the grid take the qkv bias's k and v, queries
+  outside it are not written), rel-pos terms from ``q · table`` per relative offset,
+  output written into (B, H, W, heads·D); the reference partitions and pads as
+  segment_anything does.
 - ``rel_pos_attention_packed``: the same op on one packed ``qkv`` tensor
   (B, N, 3, heads, D), the layout of a fused qkv projection. Under ``torch.compile`` a
   custom op receives each input as its own buffer, so three views q, k, v of one tensor
@@ -33,6 +39,7 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,21 +94,33 @@ if triton_available():
             out = tl.dot(a, b)
         return out
 
-    @triton.autotune(configs=_CONFIGS, key=["Nq", "Nk", "HEAD_D", "k_h", "k_w"])
+    @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD"])
     @triton.jit
     def _rel_pos_attention_kernel(
-        q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr,
-        sq_b, sq_h, sq_n,
-        sk_b, sk_h, sk_n,
-        sv_b, sv_h, sv_n,
-        srh_b, srh_h, srh_n,
-        srw_b, srw_h, srw_n,
-        so_b, so_h, so_n,
-        H, Nq, Nk, HEAD_D, k_h, k_w, qk_scale,
+        q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr,
+        sq_b, sq_h, sq_y, sq_x,
+        sk_b, sk_h, sk_y, sk_x,
+        sv_b, sv_h, sv_y, sv_x,
+        srh_b, srh_h, srh_y, srh_x,
+        srw_b, srw_h, srw_y, srw_x,
+        so_b, so_h, so_y, so_x,
+        H, N_WH, N_WW, GRID_H, GRID_W, Nq, HEAD_D, k_h, k_w, qk_scale,
         BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
         KW_P: tl.constexpr, KW_EXACT: tl.constexpr, KH_DIV: tl.constexpr, DOT_F32: tl.constexpr,
+        GRID: tl.constexpr, REL_TABLE: tl.constexpr, HAS_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
+        # One program: BLOCK_M queries of one window of one head. Tokens are addressed on
+        # a 2-D grid: token n of a window is row n // k_w, column n % k_w of it, and the
+        # window (wy, wx) sits at (wy·k_h, wx·k_w) of a GRID_H x GRID_W grid (strides
+        # *_y, *_x). GRID=False is the flat (B, heads, N, D) layout of ``rel_pos_attention``
+        # (one window, token n at n · *_x: no division, fewer live registers). Keys of the
+        # window outside the grid (the padding of windowed attention) take the values
+        # ``pad_ptr`` gives for k and v (the qkv projection of a zero token) when HAS_PAD;
+        # queries outside it are neither read nor written.
+        # rel terms: REL_TABLE=False, rel_h[i, kr] at row i's address + kr (precomputed
+        # terms); REL_TABLE=True, at + (r(i) - kr + k_h - 1), i.e. q_i · table[offset]
+        # for every relative offset (rel_w likewise with columns).
         LOG2E: tl.constexpr = 1.4426950408889634
         # A key tile is ROWS key rows x BLOCK_KW key columns (BLOCK_N keys in all).
         # WHOLE_ROWS: a key row fits in BLOCK_KW columns, so the column part of the
@@ -109,44 +128,65 @@ if triton_available():
         WHOLE_ROWS: tl.constexpr = KW_P <= BLOCK_N
         BLOCK_KW: tl.constexpr = KW_P if WHOLE_ROWS else BLOCK_N
         ROWS: tl.constexpr = BLOCK_N // BLOCK_KW
-        # EVEN: every tile is full of real keys (k_w a power of two, k_h a multiple of
-        # ROWS, e.g. the 64x64 global layers): no key masks at all.
+        # EVEN: every tile is full of keys of the window (k_w a power of two, k_h a
+        # multiple of ROWS, e.g. the 64x64 global layers): no key masks at all.
         EVEN: tl.constexpr = WHOLE_ROWS & KW_EXACT & (KH_DIV % ROWS == 0)
+        DIR: tl.constexpr = -1 if REL_TABLE else 1
 
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
+        pid = tl.program_id(1)
+        h = (pid % H).to(tl.int64)
+        win = pid // H
+        n_win = N_WH * N_WW
+        b = (win // n_win).to(tl.int64)
+        wy0 = ((win % n_win) // N_WW) * k_h
+        wx0 = (win % N_WW) * k_w
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         n_row = offs_n // BLOCK_KW
         n_col = offs_n % BLOCK_KW
-        m_ok = offs_m < Nq
         d_ok = offs_d < HEAD_D
-
-        q_base = q_ptr + b * sq_b + h * sq_h
         k_base = k_ptr + b * sk_b + h * sk_h
         v_base = v_ptr + b * sv_b + h * sv_h
-        rh_rows = rh_ptr + b * srh_b + h * srh_h + offs_m * srh_n
-        rw_rows = rw_ptr + b * srw_b + h * srw_h + offs_m * srw_n
+        if GRID:
+            q_r = offs_m // k_w
+            q_c = offs_m % k_w
+            m_ok = (offs_m < Nq) & (wy0 + q_r < GRID_H) & (wx0 + q_c < GRID_W)
+            q_rows = q_ptr + b * sq_b + h * sq_h + (wy0 + q_r) * sq_y + (wx0 + q_c) * sq_x
+            k_base += wy0 * sk_y + wx0 * sk_x
+            v_base += wy0 * sv_y + wx0 * sv_x
+            rh_rows = rh_ptr + b * srh_b + h * srh_h + (wy0 + q_r) * srh_y + (wx0 + q_c) * srh_x
+            rw_rows = rw_ptr + b * srw_b + h * srw_h + (wy0 + q_r) * srw_y + (wx0 + q_c) * srw_x
+            if REL_TABLE:
+                rh_rows += q_r + k_h - 1
+                rw_rows += q_c + k_w - 1
+        else:
+            m_ok = offs_m < Nq
+            q_rows = q_ptr + b * sq_b + h * sq_h + offs_m * sq_x
+            rh_rows = rh_ptr + b * srh_b + h * srh_h + offs_m * srh_x
+            rw_rows = rw_ptr + b * srw_b + h * srw_h + offs_m * srw_x
 
-        q = tl.load(q_base + offs_m[:, None] * sq_n + offs_d[None, :],
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if HAS_PAD:  # k and v of a key outside the grid (pad_ptr: (3, heads, HEAD_D))
+            pad_k = tl.load(pad_ptr + (H + h) * HEAD_D + offs_d, mask=d_ok, other=0.0)
+            pad_v = tl.load(pad_ptr + (2 * H + h) * HEAD_D + offs_d, mask=d_ok, other=0.0)
         if SPLIT_D:
             # Head dims [BLOCK_D, HEAD_D) as a second, narrow slice (80 = 64 + 16).
             offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
             d2_ok = offs_d2 < HEAD_D
-            q2 = tl.load(q_base + offs_m[:, None] * sq_n + offs_d2[None, :],
-                         mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
+            q2 = tl.load(q_rows[:, None] + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
             acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+            if HAS_PAD:
+                pad_k2 = tl.load(pad_ptr + (H + h) * HEAD_D + offs_d2, mask=d2_ok, other=0.0)
+                pad_v2 = tl.load(pad_ptr + (2 * H + h) * HEAD_D + offs_d2, mask=d2_ok, other=0.0)
 
         n_col_chunks = tl.cdiv(k_w, BLOCK_KW)
         n_tiles = tl.cdiv(k_h, ROWS) * n_col_chunks
         if WHOLE_ROWS:
             # rel_w for every key column of a tile, in log2 units: loaded once.
-            rw_all = tl.load(rw_rows[:, None] + n_col[None, :],
+            rw_all = tl.load(rw_rows[:, None] + DIR * n_col[None, :],
                              mask=m_ok[:, None] & (n_col < k_w)[None, :], other=0.0)
             rw_all = rw_all.to(tl.float32) * LOG2E
 
@@ -166,21 +206,34 @@ if triton_available():
                 key_ok = tl.full([BLOCK_N], 1, tl.int1)
             else:
                 key_ok = (kr < k_h) & (kc < k_w)
-            j = kr * k_w + kc
+            key_in = key_ok
+            if HAS_PAD:
+                key_in = key_ok & (wy0 + kr < GRID_H) & (wx0 + kc < GRID_W)
+            if GRID:
+                k_off = kr * sk_y + kc * sk_x
+                v_off = kr * sv_y + kc * sv_x
+            else:
+                j = kr * k_w + kc
+                k_off = j * sk_x
+                v_off = j * sv_x
 
-            kt = tl.load(k_base + j[None, :] * sk_n + offs_d[:, None],
-                         mask=key_ok[None, :] & d_ok[:, None], other=0.0)
+            kt = tl.load(k_base + k_off[None, :] + offs_d[:, None],
+                         mask=key_in[None, :] & d_ok[:, None], other=0.0)
+            if HAS_PAD:
+                kt = tl.where(key_in[None, :], kt, pad_k[:, None])
             qk = _mm(q, kt, DOT_F32)
             if SPLIT_D:
-                kt2 = tl.load(k_base + j[None, :] * sk_n + offs_d2[:, None],
-                              mask=key_ok[None, :] & d2_ok[:, None], other=0.0)
+                kt2 = tl.load(k_base + k_off[None, :] + offs_d2[:, None],
+                              mask=key_in[None, :] & d2_ok[:, None], other=0.0)
+                if HAS_PAD:
+                    kt2 = tl.where(key_in[None, :], kt2, pad_k2[:, None])
                 qk += _mm(q2, kt2, DOT_F32)
             s = qk * qk_scale
 
             # A tile spans ROWS key rows: their rel_h terms are ROWS values per query,
             # loaded as vectors and broadcast over each row's columns (no 2-D gather).
             for r in tl.static_range(ROWS):
-                rh = tl.load(rh_rows + (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
+                rh = tl.load(rh_rows + DIR * (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
                 rh = rh.to(tl.float32) * LOG2E
                 if ROWS == 1:
                     s += rh[:, None]
@@ -189,7 +242,7 @@ if triton_available():
             if WHOLE_ROWS:
                 s += rw_all
             else:
-                rw = tl.load(rw_rows[:, None] + kc[None, :],
+                rw = tl.load(rw_rows[:, None] + DIR * kc[None, :],
                              mask=m_ok[:, None] & (kc < k_w)[None, :], other=0.0)
                 s += rw.to(tl.float32) * LOG2E
             if not EVEN:
@@ -200,24 +253,31 @@ if triton_available():
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
 
-            vt = tl.load(v_base + j[:, None] * sv_n + offs_d[None, :],
-                         mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+            vt = tl.load(v_base + v_off[:, None] + offs_d[None, :],
+                         mask=key_in[:, None] & d_ok[None, :], other=0.0)
+            if HAS_PAD:
+                vt = tl.where(key_in[:, None], vt, pad_v[None, :])
             p = p.to(vt.dtype)
             acc = acc * alpha[:, None] + _mm(p, vt, DOT_F32)
             if SPLIT_D:
-                vt2 = tl.load(v_base + j[:, None] * sv_n + offs_d2[None, :],
-                              mask=key_ok[:, None] & d2_ok[None, :], other=0.0)
+                vt2 = tl.load(v_base + v_off[:, None] + offs_d2[None, :],
+                              mask=key_in[:, None] & d2_ok[None, :], other=0.0)
+                if HAS_PAD:
+                    vt2 = tl.where(key_in[:, None], vt2, pad_v2[None, :])
                 acc2 = acc2 * alpha[:, None] + _mm(p, vt2, DOT_F32)
             m_i = m_new
 
         out = acc / l_i[:, None]
-        o_base = o_ptr + b * so_b + h * so_h
-        tl.store(o_base + offs_m[:, None] * so_n + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        if GRID:
+            o_rows = o_ptr + b * so_b + h * so_h + (wy0 + q_r) * so_y + (wx0 + q_c) * so_x
+        else:
+            o_rows = o_ptr + b * so_b + h * so_h + offs_m * so_x
+        tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
         if SPLIT_D:
             out2 = acc2 / l_i[:, None]
-            tl.store(o_base + offs_m[:, None] * so_n + offs_d2[None, :],
-                     out2.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d2_ok[None, :])
+            tl.store(o_rows[:, None] + offs_d2[None, :], out2.to(o_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & d2_ok[None, :])
 
 
 def _check_shapes(name: str, q, k, v, rel_h, rel_w) -> None:
@@ -294,25 +354,48 @@ def rel_pos_attention_triton(
         return out
     if Nk == 0:  # softmax over no keys: SDPA's convention (NaN) via the reference
         return rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)
-    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    # The flat layout as one window of k_h key rows on an unbounded grid: token n is row
+    # n // k_w, column n % k_w (y stride = k_w · n stride).
+    flat = lambda t: (t.stride(0), t.stride(1), k_w * t.stride(2), t.stride(2))  # noqa: E731
+    _launch(q, k, v, rel_h, rel_w, out, None, [flat(t) for t in (q, k, v, rel_h, rel_w, out)],
+            B=B, heads=H, n_wh=1, n_ww=1, grid_hw=(_UNBOUNDED, _UNBOUNDED), nq=Nq, k_hw=(k_h, k_w),
+            scale=scale, rel_table=False)
+    return out
+
+
+_UNBOUNDED = 1 << 30  # grid size of the flat layout: no token is outside it
+_MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension
+
+
+def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, grid_hw, nq, k_hw, scale,
+            rel_table):
+    """Run ``_rel_pos_attention_kernel``: ``strides`` are the (batch, head, y, x) strides of
+    q, k, v, rel_h, rel_w and out (in that order); one program per BLOCK_M queries of one
+    window and head."""
+    per_image = n_wh * n_ww * heads
+    if B * per_image > _MAX_GRID_Y:  # CUDA's grid y limit: launch per chunk of images
+        step = max(1, _MAX_GRID_Y // per_image)
+        for b0 in range(0, B, step):
+            part = [t[b0:b0 + step] for t in (q, k, v, rel_h, rel_w, out)]
+            _launch(*part, pad, strides, B=part[0].shape[0], heads=heads, n_wh=n_wh, n_ww=n_ww, grid_hw=grid_hw,
+                    nq=nq, k_hw=k_hw, scale=scale, rel_table=rel_table)
+        return
+    D = q.shape[-1]
+    k_h, k_w = k_hw
+    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), B * per_image)  # noqa: E731
     launch(
         _rel_pos_attention_kernel, grid,
-        q, k, v, rel_h, rel_w, out,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        rel_h.stride(0), rel_h.stride(1), rel_h.stride(2),
-        rel_w.stride(0), rel_w.stride(1), rel_w.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        H, Nq, Nk, D, k_h, k_w, float(scale) * LOG2E,
+        q, k, v, rel_h, rel_w, out, out if pad is None else pad,
+        *[st for t in strides for st in t],
+        heads, n_wh, n_ww, grid_hw[0], grid_hw[1], nq, D, k_h, k_w, float(scale) * LOG2E,
         device=q.device, **_head_dim_blocks(D),
         KW_P=next_pow2(k_w), KW_EXACT=k_w == next_pow2(k_w), KH_DIV=min(k_h & -k_h, 1024),
         # Triton's interpreter (CPU tensors) multiplies the raw bits of bf16 operands
         # in tl.dot; there the kernel widens its already-rounded fp16/bf16 dot operands
         # to fp32, which gives the same (exact) products. On GPUs: fp16/bf16 MMA.
         DOT_F32=q.device.type != "cuda",
+        GRID=rel_table or pad is not None or n_wh * n_ww > 1, REL_TABLE=rel_table, HAS_PAD=pad is not None,
     )
-    return out
 
 
 def _kernel_applies(q, k, v, rel_h, rel_w) -> bool:
@@ -408,3 +491,175 @@ def rel_pos_attention_packed(
     if not math.isfinite(scale):
         raise ValueError(f"rel_pos_attention_packed expects a finite scale, got {scale}")
     return _rel_pos_attention_packed_op(qkv, rel_h, rel_w, scale)
+
+
+# ----------------------------------------------------------------------------------
+# SAM's encoder attention on the token grid: windows read in place
+# ----------------------------------------------------------------------------------
+def _window_geometry(H: int, W: int, window: int):
+    """(window rows, window columns, grid padding rows, padding columns); window 0 = global."""
+    wh, ww = (window, window) if window > 0 else (H, W)
+    return wh, ww, (-H) % wh, (-W) % ww
+
+
+def _relative_table(n: int, table: torch.Tensor) -> torch.Tensor:
+    """(n, n, D): ``table[r - k + n - 1]`` for query row r and key row k."""
+    r = torch.arange(n, device=table.device)
+    return table[r[:, None] - r[None, :] + n - 1]
+
+
+def rel_pos_window_attention_ref(
+    qkv: torch.Tensor,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    num_heads: int,
+    window: int = 0,
+    scale: float | None = None,
+    pad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference: SAM's encoder attention between the qkv and output projections, as
+    segment_anything computes it: the (B, H, W, 3·heads·D) grid padded to whole windows with
+    tokens whose projection is ``pad`` (the qkv bias: what a zero token projects to; zeros
+    when None), partitioned into windows, rel-pos terms ``q · table[r_q − r_k + w − 1]`` (rows
+    and columns), attention per window and head, windows put back, padding dropped. Returns
+    (B, H, W, heads·D) in qkv's dtype."""
+    B, H, W, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    wh, ww, ph, pw = _window_geometry(H, W, window)
+    x = qkv
+    if ph or pw:
+        fill = qkv.new_zeros(C3) if pad is None else pad.to(qkv.dtype)
+        x = fill.expand(B, H + ph, W + pw, C3).clone()
+        x[:, :H, :W] = qkv
+    nwh, nww = (H + ph) // wh, (W + pw) // ww
+    x = x.reshape(B, nwh, wh, nww, ww, 3, num_heads, D).permute(5, 0, 1, 3, 6, 2, 4, 7)
+    q, k, v = x.reshape(3, B * nwh * nww, num_heads, wh * ww, D).unbind(0)
+    r_q = q.reshape(-1, num_heads, wh, ww, D)
+    rel_h = torch.einsum("bnywd,ykd->bnywk", r_q, _relative_table(wh, table_h).to(q.dtype))
+    rel_w = torch.einsum("bnywd,wkd->bnywk", r_q, _relative_table(ww, table_w).to(q.dtype))
+    out = rel_pos_attention_ref(q, k, v, rel_h.reshape(-1, num_heads, wh * ww, wh),
+                                rel_w.reshape(-1, num_heads, wh * ww, ww), scale)
+    out = out.reshape(B, nwh, nww, num_heads, wh, ww, D).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(B, nwh * wh, nww * ww, num_heads * D)[:, :H, :W].contiguous()
+
+
+def rel_pos_window_attention_triton(
+    qkv: torch.Tensor,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    num_heads: int,
+    window: int = 0,
+    scale: float | None = None,
+    pad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused kernel on the grid itself: no window partition, no padded copy, no
+    un-partition. Each window's q, k, v are read in place from ``qkv`` (keys outside the
+    grid take ``pad``'s k and v), the output is written in place into (B, H, W, heads·D),
+    and the rel-pos terms come from ``S = q · tableᵀ`` for every relative offset (one small
+    matmul per table), indexed by ``r_q − r_k + w − 1`` in the kernel."""
+    if not triton_available():
+        raise RuntimeError("rel_pos_window_attention_triton needs Triton, which is not importable here")
+    _check_window_args("rel_pos_window_attention_triton", qkv, table_h, table_w, num_heads, window, pad)
+    if qkv.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"rel_pos_window_attention_triton expects float16 or bfloat16 qkv, got {qkv.dtype}")
+    B, H, W, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    if scale is None:
+        scale = D ** -0.5
+    wh, ww, ph, pw = _window_geometry(H, W, window)
+    qkv = unit_stride_last(qkv)
+    q, k, v = qkv.view(B, H, W, 3, num_heads, D).unbind(3)  # (B, H, W, heads, D) views
+    out = torch.empty((B, H, W, num_heads, D), dtype=qkv.dtype, device=qkv.device)
+    if out.numel() == 0:
+        return out.view(B, H, W, num_heads * D)
+
+    q_rows = q.contiguous().view(-1, D)  # one copy of q, then one GEMM per table (not B·H·W tiny ones)
+
+    def offsets(table):  # (B, H, W, heads, 2w - 1 padded to a multiple of 8): q · table[o]
+        t = table.to(qkv.dtype)
+        t = F.pad(t, (0, 0, 0, (-t.shape[0]) % 8))
+        return (q_rows @ t.t()).view(B, H, W, num_heads, t.shape[0])
+
+    s_h, s_w = offsets(table_h), offsets(table_w)
+    if ph or pw:
+        pad = (qkv.new_zeros(C3) if pad is None else pad.to(qkv.dtype)).contiguous()
+    else:
+        pad = None
+    grid_form = lambda t: (t.stride(0), t.stride(3), t.stride(1), t.stride(2))  # noqa: E731 (b, head, y, x)
+    _launch(q, k, v, s_h, s_w, out, pad, [grid_form(t) for t in (q, k, v, s_h, s_w, out)],
+            B=B, heads=num_heads, n_wh=(H + ph) // wh, n_ww=(W + pw) // ww, grid_hw=(H, W), nq=wh * ww,
+            k_hw=(wh, ww), scale=scale, rel_table=True)
+    return out.view(B, H, W, num_heads * D)
+
+
+def _check_window_args(name, qkv, table_h, table_w, num_heads, window, pad) -> None:
+    for t_name, t in (("qkv", qkv), ("table_h", table_h), ("table_w", table_w)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} expects {t_name} to be a tensor, got {type(t).__name__}")
+    if qkv.dim() != 4 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"{name} expects qkv of shape (B, H, W, 3 * num_heads * head_dim) with num_heads="
+                         f"{num_heads}, got {tuple(qkv.shape)}")
+    if window < 0:
+        raise ValueError(f"{name} expects window >= 0 (0: global attention), got {window}")
+    B, H, W, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    if H == 0 or W == 0:
+        raise ValueError(f"{name} expects a non-empty token grid, got qkv of shape {tuple(qkv.shape)}")
+    wh, ww, _, _ = _window_geometry(H, W, window)
+    for t_name, t, n in (("table_h", table_h, wh), ("table_w", table_w, ww)):
+        if tuple(t.shape) != (2 * n - 1, D):
+            raise ValueError(f"{name} expects {t_name} of shape ({2 * n - 1}, {D}) (2 * window - 1 relative "
+                             f"offsets, head_dim), got {tuple(t.shape)}")
+    if pad is not None and tuple(pad.shape) != (C3,):
+        raise ValueError(f"{name} expects pad of shape ({C3},) (the qkv projection of a padding token), "
+                         f"got {tuple(pad.shape)}")
+    if qkv.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} expects qkv float32/float16/bfloat16, got {qkv.dtype}")
+
+
+@torch.library.custom_op("fastzoo::rel_pos_window_attention", mutates_args=())
+def _rel_pos_window_attention_op(
+    qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, pad: Optional[torch.Tensor],
+    num_heads: int, window: int, scale: float,
+) -> torch.Tensor:
+    D = qkv.shape[-1] // (3 * num_heads)
+    tensors = [t for t in (qkv, table_h, table_w, pad) if t is not None]
+    if (qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256 and qkv.shape[1] * qkv.shape[2] > 0):
+        return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad)
+    return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad)
+
+
+@_rel_pos_window_attention_op.register_fake
+def _(qkv, table_h, table_w, pad, num_heads, window, scale):
+    B, H, W, C3 = qkv.shape
+    return qkv.new_empty((B, H, W, C3 // 3))
+
+
+def rel_pos_window_attention(
+    qkv: torch.Tensor,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    num_heads: int,
+    window: int = 0,
+    scale: float | None = None,
+    pad: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SAM's image-encoder attention between its qkv and output projections, on the token grid.
+
+    qkv: (B, H, W, 3 · num_heads · head_dim), the qkv projection of every token;
+    table_h / table_w: (2·w − 1, head_dim) relative-position tables of the window's rows /
+    columns (w = window, or H / W for global attention, ``window=0``); pad: (3 · num_heads ·
+    head_dim,), the projection of the zero tokens that pad the grid to whole windows (the
+    qkv bias; zeros when None). Returns (B, H, W, num_heads · head_dim) in qkv's dtype:
+    per window and head, ``softmax(q kᵀ · scale + q · table_h[r_q − r_k + w − 1] + q ·
+    table_w[c_q − c_k + w − 1]) v``, as segment_anything computes it. The fused kernel (fp16/bf16
+    CUDA tensors) reads the windows in place; elsewhere the reference partitions and pads.
+    Traceable by ``torch.compile(fullgraph=True)``.
+    """
+    _check_window_args("rel_pos_window_attention", qkv, table_h, table_w, num_heads, window, pad)
+    if scale is None:
+        scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"rel_pos_window_attention expects a finite scale, got {scale}")
+    return _rel_pos_window_attention_op(qkv, table_h, table_w, pad, int(num_heads), int(window), scale)

@@ -281,7 +281,7 @@ def build_sam_fast(
     ``calibration``: for calibrated configs, an iterable of preprocessed image batches
     ``(B, 3, S, S)`` (what ``image_encoder`` takes, e.g. from ``Sam.preprocess``), each moved
     to ``device``/``dtype`` and run once through the float encoder.  ``kernel``: the encoder's attention, ``"fused"``
-    (``fastzoo.ops.rel_pos_attention``: the Triton kernel on fp16/bf16 CUDA tensors, the
+    (``fastzoo.ops.rel_pos_window_attention``: the Triton kernel on fp16/bf16 CUDA tensors, the
     reference elsewhere) or ``"sdpa"`` (the reference: bias materialised, then SDPA, as in
     ``segment_anything``).
     """

@@ -265,3 +265,161 @@ def test_cuda_packed_compiled_equals_eager():
     assert torch.equal(out, rel_pos_attention(q, k, v, rel_h, rel_w))
     compiled = torch.compile(lambda t: rel_pos_attention_packed(t, rel_h, rel_w), fullgraph=True)
     assert torch.equal(compiled(qkv), out)
+
+
+# ----------------------------------------------------------------------------------
+# rel_pos_window_attention: SAM's encoder attention on the token grid
+# ----------------------------------------------------------------------------------
+from fastzoo.ops.rel_pos_attention import (  # noqa: E402
+    _rel_pos_window_attention_op,
+    rel_pos_window_attention,
+    rel_pos_window_attention_ref,
+    rel_pos_window_attention_triton,
+)
+
+
+def _window_inputs(B, H, W, heads, D, window, dtype, seed, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    wh, ww = (window, window) if window else (H, W)
+    qkv = torch.randn(B, H, W, 3 * heads * D, generator=g).to(dtype)
+    table_h = torch.randn(2 * wh - 1, D, generator=g) * 0.5
+    table_w = torch.randn(2 * ww - 1, D, generator=g) * 0.5
+    p = (torch.randn(3 * heads * D, generator=g)).to(dtype) if pad else None
+    return qkv, table_h, table_w, p
+
+
+def _window_explicit(qkv, table_h, table_w, heads, window, pad):
+    """Window by window with Python loops: the padded grid, each window's tokens, the
+    rel-pos terms from the tables, attention in fp32 (_explicit_fp32)."""
+    qkv = qkv.float()
+    B, H, W, C3 = qkv.shape
+    D = C3 // (3 * heads)
+    wh, ww = (window, window) if window else (H, W)
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    grid = (torch.zeros(C3) if pad is None else pad.float()).repeat(B, Hp, Wp, 1)
+    grid[:, :H, :W] = qkv
+    out = torch.zeros(B, Hp, Wp, heads * D)
+    for y0 in range(0, Hp, wh):
+        for x0 in range(0, Wp, ww):
+            t = grid[:, y0:y0 + wh, x0:x0 + ww].reshape(B, wh * ww, 3, heads, D)
+            q, k, v = (t[:, :, i].transpose(1, 2) for i in range(3))
+            rows = torch.arange(wh * ww) // ww
+            cols = torch.arange(wh * ww) % ww
+            rel_h = torch.stack([(q * table_h[rows - kr + wh - 1]).sum(-1) for kr in range(wh)], -1)
+            rel_w = torch.stack([(q * table_w[cols - kc + ww - 1]).sum(-1) for kc in range(ww)], -1)
+            o = _explicit_fp32(q, k, v, rel_h, rel_w)
+            out[:, y0:y0 + wh, x0:x0 + ww] = o.transpose(1, 2).reshape(B, wh, ww, heads * D)
+    return out[:, :H, :W]
+
+
+# (B, H, W, heads, D, window, pad): windows that need padding in both directions, none,
+# global attention, zero padding (pad None), the split head dimension (40 = 32 + 8)
+WINDOW_CASES = [(2, 5, 7, 2, 16, 3, True), (1, 6, 4, 2, 16, 2, True), (1, 4, 6, 2, 16, 0, True),
+                (2, 5, 7, 1, 16, 3, False), (1, 5, 5, 1, 40, 2, True)]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_window_reference_matches_explicit_windows(case):
+    B, H, W, heads, D, window, pad = case
+    qkv, th, tw, p = _window_inputs(B, H, W, heads, D, window, torch.float32, seed=sum(case))
+    got = rel_pos_window_attention_ref(qkv, th, tw, heads, window, None, p)
+    torch.testing.assert_close(got, _window_explicit(qkv, th, tw, heads, window, p), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
+def test_window_kernel_matches_reference(kernel_device, case):
+    """The kernel reads the windows in place (keys outside the grid = pad's k and v) and
+    indexes the rel-pos terms by relative offset; against the reference on the same fp16
+    values (fp16: the kernel's dot operands are exact, the terms differ by fp16 rounding)."""
+    B, H, W, heads, D, window, pad = case
+    qkv, th, tw, p = _window_inputs(B, H, W, heads, D, window, torch.float16, seed=sum(case) + 1)
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, window, None, None if p is None else p.float())
+    dev = lambda t: None if t is None else t.to(kernel_device)  # noqa: E731
+    got = rel_pos_window_attention_triton(dev(qkv), dev(th), dev(tw), heads, window, None, dev(p))
+    assert got.shape == (B, H, W, heads * D) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float().cpu(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_window_padding_and_tables_matter(kernel_device):
+    """A wrong pad vector or a table read in the wrong direction changes the result."""
+    qkv, th, tw, p = _window_inputs(1, 5, 5, 1, 16, 3, torch.float16, seed=7)
+    dev = lambda t: t.to(kernel_device)  # noqa: E731
+    got = rel_pos_window_attention_triton(dev(qkv), dev(th), dev(tw), 1, 3, None, dev(p)).float().cpu()
+    for args in ((th, tw, p * 0), (th.flip(0), tw, p), (th, tw.flip(0), p)):
+        other = rel_pos_window_attention_ref(qkv.float(), args[0], args[1], 1, 3, None, args[2].float())
+        assert (got - other).abs().max() > 0.05
+
+
+def test_window_op_falls_back_on_cpu_and_checks_its_input():
+    qkv, th, tw, p = _window_inputs(1, 5, 7, 2, 16, 3, torch.float32, seed=3)
+    torch.testing.assert_close(rel_pos_window_attention(qkv, th, tw, 2, 3, None, p),
+                               rel_pos_window_attention_ref(qkv, th, tw, 2, 3, None, p))
+    torch.library.opcheck(_rel_pos_window_attention_op, (qkv, th, tw, p, 2, 3, 0.25))
+    with pytest.raises(ValueError, match=r"table_h of shape \(5, 16\)"):
+        rel_pos_window_attention(qkv, th[:4], tw, 2, 3)
+    with pytest.raises(ValueError, match=r"3 \* num_heads \* head_dim"):
+        rel_pos_window_attention(qkv[..., :-1], th, tw, 2, 3)
+    with pytest.raises(ValueError, match="window >= 0"):
+        rel_pos_window_attention(qkv, th, tw, 2, -1)
+    with pytest.raises(ValueError, match=r"pad of shape \(96,\)"):
+        rel_pos_window_attention(qkv, th, tw, 2, 3, pad=p[:-1])
+
+
+def test_window_op_compiles_fullgraph():
+    qkv, th, tw, p = _window_inputs(1, 5, 7, 2, 16, 3, torch.float32, seed=5)
+    f = torch.compile(lambda x: rel_pos_window_attention(x * 1.0, th, tw, 2, 3, None, p), fullgraph=True,
+                      backend="eager")
+    torch.testing.assert_close(f(qkv), rel_pos_window_attention_ref(qkv, th, tw, 2, 3, None, p))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads,D,window", [(12, 64, 14), (12, 64, 0), (16, 80, 14)])
+def test_cuda_window_op_at_sam_shapes(heads, D, window):
+    """SAM's 64x64 grid: windows of 14 (padded to 70) and global, vit_b / vit_h heads. The
+    rel-pos logits (|q·table| up to ~20 here) are rounded to bf16 as in the bf16 model, so
+    the bound is the error of the pure-torch reference run in bf16, both against fp32."""
+    qkv, th, tw, p = _window_inputs(2, 64, 64, heads, D, window, torch.bfloat16, seed=heads + D + window)
+    qkv, th, tw, p = (t.cuda() for t in (qkv, th, tw, p))
+    got = rel_pos_window_attention(qkv, th, tw, heads, window, None, p)
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, window, None, p.float())
+    ref_bf16 = rel_pos_window_attention_ref(qkv, th.bfloat16(), tw.bfloat16(), heads, window, None, p)
+    err, err_bf16 = ((x.float() - ref).abs().max().item() for x in (got, ref_bf16))
+    assert err <= max(1.5 * err_bf16, 1e-2 * ref.abs().max().item()), (err, err_bf16)
+
+
+@pytest.mark.parametrize("idx", [2, 4, 5, 10], ids=lambda i: f"config{i}")
+@pytest.mark.parametrize("case", [(1, 10, 12, 1, 16, 8, True), (1, 3, 40, 1, 16, 0, False),
+                                  (1, 7, 9, 1, 40, 4, True)], ids=str)
+def test_window_kernel_every_tile_shape(kernel_device, monkeypatch, idx, case):
+    """The GPU tile shapes (the interpreter otherwise runs only the first, 32x32): several key
+    rows per tile (ROWS up to 8), full tiles with grid padding (windows of 8), a key row
+    wider than the tile (k_w = 40 > 32), the split head dimension."""
+    import importlib
+
+    rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
+
+    kern = rpa._rel_pos_attention_kernel
+    monkeypatch.setattr(kern, "configs", [kern.configs[idx]])
+    B, H, W, heads, D, window, pad = case
+    qkv, th, tw, p = _window_inputs(B, H, W, heads, D, window, torch.float16, seed=idx + sum(case))
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, window, None, None if p is None else p.float())
+    dev = lambda t: None if t is None else t.to(kernel_device)  # noqa: E731
+    got = rel_pos_window_attention_triton(dev(qkv), dev(th), dev(tw), heads, window, None, dev(p))
+    torch.testing.assert_close(got.float().cpu(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_window_kernel_launches_in_batch_chunks(kernel_device, monkeypatch):
+    """More (image, window, head) programs than a launch grid's y dimension takes: the
+    launcher splits the batch (here a limit of 5 programs: 2 images of 4 windows x 1 head)."""
+    import importlib
+
+    rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
+
+    monkeypatch.setattr(rpa, "_MAX_GRID_Y", 5)
+    qkv, th, tw, p = _window_inputs(3, 5, 5, 1, 16, 3, torch.float16, seed=11)
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, 1, 3, None, p.float())
+    got = rel_pos_window_attention_triton(qkv.to(kernel_device), th.to(kernel_device), tw.to(kernel_device), 1,
+                                          3, None, p.to(kernel_device))
+    torch.testing.assert_close(got.float().cpu(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="non-empty token grid"):
+        rel_pos_window_attention(qkv[:, :0], th, tw, 1, 3)

@@ -1,12 +1,10 @@
 """Attention entry points of SAM.
 
-Every attention of the image encoder goes through :func:`rel_pos_attention`, and every
-attention of the mask decoder through :func:`plain_attention`. With relative positions the
-encoder calls the op ``fastzoo.ops.rel_pos_attention`` (the fused Triton kernel for
-fp16/bf16 CUDA tensors, its reference elsewhere — so CPU/fp32 results are the reference's);
-:func:`rel_pos_attention_packed` does the same on the packed qkv projection, or, with
-``fused=False``, always runs the reference ``fastzoo.ops.rel_pos_attention_ref`` (bias
-materialised, then SDPA), which is what ``segment_anything`` computes.
+The image encoder's attention with relative positions runs through the op
+``fastzoo.ops.rel_pos_window_attention`` (called by ``image_encoder.Attention``: the fused
+Triton kernel for fp16/bf16 CUDA tensors, its reference elsewhere — so CPU/fp32 results are
+the reference's, which is what ``segment_anything`` computes); without them through
+:func:`rel_pos_attention`, and the mask decoder's through :func:`plain_attention`.
 """
 from typing import Optional
 
@@ -42,20 +40,6 @@ def rel_pos_attention(
     if rel_h is None or rel_w is None:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return ops.rel_pos_attention(q, k, v, rel_h, rel_w, scale)
-
-
-def rel_pos_attention_packed(
-    qkv: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    scale: float,
-    fused: bool = True,
-) -> torch.Tensor:
-    """:func:`rel_pos_attention` on the packed output of a qkv projection ``(B, N, 3, heads, head_dim)``."""
-    if fused:
-        return ops.rel_pos_attention_packed(qkv, rel_h, rel_w, scale)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    return ops.rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale)
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import rel_pos_attention, rel_pos_attention_packed
+from fastzoo import ops
+
+from .attention import rel_pos_attention
 from .common import LayerNorm2d, MLPBlock
 
 
@@ -29,20 +31,22 @@ class PatchEmbed(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
+def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """The table ``rel_pos`` ``(L, C)``, linearly resized to ``length`` rows where L differs
+    (segment_anything's rule for other image or window sizes than the checkpoint's)."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    table = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear")
+    return table.reshape(-1, length).permute(1, 0)
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Relative-position embeddings ``(q_size, k_size, C)`` gathered from the table ``rel_pos``.
 
     The index is built on ``rel_pos.device`` (no host tensor indexes a device tensor).  The
     table is linearly resized when its length differs from ``2 * max(q_size, k_size) - 1``.
     """
-    max_rel_dist = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != max_rel_dist:
-        table = F.interpolate(
-            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear"
-        )
-        table = table.reshape(-1, max_rel_dist).permute(1, 0)
-    else:
-        table = rel_pos
+    table = resize_rel_pos(rel_pos, 2 * max(q_size, k_size) - 1)
     q_ratio = max(k_size / q_size, 1.0)
     k_ratio = max(q_size / k_size, 1.0)
     dev = rel_pos.device
@@ -50,35 +54,6 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     k_coords = torch.arange(k_size, device=dev, dtype=torch.float32)[None, :] * k_ratio
     index = (q_coords - k_coords + (k_size - 1) * k_ratio).long()
     return table[index]
-
-
-def decomposed_rel_pos_terms(
-    q: torch.Tensor,
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    q_size: Tuple[int, int],
-    k_size: Tuple[int, int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The two bias terms of decomposed relative positions (MViTv2).
-
-    ``q`` is ``(B, heads, q_h * q_w, C)`` (unscaled); returns ``rel_h`` ``(B, heads, N, k_h)``
-    and ``rel_w`` ``(B, heads, N, k_w)``.
-    """
-    q_h, q_w = q_size
-    k_h, k_w = k_size
-    Rh = get_rel_pos(q_h, k_h, rel_pos_h).to(q.dtype)
-    Rw = get_rel_pos(q_w, k_w, rel_pos_w).to(q.dtype)
-    # The key counts are padded with zero rows to a multiple of 8, so that the einsums write
-    # 16-byte rows in bf16: with 14 keys (the windowed blocks) cuBLAS ran an align-2 16×16 WMMA
-    # kernel (~0.1 ms a call on an H100). The terms returned are views of the first k_h / k_w
-    # columns (the same values).
-    Rh = F.pad(Rh, (0, 0, 0, (-k_h) % 8))
-    Rw = F.pad(Rw, (0, 0, 0, (-k_w) % 8))
-    B, nh, N, C = q.shape
-    r_q = q.reshape(B * nh, q_h, q_w, C)
-    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh).reshape(B, nh, N, -1)[..., :k_h]
-    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw).reshape(B, nh, N, -1)[..., :k_w]
-    return rel_h, rel_w
 
 
 class Attention(nn.Module):
@@ -113,21 +88,35 @@ class Attention(nn.Module):
                 nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.attend(self.qkv(x)))
+    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``: attention within ``window_size`` x
+        ``window_size`` windows (the grid padded to whole windows with zero tokens, as in
+        segment_anything), or over the whole grid when 0."""
+        return self.proj(self.attend(self.qkv(x), window_size))
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The attention between the projections: ``(B, H, W, 3C)`` qkv -> ``(B, H, W, C)``."""
+    def attend(self, qkv: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+        """The attention between the projections: ``(B, H, W, 3C)`` qkv -> ``(B, H, W, C)``.
+
+        With relative positions, ``fastzoo.ops.rel_pos_window_attention`` reads the windows
+        in place (its reference partitions and pads). A projection acts on each token
+        alone, so a zero padding token's qkv is the qkv bias: the padding enters as that
+        vector, and padded outputs are never computed into the result (segment_anything
+        projects the padded tokens too and drops them after proj: the same values)."""
         B, H, W, C3 = qkv.shape
-        C = C3 // 3
+        if self.use_rel_pos:
+            wh, ww = (window_size, window_size) if window_size else (H, W)
+            args = (qkv, resize_rel_pos(self.rel_pos_h, 2 * wh - 1), resize_rel_pos(self.rel_pos_w, 2 * ww - 1),
+                    self.num_heads, window_size, self.scale, self.qkv.bias)
+            if self.fused_attention:
+                return ops.rel_pos_window_attention(*args)
+            return ops.rel_pos_window_attention_ref(*args)
+        if window_size:
+            windows, pad_hw = window_partition(qkv, window_size, pad_value=self.qkv.bias)
+            return window_unpartition(self.attend(windows), window_size, pad_hw, (H, W))
         packed = qkv.reshape(B, H * W, 3, self.num_heads, -1)
         q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, head_dim) views
-        if self.use_rel_pos:
-            rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-            out = rel_pos_attention_packed(packed, rel_h, rel_w, self.scale, fused=self.fused_attention)
-        else:
-            out = rel_pos_attention(q, k, v, None, None, self.scale)
-        return out.permute(0, 2, 1, 3).reshape(B, H, W, C)
+        out = rel_pos_attention(q, k, v, None, None, self.scale)
+        return out.permute(0, 2, 1, 3).reshape(B, H, W, C3 // 3)
 
 
 def window_partition(
@@ -198,20 +187,7 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
-        if self.window_size > 0:
-            # segment_anything pads the grid with zeros to whole windows and runs the qkv and
-            # output projections on the padded tokens too. A projection acts on each token
-            # alone, so the same result comes from projecting the real tokens only: qkv of a
-            # zero (padded) token is the qkv bias, and padded outputs are dropped before proj.
-            H, W = x.shape[1], x.shape[2]
-            qkv, pad_hw = window_partition(self.attn.qkv(x), self.window_size, pad_value=self.attn.qkv.bias)
-            x = window_unpartition(self.attn.attend(qkv), self.window_size, pad_hw, (H, W))
-            x = self.attn.proj(x)
-        else:
-            x = self.attn(x)
-        x = shortcut + x
+        x = x + self.attn(self.norm1(x), self.window_size)
         return x + self.mlp(self.norm2(x))
 
 
