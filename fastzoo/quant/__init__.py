@@ -14,7 +14,7 @@ from .calibrate import MinMaxObserver, PercentileObserver, observe
 from .gptq import GPTQ, gptq_quantize_weight  # GPTQ (calibrated int4, Int4WeightOnly layout)
 from .linear import Int4WeightOnlyLinear, Int8DynamicLinear, Int8StaticLinear, Int8WeightOnlyLinear
 from .sparse import Int8DynamicSparse24Linear, Sparse24Linear, mask_2_4, prune_2_4
-from .vit import Int8ViTBlock, quantize_image_encoder_, quantize_vit_
+from .vit import Int8GeluMlp, Int8ViTBlock, quantize_image_encoder_, quantize_vit_
 
 __all__ = [
     "CONFIGS", "INT4_GROUP_SIZES", "Int4WeightOnly", "Int8Dynamic", "Int8WeightOnly", "QuantConfig",
@@ -22,5 +22,5 @@ __all__ = [
     "Int8DynamicSparse24", "Sparse24", "Int8DynamicSparse24Linear", "Sparse24Linear", "mask_2_4", "prune_2_4",
     "GPTQ", "gptq_quantize_weight",
     "ACTIVATION_CONFIGS", "Int8Static", "Int8StaticLinear", "MinMaxObserver", "PercentileObserver", "observe",
-    "Int8ViTBlock", "quantize_vit_", "quantize_image_encoder_",
+    "Int8GeluMlp", "Int8ViTBlock", "quantize_vit_", "quantize_image_encoder_",
 ]

@@ -80,9 +80,12 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
     scales_in_fp32 = True
     fused_forward = None  # not the weight-only product: fused_linear composes around forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, activation: str = "none",
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``activation`` ("none"/"gelu") and ``residual`` are fused in the GEMM's epilogue."""
         # scales stay float32 even if the module was cast with .to(dtype)
-        return int8_dynamic_linear(x, self.weight, self.scales.float(), self.bias)
+        return int8_dynamic_linear(x, self.weight, self.scales.float(), self.bias, activation=activation,
+                                   residual=residual)
 
 
 def quantize_weight_int8(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,10 +144,15 @@ class Int8StaticLinear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor, *, activation: str = "none", residual: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_scale``: int8 output with this scale (e.g. the next layer's ``in_scale``), for
+        a module without its own ``out_scale``."""
         K = x.shape[-1]
         in_scale = self.in_scale.float()  # fp32 for the kernel, also after ``.to(dtype)`` cast the buffers
-        out_scale = None if self.out_scale is None else self.out_scale.float()
+        if out_scale is not None and self.out_scale is not None:
+            raise ValueError("out_scale given to an Int8StaticLinear that has its own out_scale buffer")
+        out_scale = self.out_scale if out_scale is None else out_scale
+        out_scale = None if out_scale is None else out_scale.float()
         if x.dtype != torch.int8:
             out_dtype = out_dtype or x.dtype
             x = requantize_int8_ref(x, in_scale)

@@ -38,7 +38,7 @@ from fastzoo.ops.int8_mm import int8_dynamic_linear, requantize_int8_ref
 from .api import (ACTIVATION_CONFIGS, CONFIGS, Int8Dynamic, Int8DynamicSparse24, Int8Static, QuantConfig, Sparse24,
                   as_config, config_from_string, quantize_)
 from .calibrate import observe
-from .linear import Int8DynamicLinear
+from .linear import Int8DynamicLinear, Int8StaticLinear
 
 
 class _Attn(nn.Module):
@@ -247,6 +247,41 @@ def resolve_image_encoder_quant(quantize: QuantConfig | str) -> QuantConfig | st
     return config
 
 
+class Int8GeluMlp(nn.Module):
+    """``lin2(GELU(lin1(x)))`` with int8 linears and the GELU in lin1's GEMM epilogue: static
+    (``Int8StaticLinear``), lin1 writes int8 with lin2's calibrated input scale; dynamic
+    (``Int8DynamicLinear``), lin1 writes x's dtype. The hidden activation (4× the width)
+    makes one trip through memory instead of three (lin1 out, GELU in and out, or a
+    quantization pass); ``residual`` is added in lin2's epilogue. Keeps the MLP's ``lin1``/``lin2`` names (its activation has no
+    parameters), so state-dict keys do not change. Built by ``quantize_image_encoder_``."""
+
+    def __init__(self, lin1: nn.Module, lin2: nn.Module):
+        super().__init__()
+        self.lin1, self.lin2 = lin1, lin2
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(self.lin1, Int8StaticLinear):
+            h = self.lin1(x, activation="gelu", out_scale=self.lin2.in_scale)
+        else:
+            h = self.lin1(x, activation="gelu")
+        return self.lin2(h, residual=residual)
+
+
+def _fuse_gelu_mlps(encoder: nn.Module) -> None:
+    """Swap each ``lin1 → nn.GELU() (exact) → lin2`` MLP whose linears are both
+    ``Int8StaticLinear`` (lin1 with float output) or both ``Int8DynamicLinear`` for an
+    ``Int8GeluMlp``; other MLPs (weight-only, 2:4 sparse, tanh GELU) stay as they are."""
+    for name, m in list(encoder.named_modules()):
+        lin1, lin2, act = (getattr(m, a, None) for a in ("lin1", "lin2", "act"))
+        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+            continue
+        static = type(lin1) is Int8StaticLinear and type(lin2) is Int8StaticLinear and lin1.out_scale is None
+        dynamic = type(lin1) is Int8DynamicLinear and type(lin2) is Int8DynamicLinear
+        if static or dynamic:
+            parent, _, child = name.rpartition(".")
+            setattr(encoder.get_submodule(parent) if parent else encoder, child, Int8GeluMlp(lin1, lin2))
+
+
 def quantize_image_encoder_(encoder: nn.Module, config: QuantConfig | str, calibration=None) -> nn.Module:
     """Quantize the linears of a ViT image encoder's blocks (SAM's ``ImageEncoderViT``:
     ``blocks.*.attn.qkv/proj``, ``blocks.*.mlp.lin1/lin2``) in place; returns ``encoder``.
@@ -265,5 +300,7 @@ def quantize_image_encoder_(encoder: nn.Module, config: QuantConfig | str, calib
         for cfg, names in ENCODER_QUANT_PLANS[config]:
             quantize_(encoder, cfg, filter_fn=lambda m, fqn, names=names: (
                 _encoder_linears(m, fqn) and fqn.split(".", 2)[2] in names))
-        return encoder
-    return quantize_(encoder, config, filter_fn=_encoder_linears, calibration=calibration)
+    else:
+        quantize_(encoder, config, filter_fn=_encoder_linears, calibration=calibration)
+    _fuse_gelu_mlps(encoder)
+    return encoder

@@ -8,6 +8,7 @@ from torch import nn
 from fastzoo.quant import (ACTIVATION_CONFIGS, Int8Dynamic, Int8Static, Int8StaticLinear, Int8ViTBlock,
                            MinMaxObserver, PercentileObserver, config_from_string, quantize_,
                            quantize_image_encoder_, quantize_vit_)
+from fastzoo.quant.vit import Int8GeluMlp
 from fastzoo.vit import VisionTransformer, ViTConfig, build_vit
 from helpers import kernels_on_cpu, sqnr
 
@@ -220,8 +221,11 @@ def test_sam_image_encoder_quantization(config):
         ref = enc(x)
         quantize_image_encoder_(enc, config, calibration=[_images(2, seed=8), _images(2, seed=9)])
         out = enc(x)
-    linears = [m for n, m in enc.named_modules() if n.startswith("blocks.") and "Int8" in type(m).__name__]
+    linears = [m for n, m in enc.named_modules() if n.startswith("blocks.") and type(m).__name__.startswith("Int8")
+               and type(m).__name__.endswith("Linear")]
     assert len(linears) == 8 and not any(isinstance(m, nn.Linear) for m in enc.blocks.modules())
+    # segment_anything's MLPBlock (lin1, GELU, lin2) is fused too; its Block adds the residual itself
+    assert all(type(b.mlp) is Int8GeluMlp for b in enc.blocks)
     db = sqnr(out, ref)
     print(f"\nSAM image encoder {config}: SQNR {db:.1f} dB vs fp32")
     assert db >= 25
@@ -280,3 +284,19 @@ def test_build_vit_loads_a_static_quantized_checkpoint(tmp_path):
         build_vit(name, tmp_path / "float.pth", quantize=q, quantized_checkpoint=True)
     with pytest.raises(ValueError, match="quantized_checkpoint=True needs the checkpoint and the quantize config"):
         build_vit(name, tmp_path / "q.pth", quantized_checkpoint=True)
+
+
+def test_static_linear_takes_an_out_scale_at_call_time_once():
+    """``forward(x, out_scale=s)`` writes int8 with s (the next layer's input scale), as a
+    module built with that out_scale does; a module with its own out_scale refuses a second."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    x = torch.randn(5, 32)
+    in_scale, out_scale = x.abs().amax() / 127, torch.tensor([0.05])
+    plain = Int8StaticLinear.from_linear(lin, in_scale)
+    built = Int8StaticLinear.from_linear(lin, in_scale, out_scale=out_scale)
+    got = plain(x, out_scale=out_scale)
+    assert got.dtype == torch.int8
+    assert torch.equal(got, built(x))
+    with pytest.raises(ValueError, match="has its own out_scale"):
+        built(x, out_scale=out_scale)

@@ -137,12 +137,11 @@ def test_quantize_options_on_tiny_encoder():
     for b in both.blocks:
         assert type(b.attn.qkv) is Int8DynamicLinear and type(b.attn.proj) is Int8DynamicLinear
         assert type(b.mlp.lin1) is Int8DynamicSparse24Linear and type(b.mlp.lin2) is Sparse24Linear
+    from fastzoo.quant import quantize_
+
     expected = _pruned_mlp_copy(enc, ("mlp.lin1", "mlp.lin2"))
-    quantize_image_encoder_(expected, "int8")
-    for b in expected.blocks:  # lin2 stays float in int8+sparse
-        b.mlp.lin2 = nn.Linear(b.mlp.lin2.in_features, b.mlp.lin2.out_features)
-    for b, p in zip(expected.blocks, pruned.blocks):
-        b.mlp.lin2.load_state_dict(p.mlp.lin2.state_dict())
+    quantize_(expected, Int8Dynamic(), filter_fn=lambda m, fqn: (  # lin2 stays float in int8+sparse
+        isinstance(m, nn.Linear) and fqn.startswith("blocks.") and not fqn.endswith("mlp.lin2")))
     torch.testing.assert_close(both(x), expected(x), rtol=1e-6, atol=1e-6)
     assert sqnr(both(x), pruned(x)) >= 20
 
@@ -169,6 +168,63 @@ def test_int8_encoder_kernel_path_matches_reference_path(kernel_device, monkeypa
     assert launched.count("_int8_scaled_mm_kernel") == launched.count("_quantize_rows_int8_kernel") == 2 * int8_linears
     db = sqnr(out, ref)
     print(f"\n{quantize} kernel path vs reference path: SQNR {db:.1f} dB")
+    assert db >= 40, f"kernel path vs reference path: SQNR {db:.1f} dB"
+
+
+def _calibration(n=2, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 3, IMG, IMG, generator=gen) for _ in range(n)]
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int8dq", "int8static"])
+@torch.no_grad()
+def test_int8_mlps_run_gelu_in_lin1s_epilogue(quantize):
+    """int8 dynamic / static MLPs become Int8GeluMlp: the same state dict (keys and values) and
+    the same output as the module-by-module chain (lin1, nn.GELU, lin2) that quantize_ builds."""
+    from fastzoo.quant import quantize_
+    from fastzoo.quant.vit import Int8GeluMlp, _encoder_linears, resolve_image_encoder_quant
+
+    enc = tiny_encoder()
+    cal = _calibration() if quantize == "int8static" else None
+    fused = quantize_image_encoder_(copy.deepcopy(enc), quantize, calibration=cal)
+    cfg = resolve_image_encoder_quant(quantize)
+    chain = copy.deepcopy(enc)
+    if isinstance(cfg, str):
+        cfg = Int8Dynamic()  # the "int8" plan: int8 dynamic on every linear
+    quantize_(chain, cfg, filter_fn=_encoder_linears, calibration=cal)
+    assert all(type(b.mlp) is Int8GeluMlp for b in fused.blocks)
+    assert all(type(b.mlp).__name__ == "MLPBlock" for b in chain.blocks)
+    sd, sd_chain = fused.state_dict(), chain.state_dict()
+    assert list(sd) == list(sd_chain)
+    assert all(torch.equal(sd[k], sd_chain[k]) for k in sd)
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fused(x), chain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", ["sparse", "int8+sparse", "weight-only int8", "int4-g32"])
+def test_other_mlps_keep_their_modules(quantize):
+    from fastzoo.quant import Int8WeightOnly
+    from fastzoo.sam.modeling.common import MLPBlock
+
+    quantize = Int8WeightOnly() if quantize == "weight-only int8" else quantize
+
+    enc = quantize_image_encoder_(tiny_encoder(), quantize)
+    assert all(type(b.mlp) is MLPBlock for b in enc.blocks)
+
+
+@torch.no_grad()
+def test_int8static_encoder_kernel_path_matches_reference_path(kernel_device, monkeypatch):
+    """The static MLP's lin1 through the Triton kernel (GELU and int8 out in the epilogue, the
+    interpreter on the CPU) against the reference path."""
+    if kernel_device.type == "cuda":
+        pytest.skip("on a GPU the kernels run in the cuda tests")
+    enc = quantize_image_encoder_(tiny_encoder(depth=2, global_idx=(1,)), "int8static", calibration=_calibration(1))
+    x = torch.randn(1, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    ref = enc(x)
+    launched = kernels_on_cpu(monkeypatch, ("int8_mm",))
+    out = enc(x)
+    assert launched == ["_int8_scaled_mm_kernel"] * 8  # 2 blocks x (qkv, proj, lin1 + GELU -> int8, lin2)
+    db = sqnr(out, ref)
     assert db >= 40, f"kernel path vs reference path: SQNR {db:.1f} dB"
 
 

@@ -14,8 +14,11 @@ class MLPBlock(nn.Module):
         self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``lin2(act(lin1(x)))``, plus ``residual`` when given (a quantized MLP fuses the add
+        into lin2's GEMM)."""
+        y = self.lin2(self.act(self.lin1(x)))
+        return y if residual is None else residual + y
 
 
 class LayerNorm2d(nn.Module):
