@@ -555,8 +555,9 @@ def rel_pos_window_attention_triton(
     """The fused kernel on the grid itself: no window partition, no padded copy, no
     un-partition. Each window's q, k, v are read in place from ``qkv`` (keys outside the
     grid take ``pad``'s k and v), the output is written in place into (B, H, W, heads·D),
-    and the rel-pos terms come from ``S = q · tableᵀ`` for every relative offset (one small
-    matmul per table), indexed by ``r_q − r_k + w − 1`` in the kernel."""
+    and the rel-pos terms come from ``S = q · tableᵀ`` for every relative offset (one batched
+    matmul over the heads for both tables, q read in place), indexed by ``r_q − r_k + w − 1``
+    in the kernel."""
     if not triton_available():
         raise RuntimeError("rel_pos_window_attention_triton needs Triton, which is not importable here")
     _check_window_args("rel_pos_window_attention_triton", qkv, table_h, table_w, num_heads, window, pad)
@@ -573,14 +574,15 @@ def rel_pos_window_attention_triton(
     if out.numel() == 0:
         return out.view(B, H, W, num_heads * D)
 
-    q_rows = q.contiguous().view(-1, D)  # one copy of q, then one GEMM per table (not B·H·W tiny ones)
-
-    def offsets(table):  # (B, H, W, heads, 2w - 1 padded to a multiple of 8): q · table[o]
-        t = table.to(qkv.dtype)
-        t = F.pad(t, (0, 0, 0, (-t.shape[0]) % 8))
-        return (q_rows @ t.t()).view(B, H, W, num_heads, t.shape[0])
-
-    s_h, s_w = offsets(table_h), offsets(table_w)
+    # S = q · [table_h; table_w]ᵀ, one batched GEMM over the heads that reads q in place (rows
+    # 3C apart, heads D apart: no copy of q), written (heads, B·H·W, offsets padded to 8) and
+    # read by the kernel as (B, H, W, heads, offset) views of the two tables' column ranges
+    t = torch.cat([table_h, table_w]).to(qkv.dtype)
+    t = F.pad(t, (0, 0, 0, (-t.shape[0]) % 8))
+    q_heads = qkv.reshape(B * H * W, 3, num_heads, D)[:, 0].transpose(0, 1)  # (heads, tokens, D)
+    S = torch.bmm(q_heads, t.t().expand(num_heads, D, t.shape[0]))
+    S = S.view(num_heads, B, H, W, t.shape[0]).permute(1, 2, 3, 0, 4)
+    s_h, s_w = S[..., :table_h.shape[0]], S[..., table_h.shape[0]:]
     if ph or pw:
         pad = (qkv.new_zeros(C3) if pad is None else pad.to(qkv.dtype)).contiguous()
     else:
