@@ -14,7 +14,11 @@ the same run:
 2. ``ref``: ``rel_pos_attention_ref``: build the (B, heads, Nq, Nk) bias from rel_h/rel_w
    and call SDPA with it as the mask — what segment_anything-style code does;
    ``sdpa_mask``: the SDPA call alone, on a bias built beforehand;
-3. ``flash``: SDPA with no bias (the flash backend): the lower bound for context.
+3. ``flash``: SDPA with no bias (the flash backend): the lower bound for context;
+4. ``window``: ``rel_pos_window_attention``, what SAM's encoder calls: the same layer from
+   the (images, 64, 64, 3·heads·D) qkv grid (windows of 14 read in place, the grid padded
+   to 70×70 with the qkv bias; global: window 0), its rel-pos terms from q · table
+   (one batched GEMM, included in the time).
 
 Rates are 4·B·heads·Nq·Nk·D FLOPs (Q·Kᵀ and P·V) over the time, and percentages of the
 bf16 matmul ceiling measured in the same run (harness, 8192³). Accuracy: ``err`` =
@@ -31,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from experiments import harness
-from fastzoo.ops.rel_pos_attention import _rel_pos_attention_kernel, rel_pos_attention, rel_pos_attention_ref
+from fastzoo.ops.rel_pos_attention import (_rel_pos_attention_kernel, rel_pos_attention, rel_pos_attention_ref,
+                                           rel_pos_window_attention)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +50,23 @@ def shapes(batch: int, quick: bool) -> list[tuple[str, int, int, int, int]]:
         ("vit_h.global", batch, 16, 64, 80),
     ]
     return all_shapes[3:] if quick else all_shapes
+
+
+GRID = 64  # SAM's 1024x1024 image: a 64x64 token grid
+
+
+def bench_window_op(B, H, side, D, dtype, device, rep, n_inputs):
+    """``rel_pos_window_attention`` on the grid of the images that give this layer: windowed
+    (side 14: B / 25 images) or global (side 64: B images)."""
+    window = side if side != GRID else 0
+    images = B // 25 if window else B
+    g = torch.Generator(device=device).manual_seed(0)
+    sets = [(torch.randn(images, GRID, GRID, 3 * H * D, device=device, generator=g).to(dtype),
+             torch.randn(2 * side - 1, D, device=device, generator=g).to(dtype),
+             torch.randn(2 * side - 1, D, device=device, generator=g).to(dtype),
+             torch.randn(3 * H * D, device=device, generator=g).to(dtype)) for _ in range(n_inputs)]
+    return harness.bench(lambda s: rel_pos_window_attention(s[0], s[1], s[2], H, window, None, s[3]),
+                         inputs=sets, rep=rep)
 
 
 def make_inputs(B, H, side, D, dtype, device, layout, seed):
@@ -93,26 +115,28 @@ def bench_shape(name, B, H, side, D, dtype, device, rep, n_inputs, layout, check
     del bias
     torch.cuda.empty_cache()
     t["flash"] = harness.bench(lambda s: F.scaled_dot_product_attention(s[0], s[1], s[2]), inputs=sets, rep=rep)
+    del sets, x, small, q0, k0, v0, rh0, rw0
+    torch.cuda.empty_cache()
+    t["window"] = bench_window_op(B, H, side, D, dtype, device, rep, n_inputs)
 
     flops = 4.0 * B * H * N * N * D
     ms = {k: v["median_ms"] for k, v in t.items()}
     tflops = {k: flops / (v * 1e-3) / 1e12 for k, v in ms.items()}
     row = {"shape": name, "dtype": str(dtype).replace("torch.", ""), "B": B, "heads": H, "tokens": N, "D": D}
-    for k in ("fused", "ref", "sdpa_mask", "flash"):
+    for k in ("fused", "ref", "sdpa_mask", "flash", "window"):
         row[f"{k}_ms"] = ms[k]
-    for k in ("fused", "ref", "flash"):
+    for k in ("fused", "ref", "flash", "window"):
         row[f"{k}_tflops"] = tflops[k]
         row[f"{k}_pct"] = 100 * tflops[k] / bf16_tflops
     row["speedup_vs_ref"] = harness.speedup(ms["ref"], ms["fused"])
     row["speedup_vs_sdpa_mask"] = harness.speedup(ms["sdpa_mask"], ms["fused"])
     row["flash_over_fused"] = ms["flash"] / ms["fused"]
+    row["flash_over_window"] = ms["flash"] / ms["window"]
     row["err"] = err
     row["ref_err"] = ref_err
     row["err_vs_ref"] = err_vs_ref
     row["config"] = config
     row["timings"] = t
-    del sets
-    torch.cuda.empty_cache()
     return row
 
 
@@ -149,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\nTimes in ms (medians); TFLOP/s = 4·B·heads·N²·D / time; pct = % of the bf16 matmul ceiling.")
     harness.print_table(rows, ["shape", "dtype", "B", "heads", "tokens", "D", "fused_ms", "ref_ms", "sdpa_mask_ms",
                                "flash_ms", "fused_tflops", "fused_pct", "ref_pct", "flash_pct", "speedup_vs_ref",
-                               "speedup_vs_sdpa_mask", "flash_over_fused"])
+                               "speedup_vs_sdpa_mask", "flash_over_fused", "window_ms", "window_pct",
+                               "flash_over_window"])
     print()
     harness.print_table(rows, ["shape", "dtype", "err", "ref_err", "err_vs_ref", "config"])
     if not args.quick:
