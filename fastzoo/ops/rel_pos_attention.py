@@ -94,7 +94,22 @@ if triton_available():
             out = tl.dot(a, b)
         return out
 
-    @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD"])
+    def _prune_grid_configs(configs, named_args, **kwargs):
+        """On the grid layout (GRID) with a split head dimension (SPLIT_D), only tiles of at
+        most two key rows: on an H100 (Triton 3.6), SAM vit_h's windows (k_w 14, head_dim 80
+        as 64 + 16) gave wrong outputs or illegal addresses with 4 or 8 key rows a tile
+        (BLOCK_N 64 / 128), while 1-2 rows were right for every BLOCK_M, windowed and global,
+        and head_dim 64 was right with every tile; the interpreter runs all of them right.
+        Other launches keep every tile."""
+        get = lambda name: kwargs.get(name, named_args.get(name))  # noqa: E731
+        kw_p = get("KW_P")
+        if not (get("GRID") and get("SPLIT_D")) or kw_p is None:
+            return configs
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 2 * kw_p]
+        return kept or configs[:1]
+
+    @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD"],
+                     prune_configs_by={"early_config_prune": _prune_grid_configs})
     @triton.jit
     def _rel_pos_attention_kernel(
         q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr,

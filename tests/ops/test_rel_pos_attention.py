@@ -423,3 +423,46 @@ def test_window_kernel_launches_in_batch_chunks(kernel_device, monkeypatch):
     torch.testing.assert_close(got.float().cpu(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
     with pytest.raises(ValueError, match="non-empty token grid"):
         rel_pos_window_attention(qkv[:, :0], th, tw, 1, 3)
+
+
+def test_grid_launches_tune_only_tiles_of_at_most_two_key_rows():
+    """With a split head dimension the grid layout's autotuning keeps BLOCK_N <= 2 key rows
+    (KW_P columns each); the flat layout and unsplit head dims keep every configuration."""
+    import importlib
+
+    from fastzoo.ops._common import triton_available
+
+    if not triton_available():
+        pytest.skip("needs Triton")
+
+    rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
+    cfgs = rpa._CONFIGS
+    window = rpa._prune_grid_configs(cfgs, {}, GRID=True, SPLIT_D=True, KW_P=16)
+    assert window and all(c.kwargs["BLOCK_N"] <= 32 for c in window)
+    assert {c.kwargs["BLOCK_M"] for c in window} == {32, 64, 128}
+    assert len(rpa._prune_grid_configs(cfgs, {}, GRID=True, SPLIT_D=True, KW_P=64)) == len(cfgs)
+    assert rpa._prune_grid_configs(cfgs, {"GRID": True, "KW_P": 16}, SPLIT_D=False) == cfgs
+    assert rpa._prune_grid_configs(cfgs, {}, GRID=False, SPLIT_D=True, KW_P=16) == cfgs
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("heads,D", [(12, 64), (16, 80)])
+def test_cuda_window_op_every_tile_the_autotuner_may_pick(monkeypatch, heads, D):
+    """Each configuration left after pruning, forced alone, at SAM's windowed layers (grid 64,
+    windows of 14): a wrong tile must not be left for the autotuner to pick."""
+    import importlib
+
+    rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
+    kern = rpa._rel_pos_attention_kernel
+    blocks = rpa._head_dim_blocks(D)
+    tiles = rpa._prune_grid_configs(rpa._CONFIGS, {}, GRID=True, KW_P=16, **blocks)
+    qkv, th, tw, p = _window_inputs(4, 64, 64, heads, D, 14, torch.bfloat16, seed=D)
+    qkv, th, tw, p = (t.cuda() for t in (qkv, th, tw, p))
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, 14, None, p.float())
+    ref_bf16 = rel_pos_window_attention_ref(qkv, th.bfloat16(), tw.bfloat16(), heads, 14, None, p)
+    bound = max(1.5 * (ref_bf16.float() - ref).abs().max().item(), 1e-2 * ref.abs().max().item())
+    for cfg in tiles:
+        monkeypatch.setattr(kern, "configs", [cfg])
+        got = rel_pos_window_attention_triton(qkv, th, tw, heads, 14, None, p)
+        err = (got.float() - ref).abs().max().item()
+        assert err <= bound, (str(cfg), err, bound)
