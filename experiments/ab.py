@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -178,7 +179,8 @@ def run(command: list[str], out: Path, repeat: int = 3, metric: str | None = Non
                          "records": sorted(new_records), "metric": values})
             shown = f" {metric} = {values}" if metric else ""
             print(f"{tag}: exit {rc}, {wall:.0f} s, {len(new_records)} record(s){shown}", flush=True)
-    summary = {"command": command, "repeat": repeat, "first": first, "metric": metric, **manifest, "runs": runs}
+    summary = {"command": command, "repeat": repeat, "first": first, "metric": metric, "base_dir": base_dir,
+               "timeout": timeout, **manifest, "runs": runs}
     if metric:
         med = {}
         for label in ("base", "new"):
@@ -199,34 +201,55 @@ def run(command: list[str], out: Path, repeat: int = 3, metric: str | None = Non
 ENV_KEYS = ("gpu", "torch", "cuda", "triton", "fastzoo", "python", "sm_count", "capability", "memory_gib")
 
 
-def record(folder: Path, name: str, note: str, root: Path = REPO_ROOT) -> Path:
+def run_command(summary: dict) -> str:
+    """The ``ab run`` command line that gave ``summary`` (shell-quoted)."""
+    args = ["python", "-m", "experiments.ab", "run", "--repeat", str(summary["repeat"])]
+    if summary.get("metric"):
+        args += ["--metric", summary["metric"]]
+    if summary.get("first", "base") != "base":
+        args += ["--first", summary["first"]]
+    if summary.get("timeout"):
+        args += ["--timeout", f"{summary['timeout']:g}"]
+    if summary.get("base_dir", BASE_DIR) != BASE_DIR:
+        args += ["--base-dir", summary["base_dir"]]
+    return shlex.join(args + ["--out", "OUT", "--", *summary["command"]])
+
+
+def record(folder: Path, name: str, note: str, root: Path = REPO_ROOT, force: bool = False) -> Path:
     """A results record from an A/B that came back (``folder`` holds ab_summary.json and
     ab_runs.tar.gz): the machine fields of the runs' records, every run's metric and the
-    medians, under ``experiments/results/<gpu>/<name>.json``. Its ``commit`` is the new side's
-    commit as prepare saw it; ``note`` says what the two sides were."""
-    summary_path = folder / "ab_summary.json"
-    if not summary_path.exists():
-        raise SystemExit(f"error: {summary_path} not found: give the folder that `ab run --out` wrote")
+    medians, under ``experiments/results/<gpu>/<name>.json`` (an existing record there is
+    kept unless ``force``). Its ``commit`` is the new side's commit as prepare saw it;
+    ``note`` says what the two sides were."""
+    summary_path, runs_path = folder / "ab_summary.json", folder / "ab_runs.tar.gz"
+    for path in (summary_path, runs_path):
+        if not path.exists():
+            raise SystemExit(f"error: {path} not found: give the folder that `ab run --out` wrote")
     summary = json.loads(summary_path.read_text())
     env = None
-    with tarfile.open(folder / "ab_runs.tar.gz") as tar:
+    with tarfile.open(runs_path) as tar:
         for m in tar.getmembers():
             if m.isfile() and m.name.endswith(".json"):
-                env = json.load(tar.extractfile(m))
-                break
-    if env is None or "gpu" not in env:
+                candidate = json.load(tar.extractfile(m))
+                if isinstance(candidate, dict) and "gpu" in candidate:
+                    env = candidate
+                    break
+    if env is None:
         raise SystemExit(f"error: no run of {folder} wrote a record with the machine's fields (gpu, torch, ...)")
     from experiments import harness
+
+    folder_out = root / "experiments" / "results" / harness.gpu_slug(env["gpu"])
+    if (folder_out / f"{name}.json").exists() and not force:
+        raise SystemExit(f"error: {folder_out / (name + '.json')} exists: choose another --name, or --force "
+                         f"to replace it")
 
     figures = {k: summary.get(k) for k in ("metric", "median", "new_over_base", "repeat", "first")}
     figures["runs"] = [{k: r[k] for k in ("label", "index", "rc", "wall_s", "metric")} for r in summary["runs"]]
     figures["base"] = {"rev": summary["base_rev"], "commit": summary["base_commit"], "files": summary["files"],
                        "absent_at_base": summary["absent_at_base"]}
     rec = {"name": name, **{k: env.get(k) for k in ENV_KEYS}, "commit": summary["new_commit"], "commit_note": note,
-           "command": "python -m experiments.ab run --repeat {} --metric {} -- {}".format(
-               summary["repeat"], summary["metric"], " ".join(summary["command"])),
-           "module": "experiments.ab", "date": env.get("date"), "figures": figures}
-    return harness.write_record(rec, root / "experiments" / "results" / harness.gpu_slug(env["gpu"]))
+           "command": run_command(summary), "module": "experiments.ab", "date": env.get("date"), "figures": figures}
+    return harness.write_record(rec, folder_out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("folder", help="the folder `run --out` wrote (ab_summary.json, ab_runs.tar.gz)")
     pc.add_argument("--name", required=True, help="record name: experiments/results/<gpu>/NAME.json")
     pc.add_argument("--note", required=True, help="what the base and new sides were")
+    pc.add_argument("--force", action="store_true", help="replace an existing record of that name")
     args = p.parse_args(argv)
     if args.cmd == "record":
-        print("wrote", record(Path(args.folder), args.name, args.note))
+        print("wrote", record(Path(args.folder), args.name, args.note, force=args.force))
         return 0
     if args.cmd == "prepare":
         out = prepare(args.rev, args.paths, base_dir=args.base_dir)

@@ -111,7 +111,7 @@ def test_a_base_folder_outside_the_ignored_names_is_refused(repo, tmp_path, bad)
     assert (repo / "pkg" / "val.txt").exists()
 
 
-def test_record_from_a_returned_ab_folder(repo, tmp_path_factory, monkeypatch):
+def test_record_from_a_returned_ab_folder(repo, tmp_path_factory):
     """`ab record`: the machine fields from the runs' records, each run's metric, the medians."""
     bench = (repo / "bench.py").read_text().replace(
         "{'figures':", "{'gpu': 'NVIDIA H100 80GB HBM3', 'torch': '2.11', 'date': 'd', 'figures':")
@@ -127,5 +127,34 @@ def test_record_from_a_returned_ab_folder(repo, tmp_path_factory, monkeypatch):
     assert f["median"] == {"base": 1.0, "new": 2.0} and f["new_over_base"] == 2.0
     assert [(r["label"], r["metric"]) for r in f["runs"]] == [("base", [1.0]), ("new", [2.0])] * 2
     assert f["base"]["files"] == ["pkg/val.txt"]
+    assert rec["command"] == ("python -m experiments.ab run --repeat 2 --metric figures.v --out OUT -- "
+                              f"{sys.executable} bench.py")
+    with pytest.raises(SystemExit, match="thing_ab.json exists"):
+        ab.record(out, "thing_ab", "again", root=repo)
+    assert json.loads(path.read_text())["commit_note"].startswith("base")
+    assert json.loads(ab.record(out, "thing_ab", "again", root=repo, force=True).read_text())["commit_note"] == "again"
     with pytest.raises(SystemExit, match="ab_summary.json not found"):
         ab.record(tmp_path_factory.mktemp("empty"), "x", "y", root=repo)
+
+
+def test_record_without_a_metric_and_with_a_base_dir(repo, tmp_path_factory):
+    """The recorded command line is the one that ran: no --metric when none was given, the
+    base folder and timeout when they were; a first record without the machine's fields is
+    skipped for one that has them."""
+    bench = (repo / "bench.py").read_text().replace(
+        "{'figures':", "{'gpu': 'NVIDIA H200', 'figures':")
+    bench = bench.replace("sys.exit(", "(out / 'a_plain.json').write_text('{}')  # no machine fields, sorts first\nsys.exit(")
+    (repo / "bench.py").write_text(bench)
+    ab.prepare("HEAD~1", ["pkg/val.txt"], root=repo, base_dir="ab_base_x")
+    out = tmp_path_factory.mktemp("out")
+    ab.run([sys.executable, "bench.py", "--flag=a b"], out, repeat=1, root=repo, base_dir="ab_base_x", timeout=60)
+    with tarfile.open(out / "ab_runs.tar.gz") as tar:
+        jsons = [m.name for m in tar.getmembers() if m.name.endswith(".json")]
+    assert jsons[0].endswith("a_plain.json"), jsons
+    rec = json.loads(ab.record(out, "plain_ab", "n", root=repo).read_text())
+    assert rec["command"] == ("python -m experiments.ab run --repeat 1 --timeout 60 --base-dir ab_base_x --out OUT "
+                              f"-- {sys.executable} bench.py '--flag=a b'")
+    assert rec["figures"]["median"] is None and rec["figures"]["metric"] is None
+    (out / "ab_runs.tar.gz").unlink()
+    with pytest.raises(SystemExit, match="ab_runs.tar.gz not found"):
+        ab.record(out, "other", "n", root=repo)
