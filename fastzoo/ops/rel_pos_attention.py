@@ -95,15 +95,16 @@ if triton_available():
         return out
 
     def _prune_grid_configs(configs, named_args, **kwargs):
-        """On the grid layout (GRID) with a split head dimension (SPLIT_D), only tiles of at
-        most two key rows: on an H100 (Triton 3.6), SAM vit_h's windows (k_w 14, head_dim 80
-        as 64 + 16) gave wrong outputs or illegal addresses with 4 or 8 key rows a tile
-        (BLOCK_N 64 / 128), while 1-2 rows were right for every BLOCK_M, windowed and global,
-        and head_dim 64 was right with every tile; the interpreter runs all of them right.
-        Other launches keep every tile."""
+        """With a split head dimension (SPLIT_D), only tiles of at most two key rows: on an
+        H100 (Triton 3.6), SAM vit_h's windows on the grid layout (k_w 14, head_dim 80 as
+        64 + 16) gave wrong outputs or illegal addresses with 4 or 8 key rows a tile (BLOCK_N
+        64 / 128), while 1-2 rows were right for every BLOCK_M, windowed and global, and
+        head_dim 64 was right with every tile; the interpreter runs all of them right. The
+        flat layout runs the same code, so it is held to the same tiles. Launches whose key
+        rows are too narrow for any such tile go to the reference (``_tiles_known_good``)."""
         get = lambda name: kwargs.get(name, named_args.get(name))  # noqa: E731
         kw_p = get("KW_P")
-        if not (get("GRID") and get("SPLIT_D")) or kw_p is None:
+        if not get("SPLIT_D") or kw_p is None:
             return configs
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 2 * kw_p]
         return kept or configs[:1]
@@ -388,6 +389,10 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
     q, k, v, rel_h, rel_w and out (in that order); one program per BLOCK_M queries of one
     window and head."""
     per_image = n_wh * n_ww * heads
+    if per_image > _MAX_GRID_Y:
+        raise ValueError(f"rel_pos attention launches one program per window and head: {n_wh * n_ww} windows x "
+                         f"{heads} heads = {per_image} for one image, more than a launch grid's {_MAX_GRID_Y}; "
+                         f"use larger windows or the reference")
     if B * per_image > _MAX_GRID_Y:  # CUDA's grid y limit: launch per chunk of images
         step = max(1, _MAX_GRID_Y // per_image)
         for b0 in range(0, B, step):
@@ -413,9 +418,17 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
     )
 
 
+def _tiles_known_good(D: int, k_w: int) -> bool:
+    """False where the kernel would have only tiles that were wrong on an H100: a split head
+    dimension (e.g. 80 = 64 + 16) with key rows of at most 8 columns, where every tile has
+    4 or more key rows (``_prune_grid_configs``)."""
+    return not _head_dim_blocks(D)["SPLIT_D"] or 2 * next_pow2(k_w) >= 32
+
+
 def _kernel_applies(q, k, v, rel_h, rel_w) -> bool:
     return (
-        q.dtype in KERNEL_DTYPES
+        _tiles_known_good(q.shape[-1], rel_w.shape[-1])
+        and q.dtype in KERNEL_DTYPES
         and cuda_kernel_applies(q, k, v, dtypes=KERNEL_DTYPES)
         and cuda_kernel_applies(q, rel_h, rel_w)
         and q.shape[-1] <= 256
@@ -641,7 +654,9 @@ def _rel_pos_window_attention_op(
 ) -> torch.Tensor:
     D = qkv.shape[-1] // (3 * num_heads)
     tensors = [t for t in (qkv, table_h, table_w, pad) if t is not None]
-    if (qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256 and qkv.shape[1] * qkv.shape[2] > 0):
+    k_w = window if window > 0 else qkv.shape[2]
+    if (qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256 and qkv.shape[1] * qkv.shape[2] > 0
+            and _tiles_known_good(D, k_w)):
         return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad)
     return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad)
 

@@ -260,20 +260,22 @@ class Int8GeluMlp(nn.Module):
         self.lin1, self.lin2 = lin1, lin2
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if isinstance(self.lin1, Int8StaticLinear):
+        if isinstance(self.lin1, Int8StaticLinear):  # int8 between the two: lin2 writes x's dtype
             h = self.lin1(x, activation="gelu", out_scale=self.lin2.in_scale)
-        else:
-            h = self.lin1(x, activation="gelu")
-        return self.lin2(h, residual=residual)
+            return self.lin2(h, residual=residual, out_dtype=x.dtype)
+        return self.lin2(self.lin1(x, activation="gelu"), residual=residual)
 
 
 def _fuse_gelu_mlps(encoder: nn.Module) -> None:
-    """Swap each ``lin1 → nn.GELU() (exact) → lin2`` MLP whose linears are both
+    """Swap each SAM ``MLPBlock`` (fastzoo's or segment_anything's: exactly the children
+    ``lin1``, ``act``, ``lin2``, the activation an exact ``nn.GELU()``) whose linears are both
     ``Int8StaticLinear`` (lin1 with float output) or both ``Int8DynamicLinear`` for an
     ``Int8GeluMlp``; other MLPs (weight-only, 2:4 sparse, tanh GELU) stay as they are."""
     for name, m in list(encoder.named_modules()):
-        lin1, lin2, act = (getattr(m, a, None) for a in ("lin1", "lin2", "act"))
-        if not (isinstance(act, nn.GELU) and act.approximate == "none"):
+        if type(m).__name__ != "MLPBlock" or {n for n, _ in m.named_children()} != {"lin1", "act", "lin2"}:
+            continue
+        lin1, lin2, act = m.lin1, m.lin2, m.act
+        if not (type(act) is nn.GELU and act.approximate == "none"):
             continue
         static = type(lin1) is Int8StaticLinear and type(lin2) is Int8StaticLinear and lin1.out_scale is None
         dynamic = type(lin1) is Int8DynamicLinear and type(lin2) is Int8DynamicLinear

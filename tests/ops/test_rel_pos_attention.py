@@ -399,8 +399,10 @@ def test_window_kernel_every_tile_shape(kernel_device, monkeypatch, idx, case):
     rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
 
     kern = rpa._rel_pos_attention_kernel
-    monkeypatch.setattr(kern, "configs", [kern.configs[idx]])
     B, H, W, heads, D, window, pad = case
+    if kernel_device.type == "cuda" and not rpa._tiles_known_good(D, window or W):
+        pytest.skip("split head dim with narrow key rows: tiles wrong on an H100, never launched there")
+    monkeypatch.setattr(kern, "configs", [kern.configs[idx]])
     qkv, th, tw, p = _window_inputs(B, H, W, heads, D, window, torch.float16, seed=idx + sum(case))
     ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, window, None, None if p is None else p.float())
     dev = lambda t: None if t is None else t.to(kernel_device)  # noqa: E731
@@ -426,8 +428,9 @@ def test_window_kernel_launches_in_batch_chunks(kernel_device, monkeypatch):
 
 
 def test_grid_launches_tune_only_tiles_of_at_most_two_key_rows():
-    """With a split head dimension the grid layout's autotuning keeps BLOCK_N <= 2 key rows
-    (KW_P columns each); the flat layout and unsplit head dims keep every configuration."""
+    """With a split head dimension the autotuning keeps BLOCK_N <= 2 key rows (KW_P columns
+    each), on either layout; unsplit head dims keep every configuration; where no tile has so
+    few rows, the public ops take the reference."""
     import importlib
 
     from fastzoo.ops._common import triton_available
@@ -442,27 +445,42 @@ def test_grid_launches_tune_only_tiles_of_at_most_two_key_rows():
     assert {c.kwargs["BLOCK_M"] for c in window} == {32, 64, 128}
     assert len(rpa._prune_grid_configs(cfgs, {}, GRID=True, SPLIT_D=True, KW_P=64)) == len(cfgs)
     assert rpa._prune_grid_configs(cfgs, {"GRID": True, "KW_P": 16}, SPLIT_D=False) == cfgs
-    assert rpa._prune_grid_configs(cfgs, {}, GRID=False, SPLIT_D=True, KW_P=16) == cfgs
+    assert rpa._prune_grid_configs(cfgs, {}, GRID=False, SPLIT_D=True, KW_P=16) == window
+    assert rpa._tiles_known_good(80, 14) and rpa._tiles_known_good(64, 4) and rpa._tiles_known_good(80, 64)
+    assert not rpa._tiles_known_good(80, 8) and not rpa._tiles_known_good(40, 4)
+
+
+def test_window_op_refuses_more_programs_per_image_than_a_grid_takes(kernel_device, monkeypatch):
+    """One image's windows x heads must fit a launch grid's y dimension (the batch is split,
+    an image is not): a clear error, not endless splitting."""
+    import importlib
+
+    rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
+    monkeypatch.setattr(rpa, "_MAX_GRID_Y", 3)
+    qkv, th, tw, p = _window_inputs(2, 5, 5, 1, 16, 3, torch.float16, seed=2)  # 4 windows x 1 head
+    dev = lambda t: t.to(kernel_device)  # noqa: E731
+    with pytest.raises(ValueError, match=r"4 windows x 1 heads = 4 for one image, more than .* 3"):
+        rel_pos_window_attention_triton(dev(qkv), dev(th), dev(tw), 1, 3, None, dev(p))
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("heads,D", [(12, 64), (16, 80)])
-def test_cuda_window_op_every_tile_the_autotuner_may_pick(monkeypatch, heads, D):
-    """Each configuration left after pruning, forced alone, at SAM's windowed layers (grid 64,
-    windows of 14): a wrong tile must not be left for the autotuner to pick."""
+@pytest.mark.parametrize("heads,D,window", [(12, 64, 14), (16, 80, 14), (16, 80, 0)])
+def test_cuda_window_op_every_tile_the_autotuner_may_pick(monkeypatch, heads, D, window):
+    """Each configuration left after pruning, forced alone, at SAM's layers (grid 64, windows
+    of 14 or global): a wrong tile must not be left for the autotuner to pick."""
     import importlib
 
     rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
     kern = rpa._rel_pos_attention_kernel
     blocks = rpa._head_dim_blocks(D)
-    tiles = rpa._prune_grid_configs(rpa._CONFIGS, {}, GRID=True, KW_P=16, **blocks)
-    qkv, th, tw, p = _window_inputs(4, 64, 64, heads, D, 14, torch.bfloat16, seed=D)
+    tiles = rpa._prune_grid_configs(rpa._CONFIGS, {}, GRID=True, KW_P=16 if window else 64, **blocks)
+    qkv, th, tw, p = _window_inputs(4 if window else 2, 64, 64, heads, D, window, torch.bfloat16, seed=D)
     qkv, th, tw, p = (t.cuda() for t in (qkv, th, tw, p))
-    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, 14, None, p.float())
-    ref_bf16 = rel_pos_window_attention_ref(qkv, th.bfloat16(), tw.bfloat16(), heads, 14, None, p)
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, window, None, p.float())
+    ref_bf16 = rel_pos_window_attention_ref(qkv, th.bfloat16(), tw.bfloat16(), heads, window, None, p)
     bound = max(1.5 * (ref_bf16.float() - ref).abs().max().item(), 1e-2 * ref.abs().max().item())
     for cfg in tiles:
         monkeypatch.setattr(kern, "configs", [cfg])
-        got = rel_pos_window_attention_triton(qkv, th, tw, heads, 14, None, p)
+        got = rel_pos_window_attention_triton(qkv, th, tw, heads, window, None, p)
         err = (got.float() - ref).abs().max().item()
         assert err <= bound, (str(cfg), err, bound)

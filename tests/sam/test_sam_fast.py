@@ -213,6 +213,44 @@ def test_other_mlps_keep_their_modules(quantize):
 
 
 @torch.no_grad()
+def test_only_exact_gelu_mlp_blocks_of_int8_linears_are_fused():
+    """Left as they are: a tanh GELU, an MLP with another child, a lin1 that has its own
+    out_scale (it already writes int8 for something else)."""
+    from fastzoo.quant.vit import Int8GeluMlp, _fuse_gelu_mlps
+    from fastzoo.sam.modeling.common import MLPBlock
+
+    enc = quantize_image_encoder_(tiny_encoder(depth=3, global_idx=(2,)), "int8static", calibration=_calibration(1))
+    mlps = [b.mlp for b in enc.blocks]  # re-made into MLPBlocks below
+    for b, m in zip(enc.blocks, mlps):
+        b.mlp = MLPBlock(8, 8)
+        b.mlp.lin1, b.mlp.lin2 = m.lin1, m.lin2
+    enc.blocks[0].mlp.act = nn.GELU(approximate="tanh")
+    enc.blocks[1].mlp.extra = nn.Identity()
+    l1 = enc.blocks[2].mlp.lin1
+    l1.out_scale = torch.ones(1)
+    _fuse_gelu_mlps(enc)
+    assert all(type(b.mlp) is MLPBlock for b in enc.blocks)
+    l1.out_scale = None
+    _fuse_gelu_mlps(enc)
+    assert [type(b.mlp) for b in enc.blocks] == [MLPBlock, MLPBlock, Int8GeluMlp]
+
+
+@torch.no_grad()
+def test_static_gelu_mlp_returns_the_input_dtype_without_a_bias():
+    """lin2 gets int8 from lin1; its output is x's dtype, not the bias-free default (bf16)."""
+    from fastzoo.quant.vit import Int8GeluMlp
+    from fastzoo.sam.modeling.common import MLPBlock
+
+    torch.manual_seed(0)
+    mlp = MLPBlock(16, 32)
+    mlp.lin2 = nn.Linear(32, 16, bias=False)
+    x = torch.randn(3, 16)
+    chain = Int8GeluMlp(Int8StaticLinear.from_linear(mlp.lin1, x.abs().amax() / 127),
+                        Int8StaticLinear.from_linear(mlp.lin2, torch.tensor(0.02)))
+    assert chain(x).dtype == torch.float32 and chain(x, residual=x).dtype == torch.float32
+
+
+@torch.no_grad()
 def test_int8static_encoder_kernel_path_matches_reference_path(kernel_device, monkeypatch):
     """The static MLP's lin1 through the Triton kernel (GELU and int8 out in the epilogue, the
     interpreter on the CPU) against the reference path."""
