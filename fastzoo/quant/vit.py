@@ -262,7 +262,7 @@ class Int8GeluMlp(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(self.lin1, Int8StaticLinear):  # int8 between the two: lin2 writes x's dtype
             h = self.lin1(x, activation="gelu", out_scale=self.lin2.in_scale)
-            return self.lin2(h, residual=residual, out_dtype=x.dtype)
+            return self.lin2(h, residual=residual, out_dtype=x.dtype if x.is_floating_point() else None)
         return self.lin2(self.lin1(x, activation="gelu"), residual=residual)
 
 
