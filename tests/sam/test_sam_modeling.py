@@ -58,12 +58,17 @@ def test_encoder_block_parity_large(model_type, global_attn):
         assert rel_err(ours(x), ref(x)) < 1e-4
 
 
-def test_get_rel_pos_matches_reference():
+def test_rel_pos_tables_match_reference():
+    """The encoder's tables (resize_rel_pos, then the op's table[r_q - r_k + n - 1]) equal
+    segment_anything's get_rel_pos for the square windows and grids SAM uses, resized or not."""
     from segment_anything.modeling.image_encoder import get_rel_pos as ref_get_rel_pos
 
+    from fastzoo.ops.rel_pos_attention import _relative_table
+
     table = torch.randn(27, 8)
-    for q, k in [(14, 14), (9, 9), (20, 20), (7, 14), (14, 7)]:
-        torch.testing.assert_close(fz_enc.get_rel_pos(q, k, table), ref_get_rel_pos(q, k, table), rtol=0, atol=0)
+    for n in (14, 9, 20):
+        ours = _relative_table(n, fz_enc.resize_rel_pos(table, 2 * n - 1))
+        torch.testing.assert_close(ours, ref_get_rel_pos(n, n, table), rtol=0, atol=0)
 
 
 def test_rel_pos_attention_matches_explicit_softmax():

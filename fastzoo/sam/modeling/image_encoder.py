@@ -40,22 +40,6 @@ def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
     return table.reshape(-1, length).permute(1, 0)
 
 
-def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """Relative-position embeddings ``(q_size, k_size, C)`` gathered from the table ``rel_pos``.
-
-    The index is built on ``rel_pos.device`` (no host tensor indexes a device tensor).  The
-    table is linearly resized when its length differs from ``2 * max(q_size, k_size) - 1``.
-    """
-    table = resize_rel_pos(rel_pos, 2 * max(q_size, k_size) - 1)
-    q_ratio = max(k_size / q_size, 1.0)
-    k_ratio = max(q_size / k_size, 1.0)
-    dev = rel_pos.device
-    q_coords = torch.arange(q_size, device=dev, dtype=torch.float32)[:, None] * q_ratio
-    k_coords = torch.arange(k_size, device=dev, dtype=torch.float32)[None, :] * k_ratio
-    index = (q_coords - k_coords + (k_size - 1) * k_ratio).long()
-    return table[index]
-
-
 class Attention(nn.Module):
     """Multi-head self-attention over a ``(B, H, W, C)`` grid with optional relative positions."""
 
