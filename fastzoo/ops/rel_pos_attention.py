@@ -210,13 +210,25 @@ if triton_available():
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+        if ROWS == 1:
+            # One key row a tile (the global layers): its rel_h term, one 2-byte gather per
+            # query that never becomes an asynchronous copy, is loaded a tile ahead so its
+            # latency hides behind the tile before (H100, SAM's global layers: vit_b 2.71 ->
+            # 2.57 ms, vit_h 4.83 -> 4.67; loading the 2-4 rows of windowed tiles ahead was
+            # slower there: experiments/results/h100-80gb-hbm3/rel_pos_attention_variants.json).
+            rh_next = tl.load(rh_rows, mask=m_ok, other=0.0)
         for t in range(0, n_tiles):
             if WHOLE_ROWS:
                 kr0 = t * ROWS
                 kc = n_col
+                kr0_next = kr0 + ROWS
             else:
                 kr0 = t // n_col_chunks
                 kc = (t % n_col_chunks) * BLOCK_KW + n_col
+                kr0_next = (t + 1) // n_col_chunks
+            if ROWS == 1:
+                rh_tile = rh_next
+                rh_next = tl.load(rh_rows + DIR * kr0_next, mask=m_ok & (kr0_next < k_h), other=0.0)
             kr = kr0 + n_row
             if EVEN:
                 key_ok = tl.full([BLOCK_N], 1, tl.int1)
@@ -248,13 +260,12 @@ if triton_available():
 
             # A tile spans ROWS key rows: their rel_h terms are ROWS values per query,
             # loaded as vectors and broadcast over each row's columns (no 2-D gather).
-            for r in tl.static_range(ROWS):
-                rh = tl.load(rh_rows + DIR * (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
-                rh = rh.to(tl.float32) * LOG2E
-                if ROWS == 1:
-                    s += rh[:, None]
-                else:
-                    s += tl.where((n_row == r)[None, :], rh[:, None], 0.0)
+            if ROWS == 1:
+                s += (rh_tile.to(tl.float32) * LOG2E)[:, None]
+            else:
+                for r in tl.static_range(ROWS):
+                    rh = tl.load(rh_rows + DIR * (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
+                    s += tl.where((n_row == r)[None, :], (rh.to(tl.float32) * LOG2E)[:, None], 0.0)
             if WHOLE_ROWS:
                 s += rw_all
             else:
