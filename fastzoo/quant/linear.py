@@ -79,6 +79,7 @@ class Int8DynamicLinear(Int8WeightOnlyLinear):
 
     scales_in_fp32 = True
     fused_forward = None  # not the weight-only product: fused_linear composes around forward
+    fuses_residual = True  # forward(x, residual=r) adds r in the GEMM's epilogue
 
     def forward(self, x: torch.Tensor, *, activation: str = "none",
                 residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,6 +143,8 @@ class Int8StaticLinear(nn.Module):
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return m
+
+    fuses_residual = True  # forward(x, residual=r) adds r in the GEMM's epilogue
 
     def forward(self, x: torch.Tensor, *, activation: str = "none", residual: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:

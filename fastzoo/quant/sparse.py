@@ -182,6 +182,8 @@ class Int8DynamicSparse24Linear(_Repacks, Int8DynamicLinear):
     int8 weight: the same math.
     """
 
+    fuses_residual = False  # forward(x) only
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_repack()

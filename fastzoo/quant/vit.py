@@ -266,6 +266,50 @@ class Int8GeluMlp(nn.Module):
         return self.lin2(self.lin1(x, activation="gelu"), residual=residual)
 
 
+class Int8StaticLayerNorm(nn.Module):
+    """A pre-norm whose output feeds a static int8 linear: ``LayerNorm`` and that linear's input
+    quantization in one pass (``fastzoo.ops.layernorm_quant_int8``), writing int8 with the
+    linear's calibrated ``in_scale``, which the linear takes as already quantized. Keeps the
+    norm's ``weight``/``bias`` (same state-dict keys); the scale is the linear's own buffer,
+    held here unsaved. Built by ``quantize_image_encoder_`` for static SAM encoders: its
+    blocks' LayerNorm and quantization were one kernel of torch.compile's that read the
+    row twice (vit_h's 1280 channels at a third of the copy bandwidth)."""
+
+    def __init__(self, norm: nn.LayerNorm, in_scale: torch.Tensor):
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+        self.register_buffer("in_scale", in_scale, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layernorm_quant_int8(x, self.weight, self.bias, self.eps, self.in_scale.float())[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+def _static_int8_input(m: nn.Module) -> Int8StaticLinear | None:
+    """The Int8StaticLinear that first reads ``m``'s input: ``m`` itself (a SAM block's qkv) or
+    the lin1 of a SAM MLP (``MLPBlock`` / ``Int8GeluMlp``); None where that is no such linear."""
+    lin = m.lin1 if type(m).__name__ in ("MLPBlock", "Int8GeluMlp") else m
+    return lin if type(lin) is Int8StaticLinear else None
+
+
+def _fuse_norm_quant(encoder: nn.Module) -> None:
+    """In each SAM image-encoder block (fastzoo's or segment_anything's: ``norm1`` → ``attn.qkv``,
+    ``norm2`` → ``mlp``), swap an exact ``nn.LayerNorm`` over the last dimension for an
+    ``Int8StaticLayerNorm`` where what reads its output first is an ``Int8StaticLinear``."""
+    for block in encoder.modules():
+        children = dict(block.named_children())
+        if not {"norm1", "attn", "norm2", "mlp"} <= children.keys() or not hasattr(children["attn"], "qkv"):
+            continue
+        for norm_name, reader in (("norm1", children["attn"].qkv), ("norm2", children["mlp"])):
+            norm, lin = children[norm_name], _static_int8_input(reader)
+            if lin is None or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+                continue
+            setattr(block, norm_name, Int8StaticLayerNorm(norm, lin.in_scale))
+
+
 def _fuse_gelu_mlps(encoder: nn.Module) -> None:
     """Swap each SAM ``MLPBlock`` (fastzoo's or segment_anything's: exactly the children
     ``lin1``, ``act``, ``lin2``, the activation an exact ``nn.GELU()``) whose linears are both
@@ -305,4 +349,5 @@ def quantize_image_encoder_(encoder: nn.Module, config: QuantConfig | str, calib
     else:
         quantize_(encoder, config, filter_fn=_encoder_linears, calibration=calibration)
     _fuse_gelu_mlps(encoder)
+    _fuse_norm_quant(encoder)
     return encoder

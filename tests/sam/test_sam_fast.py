@@ -201,6 +201,62 @@ def test_int8_mlps_run_gelu_in_lin1s_epilogue(quantize):
     torch.testing.assert_close(fused(x), chain(x), rtol=1e-5, atol=1e-5)
 
 
+@torch.no_grad()
+def test_static_norms_write_int8_for_their_linears():
+    """int8 static: each block's norm1 / norm2 becomes an Int8StaticLayerNorm that quantizes with
+    the buffer of the linear it feeds (qkv, lin1), unsaved (same state dict); the output is that
+    of the module chain quantize_ builds (LayerNorm, then the linear's own quantization) also
+    after the calibrated scales change in place; int8 dynamic keeps its LayerNorms."""
+    from fastzoo.quant import quantize_
+    from fastzoo.quant.vit import Int8StaticLayerNorm, _encoder_linears
+
+    enc = tiny_encoder()
+    cal = _calibration()
+    fused = quantize_image_encoder_(copy.deepcopy(enc), "int8static", calibration=cal)
+    chain = copy.deepcopy(enc)
+    quantize_(chain, Int8Static(), filter_fn=_encoder_linears, calibration=cal)
+    for b in fused.blocks:
+        assert type(b.norm1) is Int8StaticLayerNorm and b.norm1.in_scale is b.attn.qkv.in_scale
+        assert type(b.norm2) is Int8StaticLayerNorm and b.norm2.in_scale is b.mlp.lin1.in_scale
+    assert all(type(b.norm1) is nn.LayerNorm for b in chain.blocks)
+    sd, sd_chain = fused.state_dict(), chain.state_dict()
+    assert list(sd) == list(sd_chain) and all(torch.equal(sd[k], sd_chain[k]) for k in sd)
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fused(x), chain(x), rtol=1e-5, atol=1e-5)
+    for m in (fused, chain):  # a calibrated scale changed in place (as a state-dict load does)
+        m.blocks[0].mlp.lin1.in_scale.mul_(2)
+    torch.testing.assert_close(fused(x), chain(x), rtol=1e-5, atol=1e-5)
+    dyn = quantize_image_encoder_(copy.deepcopy(enc), "int8dq")
+    assert all(type(b.norm1) is nn.LayerNorm and type(b.norm2) is nn.LayerNorm for b in dyn.blocks)
+
+
+@pytest.mark.parametrize("proj", ["float", "int8static", "int8dq", "int8+sparse"])
+@torch.no_grad()
+def test_attention_adds_the_residual_in_projections_that_fuse_it(monkeypatch, proj):
+    """``Attention(x, window, residual=r)`` is ``r + Attention(x, window)``; a projection that says
+    it ``fuses_residual`` (fastzoo.quant's int8 linears) gets r in its call, one that does not
+    (float, int8 + 2:4) is called without it."""
+    from fastzoo.quant import quantize_
+    from fastzoo.quant.sparse import Int8DynamicSparse24Linear
+
+    enc = tiny_encoder(depth=1, global_idx=(0,))
+    if proj == "int8+sparse":
+        enc.blocks[0].attn.proj = Int8DynamicSparse24Linear.from_linear(enc.blocks[0].attn.proj)
+    elif proj != "float":
+        cal = _calibration(1) if proj == "int8static" else None
+        quantize_(enc, Int8Static() if proj == "int8static" else Int8Dynamic(),
+                  filter_fn=lambda m, fqn: fqn.endswith("attn.proj"), calibration=cal)
+    attn = enc.blocks[0].attn
+    seen = []
+    forward = type(attn.proj).forward
+    monkeypatch.setattr(type(attn.proj), "forward", lambda self, *a, **k: (seen.append(sorted(k)), forward(self, *a, **k))[1])
+    gen = torch.Generator().manual_seed(2)
+    x, r = (torch.randn(2, 5, 5, 32, generator=gen) for _ in range(2))
+    torch.testing.assert_close(attn(x, 0, residual=r), r + attn(x, 0), rtol=1e-5, atol=1e-5)
+    fuses = proj in ("int8static", "int8dq")
+    assert seen[0] == (["residual"] if fuses else []) and seen[1] == []
+
+
 @pytest.mark.parametrize("quantize", ["sparse", "int8+sparse", "weight-only int8", "int4-g32"])
 def test_other_mlps_keep_their_modules(quantize):
     from fastzoo.quant import Int8WeightOnly
@@ -259,9 +315,11 @@ def test_int8static_encoder_kernel_path_matches_reference_path(kernel_device, mo
     enc = quantize_image_encoder_(tiny_encoder(depth=2, global_idx=(1,)), "int8static", calibration=_calibration(1))
     x = torch.randn(1, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
     ref = enc(x)
-    launched = kernels_on_cpu(monkeypatch, ("int8_mm",))
+    launched = kernels_on_cpu(monkeypatch, ("int8_mm", "layernorm_quant"))
     out = enc(x)
-    assert launched == ["_int8_scaled_mm_kernel"] * 8  # 2 blocks x (qkv, proj, lin1 + GELU -> int8, lin2)
+    # 2 blocks x (norm1 -> int8, qkv, proj, norm2 -> int8, lin1 + GELU -> int8, lin2)
+    assert launched == ["_layernorm_quant_int8_kernel", "_int8_scaled_mm_kernel", "_int8_scaled_mm_kernel",
+                        "_layernorm_quant_int8_kernel", "_int8_scaled_mm_kernel", "_int8_scaled_mm_kernel"] * 2
     db = sqnr(out, ref)
     assert db >= 40, f"kernel path vs reference path: SQNR {db:.1f} dB"
 

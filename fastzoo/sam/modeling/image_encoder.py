@@ -72,11 +72,18 @@ class Attention(nn.Module):
                 nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
 
-    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window_size: int = 0, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)``: attention within ``window_size`` x
         ``window_size`` windows (the grid padded to whole windows with zero tokens, as in
-        segment_anything), or over the whole grid when 0."""
-        return self.proj(self.attend(self.qkv(x), window_size))
+        segment_anything), or over the whole grid when 0; plus ``residual`` when given (a
+        projection that says it ``fuses_residual``, as fastzoo.quant's int8 linears do, adds
+        it in its GEMM's epilogue)."""
+        y = self.attend(self.qkv(x), window_size)
+        if residual is None:
+            return self.proj(y)
+        if getattr(self.proj, "fuses_residual", False):
+            return self.proj(y, residual=residual)
+        return residual + self.proj(y)
 
     def attend(self, qkv: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         """The attention between the projections: ``(B, H, W, 3C)`` qkv -> ``(B, H, W, C)``.
@@ -171,7 +178,7 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), self.window_size)
+        x = self.attn(self.norm1(x), self.window_size, residual=x)
         return self.mlp(self.norm2(x), residual=x)
 
 
