@@ -77,6 +77,31 @@ def test_full_compile_one_graph(fresh_dynamo):
         assert graphs() == 1
 
 
+def test_inductor_compiles_get_the_encoder_options_and_the_mode_as_options(monkeypatch):
+    """torch.compile takes a mode or options, not both: with inductor the mode goes in as its
+    options, after them ``INDUCTOR_OPTIONS``, then the caller's options; other backends get
+    mode and options as given."""
+    from fastzoo.sam.build import INDUCTOR_OPTIONS
+
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    compile_image_encoder(tiny_encoder(depth=1, global_idx=(0,)), "regional", mode="max-autotune-no-cudagraphs",
+                          options={"fx_graph_cache": True})
+    assert len(calls) == 3  # patch embedding, one block, neck
+    assert all("mode" not in kw and kw["backend"] == "inductor" and kw["dynamic"] is False for kw in calls)
+    from torch._inductor import list_mode_options
+
+    assert list_mode_options("max-autotune-no-cudagraphs")["max_autotune"] is True
+    assert calls[0]["options"] == {**list_mode_options("max-autotune-no-cudagraphs"), **INDUCTOR_OPTIONS,
+                                   "fx_graph_cache": True}
+    calls.clear()
+    compile_image_encoder(tiny_encoder(depth=1, global_idx=(0,)), "regional")
+    assert calls[0]["options"] == INDUCTOR_OPTIONS and calls[0]["options"] is not INDUCTOR_OPTIONS
+    calls.clear()
+    compile_image_encoder(tiny_encoder(depth=1, global_idx=(0,)), "regional", backend="eager", mode="default")
+    assert calls[0] == {"backend": "eager", "dynamic": False, "mode": "default"}
+
+
 def test_compile_and_quantize_argument_errors():
     with pytest.raises(ValueError, match="compile must be one of .*'regional', 'full'.*found 'partial'"):
         compile_image_encoder(tiny_encoder(), "partial")
