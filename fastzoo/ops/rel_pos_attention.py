@@ -213,9 +213,10 @@ if triton_available():
         if ROWS == 1:
             # One key row a tile (the global layers): its rel_h term, one 2-byte gather per
             # query that never becomes an asynchronous copy, is loaded a tile ahead so its
-            # latency hides behind the tile before (H100, SAM's global layers: vit_b 2.71 ->
-            # 2.57 ms, vit_h 4.83 -> 4.67; loading the 2-4 rows of windowed tiles ahead was
-            # slower there: experiments/results/h100-80gb-hbm3/rel_pos_attention_variants.json).
+            # latency hides behind the tile before (H100, SAM's global layers, two timings
+            # each: vit_b 2.71 / 2.77 -> 2.57 / 2.57 ms, vit_h 4.81 / 4.85 -> 4.65 / 4.68;
+            # loading the 2-4 rows of windowed tiles ahead was slower there:
+            # experiments/results/h100-80gb-hbm3/rel_pos_attention_variants.json).
             rh_next = tl.load(rh_rows, mask=m_ok, other=0.0)
         for t in range(0, n_tiles):
             if WHOLE_ROWS:

@@ -270,19 +270,22 @@ class Int8StaticLayerNorm(nn.Module):
     """A pre-norm whose output feeds a static int8 linear: ``LayerNorm`` and that linear's input
     quantization in one pass (``fastzoo.ops.layernorm_quant_int8``), writing int8 with the
     linear's calibrated ``in_scale``, which the linear takes as already quantized. Keeps the
-    norm's ``weight``/``bias`` (same state-dict keys); the scale is the linear's own buffer,
-    held here unsaved. Built by ``quantize_image_encoder_`` for static SAM encoders: its
-    blocks' LayerNorm and quantization were one kernel of torch.compile's that read the
-    row twice (vit_h's 1280 channels at a third of the copy bandwidth)."""
+    norm's ``weight``/``bias`` (same state-dict keys). The linear is held outside the module
+    tree (not a submodule: no state-dict entry, not moved twice) and its ``in_scale`` read at
+    each call, so a move, a cast or a state-dict load of the model (``assign=True`` too) is
+    seen here. Built by ``quantize_image_encoder_`` for static SAM encoders: its blocks'
+    LayerNorm and quantization were one kernel of torch.compile's that read the row twice
+    (vit_h's 1280 channels at a third of the copy bandwidth)."""
 
-    def __init__(self, norm: nn.LayerNorm, in_scale: torch.Tensor):
+    def __init__(self, norm: nn.LayerNorm, reader: Int8StaticLinear):
         super().__init__()
         self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
         self.weight, self.bias = norm.weight, norm.bias
-        self.register_buffer("in_scale", in_scale, persistent=False)
+        self._reader = (reader,)  # a tuple: nn.Module does not register what is inside
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layernorm_quant_int8(x, self.weight, self.bias, self.eps, self.in_scale.float())[0]
+        in_scale = self._reader[0].in_scale.float()
+        return layernorm_quant_int8(x, self.weight, self.bias, self.eps, in_scale)[0]
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -290,9 +293,11 @@ class Int8StaticLayerNorm(nn.Module):
 
 def _static_int8_input(m: nn.Module) -> Int8StaticLinear | None:
     """The Int8StaticLinear that first reads ``m``'s input: ``m`` itself (a SAM block's qkv) or
-    the lin1 of a SAM MLP (``MLPBlock`` / ``Int8GeluMlp``); None where that is no such linear."""
+    the lin1 of a SAM MLP (``MLPBlock`` / ``Int8GeluMlp``); None where that is no such linear,
+    or one without a bias (an int8 input leaves its output dtype to the bias; without one it
+    would be bf16 whatever the model's dtype)."""
     lin = m.lin1 if type(m).__name__ in ("MLPBlock", "Int8GeluMlp") else m
-    return lin if type(lin) is Int8StaticLinear else None
+    return lin if type(lin) is Int8StaticLinear and lin.bias is not None else None
 
 
 def _fuse_norm_quant(encoder: nn.Module) -> None:
@@ -307,7 +312,7 @@ def _fuse_norm_quant(encoder: nn.Module) -> None:
             norm, lin = children[norm_name], _static_int8_input(reader)
             if lin is None or type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
                 continue
-            setattr(block, norm_name, Int8StaticLayerNorm(norm, lin.in_scale))
+            setattr(block, norm_name, Int8StaticLayerNorm(norm, lin))
 
 
 def _fuse_gelu_mlps(encoder: nn.Module) -> None:

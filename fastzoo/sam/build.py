@@ -221,10 +221,23 @@ def _with_recompile_headroom(fn):
 #: kernel (the row in registers, one pass) and as the looped kernel inductor alone keeps for rows
 #: over 1024 (reading the row twice), and the faster is kept, timed on the first call: vit_h's
 #: LayerNorms over 1280 channels took 0.31 and 0.34 ms looped, 0.14 and 0.17 persistent (H100,
-#: batch 16: vit_h bf16 77.1 -> 80.7 img/s). ``fx_graph_cache`` off: with torch 2.11 / Triton
-#: 3.6, loading such a graph from the FX graph cache failed (the multi-kernel's choice cache
-#: keys on the loaded Triton functions, which lack their hash lock), so each process compiles.
-INDUCTOR_OPTIONS: Dict[str, Any] = {"triton.multi_kernel": 1, "fx_graph_cache": False}
+#: batch 16; vit_h bf16 76.2 -> 79.9 img/s, experiments/results/h100-80gb-hbm3/
+#: sam_inductor_multi_kernel_ab.json). With it the FX graph cache is turned off (unless the
+#: caller sets ``fx_graph_cache``): with torch 2.11 / Triton 3.6, loading such a graph from that
+#: cache failed (the multi-kernel's choice cache keys on the loaded Triton functions, which
+#: lack their hash lock), so each process compiles.
+INDUCTOR_OPTIONS: Dict[str, Any] = {"triton.multi_kernel": 1}
+
+
+def _inductor_options(mode: Optional[str], options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``mode``'s options, then ``INDUCTOR_OPTIONS``, then ``options``; the FX graph cache off
+    where multi-kernels are on and ``options`` does not say otherwise."""
+    from torch._inductor import list_mode_options
+
+    merged = {**(list_mode_options(mode) if mode else {}), **INDUCTOR_OPTIONS, **(options or {})}
+    if merged.get("triton.multi_kernel"):
+        merged.setdefault("fx_graph_cache", False)
+    return merged
 
 
 def compile_image_encoder(
@@ -250,10 +263,7 @@ def compile_image_encoder(
         return encoder
     kw: Dict[str, Any] = dict(backend=backend, dynamic=False)
     if backend == "inductor":  # torch.compile takes a mode or options, not both: the mode as its options
-        from torch._inductor import list_mode_options
-
-        mode_options = list_mode_options(mode) if mode is not None else {}
-        kw["options"] = {**mode_options, **INDUCTOR_OPTIONS, **(options or {})}
+        kw["options"] = _inductor_options(mode, options)
     else:
         if mode is not None:
             kw["mode"] = mode

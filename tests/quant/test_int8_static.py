@@ -8,7 +8,7 @@ from torch import nn
 from fastzoo.quant import (ACTIVATION_CONFIGS, Int8Dynamic, Int8Static, Int8StaticLinear, Int8ViTBlock,
                            MinMaxObserver, PercentileObserver, config_from_string, quantize_,
                            quantize_image_encoder_, quantize_vit_)
-from fastzoo.quant.vit import Int8GeluMlp
+from fastzoo.quant.vit import Int8GeluMlp, Int8StaticLayerNorm
 from fastzoo.vit import VisionTransformer, ViTConfig, build_vit
 from helpers import kernels_on_cpu, sqnr
 
@@ -224,8 +224,12 @@ def test_sam_image_encoder_quantization(config):
     linears = [m for n, m in enc.named_modules() if n.startswith("blocks.") and type(m).__name__.startswith("Int8")
                and type(m).__name__.endswith("Linear")]
     assert len(linears) == 8 and not any(isinstance(m, nn.Linear) for m in enc.blocks.modules())
-    # segment_anything's MLPBlock (lin1, GELU, lin2) is fused too; its Block adds the residual itself
+    # segment_anything's MLPBlock (lin1, GELU, lin2) is fused too; its Block adds the residual itself;
+    # static: its pre-norms write int8 for qkv and lin1
     assert all(type(b.mlp) is Int8GeluMlp for b in enc.blocks)
+    static = isinstance(config, Int8Static)
+    assert all((type(b.norm1) is Int8StaticLayerNorm) == static and (type(b.norm2) is Int8StaticLayerNorm) == static
+               for b in enc.blocks)
     db = sqnr(out, ref)
     print(f"\nSAM image encoder {config}: SQNR {db:.1f} dB vs fp32")
     assert db >= 25

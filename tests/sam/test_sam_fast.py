@@ -83,20 +83,23 @@ def test_inductor_compiles_get_the_encoder_options_and_the_mode_as_options(monke
     mode and options as given."""
     from fastzoo.sam.build import INDUCTOR_OPTIONS
 
+    from torch._inductor import list_mode_options
+
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
     compile_image_encoder(tiny_encoder(depth=1, global_idx=(0,)), "regional", mode="max-autotune-no-cudagraphs",
                           options={"fx_graph_cache": True})
     assert len(calls) == 3  # patch embedding, one block, neck
     assert all("mode" not in kw and kw["backend"] == "inductor" and kw["dynamic"] is False for kw in calls)
-    from torch._inductor import list_mode_options
-
     assert list_mode_options("max-autotune-no-cudagraphs")["max_autotune"] is True
     assert calls[0]["options"] == {**list_mode_options("max-autotune-no-cudagraphs"), **INDUCTOR_OPTIONS,
                                    "fx_graph_cache": True}
-    calls.clear()
-    compile_image_encoder(tiny_encoder(depth=1, global_idx=(0,)), "regional")
-    assert calls[0]["options"] == INDUCTOR_OPTIONS and calls[0]["options"] is not INDUCTOR_OPTIONS
+    for options, expected in ((None, {**INDUCTOR_OPTIONS, "fx_graph_cache": False}),  # multi-kernels: no FX cache
+                              ({"triton.multi_kernel": 0}, {"triton.multi_kernel": 0})):
+        calls.clear()
+        compile_image_encoder(tiny_encoder(depth=1, global_idx=(0,)), "regional", mode="", options=options)
+        assert calls[0]["options"] == expected
+        torch._TorchCompileInductorWrapper(None, calls[0]["options"], False)  # inductor accepts the keys
     calls.clear()
     compile_image_encoder(tiny_encoder(depth=1, global_idx=(0,)), "regional", backend="eager", mode="default")
     assert calls[0] == {"backend": "eager", "dynamic": False, "mode": "default"}
@@ -229,9 +232,10 @@ def test_int8_mlps_run_gelu_in_lin1s_epilogue(quantize):
 @torch.no_grad()
 def test_static_norms_write_int8_for_their_linears():
     """int8 static: each block's norm1 / norm2 becomes an Int8StaticLayerNorm that quantizes with
-    the buffer of the linear it feeds (qkv, lin1), unsaved (same state dict); the output is that
-    of the module chain quantize_ builds (LayerNorm, then the linear's own quantization) also
-    after the calibrated scales change in place; int8 dynamic keeps its LayerNorms."""
+    the in_scale of the linear it feeds (qkv, lin1), read at each call (same state dict); the
+    output is that of the module chain quantize_ builds (LayerNorm, then the linear's own
+    quantization), also after a cast and a state-dict load of other scales (in place, and with
+    assign=True); int8 dynamic keeps its LayerNorms, and so does a linear without a bias."""
     from fastzoo.quant import quantize_
     from fastzoo.quant.vit import Int8StaticLayerNorm, _encoder_linears
 
@@ -241,18 +245,28 @@ def test_static_norms_write_int8_for_their_linears():
     chain = copy.deepcopy(enc)
     quantize_(chain, Int8Static(), filter_fn=_encoder_linears, calibration=cal)
     for b in fused.blocks:
-        assert type(b.norm1) is Int8StaticLayerNorm and b.norm1.in_scale is b.attn.qkv.in_scale
-        assert type(b.norm2) is Int8StaticLayerNorm and b.norm2.in_scale is b.mlp.lin1.in_scale
+        assert type(b.norm1) is Int8StaticLayerNorm and b.norm1._reader[0] is b.attn.qkv
+        assert type(b.norm2) is Int8StaticLayerNorm and b.norm2._reader[0] is b.mlp.lin1
     assert all(type(b.norm1) is nn.LayerNorm for b in chain.blocks)
     sd, sd_chain = fused.state_dict(), chain.state_dict()
     assert list(sd) == list(sd_chain) and all(torch.equal(sd[k], sd_chain[k]) for k in sd)
     x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(fused(x), chain(x), rtol=1e-5, atol=1e-5)
-    for m in (fused, chain):  # a calibrated scale changed in place (as a state-dict load does)
-        m.blocks[0].mlp.lin1.in_scale.mul_(2)
-    torch.testing.assert_close(fused(x), chain(x), rtol=1e-5, atol=1e-5)
+    other = {k: v * 2 if k.endswith("in_scale") else v for k, v in sd.items()}
+    for assign in (False, True):
+        for m in (fused, chain):  # casts replace every float buffer (the scales too), then a load
+            m.half().float().load_state_dict(other, assign=assign)
+        torch.testing.assert_close(fused(x), chain(x), rtol=1e-5, atol=1e-5)
+        assert fused.blocks[0].mlp.lin1.in_scale.item() == 2 * sd["blocks.0.mlp.lin1.in_scale"].item()
     dyn = quantize_image_encoder_(copy.deepcopy(enc), "int8dq")
     assert all(type(b.norm1) is nn.LayerNorm and type(b.norm2) is nn.LayerNorm for b in dyn.blocks)
+    no_bias = copy.deepcopy(enc)
+    no_bias.blocks[0].attn.qkv.bias = None
+    no_bias = quantize_image_encoder_(no_bias, "int8static", calibration=cal)
+    assert type(no_bias.blocks[0].norm1) is nn.LayerNorm and type(no_bias.blocks[0].norm2) is Int8StaticLayerNorm
+    compiled = torch.compile(fused.blocks[0], fullgraph=True, backend="eager")  # dynamo reads the held linear
+    h = torch.randn(1, 4, 4, 32)
+    torch.testing.assert_close(compiled(h), fused.blocks[0](h))
 
 
 @pytest.mark.parametrize("proj", ["float", "int8static", "int8dq", "int8+sparse"])
