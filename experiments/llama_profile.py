@@ -24,6 +24,27 @@ from fastzoo.quant import quantize_
 from fastzoo.utils import parse_dtype
 
 
+def kernel_rows(prof, steps: int, top: int) -> tuple[float, list[dict], float]:
+    """From a ``torch.profiler.profile`` of ``steps`` decode steps: GPU kernel ms per step, the
+    ``top`` kernels by GPU time (``kernel``, ``us_per_step``, ``calls_per_step``) and kernel
+    calls per step.  GPU kernels only: not the compiled-graph wrapper ("## Call CompiledFxGraph
+    ..."), operator rows (aten::, fastzoo::) that repeat their kernels' time, or profiler notes."""
+    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0
+          and not e.key.startswith(("##", "Command Buffer", "aten::", "fastzoo::"))]
+    total_us = sum(e.self_device_time_total for e in ev)
+    ev.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    rows = [{"kernel": e.key[:160], "us_per_step": e.self_device_time_total / steps,
+             "calls_per_step": e.count / steps} for e in ev[:top]]
+    return total_us / 1e3 / steps, rows, sum(e.count for e in ev) / steps
+
+
+def print_kernel_rows(rows: list[dict], kernel_ms: float, say=print) -> None:
+    say(f"{'%':>6} {'us/step':>9} {'calls/step':>10}  kernel")
+    for r in rows:
+        say(f"{100 * r['us_per_step'] / (kernel_ms * 1e3):6.1f} {r['us_per_step']:9.1f} "
+            f"{r['calls_per_step']:10.1f}  {r['kernel'][:110]}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama-2-7b")
@@ -54,30 +75,21 @@ def main(argv=None) -> None:
         res = gen.generate(prompts, args.steps + 1, **kw)
         torch.cuda.synchronize()
     steps = res.steps
-    # GPU kernels only: not the compiled-graph wrapper ("## Call CompiledFxGraph ..."), operator
-    # rows (aten::, fastzoo::) that repeat their kernels' time, or profiler notes.
-    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0
-          and not e.key.startswith(("##", "Command Buffer", "aten::", "fastzoo::"))]
-    total_us = sum(e.self_device_time_total for e in ev)
-    ev.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    kernel_ms, rows, calls = kernel_rows(prof, steps, args.top)
+    total_us = kernel_ms * 1e3 * steps
     print(f"{steps} decode steps (+ prefill): wall {wall_step_ms:.3f} ms/step unprofiled; "
-          f"kernel time {total_us / 1e3 / steps:.3f} ms/step (prefill included)")
+          f"kernel time {kernel_ms:.3f} ms/step (prefill included)")
     wb = model.weight_bytes()
     print(f"weights {wb / 1e9:.2f} GB: at kernel time {wb / (total_us / steps * 1e-6) / 1e9:.0f} GB/s, "
           f"at wall time {wb / (wall_step_ms * 1e-3) / 1e9:.0f} GB/s")
-    print(f"{'%':>6} {'us/step':>9} {'calls/step':>10}  kernel")
-    for e in ev[:args.top]:
-        print(f"{100 * e.self_device_time_total / total_us:6.1f} {e.self_device_time_total / steps:9.1f} "
-              f"{e.count / steps:10.1f}  {e.key[:110]}")
+    print_kernel_rows(rows, kernel_ms)
     if args.save:
-        rows = [{"kernel": e.key[:160], "us_per_step": e.self_device_time_total / steps,
-                 "calls_per_step": e.count / steps} for e in ev[:args.top]]
         name = (f"llama_profile_{args.preset}_{args.dtype}" + (f"_{args.quantize}" if args.quantize else "")
                 + (f"_batch{args.batch}" if args.batch != 1 else ""))
         figures = {"wall_ms_per_step": wall_step_ms, "tokens_per_s": 1e3 / wall_step_ms * args.batch,
                    "kernel_ms_per_step": total_us / 1e3 / steps, "weight_bytes": wb,
                    "kernel_bandwidth_gbs": wb / (total_us / steps * 1e-6) / 1e9, "warmup_compile_s": warmup_s,
-                   "kernel_calls_per_step": sum(e.count for e in ev) / steps, "rows": rows}
+                   "kernel_calls_per_step": calls, "rows": rows}
         print(f"saved {harness.save_result(name, figures, args)}")
 
 

@@ -5,9 +5,11 @@
     torchrun --standalone --nproc-per-node 1 -m experiments.llama_tp ...   # the 1-GPU baseline, same code
     torchrun --standalone --nproc-per-node 2 -m experiments.llama_tp --allreduce-bench   # all-reduce latency
 
-``--allreduce auto|nccl|symm_mem`` picks the model's all-reduce (:func:`fastzoo.llama.tp.setup_allreduce_`;
-symm_mem: one-shot over NVLink peer-to-peer through symmetric memory); the record's ``allreduce``
-field holds the choice made ("none" with one rank).
+``--allreduce auto|nccl|symm_mem|lamport`` picks the model's all-reduce
+(:func:`fastzoo.llama.tp.setup_allreduce_`; symm_mem: torch's one-shot over NVLink peer-to-peer
+through symmetric memory; lamport: one kernel, no barrier, the residual added in it); the
+record's ``allreduce`` field holds the choice made ("none" with one rank).  ``--profile`` also
+records the kernels of the decode steps of one more run on rank 0 (GPU time per step).
 
 Each rank builds only its own shard, directly on its GPU: the model is created on the meta
 device and sharded there (:func:`fastzoo.llama.tp.shard_model_`; with one rank that is the
@@ -28,14 +30,17 @@ prefill.  Recorded, from rank 0 (all ranks run in lockstep):
   that as a % of the device-to-device copy bandwidth measured in the same run;
 * time to first token, compile time (first run minus a steady run), model set-up time;
 * latency of one eager NCCL all-reduce of a ``dim``-sized activation (the decode step runs
-  2 × n_layers of them) and of the model's own all-reduce replayed in a CUDA graph,
+  2 × n_layers of them) and of the model's own all-reduce in a CUDA graph (per call, in a chain
+  of ``--allreduce-chain`` dependent calls),
   inductor's count of CUDA-graph skips, peak GPU memory, and whether every rank sampled the
   same tokens.
 
 ``--allreduce-bench`` (no model) times one all-reduce of ``--allreduce-kb`` sizes of bf16
 (default 8 and 32 KB: one and four tokens of Llama-2-7B's 4096-wide hidden state), NCCL against
-symm_mem, each captured in a CUDA graph and replayed (median µs; eager calls too), checks that
-both give the same sums, and saves ``llama_tp_allreduce_ws<N>.json``.
+symm_mem and lamport: eager calls, one call captured in a CUDA graph and replayed, and a chain
+of ``--allreduce-chain`` dependent calls (each reduces the previous output, as a decode step's
+2 × n_layers all-reduces follow each other) in one graph, per call (median µs); checks that all
+give the same sums, and saves ``llama_tp_allreduce_ws<N>.json``.
 
 Rank 0 saves ``llama_tp_<preset>_<dtype|quant>_ws<N>_<compile|eager>.json`` under
 ``experiments/results/<gpu>/``.  ``--summary FILE...`` prints a table of saved records.
@@ -44,6 +49,7 @@ Without a GPU only the tiny CPU presets run (gloo), for testing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -60,7 +66,8 @@ from fastzoo.llama.checkpoint import parse_dtype
 from fastzoo.llama.config import TINY_PRESETS, LlamaConfig, LlamaError
 from fastzoo.llama.generate import Generator
 from fastzoo.llama.model import Transformer
-from fastzoo.llama._allreduce import setup_symm_mem, symm_mem_all_reduce, symm_mem_backend, symm_mem_problem
+from fastzoo.llama._allreduce import (all_reduce, setup_lamport, setup_symm_mem, symm_mem_backend,
+                                      symm_mem_problem)
 from fastzoo.llama.tp import setup_allreduce_, shard_model_
 from fastzoo.quant import quantize_
 
@@ -95,23 +102,31 @@ def _allreduce_us(dim: int, dtype, device, group) -> float:
 
 def _allreduce_call(x, group, symm):
     """One all-reduce of ``x`` as the compiled decode step issues it: the functional NCCL op and
-    its wait (``symm`` None), or the symm_mem custom op."""
-    name = str(group.group_name)
+    its wait (``symm`` None), or the spec's symmetric-memory custom op."""
     if symm is not None:
-        return lambda: symm_mem_all_reduce(x, name)
+        return lambda: all_reduce(x, group, symm)
     c10d = torch.ops._c10d_functional
+    name = str(group.group_name)
     return lambda: c10d.wait_tensor(c10d.all_reduce(x, "sum", name))
 
 
-def _graph_allreduce_us(x, group, symm, device) -> float:
-    """Median µs of one all-reduce of ``x`` (``symm`` set: symm_mem, else NCCL) in CUDA-graph replays."""
+def _graph_allreduce_us(x, group, symm, device, chain: int = 1) -> float:
+    """Median µs per all-reduce of ``x`` (``symm`` set: its symmetric-memory op, else NCCL) in
+    CUDA-graph replays of ``chain`` dependent calls (each reduces the previous output, scaled
+    back to stay finite)."""
+    def calls():
+        y = x
+        for _ in range(chain):
+            y = _allreduce_call(y, group, symm)() * 0.5
+        return y
     _barrier(device)
-    t = harness.bench(_allreduce_call(x, group, symm), warmup=10, rep=200, device=device, cuda_graph=True)
-    return t["median_ms"] * 1e3
+    t = harness.bench(calls, warmup=5, rep=100 if chain > 1 else 200, device=device, cuda_graph=True)
+    return t["median_ms"] * 1e3 / chain
 
 
 def allreduce_bench(args, rank, world_size, device):
-    """NCCL vs symm_mem: latency of one bf16 all-reduce per size, eager and in CUDA-graph replay."""
+    """NCCL vs symm_mem vs lamport: latency of one bf16 all-reduce per size, eager, alone in a
+    CUDA graph, and in a chain of dependent calls in one graph."""
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
     if world_size < 2 or device.type != "cuda":
         sys.exit("error: --allreduce-bench needs >= 2 ranks on CUDA GPUs (torchrun --nproc-per-node 2)")
@@ -121,26 +136,33 @@ def allreduce_bench(args, rank, world_size, device):
     if problem is not None:
         sys.exit(f"error: the symm_mem all-reduce is not available: {problem}")
     sizes = [int(kb * 1024) // 2 for kb in args.allreduce_kb]
-    symm = setup_symm_mem(group, device, dtype, max_bytes=max(max(sizes) * 2, 4096))
+    max_bytes = max(max(sizes) * 2, 4096)
+    specs = {"nccl": None, "symm_mem": setup_symm_mem(group, device, dtype, max_bytes=max_bytes),
+             "lamport": setup_lamport(group, device, dtype, max_bytes=max_bytes)}
     rows = []
     for numel in sizes:
         g = torch.Generator(device=device).manual_seed(1000 + rank)
         x = torch.randn(1, numel, dtype=dtype, device=device, generator=g)
         want = x.clone()
         dist.all_reduce(want, group=group)
-        got = _allreduce_call(x, group, symm)()
-        row = {"kb": numel * 2 / 1024, "numel": numel, "same_sum": bool(torch.equal(got, want)),
-               "max_abs_diff": float((got.float() - want.float()).abs().max())}
-        for name, spec in (("nccl", None), ("symm_mem", symm)):
+        row = {"kb": numel * 2 / 1024, "numel": numel, "chain": args.allreduce_chain}
+        for name, spec in specs.items():
+            got = _allreduce_call(x, group, spec)()
+            row[f"{name}_same_sum"] = bool(torch.equal(got, want))
             _barrier(device)
             eager = harness.bench(_allreduce_call(x, group, spec), warmup=20, rep=200, device=device)
             row[f"{name}_eager_us"] = eager["median_ms"] * 1e3
             row[f"{name}_graph_us"] = _graph_allreduce_us(x, group, spec, device)
+            row[f"{name}_chain_us"] = _graph_allreduce_us(x, group, spec, device, chain=args.allreduce_chain)
+        row["same_sum"] = all(row[f"{n}_same_sum"] for n in specs)
         row["nccl_over_symm_mem_graph"] = row["nccl_graph_us"] / row["symm_mem_graph_us"]
+        row["symm_mem_over_lamport_chain"] = row["symm_mem_chain_us"] / row["lamport_chain_us"]
         rows.append(row)
-        say(f"all-reduce {row['kb']:g} KB bf16 over {world_size} GPUs: NCCL {row['nccl_graph_us']:.1f} us, "
-            f"symm_mem {row['symm_mem_graph_us']:.1f} us (CUDA-graph replay, median; eager "
-            f"{row['nccl_eager_us']:.1f} / {row['symm_mem_eager_us']:.1f} us), same sums: {row['same_sum']}")
+        say(f"all-reduce {row['kb']:g} KB bf16 over {world_size} GPUs, us per call (chain of {args.allreduce_chain} "
+            f"in a CUDA graph / one call in a graph / eager): "
+            + ", ".join(f"{n} {row[f'{n}_chain_us']:.1f} / {row[f'{n}_graph_us']:.1f} / {row[f'{n}_eager_us']:.1f}"
+                        for n in specs)
+            + f"; same sums: {row['same_sum']}")
     figures = {"world_size": world_size, "dtype": str(dtype), "symm_mem_backend": symm_mem_backend(device),
                "rows": rows}
     if rank == 0 and not args.no_save:
@@ -203,12 +225,16 @@ def main(argv=None):
     p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--summary", nargs="+", metavar="JSON", help="print a table of saved records and exit")
-    p.add_argument("--allreduce", choices=["auto", "nccl", "symm_mem"], default="auto",
+    p.add_argument("--allreduce", choices=["auto", "nccl", "symm_mem", "lamport"], default="auto",
                    help="the model's all-reduce (fastzoo.llama.tp.setup_allreduce_)")
     p.add_argument("--allreduce-bench", action="store_true",
-                   help="only time one bf16 all-reduce, NCCL vs symm_mem (no model)")
+                   help="only time one bf16 all-reduce, NCCL vs symm_mem vs lamport (no model)")
     p.add_argument("--allreduce-kb", type=float, nargs="+", default=[8, 32],
                    help="message sizes of --allreduce-bench in KB")
+    p.add_argument("--allreduce-chain", type=int, default=64,
+                   help="--allreduce-bench: dependent all-reduces per CUDA graph (a 32-layer decode step: 64)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one more run's decode steps on rank 0 (GPU kernels, time per step)")
     args = p.parse_args(argv)
 
     if args.summary:
@@ -284,7 +310,7 @@ def _bench(args, cfg, rank, world_size, device):
     if world_size > 1 and device.type == "cuda":  # the model's own all-reduce, as the decode graph runs it
         symm = model.layers[0].feed_forward.tp_symm
         graph_allreduce_us = _graph_allreduce_us(torch.randn(1, 1, cfg.dim, dtype=dtype, device=device),
-                                                 group, symm, device)
+                                                 group, symm, device, chain=args.allreduce_chain)
 
     # eager prefill unless --compile-prefill: halves the compile time (documented above)
     gen = Generator(model, compile=args.compile, compile_backend=args.compile_backend,
@@ -309,7 +335,7 @@ def _bench(args, cfg, rank, world_size, device):
     figures = {
         "preset": args.preset, "dtype": str(dtype), "quantize": args.quantize, "weights": weights,
         "world_size": world_size, "allreduce": allreduce,
-        "symm_mem_backend": symm_mem_backend(device) if allreduce == "symm_mem" else None,
+        "symm_mem_backend": symm_mem_backend(device) if allreduce in ("symm_mem", "lamport") else None,
         "batch": args.batch, "compile": args.compile,
         "compile_prefill": args.compile and args.compile_prefill,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -324,6 +350,21 @@ def _bench(args, cfg, rank, world_size, device):
     }
     if args.compile:
         figures["compile_s"] = max(first_s - steady_s, 0.0)
+    if args.profile and device.type == "cuda":  # every rank runs (lockstep), rank 0 records its kernels
+        from torch.profiler import ProfilerActivity, profile
+
+        from experiments.llama_profile import kernel_rows, print_kernel_rows
+        prof = profile(activities=[ProfilerActivity.CUDA]) if rank == 0 else contextlib.nullcontext()
+        with prof:
+            _, res = run(1 + args.runs)
+            sync(device)
+        if rank == 0:
+            kernel_ms, rows, calls = kernel_rows(prof, res.steps, 30)
+            figures["profile"] = {"kernel_ms_per_step": kernel_ms, "kernel_calls_per_step": calls,
+                                  "wall_ms_per_step": 1e3 / rate, "rows": rows}
+            say(f"profile (rank 0, prefill included): kernels {kernel_ms:.3f} ms/step, {calls:.0f} calls/step; "
+                f"wall {1e3 / rate:.3f} ms/step unprofiled")
+            print_kernel_rows(rows, kernel_ms, say=say)
     if copy_gbs:
         figures["pct_of_copy_bandwidth"] = 100 * figures["bandwidth_gbs_per_gpu"] / copy_gbs
     if world_size > 1:  # every rank's rate (they run in lockstep: should agree) and tokens

@@ -84,8 +84,8 @@ for row in $ROWS; do
   n=${ws#ws}
   ar=${ar:-auto}
   if [ -z "$preset" ] || [ -z "$wargs" ] || [ -z "$margs" ] || [ -n "${extra:-}" ] || ! [[ "$n" =~ ^[12]$ ]] \
-     || ! [[ "$ar" =~ ^(auto|nccl|symm_mem)$ ]]; then
-    say "error: bad row '$row' (expected MODEL-WEIGHTS-wsN-MODE[-auto|nccl|symm_mem], e.g. 7b-int8-ws2-compile-symm_mem)"
+     || ! [[ "$ar" =~ ^(auto|nccl|symm_mem|lamport)$ ]]; then
+    say "error: bad row '$row' (expected MODEL-WEIGHTS-wsN-MODE[-auto|nccl|symm_mem|lamport], e.g. 7b-int8-ws2-compile-symm_mem)"
     status=1; continue
   fi
   # estimated seconds (start-up, NCCL, set-up, compilation, runs) and the hard limit

@@ -19,6 +19,13 @@ never inside a traced or captured step, so its address is fixed across CUDA-grap
 The traced step calls :func:`symm_mem_all_reduce` (``torch.ops.fastzoo.symm_mem_all_reduce``),
 a custom op with a fake implementation: ``torch.compile(fullgraph=True)`` keeps it as one
 opaque call, and its kernel (copy, barrier, reduce, barrier) does no host synchronisation.
+* ``"lamport"``: one kernel, no barrier (:mod:`fastzoo.ops.lamport_all_reduce`): each rank
+  pushes its partial sum into a slot of every peer's symmetric buffer, then spins on its own
+  buffer until every slot holds a value (the buffers are filled with a sentinel, ``-0.0``,
+  which no pushed value equals), sums the slots, adds the residual and clears them.  One
+  one-way NVLink trip per call instead of the one-shot's two barriers, and the residual add
+  and the staging copy are in the same kernel.
+
 Which implementation a call uses is decided at trace time from static facts (dtype, size):
 a message larger than the buffer goes through NCCL.
 """
@@ -31,9 +38,10 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ALLREDUCE_CHOICES", "SYMM_MEM_DTYPES", "DEFAULT_SYMM_MEM_BYTES", "SymmMemSpec", "symm_mem_backend",
-           "symm_mem_problem", "setup_symm_mem", "symm_mem_all_reduce", "all_reduce"]
+           "symm_mem_problem", "setup_symm_mem", "symm_mem_all_reduce", "setup_lamport", "lamport_all_reduce",
+           "all_reduce"]
 
-ALLREDUCE_CHOICES = ("auto", "nccl", "symm_mem")
+ALLREDUCE_CHOICES = ("auto", "nccl", "symm_mem", "lamport")
 SYMM_MEM_OP = "one_shot_all_reduce_copy"
 # dtypes the one-shot kernel is built for (torch's CUDA symmetric-memory ops dispatch bf16 and fp32)
 SYMM_MEM_DTYPES = (torch.bfloat16, torch.float32)
@@ -45,9 +53,13 @@ DEFAULT_SYMM_MEM_BYTES = 256 * 1024
 _BUFFERS: dict[tuple[str, torch.dtype, int], torch.Tensor] = {}
 
 
-# ``(group_name, dtype, max_numel)``: what a traced all-reduce needs to choose symm_mem (a plain
-# tuple of constants on the module, so torch.compile specialises on it)
+# ``(kind, group_name, dtype, max_numel)``, kind "symm_mem" or "lamport": what a traced
+# all-reduce needs to choose its implementation (a plain tuple of constants on the module, so
+# torch.compile specialises on it)
 SymmMemSpec = tuple
+
+# (group name, dtype, device index) -> _Lamport: the lamport all-reduce's buffers and counters
+_LAMPORT: dict = {}
 
 
 def _op_available() -> str | None:
@@ -106,46 +118,100 @@ def _group_name(group) -> str:
     return str((group if group is not None else dist.group.WORLD).group_name)
 
 
+def _cuda_device(device) -> torch.device:
+    device = torch.device(device)
+    if device.index is None:  # the key the ops look up is the tensors' device index
+        device = torch.device(device.type, torch.cuda.current_device())
+    return device
+
+
+def _symmetric_empty(name: str, numel: int, dtype: torch.dtype, device: torch.device):
+    """A 1-D symmetric-memory tensor of ``numel`` elements, rendezvoused over group ``name``,
+    and its handle (peers' addresses).  Collective and host-blocking: at set-up, never in a step."""
+    import torch.distributed._symmetric_memory as symm_mem
+    enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+    if enable is not None:  # needed by older torch, a deprecated no-op-like registration in newer
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            enable(name)
+    if symm_mem_backend(device) not in (None, "CUDA"):
+        try:  # peer-to-peer CUDA mappings, no NVSHMEM: possible until the first symmetric allocation
+            symm_mem.set_backend("CUDA")
+        except RuntimeError:
+            pass  # another backend already allocated in this process: use it (recorded by the callers)
+    buf = symm_mem.empty(numel, dtype=dtype, device=device)
+    return buf, symm_mem.rendezvous(buf, name)
+
+
+def _check_setup(kind: str, reduce, group, dtype, device) -> None:
+    """First use outside any CUDA-graph capture, and a check of the result."""
+    from .config import LlamaError
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    x = torch.full((2, 8), float(rank + 1), dtype=dtype, device=device)
+    got = reduce(x)
+    want = world * (world + 1) / 2
+    if not bool((got == want).all()):
+        raise LlamaError(f"the {kind} all-reduce check failed on rank {rank}: expected {want}, "
+                         f"got {got.flatten()[:4].tolist()}")
+
+
 def setup_symm_mem(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_SYMM_MEM_BYTES) -> SymmMemSpec:
     """Allocate and rendezvous the symmetric buffer of ``group`` for ``dtype`` on ``device``
     (once; later calls reuse it), check one all-reduce against the expected sum, and return
     the spec the traced modules keep.  Collective; call :func:`symm_mem_problem` first."""
-    import torch.distributed._symmetric_memory as symm_mem
     from .config import LlamaError
     if dtype not in SYMM_MEM_DTYPES:
         raise LlamaError(f"the symm_mem all-reduce supports {[str(d) for d in SYMM_MEM_DTYPES]}, "
                          f"the model's activations are {dtype}")
-    device = torch.device(device)
-    if device.index is None:  # the key the op looks up is the tensors' device index
-        device = torch.device(device.type, torch.cuda.current_device())
+    device = _cuda_device(device)
     name = _group_name(group)
     itemsize = torch.empty((), dtype=dtype).element_size()
     numel = max(max_bytes // itemsize // 8 * 8, 8)  # whole 16-byte vectors
     key = (name, dtype, device.index)
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed by older torch, a deprecated no-op-like registration in newer
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                enable(name)
-        if symm_mem_backend(device) not in (None, "CUDA"):
-            try:  # peer-to-peer CUDA mappings, no NVSHMEM: possible until the first symmetric allocation
-                symm_mem.set_backend("CUDA")
-            except RuntimeError:
-                pass  # another backend already allocated in this process: use it (recorded by the callers)
-        buf = symm_mem.empty(numel, dtype=dtype, device=device)
-        symm_mem.rendezvous(buf, name)  # host-blocking handle exchange: here, never in a step
-        _BUFFERS[key] = buf
-    # first use outside any CUDA-graph capture, and a check of the result
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    x = torch.full((2, 8), float(rank + 1), dtype=dtype, device=device)
-    got = symm_mem_all_reduce(x, name)
-    want = world * (world + 1) / 2
-    if not bool((got == want).all()):
-        raise LlamaError(f"the symm_mem all-reduce check failed on rank {rank}: expected {want}, "
-                         f"got {got.flatten()[:4].tolist()}")
-    return (name, dtype, buf.numel())
+        _BUFFERS[key] = buf = _symmetric_empty(name, numel, dtype, device)[0]
+    _check_setup("symm_mem", lambda x: symm_mem_all_reduce(x, name), group, dtype, device)
+    return ("symm_mem", name, dtype, buf.numel())
+
+
+class _Lamport:
+    """One group's lamport state on one device: the symmetric buffer (kept alive), every rank's
+    buffer address as mapped here (int64, on the device), the per-program call counters."""
+
+    def __init__(self, buf, ptrs, counters, rank, world_size, capacity):
+        self.buf, self.ptrs, self.counters = buf, ptrs, counters
+        self.rank, self.world_size, self.capacity = rank, world_size, capacity
+
+
+def setup_lamport(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_SYMM_MEM_BYTES) -> SymmMemSpec:
+    """Set up the lamport all-reduce of ``group`` for ``dtype`` on ``device``: a symmetric
+    buffer of two halves of ``world_size`` slots of ``max_bytes`` each (rounded to whole
+    kernel blocks), filled with the sentinel on every rank before any rank may push; checks
+    one all-reduce and returns the spec the traced modules keep.  Collective."""
+    from ..ops.lamport_all_reduce import LAMPORT_BLOCK, LAMPORT_DTYPES, lamport_sentinel_fill_
+    from .config import LlamaError
+    if dtype not in LAMPORT_DTYPES:
+        raise LlamaError(f"the lamport all-reduce supports {[str(d) for d in LAMPORT_DTYPES]}, "
+                         f"the model's activations are {dtype}")
+    device = _cuda_device(device)
+    name = _group_name(group)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    capacity = max(max_bytes // itemsize // LAMPORT_BLOCK, 1) * LAMPORT_BLOCK
+    key = (name, dtype, device.index)
+    state = _LAMPORT.get(key)
+    if state is None or state.capacity < capacity:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        buf, handle = _symmetric_empty(name, 2 * world * capacity, dtype, device)
+        lamport_sentinel_fill_(buf)
+        offset = buf.data_ptr() - handle.buffer_ptrs[rank]  # where the tensor lies in each rank's allocation
+        ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
+        counters = torch.zeros(capacity // LAMPORT_BLOCK, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group, device_ids=[device.index])  # every buffer holds the sentinel before any push
+        _LAMPORT[key] = state = _Lamport(buf, ptrs, counters, rank, world, capacity)
+    _check_setup("lamport", lambda x: lamport_all_reduce(x, None, name), group, dtype, device)
+    return ("lamport", name, dtype, state.capacity)
 
 
 def symm_mem_backend(device) -> str | None:
@@ -174,12 +240,36 @@ def _(x, group_name):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def all_reduce(y: torch.Tensor, group, symm: SymmMemSpec | None = None) -> torch.Tensor:
-    """Sum of ``y`` over ``group``: through symmetric memory when ``symm`` is set and the
-    message fits its buffer (decided from static facts, at trace time), else the functional
-    collective (NCCL / gloo)."""
-    if (symm is not None and y.dtype == symm[1] and y.numel() <= symm[2]
-            and (y.numel() * y.element_size()) % 16 == 0):
-        return symm_mem_all_reduce(y, symm[0])
+@torch.library.custom_op("fastzoo::lamport_all_reduce", mutates_args=())
+def lamport_all_reduce(x: torch.Tensor, residual: torch.Tensor | None, group_name: str) -> torch.Tensor:
+    """``residual + Σ_ranks x`` over the ranks of ``group_name``, in one kernel
+    (:mod:`fastzoo.ops.lamport_all_reduce`; :func:`setup_lamport` first)."""
+    from ..ops.lamport_all_reduce import lamport_all_reduce_triton
+    state = _LAMPORT.get((group_name, x.dtype, x.device.index))
+    if state is None or state.capacity < x.numel():
+        raise RuntimeError(f"no lamport buffer of >= {x.numel()} {x.dtype} elements for group {group_name!r} "
+                           f"on {x.device}: call fastzoo.llama.tp.setup_allreduce_ first")
+    return lamport_all_reduce_triton(x.contiguous(), residual, state.ptrs, state.counters, state.rank,
+                                     state.world_size, state.capacity)
+
+
+@lamport_all_reduce.register_fake
+def _(x, residual, group_name):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def all_reduce(y: torch.Tensor, group, symm: SymmMemSpec | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + Σ_ranks y`` over ``group`` (``residual`` optional): through the symmetric-
+    memory implementation ``symm`` names when it is set and the message fits its buffer
+    (decided from static facts, at trace time), else the functional collective (NCCL / gloo).
+    Only the lamport kernel adds the residual itself; the others add it after."""
+    if symm is not None and y.dtype == symm[2] and y.numel() <= symm[3]:
+        if symm[0] == "lamport" and (residual is None or (residual.shape == y.shape and residual.dtype == y.dtype)):
+            return lamport_all_reduce(y, residual, symm[1])
+        if symm[0] == "symm_mem" and (y.numel() * y.element_size()) % 16 == 0:
+            out = symm_mem_all_reduce(y, symm[1])
+            return out if residual is None else residual + out
     import torch.distributed._functional_collectives as funcol
-    return funcol.all_reduce(y, "sum", group if group is not None else dist.group.WORLD)
+    out = funcol.all_reduce(y, "sum", group if group is not None else dist.group.WORLD)
+    return out if residual is None else residual + out

@@ -637,9 +637,10 @@ def _build_parser():
     p.add_argument("--tokenizer", type=Path, help="tokenizer file (default: CHECKPOINT/tokenizer.model)")
     p.add_argument("--kv-cache-dtype", choices=["int8"], default=None,
                    help="int8: quantized KV cache with per-token, per-head scales (default: the model's dtype)")
-    p.add_argument("--tp-allreduce", choices=["auto", "nccl", "symm_mem"], default="auto",
-                   help="tensor parallel (torchrun): the all-reduce; symm_mem = one-shot over NVLink peer-to-peer "
-                        "through symmetric memory, auto = symm_mem where the GPUs allow it, else nccl (gloo on CPUs)")
+    p.add_argument("--tp-allreduce", choices=["auto", "nccl", "symm_mem", "lamport"], default="auto",
+                   help="tensor parallel (torchrun): the all-reduce; lamport = one kernel over NVLink peer-to-peer "
+                        "through symmetric memory, no barrier; symm_mem = torch's one-shot symmetric-memory "
+                        "all-reduce; auto = symm_mem where the GPUs allow it, else nccl (gloo on CPUs)")
     s = p.add_argument_group("speculative decoding (one prompt)")
     s.add_argument("--speculate-k", type=int, default=None, help="draft tokens proposed per round")
     s.add_argument("--draft-checkpoint", type=Path, help="draft model checkpoint (may be a quantized checkpoint)")

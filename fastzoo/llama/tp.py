@@ -184,8 +184,8 @@ class TPAttention(Attention):
 
     def forward(self, x, cos, sin, input_pos, mask, *, norm=None, residual=None):
         # the residual is added to the reduced sum (not fused into the row-parallel wo)
-        out = _all_reduce(super().forward(x, cos, sin, input_pos, mask, norm=norm), self.tp_group, self.tp_symm)
-        return out if residual is None else residual + out
+        return _all_reduce(super().forward(x, cos, sin, input_pos, mask, norm=norm), self.tp_group, self.tp_symm,
+                           residual=residual)
 
 
 class TPFeedForward(FeedForward):
@@ -194,8 +194,7 @@ class TPFeedForward(FeedForward):
     tp_symm = None
 
     def forward(self, x, *, norm=None, residual=None):
-        out = _all_reduce(super().forward(x, norm=norm), self.tp_group, self.tp_symm)  # residual after the sum
-        return out if residual is None else residual + out
+        return _all_reduce(super().forward(x, norm=norm), self.tp_group, self.tp_symm, residual=residual)
 
 
 def _sharded_linear(lin: nn.Module, name: str, in_features: int, out_features: int) -> nn.Module:
@@ -274,16 +273,19 @@ def shard_model_(model: Transformer, rank: int, world_size: int, group=None) -> 
 
 def setup_allreduce_(model: Transformer, allreduce: str = "auto", max_bytes: int = DEFAULT_SYMM_MEM_BYTES) -> str:
     """Choose the all-reduce of a sharded, loaded ``model`` and set it up; returns the choice:
-    ``"symm_mem"``, ``"nccl"`` (the process group's functional collective: NCCL on GPUs, gloo
-    on CPUs) or ``"none"`` (one rank: nothing to reduce).
+    ``"lamport"`` (one kernel over symmetric memory, no barrier, the residual added in it),
+    ``"symm_mem"`` (torch's one-shot symmetric-memory all-reduce), ``"nccl"`` (the process
+    group's functional collective: NCCL on GPUs, gloo on CPUs) or ``"none"`` (one rank:
+    nothing to reduce); :mod:`fastzoo.llama._allreduce` describes each.
 
-    ``allreduce``: ``"auto"`` (symm_mem where available, else nccl), ``"nccl"`` or ``"symm_mem"``
-    (a :class:`LlamaError` naming what is missing where it is not available: CUDA, the torch op,
-    peer-to-peer access between the group's GPUs, a bf16/fp32 model).  The symm_mem path
-    allocates and rendezvouses one symmetric buffer of ``max_bytes`` per group and dtype, here,
-    outside any traced step; messages larger than it (long prefills) still use NCCL.
+    ``allreduce``: ``"auto"`` (symm_mem where available, else nccl), or one of the three (a
+    :class:`LlamaError` naming what is missing where it is not available: CUDA, the torch op,
+    Triton for lamport, peer-to-peer access between the group's GPUs, a bf16/fp32 model).  The
+    symmetric-memory paths allocate and rendezvous their buffer (``max_bytes`` per message, per
+    group and dtype) here, outside any traced step; larger messages (long prefills) use NCCL.
     Collective: every rank of the model's group calls it, before compiling the steps."""
-    from ._allreduce import setup_symm_mem, symm_mem_problem
+    from ..ops._common import triton_available
+    from ._allreduce import setup_lamport, setup_symm_mem, symm_mem_problem
     if allreduce not in ALLREDUCE_CHOICES:
         raise LlamaError(f"unknown all-reduce {allreduce!r}: expected one of {', '.join(ALLREDUCE_CHOICES)}")
     tp_modules = [m for m in model.modules() if isinstance(m, (TPAttention, TPFeedForward))]
@@ -296,12 +298,18 @@ def setup_allreduce_(model: Transformer, allreduce: str = "auto", max_bytes: int
     choice = "nccl"
     if allreduce != "nccl":
         problem = symm_mem_problem(device, group, dtype)  # collective: the same answer on every rank
+        if problem is None and allreduce == "lamport" and not triton_available():
+            problem = "the lamport all-reduce needs Triton"
         if problem is None:
-            choice = "symm_mem"
-        elif allreduce == "symm_mem":
-            raise LlamaError(f"the symm_mem all-reduce was requested but is not available: {problem} "
+            choice = "lamport" if allreduce == "lamport" else "symm_mem"
+        elif allreduce != "auto":
+            raise LlamaError(f"the {allreduce} all-reduce was requested but is not available: {problem} "
                              f"(choose the nccl or auto all-reduce)")
-    spec = setup_symm_mem(group, device, dtype, max_bytes) if choice == "symm_mem" else None
+    spec = None
+    if choice == "symm_mem":
+        spec = setup_symm_mem(group, device, dtype, max_bytes)
+    elif choice == "lamport":
+        spec = setup_lamport(group, device, dtype, max_bytes)
     for m in tp_modules:
         m.tp_symm = spec
     model.tp_allreduce = choice
@@ -420,7 +428,8 @@ def run_cli(run, args, rank: int, world_size: int, local_rank: int) -> int:
                                   allreduce=args.tp_allreduce)
             if not announced:
                 print(f"tensor parallel: {world_size} ranks, {dist.get_backend()}, all-reduce: {model.tp_allreduce}"
-                      + (" (one-shot, symmetric memory, peer-to-peer)" if model.tp_allreduce == "symm_mem" else ""),
+                      + {"symm_mem": " (one-shot, symmetric memory, peer-to-peer)",
+                         "lamport": " (one kernel, symmetric memory, peer-to-peer)"}.get(model.tp_allreduce, ""),
                       file=sys.stderr)
                 announced = True
             return model
