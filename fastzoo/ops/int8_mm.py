@@ -450,6 +450,7 @@ if triton_available():
         HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         OCC: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
+        FLOAT_AB: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     ):
         # Persistent: NUM_SMS · OCC programs (OCC per SM) walk the output tiles in grouped
         # order with a stride of the program count. a (M, K) and b (N, K) tiles arrive by
@@ -472,12 +473,22 @@ if triton_available():
             pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
             off_am = pid_m * BLOCK_M
             off_bn = pid_n * BLOCK_N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+            # FLOAT_AB: bf16/fp16 a and b (``linear_act``), an fp32 accumulator (scales of 1);
+            # DOT_F32: operands widened first (Triton's interpreter, whose bf16 dot is wrong)
+            if FLOAT_AB:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
             for ki in range(k_tiles):
                 off_k = ki * BLOCK_K
                 a = a_desc.load([off_am, off_k])
                 b = b_desc.load([off_bn, off_k])
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+                if DOT_F32:
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc)
+                elif FLOAT_AB:
+                    acc = tl.dot(a, b.T, acc)
+                else:
+                    acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
 
             tile_epi += NUM_PROGS
             pid_m, pid_n = _tile_coords(tile_epi, num_pid_m, num_pid_n, GROUP_M)
@@ -600,12 +611,30 @@ if triton_available():
         OCC > 1; always at least one."""
         out_bytes = named_args["c_desc"].base.element_size()
         res_bytes = named_args["r_desc"].base.element_size() if kwargs.get("HAS_RESIDUAL") else 0
-        kept = [c for c in configs if tma_shared_bytes(c, out_bytes, res_bytes) <= _tma_shared_limit(c)]
+        in_bytes = named_args["a_desc"].base.element_size()
+        kept = [c for c in configs if tma_shared_bytes(c, out_bytes, res_bytes, in_bytes) <= _tma_shared_limit(c)]
         return kept or list(configs[:1])
 
     _int8_scaled_mm_tma = triton.autotune(
         configs=_TMA_CONFIGS,
         key=["M_BUCKET", "N", "K", "out_bytes", "HAS_BIAS", "ACT_GELU", "HAS_RESIDUAL", "OUT_INT8", "NUM_SMS"],
+        prune_configs_by={"early_config_prune": _prune_tma},
+        do_bench=short_bench,
+    )(_int8_scaled_mm_tma_kernel)
+
+    # The same kernel on bf16/fp16 operands (``fastzoo.ops.linear_act``): K tiles of 64
+    # elements (128 bytes, one TMA swizzle row), twice the shared memory per stage of int8's.
+    # Not yet measured: candidates by the shared-memory budget only.
+    TMA_FLOAT_CONFIGS = [
+        _tma_cfg(128, 256, 64, 8, 3, sub=2),
+        _tma_cfg(128, 256, 64, 8, 3, sub=4),
+        _tma_cfg(128, 128, 64, 8, 4, sub=2),
+        _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2),
+        _tma_cfg(64, 256, 64, 4, 2, occ=2, sub=2),
+    ]
+    _float_mm_tma = triton.autotune(
+        configs=TMA_FLOAT_CONFIGS,
+        key=["M_BUCKET", "N", "K", "out_bytes", "HAS_BIAS", "ACT_GELU", "HAS_RESIDUAL", "NUM_SMS"],
         prune_configs_by={"early_config_prune": _prune_tma},
         do_bench=short_bench,
     )(_int8_scaled_mm_tma_kernel)
@@ -618,14 +647,16 @@ SM90_SHARED_PER_SM = 228 * 1024  # H100 / H200: 228 KiB per SM, at most 227 KiB 
 SM90_SHARED_PER_CTA = 227 * 1024  # 1 KiB of each CTA's share reserved by the system
 
 
-def tma_shared_bytes(cfg, out_bytes: int, res_bytes: int = 0) -> int:
+def tma_shared_bytes(cfg, out_bytes: int, res_bytes: int = 0, in_bytes: int = 1) -> int:
     """Shared memory of a persistent-kernel configuration: the operand pipeline (stages ·
-    (BLOCK_M + BLOCK_N) · BLOCK_K int8), the TMA store buffer of one output part and, with a
-    residual, its TMA load buffer (BLOCK_M × BLOCK_N / SUBTILE each); what Triton allocates
-    is this plus barriers and alignment padding (about 1 KiB at most, checked ahead of time)."""
+    (BLOCK_M + BLOCK_N) · BLOCK_K elements of ``in_bytes``: 1 for int8), the TMA store buffer
+    of one output part and, with a residual, its TMA load buffer (BLOCK_M × BLOCK_N / SUBTILE
+    each); what Triton allocates is this plus barriers and alignment padding (about 1 KiB at
+    most, checked ahead of time)."""
     kw = cfg.kwargs
     part = kw["BLOCK_M"] * kw["BLOCK_N"] // kw["SUBTILE"]
-    return cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] + part * (out_bytes + res_bytes)
+    return (cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * in_bytes
+            + part * (out_bytes + res_bytes))
 
 
 def _tma_shared_limit(cfg) -> int:
@@ -676,7 +707,8 @@ def _tma_path_applies(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, resid
 def _int8_scaled_mm_tma_launch(a, b, a_s, b_s, bias, out, residual, o_s, activation, config=None,
                                return_kernel=False):
     """Launch the persistent TMA kernel into ``out`` (arguments already checked and laid
-    out: a, b, out, residual TMA-compatible; a_s, b_s, o_s flat; bias contiguous).
+    out: a, b, out, residual TMA-compatible; a_s, b_s, o_s flat; bias contiguous). a and b
+    int8, or both bf16/fp16 (``linear_act``: an fp32 accumulator, a_s and b_s ones).
     ``config``: one of ``TMA_SWEEP_CONFIGS`` / ``TMA_INTERPRETER_CONFIGS`` to run it
     without the autotuner (the sweep, the CPU tests); None: autotuned on CUDA.
     Returns ``out``, or ``(out, compiled kernel)`` with ``return_kernel`` (its registers,
@@ -701,15 +733,17 @@ def _int8_scaled_mm_tma_launch(a, b, a_s, b_s, bias, out, residual, o_s, activat
             b_s.stride(0) if b_s.numel() > 1 else 0,
             o_s.stride(0) if o_s is not None and o_s.numel() > 1 else 0,
             out.element_size())
+    float_ab = a.dtype != torch.int8  # bf16/fp16 operands (linear_act): an fp32 accumulator
     flags = dict(NUM_SMS=num_sms, HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu",
-                 HAS_RESIDUAL=residual is not None, OUT_INT8=o_s is not None)
+                 HAS_RESIDUAL=residual is not None, OUT_INT8=o_s is not None,
+                 FLOAT_AB=float_ab, DOT_F32=float_ab and not a.is_cuda)
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
         return (min(meta["NUM_SMS"] * meta["OCC"], tiles),)
 
     if config is None and a.is_cuda:
-        kernel = _int8_scaled_mm_tma[grid](*args, **flags)
+        kernel = (_float_mm_tma if float_ab else _int8_scaled_mm_tma)[grid](*args, **flags)
     else:
         config = config if config is not None else TMA_INTERPRETER_CONFIGS[0]
         kwargs = {**flags, **config.all_kwargs()}

@@ -13,6 +13,7 @@ from fastzoo.quant.vit import quantize_image_encoder_, resolve_image_encoder_qua
 from fastzoo.utils import parse_dtype
 
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from .modeling.common import MLPBlock
 from .modeling.sam import PIXEL_MEAN, PIXEL_STD
 
 #: Encoder hyper-parameters of the three released SAM sizes (everything else is shared).
@@ -336,5 +337,8 @@ def build_sam_fast(
         if calibration is not None:
             calibration = _calibration_batches(calibration, torch.device(device), dtype)
         quantize_image_encoder_(sam.image_encoder, quantize, calibration=calibration)
+    for module in sam.image_encoder.modules():  # after calibration: its observers hook the linears' calls
+        if isinstance(module, MLPBlock):
+            module.fused_mlp = kernel == "fused"
     compile_image_encoder(sam.image_encoder, compile, mode=compile_mode)
     return sam

@@ -157,22 +157,25 @@ from triton.compiler import ASTSource
 from fastzoo.ops import int8_mm as mod
 
 jit = mod._int8_scaled_mm_tma.fn
-cfgs = {mod.tma_config_name(c): c for c in mod.TMA_SWEEP_CONFIGS}
+cfgs = {mod.tma_config_name(c): c for c in mod.TMA_SWEEP_CONFIGS + mod.TMA_FLOAT_CONFIGS}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 for job in sys.argv[1].split(";"):
     name, epilogue = job.split("|")
     cfg = cfgs[name]
     kw = cfg.kwargs
     full = epilogue == "full"  # GELU, residual, int8 out: every epilogue buffer and the most registers
+    flt = epilogue == "float"  # bf16 a and b (linear_act), GELU and residual, bf16 out
     out_ty = "i8" if full else "bf16"
+    in_ty = "bf16" if flt else "i8"
     part = kw["BLOCK_N"] // kw["SUBTILE"]
-    types = {"a_desc": f"tensordesc<i8[{kw['BLOCK_M']}, {kw['BLOCK_K']}]>",
-             "b_desc": f"tensordesc<i8[{kw['BLOCK_N']}, {kw['BLOCK_K']}]>",
+    types = {"a_desc": f"tensordesc<{in_ty}[{kw['BLOCK_M']}, {kw['BLOCK_K']}]>",
+             "b_desc": f"tensordesc<{in_ty}[{kw['BLOCK_N']}, {kw['BLOCK_K']}]>",
              "c_desc": f"tensordesc<{out_ty}[{kw['BLOCK_M']}, {part}]>",
              "r_desc": f"tensordesc<bf16[{kw['BLOCK_M']}, {part}]>",
              "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16", "os_ptr": "*fp32"}
-    const = dict(kw, NUM_SMS=132, HAS_BIAS=True, ACT_GELU=full, HAS_RESIDUAL=full, OUT_INT8=full,
-                 stride_as=1, stride_bs=1, stride_os=0, out_bytes=1 if full else 2)
+    const = dict(kw, NUM_SMS=132, HAS_BIAS=True, ACT_GELU=full or flt, HAS_RESIDUAL=full or flt, OUT_INT8=full,
+                 FLOAT_AB=flt, DOT_F32=False, stride_as=0 if flt else 1, stride_bs=0 if flt else 1, stride_os=0,
+                 out_bytes=1 if full else 2)
     sig = {n: types.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
     aligned = ["as_ptr", "bs_ptr", "bias_ptr", "os_ptr", "M", "N", "K", "M_BUCKET"]
     src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
@@ -208,14 +211,15 @@ def test_persistent_kernel_compiles_for_hopper_without_a_gpu():
     tuned = int8_mm._TMA_CONFIGS
     one = next(c for c in tuned if c.kwargs["OCC"] == 1 and fits_full(c))
     two = next(c for c in tuned if c.kwargs["OCC"] == 2 and fits_full(c))
-    jobs = [(tuned[0], "bare"), (one, "full"), (two, "full")]
+    jobs = [(tuned[0], "bare"), (one, "full"), (two, "full")] + [(c, "float") for c in int8_mm.TMA_FLOAT_CONFIGS[:1]]
     r = run_aot_compile(_AOT_SCRIPT, ";".join(f"{int8_mm.tma_config_name(c)}|{e}" for c, e in jobs))
     assert r.returncode == 0, r.stderr[-3000:]
     report = [json.loads(line[3:]) for line in r.stdout.splitlines() if line.startswith("AOT")]
     assert [(x["name"], x["epilogue"]) for x in report] == [(int8_mm.tma_config_name(c), e) for c, e in jobs]
     for (cfg, epilogue), x in zip(jobs, report):
         assert x["wgmma"] and x["tma_load"] and x["tma_store"], x
-        predicted = int8_mm.tma_shared_bytes(cfg, 1, 2) if epilogue == "full" else int8_mm.tma_shared_bytes(cfg, 2)
+        predicted = {"full": int8_mm.tma_shared_bytes(cfg, 1, 2), "float": int8_mm.tma_shared_bytes(cfg, 2, 2, 2)
+                     }.get(epilogue, int8_mm.tma_shared_bytes(cfg, 2))
         assert predicted <= x["shared"] <= predicted + 1536, (x, predicted)
         assert x["shared"] <= int8_mm.SM90_SHARED_PER_CTA, x
         assert (x["shared"] + 1024) * cfg.kwargs["OCC"] <= int8_mm.SM90_SHARED_PER_SM, x  # OCC CTAs fit one SM

@@ -478,3 +478,30 @@ def test_regional_inductor_compile_cuda(fresh_dynamo):
     assert sqnr(out, eager) >= 25  # bf16 fusion order differs from eager
     enc(torch.randn_like(x))
     assert graphs() == 4
+
+
+@torch.no_grad()
+def test_fused_mlp_is_the_plain_mlp_where_its_kernel_does_not_apply(tiny_sam_checkpoint):
+    """build_sam_fast(kernel="fused") turns on the encoder MLPs' ``fastzoo.ops.linear_act`` path
+    after quantization (not while calibrating); on the CPU it computes exactly what the plain
+    MLP does (F.linear, F.gelu, the residual add)."""
+    from fastzoo.sam.modeling.common import MLPBlock
+
+    kw = dict(device="cpu", dtype=torch.float32, compile=False)
+    fused = build_sam_fast("vit_b", tiny_sam_checkpoint, **kw)
+    plain = build_sam_fast("vit_b", tiny_sam_checkpoint, kernel="sdpa", **kw)
+    mlps = [m for m in fused.image_encoder.modules() if isinstance(m, MLPBlock)]
+    assert mlps and all(m.fused_mlp for m in mlps)
+    assert not any(m.fused_mlp for m in plain.image_encoder.modules() if isinstance(m, MLPBlock))
+    assert not any(m.fused_mlp for m in fused.mask_decoder.modules() if isinstance(m, MLPBlock))
+    x = torch.randn(1, 4, 4, 32, generator=torch.Generator().manual_seed(4))
+    block = fused.image_encoder.blocks[0]
+    ref = block.mlp.lin2(block.mlp.act(block.mlp.lin1(x))) + x
+    assert torch.equal(block.mlp(x, residual=x), ref)
+    seen = []
+    hook = block.mlp.lin2.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    assert torch.equal(block.mlp(x, residual=x), ref) and seen == [(1, 4, 4, 128)]  # hooked: called as modules
+    hook.remove()
+    static = quantize_image_encoder_(fused.image_encoder, "int8static",  # calibration sees the linears
+                                     calibration=[torch.randn(1, 3, IMG, IMG)])
+    assert all(type(b.mlp).__name__ == "Int8GeluMlp" for b in static.blocks)

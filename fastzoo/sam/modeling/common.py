@@ -4,9 +4,18 @@ from typing import Type
 import torch
 from torch import nn
 
+from fastzoo import ops
+
 
 class MLPBlock(nn.Module):
-    """Two linear layers with an activation between them (``lin1``/``lin2`` as in the checkpoints)."""
+    """Two linear layers with an activation between them (``lin1``/``lin2`` as in the checkpoints).
+
+    ``fused_mlp`` (not part of the state dict; off by default, ``build_sam_fast(kernel="fused")``
+    turns it on for the image encoder after any quantization): float linears around an exact
+    GELU run through ``fastzoo.ops.linear_act``, unless one of the three modules has forward
+    hooks (calibration observers, GPTQ's collectors): then they are called as modules."""
+
+    fused_mlp = False
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: Type[nn.Module] = nn.GELU) -> None:
         super().__init__()
@@ -16,7 +25,14 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``lin2(act(lin1(x)))``, plus ``residual`` when given (a quantized MLP fuses the add
-        into lin2's GEMM)."""
+        into lin2's GEMM). Float linears around an exact GELU go through
+        ``fastzoo.ops.linear_act`` (the same F.linear, F.gelu and add where its kernel does not
+        apply; on Hopper the GELU and the residual in the GEMMs' epilogues)."""
+        if (self.fused_mlp and type(self.lin1) is nn.Linear and type(self.lin2) is nn.Linear
+                and type(self.act) is nn.GELU and self.act.approximate == "none"
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.lin1, self.act, self.lin2))):
+            h = ops.linear_act(x, self.lin1.weight, self.lin1.bias, activation="gelu")
+            return ops.linear_act(h, self.lin2.weight, self.lin2.bias, residual=residual)
         y = self.lin2(self.act(self.lin1(x)))
         return y if residual is None else residual + y
 
