@@ -2,6 +2,7 @@
 
     python -m experiments.bench_linear_act            # all shapes, JSON under experiments/results/<gpu>/
     python -m experiments.bench_linear_act --quick    # SAM vit_h's two MLP linears, nothing saved
+    python -m experiments.bench_linear_act --sweep    # every kernel configuration, JSON linear_act_sweep
 
 Shapes: the MLP linears of SAM's image encoder at batch 16 (M = 16·64·64 tokens; lin1 with
 exact GELU, lin2 with the block's residual) for vit_b and vit_h, and ViT-L/16-224's fc1 / fc2
@@ -75,6 +76,39 @@ def bench_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
     return row
 
 
+def sweep_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
+    """Every candidate configuration of the persistent kernel (``TMA_FLOAT_SWEEP_CONFIGS``),
+    each launched directly (no autotuner), against cuBLAS alone: ms and % of the ceiling."""
+    from fastzoo.ops import int8_mm
+    from fastzoo.ops.linear_act import linear_act_triton
+    g = torch.Generator(device=device).manual_seed(0)
+    sets = [(torch.randn(M, K, device=device, generator=g).to(dtype),
+             torch.randn(M, N, device=device, generator=g).to(dtype) if epilogue == "residual" else None)
+            for _ in range(n_inputs)]
+    w = (torch.randn(N, K, device=device, generator=g) / K ** 0.5).to(dtype)
+    b = torch.randn(N, device=device, generator=g).to(dtype)
+    act = "gelu" if epilogue == "gelu" else "none"
+    flops = 2 * M * N * K
+    out_bytes, res_bytes = 2, 2 if epilogue == "residual" else 0
+    row = {"shape": name, "M": M, "K": K, "N": N, "epilogue": epilogue,
+           "gemm_ms": harness.bench(lambda s: F.linear(s[0], w, b), inputs=sets, rep=rep)["median_ms"], "configs": {}}
+    for cfg in int8_mm.TMA_FLOAT_SWEEP_CONFIGS:
+        cname = int8_mm.tma_config_name(cfg)
+        if int8_mm.tma_shared_bytes(cfg, out_bytes, res_bytes, 2) > int8_mm._tma_shared_limit(cfg):
+            row["configs"][cname] = "shared memory"
+            continue
+        try:
+            ms = harness.bench(lambda s: linear_act_triton(s[0], w, b, activation=act, residual=s[1], config=cfg),
+                               inputs=sets, rep=rep)["median_ms"]
+        except Exception as e:  # a config that does not compile or launch: recorded, skipped
+            row["configs"][cname] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        row["configs"][cname] = {"ms": ms, "pct": 100 * flops / ms / 1e9 / ceiling}
+    timed = {k: v["ms"] for k, v in row["configs"].items() if isinstance(v, dict)}
+    row["best"] = min(timed, key=timed.get) if timed else None
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="SAM vit_h's two linears, nothing saved")
@@ -82,12 +116,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rep", type=int, default=30)
     p.add_argument("--inputs", type=int, default=2, help="input sets rotated between calls")
     p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
+    p.add_argument("--sweep", action="store_true",
+                   help="time every candidate configuration of the persistent kernel; JSON linear_act_sweep")
     args = p.parse_args(argv)
     device = harness.require_cuda("the linear_act benchmark")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     ceiling = harness.measure_matmul_tflops(dtype)
     print(f"{args.dtype} matmul ceiling {ceiling:.0f} TFLOP/s")
     shapes = [s for s in SHAPES if s[0].startswith("sam_vit_h")] if args.quick else SHAPES
+    if args.sweep:
+        rows = []
+        for shape in shapes:
+            rows.append(sweep_shape(*shape, dtype, device, args.rep, args.inputs, ceiling))
+            r = rows[-1]
+            print(f"{r['shape']:16s} cuBLAS {r['gemm_ms']:.3f} ms; best {r['best']}: "
+                  + ", ".join(f"{k} {v['ms']:.3f}" if isinstance(v, dict) else f"{k} ({v[:40]})"
+                              for k, v in r["configs"].items()), flush=True)
+            figures = {"bf16_tflops_ceiling" if dtype == torch.bfloat16 else "fp16_tflops_ceiling": ceiling,
+                       "rows": rows}
+            path = harness.save_result("linear_act_sweep", figures, args, out_dir=args.out_dir)
+            torch.cuda.empty_cache()
+        print("saved", path)
+        return
     rows = []
     for shape in shapes:
         row = bench_shape(*shape, dtype, device, args.rep, args.inputs, ceiling)

@@ -622,16 +622,42 @@ if triton_available():
         do_bench=short_bench,
     )(_int8_scaled_mm_tma_kernel)
 
-    # The same kernel on bf16/fp16 operands (``fastzoo.ops.linear_act``): K tiles of 64
-    # elements (128 bytes, one TMA swizzle row), twice the shared memory per stage of int8's.
-    # Not yet measured: candidates by the shared-memory budget only.
-    TMA_FLOAT_CONFIGS = [
+    # Candidates of the same kernel on bf16/fp16 operands (``fastzoo.ops.linear_act``): K tiles
+    # of 64 elements (128 bytes, one TMA swizzle row), twice the shared memory per stage of
+    # int8's; timed one by one by ``experiments.bench_linear_act --sweep``.
+    TMA_FLOAT_SWEEP_CONFIGS = [
         _tma_cfg(128, 256, 64, 8, 3, sub=2),
         _tma_cfg(128, 256, 64, 8, 3, sub=4),
+        _tma_cfg(128, 256, 64, 8, 4, sub=4),
+        _tma_cfg(256, 128, 64, 8, 3, sub=2),
+        _tma_cfg(256, 128, 64, 8, 4, sub=4),
         _tma_cfg(128, 128, 64, 8, 4, sub=2),
+        _tma_cfg(128, 128, 64, 8, 5, sub=2),
+        _tma_cfg(128, 128, 64, 8, 6, sub=4),
         _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2),
+        _tma_cfg(128, 128, 64, 8, 3, occ=2, sub=4, maxnreg=128),
         _tma_cfg(64, 256, 64, 4, 2, occ=2, sub=2),
+        _tma_cfg(128, 256, 64, 8, 3, sub=2, group=16),
+        _tma_cfg(128, 256, 64, 8, 3, sub=2, flatten=False),
+        _tma_cfg(128, 256, 64, 8, 3, sub=2, group=32),
+        _tma_cfg(128, 256, 64, 8, 3, sub=4, group=16),
+        _tma_cfg(256, 128, 64, 8, 3, sub=2, group=16),
+        _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2, group=16),
+        _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=4, group=16),
     ]
+    # What the autotuner tries at run time: the sweep's winners at SAM vit_b / vit_h and ViT-L
+    # MLP shapes on an H100 (experiments/results/h100-80gb-hbm3/linear_act_sweep*.json; two
+    # sweeps, which differ by up to ~5 % per config): GROUP_M 16 for the big tiles (lin2,
+    # fc2, most lin1), two CTAs per SM where the GELU epilogue dominates (vit_b's lin1).
+    _TMA_FLOAT_AUTOTUNE_NAMES = (
+        "128x256x64_w8_s3_o1_sub2_flat_g16",
+        "128x128x64_w4_s3_o2_sub2_flat",
+        "128x256x64_w8_s3_o1_sub2_flat",
+        "256x128x64_w8_s3_o1_sub2_flat",
+        "128x256x64_w8_s4_o1_sub4_flat",
+    )
+    TMA_FLOAT_CONFIGS = [c for n in _TMA_FLOAT_AUTOTUNE_NAMES for c in TMA_FLOAT_SWEEP_CONFIGS
+                         if tma_config_name(c) == n]
     _float_mm_tma = triton.autotune(
         configs=TMA_FLOAT_CONFIGS,
         key=["M_BUCKET", "N", "K", "out_bytes", "HAS_BIAS", "ACT_GELU", "HAS_RESIDUAL", "NUM_SMS"],
