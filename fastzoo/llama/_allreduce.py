@@ -197,10 +197,15 @@ def setup_lamport(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_SY
     device = _cuda_device(device)
     name = _group_name(group)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    capacity = max(max_bytes // itemsize // LAMPORT_BLOCK, 1) * LAMPORT_BLOCK
+    capacity = -(-max(max_bytes // itemsize, 1) // LAMPORT_BLOCK) * LAMPORT_BLOCK  # whole blocks, rounded up
     key = (name, dtype, device.index)
     state = _LAMPORT.get(key)
-    if state is None or state.capacity < capacity:
+    if state is not None and state.capacity < capacity:
+        # CUDA graphs captured since the first set-up hold the old buffer's addresses: never replace it
+        raise LlamaError(f"the lamport all-reduce of group {name!r} on {device} was set up for messages of "
+                         f"{state.capacity} elements; {capacity} were asked for later (set it up once, with "
+                         f"the largest size)")
+    if state is None:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         buf, handle = _symmetric_empty(name, 2 * world * capacity, dtype, device)
         lamport_sentinel_fill_(buf)

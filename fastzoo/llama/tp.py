@@ -297,9 +297,14 @@ def setup_allreduce_(model: Transformer, allreduce: str = "auto", max_bytes: int
     device, dtype = weight.device, weight.dtype
     choice = "nccl"
     if allreduce != "nccl":
-        problem = symm_mem_problem(device, group, dtype)  # collective: the same answer on every rank
-        if problem is None and allreduce == "lamport" and not triton_available():
-            problem = "the lamport all-reduce needs Triton"
+        # collective: the same answer on every rank (lamport checks its own dtypes: fp16 too)
+        problem = symm_mem_problem(device, group, None if allreduce == "lamport" else dtype)
+        if problem is None and allreduce == "lamport":
+            from ..ops.lamport_all_reduce import LAMPORT_DTYPES
+            if dtype not in LAMPORT_DTYPES:  # the model's dtype: the same on every rank
+                problem = f"the lamport all-reduce supports {', '.join(map(str, LAMPORT_DTYPES))}, the model's is {dtype}"
+            elif not triton_available():  # one image on every rank of a host
+                problem = "the lamport all-reduce needs Triton"
         if problem is None:
             choice = "lamport" if allreduce == "lamport" else "symm_mem"
         elif allreduce != "auto":

@@ -20,15 +20,16 @@ one one-way trip and needs no barrier:
 Why two halves suffice: a peer can be at most one call ahead (it cannot finish call ``i+1``
 before this rank has pushed its part of call ``i+1``, which it does after finishing call
 ``i``), so the peer's pushes of call ``i+1`` land in the half this rank is not reading.
-Which half a call uses is a per-program counter in device memory (read at the start,
-advanced at the end by the program itself), so the kernel needs nothing from the host and
+Which half a call uses is a per-program flag in device memory (read at the start,
+flipped at the end by the program itself), so the kernel needs nothing from the host and
 replays under CUDA graphs.  Element ``e`` is always handled by program ``e // BLOCK`` at the
 same place in its slot, whatever the message size, so calls of different sizes keep every
 program's counter and halves consistent across ranks.
 
-All ranks must call it with the same sizes in the same order (SPMD), and every program of a
-call must be resident at once (a program spins until its peers' programs have pushed): the
-grid is ``ceil(n / BLOCK)`` programs, at most ``capacity / BLOCK``.
+All ranks must call it with the same sizes in the same order (SPMD).  Program ``j`` of a
+rank waits only for program ``j`` of each peer, which pushes before it spins, so programs need
+not all be resident at once; the grid is ``ceil(n / BLOCK)`` programs, at most
+``capacity / BLOCK``.
 
 ``lamport_all_reduce_ref`` is the definition (given every rank's ``x``); the kernel is
 ``lamport_all_reduce_triton``.  The distributed op (buffers, rendezvous, the traced custom
@@ -81,8 +82,8 @@ if triton_available():
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        count = tl.load(counters_ptr + pid)
-        half = (count % 2).to(tl.int64) * (WORLD * CAPACITY)
+        count = tl.load(counters_ptr + pid)  # 0 or 1: the half this program uses in this call
+        half = (count & 1).to(tl.int64) * (WORLD * CAPACITY)
         if PUSH:
             bits = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ITYPE, bitcast=True)
             bits = tl.where(bits == SENTINEL, 0, bits)  # -0.0 -> +0.0: no value is the sentinel
@@ -102,7 +103,7 @@ if triton_available():
                 acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
             tl.store(ptrs, tl.full([WORLD_P2, BLOCK], SENTINEL, ITYPE), mask=m2)  # clear for the call after next
-            tl.store(counters_ptr + pid, count + 1)
+            tl.store(counters_ptr + pid, 1 - (count & 1))  # flips between 0 and 1: never overflows
 
 
 _TL_INT = {torch.int16: "int16", torch.int32: "int32"}
