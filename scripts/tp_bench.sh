@@ -6,10 +6,11 @@
 # ROW is MODEL-WEIGHTS-wsN-MODE[-ALLREDUCE]: MODEL 7b (llama-2-7b), 70b (llama-2-70b shapes) or tiny,
 # WEIGHTS bf16, int8 or int4 (int4-g128), N ranks, MODE compile (decode step compiled with CUDA
 # graphs, as `fastzoo.llama.generate --compile`) or eager, ALLREDUCE auto (default: symm_mem where
-# the GPUs reach each other peer-to-peer, else NCCL), nccl or symm_mem (one-shot all-reduce
-# through symmetric memory).  ROW allreduce-wsN is the all-reduce micro-benchmark (8 and 32 KB
-# bf16, NCCL vs symm_mem, CUDA-graph replay).  The default rows, in priority order: the
-# micro-benchmark, 7B bf16 compiled on 1 GPU and on 2 with symm_mem and with NCCL (the issue's
+# the GPUs reach each other peer-to-peer, else NCCL), nccl, symm_mem (one-shot all-reduce
+# through symmetric memory) or lamport (one kernel, no barrier, the residual in it).  ROW
+# allreduce-wsN is the all-reduce micro-benchmark (8 and 32 KB bf16, NCCL vs symm_mem vs
+# lamport, CUDA-graph replay: one call, and chains of 64 dependent calls).  The default rows, in priority order: the
+# micro-benchmark, 7B bf16 compiled on 1 GPU and on 2 with lamport, symm_mem and NCCL (the issue's
 # 1.6x goal), then eager rows of every configuration (cheap: they show TP runs everywhere, 70B
 # included), then the remaining compiled rows.
 # Random weights, batch 1; every run (the 1-GPU ones too) goes through torchrun and the same code.
@@ -24,7 +25,7 @@ OUTDIR=${1:?usage: scripts/tp_bench.sh OUTDIR [--budget S] [ROW ...]}
 shift
 BUDGET=510
 if [ "${1:-}" = --budget ]; then BUDGET=${2:?--budget needs seconds}; shift 2; fi
-DEFAULT_ROWS="allreduce-ws2 7b-bf16-ws1-compile 7b-bf16-ws2-compile-symm_mem 7b-bf16-ws2-compile-nccl
+DEFAULT_ROWS="allreduce-ws2 7b-bf16-ws1-compile 7b-bf16-ws2-compile-lamport 7b-bf16-ws2-compile-symm_mem 7b-bf16-ws2-compile-nccl
   70b-int8-ws2-eager 70b-int4-ws2-eager 7b-int8-ws1-eager 7b-int8-ws2-eager 7b-int4-ws1-eager 7b-int4-ws2-eager
   7b-bf16-ws1-eager 7b-bf16-ws2-eager
   7b-int8-ws1-compile 7b-int8-ws2-compile 7b-int4-ws1-compile 7b-int4-ws2-compile
