@@ -41,7 +41,7 @@ from typing import Sequence
 
 import torch
 
-from ._common import next_pow2, triton_available
+from ._common import gdc_launch_dependents, gdc_wait, next_pow2, pdl_options, triton_available
 
 __all__ = ["lamport_all_reduce_ref", "lamport_all_reduce_triton", "LAMPORT_BLOCK", "LAMPORT_DTYPES",
            "lamport_sentinel_fill_"]
@@ -78,7 +78,13 @@ if triton_available():
     def _lamport_all_reduce_kernel(x_ptr, res_ptr, out_ptr, bufs_ptr, counters_ptr, n, rank,
                                    WORLD: tl.constexpr, WORLD_P2: tl.constexpr, CAPACITY: tl.constexpr,
                                    BLOCK: tl.constexpr, ITYPE: tl.constexpr, SENTINEL: tl.constexpr,
-                                   HAS_RES: tl.constexpr, PUSH: tl.constexpr, REDUCE: tl.constexpr):
+                                   HAS_RES: tl.constexpr, PUSH: tl.constexpr, REDUCE: tl.constexpr,
+                                   PDL: tl.constexpr):
+        if PDL:
+            # the next kernel (a decode GEMV, launched with PDL) may start now and request its
+            # first weight tiles while this one waits for the peers; it waits for these writes
+            gdc_launch_dependents()
+            gdc_wait()  # launched while the previous kernel drains: its writes (x) first
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -139,5 +145,5 @@ def lamport_all_reduce_triton(x: torch.Tensor, residual: torch.Tensor | None, bu
         x, res, out, bufs, counters, n, rank,
         WORLD=world_size, WORLD_P2=next_pow2(world_size), CAPACITY=capacity, BLOCK=LAMPORT_BLOCK,
         ITYPE=getattr(tl, _TL_INT[itype]), SENTINEL=torch.iinfo(itype).min,
-        HAS_RES=residual is not None, PUSH=push, REDUCE=reduce, num_warps=4)
+        HAS_RES=residual is not None, PUSH=push, REDUCE=reduce, num_warps=4, **pdl_options(x))
     return out
