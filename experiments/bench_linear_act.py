@@ -39,7 +39,8 @@ SHAPES = [
 ]
 
 
-def bench_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
+def _problem(M, K, N, epilogue, dtype, device, n_inputs):
+    """Seeded inputs of one shape: ``n_inputs`` (x, residual or None) sets, weight, bias, activation."""
     g = torch.Generator(device=device).manual_seed(0)
     sets = [(torch.randn(M, K, device=device, generator=g).to(dtype),
              torch.randn(M, N, device=device, generator=g).to(dtype) if epilogue == "residual" else None)
@@ -47,6 +48,11 @@ def bench_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
     w = (torch.randn(N, K, device=device, generator=g) / K ** 0.5).to(dtype)
     b = torch.randn(N, device=device, generator=g).to(dtype)
     act = "gelu" if epilogue == "gelu" else "none"
+    return sets, w, b, act
+
+
+def bench_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
+    sets, w, b, act = _problem(M, K, N, epilogue, dtype, device, n_inputs)
 
     def fused(s):
         return linear_act(s[0], w, b, activation=act, residual=s[1])
@@ -81,13 +87,7 @@ def sweep_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
     each launched directly (no autotuner), against cuBLAS alone: ms and % of the ceiling."""
     from fastzoo.ops import int8_mm
     from fastzoo.ops.linear_act import linear_act_triton
-    g = torch.Generator(device=device).manual_seed(0)
-    sets = [(torch.randn(M, K, device=device, generator=g).to(dtype),
-             torch.randn(M, N, device=device, generator=g).to(dtype) if epilogue == "residual" else None)
-            for _ in range(n_inputs)]
-    w = (torch.randn(N, K, device=device, generator=g) / K ** 0.5).to(dtype)
-    b = torch.randn(N, device=device, generator=g).to(dtype)
-    act = "gelu" if epilogue == "gelu" else "none"
+    sets, w, b, act = _problem(M, K, N, epilogue, dtype, device, n_inputs)
     flops = 2 * M * N * K
     out_bytes, res_bytes = 2, 2 if epilogue == "residual" else 0
     row = {"shape": name, "M": M, "K": K, "N": N, "epilogue": epilogue,

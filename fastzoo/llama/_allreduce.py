@@ -118,6 +118,15 @@ def _group_name(group) -> str:
     return str((group if group is not None else dist.group.WORLD).group_name)
 
 
+def _setup_args(kind: str, dtypes, group, device, dtype: torch.dtype):
+    """A set-up's checked dtype, and its device (with an index), group name and item size."""
+    from .config import LlamaError
+    if dtype not in dtypes:
+        raise LlamaError(f"the {kind} all-reduce supports {[str(d) for d in dtypes]}, "
+                         f"the model's activations are {dtype}")
+    return _cuda_device(device), _group_name(group), torch.empty((), dtype=dtype).element_size()
+
+
 def _cuda_device(device) -> torch.device:
     device = torch.device(device)
     if device.index is None:  # the key the ops look up is the tensors' device index
@@ -159,13 +168,7 @@ def setup_symm_mem(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_S
     """Allocate and rendezvous the symmetric buffer of ``group`` for ``dtype`` on ``device``
     (once; later calls reuse it), check one all-reduce against the expected sum, and return
     the spec the traced modules keep.  Collective; call :func:`symm_mem_problem` first."""
-    from .config import LlamaError
-    if dtype not in SYMM_MEM_DTYPES:
-        raise LlamaError(f"the symm_mem all-reduce supports {[str(d) for d in SYMM_MEM_DTYPES]}, "
-                         f"the model's activations are {dtype}")
-    device = _cuda_device(device)
-    name = _group_name(group)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    device, name, itemsize = _setup_args("symm_mem", SYMM_MEM_DTYPES, group, device, dtype)
     numel = max(max_bytes // itemsize // 8 * 8, 8)  # whole 16-byte vectors
     key = (name, dtype, device.index)
     buf = _BUFFERS.get(key)
@@ -191,12 +194,7 @@ def setup_lamport(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_SY
     one all-reduce and returns the spec the traced modules keep.  Collective."""
     from ..ops.lamport_all_reduce import LAMPORT_BLOCK, LAMPORT_DTYPES, lamport_sentinel_fill_
     from .config import LlamaError
-    if dtype not in LAMPORT_DTYPES:
-        raise LlamaError(f"the lamport all-reduce supports {[str(d) for d in LAMPORT_DTYPES]}, "
-                         f"the model's activations are {dtype}")
-    device = _cuda_device(device)
-    name = _group_name(group)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    device, name, itemsize = _setup_args("lamport", LAMPORT_DTYPES, group, device, dtype)
     capacity = -(-max(max_bytes // itemsize, 1) // LAMPORT_BLOCK) * LAMPORT_BLOCK  # whole blocks, rounded up
     key = (name, dtype, device.index)
     state = _LAMPORT.get(key)

@@ -734,13 +734,18 @@ def _symm_worker(rank, init_file, out):
         _save_on_rank0(res, out)
 
 
-@pytest.mark.cuda
-def test_symm_mem_all_reduce_equals_nccl_two_gpus(tmp_path):
+def _spawn_on_gpus(worker, tmp_path):
+    """Run ``worker(rank, init_file, out)`` on WORLD GPUs (skip with fewer); every rank's results."""
     import torch.multiprocessing as mp
     if torch.cuda.device_count() < WORLD:
         pytest.skip(f"needs {WORLD} GPUs")
-    mp.spawn(_symm_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
-    for res in torch.load(tmp_path / "out.pt"):
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.cuda
+def test_symm_mem_all_reduce_equals_nccl_two_gpus(tmp_path):
+    for res in _spawn_on_gpus(_symm_worker, tmp_path):
         assert res["problem"] is None
         assert res["backend"] in (None, "CUDA"), res["backend"]
         # two ranks: one correctly rounded addition either way, so the sums are equal
@@ -813,12 +818,7 @@ def _lamport_worker(rank, init_file, out):
 
 @pytest.mark.cuda
 def test_lamport_all_reduce_equals_nccl_two_gpus(tmp_path):
-    import torch.multiprocessing as mp
-    if torch.cuda.device_count() < WORLD:
-        pytest.skip(f"needs {WORLD} GPUs")
-    mp.spawn(_lamport_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=WORLD, join=True)
-    every = torch.load(tmp_path / "out.pt")
-    for res in every:
+    for res in _spawn_on_gpus(_lamport_worker, tmp_path):
         # two ranks: the fp32 sum of two values and the residual, rounded once, as computed here
         assert all(d == 0 for _, _, d in res["eager"]), res["eager"]
         assert res["clean"] == [True, True, True], res["clean"]
