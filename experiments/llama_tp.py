@@ -42,6 +42,10 @@ of ``--allreduce-chain`` dependent calls (each reduces the previous output, as a
 2 × n_layers all-reduces follow each other) in one graph, per call (median µs); checks that all
 give the same sums, and saves ``llama_tp_allreduce_ws<N>.json``.
 
+``--simulate-world N`` (one process, one GPU) runs a plain model whose blocks are one rank's
+shard of an N-way split, with no all-reduce: the decode step N GPUs would take if communication
+were free, the bound of what tensor parallelism can reach (record suffix ``_sim<N>``).
+
 Rank 0 saves ``llama_tp_<preset>_<dtype|quant>_ws<N>_<compile|eager>.json`` under
 ``experiments/results/<gpu>/``.  ``--summary FILE...`` prints a table of saved records.
 Without a GPU only the tiny CPU presets run (gloo), for testing.
@@ -68,7 +72,7 @@ from fastzoo.llama.generate import Generator
 from fastzoo.llama.model import Transformer
 from fastzoo.llama._allreduce import (all_reduce, setup_lamport, setup_symm_mem, symm_mem_backend,
                                       symm_mem_problem)
-from fastzoo.llama.tp import setup_allreduce_, shard_model_
+from fastzoo.llama.tp import setup_allreduce_, shard_config, shard_model_
 from fastzoo.quant import quantize_
 
 
@@ -176,7 +180,8 @@ def _result_name(args, world_size: int, allreduce: str = "nccl") -> str:
     # NCCL and one rank keep the names of the records made before the all-reduce choice existed
     return (args.name or f"llama_tp_{args.preset}_{args.quantize or args.dtype}_ws{world_size}_"
             + ("compile" if args.compile else "eager")
-            + ("" if allreduce in ("nccl", "none") else f"_{allreduce}")).replace("/", "-")
+            + ("" if allreduce in ("nccl", "none") else f"_{allreduce}")
+            + (f"_sim{args.simulate_world}" if getattr(args, "simulate_world", None) else "")).replace("/", "-")
 
 
 def summary(paths) -> list[dict]:
@@ -188,11 +193,14 @@ def summary(paths) -> list[dict]:
             r = json.load(f)
         if "decode_tokens_per_s" in r.get("figures", {}):
             recs.append(r["figures"])
-    base = {(f["preset"], f["weights"], f["compile"]): f["decode_tokens_per_s"] for f in recs if f["world_size"] == 1}
+    base = {(f["preset"], f["weights"], f["compile"]): f["decode_tokens_per_s"] for f in recs
+            if f["world_size"] == 1 and not f.get("simulated_world_size")}
     rows = []
     for f in sorted(recs, key=lambda f: (f["compile"] is False, f["preset"], f["weights"], f["world_size"])):
         b = base.get((f["preset"], f["weights"], f["compile"]))
-        rows.append({"model": f["preset"], "weights": f["weights"], "gpus": f["world_size"],
+        sim = f.get("simulated_world_size")
+        rows.append({"model": f["preset"], "weights": f["weights"],
+                     "gpus": f"1 as {sim} (no comm)" if sim else f["world_size"],
                      "allreduce": f.get("allreduce", "nccl" if f["world_size"] > 1 else "none"),
                      "compile": f["compile"], "tok/s": f["decode_tokens_per_s"],
                      "vs_1gpu": f["decode_tokens_per_s"] / b if b else "",
@@ -233,6 +241,10 @@ def main(argv=None):
                    help="message sizes of --allreduce-bench in KB")
     p.add_argument("--allreduce-chain", type=int, default=64,
                    help="--allreduce-bench: dependent all-reduces per CUDA graph (a 32-layer decode step: 64)")
+    p.add_argument("--simulate-world", type=int, default=None, metavar="N",
+                   help="one GPU, no communication: a plain model whose blocks are one rank's shard of an "
+                        "N-way split (local heads and MLP width; embedding and output whole): the decode step "
+                        "of N GPUs with free all-reduces, a bound for tensor parallelism")
     p.add_argument("--profile", action="store_true",
                    help="also profile one more run's decode steps on rank 0 (GPU kernels, time per step)")
     args = p.parse_args(argv)
@@ -255,6 +267,13 @@ def main(argv=None):
     world_size, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", str(rank)))
     cfg = LlamaConfig.from_preset(args.preset)
+    if args.simulate_world:
+        if world_size != 1:
+            sys.exit("error: --simulate-world runs in one process (no torchrun, or --nproc-per-node 1)")
+        try:
+            cfg = shard_config(cfg, args.simulate_world)  # one rank's blocks, as a plain model
+        except LlamaError as e:
+            sys.exit(f"error: {e}")
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             sys.exit(f"error: rank {rank} needs GPU {local_rank}, but only {torch.cuda.device_count()} are visible")
@@ -334,7 +353,7 @@ def _bench(args, cfg, rank, world_size, device):
     rate = statistics.median(res.steps / res.decode_s for _, res in runs)
     figures = {
         "preset": args.preset, "dtype": str(dtype), "quantize": args.quantize, "weights": weights,
-        "world_size": world_size, "allreduce": allreduce,
+        "world_size": world_size, "allreduce": allreduce, "simulated_world_size": args.simulate_world,
         "symm_mem_backend": symm_mem_backend(device) if allreduce in ("symm_mem", "lamport") else None,
         "batch": args.batch, "compile": args.compile,
         "compile_prefill": args.compile and args.compile_prefill,

@@ -51,6 +51,31 @@ def test_tp_benchmark_world_size_1_on_cpu(tmp_path, capsys):
     assert table[1].split()[:5] == ["tiny", "fp32", "1", "none", "False"]
 
 
+def test_tp_benchmark_simulated_world_on_cpu(tmp_path, capsys):
+    """--simulate-world 2: one process runs a plain model of one rank's shard (half the heads and
+    MLP width, embedding and output whole), recorded under its own name; --summary does not take
+    it as the 1-GPU baseline."""
+    from experiments import llama_tp
+    from fastzoo.llama.config import LlamaConfig
+    args = ["--preset", "tiny", "--dtype", "fp32", "--no-compile", "--new-tokens", "6", "--runs", "1",
+            "--out-dir", str(tmp_path)]
+    full = llama_tp.main(args)
+    sim = llama_tp.main(args + ["--simulate-world", "2"])
+    assert sim["simulated_world_size"] == 2 and sim["world_size"] == 1 and full["simulated_world_size"] is None
+    cfg = LlamaConfig.from_preset("tiny")
+    # the projections of a block (wqkv, wo, w1|w3, w2), fp32; half of them leave each block
+    per_block = (cfg.dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim + 3 * cfg.dim * cfg.intermediate_size) * 4
+    assert full["weight_bytes_per_gpu"] - sim["weight_bytes_per_gpu"] == cfg.n_layers * per_block // 2
+    capsys.readouterr()
+    llama_tp.main(["--summary", str(tmp_path / "llama_tp_tiny_fp32_ws1_eager.json"),
+                   str(tmp_path / "llama_tp_tiny_fp32_ws1_eager_sim2.json")])
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()[1:3]]
+    assert rows[0][2] == "1" and rows[0][6] == "1"  # the baseline: vs_1gpu 1
+    assert rows[1][2:6] == ["1", "as", "2", "(no"]
+    with pytest.raises(SystemExit, match="cannot shard"):
+        llama_tp.main(args + ["--simulate-world", "3"])
+
+
 def test_tp_benchmark_names_and_summary_of_allreduce_records(tmp_path, capsys):
     """symm_mem runs get their own record name (NCCL / one-rank names unchanged); --summary
     tabulates the micro-benchmark's rows after the decode table."""
