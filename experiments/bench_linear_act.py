@@ -134,9 +134,11 @@ def main(argv: list[str] | None = None) -> None:
                               for k, v in r["configs"].items()), flush=True)
             figures = {"bf16_tflops_ceiling" if dtype == torch.bfloat16 else "fp16_tflops_ceiling": ceiling,
                        "rows": rows}
-            path = harness.save_result("linear_act_sweep", figures, args, out_dir=args.out_dir)
+            if not args.quick:  # --quick saves nothing
+                path = harness.save_result("linear_act_sweep", figures, args, out_dir=args.out_dir)
             torch.cuda.empty_cache()
-        print("saved", path)
+        if not args.quick:
+            print("saved", path)
         return
     rows = []
     for shape in shapes:

@@ -30,17 +30,17 @@ prefill.  Recorded, from rank 0 (all ranks run in lockstep):
   that as a % of the device-to-device copy bandwidth measured in the same run;
 * time to first token, compile time (first run minus a steady run), model set-up time;
 * latency of one eager NCCL all-reduce of a ``dim``-sized activation (the decode step runs
-  2 × n_layers of them) and of the model's own all-reduce in a CUDA graph (per call, in a chain
-  of ``--allreduce-chain`` dependent calls),
+  2 × n_layers of them) and of the model's own all-reduce in a CUDA graph (one call; and per
+  call in a chain of ``--allreduce-chain`` calls each adding the previous output as residual),
   inductor's count of CUDA-graph skips, peak GPU memory, and whether every rank sampled the
   same tokens.
 
 ``--allreduce-bench`` (no model) times one all-reduce of ``--allreduce-kb`` sizes of bf16
 (default 8 and 32 KB: one and four tokens of Llama-2-7B's 4096-wide hidden state), NCCL against
 symm_mem and lamport: eager calls, one call captured in a CUDA graph and replayed, and a chain
-of ``--allreduce-chain`` dependent calls (each reduces the previous output, as a decode step's
-2 × n_layers all-reduces follow each other) in one graph, per call (median µs); checks that all
-give the same sums, and saves ``llama_tp_allreduce_ws<N>.json``.
+of ``--allreduce-chain`` calls in one graph, each adding the previous output as its residual (as
+a decode step's 2 × n_layers all-reduces plus residuals follow each other), per call (median
+µs); checks that all give the same sums, and saves ``llama_tp_allreduce_ws<N>.json``.
 
 ``--simulate-world N`` (one process, one GPU) runs a plain model whose blocks are one rank's
 shard of an N-way split, with no all-reduce: the decode step N GPUs would take if communication
@@ -104,24 +104,31 @@ def _allreduce_us(dim: int, dtype, device, group) -> float:
     return t["median_ms"] * 1e3
 
 
-def _allreduce_call(x, group, symm):
-    """One all-reduce of ``x`` as the compiled decode step issues it: the functional NCCL op and
-    its wait (``symm`` None), or the spec's symmetric-memory custom op."""
+def _allreduce_call(x, group, symm, residual=None):
+    """One all-reduce of ``x`` as the compiled decode step issues it, plus ``residual`` when
+    given: the functional NCCL op and its wait (``symm`` None), or the spec's symmetric-memory
+    custom op (lamport adds the residual in its kernel, the others in a kernel after)."""
     if symm is not None:
-        return lambda: all_reduce(x, group, symm)
+        return lambda: all_reduce(x, group, symm, residual=residual)
     c10d = torch.ops._c10d_functional
     name = str(group.group_name)
-    return lambda: c10d.wait_tensor(c10d.all_reduce(x, "sum", name))
+    if residual is None:
+        return lambda: c10d.wait_tensor(c10d.all_reduce(x, "sum", name))
+    return lambda: residual + c10d.wait_tensor(c10d.all_reduce(x, "sum", name))
 
 
 def _graph_allreduce_us(x, group, symm, device, chain: int = 1) -> float:
     """Median µs per all-reduce of ``x`` (``symm`` set: its symmetric-memory op, else NCCL) in
-    CUDA-graph replays of ``chain`` dependent calls (each reduces the previous output, scaled
-    back to stay finite)."""
+    CUDA-graph replays: one call (``chain`` 1), or ``chain`` calls each adding the previous
+    call's output as its residual, as a decode step's all-reduces follow each other (each call
+    waits for the previous; the sums grow linearly, never overflow; the residual add is part of
+    what is timed, as in the step)."""
     def calls():
-        y = x
+        if chain == 1:
+            return _allreduce_call(x, group, symm)()
+        y = torch.zeros_like(x)
         for _ in range(chain):
-            y = _allreduce_call(y, group, symm)() * 0.5
+            y = _allreduce_call(x, group, symm, residual=y)()
         return y
     _barrier(device)
     t = harness.bench(calls, warmup=5, rep=100 if chain > 1 else 200, device=device, cuda_graph=True)
@@ -325,11 +332,12 @@ def _bench(args, cfg, rank, world_size, device):
         f"all-reduce: {allreduce}")
     copy_gbs = harness.measure_copy_bandwidth(device=device) if device.type == "cuda" else None
     allreduce_us = _allreduce_us(cfg.dim, dtype, device, group) if world_size > 1 else None
-    graph_allreduce_us = None
+    graph_allreduce_us = graph_allreduce_chain_us = None
     if world_size > 1 and device.type == "cuda":  # the model's own all-reduce, as the decode graph runs it
         symm = model.layers[0].feed_forward.tp_symm
-        graph_allreduce_us = _graph_allreduce_us(torch.randn(1, 1, cfg.dim, dtype=dtype, device=device),
-                                                 group, symm, device, chain=args.allreduce_chain)
+        x = torch.randn(1, 1, cfg.dim, dtype=dtype, device=device)
+        graph_allreduce_us = _graph_allreduce_us(x, group, symm, device)
+        graph_allreduce_chain_us = _graph_allreduce_us(x, group, symm, device, chain=args.allreduce_chain)
 
     # eager prefill unless --compile-prefill: halves the compile time (documented above)
     gen = Generator(model, compile=args.compile, compile_backend=args.compile_backend,
@@ -360,6 +368,7 @@ def _bench(args, cfg, rank, world_size, device):
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
         "weight_bytes_per_gpu": weight_bytes, "setup_s": setup_s,
         "copy_bandwidth_gbs": copy_gbs, "allreduce_us": allreduce_us, "graph_allreduce_us": graph_allreduce_us,
+        "graph_allreduce_chain_us": graph_allreduce_chain_us,
         "decode_tokens_per_s": rate, "total_tokens_per_s": args.batch * rate,
         "bandwidth_gbs_per_gpu": weight_bytes * rate / 1e9,
         "time_to_first_token_ms": statistics.median(res.prefill_s for _, res in runs) * 1e3,
@@ -396,7 +405,8 @@ def _bench(args, cfg, rank, world_size, device):
         + f", TTFT {figures['time_to_first_token_ms']:.1f} ms"
         + (f", compile {figures['compile_s']:.1f} s" if args.compile else "")
         + (f", NCCL all-reduce {allreduce_us:.1f} us (eager)" if allreduce_us else "")
-        + (f", {allreduce} all-reduce {graph_allreduce_us:.1f} us (CUDA graph)" if graph_allreduce_us else "")
+        + (f", {allreduce} all-reduce {graph_allreduce_us:.1f} us (CUDA graph; {graph_allreduce_chain_us:.1f} us "
+           f"a call in a chain of {args.allreduce_chain} with residuals)" if graph_allreduce_us else "")
         + f", CUDA-graph skips {figures['cudagraph_skips']}")
     if rank == 0 and not args.no_save:
         path = harness.save_result(_result_name(args, world_size, allreduce), figures, args, out_dir=args.out_dir)

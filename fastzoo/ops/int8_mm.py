@@ -658,6 +658,7 @@ if triton_available():
     )
     TMA_FLOAT_CONFIGS = [c for n in _TMA_FLOAT_AUTOTUNE_NAMES for c in TMA_FLOAT_SWEEP_CONFIGS
                          if tma_config_name(c) == n]
+    assert len(TMA_FLOAT_CONFIGS) == len(_TMA_FLOAT_AUTOTUNE_NAMES), "a float autotune name matches no candidate"
     _float_mm_tma = triton.autotune(
         configs=TMA_FLOAT_CONFIGS,
         key=["M_BUCKET", "N", "K", "out_bytes", "HAS_BIAS", "ACT_GELU", "HAS_RESIDUAL", "NUM_SMS"],
