@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import LOG2E, cuda_kernel_applies, launch, triton_available, unit_stride_last
+from ._common import LOG2E, cuda_kernel_applies, launch, short_bench, triton_available, unit_stride_last
 from .int8_mm import requantize_int8_ref
 
 FLOAT_OUT = (torch.bfloat16, torch.float16, torch.float32)
@@ -135,7 +135,8 @@ if triton_available():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
     ]
 
-    @triton.autotune(configs=_CONFIGS, key=["Nq", "Nk", "BLOCK_D", "V_INT8", "OUT_INT8", "PV_FP16"])
+    @triton.autotune(configs=_CONFIGS, key=["Nq", "Nk", "BLOCK_D", "V_INT8", "OUT_INT8", "PV_FP16"],
+                     do_bench=short_bench)
     @triton.jit
     def _int8_attention_kernel(
         q_ptr, k_ptr, v_ptr, qs_ptr, ks_ptr, vs_ptr, o_ptr, os_ptr,

@@ -350,6 +350,7 @@ if triton_available():
         configs=_CONFIGS,
         key=["M_BUCKET", "N", "K"],
         prune_configs_by={"early_config_prune": _prune_configs},
+        do_bench=short_bench,
     )
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, triton_available
+from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, short_bench, triton_available
 from .quantize_rows import EPS, _round_half_away
 
 _MAX_D = 16384  # a row must fit in registers
@@ -90,6 +90,7 @@ if triton_available():
             triton.Config({"BLOCK_M": 8}, num_warps=8),
         ],
         key=["D", "BLOCK_D", "STATIC"],
+        do_bench=short_bench,
     )
     @triton.jit
     def _layernorm_quant_int8_kernel(

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, triton_available
+from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, short_bench, triton_available
 
 EPS = 1e-12
 _MAX_SINGLE_PASS = 16384
@@ -61,6 +61,7 @@ if triton_available():
             triton.Config({"BLOCK_M": 16}, num_warps=4),
         ],
         key=["N", "BLOCK_N", "SINGLE_PASS"],
+        do_bench=short_bench,
     )
     @triton.jit
     def _quantize_rows_int8_kernel(

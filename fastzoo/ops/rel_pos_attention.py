@@ -44,7 +44,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, next_pow2, triton_available, unit_stride_last
+from ._common import (FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, next_pow2, short_bench, triton_available,
+                      unit_stride_last)
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -110,7 +111,7 @@ if triton_available():
         return kept or configs[:1]
 
     @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD"],
-                     prune_configs_by={"early_config_prune": _prune_grid_configs})
+                     prune_configs_by={"early_config_prune": _prune_grid_configs}, do_bench=short_bench)
     @triton.jit
     def _rel_pos_attention_kernel(
         q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr,
