@@ -14,6 +14,8 @@ Configurations (``--configs``, comma-separated, or ``all``):
 - ``fz-compile-max``: the same with ``compile_mode="max-autotune-no-cudagraphs"`` (inductor
   autotunes Triton GEMM templates, which can take the GELU into the GEMM's epilogue);
 - ``fz-full-compile``: fused kernel, the whole encoder compiled as one graph;
+- ``<any fz- compiled configuration>+cg`` (e.g. ``fz-compile+cg``): the same compiled with
+  ``compile_mode="reduce-overhead"`` (CUDA graphs: one launch per compiled region);
 - ``fz-int8`` / ``fz-sparse`` / ``fz-int8+sparse`` / ``fz-int8static``: ``build_sam_fast(...,
   quantize=...)`` (``int8static``: calibrated on 4 random images like the other inputs; skipped
   with the reason where this tree's ``build_sam_fast`` has no such option).
@@ -90,6 +92,9 @@ def build_config(name: str, model_type: str, base_sam, dtype, device):
         enc = _sa_encoder(model_type, copy.deepcopy(base_sam.image_encoder)).to(device=device, dtype=dtype).eval()
         return torch.compile(enc) if name == "sa-compile" else enc
     kwargs = {}
+    if name.startswith("fz-") and name.endswith("+cg"):  # the same, compiled with CUDA graphs
+        name = name[:-len("+cg")]
+        kwargs["compile_mode"] = "reduce-overhead"
     if name in ("fz-ref-eager", "fz-eager"):
         kwargs = {"compile": False, "kernel": "sdpa" if name == "fz-ref-eager" else "fused"}
     elif name == "fz-full-compile":
@@ -230,8 +235,9 @@ def main(argv=None) -> None:
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     args.configs = ALL_CONFIGS if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
     for c in args.configs:
-        if c not in ALL_CONFIGS:
-            p.error(f"--configs expects names among {ALL_CONFIGS}, got {c!r}")
+        base = c[:-len("+cg")] if c.endswith("+cg") else c
+        if base not in ALL_CONFIGS or (base != c and (not base.startswith("fz-") or base in ("fz-ref-eager", "fz-eager"))):
+            p.error(f"--configs expects names among {ALL_CONFIGS} (a compiled fz- one may end in +cg), got {c!r}")
     dtype = parse_dtype(args.dtype)
     device = harness.require_cuda("the SAM throughput benchmark")
     bf16 = harness.measure_matmul_tflops(torch.bfloat16)

@@ -217,6 +217,19 @@ def _with_recompile_headroom(fn):
     return call
 
 
+def _cudagraph_steps(fn):
+    """An encoder forward whose compiled regions run as CUDA graphs (inductor's cudagraph trees):
+    each call begins a new step of the trees (the regions of one call chain their outputs; a
+    later call may reuse the memory of an earlier one's), and the output is copied out of the
+    graphs' memory pool, so callers may keep embeddings across calls."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args, **kwargs).clone()
+
+    return call
+
+
 #: Inductor options of every image-encoder compile (``options=`` overrides them).
 #: ``triton.multi_kernel``: a row reduction up to 16384 wide is compiled both as a persistent
 #: kernel (the row in registers, one pass) and as the looped kernel inductor alone keeps for rows
@@ -270,12 +283,13 @@ def compile_image_encoder(
             kw["mode"] = mode
         if options:
             kw["options"] = options
+    steps = _cudagraph_steps if kw.get("options", {}).get("triton.cudagraphs") else (lambda fn: fn)
     if compile == "full":
-        encoder.forward = _with_recompile_headroom(torch.compile(encoder.forward, **kw))
+        encoder.forward = steps(_with_recompile_headroom(torch.compile(encoder.forward, **kw)))
         return encoder
     for module in (encoder.patch_embed, *encoder.blocks, encoder.neck):
         module.compile(**kw)
-    encoder.forward = _with_recompile_headroom(encoder.forward)
+    encoder.forward = steps(_with_recompile_headroom(encoder.forward))
     return encoder
 
 

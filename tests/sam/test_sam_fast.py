@@ -105,6 +105,27 @@ def test_inductor_compiles_get_the_encoder_options_and_the_mode_as_options(monke
     assert calls[0] == {"backend": "eager", "dynamic": False, "mode": "default"}
 
 
+def test_cuda_graph_modes_begin_a_step_per_call_and_copy_the_output_out(monkeypatch):
+    """With a mode (or options) that turns on inductor's CUDA graphs, each encoder call begins a
+    new cudagraph-tree step and returns a copy (callers may keep embeddings across calls: the
+    graphs reuse their memory); without, the forward is left as it was."""
+    steps = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: None)  # the regions stay eager here
+    x = torch.randn(1, 3, IMG, IMG)
+    for mode, options, marked in (("reduce-overhead", None, True), (None, {"triton.cudagraphs": True}, True),
+                                  (None, None, False), ("max-autotune-no-cudagraphs", None, False)):
+        steps.clear()
+        enc = tiny_encoder(depth=1, global_idx=(0,)).eval()
+        with torch.no_grad():
+            want = enc(x)
+            compile_image_encoder(enc, "regional", mode=mode, options=options)
+            outs = [enc(x), enc(x)]
+        assert steps == ([1, 1] if marked else []), (mode, options)
+        assert all(torch.equal(o, want) for o in outs)
+        assert outs[0].data_ptr() != outs[1].data_ptr()
+
+
 def test_compile_and_quantize_argument_errors():
     with pytest.raises(ValueError, match="compile must be one of .*'regional', 'full'.*found 'partial'"):
         compile_image_encoder(tiny_encoder(), "partial")
