@@ -15,6 +15,7 @@ from .quantize_rows import quantize_rows_int8, quantize_rows_int8_ref, quantize_
 from .layernorm_quant import layernorm_quant_int8, layernorm_quant_int8_ref, layernorm_quant_int8_triton
 from .int8_attention import int8_attention, int8_attention_ref, int8_attention_triton
 from .decode_attention import apply_rope, decode_attention, decode_attention_ref, decode_attention_triton
+from .lamport_all_reduce import lamport_all_reduce_ref, lamport_all_reduce_triton
 from .linear_act import linear_act, linear_act_ref, linear_act_triton
 
 __all__ = [
@@ -29,5 +30,6 @@ __all__ = [
     "layernorm_quant_int8", "layernorm_quant_int8_ref", "layernorm_quant_int8_triton",
     "int8_attention", "int8_attention_ref", "int8_attention_triton",
     "apply_rope", "decode_attention", "decode_attention_ref", "decode_attention_triton",
+    "lamport_all_reduce_ref", "lamport_all_reduce_triton",
     "linear_act", "linear_act_ref", "linear_act_triton",
 ]
