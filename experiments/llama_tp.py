@@ -44,7 +44,9 @@ a decode step's 2 × n_layers all-reduces plus residuals follow each other), per
 
 ``--simulate-world N`` (one process, one GPU) runs a plain model whose blocks are one rank's
 shard of an N-way split, with no all-reduce: the decode step N GPUs would take if communication
-were free, the bound of what tensor parallelism can reach (record suffix ``_sim<N>``).
+were free, the bound of what tensor parallelism can reach (record suffix ``_sim<N>``).  With
+``--simulate-allreduce lamport`` each all-reduce is a real one-rank lamport kernel instead (its
+own cost in the step, without the NVLink trip; suffix ``_sim<N>_lamport``).
 
 Rank 0 saves ``llama_tp_<preset>_<dtype|quant>_ws<N>_<compile|eager>.json`` under
 ``experiments/results/<gpu>/``.  ``--summary FILE...`` prints a table of saved records.
@@ -187,8 +189,9 @@ def _result_name(args, world_size: int, allreduce: str = "nccl") -> str:
     # NCCL and one rank keep the names of the records made before the all-reduce choice existed
     return (args.name or f"llama_tp_{args.preset}_{args.quantize or args.dtype}_ws{world_size}_"
             + ("compile" if args.compile else "eager")
-            + ("" if allreduce in ("nccl", "none") else f"_{allreduce}")
-            + (f"_sim{args.simulate_world}" if getattr(args, "simulate_world", None) else "")).replace("/", "-")
+            + ("" if allreduce in ("nccl", "none") or getattr(args, "simulate_world", None) else f"_{allreduce}")
+            + (f"_sim{args.simulate_world}" if getattr(args, "simulate_world", None) else "")
+            + ("_lamport" if getattr(args, "simulate_allreduce", "none") == "lamport" else "")).replace("/", "-")
 
 
 def summary(paths) -> list[dict]:
@@ -252,6 +255,9 @@ def main(argv=None):
                    help="one GPU, no communication: a plain model whose blocks are one rank's shard of an "
                         "N-way split (local heads and MLP width; embedding and output whole): the decode step "
                         "of N GPUs with free all-reduces, a bound for tensor parallelism")
+    p.add_argument("--simulate-allreduce", choices=["none", "lamport"], default="none",
+                   help="with --simulate-world: the all-reduces are the identity (none) or a one-rank lamport "
+                        "kernel (its own cost in the step, without NVLink)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one more run's decode steps on rank 0 (GPU kernels, time per step)")
     args = p.parse_args(argv)
@@ -274,11 +280,13 @@ def main(argv=None):
     world_size, rank = int(env.get("WORLD_SIZE", "1")), int(env.get("RANK", "0"))
     local_rank = int(env.get("LOCAL_RANK", str(rank)))
     cfg = LlamaConfig.from_preset(args.preset)
+    if args.simulate_allreduce != "none" and not args.simulate_world:
+        sys.exit("error: --simulate-allreduce goes with --simulate-world")
     if args.simulate_world:
         if world_size != 1:
             sys.exit("error: --simulate-world runs in one process (no torchrun, or --nproc-per-node 1)")
         try:
-            cfg = shard_config(cfg, args.simulate_world)  # one rank's blocks, as a plain model
+            shard_config(cfg, args.simulate_world)  # raises where the model does not split N ways
         except LlamaError as e:
             sys.exit(f"error: {e}")
     if torch.cuda.is_available():
@@ -312,6 +320,24 @@ def _barrier(device):
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
+def _simulated_allreduce_(model, kind: str, device, dtype) -> str:
+    """--simulate-world: the shard's all-reduces become the identity plus the residual
+    (``"none"``: the plain model's own fused path, wo / w2 adding the residual), or a real
+    one-rank lamport kernel (``"lamport"``: the kernel's own cost in the step, without NVLink)."""
+    from fastzoo.llama.model import Attention, FeedForward
+    from fastzoo.llama.tp import TPAttention, TPFeedForward
+    tp = [m for m in model.modules() if isinstance(m, (TPAttention, TPFeedForward))]
+    if kind == "none":
+        for m in tp:  # the plain modules: no all-reduce, the residual fused into wo / w2
+            m.__class__ = Attention if isinstance(m, TPAttention) else FeedForward
+        return "none"
+    from fastzoo.llama._allreduce import setup_lamport_local
+    spec = setup_lamport_local(device, dtype)
+    for m in tp:
+        m.tp_symm = spec
+    return "lamport (one rank)"
+
+
 def _bench(args, cfg, rank, world_size, device):
     from torch._dynamo.utils import counters
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if rank == 0 else (lambda *a: None)
@@ -320,9 +346,14 @@ def _bench(args, cfg, rank, world_size, device):
 
     sync(device)
     t0 = time.perf_counter()
-    model = random_tp_model(cfg, rank, world_size, device, dtype, args.quantize, group, seed=args.seed,
-                            progress=rank == 0)
-    allreduce = setup_allreduce_(model, args.allreduce)  # collective; the same choice on every rank
+    if args.simulate_world:  # rank 0's shard of an N-way split, alone on this GPU
+        model = random_tp_model(cfg, 0, args.simulate_world, device, dtype, args.quantize, None, seed=args.seed,
+                                progress=True)
+        allreduce = _simulated_allreduce_(model, args.simulate_allreduce, device, dtype)
+    else:
+        model = random_tp_model(cfg, rank, world_size, device, dtype, args.quantize, group, seed=args.seed,
+                                progress=rank == 0)
+        allreduce = setup_allreduce_(model, args.allreduce)  # collective; the same choice on every rank
     sync(device)
     setup_s = time.perf_counter() - t0
     weight_bytes = model.weight_bytes()

@@ -243,6 +243,25 @@ def _(x, group_name):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def setup_lamport_local(device, dtype: torch.dtype, max_bytes: int = DEFAULT_SYMM_MEM_BYTES,
+                        name: str = "local") -> SymmMemSpec:
+    """A one-rank lamport state under the group name ``name`` (no process group, plain device
+    memory): the kernel pushes into its own buffer and reduces one slot.  For measuring the
+    kernel's own cost inside a step on one GPU (``experiments.llama_tp --simulate-world N
+    --simulate-allreduce lamport``); the sum is the input."""
+    from ..ops.lamport_all_reduce import LAMPORT_BLOCK, LAMPORT_DTYPES, lamport_sentinel_fill_
+    device = _cuda_device(device) if torch.device(device).type == "cuda" else torch.device(device)
+    if dtype not in LAMPORT_DTYPES:
+        raise ValueError(f"the lamport all-reduce supports {[str(d) for d in LAMPORT_DTYPES]}, got {dtype}")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    capacity = -(-max(max_bytes // itemsize, 1) // LAMPORT_BLOCK) * LAMPORT_BLOCK
+    buf = lamport_sentinel_fill_(torch.empty(2 * capacity, dtype=dtype, device=device))
+    ptrs = torch.tensor([buf.data_ptr()], dtype=torch.int64, device=device)
+    counters = torch.zeros(capacity // LAMPORT_BLOCK, dtype=torch.int32, device=device)
+    _LAMPORT[(name, dtype, device.index)] = _Lamport(buf, ptrs, counters, 0, 1, capacity)
+    return ("lamport", name, dtype, capacity)
+
+
 @torch.library.custom_op("fastzoo::lamport_all_reduce", mutates_args=())
 def lamport_all_reduce(x: torch.Tensor, residual: torch.Tensor | None, group_name: str) -> torch.Tensor:
     """``residual + Σ_ranks x`` over the ranks of ``group_name``, in one kernel

@@ -1,4 +1,6 @@
 """experiments/llama_tp on the CPU: the random sharded model and one world-size-1 run."""
+import argparse
+
 import pytest
 import torch
 
@@ -74,6 +76,11 @@ def test_tp_benchmark_simulated_world_on_cpu(tmp_path, capsys):
     assert rows[1][2:6] == ["1", "as", "2", "(no"]
     with pytest.raises(SystemExit, match="cannot shard"):
         llama_tp.main(args + ["--simulate-world", "3"])
+    with pytest.raises(SystemExit, match="goes with --simulate-world"):
+        llama_tp.main(args + ["--simulate-allreduce", "lamport"])
+    ns = argparse.Namespace(name=None, preset="llama-2-7b", quantize=None, dtype="bf16", compile=True,
+                            simulate_world=2, simulate_allreduce="lamport")
+    assert llama_tp._result_name(ns, 1, "lamport (one rank)") == "llama_tp_llama-2-7b_bf16_ws1_compile_sim2_lamport"
 
 
 def test_tp_benchmark_names_and_summary_of_allreduce_records(tmp_path, capsys):
