@@ -320,7 +320,7 @@ def _barrier(device):
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _simulated_allreduce_(model, kind: str, device, dtype) -> str:
+def _simulated_allreduce_(model, kind: str, device, dtype, args) -> str:
     """--simulate-world: the shard's all-reduces become the identity plus the residual
     (``"none"``: the plain model's own fused path, wo / w2 adding the residual), or a real
     one-rank lamport kernel (``"lamport"``: the kernel's own cost in the step, without NVLink)."""
@@ -331,8 +331,13 @@ def _simulated_allreduce_(model, kind: str, device, dtype) -> str:
         for m in tp:  # the plain modules: no all-reduce, the residual fused into wo / w2
             m.__class__ = Attention if isinstance(m, TPAttention) else FeedForward
         return "none"
-    from fastzoo.llama._allreduce import setup_lamport_local
-    spec = setup_lamport_local(device, dtype)
+    from fastzoo.llama._allreduce import DEFAULT_SYMM_MEM_BYTES, setup_lamport_local
+    if device.type != "cuda":
+        sys.exit("error: --simulate-allreduce lamport needs a CUDA GPU")
+    # the prefill's all-reduces too: batch x (prompt bucket, >= 32 tokens) x dim
+    bucket = max(32, 1 << (args.prompt_len - 1).bit_length())
+    spec = setup_lamport_local(device, dtype, max(DEFAULT_SYMM_MEM_BYTES, args.batch * bucket * model.config.dim
+                                                  * torch.empty((), dtype=dtype).element_size()))
     for m in tp:
         m.tp_symm = spec
     return "lamport (one rank)"
@@ -349,7 +354,7 @@ def _bench(args, cfg, rank, world_size, device):
     if args.simulate_world:  # rank 0's shard of an N-way split, alone on this GPU
         model = random_tp_model(cfg, 0, args.simulate_world, device, dtype, args.quantize, None, seed=args.seed,
                                 progress=True)
-        allreduce = _simulated_allreduce_(model, args.simulate_allreduce, device, dtype)
+        allreduce = _simulated_allreduce_(model, args.simulate_allreduce, device, dtype, args)
     else:
         model = random_tp_model(cfg, rank, world_size, device, dtype, args.quantize, group, seed=args.seed,
                                 progress=rank == 0)

@@ -236,8 +236,10 @@ def main(argv=None) -> None:
     args.configs = ALL_CONFIGS if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
     for c in args.configs:
         base = c[:-len("+cg")] if c.endswith("+cg") else c
-        if base not in ALL_CONFIGS or (base != c and (not base.startswith("fz-") or base in ("fz-ref-eager", "fz-eager"))):
-            p.error(f"--configs expects names among {ALL_CONFIGS} (a compiled fz- one may end in +cg), got {c!r}")
+        if base not in ALL_CONFIGS or (base != c and (not base.startswith("fz-")
+                                                      or base in ("fz-ref-eager", "fz-eager", "fz-compile-max"))):
+            p.error(f"--configs expects names among {ALL_CONFIGS} (a compiled fz- one of the default mode may end "
+                    f"in +cg), got {c!r}")
     dtype = parse_dtype(args.dtype)
     device = harness.require_cuda("the SAM throughput benchmark")
     bf16 = harness.measure_matmul_tflops(torch.bfloat16)
