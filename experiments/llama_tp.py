@@ -42,8 +42,8 @@ of ``--allreduce-chain`` calls in one graph, each adding the previous output as 
 a decode step's 2 × n_layers all-reduces plus residuals follow each other), per call (median
 µs); checks that all give the same sums, and saves ``llama_tp_allreduce_ws<N>.json``.
 
-``--simulate-world N`` (one process, one GPU) runs a plain model whose blocks are one rank's
-shard of an N-way split, with no all-reduce: the decode step N GPUs would take if communication
+``--simulate-world N`` (one process, one GPU) runs rank 0's shard of an N-way split with its
+blocks' modules made plain (no all-reduce, the residual fused into wo / w2 as on one GPU): the decode step N GPUs would take if communication
 were free, the bound of what tensor parallelism can reach (record suffix ``_sim<N>``).  With
 ``--simulate-allreduce lamport`` each all-reduce is a real one-rank lamport kernel instead (its
 own cost in the step, without the NVLink trip; suffix ``_sim<N>_lamport``).
@@ -70,7 +70,7 @@ from experiments import harness
 from experiments.llama_decode import fill_random_, random_prompts, sync
 from fastzoo.llama.checkpoint import parse_dtype
 from fastzoo.llama.config import TINY_PRESETS, LlamaConfig, LlamaError
-from fastzoo.llama.generate import Generator
+from fastzoo.llama.generate import Generator, prefill_bucket
 from fastzoo.llama.model import Transformer
 from fastzoo.llama._allreduce import (all_reduce, setup_lamport, setup_symm_mem, symm_mem_backend,
                                       symm_mem_problem)
@@ -334,8 +334,8 @@ def _simulated_allreduce_(model, kind: str, device, dtype, args) -> str:
     from fastzoo.llama._allreduce import DEFAULT_SYMM_MEM_BYTES, setup_lamport_local
     if device.type != "cuda":
         sys.exit("error: --simulate-allreduce lamport needs a CUDA GPU")
-    # the prefill's all-reduces too: batch x (prompt bucket, >= 32 tokens) x dim
-    bucket = max(32, 1 << (args.prompt_len - 1).bit_length())
+    # the prefill's all-reduces too: batch x the prompt's bucket x dim
+    bucket = prefill_bucket(args.prompt_len, model.config.max_position_embeddings)
     spec = setup_lamport_local(device, dtype, max(DEFAULT_SYMM_MEM_BYTES, args.batch * bucket * model.config.dim
                                                   * torch.empty((), dtype=dtype).element_size()))
     for m in tp:

@@ -179,12 +179,22 @@ def setup_symm_mem(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_S
 
 
 class _Lamport:
-    """One group's lamport state on one device: the symmetric buffer (kept alive), every rank's
-    buffer address as mapped here (int64, on the device), the per-program call counters."""
+    """One group's lamport state on one device: its buffer (sentinel-filled here; kept alive),
+    every rank's buffer address as mapped here (int64, on the device) and the per-program half
+    flags (int32 zeros, the kernel's ``counters``)."""
 
-    def __init__(self, buf, ptrs, counters, rank, world_size, capacity):
-        self.buf, self.ptrs, self.counters = buf, ptrs, counters
+    def __init__(self, buf, addresses, rank, world_size, capacity):
+        from ..ops.lamport_all_reduce import LAMPORT_BLOCK, lamport_sentinel_fill_
+        self.buf = lamport_sentinel_fill_(buf)
+        self.ptrs = torch.tensor(addresses, dtype=torch.int64, device=buf.device)
+        self.counters = torch.zeros(capacity // LAMPORT_BLOCK, dtype=torch.int32, device=buf.device)
         self.rank, self.world_size, self.capacity = rank, world_size, capacity
+
+
+def _lamport_capacity(max_bytes: int, itemsize: int) -> int:
+    """Elements per slot for messages of ``max_bytes``: whole kernel blocks, rounded up."""
+    from ..ops.lamport_all_reduce import LAMPORT_BLOCK
+    return -(-max(max_bytes // itemsize, 1) // LAMPORT_BLOCK) * LAMPORT_BLOCK
 
 
 def setup_lamport(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_SYMM_MEM_BYTES) -> SymmMemSpec:
@@ -192,10 +202,10 @@ def setup_lamport(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_SY
     buffer of two halves of ``world_size`` slots of ``max_bytes`` each (rounded to whole
     kernel blocks), filled with the sentinel on every rank before any rank may push; checks
     one all-reduce and returns the spec the traced modules keep.  Collective."""
-    from ..ops.lamport_all_reduce import LAMPORT_BLOCK, LAMPORT_DTYPES, lamport_sentinel_fill_
+    from ..ops.lamport_all_reduce import LAMPORT_DTYPES
     from .config import LlamaError
     device, name, itemsize = _setup_args("lamport", LAMPORT_DTYPES, group, device, dtype)
-    capacity = -(-max(max_bytes // itemsize, 1) // LAMPORT_BLOCK) * LAMPORT_BLOCK  # whole blocks, rounded up
+    capacity = _lamport_capacity(max_bytes, itemsize)
     key = (name, dtype, device.index)
     state = _LAMPORT.get(key)
     if state is not None and state.capacity < capacity:
@@ -206,13 +216,11 @@ def setup_lamport(group, device, dtype: torch.dtype, max_bytes: int = DEFAULT_SY
     if state is None:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         buf, handle = _symmetric_empty(name, 2 * world * capacity, dtype, device)
-        lamport_sentinel_fill_(buf)
         offset = buf.data_ptr() - handle.buffer_ptrs[rank]  # where the tensor lies in each rank's allocation
-        ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
-        counters = torch.zeros(capacity // LAMPORT_BLOCK, dtype=torch.int32, device=device)
+        state = _Lamport(buf, [p + offset for p in handle.buffer_ptrs], rank, world, capacity)
         torch.cuda.synchronize(device)
         dist.barrier(group=group, device_ids=[device.index])  # every buffer holds the sentinel before any push
-        _LAMPORT[key] = state = _Lamport(buf, ptrs, counters, rank, world, capacity)
+        _LAMPORT[key] = state
     _check_setup("lamport", lambda x: lamport_all_reduce(x, None, name), group, dtype, device)
     return ("lamport", name, dtype, state.capacity)
 
@@ -249,16 +257,13 @@ def setup_lamport_local(device, dtype: torch.dtype, max_bytes: int = DEFAULT_SYM
     memory): the kernel pushes into its own buffer and reduces one slot.  For measuring the
     kernel's own cost inside a step on one GPU (``experiments.llama_tp --simulate-world N
     --simulate-allreduce lamport``); the sum is the input."""
-    from ..ops.lamport_all_reduce import LAMPORT_BLOCK, LAMPORT_DTYPES, lamport_sentinel_fill_
+    from ..ops.lamport_all_reduce import LAMPORT_DTYPES
     device = _cuda_device(device) if torch.device(device).type == "cuda" else torch.device(device)
     if dtype not in LAMPORT_DTYPES:
         raise ValueError(f"the lamport all-reduce supports {[str(d) for d in LAMPORT_DTYPES]}, got {dtype}")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    capacity = -(-max(max_bytes // itemsize, 1) // LAMPORT_BLOCK) * LAMPORT_BLOCK
-    buf = lamport_sentinel_fill_(torch.empty(2 * capacity, dtype=dtype, device=device))
-    ptrs = torch.tensor([buf.data_ptr()], dtype=torch.int64, device=device)
-    counters = torch.zeros(capacity // LAMPORT_BLOCK, dtype=torch.int32, device=device)
-    _LAMPORT[(name, dtype, device.index)] = _Lamport(buf, ptrs, counters, 0, 1, capacity)
+    capacity = _lamport_capacity(max_bytes, torch.empty((), dtype=dtype).element_size())
+    buf = torch.empty(2 * capacity, dtype=dtype, device=device)
+    _LAMPORT[(name, dtype, device.index)] = _Lamport(buf, [buf.data_ptr()], 0, 1, capacity)
     return ("lamport", name, dtype, capacity)
 
 

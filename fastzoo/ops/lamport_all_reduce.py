@@ -24,7 +24,7 @@ Which half a call uses is a per-program flag in device memory (read at the start
 flipped at the end by the program itself), so the kernel needs nothing from the host and
 replays under CUDA graphs.  Element ``e`` is always handled by program ``e // BLOCK`` at the
 same place in its slot, whatever the message size, so calls of different sizes keep every
-program's counter and halves consistent across ranks.
+program's flag and halves consistent across ranks.
 
 All ranks must call it with the same sizes in the same order (SPMD).  Program ``j`` of a
 rank waits only for program ``j`` of each peer, which pushes before it spins, so programs need
@@ -121,7 +121,8 @@ def lamport_all_reduce_triton(x: torch.Tensor, residual: torch.Tensor | None, bu
     """Launch the kernel for this rank: ``x`` (contiguous, ≤ ``capacity`` elements, a dtype of
     :data:`LAMPORT_DTYPES`), ``bufs`` int64 ``[world_size]``: every rank's buffer address as
     mapped in this process (each buffer ``2 · world_size · capacity`` elements of ``x.dtype``,
-    filled with the sentinel), ``counters`` int32 ``[capacity / LAMPORT_BLOCK]`` (zeros at first).
+    filled with the sentinel), ``counters`` int32 ``[capacity / LAMPORT_BLOCK]``: the
+    per-program half flags (zeros at first).
     Returns ``out`` (``x``'s shape and dtype).  ``push`` / ``reduce`` = False run one phase
     only: the tests simulate several ranks in one process (push all, then reduce all)."""
     import triton.language as tl

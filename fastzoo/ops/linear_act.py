@@ -19,7 +19,9 @@ GEMM (H100). Here the product runs on the int8 op's persistent TMA kernel
   bf16/fp16 with at least ``TMA_MIN_M`` rows and TMA-compatible strides, the reference
   elsewhere.
 
-Status: correctness tested under the interpreter; not yet timed on a GPU.
+Tested against the reference under the interpreter and on an H100; timed by
+``experiments.bench_linear_act`` (1.01-1.28x compiled cuBLAS + GELU / add at SAM and ViT-L MLP
+shapes on an H100, experiments/results/h100-80gb-hbm3/linear_act.json).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from ._common import triton_available
 from .int8_mm import ACTIVATIONS, _int8_scaled_mm_tma_launch, _tma_path_applies, _tma_ok
 
-FLOAT_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # the kernel's; the reference takes any float
 
 
 def _check(name, x, weight, bias, activation, residual) -> None:
@@ -65,7 +67,7 @@ def linear_act_triton(x, weight, bias=None, *, activation="none", residual=None,
     if not triton_available():
         raise RuntimeError("linear_act_triton needs Triton, which is not importable here")
     _check("linear_act_triton", x, weight, bias, activation, residual)
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(f"linear_act_triton expects bf16 or fp16 x, got {x.dtype}")
     K, N = x.shape[-1], weight.shape[0]
     a = x.reshape(-1, K)
@@ -88,7 +90,7 @@ def _linear_act_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     K, N = x.shape[-1], weight.shape[0]
     out_like = x.new_empty((1, N))
     res = None if residual is None else residual.reshape(-1, N)
-    if (x.dtype in FLOAT_DTYPES and x.is_cuda and weight.device == x.device
+    if (x.dtype in KERNEL_DTYPES and x.is_cuda and weight.device == x.device
             and (bias is None or bias.device == x.device) and (res is None or res.device == x.device)
             and _tma_path_applies(x.reshape(-1, K), weight, out_like, res)):
         return linear_act_triton(x, weight, bias, activation=activation, residual=residual)
