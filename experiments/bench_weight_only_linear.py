@@ -12,8 +12,6 @@
     python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,wo,w13,w2 --kinds int8 --ms 1 --int8-variants
     # one decode step's int4 GEMVs back to back (ramp-ups, tails and launch overlap included):
     python -m experiments.bench_weight_only_linear --chain
-    # the int4 tensor-core GEMV's load variants (16-byte loads, L2 prefetch hint, two segments a step):
-    python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,wo,w13,w2 --kinds int4 --groups 128 --ms 1 --int4-variants
 
 At decode time a linear reads every weight once per token, so its ceiling is the
 weight bytes over the memory bandwidth. For each (N, K) of Llama-2-7B (fused wqkv, wo,
@@ -228,17 +226,11 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
                        for t in Int4WeightOnlyLinear.quantize(w, group))) for x, w in zip(xs, ws)]
         call4 = lambda p, c, gr=group: wol.int4_weight_only_linear_triton(p[0], p[1], p[2], p[3], gr, config=c)  # noqa: E731
         nbytes4 = N * K // 2 + 2 * N * (K // group) * 2
-        if not args.int4_variants:
-            kinds.append((f"int4g{group}", wol._prune(wol._int4_kernel.configs, named), nbytes4, packs, call4))
-        if M == 1 and group >= wol.INT4_MMA_MIN_GROUP and not args.int4_variants:  # the tensor-core GEMV
+        kinds.append((f"int4g{group}", wol._prune(wol._int4_kernel.configs, named), nbytes4, packs, call4))
+        if M == 1 and group >= wol.INT4_MMA_MIN_GROUP:  # the tensor-core GEMV (its configs carry "MMA")
             mma = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in wol.INT4_MMA_SWEEP]
             kinds.append((f"int4mma_g{group}", mma, nbytes4, packs, call4))
-        if M == 1 and group >= wol.INT4_MMA_MIN_GROUP and args.int4_variants:
-            # instead: the tensor-core GEMV's load variants (the first, scalar loads, is the baseline)
-            var = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in wol._prune_mma(wol.INT4_MMA_VARIANTS, named)]
-            kinds.append((f"int4mmavar_g{group}", var, nbytes4, packs, call4))
     rows = []
     for kind, configs, nbytes, inputs, call in kinds:
         ranked = []
@@ -275,9 +267,7 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
         tile = (f"N{c['BLOCK_N']} K{c.get('BLOCK_K', 128)} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
-                + (" prefetch" if c.get("PREFETCH") else "") + (" evict" if c.get("EVICT_W") else "")
-                + (" vec16" if c.get("VEC") else "") + (" l2pf" if c.get("L2PF") else "")
-                + (f" step{c['STEP']}" if c.get("STEP", 1) > 1 else ""))
+                + (" prefetch" if c.get("PREFETCH") else "") + (" evict" if c.get("EVICT_W") else ""))
         out.append({**{k: sel[0][k] for k in ("shape", "M", "N", "K", "kind", "us", "GB/s", "%copy")},
                     "median_us": sel[len(sel) // 2]["us"], "slowest_us": sel[-1]["us"], "n_configs": len(sel),
                     "config": tile})
@@ -308,27 +298,18 @@ def _record_name(base: str, args) -> str:
     subset = bool(args.shapes) or set(args.kinds) != {"bf16", "int8", "int4"}
     wide = "_int8wide" if getattr(args, "int8_wide", False) else ""
     wide += "_int8var" if getattr(args, "int8_variants", False) else ""
-    wide += "_int4var" if getattr(args, "int4_variants", False) else ""
     return base + ("_llama3" if args.llama3 else "") + wide + ("_subset" if subset else "")
 
-
-# The one-row int4 tensor-core GEMV's forced tiles of the --chain variants: per shape, among
-# the fastest of an H100 sweep with 16-byte loads (weight_only_linear_sweep_int4var_subset.json),
-# all prefetching (their first weights are requested before griddepcontrol.wait)
-CHAIN_TILES = {"wqkv": dict(BLOCK_N=128, SPLIT_K=4, num_warps=4), "wo": dict(BLOCK_N=128, SPLIT_K=16, num_warps=4),
-               "w13": dict(BLOCK_N=64, SPLIT_K=4, num_warps=1), "w2": dict(BLOCK_N=64, SPLIT_K=16, num_warps=1)}
-CHAIN_VARIANTS = {"tiles": {}, "tiles+trigger": {"TRIGGER": True}, "tiles+l2pre": {"L2PRE": True},
-                  "tiles+trigger+l2pre": {"TRIGGER": True, "L2PRE": True}}
 
 
 def chain_bench(model: str, shapes: dict, args, copy_gbs: float) -> list[dict]:
     """One decode step's int4 (g128) linears back to back in one CUDA graph, as in the model:
     LAYERS × (wqkv, wo, w1|w3, w2) on distinct random weights (3.4 GB for Llama-2-7B, so
-    nothing stays in L2), one row of x. Unlike the per-shape timings, each kernel's ramp-up
-    and tail and the overlap of consecutive kernels (programmatic dependent launch) count.
-    Rows: the autotuner's tiles, then CHAIN_TILES with each of CHAIN_VARIANTS (the next
-    kernel may launch once this one's programs waited for the previous one; the split's
-    weights bulk-prefetched into L2 before that wait); µs a step, GB/s, % of copy."""
+    nothing stays in L2), one row of x, the autotuner's tiles. Unlike the per-shape
+    timings, each kernel's ramp-up and tail and the overlap of consecutive kernels count:
+    the model's GEMV time without the rest of the model (µs a step, GB/s, % of copy).
+    Load variants measured this way (16-byte loads, PDL trigger, bulk L2 prefetch; commit
+    7b9f9ad) were no faster: weight_only_linear_int4_chain_llama2_7b.json."""
     from fastzoo.ops import weight_only_linear as wol
 
     dev, dtype, group = torch.device("cuda"), torch.bfloat16, 128
@@ -342,14 +323,11 @@ def chain_bench(model: str, shapes: dict, args, copy_gbs: float) -> list[dict]:
             layers.append((name, K, w, *sz))
             nbytes += w.numel() + 2 * sz[0].numel() * 2
     xs = {K: torch.randn(1, K, device=dev, generator=g).to(dtype) for _, K, *_ in layers}
-    variants = {"autotuned": None}
-    for vname, extra in CHAIN_VARIANTS.items():
-        variants[vname] = {n: dict(t, MMA=True, PREFETCH=True, VEC=True, **extra) for n, t in CHAIN_TILES.items()}
     rows = []
-    for vname, cfgs in variants.items():
-        def step(cfgs=cfgs):
+    for vname in ("autotuned",):
+        def step():
             for name, K, w, s, z in layers:
-                wol.int4_weight_only_linear_triton(xs[K], w, s, z, group, config=None if cfgs is None else cfgs[name])
+                wol.int4_weight_only_linear_triton(xs[K], w, s, z, group)
         step()  # compile / autotune outside the graph
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -403,9 +381,6 @@ def main(argv=None):
                         "and without evict-first loads (INT8_GEMV_VARIANTS)")
     p.add_argument("--chain", action="store_true",
                    help="time one decode step's int4 g128 linears back to back in one CUDA graph (chain_bench)")
-    p.add_argument("--int4-variants", action="store_true",
-                   help="with --sweep and int4 at M = 1: also time the tensor-core GEMV's load variants "
-                        "(16-byte loads, L2 prefetch hint, two segments a step: INT4_MMA_VARIANTS)")
     args = p.parse_args(argv)
     unknown = set(args.kinds) - {"bf16", "int8", "int4"}
     if unknown:

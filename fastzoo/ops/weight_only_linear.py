@@ -739,10 +739,8 @@ if triton_available():
     # block per warp; split-K over 128-column segments; prefetching the next segment's
     # words or not): the best for each of Llama-2-7B's shapes among INT4_MMA_SWEEP on an H200
     # and an H100 (``experiments.bench_weight_only_linear --sweep``).
-    def _mma_cfg(bn, warps, split, pf, vec=False, l2pf=False, step=1, tiled=False, trigger=False, l2pre=False):
-        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf, "VEC": vec, "L2PF": l2pf,
-                              "STEP": step, "TILED": tiled, "TRIGGER": trigger, "L2PRE": l2pre},
-                             num_warps=warps, num_stages=1)
+    def _mma_cfg(bn, warps, split, pf):
+        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf}, num_warps=warps, num_stages=1)
 
     _INT4_MMA_CONFIGS = [_mma_cfg(*c) for c in ((64, 1, 8, False), (64, 1, 4, False), (128, 2, 16, False),
                                                 (256, 8, 16, True), (64, 2, 8, True), (64, 2, 16, False))]
@@ -751,12 +749,6 @@ if triton_available():
     INT4_MMA_SWEEP = [_mma_cfg(bn, warps, split, pf)
                       for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 8), (64, 1), (128, 4), (128, 2), (256, 8))
                       for split in (1, 2, 4, 8, 16) for pf in (False, True)]
-    # the load variants (16-byte loads, the L2 prefetch hint, two segments a step) on a
-    # smaller set of tiles (``--int4-variants``)
-    INT4_MMA_VARIANTS = [_mma_cfg(bn, warps, split, pf, True, False, step, tiled)
-                         for bn, warps in ((32, 1), (64, 2), (64, 1), (128, 4))
-                         for split in (4, 8, 16) for pf in (False, True) for step in (1, 2)
-                         for tiled in (False, True)]
 
     def _prune_mma(configs, named_args, **kwargs):
         """No more splits than the split-K workspace holds for N (``_workspace_splits``, as
@@ -816,73 +808,27 @@ if triton_available():
         """An int64 tensor → its low and high int32 halves."""
         return v.to(tl.int32), (v >> 32).to(tl.int32)
 
-    # 16-byte loads, one instruction per lane and row and segment (inline PTX, so the
-    # tensors stay 1-D with one element per thread per row block): the weights bypass L1
-    # (each byte is read once; ``.L2::256B`` asks L2 to fetch the rest of the row's 256 B
-    # with it), x stays in L1 (every row block re-reads it) and is volatile so that it is
-    # never read before griddepcontrol.wait
-    _LD_W = tl.constexpr("ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];")
-    _LD_W_L2 = tl.constexpr("ld.global.nc.L1::no_allocate.L2::256B.v4.b32 {$0, $1, $2, $3}, [$4];")
-    _LD_X = tl.constexpr("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];")
+    @triton.jit
+    def _int4_mma_words(w_ptr, seg, u_offs, v_offs):
+        """Segment ``seg``'s 4 words of rows r and r + 8 of each lane (w an int64 view: two
+        scalar 8-byte loads a row, one element per thread)."""
+        wb = w_ptr + seg * 8
+        u0, u1 = _halves(tl.load(wb + u_offs))
+        u2, u3 = _halves(tl.load(wb + u_offs + 1))
+        v0, v1 = _halves(tl.load(wb + v_offs))
+        v2, v3 = _halves(tl.load(wb + v_offs + 1))
+        return (u0, u1, u2, u3), (v0, v1, v2, v3)
 
     @triton.jit
-    def _ld_v4(ptr, ASM: tl.constexpr, PURE: tl.constexpr):
-        """Four int32 from the 16-byte-aligned address ``ptr`` (any pointer type)."""
-        return tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,l", [ptr], dtype=(tl.int32,) * 4, is_pure=PURE, pack=1)
-
-    # one lane a row asks L2 to fetch the row's bytes of this split (sm_90 bulk prefetch)
-    _PREFETCH_L2 = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; "
-                                "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }")
-
-    @triton.jit
-    def _prefetch_l2(ptr, nbytes):
-        """Bulk-prefetch ``nbytes`` (a multiple of 16, 0: nothing) from ``ptr`` into L2."""
-        return tl.inline_asm_elementwise(_PREFETCH_L2, "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _int4_mma_words(w_ptr, seg, u_offs, v_offs, VEC: tl.constexpr, L2PF: tl.constexpr, SEG_W: tl.constexpr):
-        """Segment ``seg``'s 4 words of rows r and r + 8 of each lane (w an int64 view): two
-        scalar 8-byte loads a row, or one 16-byte load (VEC)."""
-        wb = w_ptr + seg * SEG_W
-        if VEC:
-            if L2PF:
-                U = _ld_v4(wb + u_offs, _LD_W_L2, True)
-                V = _ld_v4(wb + v_offs, _LD_W_L2, True)
-            else:
-                U = _ld_v4(wb + u_offs, _LD_W, True)
-                V = _ld_v4(wb + v_offs, _LD_W, True)
-        else:
-            u0, u1 = _halves(tl.load(wb + u_offs))
-            u2, u3 = _halves(tl.load(wb + u_offs + 1))
-            v0, v1 = _halves(tl.load(wb + v_offs))
-            v2, v3 = _halves(tl.load(wb + v_offs + 1))
-            U = (u0, u1, u2, u3)
-            V = (v0, v1, v2, v3)
-        return U, V
-
-    @triton.jit
-    def _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, ok, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr,
-                     VEC: tl.constexpr):
-        """Segment ``seg``'s x for the lane (x an int64 view: 16 int32 pairs, from 8 scalar
-        loads or 4 16-byte ones (VEC)) and the group's scales and zeros of rows r and r + 8
-        in fp32, zero where ``ok`` is false (a segment that adds nothing)."""
+    def _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr):
+        """Segment ``seg``'s x for the lane (x an int64 view: 8 scalar loads, 16 int32 pairs)
+        and the group's scales and zeros of rows r and r + 8, in fp32."""
         xb = x_ptr + seg * 32 + x_offs
-        if VEC:
-            a = _ld_v4(xb, _LD_X, False)
-            b = _ld_v4(xb + 2, _LD_X, False)
-            c = _ld_v4(xb + 4, _LD_X, False)
-            d = _ld_v4(xb + 6, _LD_X, False)
-            X = ((a[0], a[1]), (a[2], a[3]), (b[0], b[1]), (b[2], b[3]), (c[0], c[1]), (c[2], c[3]),
-                 (d[0], d[1]), (d[2], d[3]))
-        else:
-            X = (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
-                 _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)),
-                 _halves(tl.load(xb + 7)))
+        X = (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
+             _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)), _halves(tl.load(xb + 7)))
         g = (seg * 128) // GROUP
-        SZ = (tl.load(s_ptr + g + s_offs, mask=ok, other=0.0).to(tl.float32),
-              tl.load(z_ptr + g + z_offs, mask=ok, other=0.0).to(tl.float32),
-              tl.load(s_ptr + g + s8_offs, mask=ok, other=0.0).to(tl.float32),
-              tl.load(z_ptr + g + z8_offs, mask=ok, other=0.0).to(tl.float32))
+        SZ = (tl.load(s_ptr + g + s_offs).to(tl.float32), tl.load(z_ptr + g + z_offs).to(tl.float32),
+              tl.load(s_ptr + g + s8_offs).to(tl.float32), tl.load(z_ptr + g + z8_offs).to(tl.float32))
         return X, SZ
 
     @triton.jit
@@ -916,8 +862,6 @@ if triton_available():
         N, K, stride_wn, stride_sn, stride_zn,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
-        VEC: tl.constexpr, L2PF: tl.constexpr, STEP: tl.constexpr, TILED: tl.constexpr,
-        TRIGGER: tl.constexpr, L2PRE: tl.constexpr,
     ):
         """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
         packed layout read as int64 (N, K/16; two int32 words of 8 nibbles each), x as int64
@@ -947,14 +891,8 @@ if triton_available():
         cc = lane % 4
         row = (pid_n * BLOCK_N + (e // 32) * 16 + r) % N  # past-the-edge rows wrap: no N mask
         row8 = (pid_n * BLOCK_N + (e // 32) * 16 + 8 + r) % N
-        SEG_W: tl.constexpr = 128 if TILED else 8  # int64 words between a row's segments
-        if TILED:  # (N/16, K/128, 16, 64 B): a row block's segment is 1 KB contiguous
-            rb = ((pid_n * BLOCK_N + (e // 32) * 16) % N) // 16
-            u_offs = rb * (K // 128) * 128 + r * 8 + cc * 2
-            v_offs = u_offs + 64
-        else:
-            u_offs = row * stride_wn + cc * 2  # int64 units: a lane's 4 words are 2 int64
-            v_offs = row8 * stride_wn + cc * 2
+        u_offs = row * stride_wn + cc * 2  # int64 units: a lane's 4 words are 2 int64
+        v_offs = row8 * stride_wn + cc * 2
         s_offs = row * stride_sn
         z_offs = row * stride_zn
         s8_offs = row8 * stride_sn
@@ -966,62 +904,30 @@ if triton_available():
         seg_end = tl.minimum(n_seg, seg_start + seg_per_split)
         acc_r = tl.zeros((32 * G,), dtype=tl.float32)
         acc_r8 = tl.zeros((32 * G,), dtype=tl.float32)
-        # STEP 2: two segments' loads per step; the second of a split's odd last step
-        # re-reads a segment (in bounds) with its scales and zeros 0: it adds exactly nothing
-        first = tl.minimum(seg_start, n_seg - 1)  # a split past the end loads (and adds) nothing
-        last = tl.maximum(seg_end - 1, first)
-        if L2PRE:  # the split's weights into L2 before waiting for the previous kernel
-            nb = tl.where(cc == 0, (seg_end - seg_start) * 64, 0)
-            _prefetch_l2(w_ptr + seg_start * 8 + row * stride_wn, nb)
-            _prefetch_l2(w_ptr + seg_start * 8 + row8 * stride_wn, nb)
         if PREFETCH:
-            # the next step's words, x and scales are requested before this one's arithmetic
-            # (past the last step, the last segment is read again and not used); the first
-            # step's words before waiting for the previous kernel (PDL: weights do not depend
-            # on it), its x after
-            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs, VEC, L2PF, SEG_W)
-            if STEP == 2:
-                U2, V2 = _int4_mma_words(w_ptr, tl.minimum(first + 1, last), u_offs, v_offs, VEC, L2PF, SEG_W)
+            # the next segment's words, x and scales are requested before this one's
+            # arithmetic (the last segment is read again instead of masking); the first
+            # segment's words before waiting for the previous kernel (PDL: weights do not
+            # depend on it), its x after
+            first = tl.minimum(seg_start, n_seg - 1)  # a split past the end loads (and adds) nothing
+            last = tl.maximum(seg_end - 1, first)
+            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
             if PDL:
                 gdc_wait()
-                if TRIGGER:
-                    gdc_launch_dependents()
-            X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, True, x_offs, s_offs, z_offs, s8_offs, z8_offs,
-                                 GROUP, VEC)
-            if STEP == 2:
-                X2, SZ2 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, tl.minimum(first + 1, last), first + 1 < seg_end,
-                                       x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP, VEC)
-            for seg in range(seg_start, seg_end, STEP):
-                nxt = tl.minimum(seg + STEP, last)
-                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs, VEC, L2PF, SEG_W)
-                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, True, x_offs, s_offs, z_offs, s8_offs, z8_offs,
-                                       GROUP, VEC)
-                if STEP == 2:
-                    nxt2 = tl.minimum(seg + STEP + 1, last)
-                    U3, V3 = _int4_mma_words(w_ptr, nxt2, u_offs, v_offs, VEC, L2PF, SEG_W)
-                    X3, SZ3 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt2, seg + STEP + 1 < seg_end, x_offs, s_offs,
-                                           z_offs, s8_offs, z8_offs, GROUP, VEC)
+            X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+            for seg in range(seg_start, seg_end):
+                nxt = tl.minimum(seg + 1, last)
+                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
+                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
                 acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
                 U, V, X, SZ = U1, V1, X1, SZ1
-                if STEP == 2:
-                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U2, V2, X2, SZ2, F16)
-                    U2, V2, X2, SZ2 = U3, V3, X3, SZ3
         else:
             if PDL:
                 gdc_wait()
-                if TRIGGER:
-                    gdc_launch_dependents()
-            for seg in range(seg_start, seg_end, STEP):
-                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs, VEC, L2PF, SEG_W)
-                if STEP == 2:
-                    U2, V2 = _int4_mma_words(w_ptr, tl.minimum(seg + 1, last), u_offs, v_offs, VEC, L2PF, SEG_W)
-                X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, True, x_offs, s_offs, z_offs, s8_offs, z8_offs,
-                                     GROUP, VEC)
+            for seg in range(seg_start, seg_end):
+                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
+                X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
                 acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
-                if STEP == 2:
-                    X2, SZ2 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, tl.minimum(seg + 1, last), seg + 1 < seg_end,
-                                           x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP, VEC)
-                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U2, V2, X2, SZ2, F16)
         # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
         lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
         hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)
@@ -1170,12 +1076,10 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
                              f"x's dtype, group_size >= {INT4_MMA_MIN_GROUP} and K % 128 == 0; got {M} rows, "
                              f"group_size={group_size}, K={K}")
         if M == 1 and mma and (config is None or config.get("MMA")):
-            if x2.storage_offset() % 8:  # 16-byte loads of x
+            if x2.storage_offset() % 4:
                 x2 = x2.clone()
-            w64 = (w.contiguous() if w.stride(0) % 2 or w.storage_offset() % 4 else w).view(torch.int64)
-            cfg = None if config is None else {"VEC": False, "L2PF": False, "STEP": 1, "TILED": False,
-                                               "TRIGGER": False, "L2PRE": False,
-                                               **{k: v for k, v in config.items() if k != "MMA"}}
+            w64 = (w.contiguous() if w.stride(0) % 2 or w.storage_offset() % 2 else w).view(torch.int64)
+            cfg = None if config is None else {k: v for k, v in config.items() if k != "MMA"}
             out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int64), w64, s, z, b],
                        {"_scalars": (N, K, w64.stride(0), s.stride(0), z.stride(0)), "GROUP": group_size,
                         "HAS_BIAS": bias is not None, "F16": x.dtype == torch.float16, **pdl_options(x)}, cfg)
