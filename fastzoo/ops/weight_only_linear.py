@@ -159,26 +159,35 @@ def _check_int8_args(name, x, w_int8, scales, bias, glu=False) -> tuple[int, int
     return N, K
 
 
-def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias) -> tuple[int, int]:
-    K = _check_x(name, x)
+def _check_packed(name, w_packed, scales, zeros, group_size) -> tuple[int, int]:
+    """The packed int4 weights, scales and zeros (Int4WeightOnlyLinear's layout): (N, K)."""
     if group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"{name} expects group_size in {INT4_GROUP_SIZES}, got {group_size}")
-    if K % group_size:
-        raise ValueError(f"{name} expects K divisible by group_size={group_size}, got K={K}")
     if w_packed.dtype != torch.uint8:
         raise TypeError(f"{name} expects w_packed of dtype torch.uint8 (two int4 per byte), got {w_packed.dtype}")
-    if w_packed.dim() != 2 or w_packed.shape[1] * 2 != K:
-        raise ValueError(
-            f"{name} expects w_packed of shape (N, K/2={K // 2}), got {tuple(w_packed.shape)} "
-            f"for x of shape {tuple(x.shape)}"
-        )
-    N = w_packed.shape[0]
+    if w_packed.dim() != 2:
+        raise ValueError(f"{name} expects w_packed of shape (N, K/2), got {tuple(w_packed.shape)}")
+    N, K = w_packed.shape[0], w_packed.shape[1] * 2
+    if K % group_size:
+        raise ValueError(f"{name} expects K divisible by group_size={group_size}, got K={K}")
     G = K // group_size
     for label, t in (("scales", scales), ("zeros", zeros)):
         if not t.dtype.is_floating_point:
             raise TypeError(f"{name} expects floating-point {label}, got {t.dtype}")
         if tuple(t.shape) != (N, G):
             raise ValueError(f"{name} expects {label} of shape (N, K/group_size) = ({N}, {G}), got {tuple(t.shape)}")
+    _check_devices(name, w_packed=w_packed, scales=scales, zeros=zeros)
+    return N, K
+
+
+def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias) -> tuple[int, int]:
+    K = _check_x(name, x)
+    if w_packed.dtype == torch.uint8 and (w_packed.dim() != 2 or w_packed.shape[1] * 2 != K):
+        raise ValueError(
+            f"{name} expects w_packed of shape (N, K/2={K // 2}), got {tuple(w_packed.shape)} "
+            f"for x of shape {tuple(x.shape)}"
+        )
+    N, _ = _check_packed(name, w_packed, scales, zeros, group_size)
     _check_bias(name, x, bias, N)
     _check_devices(name, x=x, w_packed=w_packed, scales=scales, zeros=zeros, bias=bias)
     return N, K
@@ -246,8 +255,8 @@ def int8_weight_only_linear_ref(
     return _residual_ref(y + bias.to(x.dtype) if bias is not None else y, residual)
 
 
-def int4_dequantize(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+def int4_dequantize_ref(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                        dtype: torch.dtype) -> torch.Tensor:
     """(N, K/2) packed uint8 → (N, K) ``dtype``: q · scale + zero per group, in fp32, then cast."""
     N = w_packed.shape[0]
     q = torch.stack([w_packed & 0xF, w_packed >> 4], dim=-1).reshape(N, -1, group_size)
@@ -261,7 +270,7 @@ def int4_weight_only_linear_ref(
 ) -> torch.Tensor:
     """Reference: dequantize to x's dtype, then ``F.linear`` (what ``Int4WeightOnlyLinear.forward`` computes)."""
     _check_int4_args("int4_weight_only_linear_ref", x, w_packed, scales, zeros, group_size, bias)
-    w = int4_dequantize(w_packed, scales, zeros, group_size, x.dtype)
+    w = int4_dequantize_ref(w_packed, scales, zeros, group_size, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -936,6 +945,29 @@ if triton_available():
         _bias_and_store(res, tl.arange(0, 1), offs_n, 1, N, pid_n, 0, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, N,
                         HAS_BIAS, SPLIT_K)
 
+    @triton.jit
+    def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn,
+                             GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One pass of int4_dequantize: a (BLOCK_N, BLOCK_K) tile of w read as packed bytes,
+        q · scale + zero in fp32 (launched without FMA contraction: the reference's two
+        roundings), written in out's dtype."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        rows = rows.to(tl.int64)
+        nb = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        b = tl.load(w_ptr + rows[:, None] * stride_wn + nb[None, :],
+                    mask=rmask[:, None] & (nb < K // 2)[None, :], other=0).to(tl.int32)
+        q = tl.reshape(tl.join(b & 0xF, b >> 4), (BLOCK_N, BLOCK_K))  # column 2j: low nibble, 2j + 1: high
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (cols < K)[None, :]
+        g = cols // GROUP
+        sc = tl.load(s_ptr + rows[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+        zr = tl.load(z_ptr + rows[:, None] * stride_zn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+        w = q.to(tl.float32) * sc + zr
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
 _EXP_2_23 = 0x4B000000  # bits of 2.0**23: the int4 kernel's magic, passed at run time (see _int4_kernel)
 _MIN_BLOCK_N = 4  # the smallest BLOCK_N of the configurations: bounds the number of output tiles
 
@@ -1096,6 +1128,27 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
     return out.reshape(*x.shape[:-1], N)
 
 
+_DEQUANT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def int4_dequantize_triton(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """Launch the one-pass dequantization kernel (``int4_dequantize_ref``'s result, bit for
+    bit): reads the packed weights once and writes (N, K) ``dtype``."""
+    name = "int4_dequantize_triton"
+    _require_triton(name)
+    N, K = _check_packed(name, w_packed, scales, zeros, group_size)
+    if dtype not in _DEQUANT_DTYPES:
+        raise TypeError(f"{name} writes bfloat16, float16 or float32, got {dtype}")
+    out = torch.empty((N, K), dtype=dtype, device=w_packed.device)
+    if N and K:
+        w, sc, zr = unit_stride_last(w_packed), unit_stride_last(scales), unit_stride_last(zeros)
+        grid = (triton.cdiv(N, 16), triton.cdiv(K, 256))
+        _int4_dequant_kernel[grid](w, sc, zr, out, N, K, w.stride(0), sc.stride(0), zr.stride(0), GROUP=group_size,
+                                   BLOCK_N=16, BLOCK_K=256, num_warps=4, enable_fp_fusion=False)
+    return out
+
+
 # ----------------------------------------------------------------------------------
 # Public ops
 # ----------------------------------------------------------------------------------
@@ -1144,7 +1197,39 @@ def _int4_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zero
              group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if _kernel_applies(x, w_packed, scales, zeros, bias) and w_packed.shape[0] > 0:
         return int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias)
+    if _dequant_kernel_applies(w_packed, scales, zeros) and x.dtype in _DEQUANT_DTYPES:
+        # more rows (prefill): one-pass dequantization, then cuBLAS; the reference's result
+        w = int4_dequantize_triton(w_packed, scales, zeros, group_size, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
     return int4_weight_only_linear_ref(x, w_packed, scales, zeros, group_size, bias)
+
+
+def _dequant_kernel_applies(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> bool:
+    """The dequantization kernel: CUDA tensors on one device, Triton importable."""
+    return (w_packed.is_cuda and triton_available() and scales.device == w_packed.device
+            and zeros.device == w_packed.device)
+
+
+@torch.library.custom_op("fastzoo::int4_dequantize", mutates_args=())
+def _int4_dequantize_op(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    if _dequant_kernel_applies(w_packed, scales, zeros) and dtype in _DEQUANT_DTYPES:
+        return int4_dequantize_triton(w_packed, scales, zeros, group_size, dtype)
+    return int4_dequantize_ref(w_packed, scales, zeros, group_size, dtype)
+
+
+@_int4_dequantize_op.register_fake
+def _(w_packed, scales, zeros, group_size, dtype):
+    return w_packed.new_empty((w_packed.shape[0], w_packed.shape[1] * 2), dtype=dtype)
+
+
+def int4_dequantize(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(N, K/2) packed uint8 (``Int4WeightOnlyLinear``'s layout) → (N, K) ``dtype``:
+    q · scale + zero per group in fp32, then cast. One Triton pass on CUDA (bf16, fp16 or
+    fp32 out), ``int4_dequantize_ref`` elsewhere; the same bits either way."""
+    _check_packed("int4_dequantize", w_packed, scales, zeros, group_size)
+    return _int4_dequantize_op(w_packed, scales, zeros, int(group_size), dtype)
 
 
 @_int4_op.register_fake

@@ -12,6 +12,8 @@ from fastzoo.ops.weight_only_linear import (
     decode_linear_ref,
     decode_linear_triton,
     int4_dequantize,
+    int4_dequantize_ref,
+    int4_dequantize_triton,
     int4_weight_only_linear,
     int4_weight_only_linear_ref,
     int4_weight_only_linear_triton,
@@ -479,6 +481,44 @@ def test_public_ops_reject_bad_input():
         decode_linear(x, w.to("meta"))
 
 
+# (N, K, group): one row, odd rows, K not a multiple of the kernel's 256-column block
+@pytest.mark.parametrize("N,K,group", [(1, 64, 32), (7, 96, 32), (129, 384, 128), (19, 512, 256), (33, 640, 64)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int4_dequantize_kernel(kernel_device, N, K, group, scale_dtype):
+    """The one-pass dequantization kernel against the reference: the same bits in fp32 and
+    fp16 (no FMA contraction: q · scale and + zero round separately, as in the reference);
+    bf16 to one unit in the last place under Triton's interpreter (its fp32 -> bf16 cast
+    truncates), the same bits on the GPU."""
+    g = _gen("deq", N, K, group)
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, generator=g), group)
+    p, s4, z4 = _to(kernel_device, p, s4.to(scale_dtype), z4.to(scale_dtype))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        out = int4_dequantize_triton(p, s4, z4, group, dtype)
+        ref = int4_dequantize_ref(p, s4, z4, group, dtype)
+        assert out.dtype == dtype and out.shape == (N, K)
+        if dtype == torch.bfloat16 and kernel_device.type == "cpu":
+            assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
+        else:
+            assert torch.equal(out, ref), dtype
+
+
+def test_int4_dequantize_public_op_and_errors():
+    """On CPU tensors the public op is the reference; its argument errors name what was
+    expected and what was found."""
+    g = _gen("deq-public")
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(8, 128, generator=g), 64)
+    assert torch.equal(int4_dequantize(p, s4, z4, 64, torch.bfloat16), int4_dequantize_ref(p, s4, z4, 64, torch.bfloat16))
+    with pytest.raises(ValueError, match=r"group_size in \(32, 64, 128, 256\), got 48"):
+        int4_dequantize(p, s4, z4, 48, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"scales of shape \(N, K/group_size\) = \(8, 2\), got \(8, 1\)"):
+        int4_dequantize(p, s4[:, :1], z4, 64, torch.bfloat16)
+    with pytest.raises(TypeError, match="w_packed of dtype torch.uint8 .*got torch.int8"):
+        int4_dequantize(p.to(torch.int8), s4, z4, 64, torch.bfloat16)
+    pytest.importorskip("triton")
+    with pytest.raises(TypeError, match="bfloat16, float16 or float32, got torch.int32"):
+        int4_dequantize_triton(p, s4, z4, 64, torch.int32)
+
+
 def _op_in_graphs(counter, name):
     return any(name in str(n.target) for g in counter.graphs for n in g.graph.nodes)
 
@@ -497,6 +537,7 @@ def test_compile_fullgraph_one_frame():
     def f(x):
         y = decode_linear(x * 2, w, b)
         y = y + int8_weight_only_linear(x, w_q, s, b)
+        y = y + F.linear(x, int4_dequantize(p, s4, z4, 32, x.dtype))
         return y + int4_weight_only_linear(x, p, s4, z4, 32, None)
 
     counter = torch._dynamo.testing.CompileCounterWithBackend("eager")
@@ -505,12 +546,12 @@ def test_compile_fullgraph_one_frame():
     x = _x((1, 2), 64, torch.bfloat16, g)
     torch.testing.assert_close(compiled(x), f(x))
     assert counter.frame_count == 1
-    for name in ("decode_linear", "int8_weight_only_linear", "int4_weight_only_linear"):
+    for name in ("decode_linear", "int8_weight_only_linear", "int4_weight_only_linear", "int4_dequantize"):
         assert _op_in_graphs(counter, name), name
 
 
 def test_custom_ops_opcheck():
-    from fastzoo.ops.weight_only_linear import _decode_linear_op, _int4_op, _int8_op
+    from fastzoo.ops.weight_only_linear import _decode_linear_op, _int4_dequantize_op, _int4_op, _int8_op
 
     g = _gen("opcheck")
     x = _x((2, 3), 64, torch.bfloat16, g)
@@ -521,6 +562,7 @@ def test_custom_ops_opcheck():
     torch.library.opcheck(_decode_linear_op, (x, w, None))
     torch.library.opcheck(_int8_op, (x, w_q, s, s))
     torch.library.opcheck(_int4_op, (x, p, s4, z4, 32, None))
+    torch.library.opcheck(_int4_dequantize_op, (p, s4, z4, 32, torch.float16))
     nw, res = torch.rand(64, generator=g).to(torch.bfloat16), torch.randn(2, 3, 8, generator=g).to(torch.bfloat16)
     torch.library.opcheck(_decode_linear_op, (x, w, None, nw, 1e-6, False, res))
     torch.library.opcheck(_int8_op, (x, w_q[:, :32], s, None, None, 1e-5, True, res))
@@ -753,6 +795,24 @@ def test_cuda_int4_tensor_core_gemv(group, dtype):
         truth = F.linear(xx.double(), int4_dequantize(p, s4, z4, group, torch.float64))
         for tile in MMA_TILES:
             assert torch.equal(int4_weight_only_linear_triton(xx, p, s4, z4, group, config=tile), truth.to(dtype)), tile
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_int4_prefill_path(dtype):
+    """More than 16 rows (prefill): the one-pass dequantization kernel then cuBLAS, the same
+    bits as the reference's dequantize + F.linear at Llama-2-7B's w2 shape."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(7)
+    N, K, group = 4096, 11008, 128
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, device=dev, generator=g) * K**-0.5, group)
+    s4, z4 = s4.to(dtype), z4.to(dtype)
+    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert torch.equal(int4_dequantize(p, s4, z4, group, out_dtype), int4_dequantize_ref(p, s4, z4, group, out_dtype))
+    x = torch.randn(3, 40, K, device=dev, generator=g).to(dtype)
+    bias = torch.randn(N, device=dev, generator=g).to(dtype)
+    ref = F.linear(x, int4_dequantize_ref(p, s4, z4, group, dtype), bias)
+    assert torch.equal(int4_weight_only_linear(x, p, s4, z4, group, bias), ref)
 
 
 @pytest.mark.cuda
