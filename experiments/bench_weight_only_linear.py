@@ -231,10 +231,6 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
             mma = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in wol.INT4_MMA_SWEEP]
             kinds.append((f"int4mma_g{group}", mma, nbytes4, packs, call4))
-            if args.int4_stages:  # the segment loop pipelined through shared memory (INT4_MMA_STAGES_SWEEP)
-                staged = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
-                          for c in wol._prune_mma(wol.INT4_MMA_STAGES_SWEEP, named)]
-                kinds.append((f"int4mmastages_g{group}", staged, nbytes4, packs, call4))
     rows = []
     for kind, configs, nbytes, inputs, call in kinds:
         ranked = []
@@ -271,8 +267,7 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
         tile = (f"N{c['BLOCK_N']} K{c.get('BLOCK_K', 128)} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
-                + (" prefetch" if c.get("PREFETCH") else "") + (" evict" if c.get("EVICT_W") else "")
-                + (f" stages{c['STAGES']}" if c.get("STAGES", 1) > 1 else ""))
+                + (" prefetch" if c.get("PREFETCH") else "") + (" evict" if c.get("EVICT_W") else ""))
         out.append({**{k: sel[0][k] for k in ("shape", "M", "N", "K", "kind", "us", "GB/s", "%copy")},
                     "median_us": sel[len(sel) // 2]["us"], "slowest_us": sel[-1]["us"], "n_configs": len(sel),
                     "config": tile})
@@ -303,7 +298,6 @@ def _record_name(base: str, args) -> str:
     subset = bool(args.shapes) or set(args.kinds) != {"bf16", "int8", "int4"}
     wide = "_int8wide" if getattr(args, "int8_wide", False) else ""
     wide += "_int8var" if getattr(args, "int8_variants", False) else ""
-    wide += "_int4stages" if getattr(args, "int4_stages", False) else ""
     return base + ("_llama3" if args.llama3 else "") + wide + ("_subset" if subset else "")
 
 
@@ -385,9 +379,6 @@ def main(argv=None):
     p.add_argument("--int8-variants", action="store_true",
                    help="with --sweep and int8 at M = 1: also time the autotuner's int8 GEMV tiles with "
                         "and without evict-first loads (INT8_GEMV_VARIANTS)")
-    p.add_argument("--int4-stages", action="store_true",
-                   help="with --sweep and int4 at M = 1: also time the tensor-core GEMV with its segment loop "
-                        "pipelined through shared memory (INT4_MMA_STAGES_SWEEP)")
     p.add_argument("--chain", action="store_true",
                    help="time one decode step's int4 g128 linears back to back in one CUDA graph (chain_bench)")
     args = p.parse_args(argv)

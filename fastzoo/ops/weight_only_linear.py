@@ -748,9 +748,8 @@ if triton_available():
     # block per warp; split-K over 128-column segments; prefetching the next segment's
     # words or not): the best for each of Llama-2-7B's shapes among INT4_MMA_SWEEP on an H200
     # and an H100 (``experiments.bench_weight_only_linear --sweep``).
-    def _mma_cfg(bn, warps, split, pf, stages=1):
-        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf, "STAGES": stages}, num_warps=warps,
-                             num_stages=1)
+    def _mma_cfg(bn, warps, split, pf):
+        return triton.Config({"BLOCK_N": bn, "SPLIT_K": split, "PREFETCH": pf}, num_warps=warps, num_stages=1)
 
     _INT4_MMA_CONFIGS = [_mma_cfg(*c) for c in ((64, 1, 8, False), (64, 1, 4, False), (128, 2, 16, False),
                                                 (256, 8, 16, True), (64, 2, 8, True), (64, 2, 16, False))]
@@ -759,12 +758,6 @@ if triton_available():
     INT4_MMA_SWEEP = [_mma_cfg(bn, warps, split, pf)
                       for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 8), (64, 1), (128, 4), (128, 2), (256, 8))
                       for split in (1, 2, 4, 8, 16) for pf in (False, True)]
-    # the segment loop software-pipelined by Triton (``tl.range(num_stages=STAGES)``: the
-    # words and x go through shared memory by cp.async, STAGES - 1 segments ahead, without
-    # holding registers) (``--int4-stages``)
-    INT4_MMA_STAGES_SWEEP = [_mma_cfg(bn, warps, split, False, stages)
-                             for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 4), (128, 8))
-                             for split in (4, 8, 16) for stages in (3, 4, 6)]
 
     def _prune_mma(configs, named_args, **kwargs):
         """No more splits than the split-K workspace holds for N (``_workspace_splits``, as
@@ -848,13 +841,6 @@ if triton_available():
         return X, SZ
 
     @triton.jit
-    def _int4_mma_sz(s_ptr, z_ptr, seg, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr):
-        """Segment ``seg``'s group scales and zeros of rows r and r + 8, in fp32."""
-        g = (seg * 128) // GROUP
-        return (tl.load(s_ptr + g + s_offs).to(tl.float32), tl.load(z_ptr + g + z_offs).to(tl.float32),
-                tl.load(s_ptr + g + s8_offs).to(tl.float32), tl.load(z_ptr + g + z8_offs).to(tl.float32))
-
-    @triton.jit
     def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16: tl.constexpr):
         """One 128-column segment of _int4_mma_kernel (one quantization group), from the values
         of _int4_mma_words and _int4_mma_xs: the products chain in the mma accumulator; the group's
@@ -884,7 +870,7 @@ if triton_available():
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
         N, K, stride_wn, stride_sn, stride_zn,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr,
+        BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
         packed layout read as int64 (N, K/16; two int32 words of 8 nibbles each), x as int64
@@ -938,7 +924,7 @@ if triton_available():
             if PDL:
                 gdc_wait()
             X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-            for seg in tl.range(seg_start, seg_end, num_stages=STAGES):
+            for seg in range(seg_start, seg_end):
                 nxt = tl.minimum(seg + 1, last)
                 U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
                 X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
@@ -947,24 +933,10 @@ if triton_available():
         else:
             if PDL:
                 gdc_wait()
-            if STAGES > 1:
-                # words and x through shared memory (cp.async, STAGES - 1 segments ahead); the
-                # 2-byte scales and zeros, too small for cp.async, one segment ahead in registers
-                last = tl.maximum(seg_end - 1, tl.minimum(seg_start, n_seg - 1))
-                SZ = _int4_mma_sz(s_ptr, z_ptr, tl.minimum(seg_start, n_seg - 1), s_offs, z_offs, s8_offs, z8_offs,
-                                  GROUP)
-                for seg in tl.range(seg_start, seg_end, num_stages=STAGES):
-                    SZ1 = _int4_mma_sz(s_ptr, z_ptr, tl.minimum(seg + 1, last), s_offs, z_offs, s8_offs, z8_offs,
-                                       GROUP)
-                    U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
-                    X, _ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
-                    SZ = SZ1
-            else:
-                for seg in range(seg_start, seg_end):
-                    U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
-                    X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
+            for seg in range(seg_start, seg_end):
+                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
+                X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
         # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
         lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
         hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)
@@ -1139,7 +1111,7 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
             if x2.storage_offset() % 4:
                 x2 = x2.clone()
             w64 = (w.contiguous() if w.stride(0) % 2 or w.storage_offset() % 2 else w).view(torch.int64)
-            cfg = None if config is None else {"STAGES": 1, **{k: v for k, v in config.items() if k != "MMA"}}
+            cfg = None if config is None else {k: v for k, v in config.items() if k != "MMA"}
             out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int64), w64, s, z, b],
                        {"_scalars": (N, K, w64.stride(0), s.stride(0), z.stride(0)), "GROUP": group_size,
                         "HAS_BIAS": bias is not None, "F16": x.dtype == torch.float16, **pdl_options(x)}, cfg)
