@@ -309,7 +309,7 @@ def chain_bench(model: str, shapes: dict, args, copy_gbs: float) -> list[dict]:
     timings, each kernel's ramp-up and tail and the overlap of consecutive kernels count:
     the model's GEMV time without the rest of the model (µs a step, GB/s, % of copy).
     Load variants measured this way (16-byte loads, PDL trigger, bulk L2 prefetch; commit
-    7b9f9ad) were no faster: weight_only_linear_int4_chain_llama2_7b.json."""
+    7b9f9ad) were no faster: weight_only_linear_int4_chain_variants_llama2_7b.json."""
     from fastzoo.ops import weight_only_linear as wol
 
     dev, dtype, group = torch.device("cuda"), torch.bfloat16, 128
@@ -395,6 +395,8 @@ def main(argv=None):
     if args.shapes:
         shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
     if args.chain:
+        if args.quick or args.shapes:
+            p.error("--chain times a whole decode step's linears: it takes neither --quick nor --shapes")
         rows = chain_bench(model, shapes, args, copy_gbs)
         harness.print_table(rows, ["variant", "us_per_step", "us_per_kernel", "GB/s", "%copy", "floor_us"])
         path = harness.save_result(f"weight_only_linear_int4_chain_{model}", {"copy_gbs": copy_gbs, "rows": rows}, args)

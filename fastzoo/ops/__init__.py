@@ -7,7 +7,8 @@ from .int8_mm import (int8_dynamic_linear, int8_dynamic_linear_ref, int8_scaled_
 from .rel_pos_attention import (rel_pos_attention, rel_pos_attention_packed, rel_pos_attention_ref,
                                 rel_pos_attention_triton, rel_pos_window_attention, rel_pos_window_attention_ref,
                                 rel_pos_window_attention_triton)
-from .weight_only_linear import (decode_linear, decode_linear_ref, decode_linear_triton, int4_weight_only_linear,
+from .weight_only_linear import (decode_linear, decode_linear_ref, decode_linear_triton, int4_dequantize,
+                                 int4_dequantize_ref, int4_dequantize_triton, int4_weight_only_linear,
                                  int4_weight_only_linear_ref, int4_weight_only_linear_triton,
                                  int8_weight_only_linear, int8_weight_only_linear_ref,
                                  int8_weight_only_linear_triton)
@@ -26,6 +27,7 @@ __all__ = [
     "decode_linear", "decode_linear_ref", "decode_linear_triton",
     "int8_weight_only_linear", "int8_weight_only_linear_ref", "int8_weight_only_linear_triton",
     "int4_weight_only_linear", "int4_weight_only_linear_ref", "int4_weight_only_linear_triton",
+    "int4_dequantize", "int4_dequantize_ref", "int4_dequantize_triton",
     "quantize_rows_int8", "quantize_rows_int8_ref", "quantize_rows_int8_triton",
     "layernorm_quant_int8", "layernorm_quant_int8_ref", "layernorm_quant_int8_triton",
     "int8_attention", "int8_attention_ref", "int8_attention_triton",

@@ -500,6 +500,14 @@ def test_int4_dequantize_kernel(kernel_device, N, K, group, scale_dtype):
             assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
         else:
             assert torch.equal(out, ref), dtype
+    # strided views: weights inside a wider buffer (row stride != K/2, a storage offset),
+    # scales and zeros transposed in memory
+    big = torch.randint(0, 256, (N, K // 2 + 24), generator=g, dtype=torch.uint8).to(kernel_device)
+    pv = big[:, 10:10 + K // 2]
+    st, zt = s4.t().contiguous().t(), z4.t().contiguous().t()
+    assert pv.stride(0) == K // 2 + 24 and pv.storage_offset() == 10 and (N == 1 or st.stride(0) == 1)
+    assert torch.equal(int4_dequantize_triton(pv, st, zt, group, torch.float32),
+                       int4_dequantize_ref(pv, st, zt, group, torch.float32))
 
 
 def test_int4_dequantize_public_op_and_errors():
@@ -799,9 +807,12 @@ def test_cuda_int4_tensor_core_gemv(group, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_int4_prefill_path(dtype):
+def test_cuda_int4_prefill_path(dtype, monkeypatch):
     """More than 16 rows (prefill): the one-pass dequantization kernel then cuBLAS, the same
-    bits as the reference's dequantize + F.linear at Llama-2-7B's w2 shape."""
+    bits as the reference's dequantize + F.linear at Llama-2-7B's w2 shape; the kernel is
+    what ran."""
+    from fastzoo.ops import weight_only_linear as wol
+
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(7)
     N, K, group = 4096, 11008, 128
@@ -812,7 +823,14 @@ def test_cuda_int4_prefill_path(dtype):
     x = torch.randn(3, 40, K, device=dev, generator=g).to(dtype)
     bias = torch.randn(N, device=dev, generator=g).to(dtype)
     ref = F.linear(x, int4_dequantize_ref(p, s4, z4, group, dtype), bias)
+    calls = []
+    real = wol.int4_dequantize_triton
+    monkeypatch.setattr(wol, "int4_dequantize_triton", lambda *a: calls.append(a[-1]) or real(*a))
     assert torch.equal(int4_weight_only_linear(x, p, s4, z4, group, bias), ref)
+    assert torch.equal(int4_dequantize(p, s4, z4, group, torch.float16), int4_dequantize_ref(p, s4, z4, group,
+                                                                                          torch.float16))
+    assert calls == [dtype, torch.float16]  # the kernel ran for the prefill and for the public op
+    torch.library.opcheck(wol._int4_dequantize_op, (p[:64], s4[:64], z4[:64], group, torch.bfloat16))
 
 
 @pytest.mark.cuda
