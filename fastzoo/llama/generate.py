@@ -126,12 +126,22 @@ def _inductor_options(backend: str, cudagraphs: bool) -> dict | None:
     configuration changes); None for another backend (e.g. "eager", a trace-only check).
     The decode steps (``cudagraphs``) also get coordinate-descent tuning of their few
     inductor kernels; a prefill does not: its time is in GEMMs and attention, and tuning
-    each of its many fused kernels would lengthen the start-up."""
+    each of its many fused kernels would lengthen the start-up. The decode steps' inductor
+    kernels also use programmatic dependent launch where this PyTorch offers it
+    (``triton.enable_pdl``; inductor applies it on Hopper and newer only): like fastzoo's
+    decode kernels they launch while the previous kernel drains and wait for its writes,
+    so the RMSNorm / SwiGLU / rotary kernels between the GEMVs no longer stop the stream:
+    int4-g128 Llama-2-7B 355.0 / 365.8 -> 377.7 / 378.8 tok/s on an H100
+    (``llama_decode_inductor_pdl_ab.json``)."""
     if backend != "inductor":
         return None
     if not cudagraphs:
         return {}
-    return {"coordinate_descent_tuning": True, "triton.cudagraphs": True}
+    opts = {"coordinate_descent_tuning": True, "triton.cudagraphs": True}
+    import torch._inductor.config as icfg
+    if hasattr(icfg.triton, "enable_pdl"):
+        opts["triton.enable_pdl"] = True
+    return opts
 
 
 def _decode_sdpa(compiled: bool):

@@ -131,6 +131,53 @@ def test_compiled_decode_equals_eager(converted):
         assert out.tokens == eager.tokens
 
 
+def test_decode_inductor_options():
+    """The compiled decode steps ask inductor for coordinate-descent tuning, CUDA graphs and,
+    where this PyTorch has it, programmatic dependent launch; prefill gets none of them and
+    another backend no options at all."""
+    import torch._inductor.config as icfg
+    from fastzoo.llama.generate import _inductor_options
+
+    dec = _inductor_options("inductor", cudagraphs=True)
+    assert dec["coordinate_descent_tuning"] and dec["triton.cudagraphs"]
+    assert dec.get("triton.enable_pdl", False) == hasattr(icfg.triton, "enable_pdl")
+    assert _inductor_options("inductor", cudagraphs=False) == {}
+    assert _inductor_options("eager", cudagraphs=True) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantize", [None, "int8", "int4-g128"])
+def test_compiled_decode_pdl_equals_without(quantize, monkeypatch):
+    """Programmatic dependent launch changes when kernels start, never what they compute: a
+    compiled bf16 batch-1 decode (plain, int8 or int4 weights: fastzoo's one-row GEMVs
+    between inductor's kernels) gives the same greedy tokens with and without it (on
+    Hopper; on older GPUs inductor leaves it off and both runs are the same code)."""
+    import torch._dynamo
+    import torch._inductor.config as icfg
+    from fastzoo import quant as q
+    from fastzoo.llama import generate as gen_mod
+    from llama_testutils import make_tiny_model
+
+    if not hasattr(icfg.triton, "enable_pdl"):
+        pytest.skip("this PyTorch's inductor has no triton.enable_pdl")
+    model = make_tiny_model(dim=256, intermediate_size=512, std=0.05).to(device="cuda", dtype=torch.bfloat16)
+    if quantize == "int4-g128":
+        q.quantize_(model, q.Int4WeightOnly(group_size=128))
+    elif quantize:
+        q.quantize_(model, quantize)
+    prompt = [[5, 17, 3, 44, 9, 60, 2]]
+    torch._dynamo.reset()
+    with_pdl = Generator(model, compile=True).generate(prompt, 40, temperature=0.0).tokens
+    real = gen_mod._inductor_options
+    monkeypatch.setattr(gen_mod, "_inductor_options",
+                        lambda b, cudagraphs: {k: v for k, v in (real(b, cudagraphs) or {}).items()
+                                               if k != "triton.enable_pdl"})
+    torch._dynamo.reset()
+    without = Generator(model, compile=True).generate(prompt, 40, temperature=0.0).tokens
+    torch._dynamo.reset()
+    assert with_pdl == without and len(with_pdl[0]) == 40
+
+
 def test_compiled_graphs_trace_whole_and_bucket_prefill(converted):
     """fullgraph tracing of prefill/decode (dynamo, eager backend) and no recompiles within a bucket."""
     import torch._dynamo
