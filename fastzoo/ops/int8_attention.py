@@ -6,7 +6,7 @@ out_dtype=torch.bfloat16, out_scale=None)``::
     S   = (q_int8 @ k_int8ᵀ as exact int32) * q_scale[..., :, None] * k_scale[..., None, :] * sm_scale
     P   = softmax(S)                         # fp32, online (flash-style), never in memory
     out = P @ (v_int8 * v_scale[..., None])  # P and the dequantized V in bf16/fp16, fp32 accumulation
-    out → out_dtype (dynamic), or clamp(round_half_away(out / out_scale), -127, 127) int8 (static)
+    out → out_dtype (dynamic), or clamp(round(out / out_scale), -127, 127) int8 (static; ties to even)
 
 - ``q``, ``k``: int8 (B, H, Nq, D) / (B, H, Nk, D), any strides with a unit last stride
   (e.g. views into a fused qkv projection's output: no permute copies);
@@ -119,7 +119,7 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from .quantize_rows import _round_half_away_tl
+    from .quantize_rows import _round_clamp_int8_tl
 
     # The first configuration runs under Triton's interpreter (CPU tests): small. The
     # others: Ampere/Hopper at ViT lengths (197 = 128 + 69, 577, 785).
@@ -203,10 +203,7 @@ if triton_available():
         o_mask = m_mask[:, None] & d_mask[None, :]
         if OUT_INT8:
             o_s = tl.load(os_ptr)
-            t = out / o_s
-            t = _round_half_away_tl(t)
-            t = tl.minimum(tl.maximum(t, -127.0), 127.0)
-            tl.store(o_ptrs, t.to(tl.int8), mask=o_mask)
+            tl.store(o_ptrs, _round_clamp_int8_tl(out / o_s), mask=o_mask)
         else:
             tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
 

@@ -5,7 +5,7 @@
     y = layer_norm(x, (D,), weight, bias, eps)                       # in fp32
     dynamic (scale None): s = max(absmax(y_row), EPS) / 127 per row  # (M, 1)
     static  (scale given, one element): s = scale for every row
-    q = clamp(round_half_away(y / s), -127, 127)                      # int8
+    q = clamp(round(y / s), -127, 127)                               # int8 (ties to even)
 
 ``s`` is always returned with shape (..., 1) (in static mode every row holds the given
 scale), so the next ``int8_scaled_mm`` takes it as a per-token scale either way.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import FLOAT_DTYPES, cuda_kernel_applies, launch, short_bench, triton_available
-from .quantize_rows import EPS, _round_half_away
+from .quantize_rows import EPS, round_clamp_int8_ref
 
 _MAX_D = 16384  # a row must fit in registers
 
@@ -70,15 +70,14 @@ def layernorm_quant_int8_ref(
         s = torch.clamp(y.abs().amax(dim=-1, keepdim=True), min=EPS) / 127.0
     else:
         s = scale.float().reshape(1).expand(*x.shape[:-1], 1).contiguous()
-    q = _round_half_away(y / s).clamp_(-127, 127).to(torch.int8)
-    return q, s
+    return round_clamp_int8_ref(y / s), s
 
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from .quantize_rows import _round_half_away_tl
+    from .quantize_rows import _round_clamp_int8_tl
 
     @triton.autotune(
         configs=[
@@ -117,10 +116,8 @@ if triton_available():
             s = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(scale_ptr)
         else:
             s = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1), EPS_) / 127.0
-        v = y / s[:, None]
-        v = _round_half_away_tl(v)
-        v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-        tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], v.to(tl.int8), mask=mask)
+        tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :], _round_clamp_int8_tl(y / s[:, None]),
+                 mask=mask)
         tl.store(s_ptr + rows, s, mask=row_mask)
 
 
