@@ -17,8 +17,8 @@ Modes, timed in the same run on the same (timm-initialised) weights:
 - on request (``--modes``): ``fz-int8dq-qattn`` and ``fz-int8static-qattn`` (the same with
   ``int8_attention``: int8 q/k/v from the qkv GEMM, int8 out for the projection), to see what
   the int8 attention brings. (On an H100 at ViT-L/16's 197 tokens cuDNN's bf16 flash
-  attention plus the re-quantization of its output is the faster of the two: 86.8 against
-  92.4 ms a batch of 512, ``vit_int8_epilogue_ab.json``.)
+  attention plus the re-quantization of its output is the faster of the two: 87.6 against
+  92.4 ms a batch of 512, ``vit_epilogue_patch_embed_ab.json``.)
 
 With ``--quick`` (or whenever the goal case runs with ``fz-int8static``) the record also
 holds what bounds the model: the four linears of a block timed alone at the same token count

@@ -81,9 +81,9 @@ class PatchEmbed(nn.Module):
     state-dict keys); the forward is that convolution written as what it is, one matmul of
     the image's non-overlapping patches (B·N, C·p·p) with the weight as (D, C·p·p): the
     same sums, and a tensor-core GEMM on every device. (cuDNN's own choice for the 3-channel
-    bf16 convolution was a non-tensor-core kernel: 5.4 ms of ViT-L/16's 96 ms at batch 512 on
-    an H100, against 0.3 ms as a GEMM plus the patch copy; experiments/results/h100-80gb-hbm3/
-    vit_patch_embed_ab.json.)"""
+    bf16 convolution was a non-tensor-core kernel, 5.4 ms of ViT-L/16's 97 ms in int8 at batch
+    512 on an H100; as a matmul, fastzoo bf16 went 138.1 -> 132.3 ms: experiments/results/
+    h100-80gb-hbm3/vit_epilogue_patch_embed_ab.json.)"""
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
