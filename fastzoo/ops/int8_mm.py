@@ -299,8 +299,8 @@ if triton_available():
         reference) with the reciprocal of the per-column scale (one reciprocal per column, not
         per element) and ``_round_clamp_int8_tl``: four FP32 ALU operations an element (the
         half-away rounding it replaces took eleven; in fc1's GELU epilogue that was a third of
-        the epilogue). ±inf clamp to ±127; NaN gives 127 on a GPU (the reference's cast of NaN
-        is undefined)."""
+        the epilogue). ±inf clamp to ±127; NaN gives −127 (the reference's cast of NaN is
+        undefined)."""
         return _round_clamp_int8_tl(out * inv_scale[None, :])
 
     def _cfg(bm, bn, bk, warps, stages, group=8):

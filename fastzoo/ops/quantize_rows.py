@@ -52,10 +52,10 @@ if triton_available():
     @triton.jit
     def _round_clamp_int8_tl(v):
         """``round_clamp_int8_ref`` in a kernel, with three FP32 ALU operations: clamp to
-        ±127 (NaN gives 127 on a GPU, whose min/max return the number), then ``+ 1.5·2²³``, whose rounding to nearest even leaves the
-        integer in the low bits of the float's word (two's complement), so that its low
-        byte is the int8 (conversions and ``rint`` issue at a fraction of the FP32 rate on
-        Hopper)."""
+        ±127 (NaN gives −127: max(NaN, −127) is −127, as PTX's max.f32), then ``+ 1.5·2²³``,
+        whose rounding to nearest even leaves the integer in the low bits of the float's word
+        (two's complement), so that its low byte is the int8 (conversions and ``rint`` issue
+        at a fraction of the FP32 rate on Hopper)."""
         c = tl.minimum(tl.maximum(v, -127.0), 127.0) + 12582912.0
         return c.to(tl.int32, bitcast=True).to(tl.int8)
 
