@@ -162,7 +162,8 @@ def main(argv=None):
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,32,256,1024, +512 for "
                                                    "ViT-L/16-224)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated, of {','.join(MODES + EXTRA_MODES)} (default: the first {len(MODES)})")
     p.add_argument("--budget", type=float, default=2.0, help="seconds of timed repeats per measurement")
     p.add_argument("--quick", action="store_true", help="ViT-L/16-224 at batch 512 only, every mode")
     args = p.parse_args(argv)

@@ -2,8 +2,10 @@
 
     from fastzoo.quant import Int8Dynamic, Int8Static, quantize_vit_
     quantize_vit_(model, Int8Dynamic())                                   # no calibration
-    quantize_vit_(model, Int8Static(observer="percentile", attention="int8"), calibration=batches)
-    # or: build_vit(name, ckpt, quantize="int8static-qattn", calibration=batches)
+    quantize_vit_(model, Int8Static(observer="percentile"), calibration=batches)
+    # or: build_vit(name, ckpt, quantize="int8static", calibration=batches)
+    # (attention="int8" / "int8static-qattn": int8 attention, slower than bf16 SDPA for ViT-L/16
+    # on an H100: experiments/results/h100-80gb-hbm3/vit_epilogue_patch_embed_ab.json)
 
 ``quantize_vit_`` replaces each ``fastzoo.vit`` block by an ``Int8ViTBlock`` whose forward
 chains the fused ops so that no activation makes an extra trip through memory:

@@ -92,8 +92,11 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
         p = self.patch_size
+        B, C, H, W = x.shape
+        if H % p or W % p:  # the convolution's floor: pixels past the last whole patch are not read
+            H, W = H // p * p, W // p * p
+            x = x[..., :H, :W]
         patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), -1)
         return F.linear(patches, self.proj.weight.reshape(self.proj.out_channels, -1), self.proj.bias)
 

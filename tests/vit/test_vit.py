@@ -95,6 +95,22 @@ def test_parity_small_custom_config():
         assert rel_err(ours(x), ref(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("img,patch", [(32, 8), (20, 8), (16, 16)])
+def test_patch_embedding_is_the_convolution(img, patch):
+    """The patch embedding's matmul of patches equals its Conv2d (kernel = stride = patch) on the
+    same weights, flattened token order included, also where the image is not a whole number
+    of patches (the convolution ignores the rest) and for a non-contiguous input."""
+    from fastzoo.vit.model import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(ViTConfig(img_size=img, patch_size=patch, embed_dim=24, depth=1, num_heads=2)).eval()
+    x = torch.randn(2, 3, img + 3, img).transpose(-1, -2)[..., :img, :]  # non-contiguous, W = img + 3 cropped away
+    want = pe.proj(x).flatten(2).transpose(1, 2)
+    got = pe(x)
+    assert got.shape == want.shape == (2, (img // patch) ** 2, 24)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(VIT_CONFIGS))
 def test_every_named_config_matches_timm_state_dict(name):
     with torch.device("meta"):
