@@ -299,9 +299,9 @@ if triton_available():
         """Static int8 output: ``clamp(round(out / scale), -127, 127)`` (ties to even, as the
         reference) with the reciprocal of the per-column scale (one reciprocal per column, not
         per element) and ``_round_clamp_int8_tl``: four FP32 ALU operations an element (the
-        half-away rounding it replaces took eleven; in fc1's GELU epilogue that was a third of
-        the epilogue). ±inf clamp to ±127; NaN gives −127 (the reference's cast of NaN is
-        undefined)."""
+        half-away rounding it replaces took eleven, about a third of the ALU operations of
+        fc1's GELU epilogue). ±inf clamp to ±127; NaN gives −127 (the reference's cast of NaN
+        is undefined)."""
         return _round_clamp_int8_tl(out * inv_scale[None, :])
 
     def _cfg(bm, bn, bk, warps, stages, group=8):
