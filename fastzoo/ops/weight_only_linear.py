@@ -1198,25 +1198,26 @@ def _int4_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zero
              group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     if _kernel_applies(x, w_packed, scales, zeros, bias) and w_packed.shape[0] > 0:
         return int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias)
-    if _dequant_kernel_applies(w_packed, scales, zeros) and x.dtype in _DEQUANT_DTYPES:
-        # more rows (prefill): one-pass dequantization, then cuBLAS; the reference's result
-        w = int4_dequantize_triton(w_packed, scales, zeros, group_size, x.dtype)
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    return int4_weight_only_linear_ref(x, w_packed, scales, zeros, group_size, bias)
+    # more rows (prefill), or no kernel: dequantize (one pass on CUDA), then F.linear (cuBLAS);
+    # int4_weight_only_linear_ref's result either way
+    w = _int4_dequantize_any(w_packed, scales, zeros, group_size, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def _dequant_kernel_applies(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> bool:
-    """The dequantization kernel: float scales and zeros on the weights' CUDA device (Ampere
-    or newer), Triton importable (``cuda_kernel_applies``)."""
-    return cuda_kernel_applies(scales, zeros) and w_packed.device == scales.device
+def _int4_dequantize_any(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """The dequantization kernel where it applies (float scales and zeros on the weights' CUDA
+    device, Ampere or newer, Triton importable; a bf16 / fp16 / fp32 result), the reference
+    elsewhere: the same bits."""
+    if cuda_kernel_applies(scales, zeros) and w_packed.device == scales.device and dtype in _DEQUANT_DTYPES:
+        return int4_dequantize_triton(w_packed, scales, zeros, group_size, dtype)
+    return int4_dequantize_ref(w_packed, scales, zeros, group_size, dtype)
 
 
 @torch.library.custom_op("fastzoo::int4_dequantize", mutates_args=())
 def _int4_dequantize_op(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                         dtype: torch.dtype) -> torch.Tensor:
-    if _dequant_kernel_applies(w_packed, scales, zeros) and dtype in _DEQUANT_DTYPES:
-        return int4_dequantize_triton(w_packed, scales, zeros, group_size, dtype)
-    return int4_dequantize_ref(w_packed, scales, zeros, group_size, dtype)
+    return _int4_dequantize_any(w_packed, scales, zeros, group_size, dtype)
 
 
 @_int4_dequantize_op.register_fake
