@@ -14,9 +14,7 @@
   and ``output``, the SwiGLU before ``w2`` and the residual adds after ``wo`` and ``w2`` are
   fused into the linear where the module implements ``fused_forward`` (:class:`Linear`,
   ``fastzoo.quant.Int8WeightOnlyLinear``: on CUDA the decode kernels of
-  :func:`fastzoo.ops.decode_linear`; ``fastzoo.quant.Int4WeightOnlyLinear`` where its
-  ``fused_applies``: one decode row, its tensor-core kernel), and composed in plain PyTorch
-  otherwise.
+  :func:`fastzoo.ops.decode_linear`), and composed in plain PyTorch for any other module.
 * With a bf16/fp16/fp32 cache, RoPE, the cache write and the masked attention are one op,
   :func:`fastzoo.ops.decode_attention` (its reference is this math; on CUDA one decode
   token runs a fused Triton kernel); the int8 cache and the cache-less path stay inline.
@@ -86,19 +84,14 @@ def fused_linear(module: nn.Module, x: torch.Tensor, *, norm: RMSNorm | None = N
     """``residual + module(norm(silu(a) · b))`` for x = [a | b] (each part optional: ``glu``
     splits x's last dim in halves; ``norm`` an :class:`RMSNorm`; ``residual`` of the output's
     shape). A linear module may implement ``fused_forward(x, *, norm, glu, residual)`` (one
-    kernel on CUDA: :class:`Linear`, ``fastzoo.quant.Int8WeightOnlyLinear``,
-    ``fastzoo.quant.Int4WeightOnlyLinear``), used for decode-sized inputs (at most
-    ``MAX_KERNEL_ROWS`` rows, the kernels' regime) where its optional
-    ``fused_applies(x, *, norm, glu)`` agrees (int4: one row, the tensor-core kernel).
-    Composed here in plain PyTorch: any other module (GPTQ's calibration, sparse, …), a
-    module with forward hooks (they observe the plain input: GPTQ's Hessians, calibration),
-    other inputs, and more rows (prefill: inductor fuses the norm and SwiGLU, the product is
-    a cuBLAS GEMM)."""
+    kernel on CUDA: :class:`Linear`, ``fastzoo.quant.Int8WeightOnlyLinear``), used for
+    decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows, the kernels' regime). Composed
+    here in plain PyTorch: any other module (int4, GPTQ, sparse, …), a module with forward
+    hooks (they observe the plain input: GPTQ's Hessians, calibration), and more rows
+    (prefill: inductor fuses the norm and SwiGLU, the product is a cuBLAS GEMM)."""
     fused = getattr(module, "fused_forward", None)
-    applies = getattr(module, "fused_applies", None)  # a module whose kernel fuses only some inputs
     if (fused is not None and x.shape[:-1].numel() <= MAX_KERNEL_ROWS
-            and not (module._forward_hooks or module._forward_pre_hooks)
-            and (applies is None or applies(x, norm=norm, glu=glu))):
+            and not (module._forward_hooks or module._forward_pre_hooks)):
         return fused(x, norm=norm, glu=glu, residual=residual)
     if glu:
         x = silu_mul_ref(x)

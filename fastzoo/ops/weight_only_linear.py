@@ -180,11 +180,12 @@ def _check_packed(name, w_packed, scales, zeros, group_size) -> tuple[int, int]:
     return N, K
 
 
-def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias, glu=False) -> tuple[int, int]:
-    K = _gemv_k(name, x, glu)
+def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias) -> tuple[int, int]:
+    K = _check_x(name, x)
     if w_packed.dtype == torch.uint8 and (w_packed.dim() != 2 or w_packed.shape[1] * 2 != K):
         raise ValueError(
-            f"{name} expects w_packed of shape (N, K/2={K // 2}), got {tuple(w_packed.shape)}{_glu_note(x, glu)}"
+            f"{name} expects w_packed of shape (N, K/2={K // 2}), got {tuple(w_packed.shape)} "
+            f"for x of shape {tuple(x.shape)}"
         )
     N, _ = _check_packed(name, w_packed, scales, zeros, group_size)
     _check_bias(name, x, bias, N)
@@ -265,16 +266,12 @@ def int4_dequantize_ref(w_packed: torch.Tensor, scales: torch.Tensor, zeros: tor
 
 def int4_weight_only_linear_ref(
     x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-    bias: Optional[torch.Tensor] = None, *, norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5,
-    glu: bool = False, residual: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference: dequantize to x's dtype, then ``F.linear`` (what ``Int4WeightOnlyLinear.forward``
-    computes); the options as in ``decode_linear_ref``."""
-    N, K = _check_int4_args("int4_weight_only_linear_ref", x, w_packed, scales, zeros, group_size, bias, glu)
-    _check_fusion("int4_weight_only_linear_ref", x, N, K, norm_weight, norm_eps, residual)
-    x = _prologue_ref(x, norm_weight, norm_eps, glu)
+    """Reference: dequantize to x's dtype, then ``F.linear`` (what ``Int4WeightOnlyLinear.forward`` computes)."""
+    _check_int4_args("int4_weight_only_linear_ref", x, w_packed, scales, zeros, group_size, bias)
     w = int4_dequantize_ref(w_packed, scales, zeros, group_size, x.dtype)
-    return _residual_ref(F.linear(x, w, None if bias is None else bias.to(x.dtype)), residual)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 # ----------------------------------------------------------------------------------
@@ -832,89 +829,23 @@ if triton_available():
         return (u0, u1, u2, u3), (v0, v1, v2, v3)
 
     @triton.jit
-    def _int4_mma_x8(ptr):
-        """A lane's 32 columns of a row as 16 int32 words (2 16-bit floats each): 8 scalar
-        int64 loads."""
-        return (_halves(tl.load(ptr)), _halves(tl.load(ptr + 1)), _halves(tl.load(ptr + 2)),
-                _halves(tl.load(ptr + 3)), _halves(tl.load(ptr + 4)), _halves(tl.load(ptr + 5)),
-                _halves(tl.load(ptr + 6)), _halves(tl.load(ptr + 7)))
-
-    @triton.jit
-    def _int4_mma_xs(x_ptr, s_ptr, z_ptr, nw_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, K4,
-                     GROUP: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr):
-        """Segment ``seg``'s x for the lane (x an int64 view: 8 scalar loads, 16 int32 pairs),
-        as loaded: with GLU also the gate's partner b (K4 int64 further on), with NORM the
-        norm weight's same columns (else x again, unused); and the group's scales and zeros
-        of rows r and r + 8, in fp32."""
+    def _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr):
+        """Segment ``seg``'s x for the lane (x an int64 view: 8 scalar loads, 16 int32 pairs)
+        and the group's scales and zeros of rows r and r + 8, in fp32."""
         xb = x_ptr + seg * 32 + x_offs
-        X = _int4_mma_x8(xb)
-        XG = X
-        if GLU:
-            XG = _int4_mma_x8(xb + K4)
-        NW = X
-        if NORM:
-            NW = _int4_mma_x8(nw_ptr + seg * 32 + x_offs)
+        X = (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
+             _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)), _halves(tl.load(xb + 7)))
         g = (seg * 128) // GROUP
         SZ = (tl.load(s_ptr + g + s_offs).to(tl.float32), tl.load(z_ptr + g + z_offs).to(tl.float32),
               tl.load(s_ptr + g + s8_offs).to(tl.float32), tl.load(z_ptr + g + z8_offs).to(tl.float32))
-        return X, XG, NW, SZ
+        return X, SZ
 
     @triton.jit
-    def _unpack2(w, F16: tl.constexpr):
-        """An int32 word of two 16-bit floats → (low, high) in fp32."""
-        if F16:
-            lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        else:
-            lo = (w << 16).to(tl.float32, bitcast=True)
-            hi = (w & -65536).to(tl.float32, bitcast=True)
-        return lo, hi
-
-    @triton.jit
-    def _pack2(lo, hi, F16: tl.constexpr):
-        """Two fp32 values → an int32 word of two 16-bit floats (round to nearest even)."""
-        dt: tl.constexpr = tl.float16 if F16 else tl.bfloat16
-        lo16 = lo.to(dt).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        hi16 = hi.to(dt).to(tl.int16, bitcast=True).to(tl.int32)
-        return (hi16 << 16) | lo16
-
-    @triton.jit
-    def _int4_mma_prologue_word(w, g, nw, ss, F16: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr):
-        """One word of x as the product consumes it: silu(a)·b (GLU; ``g`` is b's word), then
-        times the norm weight (NORM; ``nw``'s word), in fp32, rounded once to x's dtype; ``ss``
-        gains the squares of the values before the norm weight (Σx² of the RMSNorm)."""
-        lo, hi = _unpack2(w, F16)
-        if GLU:
-            glo, ghi = _unpack2(g, F16)
-            lo = lo * tl.sigmoid(lo) * glo
-            hi = hi * tl.sigmoid(hi) * ghi
-        if NORM:
-            ss += lo * lo + hi * hi
-            nlo, nhi = _unpack2(nw, F16)
-            lo = lo * nlo
-            hi = hi * nhi
-        return _pack2(lo, hi, F16), ss
-
-    @triton.jit
-    def _int4_mma_prologue(X, XG, NW, ss, F16: tl.constexpr, GLU: tl.constexpr, NORM: tl.constexpr):
-        """_int4_mma_prologue_word on each of a segment's 16 words of x."""
-        out = ()
-        for i in tl.static_range(8):
-            w0, ss = _int4_mma_prologue_word(X[i][0], XG[i][0], NW[i][0], ss, F16, GLU, NORM)
-            w1, ss = _int4_mma_prologue_word(X[i][1], XG[i][1], NW[i][1], ss, F16, GLU, NORM)
-            out = out + ((w0, w1),)
-        return out, ss
-
-    @triton.jit
-    def _int4_mma_segment(acc_r, acc_r8, ss, U, V, X, XG, NW, SZ, F16: tl.constexpr, GLU: tl.constexpr,
-                          NORM: tl.constexpr):
+    def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16: tl.constexpr):
         """One 128-column segment of _int4_mma_kernel (one quantization group), from the values
         of _int4_mma_words and _int4_mma_xs: the products chain in the mma accumulator; the group's
-        scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x.
-        With GLU / NORM, x first goes through _int4_mma_prologue (``ss``: Σx² so far)."""
+        scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x."""
         MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
-        if GLU or NORM:
-            X, ss = _int4_mma_prologue(X, XG, NW, ss, F16, GLU, NORM)
         zero = tl.zeros_like(acc_r)
         # two independent accumulator chains (words 0, 1 and 2, 3): half the mma latency in series
         Da = (zero, zero, zero, zero)
@@ -930,16 +861,15 @@ if triton_available():
         sx = Sa[0] + Sb[0]
         acc_r += sr * (Da[0] + Db[0]) + (zr - MAGIC * sr) * sx  # D[0]: row r, D[2]: row r + 8
         acc_r8 += sr8 * (Da[2] + Db[2]) + (zr8 - MAGIC * sr8) * sx
-        return acc_r, acc_r8, ss
+        return acc_r, acc_r8
 
-    @triton.autotune(configs=_INT4_MMA_CONFIGS, key=["N", "K", "GROUP", "GLU", "NORM", "HAS_RES"],
+    @triton.autotune(configs=_INT4_MMA_CONFIGS, key=["N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune_mma}, do_bench=short_bench)
     @triton.jit
     def _int4_mma_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, nw_ptr, r_ptr, out_ptr, ws_ptr, cnt_ptr,
-        N, K, stride_wn, stride_sn, stride_zn, eps,
+        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+        N, K, stride_wn, stride_sn, stride_zn,
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
-        GLU: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
@@ -960,14 +890,7 @@ if triton_available():
         bit operations only (see _int4_mma_asm), a segment's products accumulate in fp32 in
         the tensor cores, and the group's scale and zero apply once per row in fp32. Row r's
         result is in lanes 4r..4r+3 (all equal), reduced once at the end.
-        ``BLOCK_N`` = 16 · (row blocks); split-K over segments.
-
-        Fusions (as ``_linear_kernel``'s): GLU, x = [a | b] (2K columns) and the product's
-        input is silu(a)·b; NORM, the input times the RMSNorm weight ``nw_ptr`` (an int64 view
-        in x's dtype), Σx² accumulated from the same words, and the row factor
-        rsqrt(Σx²/K + eps) in the epilogue (with split-K, each split's partial Σx² in the
-        workspace); HAS_RES, ``r_ptr`` added to the output. The prologue works in fp32 and
-        rounds each input value once to x's dtype (the mma's operand)."""
+        ``BLOCK_N`` = 16 · (row blocks); split-K over segments."""
         G: tl.constexpr = BLOCK_N // 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -990,8 +913,6 @@ if triton_available():
         seg_end = tl.minimum(n_seg, seg_start + seg_per_split)
         acc_r = tl.zeros((32 * G,), dtype=tl.float32)
         acc_r8 = tl.zeros((32 * G,), dtype=tl.float32)
-        ss = tl.zeros((32 * G,), dtype=tl.float32)  # each lane's Σx² over its columns (NORM)
-        K4 = K // 4  # GLU: b's columns, in int64 units of x
         if PREFETCH:
             # the next segment's words, x and scales are requested before this one's
             # arithmetic (the last segment is read again instead of masking); the first
@@ -1002,32 +923,27 @@ if triton_available():
             U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
             if PDL:
                 gdc_wait()
-            X, XG, NW, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nw_ptr, first, x_offs, s_offs, z_offs, s8_offs,
-                                         z8_offs, K4, GROUP, GLU, NORM)
+            X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
             for seg in range(seg_start, seg_end):
                 nxt = tl.minimum(seg + 1, last)
                 U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
-                X1, XG1, NW1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nw_ptr, nxt, x_offs, s_offs, z_offs, s8_offs,
-                                                 z8_offs, K4, GROUP, GLU, NORM)
-                acc_r, acc_r8, ss = _int4_mma_segment(acc_r, acc_r8, ss, U, V, X, XG, NW, SZ, F16, GLU, NORM)
-                U, V, X, XG, NW, SZ = U1, V1, X1, XG1, NW1, SZ1
+                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
+                U, V, X, SZ = U1, V1, X1, SZ1
         else:
             if PDL:
                 gdc_wait()
             for seg in range(seg_start, seg_end):
                 U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
-                X, XG, NW, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nw_ptr, seg, x_offs, s_offs, z_offs, s8_offs,
-                                             z8_offs, K4, GROUP, GLU, NORM)
-                acc_r, acc_r8, ss = _int4_mma_segment(acc_r, acc_r8, ss, U, V, X, XG, NW, SZ, F16, GLU, NORM)
+                X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
         # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
         lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
         hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)
         res = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (1, BLOCK_N))
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Σx² of this split: lanes 0..3 of the first row block hold the four column quarters
-        ss_row = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.where(e < 4, ss, 0.0), axis=0)
-        _fused_store(res, ss_row, tl.arange(0, 1), offs_n, 1, N, K, pid_n, 0, pid_k, b_ptr, r_ptr, out_ptr, ws_ptr,
-                     cnt_ptr, N, N, eps, HAS_BIAS, NORM, HAS_RES, SPLIT_K)
+        _bias_and_store(res, tl.arange(0, 1), offs_n, 1, N, pid_n, 0, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, N,
+                        HAS_BIAS, SPLIT_K)
 
     @triton.jit
     def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn,
@@ -1154,48 +1070,28 @@ def int8_weight_only_linear_triton(x: torch.Tensor, w_int8: torch.Tensor, scales
                                  residual)
 
 
-def _int4_mma_applies(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, K: int,
-                      norm_weight: Optional[torch.Tensor] = None) -> bool:
+def _int4_mma_applies(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
     """The one-row tensor-core int4 kernel: inline PTX (CUDA, sm_80+, not Triton's
-    interpreter), mma on x's dtype with scales, zeros (and a norm weight) in it, groups of at
-    least 128 columns and K a multiple of 128."""
+    interpreter), mma on x's dtype with scales and zeros in it, groups of at least 128
+    columns and K a multiple of 128."""
     return (cuda_kernel_applies(x, dtypes=_KERNEL_DTYPES) and scales.dtype == x.dtype
-            and zeros.dtype == x.dtype and group_size >= INT4_MMA_MIN_GROUP and K % 128 == 0
-            and (norm_weight is None or norm_weight.dtype == x.dtype))
-
-
-def int4_fusion_applies(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, *,
-                        norm_weight: Optional[torch.Tensor] = None, glu: bool = False) -> bool:
-    """Whether ``int4_weight_only_linear`` runs its RMSNorm / SwiGLU / residual options inside
-    the kernel for this x: one row on a GPU where the one-row tensor-core kernel runs (a
-    norm weight in x's dtype). Elsewhere the op composes them around the product, eagerly
-    inside the op: a caller under ``torch.compile`` does better composing them itself,
-    where inductor fuses them (``fastzoo.llama.model.fused_linear`` asks this)."""
-    K = x.shape[-1] // 2 if glu else x.shape[-1]
-    return (x.numel() == K * (2 if glu else 1) and K > 0 and triton_available()
-            and _int4_mma_applies(x, scales, zeros, group_size, K, norm_weight))
+            and zeros.dtype == x.dtype and group_size >= INT4_MMA_MIN_GROUP and x.shape[-1] % 128 == 0)
 
 
 def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
                                    zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None,
-                                   config: Optional[dict] = None, *, norm_weight: Optional[torch.Tensor] = None,
-                                   norm_eps: float = 1e-5, glu: bool = False,
-                                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                   config: Optional[dict] = None) -> torch.Tensor:
     """Launch the int4 weight-only decode kernel (any M; built for M <= 16). One row on a
     CUDA GPU with scales and zeros in x's dtype: the tensor-core GEMV (``_int4_mma_kernel``),
     unless ``config`` forces a tile of ``_int4_kernel`` (a config with ``"MMA": True``
-    forces one of the tensor-core kernel's). Options as in ``int4_weight_only_linear``: in
-    the tensor-core kernel (a norm weight in x's dtype), composed around ``_int4_kernel``
-    (``_prologue_ref`` before, the residual after) elsewhere."""
+    forces one of the tensor-core kernel's)."""
     name = "int4_weight_only_linear_triton"
-    N, K = _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias, glu)
-    _check_fusion(name, x, N, K, norm_weight, norm_eps, residual)
+    N, K = _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias)
     _require_triton(name)
     _check_kernel_dtype(name, x)
-    x2 = _rows(x, 2 * K if glu else K)
+    x2 = _rows(x, K)
     M = x2.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    r = None if residual is None else unit_stride_last(residual.reshape(M, N))
     if M and N and K:
         w = unit_stride_last(w_packed)
         if w.storage_offset() % 4 or w.stride(0) % 4:
@@ -1206,27 +1102,20 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
                              f"got N={N} rows of stride {w.stride(0)} words")
         s, z = unit_stride_last(scales), unit_stride_last(zeros)
         b = bias.contiguous() if bias is not None else s
-        mma = _int4_mma_applies(x, s, z, group_size, K, norm_weight)
+        mma = _int4_mma_applies(x, s, z, group_size)
         if config is not None and config.get("MMA") and not (mma and M == 1):
-            raise ValueError(f"{name}: the tensor-core config needs one row of x on a CUDA GPU, scales and zeros (and "
-                             f"a norm weight) in x's dtype, group_size >= {INT4_MMA_MIN_GROUP} and K % 128 == 0; "
-                             f"got {M} rows, group_size={group_size}, K={K}")
+            raise ValueError(f"{name}: the tensor-core config needs one row of x on a CUDA GPU, scales and zeros in "
+                             f"x's dtype, group_size >= {INT4_MMA_MIN_GROUP} and K % 128 == 0; got {M} rows, "
+                             f"group_size={group_size}, K={K}")
         if M == 1 and mma and (config is None or config.get("MMA")):
             if x2.storage_offset() % 4:
                 x2 = x2.clone()
             w64 = (w.contiguous() if w.stride(0) % 2 or w.storage_offset() % 2 else w).view(torch.int64)
-            nw = x2 if norm_weight is None else norm_weight  # read as int64 (4 values) like x
-            if not nw.is_contiguous() or nw.storage_offset() % 4:
-                nw = nw.clone()
             cfg = None if config is None else {k: v for k, v in config.items() if k != "MMA"}
-            out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int64), w64, s, z, b, nw.view(torch.int64),
-                                                       out if r is None else r],
-                       {"_scalars": (N, K, w64.stride(0), s.stride(0), z.stride(0), float(norm_eps)),
-                        "GROUP": group_size, "HAS_BIAS": bias is not None, "F16": x.dtype == torch.float16,
-                        "GLU": bool(glu), "NORM": norm_weight is not None, "HAS_RES": r is not None,
-                        **pdl_options(x)}, cfg, norm_partials=norm_weight is not None)
+            out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int64), w64, s, z, b],
+                       {"_scalars": (N, K, w64.stride(0), s.stride(0), z.stride(0)), "GROUP": group_size,
+                        "HAS_BIAS": bias is not None, "F16": x.dtype == torch.float16, **pdl_options(x)}, cfg)
             return out.reshape(*x.shape[:-1], N)
-        x2 = _prologue_ref(x2, norm_weight, norm_eps, glu)
         out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],
                    {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N,
                                  _EXP_2_23),
@@ -1236,7 +1125,6 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
         out.zero_()
         if bias is not None:
             out += bias.to(x.dtype)
-    out = _residual_ref(out, r)
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -1307,16 +1195,13 @@ def _(x, w_int8, scales, bias, norm_weight=None, norm_eps=1e-5, glu=False, resid
 
 @torch.library.custom_op("fastzoo::int4_weight_only_linear", mutates_args=())
 def _int4_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-             group_size: int, bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor] = None,
-             norm_eps: float = 1e-5, glu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    opts = dict(norm_weight=norm_weight, norm_eps=norm_eps, glu=glu, residual=residual)
-    if _kernel_applies(x, w_packed, scales, zeros, bias, norm_weight, residual) and w_packed.shape[0] > 0:
-        return int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias, **opts)
+             group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if _kernel_applies(x, w_packed, scales, zeros, bias) and w_packed.shape[0] > 0:
+        return int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias)
     # more rows (prefill), or no kernel: dequantize (one pass on CUDA), then F.linear (cuBLAS);
     # int4_weight_only_linear_ref's result either way
-    x = _prologue_ref(x, norm_weight, norm_eps, glu)
     w = _int4_dequantize_any(w_packed, scales, zeros, group_size, x.dtype)
-    return _residual_ref(F.linear(x, w, None if bias is None else bias.to(x.dtype)), residual)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def _int4_dequantize_any(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -1350,7 +1235,7 @@ def int4_dequantize(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 
 
 @_int4_op.register_fake
-def _(x, w_packed, scales, zeros, group_size, bias, norm_weight=None, norm_eps=1e-5, glu=False, residual=None):
+def _(x, w_packed, scales, zeros, group_size, bias):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
 
@@ -1387,18 +1272,12 @@ def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch
 
 
 def int4_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                            group_size: int, bias: Optional[torch.Tensor] = None, *,
-                            norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5, glu: bool = False,
-                            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W4A16 linear in ``Int4WeightOnlyLinear``'s layout (see the module docstring).
 
     x (..., K) bf16/fp16 (fp32: PyTorch only); w_packed uint8 (N, K/2); scales, zeros
     (N, K/group_size) float; group_size in (32, 64, 128, 256). Kernel on CUDA for <= 16
     rows, dequantize + ``F.linear`` otherwise.
-    ``norm_weight``/``norm_eps``, ``glu``, ``residual``: as in ``decode_linear``; fused into
-    the kernel where ``int4_fusion_applies`` (one row, the tensor-core kernel), composed
-    around the product otherwise.
     """
-    N, K = _check_int4_args("int4_weight_only_linear", x, w_packed, scales, zeros, group_size, bias, glu)
-    _check_fusion("int4_weight_only_linear", x, N, K, norm_weight, norm_eps, residual)
-    return _int4_op(x, w_packed, scales, zeros, group_size, bias, norm_weight, float(norm_eps), bool(glu), residual)
+    _check_int4_args("int4_weight_only_linear", x, w_packed, scales, zeros, group_size, bias)
+    return _int4_op(x, w_packed, scales, zeros, group_size, bias)

@@ -16,7 +16,7 @@ from fastzoo.ops import int4_weight_only_linear, int8_dynamic_linear, int8_scale
 from fastzoo.ops.int8_mm import requantize_int8_ref
 from fastzoo.ops.quantize_rows import EPS as _EPS
 from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
-from fastzoo.ops.weight_only_linear import INT4_GROUP_SIZES, int4_dequantize, int4_fusion_applies, norm_options
+from fastzoo.ops.weight_only_linear import INT4_GROUP_SIZES, int4_dequantize, norm_options
 
 def _check_float_weight(linear: nn.Linear) -> None:
     if not linear.weight.dtype.is_floating_point:
@@ -229,20 +229,6 @@ class Int4WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int4_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.zeros.to(x.dtype),
                                        self.group_size, self.bias)
-
-    def fused_applies(self, x: torch.Tensor, *, norm=None, glu: bool = False) -> bool:
-        """``fastzoo.llama.model.fused_linear``'s question: does the kernel fuse the options for
-        this x (one row, the tensor-core kernel)? Elsewhere the model composes them (inductor
-        fuses them there)."""
-        return int4_fusion_applies(x, self.scales.to(x.dtype), self.zeros.to(x.dtype), self.group_size,
-                                   norm_weight=None if norm is None else norm.weight, glu=glu)
-
-    def fused_forward(self, x: torch.Tensor, *, norm=None, glu: bool = False,
-                      residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``fastzoo.llama.model.fused_linear``'s protocol: RMSNorm (``norm``), SwiGLU and
-        residual fused into the int4 kernel where ``fused_applies``."""
-        return int4_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.zeros.to(x.dtype),
-                                       self.group_size, self.bias, glu=glu, residual=residual, **norm_options(norm))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -251,19 +251,14 @@ def test_split_k_reduces_in_launch_and_resets_counters(kernel_device, config):
 FUSIONS = ["norm", "glu+res", "norm+res", "glu+norm+res"]  # each option, with and without the others
 
 
-def _fused_inputs(M, N, K, dtype, opts, quant, g, group=128):
-    """x (M, K or 2K), the weight (float, int8 + scales, or with quant=4 the int4 tuple
-    (packed, scales, zeros) of ``group``), the options, and the fp32 truth."""
+def _fused_inputs(M, N, K, dtype, opts, quant, g):
+    """x (M, K or 2K), the weight (float, or int8 + scales), the options, and the fp32 truth."""
     glu = "glu" in opts
     x = _x((M,), 2 * K if glu else K, dtype, g)
     nw = (torch.rand(K, generator=g) + 0.5).to(dtype) if "norm" in opts else None
     res = torch.randn(M, N, generator=g).to(dtype) if "res" in opts else None
     bias = _bias(N, "same" if M % 2 else "none", dtype, g)
-    if quant == 4:
-        p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, generator=g) * K**-0.5, group)
-        w, scales = (p, s4.to(dtype), z4.to(dtype)), None
-        w_true = int4_dequantize_ref(p, w[1], w[2], group, torch.float32)
-    elif quant:
+    if quant:
         w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=g)
         scales = (torch.rand(N, generator=g) * 1e-2 + 1e-3).to(dtype)
         w_true = w.float() * scales.float()[:, None]
@@ -384,56 +379,6 @@ def test_fused_options_reject_bad_input():
         int8_weight_only_linear(x[:, :32], w_q, s, residual=torch.zeros(2, 8))
     with pytest.raises(ValueError, match=r"norm_eps >= 0, got -1"):
         decode_linear(x, w, norm_weight=torch.ones(64, dtype=torch.bfloat16), norm_eps=-1.0)
-
-
-@pytest.mark.parametrize("M,N,K,group", [(1, 7, 256, 128), (3, 33, 256, 64)])
-@pytest.mark.parametrize("opts", FUSIONS)
-def test_int4_fused_options(kernel_device, M, N, K, group, opts):
-    """int4 with each fusion against fp32: the launcher (where the tensor-core kernel does
-    not run, here and for M > 1, the options composed around ``_int4_kernel``) and the
-    reference."""
-    dtype = torch.bfloat16
-    g = _gen("int4-fused", M, N, K, group, opts)
-    x, (p, s4, z4), _, bias, fopts, truth = _fused_inputs(M, N, K, dtype, opts, 4, g, group)
-    dev = kernel_device
-    dopts = dict(fopts, norm_weight=_to(dev, fopts["norm_weight"])[0], residual=_to(dev, fopts["residual"])[0])
-    out = int4_weight_only_linear_triton(*_to(dev, x, p, s4, z4), group, _to(dev, bias)[0], **dopts)
-    _check(out, truth, dtype, (M, N))
-    _check(int4_weight_only_linear_ref(x, p, s4, z4, group, bias, **fopts), truth, dtype, (M, N))
-
-
-def test_int4_fused_reference_is_the_model_math_and_module_composes():
-    """The int4 reference with options composes the model's pieces bit for bit; off the
-    tensor-core kernel (here: the CPU) ``Int4WeightOnlyLinear.fused_applies`` is False and
-    ``fused_linear`` composes the module's forward with the model's RMSNorm, SwiGLU and
-    residual; the public op gives the reference's bits."""
-    from fastzoo.llama.model import RMSNorm, fused_linear
-    from fastzoo.ops.weight_only_linear import int4_fusion_applies, silu_mul_ref
-
-    g = _gen("int4-fused-ref")
-    dtype = torch.bfloat16
-    norm = RMSNorm(128, eps=1e-6).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(torch.rand(128, generator=g) + 0.5)
-    mod = Int4WeightOnlyLinear.from_linear(nn.Linear(128, 24).to(dtype), group_size=128)
-    x, x2 = _x((1, 1), 128, dtype, g), _x((1, 1), 256, dtype, g)
-    res = torch.randn(1, 1, 24, generator=g).to(dtype)
-    args = (mod.weight, mod.scales, mod.zeros, 128, mod.bias)
-    expected = res + mod(norm(x))
-    assert torch.equal(int4_weight_only_linear_ref(x, *args, norm_weight=norm.weight, norm_eps=1e-6, residual=res),
-                       expected)
-    assert torch.equal(int4_weight_only_linear(x, *args, norm_weight=norm.weight, norm_eps=1e-6, residual=res),
-                       expected)
-    assert torch.equal(fused_linear(mod, x, norm=norm, residual=res), expected)
-    expected = res + mod(silu_mul_ref(x2))
-    assert torch.equal(int4_weight_only_linear(x2, *args, glu=True, residual=res), expected)
-    assert torch.equal(fused_linear(mod, x2, glu=True, residual=res), expected)
-    assert not mod.fused_applies(x, norm=norm)
-    assert not int4_fusion_applies(x, mod.scales, mod.zeros, 128)
-    with pytest.raises(ValueError, match=r"w_packed of shape \(N, K/2=32\), got \(24, 64\) \(glu=True"):
-        int4_weight_only_linear(x, *args, glu=True)
-    with pytest.raises(ValueError, match=r"norm_weight of shape \(K,\) = \(128,\), got \(64,\)"):
-        int4_weight_only_linear(x, *args, norm_weight=norm.weight[:64])
 
 
 # ----------------------------------------------------------------------------------
@@ -861,33 +806,6 @@ def test_cuda_int4_tensor_core_gemv(group, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("N,K,opts", LLAMA_FUSED)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_int4_fused_llama_shapes(N, K, opts, dtype):
-    """The int4 tensor-core GEMV with the fusions of a Llama-2-7B decode step (RMSNorm before
-    wqkv / w13 / output, SwiGLU and residual into w2, residual into wo), autotuned and forced
-    tiles (split-K: per-split Σx²), against fp32; repeated split-K calls are bit-identical and
-    leave the arrival counters at zero; the module says the kernel fuses one row, not two."""
-    from fastzoo.ops._common import ARRIVAL_COUNTERS as _COUNTERS
-    from fastzoo.ops.weight_only_linear import int4_fusion_applies
-
-    dev = torch.device("cuda")
-    g = torch.Generator().manual_seed(N + K)
-    x, (p, s4, z4), _, bias, fopts, truth = _fused_inputs(1, N, K, dtype, opts, 4, g)
-    x, p, s4, z4, bias = _to(dev, x, p, s4, z4, bias)
-    fopts = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in fopts.items()}
-    truth = truth.to(dev)
-    assert int4_fusion_applies(x, s4, z4, 128, norm_weight=fopts["norm_weight"], glu=fopts["glu"])
-    assert not int4_fusion_applies(torch.cat([x, x]), s4, z4, 128, glu=fopts["glu"])
-    assert rel_err(int4_weight_only_linear(x, p, s4, z4, 128, bias, **fopts), truth) < RTOL[dtype]
-    for tile in MMA_TILES:
-        outs = [int4_weight_only_linear_triton(x, p, s4, z4, 128, bias, config=tile, **fopts) for _ in range(2)]
-        assert torch.equal(outs[0], outs[1]), tile
-        assert rel_err(outs[0], truth) < RTOL[dtype], (tile, rel_err(outs[0], truth))
-    assert int(_COUNTERS[dev].abs().sum()) == 0
-
-
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_int4_prefill_path(dtype, monkeypatch):
     """More than 16 rows (prefill): the one-pass dequantization kernel then cuBLAS, the same
@@ -1028,33 +946,27 @@ from fastzoo.ops import weight_only_linear as wol
 
 block_n, warps, split, group = map(int, sys.argv[1:5])
 prefetch, f16 = sys.argv[5] == "1", sys.argv[6] == "1"
-fusions = sys.argv[7].split("+")
 jit = wol._int4_mma_kernel.fn  # autotune -> jit
 dt = "fp16" if f16 else "bf16"
-sig = dict(x_ptr="*i64", w_ptr="*i64", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", nw_ptr="*i64",
-           r_ptr=f"*{dt}", out_ptr=f"*{dt}", ws_ptr="*fp32", cnt_ptr="*i32", eps="fp32")
-const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch,
-             GLU="glu" in fusions, NORM="norm" in fusions, HAS_RES="res" in fusions)
+sig = dict(x_ptr="*i64", w_ptr="*i64", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}",
+           ws_ptr="*fp32", cnt_ptr="*i32")
+const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch)
 """ + _AOT_PTX + r"""
 print(ptx.count("mma.sync.aligned.m16n8k16"), "local" if ".local" in ptx else "no-local",
       "vector" if ".v2." in ptx.split("mma.sync")[0] or ".v4." in ptx.split("mma.sync")[0] else "scalar")
 """
 
 
-# (BLOCK_N, warps, SPLIT_K, group, prefetch, fp16, fusions)
-@pytest.mark.parametrize("block_n,warps,split,group,prefetch,f16,fusions", [
-    (64, 4, 1, 128, 0, 0, "none"), (128, 4, 4, 128, 1, 0, "none"), (32, 2, 2, 256, 1, 1, "none"),
-    (128, 8, 16, 128, 0, 1, "none"), (64, 2, 8, 128, 1, 0, "norm"), (64, 1, 4, 128, 0, 1, "glu+res"),
-    (128, 2, 1, 256, 1, 0, "glu+norm+res")])
-def test_int4_tensor_core_kernel_compiles_for_hopper(block_n, warps, split, group, prefetch, f16, fusions):
+# (BLOCK_N, warps, SPLIT_K, group, prefetch, fp16)
+@pytest.mark.parametrize("block_n,warps,split,group,prefetch,f16", [
+    (64, 4, 1, 128, 0, 0), (128, 4, 4, 128, 1, 0), (32, 2, 2, 256, 1, 1), (128, 8, 16, 128, 0, 1)])
+def test_int4_tensor_core_kernel_compiles_for_hopper(block_n, warps, split, group, prefetch, f16):
     """The one-row tensor-core int4 kernel is inline PTX, which Triton's interpreter cannot
     run: compile it ahead of time for sm_90 (Triton's ptxas, no GPU) and check what its
     correctness rests on: two m16n8k16 mma per word pair and two per Σx (16 per segment and
     row block), scalar loads before the products (a vector load is what lets the compiler
-    give a warp's lanes to several row blocks), no local-memory spills; with and without the
-    RMSNorm / SwiGLU prologue and the residual (the GPU tests check their values)."""
-    r = run_aot_compile(_AOT_MMA, str(block_n), str(warps), str(split), str(group), str(prefetch), str(f16),
-                        fusions)
+    give a warp's lanes to several row blocks), no local-memory spills."""
+    r = run_aot_compile(_AOT_MMA, str(block_n), str(warps), str(split), str(group), str(prefetch), str(f16))
     assert r.returncode == 0, r.stderr[-3000:]
     n_mma, local, loads = r.stdout.split()[-3:]
     assert local == "no-local" and loads == "scalar"
