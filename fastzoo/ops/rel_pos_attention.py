@@ -110,6 +110,109 @@ if triton_available():
         kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 2 * kw_p]
         return kept or configs[:1]
 
+    @triton.jit
+    def _key_loop(q, q2, pad_k, pad_v, pad_k2, pad_v2, rw_all, rh_rows, rw_rows, m_ok, k_base, v_base,
+                  offs_d, offs_d2, d_ok, d2_ok, n_row, n_col, wy0, wx0, GRID_H, GRID_W, k_h, k_w,
+                  sk_y, sk_x, sv_y, sv_x, qk_scale, n_col_chunks, n_tiles,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, WHOLE_ROWS: tl.constexpr, EVEN: tl.constexpr,
+                  DIR: tl.constexpr, SPLIT_D: tl.constexpr, GRID: tl.constexpr, DOT_F32: tl.constexpr,
+                  PAD: tl.constexpr):
+        """The online softmax over a window's key tiles (``_rel_pos_attention_kernel``):
+        returns (m_i, l_i, acc, acc2). PAD: keys outside the grid take ``pad_k`` / ``pad_v``
+        (the kernel runs it only for windows that reach past the grid)."""
+        LOG2E: tl.constexpr = 1.4426950408889634
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+
+        if ROWS == 1:
+            # One key row a tile (the global layers): its rel_h term, one 2-byte gather per
+            # query that never becomes an asynchronous copy, is loaded a tile ahead so its
+            # latency hides behind the tile before (H100, SAM's global layers, two timings
+            # each: vit_b 2.71 / 2.77 -> 2.57 / 2.57 ms, vit_h 4.81 / 4.85 -> 4.65 / 4.68;
+            # loading the 2-4 rows of windowed tiles ahead was slower there:
+            # experiments/results/h100-80gb-hbm3/rel_pos_attention_variants.json).
+            rh_next = tl.load(rh_rows, mask=m_ok, other=0.0)
+        for t in range(0, n_tiles):
+            if WHOLE_ROWS:
+                kr0 = t * ROWS
+                kc = n_col
+                kr0_next = kr0 + ROWS
+            else:
+                kr0 = t // n_col_chunks
+                kc = (t % n_col_chunks) * BLOCK_KW + n_col
+                kr0_next = (t + 1) // n_col_chunks
+            if ROWS == 1:
+                rh_tile = rh_next
+                rh_next = tl.load(rh_rows + DIR * kr0_next, mask=m_ok & (kr0_next < k_h), other=0.0)
+            kr = kr0 + n_row
+            if EVEN:
+                key_ok = tl.full([BLOCK_N], 1, tl.int1)
+            else:
+                key_ok = (kr < k_h) & (kc < k_w)
+            key_in = key_ok
+            if PAD:
+                key_in = key_ok & (wy0 + kr < GRID_H) & (wx0 + kc < GRID_W)
+            if GRID:
+                k_off = kr * sk_y + kc * sk_x
+                v_off = kr * sv_y + kc * sv_x
+            else:
+                j = kr * k_w + kc
+                k_off = j * sk_x
+                v_off = j * sv_x
+
+            kt = tl.load(k_base + k_off[None, :] + offs_d[:, None],
+                         mask=key_in[None, :] & d_ok[:, None], other=0.0)
+            if PAD:
+                kt = tl.where(key_in[None, :], kt, pad_k[:, None])
+            qk = _mm(q, kt, DOT_F32)
+            if SPLIT_D:
+                kt2 = tl.load(k_base + k_off[None, :] + offs_d2[:, None],
+                              mask=key_in[None, :] & d2_ok[:, None], other=0.0)
+                if PAD:
+                    kt2 = tl.where(key_in[None, :], kt2, pad_k2[:, None])
+                qk += _mm(q2, kt2, DOT_F32)
+            s = qk * qk_scale
+
+            # A tile spans ROWS key rows: their rel_h terms are ROWS values per query,
+            # loaded as vectors and broadcast over each row's columns (no 2-D gather).
+            if ROWS == 1:
+                s += (rh_tile.to(tl.float32) * LOG2E)[:, None]
+            else:
+                for r in tl.static_range(ROWS):
+                    rh = tl.load(rh_rows + DIR * (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
+                    s += tl.where((n_row == r)[None, :], (rh.to(tl.float32) * LOG2E)[:, None], 0.0)
+            if WHOLE_ROWS:
+                s += rw_all
+            else:
+                rw = tl.load(rw_rows[:, None] + DIR * kc[None, :],
+                             mask=m_ok[:, None] & (kc < k_w)[None, :], other=0.0)
+                s += rw.to(tl.float32) * LOG2E
+            if not EVEN:
+                s = tl.where(key_ok[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+
+            vt = tl.load(v_base + v_off[:, None] + offs_d[None, :],
+                         mask=key_in[:, None] & d_ok[None, :], other=0.0)
+            if PAD:
+                vt = tl.where(key_in[:, None], vt, pad_v[None, :])
+            p = p.to(vt.dtype)
+            acc = acc * alpha[:, None] + _mm(p, vt, DOT_F32)
+            if SPLIT_D:
+                vt2 = tl.load(v_base + v_off[:, None] + offs_d2[None, :],
+                              mask=key_in[:, None] & d2_ok[None, :], other=0.0)
+                if PAD:
+                    vt2 = tl.where(key_in[:, None], vt2, pad_v2[None, :])
+                acc2 = acc2 * alpha[:, None] + _mm(p, vt2, DOT_F32)
+            m_i = m_new
+        return m_i, l_i, acc, acc2
+
     @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD"],
                      prune_configs_by={"early_config_prune": _prune_grid_configs}, do_bench=short_bench)
     @triton.jit
@@ -186,6 +289,9 @@ if triton_available():
             rw_rows = rw_ptr + b * srw_b + h * srw_h + offs_m * srw_x
 
         q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        # the key loop's arguments that an option leaves unused
+        pad_k, pad_v, pad_k2, pad_v2, rw_all = offs_d, offs_d, offs_d, offs_d, offs_d
+        offs_d2, d2_ok, q2 = offs_d, d_ok, offs_d
         if HAS_PAD:  # k and v of a key outside the grid (pad_ptr: (3, heads, HEAD_D))
             pad_k = tl.load(pad_ptr + (H + h) * HEAD_D + offs_d, mask=d_ok, other=0.0)
             pad_v = tl.load(pad_ptr + (2 * H + h) * HEAD_D + offs_d, mask=d_ok, other=0.0)
@@ -194,7 +300,6 @@ if triton_available():
             offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
             d2_ok = offs_d2 < HEAD_D
             q2 = tl.load(q_rows[:, None] + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
-            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
             if HAS_PAD:
                 pad_k2 = tl.load(pad_ptr + (H + h) * HEAD_D + offs_d2, mask=d2_ok, other=0.0)
                 pad_v2 = tl.load(pad_ptr + (2 * H + h) * HEAD_D + offs_d2, mask=d2_ok, other=0.0)
@@ -207,94 +312,27 @@ if triton_available():
                              mask=m_ok[:, None] & (n_col < k_w)[None, :], other=0.0)
             rw_all = rw_all.to(tl.float32) * LOG2E
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-        if ROWS == 1:
-            # One key row a tile (the global layers): its rel_h term, one 2-byte gather per
-            # query that never becomes an asynchronous copy, is loaded a tile ahead so its
-            # latency hides behind the tile before (H100, SAM's global layers, two timings
-            # each: vit_b 2.71 / 2.77 -> 2.57 / 2.57 ms, vit_h 4.81 / 4.85 -> 4.65 / 4.68;
-            # loading the 2-4 rows of windowed tiles ahead was slower there:
-            # experiments/results/h100-80gb-hbm3/rel_pos_attention_variants.json).
-            rh_next = tl.load(rh_rows, mask=m_ok, other=0.0)
-        for t in range(0, n_tiles):
-            if WHOLE_ROWS:
-                kr0 = t * ROWS
-                kc = n_col
-                kr0_next = kr0 + ROWS
+        # Windows wholly inside the grid (16 of vit_b's 25 windowed-layer windows) run the
+        # key loop without the padding's masks and selects: a runtime branch per program.
+        if HAS_PAD:
+            if (wy0 + k_h <= GRID_H) & (wx0 + k_w <= GRID_W):
+                m_i, l_i, acc, acc2 = _key_loop(
+                    q, q2, pad_k, pad_v, pad_k2, pad_v2, rw_all, rh_rows, rw_rows, m_ok, k_base, v_base, offs_d,
+                    offs_d2, d_ok, d2_ok, n_row, n_col, wy0, wx0, GRID_H, GRID_W, k_h, k_w, sk_y, sk_x, sv_y, sv_x,
+                    qk_scale, n_col_chunks, n_tiles, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_KW, ROWS, WHOLE_ROWS,
+                    EVEN, DIR, SPLIT_D, GRID, DOT_F32, False)
             else:
-                kr0 = t // n_col_chunks
-                kc = (t % n_col_chunks) * BLOCK_KW + n_col
-                kr0_next = (t + 1) // n_col_chunks
-            if ROWS == 1:
-                rh_tile = rh_next
-                rh_next = tl.load(rh_rows + DIR * kr0_next, mask=m_ok & (kr0_next < k_h), other=0.0)
-            kr = kr0 + n_row
-            if EVEN:
-                key_ok = tl.full([BLOCK_N], 1, tl.int1)
-            else:
-                key_ok = (kr < k_h) & (kc < k_w)
-            key_in = key_ok
-            if HAS_PAD:
-                key_in = key_ok & (wy0 + kr < GRID_H) & (wx0 + kc < GRID_W)
-            if GRID:
-                k_off = kr * sk_y + kc * sk_x
-                v_off = kr * sv_y + kc * sv_x
-            else:
-                j = kr * k_w + kc
-                k_off = j * sk_x
-                v_off = j * sv_x
-
-            kt = tl.load(k_base + k_off[None, :] + offs_d[:, None],
-                         mask=key_in[None, :] & d_ok[:, None], other=0.0)
-            if HAS_PAD:
-                kt = tl.where(key_in[None, :], kt, pad_k[:, None])
-            qk = _mm(q, kt, DOT_F32)
-            if SPLIT_D:
-                kt2 = tl.load(k_base + k_off[None, :] + offs_d2[:, None],
-                              mask=key_in[None, :] & d2_ok[:, None], other=0.0)
-                if HAS_PAD:
-                    kt2 = tl.where(key_in[None, :], kt2, pad_k2[:, None])
-                qk += _mm(q2, kt2, DOT_F32)
-            s = qk * qk_scale
-
-            # A tile spans ROWS key rows: their rel_h terms are ROWS values per query,
-            # loaded as vectors and broadcast over each row's columns (no 2-D gather).
-            if ROWS == 1:
-                s += (rh_tile.to(tl.float32) * LOG2E)[:, None]
-            else:
-                for r in tl.static_range(ROWS):
-                    rh = tl.load(rh_rows + DIR * (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
-                    s += tl.where((n_row == r)[None, :], (rh.to(tl.float32) * LOG2E)[:, None], 0.0)
-            if WHOLE_ROWS:
-                s += rw_all
-            else:
-                rw = tl.load(rw_rows[:, None] + DIR * kc[None, :],
-                             mask=m_ok[:, None] & (kc < k_w)[None, :], other=0.0)
-                s += rw.to(tl.float32) * LOG2E
-            if not EVEN:
-                s = tl.where(key_ok[None, :], s, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-
-            vt = tl.load(v_base + v_off[:, None] + offs_d[None, :],
-                         mask=key_in[:, None] & d_ok[None, :], other=0.0)
-            if HAS_PAD:
-                vt = tl.where(key_in[:, None], vt, pad_v[None, :])
-            p = p.to(vt.dtype)
-            acc = acc * alpha[:, None] + _mm(p, vt, DOT_F32)
-            if SPLIT_D:
-                vt2 = tl.load(v_base + v_off[:, None] + offs_d2[None, :],
-                              mask=key_in[:, None] & d2_ok[None, :], other=0.0)
-                if HAS_PAD:
-                    vt2 = tl.where(key_in[:, None], vt2, pad_v2[None, :])
-                acc2 = acc2 * alpha[:, None] + _mm(p, vt2, DOT_F32)
-            m_i = m_new
+                m_i, l_i, acc, acc2 = _key_loop(
+                    q, q2, pad_k, pad_v, pad_k2, pad_v2, rw_all, rh_rows, rw_rows, m_ok, k_base, v_base, offs_d,
+                    offs_d2, d_ok, d2_ok, n_row, n_col, wy0, wx0, GRID_H, GRID_W, k_h, k_w, sk_y, sk_x, sv_y, sv_x,
+                    qk_scale, n_col_chunks, n_tiles, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_KW, ROWS, WHOLE_ROWS,
+                    EVEN, DIR, SPLIT_D, GRID, DOT_F32, True)
+        else:
+            m_i, l_i, acc, acc2 = _key_loop(
+                q, q2, pad_k, pad_v, pad_k2, pad_v2, rw_all, rh_rows, rw_rows, m_ok, k_base, v_base, offs_d,
+                offs_d2, d_ok, d2_ok, n_row, n_col, wy0, wx0, GRID_H, GRID_W, k_h, k_w, sk_y, sk_x, sv_y, sv_x,
+                qk_scale, n_col_chunks, n_tiles, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_KW, ROWS, WHOLE_ROWS,
+                EVEN, DIR, SPLIT_D, GRID, DOT_F32, False)
 
         out = acc / l_i[:, None]
         if GRID:
