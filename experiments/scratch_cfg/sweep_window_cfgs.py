@@ -4,7 +4,8 @@ import json, os, sys, time
 import torch
 import triton
 from experiments import harness
-import fastzoo.ops.rel_pos_attention as R
+import importlib
+R = importlib.import_module("fastzoo.ops.rel_pos_attention")
 
 out_dir = sys.argv[1]
 dev, dt = "cuda", torch.bfloat16
