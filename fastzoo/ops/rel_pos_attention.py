@@ -105,13 +105,9 @@ if triton_available():
         rows are too narrow for any such tile go to the reference (``_tiles_known_good``)."""
         get = lambda name: kwargs.get(name, named_args.get(name))  # noqa: E731
         kw_p = get("KW_P")
-        if kw_p is None:
+        if not get("SPLIT_D") or kw_p is None:
             return configs
-        kept = configs
-        if get("SPLIT_D"):
-            kept = [c for c in kept if c.kwargs["BLOCK_N"] <= 2 * kw_p]
-        if get("RW_TABLE"):  # rel_w is computed once per program: tiles of whole key rows
-            kept = [c for c in kept if c.kwargs["BLOCK_N"] >= kw_p]
+        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 2 * kw_p]
         return kept or configs[:1]
 
     @triton.jit
@@ -231,8 +227,7 @@ if triton_available():
         H, N_WH, N_WW, GRID_H, GRID_W, Nq, HEAD_D, k_h, k_w, qk_scale,
         BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
         KW_P: tl.constexpr, KW_EXACT: tl.constexpr, KH_DIV: tl.constexpr, DOT_F32: tl.constexpr,
-        GRID: tl.constexpr, REL_TABLE: tl.constexpr, HAS_PAD: tl.constexpr, RW_TABLE: tl.constexpr,
-        TW_P: tl.constexpr,
+        GRID: tl.constexpr, REL_TABLE: tl.constexpr, HAS_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # One program: BLOCK_M queries of one window of one head. Tokens are addressed on
@@ -245,11 +240,7 @@ if triton_available():
         # queries outside it are neither read nor written.
         # rel terms: REL_TABLE=False, rel_h[i, kr] at row i's address + kr (precomputed
         # terms); REL_TABLE=True, at + (r(i) - kr + k_h - 1), i.e. q_i · table[offset]
-        # for every relative offset (rel_w likewise with columns). RW_TABLE (with
-        # REL_TABLE): rel_w computed here instead: rw_ptr is the column table (2·k_w − 1,
-        # HEAD_D), P = q · tableᵀ for every offset (one MMA a program, TW_P offsets padded to
-        # a power of two), rel_w[i, kc] = P[i, c(i) − kc + k_w − 1] gathered once (its tiles
-        # hold whole key rows: the autotuner's prune).
+        # for every relative offset (rel_w likewise with columns).
         LOG2E: tl.constexpr = 1.4426950408889634
         # A key tile is ROWS key rows x BLOCK_KW key columns (BLOCK_N keys in all).
         # WHOLE_ROWS: a key row fits in BLOCK_KW columns, so the column part of the
@@ -261,7 +252,6 @@ if triton_available():
         # multiple of ROWS, e.g. the 64x64 global layers): no key masks at all.
         EVEN: tl.constexpr = WHOLE_ROWS & KW_EXACT & (KH_DIV % ROWS == 0)
         DIR: tl.constexpr = -1 if REL_TABLE else 1
-        tl.static_assert(WHOLE_ROWS or not RW_TABLE, "RW_TABLE needs tiles of whole key rows")
 
         pid_m = tl.program_id(0)
         pid = tl.program_id(1)
@@ -291,7 +281,7 @@ if triton_available():
             rw_rows = rw_ptr + b * srw_b + h * srw_h + (wy0 + q_r) * srw_y + (wx0 + q_c) * srw_x
             if REL_TABLE:
                 rh_rows += q_r + k_h - 1
-                rw_rows += q_c + k_w - 1  # (RW_TABLE: unused, rw_ptr is the table)
+                rw_rows += q_c + k_w - 1
         else:
             m_ok = offs_m < Nq
             q_rows = q_ptr + b * sq_b + h * sq_h + offs_m * sq_x
@@ -316,23 +306,7 @@ if triton_available():
 
         n_col_chunks = tl.cdiv(k_w, BLOCK_KW)
         n_tiles = tl.cdiv(k_h, ROWS) * n_col_chunks
-        if RW_TABLE:
-            # rel_w for every key column of a tile, in log2 units: q · table_w for every
-            # column offset (fp32 accumulation), then each query's offsets c(i) − kc + k_w − 1.
-            offs_t = tl.arange(0, TW_P)
-            t_ok = offs_t < 2 * k_w - 1
-            tw = tl.load(rw_ptr + offs_t[None, :] * HEAD_D + offs_d[:, None], mask=t_ok[None, :] & d_ok[:, None],
-                         other=0.0)
-            P = _mm(q, tw, DOT_F32)
-            if SPLIT_D:
-                tw2 = tl.load(rw_ptr + offs_t[None, :] * HEAD_D + offs_d2[:, None],
-                              mask=t_ok[None, :] & d2_ok[:, None], other=0.0)
-                P += _mm(q2, tw2, DOT_F32)
-            idx = q_c[:, None] - n_col[None, :] + (k_w - 1)
-            idx = tl.minimum(tl.maximum(idx, 0), TW_P - 1)  # columns past k_w: masked below
-            rw_all = tl.gather(P, idx, axis=1)
-            rw_all = tl.where(m_ok[:, None] & (n_col < k_w)[None, :], rw_all, 0.0) * LOG2E
-        elif WHOLE_ROWS:
+        if WHOLE_ROWS:
             # rel_w for every key column of a tile, in log2 units: loaded once.
             rw_all = tl.load(rw_rows[:, None] + DIR * n_col[None, :],
                              mask=m_ok[:, None] & (n_col < k_w)[None, :], other=0.0)
@@ -456,13 +430,12 @@ def rel_pos_attention_triton(
     return out
 
 
-_MAX_BLOCK_N = 128  # the widest key tile of the configurations
 _UNBOUNDED = 1 << 30  # grid size of the flat layout: no token is outside it
 _MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension
 
 
 def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, grid_hw, nq, k_hw, scale,
-            rel_table, rw_table=False):
+            rel_table):
     """Run ``_rel_pos_attention_kernel``: ``strides`` are the (batch, head, y, x) strides of
     q, k, v, rel_h, rel_w and out (in that order); one program per BLOCK_M queries of one
     window and head."""
@@ -474,10 +447,9 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
     if B * per_image > _MAX_GRID_Y:  # CUDA's grid y limit: launch per chunk of images
         step = max(1, _MAX_GRID_Y // per_image)
         for b0 in range(0, B, step):
-            part = [t if i == 4 and rw_table else t[b0:b0 + step]  # (the table has no batch)
-                    for i, t in enumerate((q, k, v, rel_h, rel_w, out))]
+            part = [t[b0:b0 + step] for t in (q, k, v, rel_h, rel_w, out)]
             _launch(*part, pad, strides, B=part[0].shape[0], heads=heads, n_wh=n_wh, n_ww=n_ww, grid_hw=grid_hw,
-                    nq=nq, k_hw=k_hw, scale=scale, rel_table=rel_table, rw_table=rw_table)
+                    nq=nq, k_hw=k_hw, scale=scale, rel_table=rel_table)
         return
     D = q.shape[-1]
     k_h, k_w = k_hw
@@ -494,7 +466,6 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
         # to fp32, which gives the same (exact) products. On GPUs: fp16/bf16 MMA.
         DOT_F32=q.device.type != "cuda",
         GRID=rel_table or pad is not None or n_wh * n_ww > 1, REL_TABLE=rel_table, HAS_PAD=pad is not None,
-        RW_TABLE=rw_table, TW_P=max(16, next_pow2(2 * k_w - 1)),
     )
 
 
@@ -682,30 +653,23 @@ def rel_pos_window_attention_triton(
     if out.numel() == 0:
         return out.view(B, H, W, num_heads * D)
 
-    # S = q · table_hᵀ (and q · table_wᵀ where the kernel does not compute those terms itself:
-    # rows wider than its widest tile), one batched GEMM over the heads that reads q in place
-    # (rows 3C apart, heads D apart: no copy of q), written (heads, B·H·W, offsets padded to 8)
-    # and read by the kernel as (B, H, W, heads, offset) views of the tables' column ranges
-    rw_table = next_pow2(ww) <= _MAX_BLOCK_N
-    t = (table_h if rw_table else torch.cat([table_h, table_w])).to(qkv.dtype)
+    # S = q · [table_h; table_w]ᵀ, one batched GEMM over the heads that reads q in place (rows
+    # 3C apart, heads D apart: no copy of q), written (heads, B·H·W, offsets padded to 8) and
+    # read by the kernel as (B, H, W, heads, offset) views of the two tables' column ranges
+    t = torch.cat([table_h, table_w]).to(qkv.dtype)
     t = F.pad(t, (0, 0, 0, (-t.shape[0]) % 8))
     q_heads = qkv.reshape(B * H * W, 3, num_heads, D)[:, 0].transpose(0, 1)  # (heads, tokens, D)
     S = torch.bmm(q_heads, t.t().expand(num_heads, D, t.shape[0]))
     S = S.view(num_heads, B, H, W, t.shape[0]).permute(1, 2, 3, 0, 4)
-    grid_form = lambda t: (t.stride(0), t.stride(3), t.stride(1), t.stride(2))  # noqa: E731 (b, head, y, x)
-    s_h = S[..., :table_h.shape[0]]
-    if rw_table:
-        rel_w, rw_strides = table_w.to(qkv.dtype).contiguous(), (0, 0, 0, 0)
-    else:
-        rel_w = S[..., table_h.shape[0]:]
-        rw_strides = grid_form(rel_w)
+    s_h, s_w = S[..., :table_h.shape[0]], S[..., table_h.shape[0]:]
     if ph or pw:
         pad = (qkv.new_zeros(C3) if pad is None else pad.to(qkv.dtype)).contiguous()
     else:
         pad = None
-    _launch(q, k, v, s_h, rel_w, out, pad, [grid_form(t) for t in (q, k, v, s_h)] + [rw_strides, grid_form(out)],
+    grid_form = lambda t: (t.stride(0), t.stride(3), t.stride(1), t.stride(2))  # noqa: E731 (b, head, y, x)
+    _launch(q, k, v, s_h, s_w, out, pad, [grid_form(t) for t in (q, k, v, s_h, s_w, out)],
             B=B, heads=num_heads, n_wh=(H + ph) // wh, n_ww=(W + pw) // ww, grid_hw=(H, W), nq=wh * ww,
-            k_hw=(wh, ww), scale=scale, rel_table=True, rw_table=rw_table)
+            k_hw=(wh, ww), scale=scale, rel_table=True)
     return out.view(B, H, W, num_heads * D)
 
 

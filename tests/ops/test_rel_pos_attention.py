@@ -389,28 +389,20 @@ def test_cuda_window_op_at_sam_shapes(heads, D, window):
 
 @pytest.mark.parametrize("idx", [2, 4, 5, 10], ids=lambda i: f"config{i}")
 @pytest.mark.parametrize("case", [(1, 10, 12, 1, 16, 8, True), (1, 3, 40, 1, 16, 0, False),
-                                  (1, 7, 9, 1, 40, 4, True), (1, 2, 130, 1, 16, 0, False)], ids=str)
+                                  (1, 7, 9, 1, 40, 4, True)], ids=str)
 def test_window_kernel_every_tile_shape(kernel_device, monkeypatch, idx, case):
     """The GPU tile shapes (the interpreter otherwise runs only the first, 32x32): several key
-    rows per tile (ROWS up to 8), full tiles with grid padding (windows of 8), the split head
-    dimension; rel_w computed in the kernel from the table (key rows of up to 128 columns: the
-    tiles that hold whole rows, the only ones the autotuner keeps for them) and, for rows wider
-    than any tile (k_w = 130), read from the q · table GEMM tile by tile."""
+    rows per tile (ROWS up to 8), full tiles with grid padding (windows of 8), a key row
+    wider than the tile (k_w = 40 > 32), the split head dimension."""
     import importlib
 
     rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
 
     kern = rpa._rel_pos_attention_kernel
     B, H, W, heads, D, window, pad = case
-    k_w = window or W
-    if kernel_device.type == "cuda" and not rpa._tiles_known_good(D, k_w):
+    if kernel_device.type == "cuda" and not rpa._tiles_known_good(D, window or W):
         pytest.skip("split head dim with narrow key rows: tiles wrong on an H100, never launched there")
-    config = kern.configs[idx]
-    named = {"KW_P": rpa.next_pow2(k_w), "SPLIT_D": rpa._head_dim_blocks(D)["SPLIT_D"],
-             "RW_TABLE": rpa.next_pow2(k_w) <= rpa._MAX_BLOCK_N}
-    if config not in rpa._prune_grid_configs(kern.configs, named):
-        pytest.skip("a tile the autotuner never launches for these key rows")
-    monkeypatch.setattr(kern, "configs", [config])
+    monkeypatch.setattr(kern, "configs", [kern.configs[idx]])
     qkv, th, tw, p = _window_inputs(B, H, W, heads, D, window, torch.float16, seed=idx + sum(case))
     ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, window, None, None if p is None else p.float())
     dev = lambda t: None if t is None else t.to(kernel_device)  # noqa: E731
@@ -438,8 +430,7 @@ def test_window_kernel_launches_in_batch_chunks(kernel_device, monkeypatch):
 def test_grid_launches_tune_only_tiles_of_at_most_two_key_rows():
     """With a split head dimension the autotuning keeps BLOCK_N <= 2 key rows (KW_P columns
     each), on either layout; unsplit head dims keep every configuration; where no tile has so
-    few rows, the public ops take the reference. With rel_w computed in the kernel, only tiles
-    of whole key rows."""
+    few rows, the public ops take the reference."""
     import importlib
 
     from fastzoo.ops._common import triton_available
@@ -455,10 +446,6 @@ def test_grid_launches_tune_only_tiles_of_at_most_two_key_rows():
     assert len(rpa._prune_grid_configs(cfgs, {}, GRID=True, SPLIT_D=True, KW_P=64)) == len(cfgs)
     assert rpa._prune_grid_configs(cfgs, {"GRID": True, "KW_P": 16}, SPLIT_D=False) == cfgs
     assert rpa._prune_grid_configs(cfgs, {}, GRID=False, SPLIT_D=True, KW_P=16) == window
-    # rel_w computed in the kernel (RW_TABLE): only tiles of whole key rows
-    whole = rpa._prune_grid_configs(cfgs, {}, GRID=True, SPLIT_D=False, KW_P=64, RW_TABLE=True)
-    assert whole and {c.kwargs["BLOCK_N"] for c in whole} == {64, 128}
-    assert rpa._prune_grid_configs(cfgs, {}, GRID=True, SPLIT_D=True, KW_P=16, RW_TABLE=True) == window
     assert rpa._tiles_known_good(80, 14) and rpa._tiles_known_good(64, 4) and rpa._tiles_known_good(80, 64)
     assert not rpa._tiles_known_good(80, 8) and not rpa._tiles_known_good(40, 4)
 
@@ -486,7 +473,7 @@ def test_cuda_window_op_every_tile_the_autotuner_may_pick(monkeypatch, heads, D,
     rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
     kern = rpa._rel_pos_attention_kernel
     blocks = rpa._head_dim_blocks(D)
-    tiles = rpa._prune_grid_configs(rpa._CONFIGS, {}, GRID=True, KW_P=16 if window else 64, RW_TABLE=True, **blocks)
+    tiles = rpa._prune_grid_configs(rpa._CONFIGS, {}, GRID=True, KW_P=16 if window else 64, **blocks)
     qkv, th, tw, p = _window_inputs(4 if window else 2, 64, 64, heads, D, window, torch.bfloat16, seed=D)
     qkv, th, tw, p = (t.cuda() for t in (qkv, th, tw, p))
     ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, window, None, p.float())
