@@ -306,6 +306,10 @@ if triton_available():
 
         n_col_chunks = tl.cdiv(k_w, BLOCK_KW)
         n_tiles = tl.cdiv(k_h, ROWS) * n_col_chunks
+        if HAS_PAD:
+            # a block of queries whose first row is past the grid (rows only grow within a block:
+            # the bottom windows' padding rows) has nothing to compute or store
+            n_tiles = tl.where(wy0 + (pid_m * BLOCK_M) // k_w < GRID_H, n_tiles, 0)
         if WHOLE_ROWS:
             # rel_w for every key column of a tile, in log2 units: loaded once.
             rw_all = tl.load(rw_rows[:, None] + DIR * n_col[None, :],
