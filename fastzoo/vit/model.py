@@ -88,11 +88,10 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.img_size = cfg.img_size
-        self.patch_size = cfg.patch_size
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
+        p = self.proj.stride[0]  # = the kernel size
         B, C, H, W = x.shape
         if H % p or W % p:  # the convolution's floor: pixels past the last whole patch are not read
             H, W = H // p * p, W // p * p
