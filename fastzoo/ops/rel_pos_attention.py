@@ -23,7 +23,8 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
   strided views (e.g. slices of a fused qkv projection) as long as the last dimension
   has unit stride.
 - ``rel_pos_attention``: the public op (``torch.ops.fastzoo.rel_pos_attention``):
-  the kernel for fp16/bf16 CUDA tensors on Ampere or newer, the reference otherwise.
+  the kernel for fp16/bf16 CUDA tensors on Ampere or newer and scale > 0, the reference
+  otherwise.
 - ``rel_pos_window_attention``: SAM's encoder attention between its qkv and output
   projections on the (B, H, W, 3·heads·D) token grid: windows (or the whole grid) read in
   place by the same kernel (keys outside the grid take the qkv bias's k and v, queries
@@ -116,12 +117,14 @@ if triton_available():
                   sk_y, sk_x, sv_y, sv_x, qk_scale, n_col_chunks, n_tiles,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_KW: tl.constexpr, ROWS: tl.constexpr, WHOLE_ROWS: tl.constexpr, EVEN: tl.constexpr,
-                  DIR: tl.constexpr, SPLIT_D: tl.constexpr, GRID: tl.constexpr, DOT_F32: tl.constexpr,
-                  PAD: tl.constexpr):
+                  NO_KEY_MASK: tl.constexpr, DIR: tl.constexpr, SPLIT_D: tl.constexpr, GRID: tl.constexpr,
+                  DOT_F32: tl.constexpr, PAD: tl.constexpr):
         """The online softmax over a window's key tiles (``_rel_pos_attention_kernel``):
         returns (m_i, l_i, acc, acc2). PAD: keys outside the grid take ``pad_k`` / ``pad_v``
-        (the kernel runs it only for windows that reach past the grid)."""
+        (the kernel runs it only for windows that reach past the grid). NO_KEY_MASK: every key
+        of every tile is in the window, or masked through ``rw_all``'s -inf columns."""
         LOG2E: tl.constexpr = 1.4426950408889634
+        rw_scale = LOG2E / qk_scale  # rel_w into q·k's units
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -174,28 +177,37 @@ if triton_available():
                 if PAD:
                     kt2 = tl.where(key_in[None, :], kt2, pad_k2[:, None])
                 qk += _mm(q2, kt2, DOT_F32)
-            s = qk * qk_scale
-
-            # A tile spans ROWS key rows: their rel_h terms are ROWS values per query,
-            # loaded as vectors and broadcast over each row's columns (no 2-D gather).
-            if ROWS == 1:
-                s += (rh_tile.to(tl.float32) * LOG2E)[:, None]
-            else:
-                for r in tl.static_range(ROWS):
-                    rh = tl.load(rh_rows + DIR * (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
-                    s += tl.where((n_row == r)[None, :], (rh.to(tl.float32) * LOG2E)[:, None], 0.0)
+            # s: q·k plus the column terms in q·k's units (rel_w / scale; rw_all is loaded once,
+            # -inf at key columns past k_w); the row terms and the scale enter below
             if WHOLE_ROWS:
-                s += rw_all
+                s = qk + rw_all
             else:
                 rw = tl.load(rw_rows[:, None] + DIR * kc[None, :],
                              mask=m_ok[:, None] & (kc < k_w)[None, :], other=0.0)
-                s += rw.to(tl.float32) * LOG2E
-            if not EVEN:
+                s = qk + rw.to(tl.float32) * rw_scale
+            if not NO_KEY_MASK:
                 s = tl.where(key_ok[None, :], s, float("-inf"))
 
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            if ROWS == 1:
+                # One key row a tile: its rel_h term is one value per query, so it enters the
+                # row maximum and the exponent per row (scale > 0: the maximum commutes with it)
+                # and each logit takes one fused multiply-add before exp2.
+                rh_l = rh_tile.to(tl.float32) * LOG2E
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + rh_l)
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s * qk_scale + (rh_l - m_new)[:, None])
+            else:
+                # ROWS key rows a tile: their rel_h terms are ROWS values per query, loaded as
+                # vectors and selected per key row (no 2-D gather)
+                rh = tl.load(rh_rows + DIR * kr0, mask=m_ok, other=0.0)
+                rh_b = tl.broadcast_to((rh.to(tl.float32) * LOG2E)[:, None], [BLOCK_M, BLOCK_N])
+                for r in tl.static_range(1, ROWS):
+                    rh = tl.load(rh_rows + DIR * (kr0 + r), mask=m_ok & (kr0 + r < k_h), other=0.0)
+                    rh_b = tl.where((n_row == r)[None, :], (rh.to(tl.float32) * LOG2E)[:, None], rh_b)
+                s = s * qk_scale + rh_b
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
 
             vt = tl.load(v_base + v_off[:, None] + offs_d[None, :],
@@ -310,11 +322,14 @@ if triton_available():
             # a block of queries whose first row is past the grid (rows only grow within a block:
             # the bottom windows' padding rows) has nothing to compute or store
             n_tiles = tl.where(wy0 + (pid_m * BLOCK_M) // k_w < GRID_H, n_tiles, 0)
+        # NO_KEY_MASK: whole key rows a tile and whole tiles of key rows, so the only keys outside the
+        # window are the columns past k_w, which rw_all sets to -inf (no mask in the key loop)
+        NO_KEY_MASK: tl.constexpr = WHOLE_ROWS & (KH_DIV % ROWS == 0)
         if WHOLE_ROWS:
-            # rel_w for every key column of a tile, in log2 units: loaded once.
+            # rel_w for every key column of a tile in q·k's units (rel_w / scale): loaded once
             rw_all = tl.load(rw_rows[:, None] + DIR * n_col[None, :],
                              mask=m_ok[:, None] & (n_col < k_w)[None, :], other=0.0)
-            rw_all = rw_all.to(tl.float32) * LOG2E
+            rw_all = tl.where((n_col < k_w)[None, :], rw_all.to(tl.float32) * (LOG2E / qk_scale), float("-inf"))
 
         # Only the windows that reach past the grid (9 of vit_b's 25 windowed-layer windows) run
         # the key loop with the padding's masks and selects: a runtime branch per program
@@ -328,13 +343,13 @@ if triton_available():
                 q, q2, pad_k, pad_v, pad_k2, pad_v2, rw_all, rh_rows, rw_rows, m_ok, k_base, v_base, offs_d,
                 offs_d2, d_ok, d2_ok, n_row, n_col, wy0, wx0, GRID_H, GRID_W, k_h, k_w, sk_y, sk_x, sv_y, sv_x,
                 qk_scale, n_col_chunks, n_tiles, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_KW, ROWS, WHOLE_ROWS,
-                EVEN, DIR, SPLIT_D, GRID, DOT_F32, True)
+                EVEN, NO_KEY_MASK, DIR, SPLIT_D, GRID, DOT_F32, True)
         else:
             m_i, l_i, acc, acc2 = _key_loop(
                 q, q2, pad_k, pad_v, pad_k2, pad_v2, rw_all, rh_rows, rw_rows, m_ok, k_base, v_base, offs_d,
                 offs_d2, d_ok, d2_ok, n_row, n_col, wy0, wx0, GRID_H, GRID_W, k_h, k_w, sk_y, sk_x, sv_y, sv_x,
                 qk_scale, n_col_chunks, n_tiles, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_N, BLOCK_KW, ROWS, WHOLE_ROWS,
-                EVEN, DIR, SPLIT_D, GRID, DOT_F32, False)
+                EVEN, NO_KEY_MASK, DIR, SPLIT_D, GRID, DOT_F32, False)
 
         out = acc / l_i[:, None]
         if GRID:
@@ -441,6 +456,10 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
     """Run ``_rel_pos_attention_kernel``: ``strides`` are the (batch, head, y, x) strides of
     q, k, v, rel_h, rel_w and out (in that order); one program per BLOCK_M queries of one
     window and head."""
+    if not scale > 0:
+        raise ValueError(f"the rel-pos attention kernel expects scale > 0 (it takes the row maximum before "
+                         f"scaling), got {scale}; rel_pos_attention and rel_pos_window_attention run the "
+                         f"reference for it")
     per_image = n_wh * n_ww * heads
     if per_image > _MAX_GRID_Y:
         raise ValueError(f"rel_pos attention launches one program per window and head: {n_wh * n_ww} windows x "
@@ -493,7 +512,7 @@ def _kernel_applies(q, k, v, rel_h, rel_w) -> bool:
 def _rel_pos_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    if _kernel_applies(q, k, v, rel_h, rel_w):
+    if scale > 0 and _kernel_applies(q, k, v, rel_h, rel_w):
         return rel_pos_attention_triton(q, k, v, rel_h, rel_w, scale)
     return rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale).contiguous()
 
@@ -516,8 +535,8 @@ def rel_pos_attention(
     q: (B, heads, Nq, D); k, v: (B, heads, Nk, D) with Nk = k_h * k_w (key j = kr * k_w + kc);
     rel_h: (B, heads, Nq, k_h); rel_w: (B, heads, Nq, k_w); ``scale`` defaults to D ** -0.5.
     Returns (B, heads, Nq, D) in q's dtype. Runs the fused Triton kernel (no Nq x Nk
-    bias in memory) for fp16/bf16 CUDA tensors on Ampere or newer, the SDPA reference
-    otherwise. Traceable by ``torch.compile(fullgraph=True)``.
+    bias in memory) for fp16/bf16 CUDA tensors on Ampere or newer and scale > 0, the SDPA
+    reference otherwise. Traceable by ``torch.compile(fullgraph=True)``.
     """
     _check_shapes("rel_pos_attention", q, k, v, rel_h, rel_w)
     if scale is None:
@@ -708,7 +727,7 @@ def _rel_pos_window_attention_op(
     D = qkv.shape[-1] // (3 * num_heads)
     tensors = [t for t in (qkv, table_h, table_w, pad) if t is not None]
     k_w = window if window > 0 else qkv.shape[2]
-    if (qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256 and qkv.shape[1] * qkv.shape[2] > 0
+    if (scale > 0 and qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256 and qkv.shape[1] * qkv.shape[2] > 0
             and _tiles_known_good(D, k_w)):
         return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad)
     return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad)

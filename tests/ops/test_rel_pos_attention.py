@@ -94,6 +94,16 @@ def test_kernel_bias_matters(kernel_device):
     assert (out - out_t).abs().max() > 0.05
 
 
+def test_kernel_rejects_non_positive_scale_and_op_falls_back(kernel_device):
+    """The kernel takes each tile's row maximum before scaling, so it needs scale > 0; the
+    public op runs the reference for other scales (and matches it)."""
+    inputs = _inputs(1, 1, (3, 3), (3, 3), 16, torch.bfloat16, kernel_device, seed=6)
+    for bad in (0.0, -0.25):
+        with pytest.raises(ValueError, match="scale > 0"):
+            rel_pos_attention_triton(*inputs, scale=bad)
+        torch.testing.assert_close(rel_pos_attention(*inputs, scale=bad), rel_pos_attention_ref(*inputs, scale=bad))
+
+
 def test_kernel_scale_and_single_batch(kernel_device):
     inputs = _inputs(1, 1, (3, 3), (3, 3), 20, torch.bfloat16, kernel_device, seed=5)
     out = rel_pos_attention_triton(*inputs, scale=0.37)
