@@ -86,6 +86,12 @@ if triton_available():
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        # Register caps that let more programs share an SM (3 or 4 of 4 warps instead of 2),
+        # a few spills included. H100, SAM's windowed layers each tile forced
+        # (rel_pos_occupancy_sweep.json): vit_b 128x16 (one key row a tile, 168 registers)
+        # 0.545 -> 0.480 ms, vit_h 64x32 at 128 registers 1.05 -> 0.85 ms.
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 16}, num_warps=4, num_stages=3, maxnreg=168),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3, maxnreg=128),
     ]
 
     @triton.jit

@@ -399,13 +399,14 @@ def test_cuda_window_op_at_sam_shapes(heads, D, window):
     assert err <= max(1.5 * err_bf16, 1e-2 * ref.abs().max().item()), (err, err_bf16)
 
 
-@pytest.mark.parametrize("idx", [2, 4, 5, 10], ids=lambda i: f"config{i}")
+@pytest.mark.parametrize("idx", [2, 4, 5, 10, 12], ids=lambda i: f"config{i}")
 @pytest.mark.parametrize("case", [(1, 10, 12, 1, 16, 8, True), (1, 3, 40, 1, 16, 0, False),
                                   (1, 7, 9, 1, 40, 4, True)], ids=str)
 def test_window_kernel_every_tile_shape(kernel_device, monkeypatch, idx, case):
     """The GPU tile shapes (the interpreter otherwise runs only the first, 32x32): several key
     rows per tile (ROWS up to 8), full tiles with grid padding (windows of 8), a key row
-    wider than the tile (k_w = 40 > 32), the split head dimension."""
+    wider than the tile (k_w = 40 > 32), one narrow key row a tile (128x16 on windows of 8),
+    the split head dimension."""
     import importlib
 
     rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
