@@ -45,7 +45,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .int8_mm import requantize_int8_ref
 from ._common import (FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, next_pow2, short_bench, triton_available,
                       unit_stride_last)
 
@@ -70,8 +69,6 @@ def rel_pos_attention_ref(
 if triton_available():
     import triton
     import triton.language as tl
-
-    from .quantize_rows import _round_clamp_int8_tl
 
     # The first configuration is what runs under Triton's interpreter (CPU tests):
     # keep it small. The others are for Ampere/Hopper; configurations whose shared
@@ -234,21 +231,11 @@ if triton_available():
             m_i = m_new
         return m_i, l_i, acc, acc2
 
-    @triton.jit
-    def _out_values(out, q_ptr, o_scale_ptr, OUT_INT8: tl.constexpr):
-        """The output tile in q's dtype, or (OUT_INT8) that rounded value quantized as the static int8
-        input of the next linear: ``clamp(round(y / scale), -127, 127)``, ties to even (what
-        ``requantize_int8_ref`` does to the float output)."""
-        y = out.to(q_ptr.dtype.element_ty)
-        if OUT_INT8:
-            y = _round_clamp_int8_tl(y.to(tl.float32) / tl.load(o_scale_ptr))
-        return y
-
-    @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD", "OUT_INT8"],
+    @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD"],
                      prune_configs_by={"early_config_prune": _prune_grid_configs}, do_bench=short_bench)
     @triton.jit
     def _rel_pos_attention_kernel(
-        q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr, o_scale_ptr,
+        q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr,
         sq_b, sq_h, sq_y, sq_x,
         sk_b, sk_h, sk_y, sk_x,
         sv_b, sv_h, sv_y, sv_x,
@@ -258,7 +245,7 @@ if triton_available():
         H, N_WH, N_WW, GRID_H, GRID_W, Nq, HEAD_D, k_h, k_w, qk_scale,
         BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
         KW_P: tl.constexpr, KW_EXACT: tl.constexpr, KH_DIV: tl.constexpr, DOT_F32: tl.constexpr,
-        GRID: tl.constexpr, REL_TABLE: tl.constexpr, HAS_PAD: tl.constexpr, OUT_INT8: tl.constexpr,
+        GRID: tl.constexpr, REL_TABLE: tl.constexpr, HAS_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # One program: BLOCK_M queries of one window of one head. Tokens are addressed on
@@ -375,11 +362,11 @@ if triton_available():
             o_rows = o_ptr + b * so_b + h * so_h + (wy0 + q_r) * so_y + (wx0 + q_c) * so_x
         else:
             o_rows = o_ptr + b * so_b + h * so_h + offs_m * so_x
-        tl.store(o_rows[:, None] + offs_d[None, :], _out_values(out, q_ptr, o_scale_ptr, OUT_INT8),
+        tl.store(o_rows[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
         if SPLIT_D:
             out2 = acc2 / l_i[:, None]
-            tl.store(o_rows[:, None] + offs_d2[None, :], _out_values(out2, q_ptr, o_scale_ptr, OUT_INT8),
+            tl.store(o_rows[:, None] + offs_d2[None, :], out2.to(o_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & d2_ok[None, :])
 
 
@@ -471,7 +458,7 @@ _MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension
 
 
 def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, grid_hw, nq, k_hw, scale,
-            rel_table, out_scale=None):
+            rel_table):
     """Run ``_rel_pos_attention_kernel``: ``strides`` are the (batch, head, y, x) strides of
     q, k, v, rel_h, rel_w and out (in that order); one program per BLOCK_M queries of one
     window and head."""
@@ -489,14 +476,14 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
         for b0 in range(0, B, step):
             part = [t[b0:b0 + step] for t in (q, k, v, rel_h, rel_w, out)]
             _launch(*part, pad, strides, B=part[0].shape[0], heads=heads, n_wh=n_wh, n_ww=n_ww, grid_hw=grid_hw,
-                    nq=nq, k_hw=k_hw, scale=scale, rel_table=rel_table, out_scale=out_scale)
+                    nq=nq, k_hw=k_hw, scale=scale, rel_table=rel_table)
         return
     D = q.shape[-1]
     k_h, k_w = k_hw
     grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), B * per_image)  # noqa: E731
     launch(
         _rel_pos_attention_kernel, grid,
-        q, k, v, rel_h, rel_w, out, out if pad is None else pad, out if out_scale is None else out_scale,
+        q, k, v, rel_h, rel_w, out, out if pad is None else pad,
         *[st for t in strides for st in t],
         heads, n_wh, n_ww, grid_hw[0], grid_hw[1], nq, D, k_h, k_w, float(scale) * LOG2E,
         device=q.device, **_head_dim_blocks(D),
@@ -506,7 +493,6 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
         # to fp32, which gives the same (exact) products. On GPUs: fp16/bf16 MMA.
         DOT_F32=q.device.type != "cuda",
         GRID=rel_table or pad is not None or n_wh * n_ww > 1, REL_TABLE=rel_table, HAS_PAD=pad is not None,
-        OUT_INT8=out_scale is not None,
     )
 
 
@@ -636,15 +622,13 @@ def rel_pos_window_attention_ref(
     window: int = 0,
     scale: float | None = None,
     pad: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference: SAM's encoder attention between the qkv and output projections, as
     segment_anything computes it: the (B, H, W, 3·heads·D) grid padded to whole windows with
     tokens whose projection is ``pad`` (the qkv bias: what a zero token projects to; zeros
     when None), partitioned into windows, rel-pos terms ``q · table[r_q − r_k + w − 1]`` (rows
     and columns), attention per window and head, windows put back, padding dropped. Returns
-    (B, H, W, heads·D) in qkv's dtype, or, with ``out_scale`` (one float), that output
-    quantized to int8 as a static int8 linear quantizes its input (``requantize_int8_ref``)."""
+    (B, H, W, heads·D) in qkv's dtype."""
     B, H, W, C3 = qkv.shape
     D = C3 // (3 * num_heads)
     wh, ww, ph, pw = _window_geometry(H, W, window)
@@ -662,8 +646,7 @@ def rel_pos_window_attention_ref(
     out = rel_pos_attention_ref(q, k, v, rel_h.reshape(-1, num_heads, wh * ww, wh),
                                 rel_w.reshape(-1, num_heads, wh * ww, ww), scale)
     out = out.reshape(B, nwh, nww, num_heads, wh, ww, D).permute(0, 1, 4, 2, 5, 3, 6)
-    out = out.reshape(B, nwh * wh, nww * ww, num_heads * D)[:, :H, :W].contiguous()
-    return out if out_scale is None else requantize_int8_ref(out, out_scale)
+    return out.reshape(B, nwh * wh, nww * ww, num_heads * D)[:, :H, :W].contiguous()
 
 
 def rel_pos_window_attention_triton(
@@ -674,17 +657,16 @@ def rel_pos_window_attention_triton(
     window: int = 0,
     scale: float | None = None,
     pad: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused kernel on the grid itself: no window partition, no padded copy, no
     un-partition. Each window's q, k, v are read in place from ``qkv`` (keys outside the
     grid take ``pad``'s k and v), the output is written in place into (B, H, W, heads·D),
     and the rel-pos terms come from ``S = q · tableᵀ`` for every relative offset (one batched
     matmul over the heads for both tables, q read in place), indexed by ``r_q − r_k + w − 1``
-    in the kernel. ``out_scale``: int8 output quantized in the kernel's epilogue (see the reference)."""
+    in the kernel."""
     if not triton_available():
         raise RuntimeError("rel_pos_window_attention_triton needs Triton, which is not importable here")
-    _check_window_args("rel_pos_window_attention_triton", qkv, table_h, table_w, num_heads, window, pad, out_scale)
+    _check_window_args("rel_pos_window_attention_triton", qkv, table_h, table_w, num_heads, window, pad)
     if qkv.dtype not in KERNEL_DTYPES:
         raise TypeError(f"rel_pos_window_attention_triton expects float16 or bfloat16 qkv, got {qkv.dtype}")
     B, H, W, C3 = qkv.shape
@@ -694,8 +676,7 @@ def rel_pos_window_attention_triton(
     wh, ww, ph, pw = _window_geometry(H, W, window)
     qkv = unit_stride_last(qkv)
     q, k, v = qkv.view(B, H, W, 3, num_heads, D).unbind(3)  # (B, H, W, heads, D) views
-    out = torch.empty((B, H, W, num_heads, D), dtype=qkv.dtype if out_scale is None else torch.int8,
-                      device=qkv.device)
+    out = torch.empty((B, H, W, num_heads, D), dtype=qkv.dtype, device=qkv.device)
     if out.numel() == 0:
         return out.view(B, H, W, num_heads * D)
 
@@ -715,12 +696,11 @@ def rel_pos_window_attention_triton(
     grid_form = lambda t: (t.stride(0), t.stride(3), t.stride(1), t.stride(2))  # noqa: E731 (b, head, y, x)
     _launch(q, k, v, s_h, s_w, out, pad, [grid_form(t) for t in (q, k, v, s_h, s_w, out)],
             B=B, heads=num_heads, n_wh=(H + ph) // wh, n_ww=(W + pw) // ww, grid_hw=(H, W), nq=wh * ww,
-            k_hw=(wh, ww), scale=scale, rel_table=True,
-            out_scale=None if out_scale is None else out_scale.to(torch.float32).reshape(1))
+            k_hw=(wh, ww), scale=scale, rel_table=True)
     return out.view(B, H, W, num_heads * D)
 
 
-def _check_window_args(name, qkv, table_h, table_w, num_heads, window, pad, out_scale=None) -> None:
+def _check_window_args(name, qkv, table_h, table_w, num_heads, window, pad) -> None:
     for t_name, t in (("qkv", qkv), ("table_h", table_h), ("table_w", table_w)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} expects {t_name} to be a tensor, got {type(t).__name__}")
@@ -743,32 +723,26 @@ def _check_window_args(name, qkv, table_h, table_w, num_heads, window, pad, out_
                          f"got {tuple(pad.shape)}")
     if qkv.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} expects qkv float32/float16/bfloat16, got {qkv.dtype}")
-    if out_scale is not None and (not isinstance(out_scale, torch.Tensor) or out_scale.numel() != 1
-                                  or not out_scale.is_floating_point()):
-        got = f"a {type(out_scale).__name__}" if not isinstance(out_scale, torch.Tensor) else \
-            f"{tuple(out_scale.shape)} {out_scale.dtype}"
-        raise ValueError(f"{name} expects out_scale to be one float (a tensor of one element: the static int8 "
-                         f"scale of the output), got {got}")
 
 
 @torch.library.custom_op("fastzoo::rel_pos_window_attention", mutates_args=())
 def _rel_pos_window_attention_op(
     qkv: torch.Tensor, table_h: torch.Tensor, table_w: torch.Tensor, pad: Optional[torch.Tensor],
-    num_heads: int, window: int, scale: float, out_scale: Optional[torch.Tensor] = None,
+    num_heads: int, window: int, scale: float,
 ) -> torch.Tensor:
     D = qkv.shape[-1] // (3 * num_heads)
-    tensors = [t for t in (qkv, table_h, table_w, pad, out_scale) if t is not None]
+    tensors = [t for t in (qkv, table_h, table_w, pad) if t is not None]
     k_w = window if window > 0 else qkv.shape[2]
     if (scale > 0 and qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256 and qkv.shape[1] * qkv.shape[2] > 0
             and _tiles_known_good(D, k_w)):
-        return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad, out_scale)
-    return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad, out_scale)
+        return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad)
+    return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad)
 
 
 @_rel_pos_window_attention_op.register_fake
-def _(qkv, table_h, table_w, pad, num_heads, window, scale, out_scale=None):
+def _(qkv, table_h, table_w, pad, num_heads, window, scale):
     B, H, W, C3 = qkv.shape
-    return qkv.new_empty((B, H, W, C3 // 3), dtype=qkv.dtype if out_scale is None else torch.int8)
+    return qkv.new_empty((B, H, W, C3 // 3))
 
 
 def rel_pos_window_attention(
@@ -779,7 +753,6 @@ def rel_pos_window_attention(
     window: int = 0,
     scale: float | None = None,
     pad: torch.Tensor | None = None,
-    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SAM's image-encoder attention between its qkv and output projections, on the token grid.
 
@@ -791,14 +764,12 @@ def rel_pos_window_attention(
     per window and head, ``softmax(q kᵀ · scale + q · table_h[r_q − r_k + w − 1] + q ·
     table_w[c_q − c_k + w − 1]) v``, as segment_anything computes it. The fused kernel (fp16/bf16
     CUDA tensors) reads the windows in place; elsewhere the reference partitions and pads.
-    ``out_scale`` (a one-element float tensor): the output quantized to int8 with it, as a static
-    int8 linear (``Int8StaticLinear``) quantizes its input, in the kernel's epilogue (no float
-    output in memory). Traceable by ``torch.compile(fullgraph=True)``.
+    Traceable by ``torch.compile(fullgraph=True)``.
     """
-    _check_window_args("rel_pos_window_attention", qkv, table_h, table_w, num_heads, window, pad, out_scale)
+    _check_window_args("rel_pos_window_attention", qkv, table_h, table_w, num_heads, window, pad)
     if scale is None:
         scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"rel_pos_window_attention expects a finite scale, got {scale}")
-    return _rel_pos_window_attention_op(qkv, table_h, table_w, pad, int(num_heads), int(window), scale, out_scale)
+    return _rel_pos_window_attention_op(qkv, table_h, table_w, pad, int(num_heads), int(window), scale)

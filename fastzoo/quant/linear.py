@@ -146,13 +146,6 @@ class Int8StaticLinear(nn.Module):
 
     fuses_residual = True  # forward(x, residual=r) adds r in the GEMM's epilogue
 
-    @property
-    def int8_input_scale(self) -> torch.Tensor | None:
-        """``in_scale``, for a caller that writes this layer's input already quantized with it
-        (SAM's attention, in its kernel's epilogue); None without a bias, where an int8 input
-        would leave the output dtype to the bf16 default instead of the input's dtype."""
-        return self.in_scale if self.bias is not None else None
-
     def forward(self, x: torch.Tensor, *, activation: str = "none", residual: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
         """``out_scale``: int8 output with this scale (e.g. the next layer's ``in_scale``), for

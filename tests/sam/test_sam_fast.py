@@ -321,36 +321,6 @@ def test_attention_adds_the_residual_in_projections_that_fuse_it(monkeypatch, pr
     assert seen[0] == (["residual"] if fuses else []) and seen[1] == []
 
 
-@pytest.mark.parametrize("window", [0, 3])
-@torch.no_grad()
-def test_attention_writes_int8_for_a_static_int8_projection(monkeypatch, window):
-    """A static int8 proj with a bias gives its ``int8_input_scale``: the rel-pos attention writes
-    its output quantized with it (the kernel's epilogue on GPUs) and proj takes it as int8; the
-    result is proj's on the float output (its own quantization), windowed and global. Without
-    a bias, and for a dynamic int8 proj, proj gets the float output."""
-    from fastzoo.quant import quantize_
-
-    enc = tiny_encoder(depth=1, global_idx=(0,))
-    quantize_(enc, Int8Static(), filter_fn=lambda m, fqn: fqn.endswith("attn.proj"), calibration=_calibration(1))
-    attn = enc.blocks[0].attn
-    assert attn.proj.int8_input_scale is attn.proj.in_scale
-    seen = []
-    forward = type(attn.proj).forward
-    monkeypatch.setattr(type(attn.proj), "forward", lambda self, x, **k: (seen.append(x.dtype), forward(self, x, **k))[1])
-    x = torch.randn(2, 5, 5, 32, generator=torch.Generator().manual_seed(4))
-    want = attn.proj(attn.attend(attn.qkv(x), window))
-    got = attn(x, window)
-    assert seen == [torch.float32, torch.int8] and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    attn.proj.bias = None
-    assert attn.proj.int8_input_scale is None
-    attn(x, window)
-    assert seen[-1] == torch.float32
-    dyn = tiny_encoder(depth=1, global_idx=(0,))
-    quantize_(dyn, Int8Dynamic(), filter_fn=lambda m, fqn: fqn.endswith("attn.proj"))
-    assert getattr(dyn.blocks[0].attn.proj, "int8_input_scale", None) is None
-
-
 @pytest.mark.parametrize("quantize", ["sparse", "int8+sparse", "weight-only int8", "int4-g32"])
 def test_other_mlps_keep_their_modules(quantize):
     from fastzoo.quant import Int8WeightOnly

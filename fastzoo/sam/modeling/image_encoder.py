@@ -77,21 +77,16 @@ class Attention(nn.Module):
         ``window_size`` windows (the grid padded to whole windows with zero tokens, as in
         segment_anything), or over the whole grid when 0; plus ``residual`` when given (a
         projection that says it ``fuses_residual``, as fastzoo.quant's int8 linears do, adds
-        it in its GEMM's epilogue). A projection that takes an int8 input and gives its scale
-        (``int8_input_scale``: fastzoo.quant's static int8 linears) gets the relative-position
-        attention's output quantized with it in the attention kernel's epilogue, the values it
-        would have quantized itself, instead of a float output and a quantization pass."""
-        out_scale = getattr(self.proj, "int8_input_scale", None) if self.use_rel_pos else None
-        y = self.attend(self.qkv(x), window_size, out_scale)
+        it in its GEMM's epilogue)."""
+        y = self.attend(self.qkv(x), window_size)
         if residual is None:
             return self.proj(y)
         if getattr(self.proj, "fuses_residual", False):
             return self.proj(y, residual=residual)
         return residual + self.proj(y)
 
-    def attend(self, qkv: torch.Tensor, window_size: int = 0, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The attention between the projections: ``(B, H, W, 3C)`` qkv -> ``(B, H, W, C)``
-        (int8, quantized with ``out_scale``, when given: relative positions only).
+    def attend(self, qkv: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+        """The attention between the projections: ``(B, H, W, 3C)`` qkv -> ``(B, H, W, C)``.
 
         With relative positions, ``fastzoo.ops.rel_pos_window_attention`` reads the windows
         in place (its reference partitions and pads). A projection acts on each token
@@ -102,12 +97,10 @@ class Attention(nn.Module):
         if self.use_rel_pos:
             wh, ww = (window_size, window_size) if window_size else (H, W)
             args = (qkv, resize_rel_pos(self.rel_pos_h, 2 * wh - 1), resize_rel_pos(self.rel_pos_w, 2 * ww - 1),
-                    self.num_heads, window_size, self.scale, self.qkv.bias, out_scale)
+                    self.num_heads, window_size, self.scale, self.qkv.bias)
             if self.fused_attention:
                 return ops.rel_pos_window_attention(*args)
             return ops.rel_pos_window_attention_ref(*args)
-        if out_scale is not None:
-            raise ValueError("Attention.attend: out_scale (int8 output) is implemented with relative positions only")
         if window_size:
             windows, pad_hw = window_partition(qkv, window_size, pad_value=self.qkv.bias)
             return window_unpartition(self.attend(windows), window_size, pad_hw, (H, W))
