@@ -2,6 +2,7 @@
 
     python -m experiments.bench_rel_pos_attention            # all shapes, JSON under experiments/results/<gpu>/
     python -m experiments.bench_rel_pos_attention --quick    # one shape, few repeats, nothing saved
+    python -m experiments.bench_rel_pos_attention --tiles 64x32_w4_s3,128x16_w4_s3_r168   # each tile forced
 
 Shapes: the attention layers of SAM's image encoder at batch 16 (``--batch``):
 windowed layers (16·25 windows of 14×14 = 196 tokens) and global layers (64×64 = 4096
@@ -26,6 +27,12 @@ max|fused − truth| / max|truth| with the truth the reference in fp32 on the fi
 ``--check-batch`` batch entries; ``ref_err`` the same for the reference in the benchmark
 dtype (the yardstick); ``err_vs_ref`` the fused output against the low-precision
 reference on the whole batch.
+
+``--tiles``: instead, SAM's window op (4. above) with each listed tile forced on the kernel
+(``BLOCK_MxBLOCK_N_wWARPS_sSTAGES`` and optionally ``_rMAXNREG``, a register cap), timed twice
+per shape, with its error against the fp32 reference on one image and the compiled kernel's
+registers and spills; written to ``rel_pos_attention_tiles.json``. Tiles the autotuner never
+launches (``_prune_grid_configs``) may be wrong or fault on a GPU: a fault ends the process.
 """
 from __future__ import annotations
 
@@ -36,7 +43,8 @@ import torch.nn.functional as F
 
 from experiments import harness
 from fastzoo.ops.rel_pos_attention import (_rel_pos_attention_kernel, rel_pos_attention, rel_pos_attention_ref,
-                                           rel_pos_window_attention)
+                                           rel_pos_window_attention, rel_pos_window_attention_ref,
+                                           rel_pos_window_attention_triton)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -140,6 +148,56 @@ def bench_shape(name, B, H, side, D, dtype, device, rep, n_inputs, layout, check
     return row
 
 
+def parse_tile(text: str):
+    """``64x32_w4_s3`` or ``128x16_w4_s3_r168`` -> a triton.Config."""
+    import re
+
+    import triton
+
+    m = re.fullmatch(r"(\d+)x(\d+)_w(\d+)_s(\d+)(?:_r(\d+))?", text.strip())
+    if m is None:
+        raise ValueError(f"--tiles expects BLOCK_MxBLOCK_N_wWARPS_sSTAGES[_rMAXNREG] (e.g. 128x16_w4_s3_r168), "
+                         f"got {text!r}")
+    bm, bn, w, st, r = (int(g) if g else None for g in m.groups())
+    kw = {"maxnreg": r} if r else {}
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, **kw)
+
+
+def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dict]:
+    """SAM's window op on each shape with each tile forced (``--tiles``)."""
+    kern = _rel_pos_attention_kernel
+    saved = list(kern.configs)
+    rows = []
+    try:
+        for name, B, H, side, D in shape_list:
+            window = side if side != GRID else 0
+            g = torch.Generator(device=device).manual_seed(1)
+            one = (torch.randn(1, GRID, GRID, 3 * H * D, device=device, generator=g).bfloat16(),
+                   torch.randn(2 * side - 1, D, device=device, generator=g).bfloat16(),
+                   torch.randn(2 * side - 1, D, device=device, generator=g).bfloat16(),
+                   torch.randn(3 * H * D, device=device, generator=g).bfloat16())
+            truth = rel_pos_window_attention_ref(one[0].float(), one[1].float(), one[2].float(), H, window, None,
+                                                 one[3].float())
+            for tile in tiles:
+                kern.configs = [parse_tile(tile)]
+                kern.cache.clear()
+                known = {id(k) for c in kern.fn.device_caches.values() for k in c[0].values()}
+                got = rel_pos_window_attention_triton(one[0], one[1], one[2], H, window, None, one[3])
+                row = {"shape": name, "tile": tile, "err": _max_rel_err(got, truth),
+                       "ms": [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs)["median_ms"]
+                              for _ in range(2)]}
+                new = [k for c in kern.fn.device_caches.values() for k in c[0].values() if id(k) not in known]
+                row["registers"] = sorted({k.n_regs for k in new})
+                row["spills"] = sorted({k.n_spills for k in new})
+                print(f"  {name} {tile}: {row['ms'][0]:.3f} / {row['ms'][1]:.3f} ms, err {row['err']:.2e}, "
+                      f"registers {row['registers']}, spills {row['spills']}", flush=True)
+                rows.append(row)
+    finally:
+        kern.configs = saved
+        kern.cache.clear()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one shape (vit_h global), bf16, few repeats, no JSON")
@@ -148,15 +206,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layout", choices=["qkv", "contiguous"], default="qkv",
                    help="q/k/v as slices of a fused qkv tensor (SAM) or separate contiguous tensors")
     p.add_argument("--rep", type=int, default=None, help="timed repeats per measurement")
+    p.add_argument("--tiles", default="", help="comma-separated tiles to force on SAM's window op, e.g. "
+                   "64x32_w4_s3,128x16_w4_s3_r168 (BLOCK_MxBLOCK_N_wWARPS_sSTAGES[_rMAXNREG]); see above")
     p.add_argument("--inputs", type=int, default=2, help="input sets rotated between calls")
     p.add_argument("--check-batch", type=int, default=2, help="batch entries checked against the fp32 reference")
     args = p.parse_args(argv)
+    tiles = [t.strip() for t in args.tiles.split(",") if t.strip()]
+    for t in tiles:
+        try:
+            parse_tile(t)
+        except ValueError as e:
+            p.error(str(e))
     device = harness.require_cuda("experiments/bench_rel_pos_attention.py")
     rep = args.rep or (10 if args.quick else 50)
     dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in DTYPES:
             p.error(f"--dtypes: expected bf16 or fp16, got {d!r}")
+
+    if tiles:
+        rows = bench_tiles(shapes(args.batch, args.quick), tiles, device, rep, args.inputs)
+        if not args.quick:
+            print("saved", harness.save_result("rel_pos_attention_tiles", {"rows": rows}, args))
+        return
 
     bf16_tflops = harness.measure_matmul_tflops(torch.bfloat16)
     print(f"{harness.gpu_name()}: measured bf16 matmul ceiling {bf16_tflops:.0f} TFLOP/s (torch.mm, 8192^3)")

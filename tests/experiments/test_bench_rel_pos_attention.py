@@ -1,0 +1,18 @@
+import pytest
+
+pytest.importorskip("triton")
+
+from experiments.bench_rel_pos_attention import main, parse_tile  # noqa: E402
+
+
+def test_parse_tile_reads_the_register_cap():
+    c = parse_tile("128x16_w4_s3_r168")
+    assert (c.kwargs, c.num_warps, c.num_stages, c.maxnreg) == ({"BLOCK_M": 128, "BLOCK_N": 16}, 4, 3, 168)
+    assert parse_tile(" 64x32_w8_s2 ").maxnreg is None
+
+
+@pytest.mark.parametrize("bad", ["64x32", "64x32_w4", "64x32_w4_s3_r", "a64x32_w4_s3"])
+def test_a_malformed_tile_is_refused_before_anything_runs(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--tiles", f"64x32_w4_s3,{bad}"])
+    assert e.value.code == 2 and "BLOCK_MxBLOCK_N_wWARPS_sSTAGES" in capsys.readouterr().err
