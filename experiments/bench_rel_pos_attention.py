@@ -30,7 +30,8 @@ reference on the whole batch.
 
 ``--tiles``: instead, SAM's window op (4. above) with each listed tile forced on the kernel
 (``BLOCK_MxBLOCK_N_wWARPS_sSTAGES`` and optionally ``_rMAXNREG``, a register cap), timed twice
-per shape, with its error against the fp32 reference on one image and the compiled kernel's
+per shape, with its error against the fp32 reference on one image (``ref_err``: the reference's
+own in bf16, the yardstick) and the compiled kernel's
 registers and spills; written to ``rel_pos_attention_tiles.json``. Tiles the autotuner never
 launches at a shape (``_prune_grid_configs``: wrong or faulting on an H100) are skipped there.
 """
@@ -180,6 +181,7 @@ def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dic
                    torch.randn(3 * H * D, device=device, generator=g).bfloat16())
             truth = rel_pos_window_attention_ref(one[0].float(), one[1].float(), one[2].float(), H, window, None,
                                                  one[3].float())
+            ref_err = _max_rel_err(rel_pos_window_attention_ref(*one[:3], H, window, None, one[3]), truth)
             for tile in tiles:
                 cfg = parse_tile(tile)
                 # the pruning rule on a list with a probe every rule keeps (it never returns an empty list)
@@ -193,7 +195,7 @@ def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dic
                 kern.cache.clear()
                 known = {id(k) for c in kern.fn.device_caches.values() for k in c[0].values()}
                 got = rel_pos_window_attention_triton(one[0], one[1], one[2], H, window, None, one[3])
-                row = {"shape": name, "tile": tile, "err": _max_rel_err(got, truth),
+                row = {"shape": name, "tile": tile, "err": _max_rel_err(got, truth), "ref_err": ref_err,
                        "ms": [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs)["median_ms"]
                               for _ in range(2)]}
                 new = [k for c in kern.fn.device_caches.values() for k in c[0].values() if id(k) not in known]

@@ -23,8 +23,8 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
   strided views (e.g. slices of a fused qkv projection) as long as the last dimension
   has unit stride.
 - ``rel_pos_attention``: the public op (``torch.ops.fastzoo.rel_pos_attention``):
-  the kernel for fp16/bf16 CUDA tensors on Ampere or newer and scale > 0, the reference
-  otherwise.
+  the kernel for fp16/bf16 CUDA tensors on Ampere or newer and scale >= 1e-20 (the
+  kernel divides rel_w by it), the reference otherwise.
 - ``rel_pos_window_attention``: SAM's encoder attention between its qkv and output
   projections on the (B, H, W, 3·heads·D) token grid: windows (or the whole grid) read in
   place by the same kernel (keys outside the grid take the qkv bias's k and v, queries
@@ -86,7 +86,7 @@ if triton_available():
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        # Register caps that let more programs share an SM (3 or 4 of 4 warps instead of 2),
+        # Register caps that let more programs share an SM (3 or 4 programs of 4 warps instead of 2),
         # a few spills included. H100, SAM's windowed layers each tile forced
         # (rel_pos_occupancy_sweep.json): vit_b 128x16 (one key row a tile, 168 registers)
         # 0.545 -> 0.480 ms, vit_h 64x32 at 128 registers 1.05 -> 0.85 ms.
@@ -454,6 +454,9 @@ def rel_pos_attention_triton(
 
 
 _UNBOUNDED = 1 << 30  # grid size of the flat layout: no token is outside it
+# The kernel's smallest scale: it takes each tile's row maximum before scaling (so scale > 0)
+# and adds rel_w / scale to q·kᵀ, which must stay finite (|rel_w| up to 1e18 at this bound).
+_MIN_KERNEL_SCALE = 1e-20
 _MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension
 
 
@@ -462,10 +465,10 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
     """Run ``_rel_pos_attention_kernel``: ``strides`` are the (batch, head, y, x) strides of
     q, k, v, rel_h, rel_w and out (in that order); one program per BLOCK_M queries of one
     window and head."""
-    if not scale > 0:
-        raise ValueError(f"the rel-pos attention kernel expects scale > 0 (it takes the row maximum before "
-                         f"scaling), got {scale}; rel_pos_attention and rel_pos_window_attention run the "
-                         f"reference for it")
+    if not scale >= _MIN_KERNEL_SCALE:
+        raise ValueError(f"the rel-pos attention kernel expects scale >= {_MIN_KERNEL_SCALE:g} (it takes the row "
+                         f"maximum before scaling and divides rel_w by the scale), got {scale}; rel_pos_attention "
+                         f"and rel_pos_window_attention run the reference for it")
     per_image = n_wh * n_ww * heads
     if per_image > _MAX_GRID_Y:
         raise ValueError(f"rel_pos attention launches one program per window and head: {n_wh * n_ww} windows x "
@@ -497,9 +500,10 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
 
 
 def _tiles_known_good(D: int, k_w: int) -> bool:
-    """False where the kernel would have only tiles that were wrong on an H100: a split head
-    dimension (e.g. 80 = 64 + 16) with key rows of at most 8 columns, where every tile has
-    4 or more key rows (``_prune_grid_configs``)."""
+    """False where the kernel would have only tiles that were wrong on an H100 or never run
+    there: a split head dimension (e.g. 80 = 64 + 16) with key rows of at most 8 columns, where
+    the tiles of 4 or more key rows were wrong and the pruner's only other tile, 128x16 (2 rows),
+    has not been run on a GPU (``_prune_grid_configs``)."""
     return not _head_dim_blocks(D)["SPLIT_D"] or 2 * next_pow2(k_w) >= 32
 
 
@@ -518,7 +522,7 @@ def _kernel_applies(q, k, v, rel_h, rel_w) -> bool:
 def _rel_pos_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    if scale > 0 and _kernel_applies(q, k, v, rel_h, rel_w):
+    if scale >= _MIN_KERNEL_SCALE and _kernel_applies(q, k, v, rel_h, rel_w):
         return rel_pos_attention_triton(q, k, v, rel_h, rel_w, scale)
     return rel_pos_attention_ref(q, k, v, rel_h, rel_w, scale).contiguous()
 
@@ -541,7 +545,7 @@ def rel_pos_attention(
     q: (B, heads, Nq, D); k, v: (B, heads, Nk, D) with Nk = k_h * k_w (key j = kr * k_w + kc);
     rel_h: (B, heads, Nq, k_h); rel_w: (B, heads, Nq, k_w); ``scale`` defaults to D ** -0.5.
     Returns (B, heads, Nq, D) in q's dtype. Runs the fused Triton kernel (no Nq x Nk
-    bias in memory) for fp16/bf16 CUDA tensors on Ampere or newer and scale > 0, the SDPA
+    bias in memory) for fp16/bf16 CUDA tensors on Ampere or newer and scale >= 1e-20, the SDPA
     reference otherwise. Traceable by ``torch.compile(fullgraph=True)``.
     """
     _check_shapes("rel_pos_attention", q, k, v, rel_h, rel_w)
@@ -733,7 +737,8 @@ def _rel_pos_window_attention_op(
     D = qkv.shape[-1] // (3 * num_heads)
     tensors = [t for t in (qkv, table_h, table_w, pad) if t is not None]
     k_w = window if window > 0 else qkv.shape[2]
-    if (scale > 0 and qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256 and qkv.shape[1] * qkv.shape[2] > 0
+    if (scale >= _MIN_KERNEL_SCALE and qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256
+            and qkv.shape[1] * qkv.shape[2] > 0
             and _tiles_known_good(D, k_w)):
         return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad)
     return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad)
