@@ -33,7 +33,7 @@ reference on the whole batch.
 per shape, with its error against the fp32 reference on one image (``ref_err``: the reference's
 own in bf16, the yardstick) and the compiled kernel's
 registers and spills; written to ``rel_pos_attention_tiles.json``. Tiles the autotuner never
-launches at a shape (``_prune_grid_configs``: wrong or faulting on an H100) are skipped there.
+launches at a shape (``tile_launched``: wrong or faulting on an H100) are skipped there.
 """
 from __future__ import annotations
 
@@ -44,10 +44,10 @@ import torch.nn.functional as F
 
 from experiments import harness
 from fastzoo.ops._common import next_pow2
-from fastzoo.ops.rel_pos_attention import (_head_dim_blocks, _prune_grid_configs, _rel_pos_attention_kernel,
-                                           rel_pos_attention, rel_pos_attention_ref,
+from fastzoo.ops.rel_pos_attention import (_head_dim_blocks, _rel_pos_attention_kernel, rel_pos_attention,
+                                           rel_pos_attention_ref,
                                            rel_pos_window_attention, rel_pos_window_attention_ref,
-                                           rel_pos_window_attention_triton)
+                                           rel_pos_window_attention_triton, tile_launched)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -184,12 +184,9 @@ def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dic
             ref_err = _max_rel_err(rel_pos_window_attention_ref(*one[:3], H, window, None, one[3]), truth)
             for tile in tiles:
                 cfg = parse_tile(tile)
-                # the pruning rule on a list with a probe every rule keeps (it never returns an empty list)
-                probe = type(cfg)({"BLOCK_M": 16, "BLOCK_N": 1}, num_warps=1)
-                if cfg not in _prune_grid_configs([probe, cfg], {}, SPLIT_D=_head_dim_blocks(D)["SPLIT_D"],
-                                                  KW_P=next_pow2(side)):
+                if not tile_launched(cfg.kwargs["BLOCK_N"], _head_dim_blocks(D)["SPLIT_D"], next_pow2(side)):
                     print(f"  {name} {tile}: skipped (a tile the autotuner never launches at this shape)")
-                    rows.append({"shape": name, "tile": tile, "skipped": "pruned by _prune_grid_configs"})
+                    rows.append({"shape": name, "tile": tile, "skipped": "pruned by the autotuner (tile_launched)"})
                     continue
                 kern.configs = [cfg]
                 kern.cache.clear()

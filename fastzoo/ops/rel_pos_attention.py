@@ -51,6 +51,13 @@ from ._common import (FLOAT_DTYPES, LOG2E, cuda_kernel_applies, launch, next_pow
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def tile_launched(block_n: int, split_d: bool, kw_p: int | None) -> bool:
+    """The autotuner's rule for tiles (``_prune_grid_configs``): whether a tile of ``block_n``
+    keys may run with a split head dimension (``split_d``) on key rows of ``kw_p`` columns
+    (a power of two)."""
+    return not split_d or kw_p is None or block_n <= 2 * kw_p
+
+
 def rel_pos_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -111,10 +118,7 @@ if triton_available():
         flat layout runs the same code, so it is held to the same tiles. Launches whose key
         rows are too narrow for any such tile go to the reference (``_tiles_known_good``)."""
         get = lambda name: kwargs.get(name, named_args.get(name))  # noqa: E731
-        kw_p = get("KW_P")
-        if not get("SPLIT_D") or kw_p is None:
-            return configs
-        kept = [c for c in configs if c.kwargs["BLOCK_N"] <= 2 * kw_p]
+        kept = [c for c in configs if tile_launched(c.kwargs["BLOCK_N"], get("SPLIT_D"), get("KW_P"))]
         return kept or configs[:1]
 
     @triton.jit

@@ -94,15 +94,23 @@ def test_kernel_bias_matters(kernel_device):
     assert (out - out_t).abs().max() > 0.05
 
 
-def test_kernel_rejects_non_positive_scale_and_op_falls_back(kernel_device):
+def test_kernel_rejects_non_positive_scale_and_op_falls_back(kernel_device, monkeypatch):
     """The kernel takes each tile's row maximum before scaling and divides rel_w by the scale, so
-    it refuses scales below 1e-20 (a scale of 1e-38 made rel_w / scale infinite); the public op
-    runs the reference for them (on the CPU it always does: only the refusal is the kernel's)."""
+    it refuses scales below 1e-20 (a scale of 1e-38 made rel_w / scale infinite); the public op,
+    routed to the kernel for these tensors (on the CPU through the interpreter), runs the
+    reference for them and the kernel for a usual scale."""
+    from helpers import kernels_on_cpu
+
     inputs = _inputs(1, 1, (3, 3), (3, 3), 16, torch.bfloat16, kernel_device, seed=6)
+    launched = kernels_on_cpu(monkeypatch, ("rel_pos_attention",)) if kernel_device.type == "cpu" else None
     for bad in (0.0, -0.25, 1e-38):
         with pytest.raises(ValueError, match="scale >= 1e-20"):
             rel_pos_attention_triton(*inputs, scale=bad)
         torch.testing.assert_close(rel_pos_attention(*inputs, scale=bad), rel_pos_attention_ref(*inputs, scale=bad))
+    if launched is not None:
+        assert launched == []
+        rel_pos_attention(*inputs, scale=0.25)
+        assert launched == ["_rel_pos_attention_kernel"]
 
 
 def test_kernel_scale_and_single_batch(kernel_device):
