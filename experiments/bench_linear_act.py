@@ -65,8 +65,7 @@ def bench_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
          "compiled": harness.bench(compiled, inputs=sets, rep=rep),
          "gemm": harness.bench(lambda s: F.linear(s[0], w, b), inputs=sets, rep=rep)}
     x, r = sets[0][0][:512], None if sets[0][1] is None else sets[0][1][:512]
-    truth = F.linear(x.double(), w.double(), b.double())
-    truth = F.gelu(truth) if act == "gelu" else truth + r.double()
+    truth, scale = _truth(x, w, b, act, r)
     s0 = (x, r)
     flops = 2 * M * N * K
     row = {"shape": name, "M": M, "K": K, "N": N, "epilogue": epilogue, "dtype": str(dtype)}
@@ -75,35 +74,49 @@ def bench_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
         row[f"{k}_tflops"] = flops / v["median_ms"] / 1e9
         row[f"{k}_pct"] = 100 * row[f"{k}_tflops"] / ceiling
     row["fused_over_compiled"] = harness.speedup(t["compiled"]["median_ms"], t["fused"]["median_ms"])
-    scale = truth.abs().max().item()
     row["err"] = (fused(s0).double() - truth).abs().max().item() / scale
     row["ref_err"] = (compiled(s0).double() - truth).abs().max().item() / scale
     row["timings"] = t
     return row
 
 
-def sweep_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling):
-    """Every candidate configuration of the persistent kernel (``TMA_FLOAT_SWEEP_CONFIGS``),
-    each launched directly (no autotuner), against cuBLAS alone: ms and % of the ceiling."""
+def _truth(x, w, b, act, r):
+    """fp64 reference of a few rows and its scale (max |·|)."""
+    truth = F.linear(x.double(), w.double(), b.double())
+    truth = F.gelu(truth) if act == "gelu" else truth + r.double()
+    return truth, truth.abs().max().item()
+
+
+def sweep_shape(name, M, K, N, epilogue, dtype, device, rep, n_inputs, ceiling, only=None):
+    """Every candidate configuration of the persistent kernel (``TMA_FLOAT_SWEEP_CONFIGS``, or
+    those named in ``only``), each launched directly (no autotuner), against cuBLAS alone: ms,
+    % of the ceiling, and the error on the first 512 rows against fp64 (as ``err`` above)."""
     from fastzoo.ops import int8_mm
     from fastzoo.ops.linear_act import linear_act_triton
     sets, w, b, act = _problem(M, K, N, epilogue, dtype, device, n_inputs)
     flops = 2 * M * N * K
     out_bytes, res_bytes = 2, 2 if epilogue == "residual" else 0
+    x, r = sets[0][0][:512], None if sets[0][1] is None else sets[0][1][:512]
+    truth, scale = _truth(x, w, b, act, r)
     row = {"shape": name, "M": M, "K": K, "N": N, "epilogue": epilogue,
            "gemm_ms": harness.bench(lambda s: F.linear(s[0], w, b), inputs=sets, rep=rep)["median_ms"], "configs": {}}
     for cfg in int8_mm.TMA_FLOAT_SWEEP_CONFIGS:
         cname = int8_mm.tma_config_name(cfg)
+        if only is not None and cname not in only:
+            continue
         if int8_mm.tma_shared_bytes(cfg, out_bytes, res_bytes, 2) > int8_mm._tma_shared_limit(cfg):
             row["configs"][cname] = "shared memory"
             continue
         try:
             ms = harness.bench(lambda s: linear_act_triton(s[0], w, b, activation=act, residual=s[1], config=cfg),
                                inputs=sets, rep=rep)["median_ms"]
+            # the config's own output on 512 rows (a full-size call: the tiles' order is the real one)
+            y = linear_act_triton(sets[0][0], w, b, activation=act, residual=sets[0][1], config=cfg)[:512]
+            err = (y.double() - truth).abs().max().item() / scale
         except Exception as e:  # a config that does not compile or launch: recorded, skipped
             row["configs"][cname] = f"{type(e).__name__}: {str(e)[:200]}"
             continue
-        row["configs"][cname] = {"ms": ms, "pct": 100 * flops / ms / 1e9 / ceiling}
+        row["configs"][cname] = {"ms": ms, "pct": 100 * flops / ms / 1e9 / ceiling, "err": err}
     timed = {k: v["ms"] for k, v in row["configs"].items() if isinstance(v, dict)}
     row["best"] = min(timed, key=timed.get) if timed else None
     return row
@@ -118,24 +131,41 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     p.add_argument("--sweep", action="store_true",
                    help="time every candidate configuration of the persistent kernel; JSON linear_act_sweep")
+    p.add_argument("--configs", default=None,
+                   help="with --sweep: comma-separated configuration names (tma_config_name) to time, not all")
+    p.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
+    p.add_argument("--name", default=None, help="the results JSON's name (default linear_act / linear_act_sweep)")
     args = p.parse_args(argv)
     device = harness.require_cuda("the linear_act benchmark")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     ceiling = harness.measure_matmul_tflops(dtype)
     print(f"{args.dtype} matmul ceiling {ceiling:.0f} TFLOP/s")
     shapes = [s for s in SHAPES if s[0].startswith("sam_vit_h")] if args.quick else SHAPES
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = sorted(set(wanted) - {s[0] for s in SHAPES})
+        if unknown:
+            raise SystemExit(f"unknown --shapes {unknown}; expected names among {[s[0] for s in SHAPES]}")
+        shapes = [s for s in shapes if s[0] in wanted]
+    only = None
+    if args.configs:
+        from fastzoo.ops import int8_mm
+        only = set(args.configs.split(","))
+        unknown = sorted(only - {int8_mm.tma_config_name(c) for c in int8_mm.TMA_FLOAT_SWEEP_CONFIGS})
+        if unknown:
+            raise SystemExit(f"unknown --configs {unknown}; expected names of TMA_FLOAT_SWEEP_CONFIGS")
     if args.sweep:
         rows = []
         for shape in shapes:
-            rows.append(sweep_shape(*shape, dtype, device, args.rep, args.inputs, ceiling))
+            rows.append(sweep_shape(*shape, dtype, device, args.rep, args.inputs, ceiling, only))
             r = rows[-1]
             print(f"{r['shape']:16s} cuBLAS {r['gemm_ms']:.3f} ms; best {r['best']}: "
-                  + ", ".join(f"{k} {v['ms']:.3f}" if isinstance(v, dict) else f"{k} ({v[:40]})"
+                  + ", ".join(f"{k} {v['ms']:.3f} (err {v['err']:.1e})" if isinstance(v, dict) else f"{k} ({v[:40]})"
                               for k, v in r["configs"].items()), flush=True)
             figures = {"bf16_tflops_ceiling" if dtype == torch.bfloat16 else "fp16_tflops_ceiling": ceiling,
                        "rows": rows}
             if not args.quick:  # --quick saves nothing
-                path = harness.save_result("linear_act_sweep", figures, args, out_dir=args.out_dir)
+                path = harness.save_result(args.name or "linear_act_sweep", figures, args, out_dir=args.out_dir)
             torch.cuda.empty_cache()
         if not args.quick:
             print("saved", path)
@@ -152,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                         ["shape", "fused_ms", "compiled_ms", "gemm_ms", "fused_over_compiled", "fused_pct", "err"])
     if not args.quick:
         figures = {"bf16_tflops_ceiling" if dtype == torch.bfloat16 else "fp16_tflops_ceiling": ceiling, "rows": rows}
-        print("saved", harness.save_result("linear_act", figures, args, out_dir=args.out_dir))
+        print("saved", harness.save_result(args.name or "linear_act", figures, args, out_dir=args.out_dir))
 
 
 if __name__ == "__main__":
