@@ -444,7 +444,7 @@ if triton_available():
         HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         OCC: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
-        DEFER: tl.constexpr = False, FLOAT_AB: tl.constexpr = False, DOT_F32: tl.constexpr = False,
+        FLOAT_AB: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     ):
         # Persistent: NUM_SMS · OCC programs (OCC per SM) walk the output tiles in grouped
         # order with a stride of the program count. a (M, K) and b (N, K) tiles arrive by
@@ -459,16 +459,10 @@ if triton_available():
         k_tiles = tl.cdiv(K, BLOCK_K)
         num_tiles = num_pid_m * num_pid_n
         NUM_PROGS: tl.constexpr = NUM_SMS * OCC
+        PART_N: tl.constexpr = BLOCK_N // SUBTILE
         # The epilogue's tile index is kept apart from the loop's (a separate counter), so
         # that the flattened loop does not carry tile coordinates across its stages.
         tile_epi = start - NUM_PROGS
-        # DEFER: a tile's epilogue runs during the next tile's K loop, part p (of SUBTILE)
-        # at K step p, while that step's wgmma is in flight; acc_prev holds the finished
-        # accumulator, already scaled by the row scales (a value computed from the dot, not
-        # the dot's own result, keeps Triton's wgmma pipelining asynchronous). Parts the K
-        # loop does not reach (k_tiles < SUBTILE) follow the loop, the last tile's after the
-        # tile loop.
-        acc_prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for tile_id in tl.range(start, num_tiles, NUM_PROGS, flatten=FLATTEN, warp_specialize=WARP_SPEC):
             pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
             off_am = pid_m * BLOCK_M
@@ -489,77 +483,40 @@ if triton_available():
                     acc = tl.dot(a, b.T, acc)
                 else:
                     acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-                if DEFER:
-                    if tile_epi >= start:
-                        for p in tl.static_range(SUBTILE):
-                            if ki == p:
-                                _tma_epilogue_tile_part(acc_prev, p, tile_epi, M, N, num_pid_m, num_pid_n, as_ptr,
-                                                        bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, stride_as,
-                                                        stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL,
-                                                        OUT_INT8, GROUP_M, SUBTILE, True)
 
-            if DEFER:
-                if tile_epi >= start:
-                    for p in tl.static_range(SUBTILE):
-                        if p >= k_tiles:
-                            _tma_epilogue_tile_part(acc_prev, p, tile_epi, M, N, num_pid_m, num_pid_n, as_ptr,
-                                                    bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, stride_as, stride_bs,
-                                                    stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, GROUP_M,
-                                                    SUBTILE, True)
-                offs_am = off_am + tl.arange(0, BLOCK_M)
-                a_s = tl.load(as_ptr + offs_am * stride_as, mask=offs_am < M, other=0.0)
-                acc_prev = acc.to(tl.float32) * a_s[:, None]
-                tile_epi += NUM_PROGS
-            else:
-                tile_epi += NUM_PROGS
-                for p in tl.static_range(SUBTILE):
-                    _tma_epilogue_tile_part(acc, p, tile_epi, M, N, num_pid_m, num_pid_n, as_ptr, bs_ptr, bias_ptr,
-                                            os_ptr, c_desc, r_desc, stride_as, stride_bs, stride_os, HAS_BIAS,
-                                            ACT_GELU, HAS_RESIDUAL, OUT_INT8, GROUP_M, SUBTILE, False)
-        if DEFER:
-            if tile_epi >= start:
-                for p in tl.static_range(SUBTILE):
-                    _tma_epilogue_tile_part(acc_prev, p, tile_epi, M, N, num_pid_m, num_pid_n, as_ptr, bs_ptr,
-                                            bias_ptr, os_ptr, c_desc, r_desc, stride_as, stride_bs, stride_os,
-                                            HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, GROUP_M, SUBTILE, True)
-
-    @triton.jit
-    def _tma_epilogue_tile_part(acc, P: tl.constexpr, tile_id, M, N, num_pid_m, num_pid_n, as_ptr, bs_ptr, bias_ptr,
-                                os_ptr, c_desc, r_desc, stride_as, stride_bs, stride_os, HAS_BIAS: tl.constexpr,
-                                ACT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr,
-                                GROUP_M: tl.constexpr, SUBTILE: tl.constexpr, ROW_SCALED: tl.constexpr):
-        """Epilogue of column part P (of SUBTILE) of output tile ``tile_id``'s accumulator
-        (ROW_SCALED: fp32 values already multiplied by the row scales)."""
-        BLOCK_M: tl.constexpr = acc.shape[0]
-        BLOCK_N: tl.constexpr = acc.shape[1]
-        PART_N: tl.constexpr = BLOCK_N // SUBTILE
-        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        if ROW_SCALED:
-            a_s = tl.full((BLOCK_M,), 1.0, tl.float32)  # x·1 folds away
-        else:
+            tile_epi += NUM_PROGS
+            pid_m, pid_n = _tile_coords(tile_epi, num_pid_m, num_pid_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
             offs_m = off_m + tl.arange(0, BLOCK_M)
             a_s = tl.load(as_ptr + offs_m * stride_as, mask=offs_m < M, other=0.0)
-        if SUBTILE == 1:
-            part = acc
-        else:
-            # columns [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N) of the tile; each split again for 4
-            h0, h1 = tl.split(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)).permute(0, 2, 1))
-            if P < SUBTILE // 2:
-                half = h0
+            if SUBTILE == 1:
+                _tma_epilogue_part(acc, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, stride_bs,
+                                   stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
             else:
-                half = h1
-            if SUBTILE == 2:
-                part = half
-            else:  # SUBTILE == 4
-                q0, q1 = tl.split(tl.reshape(half, (BLOCK_M, 2, PART_N)).permute(0, 2, 1))
-                if P % 2 == 0:
-                    part = q0
-                else:
-                    part = q1
-        _tma_epilogue_part(part, a_s, off_m, off_n + P * PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
-                           stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
+                # columns [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N) of the tile
+                halves = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)).permute(0, 2, 1)
+                acc0, acc1 = tl.split(halves)
+                if SUBTILE == 2:
+                    _tma_epilogue_part(acc0, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
+                                       stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
+                    _tma_epilogue_part(acc1, a_s, off_m, off_n + PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
+                else:  # SUBTILE == 4: each half split again
+                    q0, q1 = tl.split(tl.reshape(acc0, (BLOCK_M, 2, PART_N)).permute(0, 2, 1))
+                    _tma_epilogue_part(q0, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
+                                       stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
+                    _tma_epilogue_part(q1, a_s, off_m, off_n + PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
+                    q2, q3 = tl.split(tl.reshape(acc1, (BLOCK_M, 2, PART_N)).permute(0, 2, 1))
+                    _tma_epilogue_part(q2, a_s, off_m, off_n + 2 * PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
+                    _tma_epilogue_part(q3, a_s, off_m, off_n + 3 * PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
 
     def _tma_block_shapes(nargs):
         """Autotuner pre-hook: the TMA descriptors' block shapes follow the configuration."""
@@ -570,11 +527,10 @@ if triton_available():
         nargs["c_desc"].block_shape = [bm, part_n]
         nargs["r_desc"].block_shape = [bm, part_n]
 
-    def _tma_cfg(bm, bn, bk, warps, stages, occ=1, sub=2, flatten=True, ws=False, group=8, maxnreg=None,
-                 defer=False):
+    def _tma_cfg(bm, bn, bk, warps, stages, occ=1, sub=2, flatten=True, ws=False, group=8, maxnreg=None):
         return triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "OCC": occ, "SUBTILE": sub,
-             "FLATTEN": flatten, "WARP_SPEC": ws, "DEFER": defer},
+             "FLATTEN": flatten, "WARP_SPEC": ws},
             num_warps=warps, num_stages=stages, maxnreg=maxnreg, pre_hook=_tma_block_shapes,
         )
 
@@ -585,7 +541,6 @@ if triton_available():
                 f"_o{kw['OCC']}_sub{kw['SUBTILE']}")
         name += "_flat" if kw["FLATTEN"] else ""
         name += "_ws" if kw["WARP_SPEC"] else ""
-        name += "_defer" if kw["DEFER"] else ""
         name += f"_g{kw['GROUP_M']}" if kw["GROUP_M"] != 8 else ""
         name += f"_r{cfg.maxnreg}" if cfg.maxnreg else ""
         return name
@@ -641,8 +596,6 @@ if triton_available():
         _tma_cfg(32, 32, 32, 4, 2, sub=2),
         _tma_cfg(16, 64, 32, 4, 2, sub=4, flatten=False),
         _tma_cfg(32, 16, 64, 4, 2, sub=1),
-        _tma_cfg(32, 32, 32, 4, 2, sub=2, defer=True),
-        _tma_cfg(16, 64, 32, 4, 2, sub=4, flatten=False, defer=True),
     ]
     TMA_INTERPRETER_PROGRAMS = 3  # NUM_SMS stand-in on the CPU: programs loop over several tiles
 
@@ -685,11 +638,6 @@ if triton_available():
         _tma_cfg(256, 128, 64, 8, 3, sub=2, group=16),
         _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2, group=16),
         _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=4, group=16),
-        _tma_cfg(128, 128, 64, 8, 4, sub=2, defer=True),
-        _tma_cfg(128, 128, 64, 8, 4, sub=4, defer=True),
-        _tma_cfg(128, 128, 64, 8, 5, sub=4, defer=True),
-        _tma_cfg(64, 128, 64, 4, 4, occ=2, sub=4, defer=True),
-        _tma_cfg(128, 128, 64, 8, 4, sub=4, flatten=False, defer=True),
     ]
     # What the autotuner tries at run time: the sweep's winners at SAM vit_b / vit_h and ViT-L
     # MLP shapes on an H100 (experiments/results/h100-80gb-hbm3/linear_act_sweep*.json; two
@@ -724,14 +672,12 @@ def tma_shared_bytes(cfg, out_bytes: int, res_bytes: int = 0, in_bytes: int = 1)
     """Shared memory of a persistent-kernel configuration: the operand pipeline (stages ·
     (BLOCK_M + BLOCK_N) · BLOCK_K elements of ``in_bytes``: 1 for int8), the TMA store buffer
     of one output part and, with a residual, its TMA load buffer (BLOCK_M × BLOCK_N / SUBTILE
-    each; with DEFER in a loop nest that is not flattened, a second store buffer: the
-    epilogue inside the K loop and the one after it have their own); what Triton allocates is this plus barriers and alignment padding
-    (about 1 KiB at most, checked ahead of time)."""
+    each); what Triton allocates is this plus barriers and alignment padding (about 1 KiB at
+    most, checked ahead of time)."""
     kw = cfg.kwargs
     part = kw["BLOCK_M"] * kw["BLOCK_N"] // kw["SUBTILE"]
-    stores = 2 if kw.get("DEFER") and not kw["FLATTEN"] else 1
     return (cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * in_bytes
-            + part * (stores * out_bytes + res_bytes))
+            + part * (out_bytes + res_bytes))
 
 
 def _tma_shared_limit(cfg) -> int:
