@@ -194,16 +194,24 @@ def bench_attention(N, B, device, rep, H=16, D=64):
 SWEEP_VARIANTS = ("bare", "dyn", "static")
 
 
+# --sweep-shapes: (tokens, linears) of each model; SAM's lin1 / lin2 are the MLP's fc1 / fc2
+SWEEP_SHAPES = {"vit_l": (VIT_L_TOKENS, VIT_L), "sam_vit_b": (SAM_TOKENS, VIT_B), "sam_vit_h": (SAM_TOKENS, VIT_H)}
+
+
 def _case_spec(shape: str, variant: str) -> dict:
-    """The epilogue of one (ViT-L linear, variant): what the int8 ViT block asks of the GEMM."""
-    layer = shape.split(".")[-1]
+    """The epilogue of one (linear, variant): what the int8 block asks of the GEMM. ViT-L's
+    static qkv writes int8 for the int8 attention; SAM's writes bf16 for its rel-pos
+    attention."""
+    layer = {"lin1": "fc1", "lin2": "fc2"}.get(shape.split(".")[-1], shape.split(".")[-1])
     spec = {"per_tensor_a": variant == "static", "residual": False, "gelu": False, "out_scale": None}
     if variant == "bare":
         return spec
     spec["residual"] = layer in ("proj", "fc2")
     spec["gelu"] = layer == "fc1"
-    if variant == "static" and layer in ("qkv", "fc1"):
-        spec["out_scale"] = "channel" if layer == "qkv" else "tensor"
+    if variant == "static" and layer == "fc1":
+        spec["out_scale"] = "tensor"
+    if variant == "static" and layer == "qkv" and shape.startswith("vit_l."):
+        spec["out_scale"] = "channel"
     return spec
 
 
@@ -322,7 +330,8 @@ def sweep(args, device) -> None:
         wanted = set(args.configs.split(","))
         configs = [c for c in configs if int8_mm.tma_config_name(c) in wanted]
     names = [int8_mm.tma_config_name(c) for c in configs]
-    shape_list = [(name, VIT_L_TOKENS, n, k) for name, (n, k) in VIT_L.items()]
+    shape_list = [(name, tokens, n, k) for family in args.sweep_shapes.split(",")
+                  for tokens, linears in [SWEEP_SHAPES[family]] for name, (n, k) in linears.items()]
     specs = {_spec_key(_case_spec(sh, v)): _case_spec(sh, v) for sh, *_ in shape_list for v in SWEEP_VARIANTS}
     if not int8_mm._tma_api():
         raise SystemExit(f"error: --sweep needs Triton >= 3.4 (TMA descriptors), found {int8_mm.triton.__version__}")
@@ -422,7 +431,8 @@ def sweep(args, device) -> None:
         torch.cuda.empty_cache()
         figures["summary"] = _sweep_summary(figures)
         figures["elapsed_s"] = time.perf_counter() - t_start
-        print("saved", harness.save_result("int8_mm_sweep", figures, args), flush=True)
+        path = harness.save_result(args.name or "int8_mm_sweep", figures, args, out_dir=args.out_dir)
+        print("saved", path, flush=True)
     _print_sweep(figures)
 
 
@@ -474,10 +484,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="time every persistent-kernel config at the ViT-L shapes (Hopper); JSON int8_mm_sweep")
     p.add_argument("--configs", default="", help="--sweep: only these configs (comma-separated names)")
+    p.add_argument("--sweep-shapes", default="vit_l",
+                   help=f"--sweep: the models whose linears are swept, comma-separated among {sorted(SWEEP_SHAPES)}")
+    p.add_argument("--name", default=None, help="--sweep: the results JSON's name (default int8_mm_sweep)")
+    p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="--sweep: processes compiling the configs ahead of the timing (0: compile in turn)")
     p.add_argument("--plain", action="store_true", help="--sweep: also time the plain (non-persistent) kernel")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.sweep_shapes.split(",")) - set(SWEEP_SHAPES))
+    if unknown:
+        p.error(f"unknown --sweep-shapes {unknown}; expected names among {sorted(SWEEP_SHAPES)}")
     device = harness.require_cuda("experiments/bench_int8_mm.py")
     if args.sweep:
         sweep(args, device)
@@ -519,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quick:
         figures = {"int8_ceiling_tops": int8_tops, "bf16_ceiling_tflops": bf16_tflops, "goal": goal, "rows": rows,
                    "attention": attn_rows}
-        print("saved", harness.save_result("int8_mm", figures, args))
+        print("saved", harness.save_result("int8_mm", figures, args, out_dir=args.out_dir))
 
 
 if __name__ == "__main__":

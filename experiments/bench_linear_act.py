@@ -36,6 +36,8 @@ SHAPES = [
     ("sam_vit_h.lin2", 16 * 4096, 5120, 1280, "residual"),
     ("vit_l.fc1", 512 * 197, 1024, 4096, "gelu"),
     ("vit_l.fc2", 512 * 197, 4096, 1024, "residual"),
+    ("sam_vit_b.proj", 16 * 4096, 768, 768, "residual"),  # attention's output projection + residual
+    ("sam_vit_h.proj", 16 * 4096, 1280, 1280, "residual"),
 ]
 
 
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     ceiling = harness.measure_matmul_tflops(dtype)
     print(f"{args.dtype} matmul ceiling {ceiling:.0f} TFLOP/s")
-    shapes = [s for s in SHAPES if s[0].startswith("sam_vit_h")] if args.quick else SHAPES
+    shapes = [s for s in SHAPES if s[0] in ("sam_vit_h.lin1", "sam_vit_h.lin2")] if args.quick else SHAPES
     if args.shapes:
         wanted = args.shapes.split(",")
         unknown = sorted(set(wanted) - {s[0] for s in SHAPES})
