@@ -444,7 +444,7 @@ if triton_available():
         HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         OCC: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
-        STAGGER: tl.constexpr = 0, FLOAT_AB: tl.constexpr = False, DOT_F32: tl.constexpr = False,
+        FLOAT_AB: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     ):
         # Persistent: NUM_SMS · OCC programs (OCC per SM) walk the output tiles in grouped
         # order with a stride of the program count. a (M, K) and b (N, K) tiles arrive by
@@ -454,13 +454,6 @@ if triton_available():
         # FLATTEN lets the compiler fuse the tile and K loops into one software pipeline,
         # so the next tile's first loads are in flight during this tile's epilogue.
         start = tl.program_id(0)
-        if STAGGER > 0:
-            # OCC > 1: programs NUM_SMS.. are the SMs' second CTAs (the block scheduler fills
-            # one CTA an SM first). They start STAGGER ns late, so that the two CTAs of an SM
-            # run out of phase: one's epilogue during the other's MMAs, not both at once.
-            if start >= NUM_SMS:
-                tl.inline_asm_elementwise(f"nanosleep.u32 {STAGGER};\n mov.u32 $0, $1;", "=r,r", [start],
-                                          dtype=tl.int32, is_pure=False, pack=1)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -534,11 +527,10 @@ if triton_available():
         nargs["c_desc"].block_shape = [bm, part_n]
         nargs["r_desc"].block_shape = [bm, part_n]
 
-    def _tma_cfg(bm, bn, bk, warps, stages, occ=1, sub=2, flatten=True, ws=False, group=8, maxnreg=None,
-                 stagger=0):
+    def _tma_cfg(bm, bn, bk, warps, stages, occ=1, sub=2, flatten=True, ws=False, group=8, maxnreg=None):
         return triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "OCC": occ, "SUBTILE": sub,
-             "FLATTEN": flatten, "WARP_SPEC": ws, "STAGGER": stagger},
+             "FLATTEN": flatten, "WARP_SPEC": ws},
             num_warps=warps, num_stages=stages, maxnreg=maxnreg, pre_hook=_tma_block_shapes,
         )
 
@@ -549,7 +541,6 @@ if triton_available():
                 f"_o{kw['OCC']}_sub{kw['SUBTILE']}")
         name += "_flat" if kw["FLATTEN"] else ""
         name += "_ws" if kw["WARP_SPEC"] else ""
-        name += f"_st{kw['STAGGER']}" if kw["STAGGER"] else ""
         name += f"_g{kw['GROUP_M']}" if kw["GROUP_M"] != 8 else ""
         name += f"_r{cfg.maxnreg}" if cfg.maxnreg else ""
         return name
@@ -584,12 +575,6 @@ if triton_available():
         # tl.range(warp_specialize=True): on sm_90 Triton 3.6/3.8 leave this loop as it
         # is (no partitions in the TTGIR, checked ahead of time); timed to confirm
         _tma_cfg(128, 256, 128, 8, 4, sub=2, flatten=False, ws=True),
-        # two CTAs an SM started out of phase (STAGGER ns)
-        _tma_cfg(128, 128, 128, 4, 3, occ=2, sub=2, stagger=1000),
-        _tma_cfg(128, 128, 128, 4, 3, occ=2, sub=2, stagger=2500),
-        _tma_cfg(128, 128, 128, 8, 3, occ=2, sub=4, maxnreg=128, stagger=1000),
-        _tma_cfg(128, 128, 128, 8, 3, occ=2, sub=4, maxnreg=128, stagger=2500),
-        _tma_cfg(128, 128, 64, 4, 4, occ=2, sub=2, stagger=1500),
     ]
     # What the autotuner tries at run time (the first is the default): sweep candidates
     # that compile for sm_90 on Triton 3.6 and 3.8 (checked ahead of time), a big tile and
@@ -653,8 +638,6 @@ if triton_available():
         _tma_cfg(256, 128, 64, 8, 3, sub=2, group=16),
         _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2, group=16),
         _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=4, group=16),
-        _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2, stagger=1000),
-        _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2, stagger=2500),
     ]
     # What the autotuner tries at run time: the sweep's winners at SAM vit_b / vit_h and ViT-L
     # MLP shapes on an H100 (experiments/results/h100-80gb-hbm3/linear_act_sweep*.json; two
