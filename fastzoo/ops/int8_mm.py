@@ -415,30 +415,21 @@ if triton_available():
     # Hopper: persistent kernel, TMA tensor descriptors
     # ------------------------------------------------------------------------------
     @triton.jit
-    def _tma_epilogue_part(acc, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, res_ptr, stride_rm,
-                           M, stride_bs, stride_os, HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr,
-                           HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr, PART_N: tl.constexpr,
-                           RES_PTR: tl.constexpr):
+    def _tma_epilogue_part(acc, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
+                           stride_bs, stride_os, HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr, PART_N: tl.constexpr):
         """Epilogue of one (BLOCK_M, PART_N) part of an output tile at (off_m, off_n): the
-        per-column vectors by pointer (masked), the residual by TMA (zero-padded) or, with
-        RES_PTR, by pointer loads issued before the arithmetic (in flight during it), the
+        per-column vectors by pointer (masked), the residual by TMA (zero-padded), the
         output by a TMA store (clipped at the tensor's edges)."""
         offs_n = off_n + tl.arange(0, PART_N)
         n_mask = offs_n < N
-        if HAS_RESIDUAL and RES_PTR:
-            offs_m = off_m + tl.arange(0, acc.shape[0])
-            r = tl.load(res_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :],
-                        mask=(offs_m < M)[:, None] & n_mask[None, :], other=0.0)
         b_s = tl.load(bs_ptr + offs_n * stride_bs, mask=n_mask, other=0.0)
         bias = b_s
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         out = _dequantize_tile(acc, a_s, b_s, bias, HAS_BIAS, ACT_GELU)
         if HAS_RESIDUAL:
-            if RES_PTR:
-                out = out + r.to(tl.float32)
-            else:
-                out = out + r_desc.load([off_m, off_n]).to(tl.float32)
+            out = out + r_desc.load([off_m, off_n]).to(tl.float32)
         if OUT_INT8:
             o_s = tl.load(os_ptr + offs_n * stride_os, mask=n_mask, other=1.0)
             c_desc.store([off_m, off_n], _requantize_tile(out, 1.0 / o_s))
@@ -447,13 +438,13 @@ if triton_available():
 
     @triton.jit
     def _int8_scaled_mm_tma_kernel(
-        a_desc, b_desc, c_desc, r_desc, as_ptr, bs_ptr, bias_ptr, os_ptr, res_ptr,
-        M, N, K, M_BUCKET, stride_as, stride_bs, stride_os, stride_rm, out_bytes,  # M_BUCKET, out_bytes: tuning keys
+        a_desc, b_desc, c_desc, r_desc, as_ptr, bs_ptr, bias_ptr, os_ptr,
+        M, N, K, M_BUCKET, stride_as, stride_bs, stride_os, out_bytes,  # M_BUCKET, out_bytes: tuning keys
         NUM_SMS: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT_GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, OUT_INT8: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         OCC: tl.constexpr, SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPEC: tl.constexpr,
-        RES_PTR: tl.constexpr = False, FLOAT_AB: tl.constexpr = False, DOT_F32: tl.constexpr = False,
+        FLOAT_AB: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     ):
         # Persistent: NUM_SMS · OCC programs (OCC per SM) walk the output tiles in grouped
         # order with a stride of the program count. a (M, K) and b (N, K) tiles arrive by
@@ -500,32 +491,32 @@ if triton_available():
             offs_m = off_m + tl.arange(0, BLOCK_M)
             a_s = tl.load(as_ptr + offs_m * stride_as, mask=offs_m < M, other=0.0)
             if SUBTILE == 1:
-                _tma_epilogue_part(acc, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, res_ptr, stride_rm, M, stride_bs,
-                                   stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N, RES_PTR)
+                _tma_epilogue_part(acc, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, stride_bs,
+                                   stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
             else:
                 # columns [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N) of the tile
                 halves = tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)).permute(0, 2, 1)
                 acc0, acc1 = tl.split(halves)
                 if SUBTILE == 2:
-                    _tma_epilogue_part(acc0, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, res_ptr, stride_rm, M,
-                                       stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N, RES_PTR)
+                    _tma_epilogue_part(acc0, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
+                                       stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
                     _tma_epilogue_part(acc1, a_s, off_m, off_n + PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
-                                       r_desc, res_ptr, stride_rm, M, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
-                                       PART_N, RES_PTR)
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
                 else:  # SUBTILE == 4: each half split again
                     q0, q1 = tl.split(tl.reshape(acc0, (BLOCK_M, 2, PART_N)).permute(0, 2, 1))
-                    _tma_epilogue_part(q0, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc, res_ptr, stride_rm, M,
-                                       stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N, RES_PTR)
+                    _tma_epilogue_part(q0, a_s, off_m, off_n, N, bs_ptr, bias_ptr, os_ptr, c_desc, r_desc,
+                                       stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, PART_N)
                     _tma_epilogue_part(q1, a_s, off_m, off_n + PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
-                                       r_desc, res_ptr, stride_rm, M, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
-                                       PART_N, RES_PTR)
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
                     q2, q3 = tl.split(tl.reshape(acc1, (BLOCK_M, 2, PART_N)).permute(0, 2, 1))
                     _tma_epilogue_part(q2, a_s, off_m, off_n + 2 * PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
-                                       r_desc, res_ptr, stride_rm, M, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
-                                       PART_N, RES_PTR)
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
                     _tma_epilogue_part(q3, a_s, off_m, off_n + 3 * PART_N, N, bs_ptr, bias_ptr, os_ptr, c_desc,
-                                       r_desc, res_ptr, stride_rm, M, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
-                                       PART_N, RES_PTR)
+                                       r_desc, stride_bs, stride_os, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8,
+                                       PART_N)
 
     def _tma_block_shapes(nargs):
         """Autotuner pre-hook: the TMA descriptors' block shapes follow the configuration."""
@@ -536,11 +527,10 @@ if triton_available():
         nargs["c_desc"].block_shape = [bm, part_n]
         nargs["r_desc"].block_shape = [bm, part_n]
 
-    def _tma_cfg(bm, bn, bk, warps, stages, occ=1, sub=2, flatten=True, ws=False, group=8, maxnreg=None,
-                 res_ptr=False):
+    def _tma_cfg(bm, bn, bk, warps, stages, occ=1, sub=2, flatten=True, ws=False, group=8, maxnreg=None):
         return triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "OCC": occ, "SUBTILE": sub,
-             "FLATTEN": flatten, "WARP_SPEC": ws, "RES_PTR": res_ptr},
+             "FLATTEN": flatten, "WARP_SPEC": ws},
             num_warps=warps, num_stages=stages, maxnreg=maxnreg, pre_hook=_tma_block_shapes,
         )
 
@@ -551,7 +541,6 @@ if triton_available():
                 f"_o{kw['OCC']}_sub{kw['SUBTILE']}")
         name += "_flat" if kw["FLATTEN"] else ""
         name += "_ws" if kw["WARP_SPEC"] else ""
-        name += "_rp" if kw["RES_PTR"] else ""
         name += f"_g{kw['GROUP_M']}" if kw["GROUP_M"] != 8 else ""
         name += f"_r{cfg.maxnreg}" if cfg.maxnreg else ""
         return name
@@ -586,13 +575,6 @@ if triton_available():
         # tl.range(warp_specialize=True): on sm_90 Triton 3.6/3.8 leave this loop as it
         # is (no partitions in the TTGIR, checked ahead of time); timed to confirm
         _tma_cfg(128, 256, 128, 8, 4, sub=2, flatten=False, ws=True),
-        # the residual by pointer loads issued before the epilogue's arithmetic (RES_PTR)
-        _tma_cfg(128, 128, 128, 4, 3, occ=2, sub=2, res_ptr=True),
-        _tma_cfg(128, 128, 128, 8, 3, occ=2, sub=4, maxnreg=128, res_ptr=True),
-        _tma_cfg(128, 128, 128, 8, 3, occ=2, sub=2, maxnreg=128, res_ptr=True),
-        _tma_cfg(128, 256, 128, 8, 3, sub=2, res_ptr=True),
-        _tma_cfg(128, 256, 128, 8, 4, sub=4, res_ptr=True),
-        _tma_cfg(256, 128, 128, 8, 3, sub=2, res_ptr=True),
     ]
     # What the autotuner tries at run time (the first is the default): sweep candidates
     # that compile for sm_90 on Triton 3.6 and 3.8 (checked ahead of time), a big tile and
@@ -614,7 +596,6 @@ if triton_available():
         _tma_cfg(32, 32, 32, 4, 2, sub=2),
         _tma_cfg(16, 64, 32, 4, 2, sub=4, flatten=False),
         _tma_cfg(32, 16, 64, 4, 2, sub=1),
-        _tma_cfg(16, 64, 32, 4, 2, sub=2, res_ptr=True),
     ]
     TMA_INTERPRETER_PROGRAMS = 3  # NUM_SMS stand-in on the CPU: programs loop over several tiles
 
@@ -657,10 +638,6 @@ if triton_available():
         _tma_cfg(256, 128, 64, 8, 3, sub=2, group=16),
         _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2, group=16),
         _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=4, group=16),
-        _tma_cfg(128, 128, 64, 4, 3, occ=2, sub=2, res_ptr=True),
-        _tma_cfg(128, 256, 64, 8, 3, sub=2, group=16, res_ptr=True),
-        _tma_cfg(128, 256, 64, 8, 3, sub=2, res_ptr=True),
-        _tma_cfg(128, 128, 64, 8, 3, occ=2, sub=4, maxnreg=128, res_ptr=True),
     ]
     # What the autotuner tries at run time: the sweep's winners at SAM vit_b / vit_h and ViT-L
     # MLP shapes on an H100 (experiments/results/h100-80gb-hbm3/linear_act_sweep*.json; two
@@ -699,8 +676,6 @@ def tma_shared_bytes(cfg, out_bytes: int, res_bytes: int = 0, in_bytes: int = 1)
     most, checked ahead of time)."""
     kw = cfg.kwargs
     part = kw["BLOCK_M"] * kw["BLOCK_N"] // kw["SUBTILE"]
-    if kw.get("RES_PTR"):  # the residual by pointer loads: no TMA buffer
-        res_bytes = 0
     return (cfg.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * in_bytes
             + part * (out_bytes + res_bytes))
 
@@ -774,12 +749,10 @@ def _int8_scaled_mm_tma_launch(a, b, a_s, b_s, bias, out, residual, o_s, activat
         if a.is_cuda else TMA_INTERPRETER_PROGRAMS
     args = (descs["a_desc"], descs["b_desc"], descs["c_desc"], descs["r_desc"], a_s, b_s,
             bias if bias is not None else b_s, o_s if o_s is not None else b_s,
-            residual if residual is not None else out,
             M, N, K, _m_bucket(M),
             a_s.stride(0) if a_s.numel() > 1 else 0,
             b_s.stride(0) if b_s.numel() > 1 else 0,
             o_s.stride(0) if o_s is not None and o_s.numel() > 1 else 0,
-            residual.stride(0) if residual is not None else 0,
             out.element_size())
     float_ab = a.dtype != torch.int8  # bf16/fp16 operands (linear_act): an fp32 accumulator
     flags = dict(NUM_SMS=num_sms, HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu",

@@ -172,12 +172,12 @@ for job in sys.argv[1].split(";"):
              "b_desc": f"tensordesc<{in_ty}[{kw['BLOCK_N']}, {kw['BLOCK_K']}]>",
              "c_desc": f"tensordesc<{out_ty}[{kw['BLOCK_M']}, {part}]>",
              "r_desc": f"tensordesc<bf16[{kw['BLOCK_M']}, {part}]>",
-             "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16", "os_ptr": "*fp32", "res_ptr": "*bf16"}
+             "as_ptr": "*fp32", "bs_ptr": "*fp32", "bias_ptr": "*bf16", "os_ptr": "*fp32"}
     const = dict(kw, NUM_SMS=132, HAS_BIAS=True, ACT_GELU=full or flt, HAS_RESIDUAL=full or flt, OUT_INT8=full,
                  FLOAT_AB=flt, DOT_F32=False, stride_as=0 if flt else 1, stride_bs=0 if flt else 1, stride_os=0,
                  out_bytes=1 if full else 2)
     sig = {n: types.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
-    aligned = ["as_ptr", "bs_ptr", "bias_ptr", "os_ptr", "res_ptr", "M", "N", "K", "M_BUCKET", "stride_rm"]
+    aligned = ["as_ptr", "bs_ptr", "bias_ptr", "os_ptr", "M", "N", "K", "M_BUCKET"]
     src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
                     attrs={(jit.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
