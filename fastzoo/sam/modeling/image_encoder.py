@@ -55,8 +55,10 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        # True: the fused rel-pos attention op (Triton kernel on fp16/bf16 CUDA tensors);
-        # False: the reference (bias materialised + SDPA). Not part of the state dict.
+        # True: the fused rel-pos attention op (Triton kernel on fp16/bf16 CUDA tensors), and
+        # a float proj with its residual through ``ops.linear_act`` (the add in the GEMM's
+        # epilogue); False: the reference (bias materialised + SDPA; proj, then the add).
+        # Not part of the state dict.
         self.fused_attention = fused_attention
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
@@ -77,12 +79,17 @@ class Attention(nn.Module):
         ``window_size`` windows (the grid padded to whole windows with zero tokens, as in
         segment_anything), or over the whole grid when 0; plus ``residual`` when given (a
         projection that says it ``fuses_residual``, as fastzoo.quant's int8 linears do, adds
-        it in its GEMM's epilogue)."""
+        it in its GEMM's epilogue; so does a float ``nn.Linear`` proj with
+        ``fused_attention``, through ``ops.linear_act``, unless it has hooks: calibration
+        observers see it called as a module)."""
         y = self.attend(self.qkv(x), window_size)
         if residual is None:
             return self.proj(y)
         if getattr(self.proj, "fuses_residual", False):
             return self.proj(y, residual=residual)
+        if (self.fused_attention and type(self.proj) is nn.Linear
+                and not (self.proj._forward_hooks or self.proj._forward_pre_hooks)):
+            return ops.linear_act(y, self.proj.weight, self.proj.bias, residual=residual)
         return residual + self.proj(y)
 
     def attend(self, qkv: torch.Tensor, window_size: int = 0) -> torch.Tensor:
