@@ -27,6 +27,8 @@ _VARIANTS = {
 }
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 def _make(size: str, patch: int, res: int, num_classes: int) -> ViTConfig:
     dim, depth, heads = _SIZES[size]
     return ViTConfig(img_size=res, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
@@ -64,7 +66,7 @@ def _checkpoint_hint(cfg: ViTConfig, sd: dict) -> str | None:
 
 
 def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: torch.dtype | str = torch.float32,
-              device: torch.device | str | None = None, compile: bool = False, quantize=None,
+              device: torch.device | str | None = None, compile: bool | str = False, quantize=None,
               calibration=None, num_classes: int | None = None, quantized_checkpoint: bool = False) -> nn.Module:
     """Build a ViT by timm name, optionally load a checkpoint, and make it ready for inference.
 
@@ -78,10 +80,15 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
         ``quantize`` (calibrated scales included): the quantized layout is built on the meta
         device and the checkpoint loaded strictly into it, no calibration; tensors take the
         dtypes that quantizing a ``dtype`` model gives (static scales: float32).
-        compile: wrap in ``torch.compile``. Returns the model in eval mode.
+        compile: wrap in ``torch.compile``; a string is its ``mode``, e.g. ``"reduce-overhead"``
+        (CUDA graphs: what small batches need, where launching a forward's kernels takes the
+        host longer than running them; an output is overwritten by the next call, so clone
+        what you keep). Returns the model in eval mode.
     """
     if name not in VIT_CONFIGS:
         raise ValueError(f"unknown ViT {name!r}; valid: {', '.join(VIT_CONFIGS)}")
+    if isinstance(compile, str) and compile not in COMPILE_MODES:
+        raise ValueError(f"compile expects True/False or a torch.compile mode among {COMPILE_MODES}, got {compile!r}")
     dtype = parse_dtype(dtype)
     cfg = VIT_CONFIGS[name]
     if num_classes is not None:
@@ -114,5 +121,5 @@ def build_vit(name: str, checkpoint: str | os.PathLike | None = None, *, dtype: 
         if quantize is not None:
             quantize_vit_(model, quantize, calibration=calibration)
     if compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=compile) if isinstance(compile, str) else torch.compile(model)
     return model

@@ -160,6 +160,19 @@ def test_bad_inputs(tiny_pair, tmp_path):
         torch.randn(1, 3, 224, 224)).shape == (1, 192)  # headless: the class token's features
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 224, 224\), got \(1, 3, 64, 64\)"):
         build_vit("vit_tiny_patch16_224")(torch.randn(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="torch.compile mode among .*'reduce-overhead'.*got 'fast'"):
+        build_vit("vit_tiny_patch16_224", compile="fast")
+
+
+def test_compile_mode_is_passed_to_torch_compile(monkeypatch):
+    """compile=True compiles with torch's defaults, a string is torch.compile's mode."""
+    import fastzoo.vit.build as vb
+
+    seen = []
+    monkeypatch.setattr(vb.torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    for compile in (True, "reduce-overhead", False):
+        build_vit("vit_tiny_patch16_224", compile=compile)
+    assert seen == [{}, {"mode": "reduce-overhead"}]
 
 
 def test_bf16_and_int8_dynamic_accuracy(tiny_pair):
