@@ -262,8 +262,18 @@ def _env_line(records: Sequence[dict], gpu: bool = True) -> str:
             f"(commit{'s' if len(commits) > 1 else ''} {', '.join(commits) or '?'}).")
 
 
-def sections(records: Sequence[dict]) -> list[tuple[str, str]]:
-    """(title, markdown) per group of results: ceilings, Llama, ViT, SAM, kernels."""
+def _summary_text(rec: dict) -> str | None:
+    """A record's one-paragraph summary (``figures["summary"]`` as text, or its ``"text"``)."""
+    summary = rec.get("figures", {}).get("summary") if isinstance(rec.get("figures"), dict) else None
+    if isinstance(summary, dict):
+        summary = summary.get("text")
+    return summary if isinstance(summary, str) and summary.strip() else None
+
+
+def sections(records: Sequence[dict], max_rows: int | None = None) -> list[tuple[str, str]]:
+    """(title, markdown) per group of results: ceilings, Llama, ViT, SAM, kernels. ``max_rows``:
+    a record tabulated row by row (a layout no table of its kind knows) shows its summary and at
+    most that many rows, then where the rest is."""
     ceilings = ceilings_of(records)
     by_kind: OrderedDict[str, list[dict]] = OrderedDict()
     for rec in sorted(records, key=lambda r: (MODEL_ORDER.index(record_model(r))
@@ -287,7 +297,13 @@ def sections(records: Sequence[dict]) -> list[tuple[str, str]]:
             rows = rows_of(r, ceilings)
             cols = _scalar_columns(rows)
             if rows and cols:
-                out.append((f"{kind} (`{r['_file']}`)", md_table(cols, [[x.get(c) for c in cols] for x in rows])))
+                shown = rows if max_rows is None else rows[:max_rows]
+                text = md_table(cols, [[x.get(c) for c in cols] for x in shown])
+                if len(shown) < len(rows):
+                    summary = _summary_text(r)
+                    text = ((summary + "\n\n") if summary else "") + text + (
+                        f"\n\n… and {len(rows) - len(shown)} more rows in `{r['_file']}`.")
+                out.append((f"{kind} (`{r['_file']}`)", text))
     return out
 
 
@@ -361,12 +377,12 @@ def _pivot_table(recs, ceilings, *, index, column, value, pct=None, extra=None) 
     return md_table(header, body)
 
 
-def markdown(records: Sequence[dict], level: int = 3, gpu: bool = True) -> str:
+def markdown(records: Sequence[dict], level: int = 3, gpu: bool = True, max_rows: int | None = None) -> str:
     """Markdown of every section: an environment line (naming the GPU if ``gpu``), then a titled table per group."""
     if not records:
         return "No records.\n"
     parts = [_env_line(records, gpu)]
-    for title, table in sections(records):
+    for title, table in sections(records, max_rows):
         parts.append(f"{'#' * level} {title}\n\n{table}")
     return "\n\n".join(parts) + "\n"
 
@@ -526,6 +542,9 @@ def write_report(results_dir: str | os.PathLike, out: str | os.PathLike, charts:
 
 
 # ----------------------------------------------------------------------------- README
+README_MAX_ROWS = 24  # rows of a record tabulated as it is, in the README (summary.md has them all)
+
+
 def readme_block(results_root: str | os.PathLike = RESULTS_ROOT) -> str:
     """The generated README results block (markers included) for every ``<results_root>/<gpu>/``."""
     root = Path(results_root)
@@ -537,7 +556,7 @@ def readme_block(results_root: str | os.PathLike = RESULTS_ROOT) -> str:
             continue
         gpus = sorted({str(r.get("gpu")) for r in records if r.get("gpu")})
         parts.append(f"### {', '.join(gpus) or folder.name} (`experiments/results/{folder.name}/`)\n\n"
-                     + markdown(records, level=4, gpu=False).rstrip())
+                     + markdown(records, level=4, gpu=False, max_rows=README_MAX_ROWS).rstrip())
     parts.append(END)
     return "\n\n".join(parts)
 

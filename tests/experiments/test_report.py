@@ -154,3 +154,19 @@ def test_records_of_another_layout_do_not_break_the_report(results, tmp_path, ca
     assert "a layout the reader does not know" in summary and "| 2 | 250 |" in summary
     assert "| llama-2-7b | int8 | 1 | 250 |" in summary  # the other llama records keep their table
     assert "odd.json: not in the layout llama_rows reads" in capsys.readouterr().err
+
+
+def test_readme_caps_long_row_tables_and_shows_the_summary(results):
+    """A record tabulated row by row shows at most README_MAX_ROWS rows in the README block,
+    with its summary text and a pointer to the rest; summary.md keeps them all."""
+    n = report.README_MAX_ROWS + 7
+    sweep = {"name": "int8_mm_sweep_x", "module": "experiments.bench_int8_mm", **ENV,
+             "figures": {"summary": {"text": "the best tile wins at every shape"},
+                         "rows": [{"config": f"cfg{i}", "tops": 1000.0 + i} for i in range(n)]}}
+    (results / "sweep.json").write_text(json.dumps(sweep))
+    block = report.readme_block(results.parent)
+    assert "| cfg0 | 1,000 |" in block and f"| cfg{report.README_MAX_ROWS - 1} |" in block
+    assert f"| cfg{report.README_MAX_ROWS} |" not in block
+    assert "the best tile wins at every shape" in block and "… and 7 more rows in `sweep.json`." in block
+    full = report.markdown(report.load_records(results))
+    assert f"| cfg{n - 1} |" in full and "more rows" not in full
