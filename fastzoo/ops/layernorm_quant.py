@@ -79,15 +79,27 @@ if triton_available():
 
     from .quantize_rows import _round_clamp_int8_tl
 
+    # The autotuner's candidates, and more rows a program (timed one by one by
+    # ``experiments.bench_ops --layernorm-quant``).
+    LN_QUANT_CONFIGS = [
+        triton.Config({"BLOCK_M": 1}, num_warps=4),
+        triton.Config({"BLOCK_M": 1}, num_warps=8),
+        triton.Config({"BLOCK_M": 2}, num_warps=4),
+        triton.Config({"BLOCK_M": 4}, num_warps=4),
+        triton.Config({"BLOCK_M": 4}, num_warps=8),
+        triton.Config({"BLOCK_M": 8}, num_warps=8),
+    ]
+    LN_QUANT_SWEEP_CONFIGS = LN_QUANT_CONFIGS + [
+        triton.Config({"BLOCK_M": 8}, num_warps=4),
+        triton.Config({"BLOCK_M": 16}, num_warps=8),
+        triton.Config({"BLOCK_M": 16}, num_warps=16),
+        triton.Config({"BLOCK_M": 32}, num_warps=16),
+        triton.Config({"BLOCK_M": 2}, num_warps=2),
+        triton.Config({"BLOCK_M": 1}, num_warps=2),
+    ]
+
     @triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": 1}, num_warps=4),
-            triton.Config({"BLOCK_M": 1}, num_warps=8),
-            triton.Config({"BLOCK_M": 2}, num_warps=4),
-            triton.Config({"BLOCK_M": 4}, num_warps=4),
-            triton.Config({"BLOCK_M": 4}, num_warps=8),
-            triton.Config({"BLOCK_M": 8}, num_warps=8),
-        ],
+        configs=LN_QUANT_CONFIGS,
         key=["D", "BLOCK_D", "STATIC"],
         do_bench=short_bench,
     )
