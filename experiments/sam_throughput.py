@@ -10,12 +10,15 @@ Configurations (``--configs``, comma-separated, or ``all``):
 - ``sa-compile``: the same under ``torch.compile`` (default mode);
 - ``fz-ref-eager``: fastzoo's encoder with the reference attention (bias materialised + SDPA);
 - ``fz-eager``: fastzoo's encoder with the fused rel-pos attention kernel, eager;
-- ``fz-compile``: ``build_sam_fast``'s encoder (fused kernel, regional compile);
+- ``fz-compile``: ``build_sam_fast``'s encoder (fused kernel, regional compile) without CUDA
+  graphs (``compile_mode="default"``, as in every record before CUDA graphs became
+  ``build_sam_fast``'s default on CUDA);
 - ``fz-compile-max``: the same with ``compile_mode="max-autotune-no-cudagraphs"`` (inductor
   autotunes Triton GEMM templates, which can take the GELU into the GEMM's epilogue);
 - ``fz-full-compile``: fused kernel, the whole encoder compiled as one graph;
 - ``<any fz- compiled configuration>+cg`` (e.g. ``fz-compile+cg``): the same compiled with
-  ``compile_mode="reduce-overhead"`` (CUDA graphs: one launch per compiled region);
+  ``compile_mode="reduce-overhead"`` (CUDA graphs: one launch per compiled region;
+  ``build_sam_fast``'s default on CUDA);
 - ``fz-int8`` / ``fz-sparse`` / ``fz-int8+sparse`` / ``fz-int8static``: ``build_sam_fast(...,
   quantize=...)`` (``int8static``: calibrated on 4 random images like the other inputs; skipped
   with the reason where this tree's ``build_sam_fast`` has no such option).
@@ -91,7 +94,9 @@ def build_config(name: str, model_type: str, base_sam, dtype, device):
     if name.startswith("sa-"):
         enc = _sa_encoder(model_type, copy.deepcopy(base_sam.image_encoder)).to(device=device, dtype=dtype).eval()
         return torch.compile(enc) if name == "sa-compile" else enc
-    kwargs = {}
+    # compiled fz- configurations run without CUDA graphs ("default": as every record before
+    # build_sam_fast made CUDA graphs its default on CUDA), "+cg" with them (that default)
+    kwargs = {"compile_mode": "default"}
     if name.startswith("fz-") and name.endswith("+cg"):  # the same, compiled with CUDA graphs
         name = name[:-len("+cg")]
         kwargs["compile_mode"] = "reduce-overhead"

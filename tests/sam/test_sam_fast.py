@@ -130,6 +130,18 @@ def test_cuda_graph_modes_begin_a_step_per_call_and_copy_the_output_out(monkeypa
     assert torch.equal(got, fixed) and got.data_ptr() != fixed.data_ptr()
 
 
+def test_build_sam_fast_compiles_with_cuda_graphs_by_default_on_cuda():
+    """Without a compile_mode, CUDA devices get CUDA graphs (one image at a time is host-bound
+    otherwise), other devices torch's default mode; a given mode is kept."""
+    from fastzoo.sam.build import default_compile_mode
+
+    assert default_compile_mode("cuda", None) == "reduce-overhead"
+    assert default_compile_mode(torch.device("cuda", 1), None) == "reduce-overhead"
+    assert default_compile_mode("cpu", None) is None
+    assert default_compile_mode("cuda", "default") == "default"
+    assert default_compile_mode("cuda", "max-autotune-no-cudagraphs") == "max-autotune-no-cudagraphs"
+
+
 def test_compile_and_quantize_argument_errors():
     with pytest.raises(ValueError, match="compile must be one of .*'regional', 'full'.*found 'partial'"):
         compile_image_encoder(tiny_encoder(), "partial")
