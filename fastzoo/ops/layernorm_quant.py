@@ -81,22 +81,11 @@ if triton_available():
 
     # The autotuner's candidates, and more rows a program (timed one by one by
     # ``experiments.bench_ops --layernorm-quant``).
-    LN_QUANT_CONFIGS = [
-        triton.Config({"BLOCK_M": 1}, num_warps=4),
-        triton.Config({"BLOCK_M": 1}, num_warps=8),
-        triton.Config({"BLOCK_M": 2}, num_warps=4),
-        triton.Config({"BLOCK_M": 4}, num_warps=4),
-        triton.Config({"BLOCK_M": 4}, num_warps=8),
-        triton.Config({"BLOCK_M": 8}, num_warps=8),
-    ]
-    LN_QUANT_SWEEP_CONFIGS = LN_QUANT_CONFIGS + [
-        triton.Config({"BLOCK_M": 8}, num_warps=4),
-        triton.Config({"BLOCK_M": 16}, num_warps=8),
-        triton.Config({"BLOCK_M": 16}, num_warps=16),
-        triton.Config({"BLOCK_M": 32}, num_warps=16),
-        triton.Config({"BLOCK_M": 2}, num_warps=2),
-        triton.Config({"BLOCK_M": 1}, num_warps=2),
-    ]
+    # (rows a program, warps)
+    LN_QUANT_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w)
+                        for m, w in ((1, 4), (1, 8), (2, 4), (4, 4), (4, 8), (8, 8))]
+    LN_QUANT_SWEEP_CONFIGS = LN_QUANT_CONFIGS + [triton.Config({"BLOCK_M": m}, num_warps=w)
+                                                 for m, w in ((8, 4), (16, 8), (16, 16), (32, 16), (2, 2), (1, 2))]
 
     @triton.autotune(
         configs=LN_QUANT_CONFIGS,
