@@ -325,8 +325,8 @@ def build_sam_fast(
     elsewhere; ``"default"`` compiles without CUDA graphs.  Without them one image at a time is
     host-bound: vit_b at batch 1 ran 36 img/s compiled against 355 with CUDA graphs, at batch 16
     both about 416 (H100, ``experiments/results/h100-80gb-hbm3/sam_throughput_vit_b_batch1-8.json``,
-    ``sam_throughput_vit_b_cudagraphs_quick.json``).  ``quantize`` (the encoder blocks' linears; the prompt encoder and mask decoder
-    stay in ``dtype``): ``None``; ``"int8"`` (int8 dynamic on all encoder linears), ``"sparse"``
+    ``sam_throughput_vit_b_cudagraphs_quick.json``).  ``quantize`` (the encoder blocks' linears;
+    the prompt encoder and mask decoder stay in ``dtype``): ``None``; ``"int8"`` (int8 dynamic on all encoder linears), ``"sparse"``
     (2:4 on the MLPs) or ``"int8+sparse"`` (``fastzoo.quant.vit.ENCODER_QUANT_PLANS``); or,
     as for ``build_vit``, a ``fastzoo.quant`` config or its name: ``"int8dq"`` /
     ``Int8Dynamic()`` (dynamic W8A8), ``"int8static"`` / ``Int8Static(observer=..., weight=...)``

@@ -27,7 +27,9 @@ _VARIANTS = {
 }
 
 
+#: ``build_vit(compile=...)``'s strings: ``torch.compile`` modes
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def _make(size: str, patch: int, res: int, num_classes: int) -> ViTConfig:
     dim, depth, heads = _SIZES[size]
