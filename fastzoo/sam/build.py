@@ -14,6 +14,7 @@ from fastzoo.utils import parse_dtype
 
 from .modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from .modeling.common import MLPBlock
+from .modeling.image_encoder import Attention as EncoderAttention
 from .modeling.sam import PIXEL_MEAN, PIXEL_STD
 
 #: Encoder hyper-parameters of the three released SAM sizes (everything else is shared).
@@ -367,5 +368,7 @@ def build_sam_fast(
     for module in sam.image_encoder.modules():  # after calibration: its observers hook the linears' calls
         if isinstance(module, MLPBlock):
             module.fused_mlp = kernel == "fused"
+        if isinstance(module, EncoderAttention):
+            module.fused_proj = kernel == "fused"
     compile_image_encoder(sam.image_encoder, compile, mode=default_compile_mode(device, compile_mode))
     return sam

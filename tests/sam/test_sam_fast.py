@@ -534,6 +534,39 @@ def test_regional_inductor_compile_cuda(fresh_dynamo):
 
 
 @torch.no_grad()
+def test_fused_proj_is_the_plain_proj_where_its_kernel_does_not_apply(tiny_sam_checkpoint, monkeypatch):
+    """build_sam_fast(kernel="fused") turns on the attention projections' ``linear_act`` path (a
+    plain model keeps proj + add); on the CPU it computes exactly ``residual + proj(y)``; a
+    hooked proj, autocast or mixed dtypes take the module call."""
+    from fastzoo.sam.modeling.image_encoder import Attention
+
+    kw = dict(device="cpu", dtype=torch.float32, compile=False)
+    fused = build_sam_fast("vit_b", tiny_sam_checkpoint, **kw)
+    plain = build_sam_fast("vit_b", tiny_sam_checkpoint, kernel="sdpa", **kw)
+    attns = [m for m in fused.image_encoder.modules() if isinstance(m, Attention)]
+    assert attns and all(a.fused_proj for a in attns)
+    assert not any(a.fused_proj for a in plain.image_encoder.modules() if isinstance(a, Attention))
+    assert not Attention.fused_proj  # off in a plain model (build_sam_vit_*, build_sam_model)
+    attn = attns[0]
+    g = torch.Generator().manual_seed(5)
+    x, r = torch.randn(1, 4, 4, 32, generator=g), torch.randn(1, 4, 4, 32, generator=g)
+    y = attn.attend(attn.qkv(x))
+    calls = []
+    import fastzoo.sam.modeling.image_encoder as ie
+    orig = ie.ops.linear_act
+    monkeypatch.setattr(ie.ops, "linear_act", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    assert torch.equal(attn(x, residual=r), r + attn.proj(y)) and calls == [1]
+    seen = []
+    hook = attn.proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    assert torch.equal(attn(x, residual=r), r + attn.proj(y)) and calls == [1] and seen  # called as a module
+    hook.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts inside proj: the module call
+        out = attn(x, residual=r)
+    assert calls == [1] and out.dtype == torch.float32
+    assert torch.equal(attn(x, residual=r.double()), r.double() + attn.proj(y)) and calls == [1]
+
+
+@torch.no_grad()
 def test_fused_mlp_is_the_plain_mlp_where_its_kernel_does_not_apply(tiny_sam_checkpoint):
     """build_sam_fast(kernel="fused") turns on the encoder MLPs' ``fastzoo.ops.linear_act`` path
     after quantization (not while calibrating); on the CPU it computes exactly what the plain

@@ -41,7 +41,13 @@ def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a ``(B, H, W, C)`` grid with optional relative positions."""
+    """Multi-head self-attention over a ``(B, H, W, C)`` grid with optional relative positions.
+
+    ``fused_proj`` (not part of the state dict; off by default, ``build_sam_fast(kernel="fused")``
+    turns it on after any quantization): a float proj adds the residual in
+    ``fastzoo.ops.linear_act``'s GEMM epilogue (one pass over the activations fewer)."""
+
+    fused_proj = False
 
     def __init__(
         self,
@@ -55,10 +61,8 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        # True: the fused rel-pos attention op (Triton kernel on fp16/bf16 CUDA tensors), and
-        # a float proj with its residual through ``ops.linear_act`` (the add in the GEMM's
-        # epilogue); False: the reference (bias materialised + SDPA; proj, then the add).
-        # Not part of the state dict.
+        # True: the fused rel-pos attention op (Triton kernel on fp16/bf16 CUDA tensors);
+        # False: the reference (bias materialised + SDPA). Not part of the state dict.
         self.fused_attention = fused_attention
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
@@ -79,15 +83,16 @@ class Attention(nn.Module):
         ``window_size`` windows (the grid padded to whole windows with zero tokens, as in
         segment_anything), or over the whole grid when 0; plus ``residual`` when given (a
         projection that says it ``fuses_residual``, as fastzoo.quant's int8 linears do, adds
-        it in its GEMM's epilogue; so does a float ``nn.Linear`` proj with
-        ``fused_attention``, through ``ops.linear_act``, unless it has hooks: calibration
-        observers see it called as a module)."""
+        it in its GEMM's epilogue; so does a float ``nn.Linear`` proj with ``fused_proj``, through
+        ``ops.linear_act``, where y, the weight and the residual share a dtype, autocast is off and
+        the proj has no hooks: calibration observers see it called as a module)."""
         y = self.attend(self.qkv(x), window_size)
         if residual is None:
             return self.proj(y)
         if getattr(self.proj, "fuses_residual", False):
             return self.proj(y, residual=residual)
-        if (self.fused_attention and type(self.proj) is nn.Linear
+        if (self.fused_proj and type(self.proj) is nn.Linear and type(self.proj.weight) is nn.Parameter
+                and y.dtype == self.proj.weight.dtype == residual.dtype and not torch.is_autocast_enabled()
                 and not (self.proj._forward_hooks or self.proj._forward_pre_hooks)):
             return ops.linear_act(y, self.proj.weight, self.proj.bias, residual=residual)
         return residual + self.proj(y)
