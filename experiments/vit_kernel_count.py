@@ -27,7 +27,10 @@ def main(argv=None):
     ref = timm.create_model(args.model, pretrained=False).eval().requires_grad_(False)
     fz = build_vit(args.model)
     fz.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(args.batch, 3, 224, 224, device=dev, dtype=torch.bfloat16)
+    from fastzoo.vit import VIT_CONFIGS
+
+    res = VIT_CONFIGS[args.model].img_size
+    x = torch.randn(args.batch, 3, res, res, device=dev, dtype=torch.bfloat16)
     out = {}
     for name, m in (("timm", ref), ("fastzoo", fz)):
         cm = torch.compile(copy.deepcopy(m).to(dev, torch.bfloat16))
