@@ -113,6 +113,25 @@ def bench(
     }
 
 
+def host_profile(fn: Callable[[], Any], calls: int, sort: str = "cumulative", lines: int = 28) -> str:
+    """cProfile's table of ``calls`` calls of ``fn`` (host time: the GPU work is only launched),
+    sorted by ``sort``, its first ``lines`` functions."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats(sort).print_stats(lines)
+    return buf.getvalue()
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cuda") -> int:
     """Peak bytes allocated on the device during one call of ``fn`` (0 on the CPU)."""
     device = torch.device(device)

@@ -5,9 +5,6 @@ top functions of the public int8 op. A benchmark of launch overhead, not of the 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import time
 
 import torch
@@ -67,15 +64,8 @@ def main(argv: list[str] | None = None) -> None:
                                        args, out_dir=args.out_dir))
     if args.profile:
         for name in ("int8_scaled_mm (public op)", "_int8_scaled_mm_tma_launch (forced config)"):
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(args.calls):
-                cases[name]()
-            pr.disable()
-            torch.cuda.synchronize()
-            s = io.StringIO()
-            pstats.Stats(pr, stream=s).sort_stats("cumulative").print_stats(28)
-            print(f"--- {name}: cProfile over {args.calls} calls\n" + s.getvalue()[:6000])
+            table = harness.host_profile(cases[name], args.calls)
+            print(f"--- {name}: cProfile over {args.calls} calls\n" + table[:6000])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import time
 import torch
 
 from experiments import harness
-from fastzoo.vit import build_vit
+from fastzoo.vit import VIT_CONFIGS, build_vit
 
 
 def main(argv=None):
@@ -27,8 +27,6 @@ def main(argv=None):
     ref = timm.create_model(args.model, pretrained=False).eval().requires_grad_(False)
     fz = build_vit(args.model)
     fz.load_state_dict(ref.state_dict(), strict=True)
-    from fastzoo.vit import VIT_CONFIGS
-
     res = VIT_CONFIGS[args.model].img_size
     x = torch.randn(args.batch, 3, res, res, device=dev, dtype=torch.bfloat16)
     out = {}
@@ -44,18 +42,8 @@ def main(argv=None):
             host_ms = (time.perf_counter() - t0) / 20 * 1e3
             torch.cuda.synchronize()
             if args.host_profile:
-                import cProfile
-                import io
-                import pstats
-                pr = cProfile.Profile()
-                pr.enable()
-                for _ in range(20):
-                    cm(x)
-                pr.disable()
-                torch.cuda.synchronize()
-                buf = io.StringIO()
-                pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(18)
-                print(f"--- {name}: cProfile of 20 calls, by own time\n" + buf.getvalue()[:5000])
+                table = harness.host_profile(lambda: cm(x), 20, sort="tottime", lines=18)
+                print(f"--- {name}: cProfile of 20 calls, by own time\n" + table[:5000])
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 cm(x)
                 torch.cuda.synchronize()

@@ -533,26 +533,31 @@ def test_regional_inductor_compile_cuda(fresh_dynamo):
     assert graphs() == 4
 
 
+@pytest.fixture
+def fused_and_plain_cpu(tiny_sam_checkpoint):
+    """The tiny SAM built on the CPU in fp32 with kernel="fused" (the default) and "sdpa"."""
+    kw = dict(device="cpu", dtype=torch.float32, compile=False)
+    return (build_sam_fast("vit_b", tiny_sam_checkpoint, **kw),
+            build_sam_fast("vit_b", tiny_sam_checkpoint, kernel="sdpa", **kw))
+
+
 @torch.no_grad()
-def test_fused_proj_is_the_plain_proj_where_its_kernel_does_not_apply(tiny_sam_checkpoint, monkeypatch):
+def test_fused_proj_is_the_plain_proj_where_its_kernel_does_not_apply(fused_and_plain_cpu, monkeypatch):
     """build_sam_fast(kernel="fused") turns on the attention projections' ``linear_act`` path (a
     plain model keeps proj + add); on the CPU it computes exactly ``residual + proj(y)``; a
     hooked proj, autocast or mixed dtypes take the module call."""
-    from fastzoo.sam.modeling.image_encoder import Attention
+    import fastzoo.sam.modeling.image_encoder as ie
 
-    kw = dict(device="cpu", dtype=torch.float32, compile=False)
-    fused = build_sam_fast("vit_b", tiny_sam_checkpoint, **kw)
-    plain = build_sam_fast("vit_b", tiny_sam_checkpoint, kernel="sdpa", **kw)
-    attns = [m for m in fused.image_encoder.modules() if isinstance(m, Attention)]
+    fused, plain = fused_and_plain_cpu
+    attns = [m for m in fused.image_encoder.modules() if isinstance(m, ie.Attention)]
     assert attns and all(a.fused_proj for a in attns)
-    assert not any(a.fused_proj for a in plain.image_encoder.modules() if isinstance(a, Attention))
-    assert not Attention.fused_proj  # off in a plain model (build_sam_vit_*, build_sam_model)
+    assert not any(a.fused_proj for a in plain.image_encoder.modules() if isinstance(a, ie.Attention))
+    assert not ie.Attention.fused_proj  # off in a plain model (build_sam_vit_*, build_sam_model)
     attn = attns[0]
     g = torch.Generator().manual_seed(5)
     x, r = torch.randn(1, 4, 4, 32, generator=g), torch.randn(1, 4, 4, 32, generator=g)
     y = attn.attend(attn.qkv(x))
     calls = []
-    import fastzoo.sam.modeling.image_encoder as ie
     orig = ie.ops.linear_act
     monkeypatch.setattr(ie.ops, "linear_act", lambda *a, **k: calls.append(1) or orig(*a, **k))
     assert torch.equal(attn(x, residual=r), r + attn.proj(y)) and calls == [1]
@@ -567,15 +572,13 @@ def test_fused_proj_is_the_plain_proj_where_its_kernel_does_not_apply(tiny_sam_c
 
 
 @torch.no_grad()
-def test_fused_mlp_is_the_plain_mlp_where_its_kernel_does_not_apply(tiny_sam_checkpoint):
+def test_fused_mlp_is_the_plain_mlp_where_its_kernel_does_not_apply(fused_and_plain_cpu):
     """build_sam_fast(kernel="fused") turns on the encoder MLPs' ``fastzoo.ops.linear_act`` path
     after quantization (not while calibrating); on the CPU it computes exactly what the plain
     MLP does (F.linear, F.gelu, the residual add)."""
     from fastzoo.sam.modeling.common import MLPBlock
 
-    kw = dict(device="cpu", dtype=torch.float32, compile=False)
-    fused = build_sam_fast("vit_b", tiny_sam_checkpoint, **kw)
-    plain = build_sam_fast("vit_b", tiny_sam_checkpoint, kernel="sdpa", **kw)
+    fused, plain = fused_and_plain_cpu
     mlps = [m for m in fused.image_encoder.modules() if isinstance(m, MLPBlock)]
     assert mlps and all(m.fused_mlp for m in mlps)
     assert not any(m.fused_mlp for m in plain.image_encoder.modules() if isinstance(m, MLPBlock))
