@@ -101,6 +101,9 @@ if triton_available():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3, maxnreg=128),
     ]
 
+    _TAIL_ROWS = 16  # query rows of a tail tile (``_tail_rows``): tensor-core mma.sync tiles of 16 rows
+    TAIL_M = tl.constexpr(_TAIL_ROWS)
+
     @triton.jit
     def _mm(a, b, DOT_F32: tl.constexpr):
         if DOT_F32:
@@ -235,34 +238,36 @@ if triton_available():
             m_i = m_new
         return m_i, l_i, acc, acc2
 
-    @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD"],
-                     prune_configs_by={"early_config_prune": _prune_grid_configs}, do_bench=short_bench)
     @triton.jit
-    def _rel_pos_attention_kernel(
-        q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr,
+    def _attend_rows(
+        q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr, tab_ptr,
         sq_b, sq_h, sq_y, sq_x,
         sk_b, sk_h, sk_y, sk_x,
         sv_b, sv_h, sv_y, sv_x,
         srh_b, srh_h, srh_y, srh_x,
         srw_b, srw_h, srw_y, srw_x,
         so_b, so_h, so_y, so_x,
-        H, N_WH, N_WW, GRID_H, GRID_W, Nq, HEAD_D, k_h, k_w, qk_scale,
+        H, N_WH, N_WW, GRID_H, GRID_W, Nq, m0, HEAD_D, k_h, k_w, qk_scale,
         BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
         KW_P: tl.constexpr, KW_EXACT: tl.constexpr, KH_DIV: tl.constexpr, DOT_F32: tl.constexpr,
-        GRID: tl.constexpr, REL_TABLE: tl.constexpr, HAS_PAD: tl.constexpr,
+        GRID: tl.constexpr, REL_TABLE: tl.constexpr, HAS_PAD: tl.constexpr, TAB_P: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # One program: BLOCK_M queries of one window of one head. Tokens are addressed on
-        # a 2-D grid: token n of a window is row n // k_w, column n % k_w of it, and the
-        # window (wy, wx) sits at (wy·k_h, wx·k_w) of a GRID_H x GRID_W grid (strides
-        # *_y, *_x). GRID=False is the flat (B, heads, N, D) layout of ``rel_pos_attention``
-        # (one window, token n at n · *_x: no division, fewer live registers). Keys of the
-        # window outside the grid (the padding of windowed attention) take the values
-        # ``pad_ptr`` gives for k and v (the qkv projection of a zero token) when HAS_PAD;
-        # queries outside it are neither read nor written.
+        # BLOCK_M queries of one window of one head (program_id(1)), from query m0 of the window
+        # on (those from Nq on are neither computed nor stored). Tokens are addressed on a 2-D
+        # grid: token n of a window is row n // k_w, column n % k_w of it, and the window
+        # (wy, wx) sits at (wy·k_h, wx·k_w) of a GRID_H x GRID_W grid (strides *_y, *_x).
+        # GRID=False is the flat (B, heads, N, D) layout of ``rel_pos_attention`` (one window,
+        # token n at n · *_x: no division, fewer live registers). Keys of the window outside
+        # the grid (the padding of windowed attention) take the values ``pad_ptr`` gives for k
+        # and v (the qkv projection of a zero token) when HAS_PAD; queries outside it are
+        # neither read nor written.
         # rel terms: REL_TABLE=False, rel_h[i, kr] at row i's address + kr (precomputed
         # terms); REL_TABLE=True, at + (r(i) - kr + k_h - 1), i.e. q_i · table[offset]
-        # for every relative offset (rel_w likewise with columns).
+        # for every relative offset (rel_w likewise with columns), which the program
+        # computes for its own queries first: ``q · tab_ptrᵀ`` (TAB_P table rows, [table_h;
+        # table_w] zero-padded) into row i of the rel_h buffer (rel_w's is the same row,
+        # table_h's offsets further on).
         LOG2E: tl.constexpr = 1.4426950408889634
         # A key tile is ROWS key rows x BLOCK_KW key columns (BLOCK_N keys in all).
         # WHOLE_ROWS: a key row fits in BLOCK_KW columns, so the column part of the
@@ -275,7 +280,6 @@ if triton_available():
         EVEN: tl.constexpr = WHOLE_ROWS & KW_EXACT & (KH_DIV % ROWS == 0)
         DIR: tl.constexpr = -1 if REL_TABLE else 1
 
-        pid_m = tl.program_id(0)
         pid = tl.program_id(1)
         h = (pid % H).to(tl.int64)
         win = pid // H
@@ -284,7 +288,7 @@ if triton_available():
         wy0 = ((win % n_win) // N_WW) * k_h
         wx0 = (win % N_WW) * k_w
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         n_row = offs_n // BLOCK_KW
@@ -301,6 +305,7 @@ if triton_available():
             v_base += wy0 * sv_y + wx0 * sv_x
             rh_rows = rh_ptr + b * srh_b + h * srh_h + (wy0 + q_r) * srh_y + (wx0 + q_c) * srh_x
             rw_rows = rw_ptr + b * srw_b + h * srw_h + (wy0 + q_r) * srw_y + (wx0 + q_c) * srw_x
+            s_rows = rh_rows  # REL_TABLE: each query's row of q · tableᵀ
             if REL_TABLE:
                 rh_rows += q_r + k_h - 1
                 rw_rows += q_c + k_w - 1
@@ -309,7 +314,12 @@ if triton_available():
             q_rows = q_ptr + b * sq_b + h * sq_h + offs_m * sq_x
             rh_rows = rh_ptr + b * srh_b + h * srh_h + offs_m * srh_x
             rw_rows = rw_ptr + b * srw_b + h * srw_h + offs_m * srw_x
+            s_rows = rh_rows
 
+        TAB_C: tl.constexpr = TAB_P if TAB_P < 64 else 64  # REL_TABLE: table rows a chunk
+        if REL_TABLE:  # the first chunk of the table (REL_TABLE below), loaded ahead of q
+            tab = tl.load(tab_ptr + tl.arange(0, TAB_C)[None, :] * HEAD_D + offs_d[:, None], mask=d_ok[:, None],
+                          other=0.0)
         q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         # the key loop's arguments that an option leaves unused
         pad_k, pad_v, pad_k2, pad_v2, rw_all = offs_d, offs_d, offs_d, offs_d, offs_d
@@ -322,16 +332,46 @@ if triton_available():
             offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
             d2_ok = offs_d2 < HEAD_D
             q2 = tl.load(q_rows[:, None] + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
+            if REL_TABLE:
+                tab2 = tl.load(tab_ptr + tl.arange(0, TAB_C)[None, :] * HEAD_D + offs_d2[:, None],
+                               mask=d2_ok[:, None], other=0.0)
             if HAS_PAD:
                 pad_k2 = tl.load(pad_ptr + (H + h) * HEAD_D + offs_d2, mask=d2_ok, other=0.0)
                 pad_v2 = tl.load(pad_ptr + (2 * H + h) * HEAD_D + offs_d2, mask=d2_ok, other=0.0)
+        if REL_TABLE:
+            # This program's rows of S = q · tableᵀ (every relative offset of both tables), in
+            # column chunks of at most 64 (the fp32 chunk's registers), rounded to the buffer's
+            # dtype and stored; the key loop gathers its rel_h / rel_w terms from them after
+            # the barrier (other threads of the program wrote them). H100, SAM's layers: the
+            # separate batched GEMM this replaces wrote and the kernel re-read every row from
+            # DRAM (vit_b: 0.19 ms a global layer, 0.07 a windowed one, ~4 % of the encoder).
+            # Each chunk's table rows are loaded a chunk ahead (the first before q), so that their
+            # L2 latency is not paid once per chunk in a row.
+            offs_t = tl.arange(0, TAB_C)
+            for c in tl.static_range(0, TAB_P // TAB_C):
+                if c + 1 < TAB_P // TAB_C:
+                    tab_next = tl.load(tab_ptr + ((c + 1) * TAB_C + offs_t)[None, :] * HEAD_D + offs_d[:, None],
+                                       mask=d_ok[:, None], other=0.0)
+                    if SPLIT_D:
+                        tab2_next = tl.load(tab_ptr + ((c + 1) * TAB_C + offs_t)[None, :] * HEAD_D + offs_d2[:, None],
+                                            mask=d2_ok[:, None], other=0.0)
+                s_tile = _mm(q, tab, DOT_F32)
+                if SPLIT_D:
+                    s_tile += _mm(q2, tab2, DOT_F32)
+                tl.store(s_rows[:, None] + (c * TAB_C + offs_t)[None, :], s_tile.to(rh_ptr.dtype.element_ty),
+                         mask=m_ok[:, None])
+                if c + 1 < TAB_P // TAB_C:
+                    tab = tab_next
+                    if SPLIT_D:
+                        tab2 = tab2_next
+            tl.debug_barrier()
 
         n_col_chunks = tl.cdiv(k_w, BLOCK_KW)
         n_tiles = tl.cdiv(k_h, ROWS) * n_col_chunks
         if HAS_PAD:
             # a block of queries whose first row is past the grid (rows only grow within a block:
             # the bottom windows' padding rows) has nothing to compute or store
-            n_tiles = tl.where(wy0 + (pid_m * BLOCK_M) // k_w < GRID_H, n_tiles, 0)
+            n_tiles = tl.where(wy0 + m0 // k_w < GRID_H, n_tiles, 0)
         # NO_KEY_MASK: whole key rows a tile and whole tiles of key rows, so the only keys outside the
         # window are the columns past k_w, which rw_all sets to -inf (no mask in the key loop)
         NO_KEY_MASK: tl.constexpr = WHOLE_ROWS & (KH_DIV % ROWS == 0)
@@ -373,6 +413,64 @@ if triton_available():
             tl.store(o_rows[:, None] + offs_d2[None, :], out2.to(o_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & d2_ok[None, :])
 
+    def _tail_rows(nq: int, block_m: int) -> int:
+        """Queries of a window past its last whole tile of ``block_m`` that run as 16-query
+        tiles (``TAIL_M``) rather than one more mostly empty tile: at most 32 of them, after at
+        least one whole tile (SAM's 14x14 windows: 196 = 3 · 64 + 4); 0 otherwise."""
+        rem = nq % block_m
+        return rem if nq > block_m > _TAIL_ROWS and rem <= 32 else 0
+
+    def _row_programs(nq: int, block_m: int) -> int:
+        """Programs a window and head: whole tiles, then the tail's 16-query tiles."""
+        tail = _tail_rows(nq, block_m)
+        return (nq - tail) // block_m + triton.cdiv(tail, _TAIL_ROWS) if tail else triton.cdiv(nq, block_m)
+
+    @triton.autotune(configs=_CONFIGS, key=["Nq", "HEAD_D", "k_h", "k_w", "GRID", "REL_TABLE", "HAS_PAD"],
+                     prune_configs_by={"early_config_prune": _prune_grid_configs}, do_bench=short_bench)
+    @triton.heuristics({"TAIL": lambda a: _tail_rows(a["Nq"], a["BLOCK_M"]) > 0})
+    @triton.jit
+    def _rel_pos_attention_kernel(
+        q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr, tab_ptr,
+        sq_b, sq_h, sq_y, sq_x,
+        sk_b, sk_h, sk_y, sk_x,
+        sv_b, sv_h, sv_y, sv_x,
+        srh_b, srh_h, srh_y, srh_x,
+        srw_b, srw_h, srw_y, srw_x,
+        so_b, so_h, so_y, so_x,
+        H, N_WH, N_WW, GRID_H, GRID_W, Nq, HEAD_D, k_h, k_w, qk_scale,
+        BLOCK_D: tl.constexpr, SPLIT_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+        KW_P: tl.constexpr, KW_EXACT: tl.constexpr, KH_DIV: tl.constexpr, DOT_F32: tl.constexpr,
+        GRID: tl.constexpr, REL_TABLE: tl.constexpr, HAS_PAD: tl.constexpr, TAB_P: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+    ):
+        # program_id(0): a tile of BLOCK_M queries of a window, or with TAIL (``_tail_rows``),
+        # past the window's whole tiles, a tile of TAIL_M of its last queries: the softmax work
+        # of a row is the same whether it is a query or padding, so SAM's windows (196 queries)
+        # run 3 tiles of 64 and one of 16 instead of 4 of 64 (H100, vit_b's windowed layers
+        # 0.48 -> 0.45 ms with the in-kernel q · table, in one launch: a second launch for the
+        # tail cost the int8 encoder more host time than it saved). program_id(1): the window
+        # and head (``_attend_rows``).
+        pid_m = tl.program_id(0)
+        n_whole = Nq // BLOCK_M
+        if TAIL:
+            is_tail = pid_m >= n_whole
+        else:
+            is_tail: tl.constexpr = False
+        if is_tail:
+            m0 = n_whole * BLOCK_M + (pid_m - n_whole) * TAIL_M
+            _attend_rows(q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr, tab_ptr,
+                         sq_b, sq_h, sq_y, sq_x, sk_b, sk_h, sk_y, sk_x, sv_b, sv_h, sv_y, sv_x,
+                         srh_b, srh_h, srh_y, srh_x, srw_b, srw_h, srw_y, srw_x, so_b, so_h, so_y, so_x,
+                         H, N_WH, N_WW, GRID_H, GRID_W, Nq, m0, HEAD_D, k_h, k_w, qk_scale,
+                         BLOCK_D, SPLIT_D, BLOCK_D2, KW_P, KW_EXACT, KH_DIV, DOT_F32, GRID, REL_TABLE, HAS_PAD, TAB_P,
+                         TAIL_M, BLOCK_N)
+        else:
+            _attend_rows(q_ptr, k_ptr, v_ptr, rh_ptr, rw_ptr, o_ptr, pad_ptr, tab_ptr,
+                         sq_b, sq_h, sq_y, sq_x, sk_b, sk_h, sk_y, sk_x, sv_b, sv_h, sv_y, sv_x,
+                         srh_b, srh_h, srh_y, srh_x, srw_b, srw_h, srw_y, srw_x, so_b, so_h, so_y, so_x,
+                         H, N_WH, N_WW, GRID_H, GRID_W, Nq, pid_m * BLOCK_M, HEAD_D, k_h, k_w, qk_scale,
+                         BLOCK_D, SPLIT_D, BLOCK_D2, KW_P, KW_EXACT, KH_DIV, DOT_F32, GRID, REL_TABLE, HAS_PAD, TAB_P,
+                         BLOCK_M, BLOCK_N)
 
 def _check_shapes(name: str, q, k, v, rel_h, rel_w) -> None:
     for t_name, t in (("q", q), ("k", k), ("v", v), ("rel_h", rel_h), ("rel_w", rel_w)):
@@ -453,7 +551,7 @@ def rel_pos_attention_triton(
     flat = lambda t: (t.stride(0), t.stride(1), k_w * t.stride(2), t.stride(2))  # noqa: E731
     _launch(q, k, v, rel_h, rel_w, out, None, [flat(t) for t in (q, k, v, rel_h, rel_w, out)],
             B=B, heads=H, n_wh=1, n_ww=1, grid_hw=(_UNBOUNDED, _UNBOUNDED), nq=Nq, k_hw=(k_h, k_w),
-            scale=scale, rel_table=False)
+            scale=scale)
     return out
 
 
@@ -465,10 +563,13 @@ _MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension
 
 
 def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, grid_hw, nq, k_hw, scale,
-            rel_table):
+            table=None):
     """Run ``_rel_pos_attention_kernel``: ``strides`` are the (batch, head, y, x) strides of
     q, k, v, rel_h, rel_w and out (in that order); one program per BLOCK_M queries of one
-    window and head."""
+    window and head. ``table``: None (rel_h / rel_w hold the terms), or the (TAB_P, D)
+    [table_h; table_w] (zero rows to a power of two) whose products with q the kernel
+    writes into rel_h's rows (rel_w: a view of the same rows, table_w's offsets on)."""
+    rel_table = table is not None
     if not scale >= _MIN_KERNEL_SCALE:
         raise ValueError(f"the rel-pos attention kernel expects scale >= {_MIN_KERNEL_SCALE:g} (it takes the row "
                          f"maximum before scaling and divides rel_w by the scale), got {scale}; rel_pos_attention "
@@ -483,14 +584,14 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
         for b0 in range(0, B, step):
             part = [t[b0:b0 + step] for t in (q, k, v, rel_h, rel_w, out)]
             _launch(*part, pad, strides, B=part[0].shape[0], heads=heads, n_wh=n_wh, n_ww=n_ww, grid_hw=grid_hw,
-                    nq=nq, k_hw=k_hw, scale=scale, rel_table=rel_table)
+                    nq=nq, k_hw=k_hw, scale=scale, table=table)
         return
     D = q.shape[-1]
     k_h, k_w = k_hw
-    grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), B * per_image)  # noqa: E731
+    grid = lambda meta: (_row_programs(nq, meta["BLOCK_M"]), B * per_image)  # noqa: E731
     launch(
         _rel_pos_attention_kernel, grid,
-        q, k, v, rel_h, rel_w, out, out if pad is None else pad,
+        q, k, v, rel_h, rel_w, out, out if pad is None else pad, out if table is None else table,
         *[st for t in strides for st in t],
         heads, n_wh, n_ww, grid_hw[0], grid_hw[1], nq, D, k_h, k_w, float(scale) * LOG2E,
         device=q.device, **_head_dim_blocks(D),
@@ -500,6 +601,7 @@ def _launch(q, k, v, rel_h, rel_w, out, pad, strides, *, B, heads, n_wh, n_ww, g
         # to fp32, which gives the same (exact) products. On GPUs: fp16/bf16 MMA.
         DOT_F32=q.device.type != "cuda",
         GRID=rel_table or pad is not None or n_wh * n_ww > 1, REL_TABLE=rel_table, HAS_PAD=pad is not None,
+        TAB_P=16 if table is None else table.shape[0],
     )
 
 
@@ -669,9 +771,9 @@ def rel_pos_window_attention_triton(
     """The fused kernel on the grid itself: no window partition, no padded copy, no
     un-partition. Each window's q, k, v are read in place from ``qkv`` (keys outside the
     grid take ``pad``'s k and v), the output is written in place into (B, H, W, heads·D),
-    and the rel-pos terms come from ``S = q · tableᵀ`` for every relative offset (one batched
-    matmul over the heads for both tables, q read in place), indexed by ``r_q − r_k + w − 1``
-    in the kernel."""
+    and the rel-pos terms come from ``S = q · tableᵀ`` for every relative offset (both tables),
+    which each program computes for its own queries (one MMA a 64-offset chunk) into a
+    scratch buffer and then indexes by ``r_q − r_k + w − 1``."""
     if not triton_available():
         raise RuntimeError("rel_pos_window_attention_triton needs Triton, which is not importable here")
     _check_window_args("rel_pos_window_attention_triton", qkv, table_h, table_w, num_heads, window, pad)
@@ -688,14 +790,12 @@ def rel_pos_window_attention_triton(
     if out.numel() == 0:
         return out.view(B, H, W, num_heads * D)
 
-    # S = q · [table_h; table_w]ᵀ, one batched GEMM over the heads that reads q in place (rows
-    # 3C apart, heads D apart: no copy of q), written (heads, B·H·W, offsets padded to 8) and
-    # read by the kernel as (B, H, W, heads, offset) views of the two tables' column ranges
+    # S = q · [table_h; table_w]ᵀ for every token and head: the kernel's programs compute their
+    # queries' rows (heads, B·H·W, TAB_P) and read them as (B, H, W, heads, offset) views of the
+    # two tables' column ranges
     t = torch.cat([table_h, table_w]).to(qkv.dtype)
-    t = F.pad(t, (0, 0, 0, (-t.shape[0]) % 8))
-    q_heads = qkv.reshape(B * H * W, 3, num_heads, D)[:, 0].transpose(0, 1)  # (heads, tokens, D)
-    S = torch.bmm(q_heads, t.t().expand(num_heads, D, t.shape[0]))
-    S = S.view(num_heads, B, H, W, t.shape[0]).permute(1, 2, 3, 0, 4)
+    t = F.pad(t, (0, 0, 0, max(16, next_pow2(t.shape[0])) - t.shape[0])).contiguous()
+    S = torch.empty((num_heads, B, H, W, t.shape[0]), dtype=qkv.dtype, device=qkv.device).permute(1, 2, 3, 0, 4)
     s_h, s_w = S[..., :table_h.shape[0]], S[..., table_h.shape[0]:]
     if ph or pw:
         pad = (qkv.new_zeros(C3) if pad is None else pad.to(qkv.dtype)).contiguous()
@@ -704,7 +804,7 @@ def rel_pos_window_attention_triton(
     grid_form = lambda t: (t.stride(0), t.stride(3), t.stride(1), t.stride(2))  # noqa: E731 (b, head, y, x)
     _launch(q, k, v, s_h, s_w, out, pad, [grid_form(t) for t in (q, k, v, s_h, s_w, out)],
             B=B, heads=num_heads, n_wh=(H + ph) // wh, n_ww=(W + pw) // ww, grid_hw=(H, W), nq=wh * ww,
-            k_hw=(wh, ww), scale=scale, rel_table=True)
+            k_hw=(wh, ww), scale=scale, table=t)
     return out.view(B, H, W, num_heads * D)
 
 

@@ -334,9 +334,11 @@ def _window_explicit(qkv, table_h, table_w, heads, window, pad):
 # (B, H, W, heads, D, window, pad): windows that need padding in both directions, none,
 # global attention, zero padding (pad None), the split head dimension (40 = 32 + 8), and
 # windows of 64 queries whose second block of 32 (the interpreter's tile) lies wholly in the
-# padding rows of the bottom windows (a block the kernel skips)
+# padding rows of the bottom windows (a block the kernel skips), and windows of 81 queries
+# whose last 17 run as the 16-query tail launch (two tail tiles; the bottom windows' skipped)
 WINDOW_CASES = [(2, 5, 7, 2, 16, 3, True), (1, 6, 4, 2, 16, 2, True), (1, 4, 6, 2, 16, 0, True),
-                (2, 5, 7, 1, 16, 3, False), (1, 5, 5, 1, 40, 2, True), (1, 10, 12, 1, 16, 8, True)]
+                (2, 5, 7, 1, 16, 3, False), (1, 5, 5, 1, 40, 2, True), (1, 10, 12, 1, 16, 8, True),
+                (1, 11, 10, 2, 16, 9, True)]
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
