@@ -28,9 +28,12 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
 - ``rel_pos_window_attention``: SAM's encoder attention between its qkv and output
   projections on the (B, H, W, 3·heads·D) token grid: windows (or the whole grid) read in
   place by the same kernel (keys outside the grid take the qkv bias's k and v, queries
-  outside it are not written), rel-pos terms from ``q · table`` per relative offset,
-  output written into (B, H, W, heads·D); the reference partitions and pads as
-  segment_anything does.
+  outside it are not written), rel-pos terms from ``q · table`` per relative offset
+  (each program computes its own queries' products first), output written into (B, H, W,
+  heads·D); the reference partitions and pads as segment_anything does.
+
+A window's queries run in tiles of BLOCK_M; the few past its last whole tile (at most 32,
+e.g. SAM's 196 = 3 · 64 + 4) run in 16-row tiles of the same launch (``_tail_rows``).
 - ``rel_pos_attention_packed``: the same op on one packed ``qkv`` tensor
   (B, N, 3, heads, D), the layout of a fused qkv projection. Under ``torch.compile`` a
   custom op receives each input as its own buffer, so three views q, k, v of one tensor
