@@ -19,7 +19,7 @@ the same run:
 4. ``window``: ``rel_pos_window_attention``, what SAM's encoder calls: the same layer from
    the (images, 64, 64, 3·heads·D) qkv grid (windows of 14 read in place, the grid padded
    to 70×70 with the qkv bias; global: window 0), its rel-pos terms from q · table
-   (one batched GEMM, included in the time).
+   (computed by each program for its own queries, included in the time).
 
 Rates are 4·B·heads·Nq·Nk·D FLOPs (Q·Kᵀ and P·V) over the time, and percentages of the
 bf16 matmul ceiling measured in the same run (harness, 8192³). Accuracy: ``err`` =

@@ -31,14 +31,15 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
   outside it are not written), rel-pos terms from ``q · table`` per relative offset
   (each program computes its own queries' products first), output written into (B, H, W,
   heads·D); the reference partitions and pads as segment_anything does.
-
-A window's queries run in tiles of BLOCK_M; the few past its last whole tile (at most 32,
-e.g. SAM's 196 = 3 · 64 + 4) run in 16-row tiles of the same launch (``_tail_rows``).
 - ``rel_pos_attention_packed``: the same op on one packed ``qkv`` tensor
   (B, N, 3, heads, D), the layout of a fused qkv projection. Under ``torch.compile`` a
   custom op receives each input as its own buffer, so three views q, k, v of one tensor
   would be copied out first; the packed form passes the one tensor and the kernel reads
   q, k and v through strides.
+
+In every layout a window's queries (all of them in the flat one) run in tiles of BLOCK_M; the
+few past the last whole tile (at most 32, e.g. SAM's 196 = 3 · 64 + 4) run in 16-row tiles of
+the same launch (``_tail_rows``).
 """
 from __future__ import annotations
 
@@ -449,10 +450,10 @@ if triton_available():
         # program_id(0): a tile of BLOCK_M queries of a window, or with TAIL (``_tail_rows``),
         # past the window's whole tiles, a tile of TAIL_M of its last queries: the softmax work
         # of a row is the same whether it is a query or padding, so SAM's windows (196 queries)
-        # run 3 tiles of 64 and one of 16 instead of 4 of 64 (H100, vit_b's windowed layers
-        # 0.48 -> 0.45 ms with the in-kernel q · table, in one launch: a second launch for the
-        # tail cost the int8 encoder more host time than it saved). program_id(1): the window
-        # and head (``_attend_rows``).
+        # run 3 tiles of 64 and one of 16 instead of 4 of 64. Measured only together with the
+        # in-kernel q · table (H100, vit_b encoder +2.0 % bf16, +2.6 % int8 static); in one launch,
+        # because a second launch for the tail cost the int8 encoder without CUDA graphs more host
+        # time than it saved. program_id(1): the window and head (``_attend_rows``).
         pid_m = tl.program_id(0)
         n_whole = Nq // BLOCK_M
         if TAIL:

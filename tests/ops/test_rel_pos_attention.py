@@ -335,10 +335,11 @@ def _window_explicit(qkv, table_h, table_w, heads, window, pad):
 # global attention, zero padding (pad None), the split head dimension (40 = 32 + 8), and
 # windows of 64 queries whose second block of 32 (the interpreter's tile) lies wholly in the
 # padding rows of the bottom windows (a block the kernel skips), and windows of 81 queries
-# whose last 17 run as the 16-query tail launch (two tail tiles; the bottom windows' skipped)
+# whose last 17 run as two 16-query tail tiles (the bottom windows' skipped), and global attention
+# with the split head dimension on tables of 33 + 39 offsets (two 64-row chunks of q · table)
 WINDOW_CASES = [(2, 5, 7, 2, 16, 3, True), (1, 6, 4, 2, 16, 2, True), (1, 4, 6, 2, 16, 0, True),
                 (2, 5, 7, 1, 16, 3, False), (1, 5, 5, 1, 40, 2, True), (1, 10, 12, 1, 16, 8, True),
-                (1, 11, 10, 2, 16, 9, True)]
+                (1, 11, 10, 2, 16, 9, True), (1, 17, 20, 1, 40, 0, True)]
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
@@ -415,13 +416,15 @@ def test_cuda_window_op_at_sam_shapes(heads, D, window):
 @pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
 @pytest.mark.parametrize("idx", [2, 4, 5, 10, 12, 13], ids=lambda i: f"config{i}")
 @pytest.mark.parametrize("case", [(1, 10, 12, 1, 16, 8, True), (1, 3, 40, 1, 16, 0, False),
-                                  (1, 7, 9, 1, 40, 4, True), (1, 15, 15, 1, 16, 14, True)], ids=str)
+                                  (1, 7, 9, 1, 40, 4, True), (1, 15, 15, 1, 16, 14, True),
+                                  (1, 13, 12, 1, 16, 12, True)], ids=str)
 def test_window_kernel_every_tile_shape(kernel_device, monkeypatch, idx, case):
     """The GPU tile shapes (the interpreter otherwise runs only the first, 32x32): several key
     rows per tile (ROWS up to 8), full tiles with grid padding (windows of 8), a key row
     wider than the tile (k_w = 40 > 32), one key row a tile with its columns past k_w masked
     through rel_w (128x16 on windows of 14, padded), the register-capped tiles (12, 13), the
-    split head dimension."""
+    split head dimension, windows of 144 queries (a 16-row tail tile after whole tiles of 64 or
+    128)."""
     import importlib
 
     rpa = importlib.import_module("fastzoo.ops.rel_pos_attention")
