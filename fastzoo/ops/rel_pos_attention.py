@@ -476,6 +476,7 @@ if triton_available():
                          BLOCK_D, SPLIT_D, BLOCK_D2, KW_P, KW_EXACT, KH_DIV, DOT_F32, GRID, REL_TABLE, HAS_PAD, TAB_P,
                          BLOCK_M, BLOCK_N)
 
+
 def _check_shapes(name: str, q, k, v, rel_h, rel_w) -> None:
     for t_name, t in (("q", q), ("k", k), ("v", v), ("rel_h", rel_h), ("rel_w", rel_w)):
         if not isinstance(t, torch.Tensor):
