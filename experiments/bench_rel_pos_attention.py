@@ -169,6 +169,9 @@ def parse_tile(text: str):
 def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dict]:
     """SAM's window op on each shape with each tile forced (``--tiles``)."""
     kern = _rel_pos_attention_kernel
+    jit_fn = kern.fn
+    while not hasattr(jit_fn, "device_caches"):  # autotune -> heuristics -> jit
+        jit_fn = jit_fn.fn
     saved = list(kern.configs)
     rows = []
     try:
@@ -190,12 +193,13 @@ def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dic
                     continue
                 kern.configs = [cfg]
                 kern.cache.clear()
-                known = {id(k) for c in kern.fn.device_caches.values() for k in c[0].values()}
+                known = {id(k) for c in jit_fn.device_caches.values() for k in c[0].values()}
                 got = rel_pos_window_attention_triton(one[0], one[1], one[2], H, window, None, one[3])
                 row = {"shape": name, "tile": tile, "err": _max_rel_err(got, truth), "ref_err": ref_err,
                        "ms": [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs)["median_ms"]
                               for _ in range(2)]}
-                new = [k for c in kern.fn.device_caches.values() for k in c[0].values() if id(k) not in known]
+
+                new = [k for c in jit_fn.device_caches.values() for k in c[0].values() if id(k) not in known]
                 row["registers"] = sorted({k.n_regs for k in new})
                 row["spills"] = sorted({k.n_spills for k in new})
                 print(f"  {name} {tile}: {row['ms'][0]:.3f} / {row['ms'][1]:.3f} ms, err {row['err']:.2e}, "
@@ -217,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rep", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--tiles", default="", help="comma-separated tiles to force on SAM's window op, e.g. "
                    "64x32_w4_s3,128x16_w4_s3_r168 (BLOCK_MxBLOCK_N_wWARPS_sSTAGES[_rMAXNREG]); see above")
+    p.add_argument("--shapes", default="", help="comma-separated shape names to run (default: all), e.g. "
+                   "vit_b.window,vit_h.window")
     p.add_argument("--inputs", type=int, default=2, help="input sets rotated between calls")
     p.add_argument("--check-batch", type=int, default=2, help="batch entries checked against the fp32 reference")
     args = p.parse_args(argv)
@@ -226,6 +232,13 @@ def main(argv: list[str] | None = None) -> None:
             parse_tile(t)
         except ValueError as e:
             p.error(str(e))
+    shape_list = shapes(args.batch, args.quick)
+    wanted = [n.strip() for n in args.shapes.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - {s[0] for s in shapes(args.batch, False)})
+    if unknown:
+        p.error(f"--shapes: unknown {unknown}; expected names from {[s[0] for s in shapes(args.batch, False)]}")
+    if wanted:
+        shape_list = [s for s in shapes(args.batch, False) if s[0] in wanted]
     device = harness.require_cuda("experiments/bench_rel_pos_attention.py")
     rep = args.rep or (10 if args.quick else 50)
     dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--dtypes: expected bf16 or fp16, got {d!r}")
 
     if tiles:
-        rows = bench_tiles(shapes(args.batch, args.quick), tiles, device, rep, args.inputs)
+        rows = bench_tiles(shape_list, tiles, device, rep, args.inputs)
         if not args.quick:
             print("saved", harness.save_result("rel_pos_attention_tiles", {"rows": rows}, args))
         return
@@ -244,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for d in dtypes:
-        for name, B, H, side, D in shapes(args.batch, args.quick):
+        for name, B, H, side, D in shape_list:
             row = bench_shape(name, B, H, side, D, DTYPES[d], device, rep, args.inputs, args.layout,
                               args.check_batch, bf16_tflops)
             rows.append(row)
