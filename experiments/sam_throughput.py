@@ -30,7 +30,9 @@ bf16 matmul ceiling measured in the same run, peak memory, the cold time of the 
 fp32 reference (fastzoo's encoder in fp32 with the reference attention — equal to
 ``segment_anything``'s to 1e-5, see tests/sam): relative error and SQNR on the first two
 images. Weights are random (the same for every configuration) and so are the images.
-``--profile`` adds the top kernels by GPU time for the fastest configuration.
+``--profile`` adds the top kernels by GPU time for the fastest configuration and its timeline: per call,
+the span from the first kernel to the last, the time in kernels, the idle time between them and the
+longest idle gaps (``kernel_timeline``; ``experiments.sam_gaps`` names what the host was doing in them).
 One JSON per model under experiments/results/<gpu>/sam_throughput_<model>.json.
 """
 from __future__ import annotations
@@ -187,7 +189,8 @@ def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
         del enc
         torch.cuda.empty_cache()
     if args.profile and fastest[1] is not None:
-        results["profile"] = {"config": fastest[1], "top_kernels": profile_top(fastest[2], args, device, dtype)}
+        top, idle = profile_top(fastest[2], args, device, dtype)
+        results["profile"] = {"config": fastest[1], "top_kernels": top, "timeline": idle}
     rows = [{"config": name, "batch": int(bs), "img_s": round(b["img_per_s"], 1), "tflops": round(b["tflops"], 1),
              "pct_bf16": round(b["pct_bf16_ceiling"], 1), "peak_mem_gib": round(b["peak_mem_gib"], 2),
              "first_call_s": round(r["first_call_s"], 1), "embed_sqnr_db": round(r["embed_sqnr_db"], 1)}
@@ -196,7 +199,33 @@ def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
     return {"flops_per_image": flops, "configs": results, "rows": rows}
 
 
-def profile_top(enc, args, device, dtype, top: int = 15) -> list[dict]:
+def kernel_timeline(intervals: list[tuple[float, float, str]], calls: int, top: int = 8) -> dict:
+    """GPU time between the first kernel's start and the last one's end of ``calls`` calls, split
+    into kernel time (the union of the intervals) and idle time, per call, with the ``top`` longest
+    idle gaps and the kernels on either side. ``intervals``: (start_us, end_us, name)."""
+    intervals = sorted(intervals)
+    busy, gaps = 0.0, []
+    cur_start, cur_end, cur_name = intervals[0]
+    for start, end, name in intervals[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_name, name))
+            cur_start, cur_end = start, end
+        elif end > cur_end:
+            cur_end = end
+        if end >= cur_end:
+            cur_name = name
+    busy += cur_end - cur_start
+    span = intervals[-1][1] - intervals[0][0]
+    gaps.sort(reverse=True)
+    return {"span_ms_per_call": span / calls / 1e3, "busy_ms_per_call": busy / calls / 1e3,
+            "idle_ms_per_call": (span - busy) / calls / 1e3, "gaps_per_call": len(gaps) / calls,
+            "longest_gaps": [{"us": g, "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]]}
+
+
+def profile_top(enc, args, device, dtype, top: int = 15) -> tuple[list[dict], dict]:
+    """The top kernels of 3 calls under the profiler, and their timeline (``kernel_timeline``)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     bs = max(args.batch_sizes)
@@ -216,7 +245,15 @@ def profile_top(enc, args, device, dtype, top: int = 15) -> list[dict]:
     print("  top kernels:")
     for r in rows:
         print(f"    {r['pct']:5.1f}%  {r['ms_per_call']:7.2f} ms  x{r['count_per_call']:.0f}  {r['kernel']}")
-    return rows
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+    timeline = kernel_timeline(kernels, 3) if kernels else {}
+    if timeline:
+        print(f"  timeline a call: {timeline['span_ms_per_call']:.2f} ms, kernels {timeline['busy_ms_per_call']:.2f}, "
+              f"idle {timeline['idle_ms_per_call']:.3f} in {timeline['gaps_per_call']:.0f} gaps; longest:")
+        for g in timeline["longest_gaps"]:
+            print(f"    {g['us']:7.1f} us  after {g['after'][:50]}  before {g['before'][:50]}")
+    return rows, timeline
 
 
 def main(argv=None) -> None:
