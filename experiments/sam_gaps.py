@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from experiments import harness
-from experiments.sam_throughput import ALL_CONFIGS, build_config, kernel_timeline
+from experiments.sam_throughput import ALL_CONFIGS, build_config, idle_gaps, kernel_timeline
 
 
 def main(argv=None) -> None:
@@ -47,16 +47,8 @@ def main(argv=None) -> None:
     kern = [(e.time_range.start, e.time_range.end, e.name) for e in events
             if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
-    kern.sort()
     timeline = kernel_timeline(kern, 3, top=args.gaps)
-    # the gaps again with their bounds, to find the host events inside them
-    gaps, end, end_name = [], kern[0][1], kern[0][2]
-    for s, e, n in kern[1:]:
-        if s > end:
-            gaps.append((s - end, end, s, end_name, n))
-        if e >= end:
-            end, end_name = e, n
-    gaps.sort(reverse=True)
+    _, gaps = idle_gaps(kern)
     explained = []
     for g, g0, g1, a, b in gaps[:args.gaps]:
         over = []

@@ -199,28 +199,35 @@ def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
     return {"flops_per_image": flops, "configs": results, "rows": rows}
 
 
-def kernel_timeline(intervals: list[tuple[float, float, str]], calls: int, top: int = 8) -> dict:
-    """GPU time between the first kernel's start and the last one's end of ``calls`` calls, split
-    into kernel time (the union of the intervals) and idle time, per call, with the ``top`` longest
-    idle gaps and the kernels on either side. ``intervals``: (start_us, end_us, name)."""
+def idle_gaps(intervals: list[tuple[float, float, str]]) -> tuple[float, list[tuple[float, float, float, str, str]]]:
+    """The union of kernel intervals (start_us, end_us, name) as busy time, and the idle gaps
+    between them, longest first: (length, start, end, kernel before, kernel after)."""
     intervals = sorted(intervals)
     busy, gaps = 0.0, []
     cur_start, cur_end, cur_name = intervals[0]
     for start, end, name in intervals[1:]:
         if start > cur_end:
             busy += cur_end - cur_start
-            gaps.append((start - cur_end, cur_name, name))
+            gaps.append((start - cur_end, cur_end, start, cur_name, name))
             cur_start, cur_end = start, end
         elif end > cur_end:
             cur_end = end
         if end >= cur_end:
             cur_name = name
     busy += cur_end - cur_start
-    span = intervals[-1][1] - intervals[0][0]
     gaps.sort(reverse=True)
+    return busy, gaps
+
+
+def kernel_timeline(intervals: list[tuple[float, float, str]], calls: int, top: int = 8) -> dict:
+    """GPU time between the first kernel's start and the last one's end of ``calls`` calls, split
+    into kernel time (the union of the intervals) and idle time, per call, with the ``top`` longest
+    idle gaps and the kernels on either side. ``intervals``: (start_us, end_us, name)."""
+    busy, gaps = idle_gaps(intervals)
+    span = max(e for _, e, _ in intervals) - min(s for s, _, _ in intervals)
     return {"span_ms_per_call": span / calls / 1e3, "busy_ms_per_call": busy / calls / 1e3,
             "idle_ms_per_call": (span - busy) / calls / 1e3, "gaps_per_call": len(gaps) / calls,
-            "longest_gaps": [{"us": g, "after": a[:80], "before": b[:80]} for g, a, b in gaps[:top]]}
+            "longest_gaps": [{"us": g, "after": a[:80], "before": b[:80]} for g, _, _, a, b in gaps[:top]]}
 
 
 def profile_top(enc, args, device, dtype, top: int = 15) -> tuple[list[dict], dict]:

@@ -12,3 +12,26 @@ def test_kernel_timeline_splits_a_span_into_kernel_and_idle_time():
     assert t["longest_gaps"] == [{"us": 5, "after": "b", "before": "d"}, {"us": 2, "after": "a", "before": "b"}]
     halves = kernel_timeline([(0, 10, "a"), (12, 20, "b")], calls=2)
     assert abs(halves["idle_ms_per_call"] - 0.001) < 1e-12 and halves["gaps_per_call"] == 0.5
+
+
+def test_idle_gaps_gives_each_gap_its_bounds_and_neighbours():
+    from experiments.sam_throughput import idle_gaps
+
+    busy, gaps = idle_gaps([(0, 10, "a"), (12, 20, "b"), (15, 18, "c"), (25, 30, "d")])
+    assert busy == 23
+    assert gaps == [(5, 20, 25, "b", "d"), (2, 10, 12, "a", "b")]
+
+
+def test_sam_gaps_checks_its_config_and_needs_a_gpu(capsys):
+    import pytest
+    import torch
+
+    from experiments import sam_gaps
+
+    with pytest.raises(SystemExit) as e:
+        sam_gaps.main(["--config", "fz-bogus"])
+    assert e.value.code == 2 and "fz-bogus" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            sam_gaps.main(["--config", "fz-int8static+cg"])
+        assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
