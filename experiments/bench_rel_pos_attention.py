@@ -3,6 +3,7 @@
     python -m experiments.bench_rel_pos_attention            # all shapes, JSON under experiments/results/<gpu>/
     python -m experiments.bench_rel_pos_attention --quick    # one shape, few repeats, nothing saved
     python -m experiments.bench_rel_pos_attention --tiles 64x32_w4_s3,128x16_w4_s3_r168   # each tile forced
+    python -m experiments.bench_rel_pos_attention --retune 6   # the autotuner's picks, each timed
 
 Shapes: the attention layers of SAM's image encoder at batch 16 (``--batch``):
 windowed layers (16·25 windows of 14×14 = 196 tokens) and global layers (64×64 = 4096
@@ -211,6 +212,48 @@ def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dic
     return rows
 
 
+def bench_retune(shape_list, n: int, device, rep, n_inputs) -> list[dict]:
+    """SAM's window op on each shape, its autotuning run ``n`` times (cache cleared before each):
+    the configuration each run picked and the autotuner's timings of every candidate, then each
+    picked configuration forced and timed as the benchmark times (twice) (``--retune``)."""
+    kern = _rel_pos_attention_kernel
+    saved = list(kern.configs)
+    rows = []
+    try:
+        for name, B, H, side, D in shape_list:
+            window = side if side != GRID else 0
+            images = B // 25 if window else B
+            g = torch.Generator(device=device).manual_seed(2)
+            args = (torch.randn(images, GRID, GRID, 3 * H * D, device=device, generator=g).bfloat16(),
+                    torch.randn(2 * side - 1, D, device=device, generator=g).bfloat16(),
+                    torch.randn(2 * side - 1, D, device=device, generator=g).bfloat16())
+            pad = torch.randn(3 * H * D, device=device, generator=g).bfloat16()
+            picks, tunings = [], []
+            for _ in range(n):
+                kern.cache.clear()
+                rel_pos_window_attention_triton(*args, H, window, None, pad)
+                picks.append(str(kern.best_config))
+                tunings.append({str(c): t for c, t in kern.configs_timings.items()})
+            by_str = {str(c): c for c in saved}
+            forced = {}
+            for pick in sorted(set(picks)):
+                kern.configs = [by_str[pick]]
+                kern.cache.clear()
+                forced[pick] = [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs)["median_ms"]
+                                for _ in range(2)]
+                kern.configs = saved
+            row = {"shape": name, "picks": picks, "distinct_picks": len(set(picks)), "forced_ms": forced,
+                   "tunings": tunings}
+            print(f"  {name}: {len(set(picks))} distinct picks in {n} tunings", flush=True)
+            for pick in sorted(set(picks)):
+                print(f"    {picks.count(pick)}x  {forced[pick][0]:.3f} / {forced[pick][1]:.3f} ms  {pick}", flush=True)
+            rows.append(row)
+    finally:
+        kern.configs = saved
+        kern.cache.clear()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one shape (vit_h global), bf16, few repeats, no JSON")
@@ -221,10 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rep", type=int, default=None, help="timed repeats per measurement")
     p.add_argument("--tiles", default="", help="comma-separated tiles to force on SAM's window op, e.g. "
                    "64x32_w4_s3,128x16_w4_s3_r168 (BLOCK_MxBLOCK_N_wWARPS_sSTAGES[_rMAXNREG]); see above")
+    p.add_argument("--retune", type=int, default=0, help="instead: autotune SAM's window op this many times a "
+                   "shape (cache cleared each time) and time each configuration it picked")
     p.add_argument("--shapes", default="", help="comma-separated shape names to run (default: all), e.g. "
                    "vit_b.window,vit_h.window")
     p.add_argument("--inputs", type=int, default=2, help="input sets rotated between calls")
     p.add_argument("--check-batch", type=int, default=2, help="batch entries checked against the fp32 reference")
+    p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     args = p.parse_args(argv)
     tiles = [t.strip() for t in args.tiles.split(",") if t.strip()]
     for t in tiles:
@@ -246,10 +292,15 @@ def main(argv: list[str] | None = None) -> None:
         if d not in DTYPES:
             p.error(f"--dtypes: expected bf16 or fp16, got {d!r}")
 
+    if args.retune:
+        rows = bench_retune(shape_list, args.retune, device, rep, args.inputs)
+        if not args.quick:
+            print("saved", harness.save_result("rel_pos_attention_retune", {"rows": rows}, args, args.out_dir))
+        return
     if tiles:
         rows = bench_tiles(shape_list, tiles, device, rep, args.inputs)
         if not args.quick:
-            print("saved", harness.save_result("rel_pos_attention_tiles", {"rows": rows}, args))
+            print("saved", harness.save_result("rel_pos_attention_tiles", {"rows": rows}, args, args.out_dir))
         return
 
     bf16_tflops = harness.measure_matmul_tflops(torch.bfloat16)
@@ -273,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     harness.print_table(rows, ["shape", "dtype", "err", "ref_err", "err_vs_ref", "config"])
     if not args.quick:
         figures = {"bf16_ceiling_tflops": bf16_tflops, "layout": args.layout, "rows": rows}
-        print("saved", harness.save_result("rel_pos_attention", figures, args))
+        print("saved", harness.save_result("rel_pos_attention", figures, args, args.out_dir))
 
 
 if __name__ == "__main__":
