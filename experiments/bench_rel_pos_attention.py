@@ -231,6 +231,7 @@ def bench_retune(shape_list, n: int, device, rep, n_inputs) -> list[dict]:
             picks, tunings = [], []
             for _ in range(n):
                 kern.cache.clear()
+                kern.configs_timings = {}  # stays empty where pruning leaves one configuration (no timing)
                 rel_pos_window_attention_triton(*args, H, window, None, pad)
                 picks.append(str(kern.best_config))
                 tunings.append({str(c): t for c, t in kern.configs_timings.items()})
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiles", default="", help="comma-separated tiles to force on SAM's window op, e.g. "
                    "64x32_w4_s3,128x16_w4_s3_r168 (BLOCK_MxBLOCK_N_wWARPS_sSTAGES[_rMAXNREG]); see above")
     p.add_argument("--retune", type=int, default=0, help="instead: autotune SAM's window op this many times a "
-                   "shape (cache cleared each time) and time each configuration it picked")
+                   "shape (cache cleared each time; bf16, the qkv layout) and time each configuration it picked")
     p.add_argument("--shapes", default="", help="comma-separated shape names to run (default: all), e.g. "
                    "vit_b.window,vit_h.window")
     p.add_argument("--inputs", type=int, default=2, help="input sets rotated between calls")
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     args = p.parse_args(argv)
     tiles = [t.strip() for t in args.tiles.split(",") if t.strip()]
+    if args.retune < 0 or (args.retune and tiles):
+        p.error(f"--retune expects a number of tunings >= 1, and not together with --tiles; got {args.retune}"
+                + (f" with --tiles {args.tiles}" if tiles else ""))
     for t in tiles:
         try:
             parse_tile(t)

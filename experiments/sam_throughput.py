@@ -128,13 +128,31 @@ def _build_fast_from(base_sam, model_type, device, dtype, kwargs):
         return build_sam_fast(model_type, path, device=device, dtype=dtype, **kwargs)
 
 
-def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
+def random_sam(model_type: str):
+    """The reference SAM model every configuration is built from: seed 0, its relative-position
+    tables random too (zeros in a fresh model)."""
     torch.manual_seed(0)
     base = build_sam_model(model_type)
-    with torch.no_grad():  # random relative-position tables (zeros in a fresh model)
+    with torch.no_grad():
         for n, p in base.image_encoder.named_parameters():
             if "rel_pos" in n:
                 p.normal_(0, 0.02)
+    return base
+
+
+def config_error(name: str) -> str | None:
+    """Why ``name`` is not a configuration of this benchmark (None if it is): one of
+    ``ALL_CONFIGS``, or a compiled fz- one of the default mode followed by ``+cg``."""
+    base = name[:-len("+cg")] if name.endswith("+cg") else name
+    if base not in ALL_CONFIGS or (base != name and (not base.startswith("fz-")
+                                                     or base in ("fz-ref-eager", "fz-eager", "fz-compile-max"))):
+        return (f"expects names among {ALL_CONFIGS} (a compiled fz- one of the default mode may end in +cg), "
+                f"got {name!r}")
+    return None
+
+
+def run_model(args, model_type: str, device, dtype, bf16_tflops: float) -> dict:
+    base = random_sam(model_type)
     flops = encoder_flops(model_type)
     check_imgs = torch.randn(2, 3, 1024, 1024, device=device)
     ref_enc = copy.deepcopy(base.image_encoder).to(device).eval()
@@ -284,11 +302,8 @@ def main(argv=None) -> None:
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
     args.configs = ALL_CONFIGS if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
     for c in args.configs:
-        base = c[:-len("+cg")] if c.endswith("+cg") else c
-        if base not in ALL_CONFIGS or (base != c and (not base.startswith("fz-")
-                                                      or base in ("fz-ref-eager", "fz-eager", "fz-compile-max"))):
-            p.error(f"--configs expects names among {ALL_CONFIGS} (a compiled fz- one of the default mode may end "
-                    f"in +cg), got {c!r}")
+        if config_error(c):
+            p.error(f"--configs {config_error(c)}")
     dtype = parse_dtype(args.dtype)
     device = harness.require_cuda("the SAM throughput benchmark")
     bf16 = harness.measure_matmul_tflops(torch.bfloat16)

@@ -16,3 +16,12 @@ def test_a_malformed_tile_is_refused_before_anything_runs(bad, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--tiles", f"64x32_w4_s3,{bad}"])
     assert e.value.code == 2 and "BLOCK_MxBLOCK_N_wWARPS_sSTAGES" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,said", [(["--shapes", "vit_b.window,vit_x.global"], "vit_x.global"),
+                                       (["--retune", "-1"], "--retune"),
+                                       (["--retune", "2", "--tiles", "64x32_w4_s3"], "not together with --tiles")])
+def test_bad_shape_names_and_retune_options_are_refused_before_anything_runs(argv, said, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and said in capsys.readouterr().err

@@ -28,10 +28,21 @@ def test_sam_gaps_checks_its_config_and_needs_a_gpu(capsys):
 
     from experiments import sam_gaps
 
-    with pytest.raises(SystemExit) as e:
-        sam_gaps.main(["--config", "fz-bogus"])
-    assert e.value.code == 2 and "fz-bogus" in capsys.readouterr().err
+    for bad, said in ((["--config", "fz-bogus"], "fz-bogus"), (["--config", "fz-eager+cg"], "fz-eager+cg"),
+                      (["--model", "vit_x"], "vit_x"), (["--gaps", "0"], "at least 1")):
+        with pytest.raises(SystemExit) as e:
+            sam_gaps.main(bad)
+        assert e.value.code == 2 and said in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:
             sam_gaps.main(["--config", "fz-int8static+cg"])
         assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_config_error_names_the_benchmark_configurations():
+    from experiments.sam_throughput import ALL_CONFIGS, config_error
+
+    assert all(config_error(c) is None for c in ALL_CONFIGS)
+    assert config_error("fz-int8static+cg") is None and config_error("fz-compile+cg") is None
+    for bad in ("fz-bogus", "sa-eager+cg", "fz-eager+cg", "fz-compile-max+cg", "fz-ref-eager+cg"):
+        assert bad in config_error(bad)
