@@ -199,7 +199,6 @@ def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dic
                 row = {"shape": name, "tile": tile, "err": _max_rel_err(got, truth), "ref_err": ref_err,
                        "ms": [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs)["median_ms"]
                               for _ in range(2)]}
-
                 new = [k for c in jit_fn.device_caches.values() for k in c[0].values() if id(k) not in known]
                 row["registers"] = sorted({k.n_regs for k in new})
                 row["spills"] = sorted({k.n_spills for k in new})
@@ -282,13 +281,13 @@ def main(argv: list[str] | None = None) -> None:
             parse_tile(t)
         except ValueError as e:
             p.error(str(e))
-    shape_list = shapes(args.batch, args.quick)
+    all_shapes = shapes(args.batch, False)
+    names = [s[0] for s in all_shapes]
     wanted = [n.strip() for n in args.shapes.split(",") if n.strip()]
-    unknown = sorted(set(wanted) - {s[0] for s in shapes(args.batch, False)})
+    unknown = sorted(set(wanted) - set(names))
     if unknown:
-        p.error(f"--shapes: unknown {unknown}; expected names from {[s[0] for s in shapes(args.batch, False)]}")
-    if wanted:
-        shape_list = [s for s in shapes(args.batch, False) if s[0] in wanted]
+        p.error(f"--shapes: unknown {unknown}; expected names from {names}")
+    shape_list = [s for s in all_shapes if s[0] in wanted] if wanted else shapes(args.batch, args.quick)
     device = harness.require_cuda("experiments/bench_rel_pos_attention.py")
     rep = args.rep or (10 if args.quick else 50)
     dtypes = ["bf16"] if args.quick else [d.strip() for d in args.dtypes.split(",") if d.strip()]
