@@ -116,6 +116,12 @@ if triton_available():
             out = tl.dot(a, b)
         return out
 
+    @triton.jit
+    def _table_chunk(tab_ptr, row0, offs_d, d_ok, HEAD_D, TAB_C: tl.constexpr):
+        """Rows row0 .. row0 + TAB_C of the (TAB_P, HEAD_D) table, transposed: (len(offs_d), TAB_C)."""
+        return tl.load(tab_ptr + (row0 + tl.arange(0, TAB_C))[None, :] * HEAD_D + offs_d[:, None],
+                       mask=d_ok[:, None], other=0.0)
+
     def _prune_grid_configs(configs, named_args, **kwargs):
         """With a split head dimension (SPLIT_D), only tiles of at most two key rows: on an
         H100 (Triton 3.6), SAM vit_h's windows on the grid layout (k_w 14, head_dim 80 as
@@ -322,8 +328,7 @@ if triton_available():
 
         TAB_C: tl.constexpr = TAB_P if TAB_P < 64 else 64  # REL_TABLE: table rows a chunk
         if REL_TABLE:  # the first chunk of the table (REL_TABLE below), loaded ahead of q
-            tab = tl.load(tab_ptr + tl.arange(0, TAB_C)[None, :] * HEAD_D + offs_d[:, None], mask=d_ok[:, None],
-                          other=0.0)
+            tab = _table_chunk(tab_ptr, 0, offs_d, d_ok, HEAD_D, TAB_C)
         q = tl.load(q_rows[:, None] + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         # the key loop's arguments that an option leaves unused
         pad_k, pad_v, pad_k2, pad_v2, rw_all = offs_d, offs_d, offs_d, offs_d, offs_d
@@ -337,8 +342,7 @@ if triton_available():
             d2_ok = offs_d2 < HEAD_D
             q2 = tl.load(q_rows[:, None] + offs_d2[None, :], mask=m_ok[:, None] & d2_ok[None, :], other=0.0)
             if REL_TABLE:
-                tab2 = tl.load(tab_ptr + tl.arange(0, TAB_C)[None, :] * HEAD_D + offs_d2[:, None],
-                               mask=d2_ok[:, None], other=0.0)
+                tab2 = _table_chunk(tab_ptr, 0, offs_d2, d2_ok, HEAD_D, TAB_C)
             if HAS_PAD:
                 pad_k2 = tl.load(pad_ptr + (H + h) * HEAD_D + offs_d2, mask=d2_ok, other=0.0)
                 pad_v2 = tl.load(pad_ptr + (2 * H + h) * HEAD_D + offs_d2, mask=d2_ok, other=0.0)
@@ -354,11 +358,9 @@ if triton_available():
             offs_t = tl.arange(0, TAB_C)
             for c in tl.static_range(0, TAB_P // TAB_C):
                 if c + 1 < TAB_P // TAB_C:
-                    tab_next = tl.load(tab_ptr + ((c + 1) * TAB_C + offs_t)[None, :] * HEAD_D + offs_d[:, None],
-                                       mask=d_ok[:, None], other=0.0)
+                    tab_next = _table_chunk(tab_ptr, (c + 1) * TAB_C, offs_d, d_ok, HEAD_D, TAB_C)
                     if SPLIT_D:
-                        tab2_next = tl.load(tab_ptr + ((c + 1) * TAB_C + offs_t)[None, :] * HEAD_D + offs_d2[:, None],
-                                            mask=d2_ok[:, None], other=0.0)
+                        tab2_next = _table_chunk(tab_ptr, (c + 1) * TAB_C, offs_d2, d2_ok, HEAD_D, TAB_C)
                 s_tile = _mm(q, tab, DOT_F32)
                 if SPLIT_D:
                     s_tile += _mm(q2, tab2, DOT_F32)
