@@ -784,13 +784,17 @@ def int8_scaled_mm_triton(
     residual: Optional[torch.Tensor] = None,
     out_scale: Optional[torch.Tensor] = None,
     persistent: Optional[bool] = None,
+    gluon: Optional[bool] = None,
 ) -> torch.Tensor:
     """Launch the Triton kernel (tensors on CUDA, or on the CPU under Triton's interpreter).
 
     ``persistent``: None picks the kernel (the persistent TMA kernel on Hopper for
     M >= ``TMA_MIN_M`` with TMA-compatible strides, the plain kernel otherwise); False
     forces the plain kernel; True the persistent one (raises where TMA cannot address the
-    tensors; on CPU tensors it runs under the interpreter with its first test tile)."""
+    tensors; on CPU tensors it runs under the interpreter with its first test tile).
+    ``gluon``: which persistent kernel. None: the Gluon kernel with asynchronous wgmma
+    (``fastzoo.ops.int8_mm_gluon``) on CUDA where it applies, else the ``tl`` one; False:
+    the ``tl`` kernel; True: the Gluon kernel (raises where it does not apply)."""
     if not triton_available():
         raise RuntimeError("int8_scaled_mm_triton needs Triton, which is not importable here")
     M, N, K = _check_args("int8_scaled_mm_triton", a, b, a_scale, b_scale, bias, out_dtype, activation,
@@ -820,8 +824,18 @@ def int8_scaled_mm_triton(
                          "with 16-byte aligned rows and a contiguous last dimension (TMA), got strides "
                          f"a {a.stride()}, b {b.stride()}, out {out.stride()}"
                          + (f", residual {residual.stride()}" if residual is not None else ""))
-    if persistent:  # Hopper, large M: the persistent TMA kernel
+    if persistent:  # Hopper, large M: a persistent TMA kernel
         o_s = out_scale.reshape(-1) if out_scale is not None else None
+        from .int8_mm_gluon import gluon_path_applies, int8_mm_gluon_launch
+
+        applies = a.is_cuda and gluon_path_applies(a, out, residual)
+        if gluon and not applies:
+            raise ValueError("int8_scaled_mm_triton(gluon=True) needs CUDA tensors, Triton with Gluon (>= 3.5) and a "
+                             f"residual of the output's dtype; got device {a.device}, output {out.dtype}, residual "
+                             f"{None if residual is None else residual.dtype}")
+        if applies and gluon is not False:
+            return int8_mm_gluon_launch(a, b, a_s, b_s, None if bias is None else bias_arg, out, residual, o_s,
+                                        activation)
         return _int8_scaled_mm_tma_launch(a, b, a_s, b_s, None if bias is None else bias_arg, out, residual, o_s,
                                           activation)
     res_arg = residual if residual is not None else out  # any pointer; not read without residual

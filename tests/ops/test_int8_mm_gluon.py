@@ -1,0 +1,147 @@
+"""The Hopper Gluon int8 GEMM (``fastzoo.ops.int8_mm_gluon``): parity with the reference on
+the GPU (``cuda`` tests), and an ahead-of-time sm_90 compile on the CPU (no GPU needed),
+which also checks that its wgmma stays asynchronous."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastzoo.ops.int8_mm import int8_scaled_mm, int8_scaled_mm_ref, int8_scaled_mm_triton
+from fastzoo.ops.int8_mm_gluon import gluon_available
+
+from tests.ops.test_int8_mm import MODES, _assert_int8_close, _assert_matches, _rand_int8
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _case(M, N, K, mode, scales, seed):
+    """int8 operands, scales (per tensor / token / channel), bias, residual, out_scale for one epilogue mode."""
+    activation, with_residual, out_kind = mode
+    g = torch.Generator().manual_seed(seed)
+    a, b = _rand_int8(M, K, generator=g), _rand_int8(N, K, generator=g)
+    a_kind, b_kind = scales.split("/")
+    a_s = torch.rand(M if a_kind == "token" else 1, 1, generator=g) * 2e-3 + 1e-4
+    b_s = torch.rand(N if b_kind == "channel" else 1, generator=g) * 1e-3 + 1e-4
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    residual = torch.randn(M, N, generator=g).to(torch.bfloat16) if with_residual else None
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    a, b, a_s, b_s, bias, residual = map(cuda, (a, b, a_s, b_s, bias, residual))
+    out_scale = None
+    if out_kind is not None:
+        y = int8_scaled_mm_ref(a, b, a_s, b_s, bias.float(), torch.float32, activation=activation, residual=residual)
+        amax = y.abs().amax(0) if out_kind == "channel" else y.abs().amax().reshape(1)
+        out_scale = (amax / 120).clamp_min(1e-6)
+    if residual is not None and out_scale is not None:
+        residual = None  # the Gluon kernel reads a residual of the output's dtype only: int8 out takes none
+    return (a, b, a_s, b_s, bias), dict(activation=activation, residual=residual, out_scale=out_scale)
+
+
+# Odd sizes for the TMA path: M past a 128-row tile edge, N past a 256-column tile and a
+# 128-column part, K past a 128-deep step (rows of 16 bytes: TMA's alignment).
+GLUON_SHAPES = [(4097, 208, 336), (4133, 400, 1040), (8192, 3072, 1024)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", GLUON_SHAPES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scales", ["token/channel", "tensor/channel", "tensor/tensor"])
+def test_cuda_gluon_kernel_matches_reference(shape, mode, scales):
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    M, N, K = shape
+    args, kw = _case(M, N, K, mode, scales, seed=M + N + K)
+    out_dtype = torch.int8 if kw["out_scale"] is not None else torch.bfloat16
+    out = int8_scaled_mm_triton(*args, out_dtype, persistent=True, gluon=True, **kw)
+    ref = int8_scaled_mm_ref(*args, out_dtype, **kw)
+    if out_dtype == torch.int8:
+        _assert_int8_close(out, ref)
+    else:
+        _assert_matches(out, ref, out_dtype)
+    # the public op takes the same kernel: bit-identical
+    assert torch.equal(int8_scaled_mm(*args, out_dtype, **kw), out)
+
+
+@pytest.mark.cuda
+def test_cuda_gluon_integer_product_is_exact():
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    g = torch.Generator().manual_seed(3)
+    a, b = _rand_int8(4096, 1024, generator=g).cuda(), _rand_int8(512, 1024, generator=g).cuda()
+    one = torch.ones(1, device="cuda")
+    # fp16 holds integers up to 2048 exactly: scale the product into that range by a power of two
+    out = int8_scaled_mm_triton(a, b, one * 2**-13, one, None, torch.float16, persistent=True, gluon=True)
+    exact = torch._int_mm(a, b.t()).double() * 2**-13
+    assert torch.equal(out.double(), exact.half().double())
+
+
+def test_gluon_refused_where_it_does_not_apply():
+    a, b = _rand_int8(4096, 64), _rand_int8(32, 64)
+    one = torch.ones(1)
+    with pytest.raises(ValueError, match="gluon=True"):
+        int8_scaled_mm_triton(a, b, one, one, None, torch.bfloat16, persistent=True, gluon=True)
+
+
+# Compiled in a fresh process: Triton's interpreter (on in this test process) replaces
+# triton.language's functions, so code generation cannot run here.
+_AOT_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from fastzoo.ops import int8_mm_gluon as mod
+
+cfg = mod.DEFAULT_CONFIG
+bm, bn, bk = cfg["block"]
+part = bn // cfg["n_sub"]
+jit = mod._int8_mm_gluon_kernel
+report = []
+for variant in json.loads(sys.argv[1]):
+    out = {"bf16": ("bf16", gl.bfloat16), "int8": ("i8", gl.int8)}[variant["out"]]
+
+    def desc(name, dt, shape):
+        return f"tensordesc<{name}[{shape[0]}, {shape[1]}],{gl.NVMMASharedLayout.get_default_for(shape, dt)!r}>"
+
+    sig = {"a_desc": desc("i8", gl.int8, [bm, bk]), "b_desc": desc("i8", gl.int8, [bn, bk]),
+           "c_desc": desc(*out, [bm, part]), "r_desc": desc(*out, [bm, part]), "as_ptr": "*fp32",
+           "bs_ptr": "*fp32", "bias_ptr": "*bf16", "os_ptr": "*fp32"}
+    const = {"STAGES": cfg["stages"], "GROUP_M": cfg["group"], "N_SUB": cfg["n_sub"], "num_warps": cfg["warps"],
+             **variant["flags"]}
+    sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
+    src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
+                         attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
+                                for n in ("as_ptr", "bs_ptr", "bias_ptr", "os_ptr")})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["warps"]})
+    report.append({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared})
+print("AOT-REPORT" + json.dumps(report))
+"""
+
+
+def test_gluon_kernel_compiles_for_hopper_without_a_gpu():
+    """Compile the kernel for sm_90 ahead of time in its fullest epilogues (bias, GELU,
+    int8 out; bias and residual): GPU-only compile errors show in CPU CI, and the K loop
+    keeps wgmma in flight (a wait for at most 2 outstanding groups: this step's two
+    accumulator parts) where the ``tl`` kernel waits for 0 after each."""
+    if not gluon_available():
+        pytest.skip("this Triton has no Gluon Hopper API")
+    flags = dict(HAS_BIAS=True, ACT_GELU=False, HAS_RESIDUAL=False, OUT_INT8=False)
+    variants = [{"out": "int8", "flags": {**flags, "ACT_GELU": True, "OUT_INT8": True}},
+                {"out": "bf16", "flags": {**flags, "HAS_RESIDUAL": True}}]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(variants)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
+        ptx = item["ptx"]
+        assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx
+        assert "wgmma.wait_group.sync.aligned 2;" in ptx  # the K loop: the previous step's MMAs only
+        assert "cp.async.bulk.tensor.2d" in ptx  # TMA loads
+        assert item["shared"] <= 227 * 1024
