@@ -31,7 +31,7 @@ from ._common import triton_available
 
 # (BLOCK_M, BLOCK_N, BLOCK_K), stages, warps, accumulators per tile (each BLOCK_N / N_SUB wide:
 # int8 wgmma's n is at most 224 in Triton), GROUP_M: the best of a sweep at ViT-L and SAM
-# shapes on an H100 (experiments/results/h100-80gb-hbm3/int8_mm_gluon_probe.json).
+# shapes on an H100 (experiments/results/h100-80gb-hbm3/int8_mm_gluon_sweep.json).
 DEFAULT_CONFIG = {"block": (128, 256, 128), "stages": 3, "warps": 8, "n_sub": 2, "group": 8}
 
 
