@@ -2,13 +2,10 @@
 the GPU (``cuda`` tests), and an ahead-of-time sm_90 compile on the CPU (no GPU needed),
 which also checks that its wgmma stays asynchronous."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_aot_compile
 
 from fastzoo.ops.int8_mm import int8_scaled_mm, int8_scaled_mm_ref, int8_scaled_mm_triton
 from fastzoo.ops.int8_mm_gluon import gluon_available
@@ -133,11 +130,7 @@ def test_gluon_kernel_compiles_for_hopper_without_a_gpu():
     flags = dict(HAS_BIAS=True, ACT_GELU=False, HAS_RESIDUAL=False, OUT_INT8=False)
     variants = [{"out": "int8", "flags": {**flags, "ACT_GELU": True, "OUT_INT8": True}},
                 {"out": "bf16", "flags": {**flags, "HAS_RESIDUAL": True}}]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(variants)], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
         ptx = item["ptx"]
