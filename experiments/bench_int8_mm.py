@@ -80,8 +80,13 @@ def shapes(quick: bool) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def _chosen_config(a, b, out) -> str:
-    """The autotuner's choice for the last call: the persistent kernel's on Hopper at large M."""
+def _chosen_config(a, b, out, tl: bool = False) -> str:
+    """The kernel of the last call: on Hopper at large M the Gluon kernel's fixed tile (the public
+    op) or, with ``tl``, the tl persistent kernel's autotuned choice; else the plain kernel's."""
+    from fastzoo.ops import int8_mm_gluon
+
+    if not tl and int8_mm._tma_path_applies(a, b, out, None) and int8_mm_gluon.gluon_path_applies(a, out, None):
+        return "gluon " + str(int8_mm_gluon.DEFAULT_CONFIG)
     if int8_mm._tma_path_applies(a, b, out, None):
         best = getattr(int8_mm._int8_scaled_mm_tma, "best_config", None)
         return "persistent " + (int8_mm.tma_config_name(best) if best is not None else "?")
@@ -120,6 +125,7 @@ def bench_shape(name, M, N, K, device, rep, n_inputs, int8_tops, bf16_tflops):
     if tl_path:
         t["fused_tl"] = harness.bench(lambda q: int8_scaled_mm_triton(q[0], w_q, q[1], w_s, bias, gluon=False),
                                       inputs=qs, rep=rep, cuda_graph=True)
+        config_tl = _chosen_config(a0, w_q, torch.empty(0, N, device=device, dtype=torch.bfloat16), tl=True)
     t["int_mm"] = harness.bench(lambda q: torch._int_mm(q[0], w_q_t), inputs=qs, rep=rep, cuda_graph=True)
     t["unfused"] = harness.bench(lambda q: _unfused(q[0], w_q_t, q[1], w_s, bias), inputs=qs, rep=rep, cuda_graph=True)
     t["bf16"] = harness.bench(lambda x: F.linear(x, w, bias), inputs=xs, rep=rep, cuda_graph=True)
@@ -161,6 +167,8 @@ def bench_shape(name, M, N, K, device, rep, n_inputs, int8_tops, bf16_tflops):
     row["fused_err"] = fused_err
     row["dyn_sqnr_db"] = dyn_sqnr
     row["config"] = config
+    if tl_path:
+        row["config_tl"] = config_tl
     row["timings"] = t
     return row
 

@@ -816,6 +816,10 @@ def int8_scaled_mm_triton(
     bias_arg = bias if bias is not None else b_s  # any pointer; not read without bias
     if bias is not None and bias.stride(0) != 1:
         bias_arg = bias.contiguous()
+    if gluon and persistent is False:
+        raise ValueError("int8_scaled_mm_triton: gluon=True is a persistent kernel; persistent=False contradicts it")
+    if gluon and persistent is None:
+        persistent = True  # the Gluon kernel is persistent: the TMA conditions below apply to it
     if persistent is None:
         persistent = _tma_path_applies(a, b, out, residual)
     elif persistent and not (_tma_api() and all(_tma_ok(t) for t in (a, b, out) + ((residual,) if residual is not None
@@ -828,11 +832,11 @@ def int8_scaled_mm_triton(
         o_s = out_scale.reshape(-1) if out_scale is not None else None
         from .int8_mm_gluon import gluon_path_applies, int8_mm_gluon_launch
 
-        applies = a.is_cuda and gluon_path_applies(a, out, residual)
+        applies = gluon_path_applies(a, out, residual)
         if gluon and not applies:
-            raise ValueError("int8_scaled_mm_triton(gluon=True) needs CUDA tensors, Triton with Gluon (>= 3.5) and a "
-                             f"residual of the output's dtype; got device {a.device}, output {out.dtype}, residual "
-                             f"{None if residual is None else residual.dtype}")
+            raise ValueError("int8_scaled_mm_triton(gluon=True) needs CUDA tensors on a Hopper GPU, Triton with Gluon "
+                             "(>= 3.5), a bf16, fp16 or int8 output and a residual of the output's dtype; got device "
+                             f"{a.device}, output {out.dtype}, residual {None if residual is None else residual.dtype}")
         if applies and gluon is not False:
             return int8_mm_gluon_launch(a, b, a_s, b_s, None if bias is None else bias_arg, out, residual, o_s,
                                         activation)

@@ -27,11 +27,12 @@ from typing import Optional
 
 import torch
 
-from ._common import triton_available
+from ._common import _capability, triton_available
 
 # (BLOCK_M, BLOCK_N, BLOCK_K), stages, warps, accumulators per tile (each BLOCK_N / N_SUB wide:
-# int8 wgmma's n is at most 224 in Triton), GROUP_M: the best of a sweep at ViT-L and SAM
-# shapes on an H100 (experiments/results/h100-80gb-hbm3/int8_mm_gluon_sweep.json).
+# int8 wgmma's n is at most 224 in Triton), GROUP_M: the best tile of a sweep at ViT-L and SAM
+# shapes on an H100, GROUP_M 4 / 8 / 16 within its noise
+# (experiments/results/h100-80gb-hbm3/int8_mm_gluon_sweep.json).
 DEFAULT_CONFIG = {"block": (128, 256, 128), "stages": 3, "warps": 8, "n_sub": 2, "group": 8}
 
 
@@ -210,11 +211,14 @@ _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: 
 
 
 def gluon_path_applies(a: torch.Tensor, out: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
-    """The Gluon kernel serves int8 operands into a bf16 / fp16 / int8 output; a residual
-    only of the output's dtype (it is read through the output's shared-memory buffer).
-    The caller has checked the TMA conditions (Hopper, large M, strides)."""
-    return (gluon_available() and a.dtype == torch.int8 and out.dtype in _GL_DTYPES
-            and (residual is None or residual.dtype == out.dtype))
+    """The Gluon kernel serves int8 CUDA operands on Hopper into a bf16 / fp16 / int8 output;
+    a residual only of the output's dtype (it is read through the output's shared-memory
+    buffer). The caller checks the TMA conditions (large M, strides)."""
+    if not (a.is_cuda and gluon_available() and a.dtype == torch.int8 and out.dtype in _GL_DTYPES
+            and (residual is None or residual.dtype == out.dtype)):
+        return False
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] == 9  # wgmma, TMA: Hopper
 
 
 def int8_mm_gluon_launch(a, b, a_s, b_s, bias, out, residual, o_s, activation, config=None, return_kernel=False):

@@ -8,6 +8,7 @@ import torch
 from helpers import run_aot_compile
 
 from fastzoo.ops.int8_mm import int8_scaled_mm, int8_scaled_mm_ref, int8_scaled_mm_triton
+from fastzoo.ops import int8_mm_gluon
 from fastzoo.ops.int8_mm_gluon import gluon_available
 
 from tests.ops.test_int8_mm import MODES, _assert_int8_close, _assert_matches, _rand_int8
@@ -40,15 +41,16 @@ def _case(M, N, K, mode, scales, seed):
 
 
 # Odd sizes for the TMA path: M past a 128-row tile edge, N past a 256-column tile and a
-# 128-column part, K past a 128-deep step (rows of 16 bytes: TMA's alignment).
-GLUON_SHAPES = [(4097, 208, 336), (4133, 400, 1040), (8192, 3072, 1024)]
+# 128-column part, K past a 128-deep step (rows of 16 bytes: TMA's alignment); N and K below one
+# part / one step (a tile's second column half wholly outside, a single K-step).
+GLUON_SHAPES = [(4097, 208, 336), (4133, 400, 1040), (8192, 3072, 1024), (4100, 64, 64)]
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", GLUON_SHAPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scales", ["token/channel", "tensor/channel", "tensor/tensor"])
-def test_cuda_gluon_kernel_matches_reference(shape, mode, scales):
+def test_cuda_gluon_kernel_matches_reference(shape, mode, scales, monkeypatch):
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
     M, N, K = shape
@@ -60,8 +62,24 @@ def test_cuda_gluon_kernel_matches_reference(shape, mode, scales):
         _assert_int8_close(out, ref)
     else:
         _assert_matches(out, ref, out_dtype)
-    # the public op takes the same kernel: bit-identical
+    # the public op takes the Gluon kernel here (a spy on its launcher), with the same result
+    calls = []
+    launch = int8_mm_gluon.int8_mm_gluon_launch
+    monkeypatch.setattr(int8_mm_gluon, "int8_mm_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
     assert torch.equal(int8_scaled_mm(*args, out_dtype, **kw), out)
+    assert calls == [1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("residual", [False, True])
+def test_cuda_gluon_fp16_output(residual):
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    (a, b, a_s, b_s, bias), kw = _case(4133, 400, 1040, ("none", residual, None), "token/channel", seed=5)
+    if residual:
+        kw["residual"] = kw["residual"].half()
+    out = int8_scaled_mm_triton(a, b, a_s, b_s, bias, torch.float16, persistent=True, gluon=True, **kw)
+    _assert_matches(out, int8_scaled_mm_ref(a, b, a_s, b_s, bias, torch.float16, **kw), torch.float16)
 
 
 @pytest.mark.cuda
@@ -69,19 +87,26 @@ def test_cuda_gluon_integer_product_is_exact():
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
     g = torch.Generator().manual_seed(3)
-    a, b = _rand_int8(4096, 1024, generator=g).cuda(), _rand_int8(512, 1024, generator=g).cuda()
+    # entries in [-2, 2] and [-1, 1]: |a @ b.T| <= 2048 at K = 1024, integers fp16 holds exactly
+    a = torch.randint(-2, 3, (4096, 1024), generator=g, dtype=torch.int8).cuda()
+    b = torch.randint(-1, 2, (512, 1024), generator=g, dtype=torch.int8).cuda()
     one = torch.ones(1, device="cuda")
-    # fp16 holds integers up to 2048 exactly: scale the product into that range by a power of two
-    out = int8_scaled_mm_triton(a, b, one * 2**-13, one, None, torch.float16, persistent=True, gluon=True)
-    exact = torch._int_mm(a, b.t()).double() * 2**-13
-    assert torch.equal(out.double(), exact.half().double())
+    out = int8_scaled_mm_triton(a, b, one, one, None, torch.float16, persistent=True, gluon=True)
+    assert torch.equal(out.float(), torch._int_mm(a, b.t()).float())
 
 
 def test_gluon_refused_where_it_does_not_apply():
+    """gluon=True on CPU tensors, or with persistent=False: an error, not another kernel."""
+    pytest.importorskip("triton")
+    from fastzoo.ops.int8_mm import _tma_api
+
+    if not _tma_api():
+        pytest.skip("this Triton has no TMA descriptors (the persistent kernels' API)")
     a, b = _rand_int8(4096, 64), _rand_int8(32, 64)
     one = torch.ones(1)
-    with pytest.raises(ValueError, match="gluon=True"):
-        int8_scaled_mm_triton(a, b, one, one, None, torch.bfloat16, persistent=True, gluon=True)
+    for persistent in (True, None, False):
+        with pytest.raises(ValueError, match="gluon=True"):
+            int8_scaled_mm_triton(a, b, one, one, None, torch.bfloat16, persistent=persistent, gluon=True)
 
 
 # Compiled in a fresh process: Triton's interpreter (on in this test process) replaces
