@@ -18,13 +18,11 @@ SHAPES = [("vit_l.qkv", 100864, 3072, 1024), ("vit_l.proj", 100864, 1024, 1024),
           ("vit_l.fc2", 100864, 1024, 4096), ("vit_b.qkv", 65536, 2304, 768), ("vit_b.lin1", 65536, 3072, 768),
           ("vit_b.lin2", 65536, 768, 3072), ("vit_b.proj", 65536, 768, 768), ("odd", 4133, 200, 336)]
 CONFIGS = {
-    "g128x256x128_s3_w8_n2": dict(block=(128, 256, 128), stages=3, warps=8, n_sub=2),
-    "g128x256x128_s3_w8_n2_g16": dict(block=(128, 256, 128), stages=3, warps=8, n_sub=2, group=16),
-    "g128x256x128_s3_w8_n2_g4": dict(block=(128, 256, 128), stages=3, warps=8, n_sub=2, group=4),
-    "g128x256x64_s6_w8_n2": dict(block=(128, 256, 64), stages=6, warps=8, n_sub=2),
-    "g128x256x64_s5_w8_n2": dict(block=(128, 256, 64), stages=5, warps=8, n_sub=2),
-    "g128x128x128_s4_w8": dict(block=(128, 128, 128), stages=4, warps=8, n_sub=1),
-    "g128x128x128_s4_w4": dict(block=(128, 128, 128), stages=4, warps=4, n_sub=1),
+    "g128x256x128_s3_w8_n2": dict(block=(128, 256, 128), stages=3, warps=8),
+    "g128x256x128_s3_w8_n2_g16": dict(block=(128, 256, 128), stages=3, warps=8, group=16),
+    "g128x256x128_s3_w8_n2_g4": dict(block=(128, 256, 128), stages=3, warps=8, group=4),
+    "g128x256x64_s6_w8_n2": dict(block=(128, 256, 64), stages=6, warps=8),
+    "g128x256x64_s5_w8_n2": dict(block=(128, 256, 64), stages=5, warps=8),
 }
 
 

@@ -122,7 +122,7 @@ from fastzoo.ops import int8_mm_gluon as mod
 
 cfg = mod.DEFAULT_CONFIG
 bm, bn, bk = cfg["block"]
-part = bn // cfg["n_sub"]
+part = bn // 2
 jit = mod._int8_mm_gluon_kernel
 report = []
 for variant in json.loads(sys.argv[1]):
@@ -134,8 +134,7 @@ for variant in json.loads(sys.argv[1]):
     sig = {"a_desc": desc("i8", gl.int8, [bm, bk]), "b_desc": desc("i8", gl.int8, [bn, bk]),
            "c_desc": desc(*out, [bm, part]), "r_desc": desc(*out, [bm, part]), "as_ptr": "*fp32",
            "bs_ptr": "*fp32", "bias_ptr": "*bf16", "os_ptr": "*fp32"}
-    const = {"STAGES": cfg["stages"], "GROUP_M": cfg["group"], "N_SUB": cfg["n_sub"], "num_warps": cfg["warps"],
-             **variant["flags"]}
+    const = {"STAGES": cfg["stages"], "GROUP_M": cfg["group"], "num_warps": cfg["warps"], **variant["flags"]}
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
                          attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
