@@ -43,7 +43,10 @@ def _case(M, N, K, mode, scales, seed):
 # Odd sizes for the TMA path: M past a 128-row tile edge, N past a 256-column tile and a
 # 128-column part, K past a 128-deep step (rows of 16 bytes: TMA's alignment); N and K below one
 # part / one step (a tile's second column half wholly outside, a single K-step).
-GLUON_SHAPES = [(4097, 208, 336), (4133, 400, 1040), (8192, 3072, 1024), (4100, 64, 64)]
+GLUON_SHAPES = [(4097, 208, 336), (4133, 400, 1040), (8192, 3072, 1024), (4100, 64, 64),
+                # several tiles a program: one K-step each (the tile boundary right after the wait),
+                # fewer K-steps than slots (loads crossing tiles), partial edge tiles
+                (8192, 3072, 64), (8200, 3008, 208), (20000, 608, 48)]
 
 
 @pytest.mark.cuda
@@ -113,7 +116,7 @@ def test_gluon_refused_where_it_does_not_apply():
 # Compiled in a fresh process: Triton's interpreter (on in this test process) replaces
 # triton.language's functions, so code generation cannot run here.
 _AOT_SCRIPT = r"""
-import json, sys
+import json, os, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
@@ -140,7 +143,15 @@ for variant in json.loads(sys.argv[1]):
                          attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
                                 for n in ("as_ptr", "bs_ptr", "bias_ptr", "os_ptr")})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["warps"]})
-    report.append({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared})
+    # ptxas' report on the PTX: "C7514" where it serializes every wgmma (an accumulator read while
+    # an accumulating wgmma is in flight), which the epilogue's placement must avoid
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        open(os.path.join(d, "k.ptx"), "w").write(kernel.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"), "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    report.append({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "ptxas": log.stdout + log.stderr,
+                   "ptxas_rc": log.returncode})
 print("AOT-REPORT" + json.dumps(report))
 """
 
@@ -163,3 +174,5 @@ def test_gluon_kernel_compiles_for_hopper_without_a_gpu():
         assert "wgmma.wait_group.sync.aligned 2;" in ptx  # the K loop: the previous step's MMAs only
         assert "cp.async.bulk.tensor.2d" in ptx  # TMA loads
         assert item["shared"] <= 227 * 1024
+        assert item["ptxas_rc"] == 0, item["ptxas"][-2000:]
+        assert "C7514" not in item["ptxas"], item["ptxas"][-2000:]  # wgmma not serialized
