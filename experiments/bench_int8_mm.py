@@ -121,11 +121,12 @@ def bench_shape(name, M, N, K, device, rep, n_inputs, int8_tops, bf16_tflops):
     t = {}
     t["fused"] = harness.bench(lambda q: int8_scaled_mm(q[0], w_q, q[1], w_s, bias), inputs=qs, rep=rep, cuda_graph=True)
     # Hopper, large M: the public op takes the Gluon kernel (async wgmma); the tl persistent kernel beside it
-    tl_path = int8_mm._tma_path_applies(a0, w_q, torch.empty(0, N, device=device, dtype=torch.bfloat16), None)
+    out_like = torch.empty(0, N, device=device, dtype=torch.bfloat16)  # for the path checks: dtype and strides
+    tl_path = int8_mm._tma_path_applies(a0, w_q, out_like, None)
     if tl_path:
         t["fused_tl"] = harness.bench(lambda q: int8_scaled_mm_triton(q[0], w_q, q[1], w_s, bias, gluon=False),
                                       inputs=qs, rep=rep, cuda_graph=True)
-        config_tl = _chosen_config(a0, w_q, torch.empty(0, N, device=device, dtype=torch.bfloat16), tl=True)
+        config_tl = _chosen_config(a0, w_q, out_like, tl=True)
     t["int_mm"] = harness.bench(lambda q: torch._int_mm(q[0], w_q_t), inputs=qs, rep=rep, cuda_graph=True)
     t["unfused"] = harness.bench(lambda q: _unfused(q[0], w_q_t, q[1], w_s, bias), inputs=qs, rep=rep, cuda_graph=True)
     t["bf16"] = harness.bench(lambda x: F.linear(x, w, bias), inputs=xs, rep=rep, cuda_graph=True)

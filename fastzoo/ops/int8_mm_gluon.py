@@ -126,11 +126,11 @@ if gluon_available():
         return off_m, off_n, (a_s, b_s0, bias0, o_s0), (a_s, b_s1, bias1, o_s1)
 
     @gluon.jit
-    def _k_steps(acc0, acc1, c, k_first, k_end, a_bufs, b_bufs, bars, largs, PART_N: gl.constexpr,
-                 STAGES: gl.constexpr, GROUP_M: gl.constexpr):
-        """A tile's K-steps k_first .. k_end - 1 (both parts accumulating; c: the program's step
+    def _k_steps(acc0, acc1, c, a_bufs, b_bufs, bars, largs, PART_N: gl.constexpr, STAGES: gl.constexpr,
+                 GROUP_M: gl.constexpr):
+        """A tile's K-steps after its first (both parts accumulating; c: the program's step
         counter), one step's MMAs in flight while the next is issued."""
-        for kk in range(k_first, k_end):
+        for kk in range(1, largs[0]):  # largs[0]: k_tiles
             s = c % STAGES
             mbarrier.wait(bars.index(s), (c // STAGES) & 1)
             a_t = a_bufs.index(s)
@@ -213,7 +213,7 @@ if gluon_available():
         _issue_load(STAGES - 1, *largs, GROUP_M, STAGES)
         c = 1
         for t in range(my_tiles - 1):
-            acc0, acc1, c = _k_steps(acc0, acc1, c, 1, k_tiles, a_bufs, b_bufs, bars, largs, PART_N, STAGES,
+            acc0, acc1, c = _k_steps(acc0, acc1, c, a_bufs, b_bufs, bars, largs, PART_N, STAGES,
                                      GROUP_M)
             acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
             if HAS_RESIDUAL:
@@ -234,7 +234,7 @@ if gluon_available():
             if HAS_RESIDUAL:
                 _load_residual(r_desc, off_m, off_n, r_bar, c_bufs, PART_N)
         # the last tile
-        acc0, acc1, c = _k_steps(acc0, acc1, c, 1, k_tiles, a_bufs, b_bufs, bars, largs, PART_N, STAGES, GROUP_M)
+        acc0, acc1, c = _k_steps(acc0, acc1, c, a_bufs, b_bufs, bars, largs, PART_N, STAGES, GROUP_M)
         acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
         if HAS_RESIDUAL:
             mbarrier.wait(r_bar, (my_tiles - 1) & 1)
@@ -285,9 +285,10 @@ def int8_mm_gluon_launch(a, b, a_s, b_s, bias, out, residual, o_s, activation, c
 
     c_desc = desc(out, [bm, part])
     r_desc = desc(residual, [bm, part]) if residual is not None else c_desc
+    from .int8_mm import _num_sms
+
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    sms = torch.cuda.get_device_properties(index).multi_processor_count
-    progs = min(sms, triton.cdiv(M, bm) * triton.cdiv(N, bn))
+    progs = min(_num_sms(index), triton.cdiv(M, bm) * triton.cdiv(N, bn))
     kernel = _int8_mm_gluon_kernel[(progs,)](
         desc(a, [bm, bk]), desc(b, [bn, bk]), c_desc, r_desc, a_s, b_s,
         bias if bias is not None else b_s, o_s if o_s is not None else b_s,
