@@ -10,7 +10,8 @@
     python -m experiments.bench_weight_only_linear --sweep --shapes wo,w2 --kinds int8 --ms 1 --int8-wide --rep 30
     # the int8 GEMV tiles with and without evict-first weight loads:
     python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,wo,w13,w2 --kinds int8 --ms 1 --int8-variants
-    # one decode step's int4 GEMVs back to back (ramp-ups, tails and launch overlap included):
+    # one decode step's int4 GEMVs back to back (ramp-ups, tails and launch overlap included),
+    # the public dispatch (on Hopper the Gluon GEMV) and the tl tensor-core kernel, twice each:
     python -m experiments.bench_weight_only_linear --chain
 
 At decode time a linear reads every weight once per token, so its ceiling is the
@@ -199,6 +200,7 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
     for bf16, int8 and each int4 group size, with the weights rotated and CUDA-graph
     replays, and return one row per (kind, configuration), fastest first per kind. Shows
     how much the choice of tile matters and what the autotuner leaves on the table."""
+    from fastzoo.ops import int4_gemv_gluon as ig
     from fastzoo.ops import weight_only_linear as wol
 
     dev = torch.device("cuda") if dev is None else dev
@@ -231,6 +233,9 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
             mma = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in wol.INT4_MMA_SWEEP]
             kinds.append((f"int4mma_g{group}", mma, nbytes4, packs, call4))
+            if ig.int4_gemv_gluon_applies(*packs[0], group):  # the Gluon GEMV (Hopper): its candidate tiles
+                gl_cfgs = [wol.triton.Config(dict(c, GLUON=True), num_warps=c["warps"]) for c in ig.SWEEP]
+                kinds.append((f"int4gluon_g{group}", gl_cfgs, nbytes4, packs, call4))
     rows = []
     for kind, configs, nbytes, inputs, call in kinds:
         ranked = []
@@ -323,17 +328,21 @@ def chain_bench(model: str, shapes: dict, args, copy_gbs: float) -> list[dict]:
             nbytes += w.numel() + 2 * sz[0].numel() * 2
     xs = {K: torch.randn(1, K, device=dev, generator=g).to(dtype) for _, K, *_ in layers}
 
-    def step():
-        for name, K, w, s, z in layers:
-            wol.int4_weight_only_linear_triton(xs[K], w, s, z, group)
+    rows = []
+    # the public dispatch (on Hopper the Gluon GEMV: int4_gemv_gluon) and the tl tensor-core
+    # kernel, in this order and then again, so that neither gains from running second
+    for variant, gluon in (("autotuned", None), ("tl", False), ("autotuned", None), ("tl", False)):
+        def step(gluon=gluon):
+            for name, K, w, s, z in layers:
+                wol.int4_weight_only_linear_triton(xs[K], w, s, z, group, gluon=gluon)
 
-    # warm-up calls autotune outside the graph; then one graph of the whole step, replayed
-    us = harness.bench(step, warmup=2, rep=max(5, args.rep // 5), device=dev, cuda_graph=True)["median_ms"] * 1e3
-    gbs = nbytes / (us * 1e-6) / 1e9
-    rows = [{"variant": "autotuned", "us_per_step": us, "us_per_kernel": us / len(layers), "GB/s": gbs,
-             "%copy": 100 * gbs / copy_gbs, "kernels": len(layers), "MB": nbytes / 1e6,
-             "floor_us": nbytes / (copy_gbs * 1e9) * 1e6}]
-    print(f"  autotuned: {us:.0f} us a step ({gbs:.0f} GB/s, {rows[0]['%copy']:.0f}% copy)", flush=True)
+        # warm-up calls autotune outside the graph; then one graph of the whole step, replayed
+        us = harness.bench(step, warmup=2, rep=max(5, args.rep // 5), device=dev, cuda_graph=True)["median_ms"] * 1e3
+        gbs = nbytes / (us * 1e-6) / 1e9
+        rows.append({"variant": variant, "us_per_step": us, "us_per_kernel": us / len(layers), "GB/s": gbs,
+                     "%copy": 100 * gbs / copy_gbs, "kernels": len(layers), "MB": nbytes / 1e6,
+                     "floor_us": nbytes / (copy_gbs * 1e9) * 1e6})
+        print(f"  {variant}: {us:.0f} us a step ({gbs:.0f} GB/s, {rows[-1]['%copy']:.0f}% copy)", flush=True)
     return rows
 
 

@@ -1080,17 +1080,35 @@ def _int4_mma_applies(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
                                    zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None,
-                                   config: Optional[dict] = None) -> torch.Tensor:
+                                   config: Optional[dict] = None, gluon: Optional[bool] = None) -> torch.Tensor:
     """Launch the int4 weight-only decode kernel (any M; built for M <= 16). One row on a
-    CUDA GPU with scales and zeros in x's dtype: the tensor-core GEMV (``_int4_mma_kernel``),
-    unless ``config`` forces a tile of ``_int4_kernel`` (a config with ``"MMA": True``
-    forces one of the tensor-core kernel's)."""
+    CUDA GPU with scales and zeros in x's dtype: on Hopper the Gluon GEMV with a TMA ring
+    (``int4_gemv_gluon``; ``gluon=False`` keeps the ``tl`` kernels, ``gluon=True`` raises
+    where it does not apply), else the tensor-core GEMV (``_int4_mma_kernel``), unless
+    ``config`` forces a tile of ``_int4_kernel`` (a config with ``"MMA": True`` forces one
+    of the tensor-core kernel's, one with ``"GLUON": True`` one of the Gluon kernel's)."""
     name = "int4_weight_only_linear_triton"
     N, K = _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias)
     _require_triton(name)
     _check_kernel_dtype(name, x)
     x2 = _rows(x, K)
     M = x2.shape[0]
+    forced = gluon or (config is not None and config.get("GLUON", False))
+    if forced or (gluon is None and config is None):
+        from . import int4_gemv_gluon as ig
+
+        if ig.int4_gemv_gluon_applies(x2, w_packed, scales, zeros, group_size) and N:
+            pdl = pdl_options(x)["PDL"]
+            if config is not None and config.get("GLUON"):
+                cfg = {k: v for k, v in config.items() if k != "GLUON"}
+            else:
+                cfg = ig.tuned_config(x2, w_packed, scales, zeros, group_size, bias, pdl)
+            out = ig.int4_gemv_gluon_launch(x2, w_packed, scales, zeros, group_size, bias, cfg, pdl)
+            return out.reshape(*x.shape[:-1], N)
+        if forced:
+            raise ValueError(f"{name}: the Gluon GEMV needs one row of bf16 / fp16 x on a Hopper GPU with Triton's "
+                             f"Gluon, scales and zeros in x's dtype, group_size >= {ig.MIN_GROUP} and K % 128 == 0; "
+                             f"got {M} rows of {x.dtype} on {x.device}, group_size={group_size}, K={K}")
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M and N and K:
         w = unit_stride_last(w_packed)

@@ -1,0 +1,313 @@
+"""One-row int4 weight-only GEMV on Hopper in Gluon: the weights stream through a TMA ring.
+
+``weight_only_linear._int4_mma_kernel`` (Triton ``tl``) loads each lane's weight words with
+scalar global loads into registers. Nsight Compute showed it latency bound: 127-156
+registers a thread, 19-25 % occupancy, warps waiting on their loads and DRAM at 26-53 % of
+peak. Here the same arithmetic (inline-PTX ``mma.sync.m16n8k16``: the nibbles become the
+16-bit floats magic + q by bit operations, the group's scale and zero apply once per row in
+fp32; see ``_int4_mma_asm``) consumes words that TMA has copied into a ring of STAGES
+shared-memory slots, one 128-column segment (64 bytes a row) each, STAGES segments ahead:
+the bytes in flight no longer cost registers.
+
+A program owns BLOCK_N = 16 * G rows (G row blocks of 16, spread over its warps) and a
+contiguous range of segments (split-K). A slot holds the program's rows' words of one
+segment, (BLOCK_N, 16) int32 without swizzle, read back as (G, 2, 8, 4, 4): row
+16 g + 8 h + r, words 4 c + w. Lane 4 r + c of a row block's warp takes words 4c..4c+3 of
+rows r and r + 8 (two 16-byte shared loads); the lane layout is explicit here, so no
+compiler choice can mix lanes of different row blocks (the reason the ``tl`` kernel keeps
+every tensor 1-D). x, the scales and zeros come from global memory one segment ahead.
+Split-K partials meet in a workspace; the last split to arrive sums them in order.
+
+Gluon does not run under Triton's interpreter. ``cuda`` tests compare it to the reference;
+a CPU test compiles it for sm_90 ahead of time.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._common import _capability, arrival_counters, gdc_wait
+from .int8_mm_gluon import gluon_available
+
+SEGMENT = 128  # columns of one segment: one quantization group or part of one (groups >= 128)
+MIN_GROUP = 128
+
+# rows a program (16 * row blocks, at least one a warp), warps, splits of K at most (each split
+# a contiguous range of 128-column segments), ring depth in segments
+DEFAULT_CONFIG = {"block_n": 64, "warps": 4, "split_k": 8, "stages": 8}
+# the candidates ``experiments.bench_weight_only_linear --sweep`` times (kind int4gluon)
+SWEEP = [{"block_n": bn, "warps": w, "split_k": sk, "stages": st}
+         for bn, w in ((32, 2), (64, 4), (128, 4), (256, 8))
+         for sk in (1, 2, 4, 8, 16) for st in (4, 8)]
+_TUNED: dict = {}  # (N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
+
+
+def candidates(N: int, K: int, num_sms: int) -> list[dict]:
+    """The configurations ``tuned_config`` times for an (N, K) weight: 64 or 128 rows a
+    program, 4 warps, a ring of 4 or 8 segments, and the splits of K that give between one
+    and eight programs an SM (or the largest split where even that is too few)."""
+    n_seg = max(1, K // SEGMENT)
+    out = []
+    for bn in (64, 128):
+        tiles = -(-N // bn)
+        splits = [sk for sk in (1, 2, 4, 8, 16) if sk <= n_seg and num_sms <= tiles * sk <= 8 * num_sms]
+        if not splits:
+            splits = [min(16, n_seg) if tiles < num_sms else 1]
+        out += [{"block_n": bn, "warps": 4, "split_k": sk, "stages": st} for sk in splits for st in (4, 8)]
+    return out
+
+
+if gluon_available():
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    import triton.language as tl  # tl.debug_barrier: a CTA barrier in every Gluon version (gl.thread_barrier
+    # in Triton 3.6, gl.barrier in 3.8)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+
+    from .weight_only_linear import _int4_mma_word
+
+    @gluon.jit
+    def _issue(w_desc, bufs, bars, j, seg0, n_local, row0, STAGES: gl.constexpr):
+        """TMA of the program's j-th segment's words into slot j % STAGES (none past the last)."""
+        pred = j < n_local
+        s = j % STAGES
+        bar = bars.index(s)
+        mbarrier.expect(bar, w_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(w_desc, [row0, (seg0 + j) * 16], bar, bufs.index(s), pred)
+
+    @gluon.jit
+    def _lane_words(t, L2: gl.constexpr):
+        """(G, 2, 8, 4, 4) words [row block, h, r, c, w] held as lane 4r + c's 8 words →
+        U, V: 4 tensors (G, 32) each, word w of rows r (h = 0) and r + 8 (h = 1) in lane 4r + c."""
+        G: gl.constexpr = t.shape[0]
+        t = gl.permute(t, (0, 2, 3, 1, 4))  # [g, r, c, h, w]
+        t = gl.reshape(t, (G, 8, 4, 2, 2, 2))  # w = 2 w1 + w0
+        w_0, w_1 = gl.split(t)  # w0
+        w_00, w_10 = gl.split(w_0)  # w1: words 0, 2
+        w_01, w_11 = gl.split(w_1)  # words 1, 3
+        u0, v0 = gl.split(w_00)
+        u2, v2 = gl.split(w_10)
+        u1, v1 = gl.split(w_01)
+        u3, v3 = gl.split(w_11)
+        U = (_lanes(u0, L2), _lanes(u1, L2), _lanes(u2, L2), _lanes(u3, L2))
+        V = (_lanes(v0, L2), _lanes(v1, L2), _lanes(v2, L2), _lanes(v3, L2))
+        return U, V
+
+    @gluon.jit
+    def _lanes(t, L2: gl.constexpr):
+        """(G, 8, 4) [g, r, c] → (G, 32) in L2 (element [g, 4r + c] in lane 4r + c): only a
+        relabelling, checked at compile time."""
+        return gl.convert_layout(gl.reshape(t, (t.shape[0], 32)), L2, assert_trivial=True)
+
+    @gluon.jit
+    def _halves(v):
+        return v.to(gl.int32), (v >> 32).to(gl.int32)
+
+    @gluon.jit
+    def _xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP: gl.constexpr):
+        """Segment ``seg``'s x for each lane (x as int64: 8 loads, 16 int32 pairs; the same
+        addresses for the 8 lanes of a column quarter, served by L1) and the group's scales
+        and zeros of rows r and r + 8, in fp32."""
+        xb = x_ptr + seg * 32 + x_offs
+        X = (_halves(gl.load(xb)), _halves(gl.load(xb + 1)), _halves(gl.load(xb + 2)), _halves(gl.load(xb + 3)),
+             _halves(gl.load(xb + 4)), _halves(gl.load(xb + 5)), _halves(gl.load(xb + 6)), _halves(gl.load(xb + 7)))
+        g = (seg * 128) // GROUP
+        SZ = (gl.load(s_ptr + g + s_offs).to(gl.float32), gl.load(z_ptr + g + z_offs).to(gl.float32),
+              gl.load(s_ptr + g + s8_offs).to(gl.float32), gl.load(z_ptr + g + z8_offs).to(gl.float32))
+        return X, SZ
+
+    @gluon.jit
+    def _segment(acc_r, acc_r8, U, V, X, SZ, F16: gl.constexpr):
+        """One segment: ``weight_only_linear._int4_mma_segment``'s arithmetic (two mma chains,
+        then s·Σt·x + (z − magic·s)·Σx per row in fp32)."""
+        MAGIC: gl.constexpr = 1024.0 if F16 else 128.0
+        zero = gl.zeros_like(acc_r)
+        Da = (zero, zero, zero, zero)
+        Sa = (zero, zero, zero, zero)
+        Db = (zero, zero, zero, zero)
+        Sb = (zero, zero, zero, zero)
+        for w in gl.static_range(2):
+            Da, Sa = _int4_mma_word(Da, Sa, U[w], V[w], X[2 * w][0], X[2 * w][1], X[2 * w + 1][0], X[2 * w + 1][1],
+                                    F16)
+            Db, Sb = _int4_mma_word(Db, Sb, U[w + 2], V[w + 2], X[2 * w + 4][0], X[2 * w + 4][1], X[2 * w + 5][0],
+                                    X[2 * w + 5][1], F16)
+        sr, zr, sr8, zr8 = SZ
+        sx = Sa[0] + Sb[0]
+        acc_r += sr * (Da[0] + Db[0]) + (zr - MAGIC * sr) * sx
+        acc_r8 += sr8 * (Da[2] + Db[2]) + (zr8 - MAGIC * sr8) * sx
+        return acc_r, acc_r8
+
+    @gluon.jit
+    def _int4_gemv_gluon_kernel(w_desc, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                                N, K, stride_sn, stride_zn,
+                                GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
+                                SPLIT_K: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
+                                num_warps: gl.constexpr):
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        G: gl.constexpr = BLOCK_N // 16
+        L5: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1],
+                                            [4, 3, 2, 1, 0])
+        L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
+
+        pid_n = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        row0 = pid_n * BLOCK_N
+        n_seg = K // 128
+        per = gl.cdiv(n_seg, SPLIT_K)
+        seg0 = pid_k * per
+        n_local = gl.maximum(gl.minimum(n_seg, seg0 + per) - seg0, 0)
+
+        bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        # the weights do not depend on the previous kernel: requested before waiting for it
+        for i in gl.static_range(STAGES):
+            _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES)
+        if PDL:
+            gdc_wait()
+
+        g_idx = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, L2)), 1)
+        lane = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0)
+        r = lane // 4
+        cc = lane % 4
+        row = (row0 + g_idx * 16 + r) % N  # rows past the edge wrap (their results are not stored)
+        row8 = (row0 + g_idx * 16 + 8 + r) % N
+        s_offs = row * stride_sn
+        z_offs = row * stride_zn
+        s8_offs = row8 * stride_sn
+        z8_offs = row8 * stride_zn
+        x_offs = cc * 8 + g_idx * 0  # (G, 32): int64 units, the lane's 32 columns
+        acc_r = gl.zeros((G, 32), gl.float32, L2)
+        acc_r8 = gl.zeros((G, 32), gl.float32, L2)
+
+        last = seg0 + gl.maximum(n_local - 1, 0)
+        X, SZ = _xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0, n_seg - 1), x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+        for j in range(n_local):
+            X1, SZ1 = _xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), x_offs, s_offs, z_offs, s8_offs,
+                          z8_offs, GROUP)
+            s = j % STAGES
+            mbarrier.wait(bars.index(s), (j // STAGES) & 1)
+            U, V = _lane_words(bufs.index(s)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5), L2)
+            tl.debug_barrier()  # every warp has read slot s before it is refilled
+            _issue(w_desc, bufs, bars, j + STAGES, seg0, n_local, row0, STAGES)
+            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, X, SZ, F16)
+            X, SZ = X1, SZ1
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        # row r's result is in lanes 4r..4r+3 (all equal): rows 16g + r (lo) and 16g + 8 + r (hi)
+        LG: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [num_warps, 1], [1, 0])
+        lo = gl.convert_layout(gl.max(gl.reshape(acc_r, (G, 8, 4)), axis=2), LG)
+        hi = gl.convert_layout(gl.max(gl.reshape(acc_r8, (G, 8, 4)), axis=2), LG)
+        offs_lo = (row0 + 16 * gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, LG)), 1)
+                   + gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, LG)), 0))
+        offs_hi = offs_lo + 8
+        m_lo = offs_lo < N
+        m_hi = offs_hi < N
+        if SPLIT_K == 1:
+            _finish(lo, offs_lo, m_lo, b_ptr, out_ptr, HAS_BIAS)
+            _finish(hi, offs_hi, m_hi, b_ptr, out_ptr, HAS_BIAS)
+        else:
+            gl.store(ws_ptr + pid_k * N + offs_lo, lo, mask=m_lo)
+            gl.store(ws_ptr + pid_k * N + offs_hi, hi, mask=m_hi)
+            tl.debug_barrier()  # every thread's partial is stored before the arrival is released
+            arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                lo = gl.zeros_like(lo)
+                hi = gl.zeros_like(hi)
+                for i in gl.static_range(SPLIT_K):  # in split order: the same sum every launch
+                    lo += gl.load(ws_ptr + i * N + offs_lo, mask=m_lo, other=0.0, cache_modifier=".cg")
+                    hi += gl.load(ws_ptr + i * N + offs_hi, mask=m_hi, other=0.0, cache_modifier=".cg")
+                _finish(lo, offs_lo, m_lo, b_ptr, out_ptr, HAS_BIAS)
+                _finish(hi, offs_hi, m_hi, b_ptr, out_ptr, HAS_BIAS)
+                gl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+    @gluon.jit
+    def _finish(res, offs_n, mask, b_ptr, out_ptr, HAS_BIAS: gl.constexpr):
+        if HAS_BIAS:
+            res += gl.load(b_ptr + offs_n, mask=mask, other=0.0).to(gl.float32)
+        gl.store(out_ptr + offs_n, res.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def int4_gemv_gluon_applies(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                            group_size: int) -> bool:
+    """One row of bf16 / fp16 x on a Hopper GPU (TMA), scales and zeros in x's dtype, groups
+    of at least 128 columns, K a multiple of 128, the packed rows 16-byte aligned (TMA)."""
+    if not (x.is_cuda and gluon_available() and x.dtype in (torch.bfloat16, torch.float16)
+            and scales.dtype == x.dtype and zeros.dtype == x.dtype and group_size >= MIN_GROUP
+            and x.shape[-1] > 0 and x.shape[-1] % SEGMENT == 0 and x.numel() == x.shape[-1]):
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] == 9
+
+
+def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           group_size: int, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                           pdl: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x · dequantize(w_packed)ᵀ (+ bias) for one row of x (``int4_gemv_gluon_applies``
+    true; shapes checked by the caller): (N, K/2) packed uint8 (column 2j in byte j's low
+    nibble), (N, K/group_size) scales and zeros. ``config``: a dict like ``DEFAULT_CONFIG``.
+    Returns (1, N) in x's dtype (into ``out`` where given)."""
+    import triton
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    K = x.shape[-1]
+    N = w_packed.shape[0]
+    x2 = x.reshape(1, K)
+    if x2.stride(-1) != 1 or x2.storage_offset() % 4:
+        x2 = x2.contiguous().clone()
+    w = w_packed if (w_packed.stride(-1) == 1 and w_packed.stride(0) % 16 == 0
+                     and w_packed.data_ptr() % 16 == 0) else w_packed.contiguous()
+    w32 = w.view(torch.int32)  # (N, K/8): word j holds columns 8j..8j+7, column 8j + i at bits 4i
+    bn, warps = cfg["block_n"], cfg["warps"]
+    if bn not in (16, 32, 64, 128, 256) or bn % (16 * warps):
+        raise ValueError(f"int4_gemv_gluon_launch: block_n must be a power of two of 16..256 rows with a row block "
+                         f"of 16 for each of the {warps} warps at least, got block_n={bn}")
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
+    n_seg = K // SEGMENT
+    split = max(1, min(cfg["split_k"], n_seg))
+    n_tiles = triton.cdiv(N, bn)
+    if out is None:
+        out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    ws = torch.empty(split * N if split > 1 else 1, dtype=torch.float32, device=x.device)
+    cnt = arrival_counters(x.device, n_tiles)
+    s = scales if scales.stride(-1) == 1 else scales.contiguous()
+    z = zeros if zeros.stride(-1) == 1 else zeros.contiguous()
+    b = bias.contiguous() if bias is not None else s
+    extra = {"launch_pdl": True} if pdl else {}
+    _int4_gemv_gluon_kernel[(n_tiles, split)](
+        w_desc, x2.view(torch.int64), s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
+        GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16, SPLIT_K=split,
+        STAGES=cfg["stages"], PDL=pdl and gdc_wait is not None, num_warps=warps, **extra)
+    return out
+
+
+def tuned_config(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int, bias: Optional[torch.Tensor], pdl: bool) -> dict:
+    """The fastest of ``candidates`` for this shape, timed once a process with
+    ``_common.short_bench`` (host gaps excluded) on these arguments, as Triton's autotuner
+    would; cached per (N, K, group size, dtype, bias, PDL)."""
+    N, K = w_packed.shape[0], x.shape[-1]
+    key = (N, K, group_size, x.dtype, bias is not None, pdl)
+    if key not in _TUNED:
+        from ._common import short_bench
+        from .int8_mm import _num_sms
+
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        cands = candidates(N, K, _num_sms(index))
+        if len(cands) == 1:
+            _TUNED[key] = cands[0]
+        else:
+            out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+            times = []
+            for c in cands:
+                times.append(short_bench(lambda c=c: int4_gemv_gluon_launch(x, w_packed, scales, zeros, group_size,
+                                                                            bias, c, pdl, out), [0.5]))
+            _TUNED[key] = cands[min(range(len(cands)), key=times.__getitem__)]
+    return _TUNED[key]

@@ -1,0 +1,199 @@
+"""The Hopper Gluon int4 GEMV (``fastzoo.ops.int4_gemv_gluon``): parity with the reference
+on the GPU (``cuda`` tests), and an ahead-of-time sm_90 compile on the CPU (no GPU needed)
+that checks the layout its correctness and speed rest on."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import rel_err, run_aot_compile
+
+from fastzoo.ops import int4_gemv_gluon as ig
+from fastzoo.ops.int8_mm_gluon import gluon_available
+from fastzoo.ops.weight_only_linear import (int4_dequantize, int4_weight_only_linear,
+                                            int4_weight_only_linear_triton)
+from fastzoo.quant.linear import Int4WeightOnlyLinear
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+needs_hopper = pytest.mark.skipif(not (_hopper() and gluon_available()),
+                                  reason="the Gluon GEMV runs on Hopper with Triton's Gluon")
+
+RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+# forced configurations: one row block a warp or two, split-K with splits of unequal length
+# or none at all (K = 640: 5 segments), a ring shallower and deeper than a split's segments
+TILES = [dict(GLUON=True, block_n=64, warps=4, split_k=1, stages=4),
+         dict(GLUON=True, block_n=128, warps=4, split_k=4, stages=8),
+         dict(GLUON=True, block_n=32, warps=2, split_k=3, stages=2),
+         dict(GLUON=True, block_n=256, warps=8, split_k=16, stages=12)]
+
+
+def _weights(N, K, group, dtype, g, dev):
+    p, s, z = Int4WeightOnlyLinear.quantize(torch.randn(N, K, device=dev, generator=g) * K**-0.5, group)
+    return p, s.to(dtype), z.to(dtype)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("group", [128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_gluon_gemv_matches_fp32(group, dtype, monkeypatch):
+    """Against an fp32 product of the same dequantized weights at Llama-2-7B shapes and at
+    N not a multiple of 16 (1000, 17), one segment (K = 256 with group 128), splits past
+    the segments (K = 640); with and without bias; the public op takes this kernel."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(group)
+    calls = []
+    launch = ig.int4_gemv_gluon_launch
+    monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    for N, K in [(4096, 4096), (12288, 4096), (4096, 11008), (1000, 4096), (17, 640), (4100, 256 * (group // 128))]:
+        x = torch.randn(1, K, device=dev, generator=g).to(dtype)
+        p, s4, z4 = _weights(N, K, group, dtype, g, dev)
+        for bias in (None, torch.randn(N, device=dev, generator=g).to(dtype)):
+            ref = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32),
+                           None if bias is None else bias.float())
+            calls.clear()
+            assert rel_err(int4_weight_only_linear(x, p, s4, z4, group, bias), ref) < RTOL[dtype] / 2, (N, K)
+            assert calls, "the public op did not take the Gluon GEMV"
+            for tile in TILES:
+                out = int4_weight_only_linear_triton(x, p, s4, z4, group, bias, config=tile)
+                assert rel_err(out, ref) < RTOL[dtype] / 2, (N, K, tile)
+
+
+@pytest.mark.cuda
+@needs_hopper
+def test_cuda_gluon_gemv_exact_and_rows_kept_apart():
+    """Bit-exact where every product and sum is exact (integer x / 4, every nibble value,
+    scales 2^-e, integer zeros), for every forced tile; one nonzero weight lands in its own
+    row only (lanes of different row blocks or rows r / r + 8 mixed would spread it)."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(3)
+    dtype, group, N, K = torch.bfloat16, 128, 48, 640
+    q = torch.randint(0, 16, (N, K), device=dev, generator=g, dtype=torch.uint8)
+    q[0] = torch.arange(K, device=dev) % 16
+    s4 = (2.0 ** -torch.randint(0, 3, (N, K // group), device=dev, generator=g)).to(dtype)
+    z4 = torch.randint(-3, 4, (N, K // group), device=dev, generator=g).to(dtype)
+    x = torch.randint(-2, 3, (1, K), device=dev, generator=g).to(dtype) / 4
+    one = torch.zeros_like(q)
+    one[25, 300] = 3
+    for qq, xx in ((q, x), (one, torch.ones_like(x))):
+        p = qq[:, 0::2] | (qq[:, 1::2] << 4)
+        truth = F.linear(xx.double(), int4_dequantize(p, s4, z4, group, torch.float64)).to(dtype)
+        for tile in TILES:
+            assert torch.equal(int4_weight_only_linear_triton(xx, p, s4, z4, group, config=tile), truth), tile
+
+
+@pytest.mark.cuda
+@needs_hopper
+def test_cuda_gluon_split_k_repeatable_and_counters_reset():
+    """Split-K partials meet in the same launch: repeated calls give identical bits and
+    leave every arrival counter at zero; the tl tensor-core kernel (gluon=False) agrees."""
+    from fastzoo.ops._common import ARRIVAL_COUNTERS
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(5)
+    x = torch.randn(1, 4096, device=dev, generator=g).to(torch.bfloat16)
+    p, s4, z4 = _weights(4096, 4096, 128, torch.bfloat16, g, dev)
+    tile = dict(GLUON=True, block_n=64, warps=4, split_k=8, stages=4)
+    outs = [int4_weight_only_linear_triton(x, p, s4, z4, 128, config=tile) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert int(ARRIVAL_COUNTERS[x.device].abs().sum()) == 0
+    tl_out = int4_weight_only_linear_triton(x, p, s4, z4, 128, gluon=False)
+    assert rel_err(outs[0], tl_out.float()) < 5e-3
+
+
+def test_gluon_gemv_refused_where_it_does_not_apply():
+    """gluon=True where the kernel does not apply (CPU tensors, several rows, groups below
+    128): an error that names the conditions, not another kernel."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(0)
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(32, 256, generator=g), 128)
+    x = torch.randn(1, 256, generator=g)
+    with pytest.raises(ValueError, match="Gluon GEMV needs one row"):
+        int4_weight_only_linear_triton(x.bfloat16(), p, s4.bfloat16(), z4.bfloat16(), 128, gluon=True)
+    assert not ig.int4_gemv_gluon_applies(x.bfloat16(), p, s4.bfloat16(), z4.bfloat16(), 128)
+
+
+def test_gluon_gemv_candidates_fill_the_gpu():
+    """The tuner's candidates: each split has at least one segment, and the grid gives
+    every SM a program where the shape allows (Llama-2-7B's shapes on 132 SMs)."""
+    for N, K in [(4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (32000, 4096), (48, 256)]:
+        cands = ig.candidates(N, K, 132)
+        assert cands
+        for c in cands:
+            assert 1 <= c["split_k"] <= max(1, K // ig.SEGMENT)
+            assert c["block_n"] % (16 * c["warps"]) == 0
+            tiles = -(-N // c["block_n"])
+            if N * K >= 4096 * 4096:
+                assert tiles * c["split_k"] >= 132, (N, K, c)
+
+
+# Compiled in a fresh process: Triton's interpreter (on in this test process) replaces
+# triton.language's functions, so code generation cannot run here.
+_AOT_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from fastzoo.ops import int4_gemv_gluon as mod
+
+jit = mod._int4_gemv_gluon_kernel
+report = []
+for v in json.loads(sys.argv[1]):
+    dt = "fp16" if v["f16"] else "bf16"
+    lay = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    sig = {"w_desc": f"tensordesc<i32[{v['block_n']}, 16],{lay!r}>", "x_ptr": "*i64", "s_ptr": f"*{dt}",
+           "z_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    const = {"GROUP": v["group"], "HAS_BIAS": True, "F16": v["f16"], "SPLIT_K": v["split_k"], "STAGES": v["stages"],
+             "PDL": v["pdl"], "num_warps": v["warps"]}
+    sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
+    src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): c for k, c in const.items()},
+                         attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
+                                for n in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr")})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": v["warps"]})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        open(os.path.join(d, "k.ptx"), "w").write(kernel.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"), "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    report.append({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "ptxas": log.stdout + log.stderr,
+                   "ptxas_rc": log.returncode, **v})
+print("AOT-REPORT" + json.dumps(report))
+"""
+
+
+def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
+    """Compile for sm_90 ahead of time: GPU-only compile errors show in CPU CI. In the
+    segment loop: one row block a warp needs 16 m16n8k16 mma a segment; its words reach
+    the lanes by two 16-byte shared loads (rows r and r + 8, 512 bytes apart) and no
+    shuffle (the relabelling of the loaded tile to the lanes' layout is checked trivial at
+    compile time); TMA fills the ring; no local-memory spills; with PDL the wait comes after
+    the first TMA requests."""
+    if not gluon_available():
+        pytest.skip("this Triton has no Gluon Hopper API")
+    variants = [dict(block_n=64, warps=4, split_k=8, stages=8, group=128, f16=False, pdl=True),
+                dict(block_n=128, warps=4, split_k=1, stages=4, group=256, f16=True, pdl=False)]
+    proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
+        ptx = item["ptx"]
+        loop = ptx.split("Loop Header", 1)[1].split("%._crit_edge", 1)[0]
+        per_warp = item["block_n"] // 16 // item["warps"]
+        assert loop.count("mma.sync.aligned.m16n8k16") == 16 * per_warp
+        assert loop.count("ld.shared.v4.b32") == 2 * per_warp
+        assert "+512]" in loop  # rows r + 8: 8 rows of 64 bytes on
+        assert "shfl" not in loop
+        assert "cp.async.bulk.tensor.2d" in ptx
+        assert ".local" not in ptx
+        if item["pdl"]:
+            assert ptx.index("cp.async.bulk.tensor") < ptx.index("griddepcontrol.wait")
+        else:
+            assert "griddepcontrol.wait" not in ptx
+        assert item["shared"] <= 227 * 1024
+        assert item["ptxas_rc"] == 0, item["ptxas"][-2000:]
+        assert "spill" not in item["ptxas"] or " 0 bytes spill stores" in item["ptxas"], item["ptxas"][-2000:]
