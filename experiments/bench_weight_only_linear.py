@@ -349,6 +349,7 @@ def chain_bench(model: str, shapes: dict, args, copy_gbs: float) -> list[dict]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one shape (wo), M = 1, few repeats, nothing saved")
+    p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     p.add_argument("--llama3", action="store_true", help="Llama-3-8B shapes instead of Llama-2-7B")
     p.add_argument("--ms", type=int, nargs="+", default=[1, 8])
     p.add_argument("--groups", type=int, nargs="+", default=[32, 128])
@@ -388,7 +389,8 @@ def main(argv=None):
             p.error("--chain times a whole decode step's linears: it takes neither --quick nor --shapes")
         rows = chain_bench(model, shapes, args, copy_gbs)
         harness.print_table(rows, ["variant", "us_per_step", "us_per_kernel", "GB/s", "%copy", "floor_us"])
-        path = harness.save_result(f"weight_only_linear_int4_chain_{model}", {"copy_gbs": copy_gbs, "rows": rows}, args)
+        path = harness.save_result(f"weight_only_linear_int4_chain_{model}", {"copy_gbs": copy_gbs, "rows": rows}, args,
+                                   out_dir=args.out_dir)
         print(f"saved {path}")
         return
     if args.sweep:
@@ -401,7 +403,8 @@ def main(argv=None):
         best = sweep_summary(rows)
         harness.print_table(best, ["shape", "M", "kind", "us", "GB/s", "%copy", "median_us", "n_configs", "config"])
         path = harness.save_result(_record_name("weight_only_linear_sweep", args),
-                                   {"copy_gbs": copy_gbs, "rows": best, "all_configs": rows}, args)
+                                   {"copy_gbs": copy_gbs, "rows": best, "all_configs": rows}, args,
+                                   out_dir=args.out_dir)
         print(f"saved {path}")
         return
     compiled_int8 = torch.compile(_gpt_fast_int8, dynamic=False,
@@ -422,7 +425,8 @@ def main(argv=None):
     print(f"\nmax rel err of the fastzoo kernels: {worst:.2e}")
     if not args.quick:
         path = harness.save_result(_record_name("weight_only_linear", args),
-                                   {"copy_gbs": copy_gbs, "rows": rows, "steps": steps, "max_err": worst}, args)
+                                   {"copy_gbs": copy_gbs, "rows": rows, "steps": steps, "max_err": worst}, args,
+                                   out_dir=args.out_dir)
         print(f"saved {path}")
     if not worst < 2e-2:
         raise SystemExit(f"kernel error too large: {worst}")
