@@ -11,7 +11,8 @@
     # the int8 GEMV tiles with and without evict-first weight loads:
     python -m experiments.bench_weight_only_linear --sweep --shapes wqkv,wo,w13,w2 --kinds int8 --ms 1 --int8-variants
     # one decode step's int4 GEMVs back to back (ramp-ups, tails and launch overlap included),
-    # the public dispatch (on Hopper the Gluon GEMV) and the tl tensor-core kernel, twice each:
+    # the public dispatch (on Hopper the Gluon GEMV), the tl tensor-core kernel and the Gluon GEMV
+    # with the early-launch trigger, twice each:
     python -m experiments.bench_weight_only_linear --chain
 
 At decode time a linear reads every weight once per token, so its ceiling is the
@@ -271,8 +272,12 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["shape"], r["M"], r["kind"]) for r in rows):
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
-        tile = (f"N{c['BLOCK_N']} K{c.get('BLOCK_K', 128)} split{c['SPLIT_K']} w{c['num_warps']} s{c['num_stages']}"
-                + (" prefetch" if c.get("PREFETCH") else "") + (" evict" if c.get("EVICT_W") else ""))
+        if c.get("GLUON"):  # the Gluon GEMV's keys (int4_gemv_gluon.SWEEP)
+            tile = f"N{c['block_n']} split{c['split_k']} w{c['warps']} ring{c['stages']}"
+        else:
+            tile = (f"N{c['BLOCK_N']} K{c.get('BLOCK_K', 128)} split{c['SPLIT_K']} w{c['num_warps']} "
+                    f"s{c['num_stages']}" + (" prefetch" if c.get("PREFETCH") else "")
+                    + (" evict" if c.get("EVICT_W") else ""))
         out.append({**{k: sel[0][k] for k in ("shape", "M", "N", "K", "kind", "us", "GB/s", "%copy")},
                     "median_us": sel[len(sel) // 2]["us"], "slowest_us": sel[-1]["us"], "n_configs": len(sel),
                     "config": tile})
@@ -329,12 +334,26 @@ def chain_bench(model: str, shapes: dict, args, copy_gbs: float) -> list[dict]:
     xs = {K: torch.randn(1, K, device=dev, generator=g).to(dtype) for _, K, *_ in layers}
 
     rows = []
-    # the public dispatch (on Hopper the Gluon GEMV: int4_gemv_gluon) and the tl tensor-core
-    # kernel, in this order and then again, so that neither gains from running second
-    for variant, gluon in (("autotuned", None), ("tl", False), ("autotuned", None), ("tl", False)):
-        def step(gluon=gluon):
+    # the public dispatch (on Hopper the Gluon GEMV: int4_gemv_gluon), the tl tensor-core
+    # kernel and, on Hopper, the Gluon GEMV with the early-launch trigger, in this order and
+    # then again, so that none gains from its place
+    from fastzoo.ops import int4_gemv_gluon as ig
+    from fastzoo.ops._common import pdl_options
+
+    variants = [("autotuned", {"gluon": None}), ("tl", {"gluon": False})]
+    _, K0, w0, s0, z0 = layers[0]
+    if ig.int4_gemv_gluon_applies(xs[K0], w0, s0, z0, group):
+        pdl = pdl_options(xs[K0])["PDL"]
+        trig = {(w.shape[0], K): dict(ig.tuned_config(xs[K], w, s, z, group, None, pdl), GLUON=True, trigger=True)
+                for _, K, w, s, z in layers[:4]}
+        variants.append(("gluon+trigger", {"trig": trig}))
+    for variant, opts in variants * 2:
+        def step(opts=opts):
             for name, K, w, s, z in layers:
-                wol.int4_weight_only_linear_triton(xs[K], w, s, z, group, gluon=gluon)
+                if "trig" in opts:
+                    wol.int4_weight_only_linear_triton(xs[K], w, s, z, group, config=opts["trig"][(w.shape[0], K)])
+                else:
+                    wol.int4_weight_only_linear_triton(xs[K], w, s, z, group, gluon=opts["gluon"])
 
         # warm-up calls autotune outside the graph; then one graph of the whole step, replayed
         us = harness.bench(step, warmup=2, rep=max(5, args.rep // 5), device=dev, cuda_graph=True)["median_ms"] * 1e3

@@ -27,20 +27,21 @@ from typing import Optional
 
 import torch
 
-from ._common import _capability, arrival_counters, gdc_wait
+from ._common import _capability, arrival_counters, gdc_launch_dependents, gdc_wait
 from .int8_mm_gluon import gluon_available
 
 SEGMENT = 128  # columns of one segment: one quantization group or part of one (groups >= 128)
 MIN_GROUP = 128
 
 # rows a program (16 * row blocks, at least one a warp), warps, splits of K at most (each split
-# a contiguous range of 128-column segments), ring depth in segments
+# a contiguous range of 128-column segments), ring depth in segments; optional "trigger": True
+# (with PDL) lets the next kernel launch as soon as this grid's programs have started
 DEFAULT_CONFIG = {"block_n": 64, "warps": 4, "split_k": 8, "stages": 8}
 # the candidates ``experiments.bench_weight_only_linear --sweep`` times (kind int4gluon)
 SWEEP = [{"block_n": bn, "warps": w, "split_k": sk, "stages": st}
          for bn, w in ((32, 2), (64, 4), (128, 4), (256, 8))
          for sk in (1, 2, 4, 8, 16) for st in (4, 8)]
-_TUNED: dict = {}  # (N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
+_TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
 
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
@@ -143,7 +144,7 @@ if gluon_available():
                                 N, K, stride_sn, stride_zn,
                                 GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
                                 SPLIT_K: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
-                                num_warps: gl.constexpr):
+                                TRIGGER: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         G: gl.constexpr = BLOCK_N // 16
         L5: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1],
@@ -168,6 +169,8 @@ if gluon_available():
             _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES)
         if PDL:
             gdc_wait()
+        if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
+            gdc_launch_dependents()
 
         g_idx = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, L2)), 1)
         lane = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0)
@@ -235,10 +238,14 @@ if gluon_available():
 def int4_gemv_gluon_applies(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                             group_size: int) -> bool:
     """One row of bf16 / fp16 x on a Hopper GPU (TMA), scales and zeros in x's dtype, groups
-    of at least 128 columns, K a multiple of 128, the packed rows 16-byte aligned (TMA)."""
+    of at least 128 columns, K a multiple of 128, the packed weights as TMA reads them (unit
+    last stride, base and row stride 16-byte aligned: a weight made by ``quantize``; others
+    go to the ``tl`` kernels rather than being copied at every call)."""
     if not (x.is_cuda and gluon_available() and x.dtype in (torch.bfloat16, torch.float16)
             and scales.dtype == x.dtype and zeros.dtype == x.dtype and group_size >= MIN_GROUP
-            and x.shape[-1] > 0 and x.shape[-1] % SEGMENT == 0 and x.numel() == x.shape[-1]):
+            and x.shape[-1] > 0 and x.shape[-1] % SEGMENT == 0 and x.numel() == x.shape[-1]
+            and w_packed.dim() == 2 and w_packed.stride(-1) == 1 and w_packed.stride(0) % 16 == 0
+            and w_packed.data_ptr() % 16 == 0):
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] == 9
@@ -261,9 +268,7 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     x2 = x.reshape(1, K)
     if x2.stride(-1) != 1 or x2.storage_offset() % 4:
         x2 = x2.contiguous().clone()
-    w = w_packed if (w_packed.stride(-1) == 1 and w_packed.stride(0) % 16 == 0
-                     and w_packed.data_ptr() % 16 == 0) else w_packed.contiguous()
-    w32 = w.view(torch.int32)  # (N, K/8): word j holds columns 8j..8j+7, column 8j + i at bits 4i
+    w32 = w_packed.view(torch.int32)  # (N, K/8): word j holds columns 8j..8j+7, column 8j + i at bits 4i
     bn, warps = cfg["block_n"], cfg["warps"]
     if bn not in (16, 32, 64, 128, 256) or bn % (16 * warps):
         raise ValueError(f"int4_gemv_gluon_launch: block_n must be a power of two of 16..256 rows with a row block "
@@ -280,11 +285,12 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     s = scales if scales.stride(-1) == 1 else scales.contiguous()
     z = zeros if zeros.stride(-1) == 1 else zeros.contiguous()
     b = bias.contiguous() if bias is not None else s
-    extra = {"launch_pdl": True} if pdl else {}
+    pdl = pdl and gdc_wait is not None
     _int4_gemv_gluon_kernel[(n_tiles, split)](
         w_desc, x2.view(torch.int64), s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
         GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16, SPLIT_K=split,
-        STAGES=cfg["stages"], PDL=pdl and gdc_wait is not None, num_warps=warps, **extra)
+        STAGES=cfg["stages"], PDL=pdl, TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 
@@ -292,10 +298,13 @@ def tuned_config(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, 
                  group_size: int, bias: Optional[torch.Tensor], pdl: bool) -> dict:
     """The fastest of ``candidates`` for this shape, timed once a process with
     ``_common.short_bench`` (host gaps excluded) on these arguments, as Triton's autotuner
-    would; cached per (N, K, group size, dtype, bias, PDL)."""
+    would; cached per (device, N, K, group size, dtype, bias, PDL). During a CUDA-graph
+    capture (nothing can be timed) an untuned shape takes ``DEFAULT_CONFIG``."""
     N, K = w_packed.shape[0], x.shape[-1]
-    key = (N, K, group_size, x.dtype, bias is not None, pdl)
+    key = (x.device, N, K, group_size, x.dtype, bias is not None, pdl)
     if key not in _TUNED:
+        if torch.cuda.is_current_stream_capturing():
+            return DEFAULT_CONFIG
         from ._common import short_bench
         from .int8_mm import _num_sms
 

@@ -1093,13 +1093,16 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
     _check_kernel_dtype(name, x)
     x2 = _rows(x, K)
     M = x2.shape[0]
-    forced = gluon or (config is not None and config.get("GLUON", False))
+    gluon_config = config is not None and config.get("GLUON", False)
+    if (gluon is False and gluon_config) or (gluon and config is not None and not gluon_config):
+        raise ValueError(f"{name}: gluon={gluon} contradicts config={config}")
+    forced = gluon or gluon_config
     if forced or (gluon is None and config is None):
         from . import int4_gemv_gluon as ig
 
         if ig.int4_gemv_gluon_applies(x2, w_packed, scales, zeros, group_size) and N:
             pdl = pdl_options(x)["PDL"]
-            if config is not None and config.get("GLUON"):
+            if gluon_config:
                 cfg = {k: v for k, v in config.items() if k != "GLUON"}
             else:
                 cfg = ig.tuned_config(x2, w_packed, scales, zeros, group_size, bias, pdl)

@@ -31,3 +31,11 @@ def test_partial_runs_get_their_own_record_name():
     assert _record_name("weight_only_linear_sweep", ns(llama3=True)) == "weight_only_linear_sweep_llama3"
     assert _record_name("weight_only_linear_sweep", ns(shapes="wqkv,w2")) == "weight_only_linear_sweep_subset"
     assert _record_name("weight_only_linear", ns(kinds=("int8", "int4"))) == "weight_only_linear_subset"
+
+
+def test_sweep_summary_names_gluon_tiles():
+    """The Gluon GEMV's configurations (lower-case keys) are summarised too."""
+    cfg = {"GLUON": True, "block_n": 128, "warps": 4, "split_k": 8, "stages": 4, "num_warps": 4, "num_stages": 3}
+    rows = [{"shape": "wo", "M": 1, "N": 4096, "K": 4096, "kind": "int4gluon_g128", "config": cfg, "us": 5.0,
+             "GB/s": 1.0, "%copy": 1.0}]
+    assert sweep_summary(rows)[0]["config"] == "N128 split8 w4 ring4"

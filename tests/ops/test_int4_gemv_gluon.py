@@ -25,7 +25,8 @@ needs_hopper = pytest.mark.skipif(not (_hopper() and gluon_available()),
 RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 # forced configurations: one row block a warp or two, split-K with splits of unequal length
-# or none at all (K = 640: 5 segments), a ring shallower and deeper than a split's segments
+# or none at all (6 segments in 4 splits: 2, 2, 2, 0), a ring shallower and deeper than a
+# split's segments
 TILES = [dict(GLUON=True, block_n=64, warps=4, split_k=1, stages=4),
          dict(GLUON=True, block_n=128, warps=4, split_k=4, stages=8),
          dict(GLUON=True, block_n=32, warps=2, split_k=3, stages=2),
@@ -42,16 +43,20 @@ def _weights(N, K, group, dtype, g, dev):
 @pytest.mark.parametrize("group", [128, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_gluon_gemv_matches_fp32(group, dtype, monkeypatch):
-    """Against an fp32 product of the same dequantized weights at Llama-2-7B shapes and at
-    N not a multiple of 16 (1000, 17), one segment (K = 256 with group 128), splits past
-    the segments (K = 640); with and without bias; the public op takes this kernel."""
+    """Against an fp32 product of the same dequantized weights at Llama-2-7B shapes, at N not
+    a multiple of 16 (1000, 17) and below one row block (5: the TMA box taller than the
+    tensor), one segment (K = 128) or two, splits past the segments (6 segments in splits of
+    2); with and without bias; the public op takes this kernel; x at an offset of one
+    element (copied to an 8-byte-aligned row)."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(group)
     calls = []
     launch = ig.int4_gemv_gluon_launch
     monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    for N, K in [(4096, 4096), (12288, 4096), (4096, 11008), (1000, 4096), (17, 640), (4100, 256 * (group // 128))]:
-        x = torch.randn(1, K, device=dev, generator=g).to(dtype)
+    shapes = [(4096, 4096), (12288, 4096), (4096, 11008), (1000, 4096), (17, 768),
+              (5, 256), (4100, group)]
+    for N, K in shapes:
+        x = torch.randn(1, K + 1, device=dev, generator=g).to(dtype)[:, 1:]
         p, s4, z4 = _weights(N, K, group, dtype, g, dev)
         for bias in (None, torch.randn(N, device=dev, generator=g).to(dtype)):
             ref = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32),
@@ -66,13 +71,40 @@ def test_cuda_gluon_gemv_matches_fp32(group, dtype, monkeypatch):
 
 @pytest.mark.cuda
 @needs_hopper
+def test_cuda_gluon_gemv_without_pdl_with_trigger_and_misaligned_weights(monkeypatch):
+    """The kernel without programmatic dependent launch and with the early-launch trigger
+    gives the same bits; packed weights TMA cannot read (base not 16-byte aligned) go to the
+    tl kernel, with the same result up to summation order."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(11)
+    N, K, group = 4096, 4096, 128
+    x = torch.randn(1, K, device=dev, generator=g).to(torch.bfloat16)
+    p, s4, z4 = _weights(N, K, group, torch.bfloat16, g, dev)
+    cfg = dict(block_n=64, warps=4, split_k=4, stages=4)
+    base = ig.int4_gemv_gluon_launch(x, p, s4, z4, group, None, cfg, pdl=True)
+    assert torch.equal(ig.int4_gemv_gluon_launch(x, p, s4, z4, group, None, cfg, pdl=False), base)
+    assert torch.equal(ig.int4_gemv_gluon_launch(x, p, s4, z4, group, None, dict(cfg, trigger=True), pdl=True), base)
+    buf = torch.empty(N * K // 2 + 1, dtype=torch.uint8, device=dev)
+    shifted = buf[1:].view(N, K // 2)
+    shifted.copy_(p)
+    assert not ig.int4_gemv_gluon_applies(x, shifted, s4, z4, group)
+    calls = []
+    launch = ig.int4_gemv_gluon_launch
+    monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    out = int4_weight_only_linear(x, shifted, s4, z4, group)
+    assert not calls
+    assert rel_err(out, base.float()) < 5e-3
+
+
+@pytest.mark.cuda
+@needs_hopper
 def test_cuda_gluon_gemv_exact_and_rows_kept_apart():
     """Bit-exact where every product and sum is exact (integer x / 4, every nibble value,
     scales 2^-e, integer zeros), for every forced tile; one nonzero weight lands in its own
     row only (lanes of different row blocks or rows r / r + 8 mixed would spread it)."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(3)
-    dtype, group, N, K = torch.bfloat16, 128, 48, 640
+    dtype, group, N, K = torch.bfloat16, 128, 48, 768
     q = torch.randint(0, 16, (N, K), device=dev, generator=g, dtype=torch.uint8)
     q[0] = torch.arange(K, device=dev) % 16
     s4 = (2.0 ** -torch.randint(0, 3, (N, K // group), device=dev, generator=g)).to(dtype)
@@ -115,6 +147,9 @@ def test_gluon_gemv_refused_where_it_does_not_apply():
     x = torch.randn(1, 256, generator=g)
     with pytest.raises(ValueError, match="Gluon GEMV needs one row"):
         int4_weight_only_linear_triton(x.bfloat16(), p, s4.bfloat16(), z4.bfloat16(), 128, gluon=True)
+    with pytest.raises(ValueError, match="contradicts"):
+        int4_weight_only_linear_triton(x.bfloat16(), p, s4.bfloat16(), z4.bfloat16(), 128, gluon=False,
+                                       config=TILES[0])
     assert not ig.int4_gemv_gluon_applies(x.bfloat16(), p, s4.bfloat16(), z4.bfloat16(), 128)
 
 
@@ -150,7 +185,7 @@ for v in json.loads(sys.argv[1]):
     sig = {"w_desc": f"tensordesc<i32[{v['block_n']}, 16],{lay!r}>", "x_ptr": "*i64", "s_ptr": f"*{dt}",
            "z_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     const = {"GROUP": v["group"], "HAS_BIAS": True, "F16": v["f16"], "SPLIT_K": v["split_k"], "STAGES": v["stages"],
-             "PDL": v["pdl"], "num_warps": v["warps"]}
+             "PDL": v["pdl"], "TRIGGER": v["trigger"], "num_warps": v["warps"]}
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): c for k, c in const.items()},
                          attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
@@ -176,8 +211,8 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
     the first TMA requests."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
-    variants = [dict(block_n=64, warps=4, split_k=8, stages=8, group=128, f16=False, pdl=True),
-                dict(block_n=128, warps=4, split_k=1, stages=4, group=256, f16=True, pdl=False)]
+    variants = [dict(block_n=64, warps=4, split_k=8, stages=8, group=128, f16=False, pdl=True, trigger=True),
+                dict(block_n=128, warps=4, split_k=1, stages=4, group=256, f16=True, pdl=False, trigger=False)]
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
@@ -194,6 +229,7 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
             assert ptx.index("cp.async.bulk.tensor") < ptx.index("griddepcontrol.wait")
         else:
             assert "griddepcontrol.wait" not in ptx
+        assert ("griddepcontrol.launch_dependents" in ptx) == item["trigger"]
         assert item["shared"] <= 227 * 1024
         assert item["ptxas_rc"] == 0, item["ptxas"][-2000:]
         assert "spill" not in item["ptxas"] or " 0 bytes spill stores" in item["ptxas"], item["ptxas"][-2000:]
