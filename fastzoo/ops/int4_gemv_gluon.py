@@ -6,12 +6,13 @@ registers a thread, 19-25 % occupancy, warps waiting on their loads and DRAM at 
 peak. Here the same arithmetic (inline-PTX ``mma.sync.m16n8k16``: the nibbles become the
 16-bit floats magic + q by bit operations, the group's scale and zero apply once per row in
 fp32; see ``_int4_mma_asm``) consumes words that TMA has copied into a ring of STAGES
-shared-memory slots, one 128-column segment (64 bytes a row) each, STAGES segments ahead:
-the bytes in flight no longer cost registers.
+shared-memory slots of one or two 128-column segments (64 bytes a row each), STAGES slots
+ahead: the bytes in flight no longer cost registers.
 
 A program owns BLOCK_N = 16 * G rows (G row blocks of 16, spread over its warps) and a
 contiguous range of segments (split-K). A slot holds the program's rows' words of one
-segment, (BLOCK_N, 16) int32 without swizzle, read back as (G, 2, 8, 4, 4): row
+segment (or two, one after the other), (BLOCK_N, 16) int32 without swizzle, read back as
+(G, 2, 8, 4, 4): row
 16 g + 8 h + r, words 4 c + w. Lane 4 r + c of a row block's warp takes words 4c..4c+3 of
 rows r and r + 8 (two 16-byte shared loads); the lane layout is explicit here, so no
 compiler choice can mix lanes of different row blocks (the reason the ``tl`` kernel keeps
@@ -34,20 +35,22 @@ SEGMENT = 128  # columns of one segment: one quantization group or part of one (
 MIN_GROUP = 128
 
 # rows a program (16 * row blocks, at least one a warp), warps, splits of K at most (each split
-# a contiguous range of 128-column segments), ring depth in segments; optional "trigger": True
-# (with PDL) lets the next kernel launch as soon as this grid's programs have started
-DEFAULT_CONFIG = {"block_n": 64, "warps": 4, "split_k": 8, "stages": 8}
+# a contiguous range of 128-column segments), ring depth in slots, segments a slot (1 or 2: one
+# barrier wait and refill per slot); optional "trigger": True (with PDL) lets the next kernel
+# launch as soon as this grid's programs have started
+DEFAULT_CONFIG = {"block_n": 64, "warps": 4, "split_k": 8, "stages": 8, "segs": 1}
 # the candidates ``experiments.bench_weight_only_linear --sweep`` times (kind int4gluon)
-SWEEP = [{"block_n": bn, "warps": w, "split_k": sk, "stages": st}
+SWEEP = [{"block_n": bn, "warps": w, "split_k": sk, "stages": st, "segs": sg}
          for bn, w in ((32, 2), (64, 4), (128, 4), (256, 8))
-         for sk in (1, 2, 4, 8, 16) for st in (4, 8)]
+         for sk in (1, 2, 4, 8, 16) for st, sg in ((4, 1), (8, 1), (4, 2))]
 _TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
 
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
     """The configurations ``tuned_config`` times for an (N, K) weight: 64 or 128 rows a
-    program, 4 warps, a ring of 4 or 8 segments, and the splits of K that give between one
-    and eight programs an SM (or the largest split where even that is too few)."""
+    program, 4 warps, a ring of 4 or 8 one-segment slots or 4 two-segment slots, and the
+    splits of K that give between one and eight programs an SM (or the largest split where
+    even that is too few)."""
     n_seg = max(1, K // SEGMENT)
     out = []
     for bn in (64, 128):
@@ -55,7 +58,8 @@ def candidates(N: int, K: int, num_sms: int) -> list[dict]:
         splits = [sk for sk in (1, 2, 4, 8, 16) if sk <= n_seg and num_sms <= tiles * sk <= 8 * num_sms]
         if not splits:
             splits = [min(16, n_seg) if tiles < num_sms else 1]
-        out += [{"block_n": bn, "warps": 4, "split_k": sk, "stages": st} for sk in splits for st in (4, 8)]
+        out += [{"block_n": bn, "warps": 4, "split_k": sk, "stages": st, "segs": sg}
+                for sk in splits for st, sg in ((4, 1), (8, 1), (4, 2))]
     return out
 
 
@@ -69,13 +73,16 @@ if gluon_available():
     from .weight_only_linear import _int4_mma_word
 
     @gluon.jit
-    def _issue(w_desc, bufs, bars, j, seg0, n_local, row0, STAGES: gl.constexpr):
-        """TMA of the program's j-th segment's words into slot j % STAGES (none past the last)."""
-        pred = j < n_local
-        s = j % STAGES
+    def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES: gl.constexpr, SEGS: gl.constexpr):
+        """TMA of the program's i-th slot, its SEGS segments i·SEGS.., into ring slot i % STAGES
+        (none past the last; a last slot with fewer segments left reads the last one again)."""
+        pred = i * SEGS < n_local
+        s = i % STAGES
         bar = bars.index(s)
-        mbarrier.expect(bar, w_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [row0, (seg0 + j) * 16], bar, bufs.index(s), pred)
+        mbarrier.expect(bar, SEGS * w_desc.block_type.nbytes, pred=pred)
+        for t in gl.static_range(SEGS):
+            seg = seg0 + gl.minimum(i * SEGS + t, n_local - 1)
+            tma.async_copy_global_to_shared(w_desc, [row0, seg * 16], bar, bufs.index(s * SEGS + t), pred)
 
     @gluon.jit
     def _lane_words(t, L2: gl.constexpr):
@@ -143,8 +150,8 @@ if gluon_available():
     def _int4_gemv_gluon_kernel(w_desc, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                                 N, K, stride_sn, stride_zn,
                                 GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
-                                SPLIT_K: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
-                                TRIGGER: gl.constexpr, num_warps: gl.constexpr):
+                                SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SEGS: gl.constexpr,
+                                PDL: gl.constexpr, TRIGGER: gl.constexpr, num_warps: gl.constexpr):
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         G: gl.constexpr = BLOCK_N // 16
         L5: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1],
@@ -160,13 +167,13 @@ if gluon_available():
         seg0 = pid_k * per
         n_local = gl.maximum(gl.minimum(n_seg, seg0 + per) - seg0, 0)
 
-        bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], w_desc.layout)
+        bufs = gl.allocate_shared_memory(gl.int32, [STAGES * SEGS, BLOCK_N, 16], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         # the weights do not depend on the previous kernel: requested before waiting for it
         for i in gl.static_range(STAGES):
-            _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES)
+            _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES, SEGS)
         if PDL:
             gdc_wait()
         if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
@@ -188,16 +195,26 @@ if gluon_available():
 
         last = seg0 + gl.maximum(n_local - 1, 0)
         X, SZ = _xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0, n_seg - 1), x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-        for j in range(n_local):
+        for i in range(gl.cdiv(n_local, SEGS)):
+            j = i * SEGS  # the slot's first segment
             X1, SZ1 = _xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), x_offs, s_offs, z_offs, s8_offs,
                           z8_offs, GROUP)
-            s = j % STAGES
-            mbarrier.wait(bars.index(s), (j // STAGES) & 1)
-            U, V = _lane_words(bufs.index(s)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5), L2)
+            s = i % STAGES
+            mbarrier.wait(bars.index(s), (i // STAGES) & 1)
+            U, V = _lane_words(bufs.index(s * SEGS)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5), L2)
+            if SEGS == 2:
+                U2, V2 = _lane_words(bufs.index(s * SEGS + 1)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5),
+                                     L2)
             tl.debug_barrier()  # every warp has read slot s before it is refilled
-            _issue(w_desc, bufs, bars, j + STAGES, seg0, n_local, row0, STAGES)
+            _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, SEGS)
             acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, X, SZ, F16)
             X, SZ = X1, SZ1
+            if SEGS == 2:
+                X1, SZ1 = _xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), x_offs, s_offs, z_offs, s8_offs,
+                              z8_offs, GROUP)
+                if j + 1 < n_local:  # not past the split's last segment
+                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, X, SZ, F16)
+                X, SZ = X1, SZ1
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -273,6 +290,8 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     if bn not in (16, 32, 64, 128, 256) or bn % (16 * warps):
         raise ValueError(f"int4_gemv_gluon_launch: block_n must be a power of two of 16..256 rows with a row block "
                          f"of 16 for each of the {warps} warps at least, got block_n={bn}")
+    if cfg.get("segs", 1) not in (1, 2):
+        raise ValueError(f"int4_gemv_gluon_launch: segs (segments a ring slot) must be 1 or 2, got {cfg['segs']}")
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
     n_seg = K // SEGMENT
@@ -289,8 +308,8 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     _int4_gemv_gluon_kernel[(n_tiles, split)](
         w_desc, x2.view(torch.int64), s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
         GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16, SPLIT_K=split,
-        STAGES=cfg["stages"], PDL=pdl, TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps,
-        **({"launch_pdl": True} if pdl else {}))
+        STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), PDL=pdl, TRIGGER=pdl and cfg.get("trigger", False),
+        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

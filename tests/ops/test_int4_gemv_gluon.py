@@ -26,11 +26,13 @@ RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 # forced configurations: one row block a warp or two, split-K with splits of unequal length
 # or none at all (6 segments in 4 splits: 2, 2, 2, 0), a ring shallower and deeper than a
-# split's segments
+# split's segments, two segments a slot (a split of an odd number of segments: its last slot
+# half used)
 TILES = [dict(GLUON=True, block_n=64, warps=4, split_k=1, stages=4),
          dict(GLUON=True, block_n=128, warps=4, split_k=4, stages=8),
          dict(GLUON=True, block_n=32, warps=2, split_k=3, stages=2),
-         dict(GLUON=True, block_n=256, warps=8, split_k=16, stages=12)]
+         dict(GLUON=True, block_n=256, warps=8, split_k=16, stages=12),
+         dict(GLUON=True, block_n=64, warps=4, split_k=3, stages=3, segs=2)]
 
 
 def _weights(N, K, group, dtype, g, dev):
@@ -185,7 +187,7 @@ for v in json.loads(sys.argv[1]):
     sig = {"w_desc": f"tensordesc<i32[{v['block_n']}, 16],{lay!r}>", "x_ptr": "*i64", "s_ptr": f"*{dt}",
            "z_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     const = {"GROUP": v["group"], "HAS_BIAS": True, "F16": v["f16"], "SPLIT_K": v["split_k"], "STAGES": v["stages"],
-             "PDL": v["pdl"], "TRIGGER": v["trigger"], "num_warps": v["warps"]}
+             "SEGS": v["segs"], "PDL": v["pdl"], "TRIGGER": v["trigger"], "num_warps": v["warps"]}
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): c for k, c in const.items()},
                          attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
@@ -204,21 +206,22 @@ print("AOT-REPORT" + json.dumps(report))
 
 def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
     """Compile for sm_90 ahead of time: GPU-only compile errors show in CPU CI. In the
-    segment loop: one row block a warp needs 16 m16n8k16 mma a segment; its words reach
+    slot loop: one row block a warp needs 16 m16n8k16 mma a segment; its words reach
     the lanes by two 16-byte shared loads (rows r and r + 8, 512 bytes apart) and no
     shuffle (the relabelling of the loaded tile to the lanes' layout is checked trivial at
     compile time); TMA fills the ring; no local-memory spills; with PDL the wait comes after
     the first TMA requests."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
-    variants = [dict(block_n=64, warps=4, split_k=8, stages=8, group=128, f16=False, pdl=True, trigger=True),
-                dict(block_n=128, warps=4, split_k=1, stages=4, group=256, f16=True, pdl=False, trigger=False)]
+    variants = [dict(block_n=64, warps=4, split_k=8, stages=8, segs=1, group=128, f16=False, pdl=True, trigger=True),
+                dict(block_n=128, warps=4, split_k=1, stages=4, segs=1, group=256, f16=True, pdl=False, trigger=False),
+                dict(block_n=64, warps=4, split_k=4, stages=4, segs=2, group=128, f16=False, pdl=True, trigger=False)]
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
         ptx = item["ptx"]
         loop = ptx.split("Loop Header", 1)[1].split("%._crit_edge", 1)[0]
-        per_warp = item["block_n"] // 16 // item["warps"]
+        per_warp = item["block_n"] // 16 // item["warps"] * item["segs"]
         assert loop.count("mma.sync.aligned.m16n8k16") == 16 * per_warp
         assert loop.count("ld.shared.v4.b32") == 2 * per_warp
         assert "+512]" in loop  # rows r + 8: 8 rows of 64 bytes on
