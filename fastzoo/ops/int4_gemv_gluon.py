@@ -189,7 +189,7 @@ if gluon_available():
         z_offs = row * stride_zn
         s8_offs = row8 * stride_sn
         z8_offs = row8 * stride_zn
-        x_offs = cc * 8 + g_idx * 0  # (G, 32): int64 units, the lane's 32 columns
+        x_offs = cc * 8  # (1, 32): int64 units, the lane's 32 columns (the same for all its row blocks)
         acc_r = gl.zeros((G, 32), gl.float32, L2)
         acc_r8 = gl.zeros((G, 32), gl.float32, L2)
 
