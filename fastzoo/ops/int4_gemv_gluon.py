@@ -70,7 +70,7 @@ if gluon_available():
     # in Triton 3.6, gl.barrier in 3.8)
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-    from .weight_only_linear import _int4_mma_word
+    from .weight_only_linear import _int4_mma_segment, _int4_mma_xs
 
     @gluon.jit
     def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES: gl.constexpr, SEGS: gl.constexpr):
@@ -107,44 +107,6 @@ if gluon_available():
         """(G, 8, 4) [g, r, c] → (G, 32) in L2 (element [g, 4r + c] in lane 4r + c): only a
         relabelling, checked at compile time."""
         return gl.convert_layout(gl.reshape(t, (t.shape[0], 32)), L2, assert_trivial=True)
-
-    @gluon.jit
-    def _halves(v):
-        return v.to(gl.int32), (v >> 32).to(gl.int32)
-
-    @gluon.jit
-    def _xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP: gl.constexpr):
-        """Segment ``seg``'s x for each lane (x as int64: 8 loads, 16 int32 pairs; the same
-        addresses for the 8 lanes of a column quarter, served by L1) and the group's scales
-        and zeros of rows r and r + 8, in fp32."""
-        xb = x_ptr + seg * 32 + x_offs
-        X = (_halves(gl.load(xb)), _halves(gl.load(xb + 1)), _halves(gl.load(xb + 2)), _halves(gl.load(xb + 3)),
-             _halves(gl.load(xb + 4)), _halves(gl.load(xb + 5)), _halves(gl.load(xb + 6)), _halves(gl.load(xb + 7)))
-        g = (seg * 128) // GROUP
-        SZ = (gl.load(s_ptr + g + s_offs).to(gl.float32), gl.load(z_ptr + g + z_offs).to(gl.float32),
-              gl.load(s_ptr + g + s8_offs).to(gl.float32), gl.load(z_ptr + g + z8_offs).to(gl.float32))
-        return X, SZ
-
-    @gluon.jit
-    def _segment(acc_r, acc_r8, U, V, X, SZ, F16: gl.constexpr):
-        """One segment: ``weight_only_linear._int4_mma_segment``'s arithmetic (two mma chains,
-        then s·Σt·x + (z − magic·s)·Σx per row in fp32)."""
-        MAGIC: gl.constexpr = 1024.0 if F16 else 128.0
-        zero = gl.zeros_like(acc_r)
-        Da = (zero, zero, zero, zero)
-        Sa = (zero, zero, zero, zero)
-        Db = (zero, zero, zero, zero)
-        Sb = (zero, zero, zero, zero)
-        for w in gl.static_range(2):
-            Da, Sa = _int4_mma_word(Da, Sa, U[w], V[w], X[2 * w][0], X[2 * w][1], X[2 * w + 1][0], X[2 * w + 1][1],
-                                    F16)
-            Db, Sb = _int4_mma_word(Db, Sb, U[w + 2], V[w + 2], X[2 * w + 4][0], X[2 * w + 4][1], X[2 * w + 5][0],
-                                    X[2 * w + 5][1], F16)
-        sr, zr, sr8, zr8 = SZ
-        sx = Sa[0] + Sb[0]
-        acc_r += sr * (Da[0] + Db[0]) + (zr - MAGIC * sr) * sx
-        acc_r8 += sr8 * (Da[2] + Db[2]) + (zr8 - MAGIC * sr8) * sx
-        return acc_r, acc_r8
 
     @gluon.jit
     def _int4_gemv_gluon_kernel(w_desc, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
@@ -192,13 +154,15 @@ if gluon_available():
         x_offs = cc * 8  # (1, 32): int64 units, the lane's 32 columns (the same for all its row blocks)
         acc_r = gl.zeros((G, 32), gl.float32, L2)
         acc_r8 = gl.zeros((G, 32), gl.float32, L2)
+        zero = gl.zeros((G, 32), gl.float32, L2)
 
         last = seg0 + gl.maximum(n_local - 1, 0)
-        X, SZ = _xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0, n_seg - 1), x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+        X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0, n_seg - 1), x_offs, s_offs, z_offs, s8_offs,
+                             z8_offs, GROUP)
         for i in range(gl.cdiv(n_local, SEGS)):
             j = i * SEGS  # the slot's first segment
-            X1, SZ1 = _xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), x_offs, s_offs, z_offs, s8_offs,
-                          z8_offs, GROUP)
+            X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), x_offs, s_offs, z_offs,
+                                   s8_offs, z8_offs, GROUP)
             s = i % STAGES
             mbarrier.wait(bars.index(s), (i // STAGES) & 1)
             U, V = _lane_words(bufs.index(s * SEGS)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5), L2)
@@ -207,13 +171,13 @@ if gluon_available():
                                      L2)
             tl.debug_barrier()  # every warp has read slot s before it is refilled
             _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, SEGS)
-            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, X, SZ, F16)
+            acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
             X, SZ = X1, SZ1
             if SEGS == 2:
-                X1, SZ1 = _xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), x_offs, s_offs, z_offs, s8_offs,
-                              z8_offs, GROUP)
+                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), x_offs, s_offs, z_offs,
+                                       s8_offs, z8_offs, GROUP)
                 if j + 1 < n_local:  # not past the split's last segment
-                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, X, SZ, F16)
+                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U2, V2, X, SZ, zero, F16)
                 X, SZ = X1, SZ1
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))

@@ -841,12 +841,13 @@ if triton_available():
         return X, SZ
 
     @triton.jit
-    def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16: tl.constexpr):
+    def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16: tl.constexpr):
         """One 128-column segment of _int4_mma_kernel (one quantization group), from the values
         of _int4_mma_words and _int4_mma_xs: the products chain in the mma accumulator; the group's
-        scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x."""
+        scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x.
+        ``zero``: zeros like ``acc_r`` (made by the caller: also serves the Gluon kernel,
+        int4_gemv_gluon, whose tensors carry explicit layouts)."""
         MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
-        zero = tl.zeros_like(acc_r)
         # two independent accumulator chains (words 0, 1 and 2, 3): half the mma latency in series
         Da = (zero, zero, zero, zero)
         Sa = (zero, zero, zero, zero)
@@ -913,6 +914,7 @@ if triton_available():
         seg_end = tl.minimum(n_seg, seg_start + seg_per_split)
         acc_r = tl.zeros((32 * G,), dtype=tl.float32)
         acc_r8 = tl.zeros((32 * G,), dtype=tl.float32)
+        zero = tl.zeros((32 * G,), dtype=tl.float32)
         if PREFETCH:
             # the next segment's words, x and scales are requested before this one's
             # arithmetic (the last segment is read again instead of masking); the first
@@ -928,7 +930,7 @@ if triton_available():
                 nxt = tl.minimum(seg + 1, last)
                 U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
                 X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
                 U, V, X, SZ = U1, V1, X1, SZ1
         else:
             if PDL:
@@ -936,7 +938,7 @@ if triton_available():
             for seg in range(seg_start, seg_end):
                 U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
                 X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
         # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
         lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
         hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)
