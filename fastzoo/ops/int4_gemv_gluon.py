@@ -70,7 +70,7 @@ if gluon_available():
     # in Triton 3.6, gl.barrier in 3.8)
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-    from .weight_only_linear import _int4_mma_segment, _int4_mma_xs
+    from .weight_only_linear import _int4_mma_segment, _int4_mma_sz, _int4_mma_xs
 
     @gluon.jit
     def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES: gl.constexpr, SEGS: gl.constexpr):
@@ -109,11 +109,111 @@ if gluon_available():
         return gl.convert_layout(gl.reshape(t, (t.shape[0], 32)), L2, assert_trivial=True)
 
     @gluon.jit
-    def _int4_gemv_gluon_kernel(w_desc, x_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                                N, K, stride_sn, stride_zn,
+    def _prologue(xe_ptr, nw_ptr, cols, mask, K, GLU: gl.constexpr, NORM: gl.constexpr):
+        """The product's input at ``cols`` as the reference rounds it (x's dtype), in fp32:
+        silu(a)·b of x = [a | b] with GLU, times the RMSNorm weight with NORM (the row's
+        factor comes in the epilogue); and the values before the norm weight (Σ their
+        squares is the norm's)."""
+        XDT: gl.constexpr = xe_ptr.dtype.element_ty
+        a = gl.load(xe_ptr + cols, mask=mask, other=0.0).to(gl.float32)
+        if GLU:
+            b = gl.load(xe_ptr + K + cols, mask=mask, other=0.0).to(gl.float32)
+            a = (a / (1.0 + gl.exp(-a))).to(XDT).to(gl.float32)  # F.silu in x's dtype
+            a = (a * b).to(XDT).to(gl.float32)
+        v = a
+        if NORM:
+            a = (a * gl.load(nw_ptr + cols, mask=mask, other=0.0).to(gl.float32)).to(XDT).to(gl.float32)
+        return a, v
+
+    @gluon.jit
+    def _stage_x(xe_ptr, nw_ptr, xs, seg0, n_local, K, GLU: gl.constexpr, NORM: gl.constexpr,
+                 num_warps: gl.constexpr):
+        """The split's product input (``_prologue``) into shared memory, a segment a warp at a
+        time: xs (segments rounded up to a multiple of the warps, 2, 64) in x's dtype, segment
+        j's 128 values at j · 128."""
+        LP: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+        flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        rows = gl.arange(0, num_warps, layout=gl.SliceLayout(1, LP))
+        cols = gl.expand_dims(gl.arange(0, 128, layout=gl.SliceLayout(0, LP)), 0)
+        for t in range(gl.cdiv(n_local, num_warps)):
+            segs = gl.expand_dims(t * num_warps + rows, 1)
+            xp, _ = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + cols, (segs < n_local) & (cols < 128), K,
+                              GLU, NORM)
+            tiles = xs._reinterpret(xs.dtype, [xs.shape[0] // num_warps, 2 * num_warps, 64], xs.layout)
+            tiles.index(t)._reinterpret(xs.dtype, [num_warps, 128], flat2).store(xp.to(xs.dtype))
+
+    @gluon.jit
+    def _norm_factor(xe_ptr, nw_ptr, K, eps, GLU: gl.constexpr, num_warps: gl.constexpr):
+        """RMSNorm's row factor 1 / sqrt(mean(v²) + eps) over the whole row (every program
+        computes the same)."""
+        LP: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+        cols = (gl.expand_dims(gl.arange(0, num_warps, layout=gl.SliceLayout(1, LP)) * 128, 1)
+                + gl.expand_dims(gl.arange(0, 128, layout=gl.SliceLayout(0, LP)), 0))
+        ssq = gl.zeros((num_warps, 128), gl.float32, LP)
+        for k0 in range(0, K, num_warps * 128):
+            _, v = _prologue(xe_ptr, nw_ptr, k0 + cols, k0 + cols < K, K, GLU, False)
+            ssq += v * v
+        return gl.rsqrt(gl.sum(gl.sum(ssq, axis=1), axis=0) / K + eps)
+
+    @gluon.jit
+    def _x_from_smem(xs, j, L2: gl.constexpr, num_warps: gl.constexpr):
+        """Segment j's product input from ``_stage_x``'s buffer in ``_int4_mma_xs``'s form: 8
+        pairs of int32 (two 16-bit values each), (1, 32) tensors, lane 4r + c holding the
+        words 16c..16c+15 (its 32 columns). Two 16-byte shared loads a lane (the 8 lanes of a
+        column quarter read the same addresses)."""
+        LX: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [1, num_warps], [0, 1])
+        flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        t = xs.index(j)._reinterpret(gl.int32, [4, 16], flat2).load(LX)
+        t = gl.reshape(t, (4, 8, 2))  # [c, pair, half]
+        lo, hi = gl.split(t)
+        lo = gl.reshape(lo, (4, 4, 2))
+        hi = gl.reshape(hi, (4, 4, 2))
+        lo_a, lo_b = gl.split(lo)  # pairs 0, 2, 4, 6 / 1, 3, 5, 7
+        hi_a, hi_b = gl.split(hi)
+        lo_a = gl.reshape(lo_a, (4, 2, 2))
+        lo_b = gl.reshape(lo_b, (4, 2, 2))
+        hi_a = gl.reshape(hi_a, (4, 2, 2))
+        hi_b = gl.reshape(hi_b, (4, 2, 2))
+        l0, l4 = gl.split(lo_a)  # pairs 0, 4 / 2, 6 after the next split
+        l1, l5 = gl.split(lo_b)
+        h0, h4 = gl.split(hi_a)
+        h1, h5 = gl.split(hi_b)
+        p0, p4 = gl.split(l0)
+        p2, p6 = gl.split(l4)
+        p1, p5 = gl.split(l1)
+        p3, p7 = gl.split(l5)
+        q0, q4 = gl.split(h0)
+        q2, q6 = gl.split(h4)
+        q1, q5 = gl.split(h1)
+        q3, q7 = gl.split(h5)
+        return ((_quarter(p0, L2, num_warps), _quarter(q0, L2, num_warps)),
+                (_quarter(p1, L2, num_warps), _quarter(q1, L2, num_warps)),
+                (_quarter(p2, L2, num_warps), _quarter(q2, L2, num_warps)),
+                (_quarter(p3, L2, num_warps), _quarter(q3, L2, num_warps)),
+                (_quarter(p4, L2, num_warps), _quarter(q4, L2, num_warps)),
+                (_quarter(p5, L2, num_warps), _quarter(q5, L2, num_warps)),
+                (_quarter(p6, L2, num_warps), _quarter(q6, L2, num_warps)),
+                (_quarter(p7, L2, num_warps), _quarter(q7, L2, num_warps)))
+
+    @gluon.jit
+    def _quarter(t, L2: gl.constexpr, num_warps: gl.constexpr):
+        """(4,) [c], lane 4r + c holding element c → (1, 32) in L2, element 4r + c in lane
+        4r + c: relabellings only, checked at compile time."""
+        LB: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [num_warps, 1], [1, 0])
+        t = gl.convert_layout(t, gl.SliceLayout(0, LB), assert_trivial=True)
+        t = gl.expand_dims(t, 0) + gl.zeros((8, 4), gl.int32, LB)  # [r, c]: the same in every r
+        return gl.convert_layout(gl.reshape(t, (1, 32)), L2, assert_trivial=True)
+
+    @gluon.jit
+    def _int4_gemv_gluon_kernel(w_desc, x_ptr, xe_ptr, nw_ptr, r_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                                N, K, stride_sn, stride_zn, eps,
                                 GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
                                 SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SEGS: gl.constexpr,
+                                NORM: gl.constexpr, GLU: gl.constexpr, HAS_RES: gl.constexpr, PER: gl.constexpr,
                                 PDL: gl.constexpr, TRIGGER: gl.constexpr, num_warps: gl.constexpr):
+        # x_ptr: x as int64 (4 values each) for the plain product; with NORM or GLU the product's
+        # input is made from xe_ptr (x in its dtype, [a | b] with GLU) into shared memory first.
+        # PER: segments a split at most (the staging buffer's size).
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         G: gl.constexpr = BLOCK_N // 16
         L5: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1],
@@ -140,6 +240,19 @@ if gluon_available():
             gdc_wait()
         if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
             gdc_launch_dependents()
+        PRO: gl.constexpr = NORM or GLU
+        factor = 1.0
+        if PRO:
+            # (segments, 2, 64) x's dtype; index() needs a layout of the view's rank or one less:
+            # an unswizzled NVMMA layout of rank 2 as the container, read and written through
+            # plain row-major reinterpretations
+            xs = gl.allocate_shared_memory(xe_ptr.dtype.element_ty,
+                                           [(PER + num_warps - 1) // num_warps * num_warps, 2, 64],
+                                           gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
+            _stage_x(xe_ptr, nw_ptr, xs, seg0, n_local, K, GLU, NORM, num_warps)
+            if NORM:
+                factor = _norm_factor(xe_ptr, nw_ptr, K, eps, GLU, num_warps)
+            tl.debug_barrier()  # the staged input is visible to every warp
 
         g_idx = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, L2)), 1)
         lane = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0)
@@ -159,10 +272,16 @@ if gluon_available():
         last = seg0 + gl.maximum(n_local - 1, 0)
         X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0, n_seg - 1), x_offs, s_offs, z_offs, s8_offs,
                              z8_offs, GROUP)
+        if PRO:
+            X = _x_from_smem(xs, 0, L2, num_warps)
         for i in range(gl.cdiv(n_local, SEGS)):
             j = i * SEGS  # the slot's first segment
-            X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), x_offs, s_offs, z_offs,
-                                   s8_offs, z8_offs, GROUP)
+            if PRO:  # x from the staged buffer (read when used), scales and zeros a segment ahead
+                SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), s_offs, z_offs, s8_offs, z8_offs,
+                                   GROUP)
+            else:
+                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), x_offs, s_offs, z_offs,
+                                       s8_offs, z8_offs, GROUP)
             s = i % STAGES
             mbarrier.wait(bars.index(s), (i // STAGES) & 1)
             U, V = _lane_words(bufs.index(s * SEGS)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5), L2)
@@ -171,14 +290,26 @@ if gluon_available():
                                      L2)
             tl.debug_barrier()  # every warp has read slot s before it is refilled
             _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, SEGS)
+            if PRO:
+                X = _x_from_smem(xs, j, L2, num_warps)
             acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
-            X, SZ = X1, SZ1
+            SZ = SZ1
+            if not PRO:
+                X = X1
             if SEGS == 2:
-                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), x_offs, s_offs, z_offs,
-                                       s8_offs, z8_offs, GROUP)
+                if PRO:
+                    SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), s_offs, z_offs, s8_offs,
+                                       z8_offs, GROUP)
+                else:
+                    X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), x_offs, s_offs,
+                                           z_offs, s8_offs, z8_offs, GROUP)
                 if j + 1 < n_local:  # not past the split's last segment
+                    if PRO:
+                        X = _x_from_smem(xs, j + 1, L2, num_warps)
                     acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U2, V2, X, SZ, zero, F16)
-                X, SZ = X1, SZ1
+                SZ = SZ1
+                if not PRO:
+                    X = X1
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -192,8 +323,8 @@ if gluon_available():
         m_lo = offs_lo < N
         m_hi = offs_hi < N
         if SPLIT_K == 1:
-            _finish(lo, offs_lo, m_lo, b_ptr, out_ptr, HAS_BIAS)
-            _finish(hi, offs_hi, m_hi, b_ptr, out_ptr, HAS_BIAS)
+            _finish(lo, offs_lo, m_lo, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
+            _finish(hi, offs_hi, m_hi, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
         else:
             gl.store(ws_ptr + pid_k * N + offs_lo, lo, mask=m_lo)
             gl.store(ws_ptr + pid_k * N + offs_hi, hi, mask=m_hi)
@@ -205,28 +336,58 @@ if gluon_available():
                 for i in gl.static_range(SPLIT_K):  # in split order: the same sum every launch
                     lo += gl.load(ws_ptr + i * N + offs_lo, mask=m_lo, other=0.0, cache_modifier=".cg")
                     hi += gl.load(ws_ptr + i * N + offs_hi, mask=m_hi, other=0.0, cache_modifier=".cg")
-                _finish(lo, offs_lo, m_lo, b_ptr, out_ptr, HAS_BIAS)
-                _finish(hi, offs_hi, m_hi, b_ptr, out_ptr, HAS_BIAS)
+                _finish(lo, offs_lo, m_lo, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
+                _finish(hi, offs_hi, m_hi, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
                 gl.atomic_xchg(cnt_ptr + pid_n, 0)
 
     @gluon.jit
-    def _finish(res, offs_n, mask, b_ptr, out_ptr, HAS_BIAS: gl.constexpr):
+    def _finish(res, offs_n, mask, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS: gl.constexpr, NORM: gl.constexpr,
+                HAS_RES: gl.constexpr):
+        """The row's RMSNorm factor, bias and residual on the fp32 sums; stored in out's dtype."""
+        if NORM:
+            res = res * factor
         if HAS_BIAS:
             res += gl.load(b_ptr + offs_n, mask=mask, other=0.0).to(gl.float32)
+        if HAS_RES:
+            res += gl.load(r_ptr + offs_n, mask=mask, other=0.0).to(gl.float32)
         gl.store(out_ptr + offs_n, res.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@torch.compiler.assume_constant_result
+def _gluon_device(index: int) -> bool:
+    """Whether CUDA device ``index`` runs the Gluon GEMV (Hopper, a Triton with Gluon): a
+    constant to ``torch.compile`` (the device of a compiled model does not change)."""
+    return gluon_available() and _capability(index)[0] == 9
+
+
+def int4_fusion_applies(x: torch.Tensor, in_features: int, group_size: int) -> bool:
+    """Whether ``int4_weight_only_linear`` runs its RMSNorm / SwiGLU / residual options
+    inside the Gluon kernel for an input like ``x`` (one row of bf16 / fp16 on a Hopper GPU,
+    groups of at least 128, ``in_features`` a multiple of 128); elsewhere it composes them in
+    PyTorch, and a model does better to leave them to ``torch.compile``. Shapes, dtypes and
+    the device only (no data pointers): traceable by ``torch.compile``."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[:-1].numel() == 1
+            and group_size >= MIN_GROUP and in_features % SEGMENT == 0 and in_features > 0):
+        return False
+    return _gluon_device(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
 def int4_gemv_gluon_applies(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                            group_size: int) -> bool:
+                            group_size: int, *, glu: bool = False, norm_weight: Optional[torch.Tensor] = None,
+                            residual: Optional[torch.Tensor] = None) -> bool:
     """One row of bf16 / fp16 x on a Hopper GPU (TMA), scales and zeros in x's dtype, groups
-    of at least 128 columns, K a multiple of 128, the packed weights as TMA reads them (unit
-    last stride, base and row stride 16-byte aligned: a weight made by ``quantize``; others
-    go to the ``tl`` kernels rather than being copied at every call)."""
+    of at least 128 columns, K a multiple of 128 (x holds 2K values with ``glu``), the packed
+    weights as TMA reads them (unit last stride, base and row stride 16-byte aligned: a
+    weight made by ``quantize``; others go to the ``tl`` kernels rather than being copied
+    at every call); a norm weight and a residual in x's dtype."""
+    K = x.shape[-1] // (2 if glu else 1)
     if not (x.is_cuda and gluon_available() and x.dtype in (torch.bfloat16, torch.float16)
             and scales.dtype == x.dtype and zeros.dtype == x.dtype and group_size >= MIN_GROUP
-            and x.shape[-1] > 0 and x.shape[-1] % SEGMENT == 0 and x.numel() == x.shape[-1]
+            and K > 0 and K % SEGMENT == 0 and x.numel() == x.shape[-1]
             and w_packed.dim() == 2 and w_packed.stride(-1) == 1 and w_packed.stride(0) % 16 == 0
-            and w_packed.data_ptr() % 16 == 0):
+            and w_packed.data_ptr() % 16 == 0
+            and (norm_weight is None or norm_weight.dtype == x.dtype)
+            and (residual is None or residual.dtype == x.dtype)):
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] == 9
@@ -234,19 +395,25 @@ def int4_gemv_gluon_applies(x: torch.Tensor, w_packed: torch.Tensor, scales: tor
 
 def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            group_size: int, bias: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-                           pdl: bool = False, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           pdl: bool = False, out: Optional[torch.Tensor] = None, *,
+                           norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5, glu: bool = False,
+                           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x · dequantize(w_packed)ᵀ (+ bias) for one row of x (``int4_gemv_gluon_applies``
     true; shapes checked by the caller): (N, K/2) packed uint8 (column 2j in byte j's low
-    nibble), (N, K/group_size) scales and zeros. ``config``: a dict like ``DEFAULT_CONFIG``.
-    Returns (1, N) in x's dtype (into ``out`` where given)."""
+    nibble), (N, K/group_size) scales and zeros. With the options, as
+    ``weight_only_linear.int4_weight_only_linear_ref``: ``residual + F.linear(RMSNorm(silu(a)
+    · b), w, bias)`` for x = [a | b] (``glu``), the RMSNorm's weight ``norm_weight``; the
+    product's input is made once per program into shared memory, the norm's row factor
+    applies to the sums. ``config``: a dict like ``DEFAULT_CONFIG``. Returns (1, N) in x's
+    dtype (into ``out`` where given)."""
     import triton
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     cfg = {**DEFAULT_CONFIG, **(config or {})}
-    K = x.shape[-1]
+    K = x.shape[-1] // (2 if glu else 1)
     N = w_packed.shape[0]
-    x2 = x.reshape(1, K)
+    x2 = x.reshape(1, -1)
     if x2.stride(-1) != 1 or x2.storage_offset() % 4:
         x2 = x2.contiguous().clone()
     w32 = w_packed.view(torch.int32)  # (N, K/8): word j holds columns 8j..8j+7, column 8j + i at bits 4i
@@ -268,12 +435,16 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     s = scales if scales.stride(-1) == 1 else scales.contiguous()
     z = zeros if zeros.stride(-1) == 1 else zeros.contiguous()
     b = bias.contiguous() if bias is not None else s
+    nw = norm_weight.contiguous() if norm_weight is not None else x2
+    r = residual.reshape(-1).contiguous() if residual is not None else x2
+    pro = glu or norm_weight is not None
     pdl = pdl and gdc_wait is not None
     _int4_gemv_gluon_kernel[(n_tiles, split)](
-        w_desc, x2.view(torch.int64), s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
-        GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16, SPLIT_K=split,
-        STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), PDL=pdl, TRIGGER=pdl and cfg.get("trigger", False),
-        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        w_desc, x2.view(torch.int64), x2, nw, r, s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
+        float(norm_eps), GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16,
+        SPLIT_K=split, STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), NORM=norm_weight is not None, GLU=glu,
+        HAS_RES=residual is not None, PER=triton.cdiv(n_seg, split) if pro else 1, PDL=pdl,
+        TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -180,12 +180,12 @@ def _check_packed(name, w_packed, scales, zeros, group_size) -> tuple[int, int]:
     return N, K
 
 
-def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias) -> tuple[int, int]:
-    K = _check_x(name, x)
+def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias, glu=False) -> tuple[int, int]:
+    K = _gemv_k(name, x, glu)
     if w_packed.dtype == torch.uint8 and (w_packed.dim() != 2 or w_packed.shape[1] * 2 != K):
         raise ValueError(
             f"{name} expects w_packed of shape (N, K/2={K // 2}), got {tuple(w_packed.shape)} "
-            f"for x of shape {tuple(x.shape)}"
+            f"for x of shape {tuple(x.shape)}{_glu_note(x, glu)}"
         )
     N, _ = _check_packed(name, w_packed, scales, zeros, group_size)
     _check_bias(name, x, bias, N)
@@ -266,12 +266,17 @@ def int4_dequantize_ref(w_packed: torch.Tensor, scales: torch.Tensor, zeros: tor
 
 def int4_weight_only_linear_ref(
     x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-    bias: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None, *, norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5,
+    glu: bool = False, residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference: dequantize to x's dtype, then ``F.linear`` (what ``Int4WeightOnlyLinear.forward`` computes)."""
-    _check_int4_args("int4_weight_only_linear_ref", x, w_packed, scales, zeros, group_size, bias)
+    """Reference: dequantize to x's dtype, then ``F.linear`` (what ``Int4WeightOnlyLinear.forward``
+    computes); the options as in ``decode_linear_ref``."""
+    name = "int4_weight_only_linear_ref"
+    N, K = _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias, glu)
+    _check_fusion(name, x, N, K, norm_weight, norm_eps, residual)
+    x = _prologue_ref(x, norm_weight, norm_eps, glu)
     w = int4_dequantize_ref(w_packed, scales, zeros, group_size, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return _residual_ref(F.linear(x, w, None if bias is None else bias.to(x.dtype)), residual)
 
 
 # ----------------------------------------------------------------------------------
@@ -835,10 +840,14 @@ if triton_available():
         xb = x_ptr + seg * 32 + x_offs
         X = (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
              _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)), _halves(tl.load(xb + 7)))
+        return X, _int4_mma_sz(s_ptr, z_ptr, seg, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+
+    @triton.jit
+    def _int4_mma_sz(s_ptr, z_ptr, seg, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr):
+        """Segment ``seg``'s group's scales and zeros of rows r and r + 8, in fp32."""
         g = (seg * 128) // GROUP
-        SZ = (tl.load(s_ptr + g + s_offs).to(tl.float32), tl.load(z_ptr + g + z_offs).to(tl.float32),
-              tl.load(s_ptr + g + s8_offs).to(tl.float32), tl.load(z_ptr + g + z8_offs).to(tl.float32))
-        return X, SZ
+        return (tl.load(s_ptr + g + s_offs).to(tl.float32), tl.load(z_ptr + g + z_offs).to(tl.float32),
+                tl.load(s_ptr + g + s8_offs).to(tl.float32), tl.load(z_ptr + g + z8_offs).to(tl.float32))
 
     @triton.jit
     def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16: tl.constexpr):
@@ -1082,19 +1091,25 @@ def _int4_mma_applies(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
                                    zeros: torch.Tensor, group_size: int, bias: Optional[torch.Tensor] = None,
-                                   config: Optional[dict] = None, gluon: Optional[bool] = None) -> torch.Tensor:
+                                   config: Optional[dict] = None, gluon: Optional[bool] = None, *,
+                                   norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5,
+                                   glu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch the int4 weight-only decode kernel (any M; built for M <= 16). One row on a
     CUDA GPU with scales and zeros in x's dtype: on Hopper the Gluon GEMV with a TMA ring
     (``int4_gemv_gluon``; ``gluon=False`` keeps the ``tl`` kernels, ``gluon=True`` raises
     where it does not apply), else the tensor-core GEMV (``_int4_mma_kernel``), unless
     ``config`` forces a tile of ``_int4_kernel`` (a config with ``"MMA": True`` forces one
-    of the tensor-core kernel's, one with ``"GLUON": True`` one of the Gluon kernel's)."""
+    of the tensor-core kernel's, one with ``"GLUON": True`` one of the Gluon kernel's). The
+    options (``decode_linear``'s: RMSNorm, SwiGLU, residual) run inside the Gluon kernel;
+    around the ``tl`` kernels they are composed in PyTorch."""
     name = "int4_weight_only_linear_triton"
-    N, K = _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias)
+    N, K = _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias, glu)
+    _check_fusion(name, x, N, K, norm_weight, norm_eps, residual)
     _require_triton(name)
     _check_kernel_dtype(name, x)
-    x2 = _rows(x, K)
+    x2 = _rows(x, x.shape[-1])  # (M, K), or (M, 2K) with glu
     M = x2.shape[0]
+    opts = dict(norm_weight=norm_weight, norm_eps=norm_eps, glu=glu, residual=residual)
     gluon_config = config is not None and config.get("GLUON", False)
     if (gluon is False and gluon_config) or (gluon and config is not None and not gluon_config):
         raise ValueError(f"{name}: gluon={gluon} contradicts config={config}")
@@ -1102,18 +1117,24 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
     if forced or (gluon is None and config is None):
         from . import int4_gemv_gluon as ig
 
-        if ig.int4_gemv_gluon_applies(x2, w_packed, scales, zeros, group_size) and N:
+        if ig.int4_gemv_gluon_applies(x2, w_packed, scales, zeros, group_size, glu=glu, norm_weight=norm_weight,
+                                      residual=residual) and N:
             pdl = pdl_options(x)["PDL"]
             if gluon_config:
                 cfg = {k: v for k, v in config.items() if k != "GLUON"}
-            else:
-                cfg = ig.tuned_config(x2, w_packed, scales, zeros, group_size, bias, pdl)
-            out = ig.int4_gemv_gluon_launch(x2, w_packed, scales, zeros, group_size, bias, cfg, pdl)
+            else:  # tuned on the plain product (the options add a prologue and epilogue)
+                plain = x2[:, :K] if glu else x2
+                cfg = ig.tuned_config(plain, w_packed, scales, zeros, group_size, bias, pdl)
+            out = ig.int4_gemv_gluon_launch(x2, w_packed, scales, zeros, group_size, bias, cfg, pdl, **opts)
             return out.reshape(*x.shape[:-1], N)
         if forced:
             raise ValueError(f"{name}: the Gluon GEMV needs one row of bf16 / fp16 x on a Hopper GPU with Triton's "
                              f"Gluon, scales and zeros in x's dtype, group_size >= {ig.MIN_GROUP} and K % 128 == 0; "
                              f"got {M} rows of {x.dtype} on {x.device}, group_size={group_size}, K={K}")
+    if glu or norm_weight is not None or residual is not None:  # the tl kernels take none of the options
+        y = int4_weight_only_linear_triton(_prologue_ref(x, norm_weight, norm_eps, glu), w_packed, scales, zeros,
+                                           group_size, bias, config, gluon=False)
+        return _residual_ref(y, residual)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M and N and K:
         w = unit_stride_last(w_packed)
@@ -1218,13 +1239,16 @@ def _(x, w_int8, scales, bias, norm_weight=None, norm_eps=1e-5, glu=False, resid
 
 @torch.library.custom_op("fastzoo::int4_weight_only_linear", mutates_args=())
 def _int4_op(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-             group_size: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if _kernel_applies(x, w_packed, scales, zeros, bias) and w_packed.shape[0] > 0:
-        return int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias)
+             group_size: int, bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor] = None,
+             norm_eps: float = 1e-5, glu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if _kernel_applies(x, w_packed, scales, zeros, bias, norm_weight, residual) and w_packed.shape[0] > 0:
+        return int4_weight_only_linear_triton(x, w_packed, scales, zeros, group_size, bias, norm_weight=norm_weight,
+                                              norm_eps=norm_eps, glu=glu, residual=residual)
     # more rows (prefill), or no kernel: dequantize (one pass on CUDA), then F.linear (cuBLAS);
     # int4_weight_only_linear_ref's result either way
+    x = _prologue_ref(x, norm_weight, norm_eps, glu)
     w = _int4_dequantize_any(w_packed, scales, zeros, group_size, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return _residual_ref(F.linear(x, w, None if bias is None else bias.to(x.dtype)), residual)
 
 
 def _int4_dequantize_any(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -1258,7 +1282,7 @@ def int4_dequantize(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 
 
 @_int4_op.register_fake
-def _(x, w_packed, scales, zeros, group_size, bias):
+def _(x, w_packed, scales, zeros, group_size, bias, norm_weight=None, norm_eps=1e-5, glu=False, residual=None):
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
 
@@ -1295,12 +1319,17 @@ def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, scales: torch
 
 
 def int4_weight_only_linear(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                            group_size: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            group_size: int, bias: Optional[torch.Tensor] = None, *,
+                            norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 1e-5, glu: bool = False,
+                            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W4A16 linear in ``Int4WeightOnlyLinear``'s layout (see the module docstring).
 
     x (..., K) bf16/fp16 (fp32: PyTorch only); w_packed uint8 (N, K/2); scales, zeros
     (N, K/group_size) float; group_size in (32, 64, 128, 256). Kernel on CUDA for <= 16
-    rows, dequantize + ``F.linear`` otherwise.
+    rows, dequantize + ``F.linear`` otherwise. The options as in ``decode_linear``
+    (``residual + F.linear(RMSNorm(silu(a) · b), ...)``): inside the kernel for one row on
+    Hopper (``int4_gemv_gluon``), composed in PyTorch elsewhere.
     """
-    _check_int4_args("int4_weight_only_linear", x, w_packed, scales, zeros, group_size, bias)
-    return _int4_op(x, w_packed, scales, zeros, group_size, bias)
+    N, K = _check_int4_args("int4_weight_only_linear", x, w_packed, scales, zeros, group_size, bias, glu)
+    _check_fusion("int4_weight_only_linear", x, N, K, norm_weight, norm_eps, residual)
+    return _int4_op(x, w_packed, scales, zeros, group_size, bias, norm_weight, float(norm_eps), bool(glu), residual)

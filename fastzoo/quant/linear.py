@@ -230,6 +230,22 @@ class Int4WeightOnlyLinear(nn.Module):
         return int4_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.zeros.to(x.dtype),
                                        self.group_size, self.bias)
 
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether ``fused_forward`` runs the options inside one kernel for ``x`` (one row on
+        a Hopper GPU: ``fastzoo.ops.int4_gemv_gluon``); elsewhere
+        ``fastzoo.llama.model.fused_linear`` composes them around ``forward``, where
+        ``torch.compile`` fuses them."""
+        from fastzoo.ops.int4_gemv_gluon import int4_fusion_applies
+
+        return int4_fusion_applies(x, self.in_features, self.group_size)
+
+    def fused_forward(self, x: torch.Tensor, *, norm=None, glu: bool = False,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``fastzoo.llama.model.fused_linear``'s protocol: RMSNorm (``norm``), SwiGLU and
+        residual fused into the int4 weight-only kernel (where ``fuses``)."""
+        return int4_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.zeros.to(x.dtype),
+                                       self.group_size, self.bias, glu=glu, residual=residual, **norm_options(norm))
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, group_size={self.group_size}")

@@ -140,6 +140,90 @@ def test_cuda_gluon_split_k_repeatable_and_counters_reset():
     assert rel_err(outs[0], tl_out.float()) < 5e-3
 
 
+FUSIONS = ["norm", "glu+res", "norm+res", "glu+norm+res", "res"]
+
+
+def _fused_case(N, K, group, dtype, opts, g, dev):
+    """x (1, K or 2K), packed weights, bias, the options, and the fp32 truth (independent of
+    the reference's code)."""
+    glu = "glu" in opts
+    x = torch.randn(1, 2 * K if glu else K, device=dev, generator=g).to(dtype)
+    p, s4, z4 = _weights(N, K, group, dtype, g, dev)
+    nw = (torch.rand(K, device=dev, generator=g) + 0.5).to(dtype) if "norm" in opts else None
+    res = torch.randn(1, N, device=dev, generator=g).to(dtype) if "res" in opts else None
+    bias = torch.randn(N, device=dev, generator=g).to(dtype)
+    xf = x.float()
+    if glu:
+        xf = F.silu(xf[:, :K]) * xf[:, K:]
+    if nw is not None:
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.float()
+    truth = F.linear(xf, int4_dequantize(p, s4, z4, group, torch.float32), bias.float())
+    if res is not None:
+        truth = truth + res.float()
+    return x, (p, s4, z4, group, bias), dict(norm_weight=nw, norm_eps=1e-5, glu=glu, residual=res), truth
+
+
+@pytest.mark.parametrize("opts", FUSIONS)
+def test_int4_options_compose_to_the_fp32_truth(kernel_device, opts):
+    """The options (RMSNorm, SwiGLU, residual) where no kernel runs them (the CPU op, the tl
+    kernels under the interpreter: composed in PyTorch) and in the reference: within the
+    dtype's tolerance of an fp32 computation."""
+    from fastzoo.ops.weight_only_linear import int4_weight_only_linear_ref
+
+    g = torch.Generator().manual_seed(len(opts))
+    x, args, fopts, truth = _fused_case(37, 256, 128, torch.bfloat16, opts, g, torch.device("cpu"))
+    for out in (int4_weight_only_linear(x, *args, **fopts), int4_weight_only_linear_ref(x, *args, **fopts)):
+        assert rel_err(out, truth) < RTOL[torch.bfloat16], opts
+    dev = kernel_device
+    moved = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in fopts.items()}
+    out = int4_weight_only_linear_triton(x.to(dev), *(a.to(dev) if isinstance(a, torch.Tensor) else a for a in args),
+                                         **moved)
+    assert rel_err(out.cpu(), truth) < RTOL[torch.bfloat16], opts
+
+
+def test_int4_module_fuses_only_where_the_kernel_runs_the_options():
+    """On the CPU an int4 module composes the options around its forward
+    (``fused_linear``'s fallback); ``fused_forward`` itself gives the same result."""
+    from fastzoo.llama.model import RMSNorm, fused_linear
+
+    g = torch.Generator().manual_seed(1)
+    lin = Int4WeightOnlyLinear.from_linear(torch.nn.Linear(256, 40, bias=True).to(torch.bfloat16), 128)
+    x = torch.randn(1, 1, 512, generator=g).to(torch.bfloat16)
+    res = torch.randn(1, 1, 40, generator=g).to(torch.bfloat16)
+    assert not lin.fuses(x)
+    norm = RMSNorm(256).to(torch.bfloat16)
+    composed = fused_linear(lin, x, glu=True, residual=res)
+    assert torch.equal(composed, lin.fused_forward(x, glu=True, residual=res))
+    assert rel_err(fused_linear(lin, x[..., :256], norm=norm), lin(norm(x[..., :256])).float()) < 1e-6
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("opts", FUSIONS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_gluon_gemv_options_match_fp32(opts, dtype, monkeypatch):
+    """The options inside the Gluon kernel (the product's input staged in shared memory, the
+    norm's factor on the sums) at Llama-2-7B's shapes (w13 with a norm, w2 with SwiGLU) and
+    odd ones, every forced tile and the tuned one: within the dtype's tolerance of fp32, and
+    the public op takes the kernel; an int4 module on Hopper fuses."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(len(opts))
+    calls = []
+    launch = ig.int4_gemv_gluon_launch
+    monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    for N, K in [(22016, 4096), (4096, 11008), (1000, 768), (5, 128)]:
+        x, args, fopts, truth = _fused_case(N, K, 128, dtype, opts, g, dev)
+        calls.clear()
+        assert rel_err(int4_weight_only_linear(x, *args, **fopts), truth) < RTOL[dtype], (N, K)
+        assert calls, "the public op did not take the Gluon GEMV"
+        for tile in TILES:
+            out = int4_weight_only_linear_triton(x, *args, config=tile, **fopts)
+            assert rel_err(out, truth) < RTOL[dtype], (N, K, tile)
+    lin = Int4WeightOnlyLinear(4096, 64, group_size=128, device=dev, dtype=dtype)
+    assert lin.fuses(torch.empty(1, 1, 4096, device=dev, dtype=dtype))
+    assert not lin.fuses(torch.empty(2, 1, 4096, device=dev, dtype=dtype))
+
+
 def test_gluon_gemv_refused_where_it_does_not_apply():
     """gluon=True where the kernel does not apply (CPU tensors, several rows, groups below
     128): an error that names the conditions, not another kernel."""
@@ -184,14 +268,15 @@ report = []
 for v in json.loads(sys.argv[1]):
     dt = "fp16" if v["f16"] else "bf16"
     lay = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    sig = {"w_desc": f"tensordesc<i32[{v['block_n']}, 16],{lay!r}>", "x_ptr": "*i64", "s_ptr": f"*{dt}",
-           "z_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    ptrs = {"x_ptr": "*i64", "xe_ptr": f"*{dt}", "nw_ptr": f"*{dt}", "r_ptr": f"*{dt}", "s_ptr": f"*{dt}",
+            "z_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    sig = {"w_desc": f"tensordesc<i32[{v['block_n']}, 16],{lay!r}>", "eps": "fp32", **ptrs}
     const = {"GROUP": v["group"], "HAS_BIAS": True, "F16": v["f16"], "SPLIT_K": v["split_k"], "STAGES": v["stages"],
-             "SEGS": v["segs"], "PDL": v["pdl"], "TRIGGER": v["trigger"], "num_warps": v["warps"]}
+             "SEGS": v["segs"], "NORM": v["norm"], "GLU": v["glu"], "HAS_RES": v["res"], "PER": v["per"],
+             "PDL": v["pdl"], "TRIGGER": v["trigger"], "num_warps": v["warps"]}
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): c for k, c in const.items()},
-                         attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
-                                for n in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "ws_ptr", "cnt_ptr")})
+                         attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": v["warps"]})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
@@ -213,17 +298,34 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
     the first TMA requests."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
-    variants = [dict(block_n=64, warps=4, split_k=8, stages=8, segs=1, group=128, f16=False, pdl=True, trigger=True),
-                dict(block_n=128, warps=4, split_k=1, stages=4, segs=1, group=256, f16=True, pdl=False, trigger=False),
-                dict(block_n=64, warps=4, split_k=4, stages=4, segs=2, group=128, f16=False, pdl=True, trigger=False)]
+    plain = dict(norm=False, glu=False, res=False, per=1)
+    variants = [dict(block_n=64, warps=4, split_k=8, stages=8, segs=1, group=128, f16=False, pdl=True, trigger=True,
+                     **plain),
+                dict(block_n=128, warps=4, split_k=1, stages=4, segs=1, group=256, f16=True, pdl=False, trigger=False,
+                     **plain),
+                dict(block_n=64, warps=4, split_k=4, stages=4, segs=2, group=128, f16=False, pdl=True, trigger=False,
+                     **plain),
+                # the options: RMSNorm + residual (wqkv, w13 and output's prologue, wo and w2's epilogue),
+                # SwiGLU (w2), all three with two segments a slot
+                dict(block_n=64, warps=4, split_k=4, stages=4, segs=1, group=128, f16=False, pdl=True, trigger=False,
+                     norm=True, glu=False, res=True, per=8),
+                dict(block_n=128, warps=4, split_k=8, stages=8, segs=1, group=128, f16=True, pdl=True, trigger=False,
+                     norm=False, glu=True, res=True, per=11),
+                dict(block_n=64, warps=4, split_k=2, stages=4, segs=2, group=128, f16=False, pdl=True, trigger=False,
+                     norm=True, glu=True, res=False, per=3)]
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
         ptx = item["ptx"]
-        loop = ptx.split("Loop Header", 1)[1].split("%._crit_edge", 1)[0]
+        loop = [part for part in ptx.split("Loop Header")[1:] if "mma.sync" in part.split("_crit_edge", 1)[0]]
+        assert len(loop) == 1  # the segment loop (the options add the staging and norm loops before it)
+        loop = loop[0].split("_crit_edge", 1)[0]
         per_warp = item["block_n"] // 16 // item["warps"] * item["segs"]
         assert loop.count("mma.sync.aligned.m16n8k16") == 16 * per_warp
-        assert loop.count("ld.shared.v4.b32") == 2 * per_warp
+        # the words (rows r and r + 8) of each row block, and with the options x from the staged
+        # buffer: the lane's 32 columns (64 bytes) of each segment
+        x_loads = 4 * item["segs"] if item["norm"] or item["glu"] else 0
+        assert loop.count("ld.shared.v4.b32") == 2 * per_warp + x_loads
         assert "+512]" in loop  # rows r + 8: 8 rows of 64 bytes on
         assert "shfl" not in loop
         assert "cp.async.bulk.tensor.2d" in ptx
