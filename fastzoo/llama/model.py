@@ -85,7 +85,7 @@ def fused_linear(module: nn.Module, x: torch.Tensor, *, norm: RMSNorm | None = N
     splits x's last dim in halves; ``norm`` an :class:`RMSNorm`; ``residual`` of the output's
     shape). A linear module may implement ``fused_forward(x, *, norm, glu, residual)`` (one
     kernel on CUDA: :class:`Linear`, ``fastzoo.quant.Int8WeightOnlyLinear``; int4 / GPTQ's
-    ``Int4WeightOnlyLinear`` for one row on Hopper, where its ``fuses(x)`` says so), used
+    ``Int4WeightOnlyLinear`` for one row on Hopper, where its ``fuses(x, norm)`` says so), used
     for decode-sized inputs (at most ``MAX_KERNEL_ROWS`` rows, the kernels' regime).
     Composed here in plain PyTorch: any other module (sparse, …), a module with forward
     hooks (they observe the plain input: GPTQ's Hessians, calibration), and more rows
@@ -93,7 +93,7 @@ def fused_linear(module: nn.Module, x: torch.Tensor, *, norm: RMSNorm | None = N
     fused = getattr(module, "fused_forward", None)
     fuses = getattr(module, "fuses", None)
     if (fused is not None and x.shape[:-1].numel() <= MAX_KERNEL_ROWS
-            and not (module._forward_hooks or module._forward_pre_hooks) and (fuses is None or fuses(x))):
+            and not (module._forward_hooks or module._forward_pre_hooks) and (fuses is None or fuses(x, norm))):
         return fused(x, norm=norm, glu=glu, residual=residual)
     if glu:
         x = silu_mul_ref(x)

@@ -43,7 +43,15 @@ DEFAULT_CONFIG = {"block_n": 64, "warps": 4, "split_k": 8, "stages": 8, "segs": 
 SWEEP = [{"block_n": bn, "warps": w, "split_k": sk, "stages": st, "segs": sg}
          for bn, w in ((32, 2), (64, 4), (128, 4), (256, 8))
          for sk in (1, 2, 4, 8, 16) for st, sg in ((4, 1), (8, 1), (4, 2))]
+SHARED_LIMIT = 232448  # bytes of shared memory a program may take on Hopper (227 KiB)
 _TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
+
+
+def _staged_bytes(n_seg: int, split: int, warps: int) -> int:
+    """Shared memory for the staged product input of one split (the options' path): its
+    segments rounded up to a multiple of the warps, 256 bytes each."""
+    per = -(-n_seg // split)
+    return -(-per // warps) * warps * 256
 
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
@@ -130,30 +138,21 @@ if gluon_available():
                  num_warps: gl.constexpr):
         """The split's product input (``_prologue``) into shared memory, a segment a warp at a
         time: xs (segments rounded up to a multiple of the warps, 2, 64) in x's dtype, segment
-        j's 128 values at j · 128."""
+        j's 128 values at j · 128. Returns Σv² over the split's columns (the RMSNorm's share:
+        the splits of a row tile together cover the row)."""
         LP: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         rows = gl.arange(0, num_warps, layout=gl.SliceLayout(1, LP))
         cols = gl.expand_dims(gl.arange(0, 128, layout=gl.SliceLayout(0, LP)), 0)
+        ssq = gl.zeros((num_warps, 128), gl.float32, LP)
         for t in range(gl.cdiv(n_local, num_warps)):
             segs = gl.expand_dims(t * num_warps + rows, 1)
-            xp, _ = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + cols, (segs < n_local) & (cols < 128), K,
+            xp, v = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + cols, (segs < n_local) & (cols < 128), K,
                               GLU, NORM)
             tiles = xs._reinterpret(xs.dtype, [xs.shape[0] // num_warps, 2 * num_warps, 64], xs.layout)
             tiles.index(t)._reinterpret(xs.dtype, [num_warps, 128], flat2).store(xp.to(xs.dtype))
-
-    @gluon.jit
-    def _norm_factor(xe_ptr, nw_ptr, K, eps, GLU: gl.constexpr, num_warps: gl.constexpr):
-        """RMSNorm's row factor 1 / sqrt(mean(v²) + eps) over the whole row (every program
-        computes the same)."""
-        LP: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
-        cols = (gl.expand_dims(gl.arange(0, num_warps, layout=gl.SliceLayout(1, LP)) * 128, 1)
-                + gl.expand_dims(gl.arange(0, 128, layout=gl.SliceLayout(0, LP)), 0))
-        ssq = gl.zeros((num_warps, 128), gl.float32, LP)
-        for k0 in range(0, K, num_warps * 128):
-            _, v = _prologue(xe_ptr, nw_ptr, k0 + cols, k0 + cols < K, K, GLU, False)
-            ssq += v * v
-        return gl.rsqrt(gl.sum(gl.sum(ssq, axis=1), axis=0) / K + eps)
+            ssq += v * v  # masked columns load as 0 (and silu(0) · 0 = 0)
+        return gl.sum(gl.sum(ssq, axis=1), axis=0)
 
     @gluon.jit
     def _x_from_smem(xs, j, L2: gl.constexpr, num_warps: gl.constexpr):
@@ -241,7 +240,7 @@ if gluon_available():
         if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
             gdc_launch_dependents()
         PRO: gl.constexpr = NORM or GLU
-        factor = 1.0
+        ssq = 0.0
         if PRO:
             # (segments, 2, 64) x's dtype; index() needs a layout of the view's rank or one less:
             # an unswizzled NVMMA layout of rank 2 as the container, read and written through
@@ -249,9 +248,7 @@ if gluon_available():
             xs = gl.allocate_shared_memory(xe_ptr.dtype.element_ty,
                                            [(PER + num_warps - 1) // num_warps * num_warps, 2, 64],
                                            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
-            _stage_x(xe_ptr, nw_ptr, xs, seg0, n_local, K, GLU, NORM, num_warps)
-            if NORM:
-                factor = _norm_factor(xe_ptr, nw_ptr, K, eps, GLU, num_warps)
+            ssq = _stage_x(xe_ptr, nw_ptr, xs, seg0, n_local, K, GLU, NORM, num_warps)
             tl.debug_barrier()  # the staged input is visible to every warp
 
         g_idx = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, L2)), 1)
@@ -323,19 +320,28 @@ if gluon_available():
         m_lo = offs_lo < N
         m_hi = offs_hi < N
         if SPLIT_K == 1:
+            factor = gl.rsqrt(ssq / K + eps)  # RMSNorm's row factor (unused without NORM)
             _finish(lo, offs_lo, m_lo, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
             _finish(hi, offs_hi, m_hi, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
         else:
             gl.store(ws_ptr + pid_k * N + offs_lo, lo, mask=m_lo)
             gl.store(ws_ptr + pid_k * N + offs_hi, hi, mask=m_hi)
+            n_tiles = gl.num_programs(0)
+            ss_ptr = ws_ptr + SPLIT_K * N + pid_n  # each split's Σv² share for this row tile after the partials
+            if NORM:
+                gl.store(ss_ptr + pid_k * n_tiles, ssq)
             tl.debug_barrier()  # every thread's partial is stored before the arrival is released
             arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 lo = gl.zeros_like(lo)
                 hi = gl.zeros_like(hi)
+                total_ss = 0.0
                 for i in gl.static_range(SPLIT_K):  # in split order: the same sum every launch
                     lo += gl.load(ws_ptr + i * N + offs_lo, mask=m_lo, other=0.0, cache_modifier=".cg")
                     hi += gl.load(ws_ptr + i * N + offs_hi, mask=m_hi, other=0.0, cache_modifier=".cg")
+                    if NORM:
+                        total_ss += gl.load(ss_ptr + i * n_tiles, cache_modifier=".cg")
+                factor = gl.rsqrt(total_ss / K + eps)
                 _finish(lo, offs_lo, m_lo, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
                 _finish(hi, offs_hi, m_hi, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
                 gl.atomic_xchg(cnt_ptr + pid_n, 0)
@@ -423,21 +429,27 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
                          f"of 16 for each of the {warps} warps at least, got block_n={bn}")
     if cfg.get("segs", 1) not in (1, 2):
         raise ValueError(f"int4_gemv_gluon_launch: segs (segments a ring slot) must be 1 or 2, got {cfg['segs']}")
+    ring = cfg["stages"] * cfg.get("segs", 1) * bn * 64
+    if ring + 1024 > SHARED_LIMIT:
+        raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {cfg.get('segs', 1)} segments "
+                         f"for {bn} rows needs {ring} bytes of shared memory; at most {SHARED_LIMIT - 1024} fit")
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
     n_seg = K // SEGMENT
     split = max(1, min(cfg["split_k"], n_seg))
+    pro = glu or norm_weight is not None
+    while pro and ring + _staged_bytes(n_seg, split, warps) + 1024 > SHARED_LIMIT and split < n_seg:
+        split = min(n_seg, split * 2)  # the staged input of a split must fit beside the ring
     n_tiles = triton.cdiv(N, bn)
     if out is None:
         out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    ws = torch.empty(split * N if split > 1 else 1, dtype=torch.float32, device=x.device)
+    ws = torch.empty(split * (N + n_tiles) if split > 1 else 1, dtype=torch.float32, device=x.device)
     cnt = arrival_counters(x.device, n_tiles)
     s = scales if scales.stride(-1) == 1 else scales.contiguous()
     z = zeros if zeros.stride(-1) == 1 else zeros.contiguous()
     b = bias.contiguous() if bias is not None else s
     nw = norm_weight.contiguous() if norm_weight is not None else x2
     r = residual.reshape(-1).contiguous() if residual is not None else x2
-    pro = glu or norm_weight is not None
     pdl = pdl and gdc_wait is not None
     _int4_gemv_gluon_kernel[(n_tiles, split)](
         w_desc, x2.view(torch.int64), x2, nw, r, s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),

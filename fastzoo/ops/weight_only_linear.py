@@ -36,8 +36,8 @@ Ops (each: ``<op>_ref``, ``<op>_triton``, public ``<op>`` = ``torch.ops.fastzoo.
     (N, K/group_size) float; w[n, k] = q[n, k] · scales[n, k // g] + zeros[n, k // g].
     Kernel for at most 16 rows; dequantize + ``F.linear`` otherwise.
 
-``decode_linear`` and ``int8_weight_only_linear`` take keyword-only fusions (default:
-none, the plain linear): ``norm_weight`` (K,) with ``norm_eps``: the product's input is
+``decode_linear``, ``int8_weight_only_linear`` and ``int4_weight_only_linear`` take
+keyword-only fusions (default: none, the plain linear): ``norm_weight`` (K,) with ``norm_eps``: the product's input is
 RMSNorm(x) (``rms_norm_ref``: the model's RMSNorm); ``glu=True``: x holds 2K columns
 [a | b] and the input is silu(a)·b (before the norm where both are given); ``residual``
 (..., N) in x's dtype: added to the output. In the kernel the prologue works per K block
@@ -47,7 +47,9 @@ split stores its partial Σx² next to its partial tile and the reducing split c
 them. All in fp32 without the reference's intermediate roundings to x's dtype (after
 silu·mul, the normalisation, the product), so the two agree to x's dtype's rounding. (The
 2–16-row path feeds tl.dot x · norm weight in x's dtype, before the row factor: in fp16 it
-must stay below 65504.)
+must stay below 65504.) int4 runs them in its one-row Hopper kernel (``int4_gemv_gluon``:
+the product's input, x · norm weight rounded to x's dtype as there, staged in shared
+memory; the same fp16 bound) and composes them in PyTorch around its other kernels.
 
 All accept leading batch dims on ``x`` and return x's dtype, shape (..., N). The
 kernels compute in fp32 and round once (the reference rounds after the matmul, the
@@ -184,8 +186,7 @@ def _check_int4_args(name, x, w_packed, scales, zeros, group_size, bias, glu=Fal
     K = _gemv_k(name, x, glu)
     if w_packed.dtype == torch.uint8 and (w_packed.dim() != 2 or w_packed.shape[1] * 2 != K):
         raise ValueError(
-            f"{name} expects w_packed of shape (N, K/2={K // 2}), got {tuple(w_packed.shape)} "
-            f"for x of shape {tuple(x.shape)}{_glu_note(x, glu)}"
+            f"{name} expects w_packed of shape (N, K/2={K // 2}), got {tuple(w_packed.shape)}{_glu_note(x, glu)}"
         )
     N, _ = _check_packed(name, w_packed, scales, zeros, group_size)
     _check_bias(name, x, bias, N)

@@ -230,14 +230,15 @@ class Int4WeightOnlyLinear(nn.Module):
         return int4_weight_only_linear(x, self.weight, self.scales.to(x.dtype), self.zeros.to(x.dtype),
                                        self.group_size, self.bias)
 
-    def fuses(self, x: torch.Tensor) -> bool:
+    def fuses(self, x: torch.Tensor, norm=None) -> bool:
         """Whether ``fused_forward`` runs the options inside one kernel for ``x`` (one row on
-        a Hopper GPU: ``fastzoo.ops.int4_gemv_gluon``); elsewhere
-        ``fastzoo.llama.model.fused_linear`` composes them around ``forward``, where
-        ``torch.compile`` fuses them."""
+        a Hopper GPU: ``fastzoo.ops.int4_gemv_gluon``; a norm weight in x's dtype);
+        elsewhere ``fastzoo.llama.model.fused_linear`` composes them around ``forward``,
+        where ``torch.compile`` fuses them."""
         from fastzoo.ops.int4_gemv_gluon import int4_fusion_applies
 
-        return int4_fusion_applies(x, self.in_features, self.group_size)
+        return (int4_fusion_applies(x, self.in_features, self.group_size)
+                and (norm is None or norm.weight.dtype == x.dtype))
 
     def fused_forward(self, x: torch.Tensor, *, norm=None, glu: bool = False,
                       residual: torch.Tensor | None = None) -> torch.Tensor:
