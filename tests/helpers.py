@@ -77,3 +77,46 @@ def run_aot_compile(script: str, *args: str):
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, "-c", script, *args], env=env, cwd=root, capture_output=True,
                           text=True, timeout=300)
+
+
+def exact_int4_cases(N: int, K: int, group: int, dtype: torch.dtype, hot: tuple, generator, device) -> list:
+    """int4 GEMV inputs whose product is exact in ``dtype``: integer x / 4, every nibble value
+    (row 0 walks them), scales 2^-e, integer zeros; and a single nonzero weight at ``hot``
+    times ones (a kernel that mixed rows would spread it). [(x, packed, scales, zeros, truth)]."""
+    from fastzoo.ops.weight_only_linear import int4_dequantize
+
+    g, dev = generator, device
+    q = torch.randint(0, 16, (N, K), device=dev, generator=g, dtype=torch.uint8)
+    q[0] = torch.arange(K, device=dev) % 16
+    s4 = (2.0 ** -torch.randint(0, 3, (N, K // group), device=dev, generator=g)).to(dtype)
+    z4 = torch.randint(-3, 4, (N, K // group), device=dev, generator=g).to(dtype)
+    x = torch.randint(-2, 3, (1, K), device=dev, generator=g).to(dtype) / 4
+    one = torch.zeros_like(q)
+    one[hot] = 3
+    cases = []
+    for qq, xx in ((q, x), (one, torch.ones_like(x))):
+        p = qq[:, 0::2] | (qq[:, 1::2] << 4)
+        truth = torch.nn.functional.linear(xx.double(), int4_dequantize(p, s4, z4, group, torch.float64)).to(dtype)
+        cases.append((xx, p, s4, z4, truth))
+    return cases
+
+
+def sm90_compile_report(src, num_warps: int) -> dict:
+    """Compile a Triton / Gluon AST source for sm_90 (no GPU) and run the bundled ``ptxas -v``
+    on its PTX: {"ptx", "shared", "ptxas" (its report), "ptxas_rc"}. For the scripts that
+    ``run_aot_compile`` runs (they import this as ``tests.helpers``)."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as d:
+        open(os.path.join(d, "k.ptx"), "w").write(kernel.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"), "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
+    return {"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "ptxas": log.stdout + log.stderr,
+            "ptxas_rc": log.returncode}

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_err, run_aot_compile
+from helpers import exact_int4_cases, rel_err, run_aot_compile
 
 from fastzoo.ops import int4_gemv_gluon as ig
 from fastzoo.ops.int8_mm_gluon import gluon_available
@@ -107,19 +107,9 @@ def test_cuda_gluon_gemv_exact_and_rows_kept_apart():
     row only (lanes of different row blocks or rows r / r + 8 mixed would spread it)."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(3)
-    dtype, group, N, K = torch.bfloat16, 128, 48, 768
-    q = torch.randint(0, 16, (N, K), device=dev, generator=g, dtype=torch.uint8)
-    q[0] = torch.arange(K, device=dev) % 16
-    s4 = (2.0 ** -torch.randint(0, 3, (N, K // group), device=dev, generator=g)).to(dtype)
-    z4 = torch.randint(-3, 4, (N, K // group), device=dev, generator=g).to(dtype)
-    x = torch.randint(-2, 3, (1, K), device=dev, generator=g).to(dtype) / 4
-    one = torch.zeros_like(q)
-    one[25, 300] = 3
-    for qq, xx in ((q, x), (one, torch.ones_like(x))):
-        p = qq[:, 0::2] | (qq[:, 1::2] << 4)
-        truth = F.linear(xx.double(), int4_dequantize(p, s4, z4, group, torch.float64)).to(dtype)
+    for x, p, s4, z4, truth in exact_int4_cases(48, 768, 128, torch.bfloat16, (25, 300), g, dev):
         for tile in TILES:
-            assert torch.equal(int4_weight_only_linear_triton(xx, p, s4, z4, group, config=tile), truth), tile
+            assert torch.equal(int4_weight_only_linear_triton(x, p, s4, z4, 128, config=tile), truth), tile
 
 
 @pytest.mark.cuda
@@ -277,12 +267,11 @@ def test_gluon_gemv_candidates_fill_the_gpu():
 # Compiled in a fresh process: Triton's interpreter (on in this test process) replaces
 # triton.language's functions, so code generation cannot run here.
 _AOT_SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
+import json, sys
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from fastzoo.ops import int4_gemv_gluon as mod
+from tests.helpers import sm90_compile_report
 
 jit = mod._int4_gemv_gluon_kernel
 report = []
@@ -298,14 +287,7 @@ for v in json.loads(sys.argv[1]):
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): c for k, c in const.items()},
                          attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in ptrs})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": v["warps"]})
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        open(os.path.join(d, "k.ptx"), "w").write(kernel.asm["ptx"])
-        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"), "-o",
-                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
-    report.append({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "ptxas": log.stdout + log.stderr,
-                   "ptxas_rc": log.returncode, **v})
+    report.append({**sm90_compile_report(src, v["warps"]), **v})
 print("AOT-REPORT" + json.dumps(report))
 """
 

@@ -116,12 +116,11 @@ def test_gluon_refused_where_it_does_not_apply():
 # Compiled in a fresh process: Triton's interpreter (on in this test process) replaces
 # triton.language's functions, so code generation cannot run here.
 _AOT_SCRIPT = r"""
-import json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
+import json, sys
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from fastzoo.ops import int8_mm_gluon as mod
+from tests.helpers import sm90_compile_report
 
 cfg = mod.DEFAULT_CONFIG
 bm, bn, bk = cfg["block"]
@@ -142,16 +141,9 @@ for variant in json.loads(sys.argv[1]):
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
                          attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
                                 for n in ("as_ptr", "bs_ptr", "bias_ptr", "os_ptr")})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["warps"]})
-    # ptxas' report on the PTX: "C7514" where it serializes every wgmma (an accumulator read while
-    # an accumulating wgmma is in flight), which the epilogue's placement must avoid
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as d:
-        open(os.path.join(d, "k.ptx"), "w").write(kernel.asm["ptx"])
-        log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"), "-o",
-                              os.path.join(d, "k.cubin")], capture_output=True, text=True)
-    report.append({"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared, "ptxas": log.stdout + log.stderr,
-                   "ptxas_rc": log.returncode})
+    # with ptxas' report on the PTX: "C7514" where it serializes every wgmma (an accumulator read
+    # while an accumulating wgmma is in flight), which the epilogue's placement must avoid
+    report.append(sm90_compile_report(src, cfg["warps"]))
 print("AOT-REPORT" + json.dumps(report))
 """
 

@@ -22,7 +22,7 @@ from fastzoo.ops.weight_only_linear import (
     int8_weight_only_linear_triton,
 )
 from fastzoo.quant.linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear
-from helpers import rel_err, run_aot_compile
+from helpers import exact_int4_cases, rel_err, run_aot_compile
 
 DTYPES = [torch.bfloat16, torch.float16]
 RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -790,19 +790,9 @@ def test_cuda_int4_tensor_core_gemv(group, dtype):
             out = int4_weight_only_linear_triton(x, p, s4, z4, group, bias, config=tile)
             assert rel_err(out, ref) < RTOL[dtype] / 2, (N, K, tile)
     # exact: integer x / 4, every nibble value, scales 2^-e, integer zeros
-    N, K = 48, 512
-    q = torch.randint(0, 16, (N, K), device=dev, generator=g, dtype=torch.uint8)
-    q[0] = torch.arange(K, device=dev) % 16
-    s4 = (2.0 ** -torch.randint(0, 3, (N, K // group), device=dev, generator=g)).to(dtype)
-    z4 = torch.randint(-3, 4, (N, K // group), device=dev, generator=g).to(dtype)
-    x = torch.randint(-2, 3, (1, K), device=dev, generator=g).to(dtype) / 4
-    one = torch.zeros_like(q)
-    one[17, 5] = 3
-    for qq, xx in ((q, x), (one, torch.ones_like(x))):
-        p = qq[:, 0::2] | (qq[:, 1::2] << 4)
-        truth = F.linear(xx.double(), int4_dequantize(p, s4, z4, group, torch.float64))
+    for xx, p, s4, z4, truth in exact_int4_cases(48, 512, group, dtype, (17, 5), g, dev):
         for tile in MMA_TILES:
-            assert torch.equal(int4_weight_only_linear_triton(xx, p, s4, z4, group, config=tile), truth.to(dtype)), tile
+            assert torch.equal(int4_weight_only_linear_triton(xx, p, s4, z4, group, config=tile), truth), tile
 
 
 @pytest.mark.cuda
