@@ -56,18 +56,19 @@ def _staged_bytes(n_seg: int, split: int, warps: int) -> int:
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
     """The configurations ``tuned_config`` times for an (N, K) weight: 64 or 128 rows a
-    program, 4 warps, a ring of 4 or 8 one-segment slots or 4 two-segment slots, and the
-    splits of K that give between one and eight programs an SM (or the largest split where
-    even that is too few)."""
+    program, 4 warps, 8 segments in flight (8 one-segment slots or 4 two-segment ones), and
+    the splits of K that give between one and four programs an SM (or the largest split
+    where even that is too few): 4–8 candidates at Llama-2-7B's shapes, each a compile at
+    the first call (the whole sweep: ``experiments.bench_weight_only_linear --sweep``)."""
     n_seg = max(1, K // SEGMENT)
     out = []
     for bn in (64, 128):
         tiles = -(-N // bn)
-        splits = [sk for sk in (1, 2, 4, 8, 16) if sk <= n_seg and num_sms <= tiles * sk <= 8 * num_sms]
+        splits = [sk for sk in (1, 2, 4, 8, 16) if sk <= n_seg and num_sms <= tiles * sk <= 4 * num_sms]
         if not splits:
             splits = [min(16, n_seg) if tiles < num_sms else 1]
         out += [{"block_n": bn, "warps": 4, "split_k": sk, "stages": st, "segs": sg}
-                for sk in splits for st, sg in ((4, 1), (8, 1), (4, 2))]
+                for sk in splits for st, sg in ((8, 1), (4, 2))]
     return out
 
 
