@@ -12,12 +12,19 @@ ahead: the bytes in flight no longer cost registers.
 A program owns BLOCK_N = 16 * G rows (G row blocks of 16, spread over its warps) and a
 contiguous range of segments (split-K). A slot holds the program's rows' words of one
 segment (or two, one after the other), (BLOCK_N, 16) int32 without swizzle, read back as
-(G, 2, 8, 4, 4): row
-16 g + 8 h + r, words 4 c + w. Lane 4 r + c of a row block's warp takes words 4c..4c+3 of
-rows r and r + 8 (two 16-byte shared loads); the lane layout is explicit here, so no
-compiler choice can mix lanes of different row blocks (the reason the ``tl`` kernel keeps
-every tensor 1-D). x, the scales and zeros come from global memory one segment ahead.
-Split-K partials meet in a workspace; the last split to arrive sums them in order.
+(G, 2, 8, 4, 4): row 16 g + 8 h + r, words 4 c + w. Lane 4 r + c of a row block's warp
+takes words 4c..4c+3 of rows r and r + 8 (two 16-byte shared loads); the lane layout is
+explicit here, so no compiler choice can mix lanes of different row blocks (the reason the
+``tl`` kernel keeps every tensor 1-D). x, the scales and zeros come from global memory one
+segment ahead. Split-K partials meet in a workspace; the last split to arrive sums them in
+order.
+
+``decode_linear``'s options (RMSNorm, SwiGLU, residual) run inside: each program first
+makes its split's product input (silu(a)·b, times the norm weight, rounded to x's dtype as
+the reference rounds them) into shared memory, where the lanes read x from, and sums v²
+for the norm from the same loads; the norm's row factor rsqrt(Σv²/K + eps), the bias and
+the residual apply to the fp32 sums (with split-K, each split's Σv² share is combined by
+the reducing split).
 
 Gluon does not run under Triton's interpreter. ``cuda`` tests compare it to the reference;
 a CPU test compiles it for sm_90 ahead of time.
