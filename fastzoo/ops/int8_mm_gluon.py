@@ -29,10 +29,10 @@ import torch
 
 from ._common import _capability, triton_available
 
-# (BLOCK_M, BLOCK_N, BLOCK_K), stages, warps, accumulators per tile (two, each BLOCK_N / 2 wide:
-# int8 wgmma's n is at most 224 in Triton), GROUP_M: the best tile of a sweep at ViT-L and SAM
-# shapes on an H100, GROUP_M 4 / 8 / 16 within its noise
-# (experiments/results/h100-80gb-hbm3/int8_mm_gluon_sweep.json).
+# block (BLOCK_M, BLOCK_N, BLOCK_K), stages, warps, group (GROUP_M): the best tile of a sweep at
+# ViT-L and SAM shapes on an H100, GROUP_M 4 / 8 / 16 within its noise
+# (experiments/results/h100-80gb-hbm3/int8_mm_gluon_sweep.json). A tile always has two
+# accumulators, each BLOCK_N / 2 wide (int8 wgmma's n is at most 224 in Triton).
 DEFAULT_CONFIG = {"block": (128, 256, 128), "stages": 3, "warps": 8, "group": 8}
 
 
