@@ -86,26 +86,19 @@ if gluon_available():
     # in Triton 3.6, gl.barrier in 3.8)
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-    from .weight_only_linear import _int4_mma_segment, _int4_mma_segment_sx, _int4_mma_sz, _int4_mma_xs
+    from .weight_only_linear import _int4_mma_segment, _int4_mma_sz, _int4_mma_xs
 
     @gluon.jit
-    def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, n_seg, STAGES: gl.constexpr, SEGS: gl.constexpr,
-               TILED: gl.constexpr):
+    def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES: gl.constexpr, SEGS: gl.constexpr):
         """TMA of the program's i-th slot, its SEGS segments i·SEGS.., into ring slot i % STAGES
         (none past the last; a last slot with fewer segments left reads the last one again)."""
         pred = i * SEGS < n_local
-        BOX1: gl.constexpr = w_desc.block_type.shape[1]
-        BN: gl.constexpr = w_desc.block_type.shape[0] * BOX1 // 16
         s = i % STAGES
         bar = bars.index(s)
         mbarrier.expect(bar, SEGS * w_desc.block_type.nbytes, pred=pred)
         for t in gl.static_range(SEGS):
             seg = seg0 + gl.minimum(i * SEGS + t, n_local - 1)
-            if TILED:
-                tma.async_copy_global_to_shared(w_desc, [(row0 * n_seg + seg * BN) * 16 // BOX1, 0], bar,
-                                                bufs.index(s * SEGS + t), pred)
-            else:
-                tma.async_copy_global_to_shared(w_desc, [row0, seg * 16], bar, bufs.index(s * SEGS + t), pred)
+            tma.async_copy_global_to_shared(w_desc, [row0, seg * 16], bar, bufs.index(s * SEGS + t), pred)
 
     @gluon.jit
     def _lane_words(t, L2: gl.constexpr):
@@ -224,12 +217,11 @@ if gluon_available():
                                 GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
                                 SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SEGS: gl.constexpr,
                                 NORM: gl.constexpr, GLU: gl.constexpr, HAS_RES: gl.constexpr, PER: gl.constexpr,
-                                PDL: gl.constexpr, TRIGGER: gl.constexpr, TILED: gl.constexpr, DRY: gl.constexpr, STAGE: gl.constexpr, SZPF: gl.constexpr,
-                                num_warps: gl.constexpr):
+                                PDL: gl.constexpr, TRIGGER: gl.constexpr, num_warps: gl.constexpr):
         # x_ptr: x as int64 (4 values each) for the plain product; with NORM or GLU the product's
         # input is made from xe_ptr (x in its dtype, [a | b] with GLU) into shared memory first.
         # PER: segments a split at most (the staging buffer's size).
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0] * w_desc.block_type.shape[1] // 16
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         G: gl.constexpr = BLOCK_N // 16
         L5: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1],
                                             [4, 3, 2, 1, 0])
@@ -244,29 +236,18 @@ if gluon_available():
         seg0 = pid_k * per
         n_local = gl.maximum(gl.minimum(n_seg, seg0 + per) - seg0, 0)
 
-        bufs = gl.allocate_shared_memory(gl.int32, [STAGES * SEGS, w_desc.block_type.shape[0], w_desc.block_type.shape[1]],
-                                         w_desc.layout)
+        bufs = gl.allocate_shared_memory(gl.int32, [STAGES * SEGS, BLOCK_N, 16], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         # the weights do not depend on the previous kernel: requested before waiting for it
         for i in gl.static_range(STAGES):
-            _issue(w_desc, bufs, bars, i, seg0, n_local, row0, n_seg, STAGES, SEGS, TILED)
-        if SZPF:  # the split's scales and zeros into L1 while the weights arrive (no dependence on x)
-            LR: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-            prow = ((row0 + gl.arange(0, BLOCK_N, layout=LR)) % N).to(gl.int64)
-            g_a = (seg0 * 128) // GROUP
-            g_b = ((seg0 + gl.maximum(n_local - 1, 0)) * 128) // GROUP
-            gl.inline_asm_elementwise(
-                "mov.u32 $0, 0; prefetch.global.L1 [$1]; prefetch.global.L1 [$2]; prefetch.global.L1 [$3]; "
-                "prefetch.global.L1 [$4];", "=r,l,l,l,l",
-                [s_ptr + prow * stride_sn + g_a, s_ptr + prow * stride_sn + g_b, z_ptr + prow * stride_zn + g_a,
-                 z_ptr + prow * stride_zn + g_b], dtype=gl.int32, is_pure=False, pack=1)
+            _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES, SEGS)
         if PDL:
             gdc_wait()
         if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
             gdc_launch_dependents()
-        PRO: gl.constexpr = NORM or GLU or STAGE
+        PRO: gl.constexpr = NORM or GLU
         ssq = 0.0
         if PRO:
             # (segments, 2, 64) x's dtype; index() needs a layout of the view's rank or one less:
@@ -299,24 +280,6 @@ if gluon_available():
         if PRO:
             X = _x_from_smem(xs, 0, L2, num_warps)
         for i in range(gl.cdiv(n_local, SEGS)):
-          if DRY == 1:
-            s = i % STAGES
-            mbarrier.wait(bars.index(s), (i // STAGES) & 1)
-            tl.debug_barrier()
-            _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, n_seg, STAGES, SEGS, TILED)
-          elif DRY == 2:
-            s = i % STAGES
-            mbarrier.wait(bars.index(s), (i // STAGES) & 1)
-            U, V = _lane_words(bufs.index(s * SEGS)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5), L2)
-            if SEGS == 2:
-                U2, V2 = _lane_words(bufs.index(s * SEGS + 1)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5),
-                                     L2)
-            tl.debug_barrier()
-            _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, n_seg, STAGES, SEGS, TILED)
-            acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
-            if SEGS == 2:
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U2, V2, X, SZ, zero, F16)
-          else:
             j = i * SEGS  # the slot's first segment
             if PRO:  # x from the staged buffer (read when used), scales and zeros a segment ahead
                 SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), s_offs, z_offs, s8_offs, z8_offs,
@@ -331,13 +294,10 @@ if gluon_available():
                 U2, V2 = _lane_words(bufs.index(s * SEGS + 1)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5),
                                      L2)
             tl.debug_barrier()  # every warp has read slot s before it is refilled
-            _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, n_seg, STAGES, SEGS, TILED)
+            _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, SEGS)
             if PRO:
                 X = _x_from_smem(xs, j, L2, num_warps)
-            if DRY == 3:
-                acc_r, acc_r8 = _int4_mma_segment_sx(acc_r, acc_r8, U, V, X, SZ, zero, zero, F16)
-            else:
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
+            acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
             SZ = SZ1
             if not PRO:
                 X = X1
@@ -351,10 +311,7 @@ if gluon_available():
                 if j + 1 < n_local:  # not past the split's last segment
                     if PRO:
                         X = _x_from_smem(xs, j + 1, L2, num_warps)
-                    if DRY == 3:
-                        acc_r, acc_r8 = _int4_mma_segment_sx(acc_r, acc_r8, U2, V2, X, SZ, zero, zero, F16)
-                    else:
-                        acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U2, V2, X, SZ, zero, F16)
+                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U2, V2, X, SZ, zero, F16)
                 SZ = SZ1
                 if not PRO:
                     X = X1
@@ -485,15 +442,10 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
         raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {cfg.get('segs', 1)} segments "
                          f"for {bn} rows needs {ring} bytes of shared memory; at most {SHARED_LIMIT - 1024} fit")
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    box = [bn, 16]
-    if cfg.get("tiled", False):
-        wide = int(cfg["tiled"])  # 1: boxes of 64-byte rows; 4: of 256-byte rows
-        w32 = w32.reshape(-1, 16 * wide)
-        box = [bn // wide, 16 * wide]
-    w_desc = TensorDescriptor(w32, list(w32.shape), [w32.stride(0), 1], box, layout)
+    w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
     n_seg = K // SEGMENT
     split = max(1, min(cfg["split_k"], n_seg))
-    pro = glu or norm_weight is not None or cfg.get("stage_x", False)
+    pro = glu or norm_weight is not None
     while pro and ring + _staged_bytes(n_seg, split, warps) + 1024 > SHARED_LIMIT and split < n_seg:
         split = min(n_seg, split * 2)  # the staged input of a split must fit beside the ring
     n_tiles = triton.cdiv(N, bn)
@@ -512,8 +464,7 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
         float(norm_eps), GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16,
         SPLIT_K=split, STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), NORM=norm_weight is not None, GLU=glu,
         HAS_RES=residual is not None, PER=triton.cdiv(n_seg, split) if pro else 1, PDL=pdl,
-        TRIGGER=pdl and cfg.get("trigger", False), TILED=bool(cfg.get("tiled", False)), DRY=cfg.get("dry", 0), STAGE=cfg.get("stage_x", False), SZPF=cfg.get("szpf", False),
-        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 
