@@ -54,11 +54,22 @@ SHARED_LIMIT = 232448  # bytes of shared memory a program may take on Hopper (22
 _TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
 
 
-def _staged_bytes(n_seg: int, split: int, warps: int) -> int:
+def _staged_bytes(n_seg: int, split: int, warps: int, pre: bool = False) -> int:
     """Shared memory for the staged product input of one split (the options' path): its
-    segments rounded up to a multiple of the warps, 256 bytes each."""
+    segments rounded up to a multiple of the warps, 256 bytes each (384 with their Σx)."""
     per = -(-n_seg // split)
-    return -(-per // warps) * warps * 256
+    return -(-per // (8 * warps)) * 8 * warps * (384 if pre else 256)
+
+
+def _groups_padded(n_seg: int, split: int, group: int) -> int:
+    """The most quantization groups one split's segments touch, rounded up to 32."""
+    per = -(-n_seg // split)
+    most = 1
+    for k in range(split):
+        a, b = k * per, min(n_seg, (k + 1) * per)
+        if b > a:
+            most = max(most, ((b - 1) * SEGMENT) // group - (a * SEGMENT) // group + 1)
+    return -(-most // 32) * 32
 
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
@@ -86,7 +97,7 @@ if gluon_available():
     # in Triton 3.6, gl.barrier in 3.8)
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-    from .weight_only_linear import _int4_mma_segment, _int4_mma_sz, _int4_mma_xs
+    from .weight_only_linear import _int4_mma_segment, _int4_mma_segment_p, _int4_mma_sz, _int4_mma_xs
 
     @gluon.jit
     def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES: gl.constexpr, SEGS: gl.constexpr):
@@ -142,23 +153,31 @@ if gluon_available():
         return a, v
 
     @gluon.jit
-    def _stage_x(xe_ptr, nw_ptr, xs, seg0, n_local, K, GLU: gl.constexpr, NORM: gl.constexpr,
-                 num_warps: gl.constexpr):
+    def _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU: gl.constexpr, NORM: gl.constexpr,
+                 PRE: gl.constexpr, num_warps: gl.constexpr):
         """The split's product input (``_prologue``) into shared memory, a segment a warp at a
         time: xs (segments rounded up to a multiple of the warps, 2, 64) in x's dtype, segment
         j's 128 values at j · 128. Returns Σv² over the split's columns (the RMSNorm's share:
         the splits of a row tile together cover the row)."""
         LP: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        rows = gl.arange(0, num_warps, layout=gl.SliceLayout(1, LP))
+        CH: gl.constexpr = 8 * num_warps  # segments a pass: all their loads in flight together
+        rows = gl.arange(0, CH, layout=gl.SliceLayout(1, LP))
         cols = gl.expand_dims(gl.arange(0, 128, layout=gl.SliceLayout(0, LP)), 0)
-        ssq = gl.zeros((num_warps, 128), gl.float32, LP)
-        for t in range(gl.cdiv(n_local, num_warps)):
-            segs = gl.expand_dims(t * num_warps + rows, 1)
-            xp, v = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + cols, (segs < n_local) & (cols < 128), K,
+        ssq = gl.zeros((CH, 128), gl.float32, LP)
+        for t in range(gl.cdiv(n_local, CH)):
+            segs = gl.expand_dims(t * CH + rows, 1)
+            src = cols
+            if PRE:  # each 8 columns in the mma's pair order: 0 4 1 5 2 6 3 7
+                src = (cols // 8) * 8 + (cols % 8) // 2 + 4 * (cols % 2)
+            xp, v = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + src, (segs < n_local) & (cols < 128), K,
                               GLU, NORM)
-            tiles = xs._reinterpret(xs.dtype, [xs.shape[0] // num_warps, 2 * num_warps, 64], xs.layout)
-            tiles.index(t)._reinterpret(xs.dtype, [num_warps, 128], flat2).store(xp.to(xs.dtype))
+            tiles = xs._reinterpret(xs.dtype, [xs.shape[0] // CH, 2 * CH, 64], xs.layout)
+            tiles.index(t)._reinterpret(xs.dtype, [CH, 128], flat2).store(xp.to(xs.dtype))
+            if PRE:  # the segment's Σx, 32 copies (one a lane)
+                sums = gl.expand_dims(gl.sum(xp, axis=1), 1) + gl.zeros((CH, 32), gl.float32, LP)
+                stiles = sxs._reinterpret(gl.float32, [sxs.shape[0] // CH, CH, 32], sxs.layout)
+                stiles.index(t)._reinterpret(gl.float32, [CH, 32], flat2).store(sums)
             ssq += v * v  # masked columns load as 0 (and silu(0) · 0 = 0)
         return gl.sum(gl.sum(ssq, axis=1), axis=0)
 
@@ -217,7 +236,8 @@ if gluon_available():
                                 GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
                                 SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SEGS: gl.constexpr,
                                 NORM: gl.constexpr, GLU: gl.constexpr, HAS_RES: gl.constexpr, PER: gl.constexpr,
-                                PDL: gl.constexpr, TRIGGER: gl.constexpr, num_warps: gl.constexpr):
+                                PDL: gl.constexpr, TRIGGER: gl.constexpr, PRE: gl.constexpr, NGP: gl.constexpr,
+                                num_warps: gl.constexpr):
         # x_ptr: x as int64 (4 values each) for the plain product; with NORM or GLU the product's
         # input is made from xe_ptr (x in its dtype, [a | b] with GLU) into shared memory first.
         # PER: segments a split at most (the staging buffer's size).
@@ -243,21 +263,35 @@ if gluon_available():
         # the weights do not depend on the previous kernel: requested before waiting for it
         for i in gl.static_range(STAGES):
             _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES, SEGS)
+        g_first = (seg0 * 128) // GROUP
+        if PRE == 2:  # the split's scales and zeros as fp32 pairs (weights too: before the wait)
+            szs = gl.allocate_shared_memory(gl.float32, [NGP, BLOCK_N, 2],
+                                            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
+            n_g = gl.where(n_local > 0, ((seg0 + gl.maximum(n_local, 1) - 1) * 128) // GROUP - g_first + 1, 0)
+            _stage_sz(s_ptr, z_ptr, szs, row0, g_first, n_g, N, stride_sn, stride_zn, BLOCK_N, num_warps)
         if PDL:
             gdc_wait()
         if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
             gdc_launch_dependents()
-        PRO: gl.constexpr = NORM or GLU
+        PRO: gl.constexpr = NORM or GLU or PRE
         ssq = 0.0
         if PRO:
             # (segments, 2, 64) x's dtype; index() needs a layout of the view's rank or one less:
             # an unswizzled NVMMA layout of rank 2 as the container, read and written through
             # plain row-major reinterpretations
             xs = gl.allocate_shared_memory(xe_ptr.dtype.element_ty,
-                                           [(PER + num_warps - 1) // num_warps * num_warps, 2, 64],
+                                           [(PER + 8 * num_warps - 1) // (8 * num_warps) * (8 * num_warps), 2, 64],
                                            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
-            ssq = _stage_x(xe_ptr, nw_ptr, xs, seg0, n_local, K, GLU, NORM, num_warps)
+            if PRE:  # each segment's Σx, 32 copies
+                sxs = gl.allocate_shared_memory(gl.float32, [(PER + 8 * num_warps - 1) // (8 * num_warps) * (8 * num_warps), 1, 32],
+                                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
+                                                                     rank=2))
+            else:
+                sxs = xs
+            ssq = _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU, NORM, PRE, num_warps)
             tl.debug_barrier()  # the staged input is visible to every warp
+        else:
+            sxs = bufs  # unused (_segment without PRE)
 
         g_idx = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, L2)), 1)
         lane = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0)
@@ -281,7 +315,9 @@ if gluon_available():
             X = _x_from_smem(xs, 0, L2, num_warps)
         for i in range(gl.cdiv(n_local, SEGS)):
             j = i * SEGS  # the slot's first segment
-            if PRO:  # x from the staged buffer (read when used), scales and zeros a segment ahead
+            if PRE == 2:  # scales and zeros from the staged buffer, read when used
+                SZ1 = SZ
+            elif PRO:  # x from the staged buffer (read when used), scales and zeros a segment ahead
                 SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), s_offs, z_offs, s8_offs, z8_offs,
                                    GROUP)
             else:
@@ -297,12 +333,16 @@ if gluon_available():
             _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, SEGS)
             if PRO:
                 X = _x_from_smem(xs, j, L2, num_warps)
-            acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
+            if PRE == 2:
+                SZ = _sz_from_smem(szs, (seg0 + j) * 128 // GROUP - g_first, G, L2, num_warps)
+            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, X, SZ, sxs, j, zero, F16, PRE, L2)
             SZ = SZ1
             if not PRO:
                 X = X1
             if SEGS == 2:
-                if PRO:
+                if PRE == 2:
+                    SZ1 = SZ
+                elif PRO:
                     SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), s_offs, z_offs, s8_offs,
                                        z8_offs, GROUP)
                 else:
@@ -311,7 +351,9 @@ if gluon_available():
                 if j + 1 < n_local:  # not past the split's last segment
                     if PRO:
                         X = _x_from_smem(xs, j + 1, L2, num_warps)
-                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U2, V2, X, SZ, zero, F16)
+                    if PRE == 2:
+                        SZ = _sz_from_smem(szs, (seg0 + j + 1) * 128 // GROUP - g_first, G, L2, num_warps)
+                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, X, SZ, sxs, j + 1, zero, F16, PRE, L2)
                 SZ = SZ1
                 if not PRO:
                     X = X1
@@ -353,6 +395,57 @@ if gluon_available():
                 _finish(lo, offs_lo, m_lo, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
                 _finish(hi, offs_hi, m_hi, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS, NORM, HAS_RES)
                 gl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+    @gluon.jit
+    def _stage_sz(s_ptr, z_ptr, szs, row0, g0, n_g, N, stride_sn, stride_zn, BLOCK_N: gl.constexpr,
+                  num_warps: gl.constexpr):
+        """Groups g0 .. g0 + n_g of the program's rows' scales and zeros into ``szs`` (groups,
+        BLOCK_N, 2) as fp32 (scale, zero) pairs, 32 groups at a time."""
+        LG: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])
+        flat3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        gi = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(1, LG)), 1)
+        rows = gl.expand_dims((row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, LG))) % N, 0)
+        chunks = szs._reinterpret(gl.float32, [szs.shape[0] // 32, 32, 2 * BLOCK_N], szs.layout)
+        for t in range(gl.cdiv(n_g, 32)):
+            m = (t * 32 + gi < n_g) & (rows < N)
+            sv = gl.load(s_ptr + rows * stride_sn + g0 + t * 32 + gi, mask=m, other=0.0).to(gl.float32)
+            zv = gl.load(z_ptr + rows * stride_zn + g0 + t * 32 + gi, mask=m, other=0.0).to(gl.float32)
+            chunks.index(t)._reinterpret(gl.float32, [32, BLOCK_N, 2], flat3).store(gl.join(sv, zv))
+
+    @gluon.jit
+    def _bcast4(t, L2: gl.constexpr, num_warps: gl.constexpr):
+        """(G, 8, 1) [g, r], lane 4r + c holding element r → (G, 32) in L2, element [g, 4r + c]
+        in lane 4r + c: relabellings and a broadcast only, checked at compile time."""
+        G: gl.constexpr = t.shape[0]
+        LB3: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [num_warps, 1, 1], [2, 1, 0])
+        t, _ = gl.broadcast(gl.convert_layout(t, LB3, assert_trivial=True), gl.zeros((G, 8, 4), gl.float32, LB3))
+        return gl.convert_layout(gl.reshape(t, (G, 32)), L2, assert_trivial=True)
+
+    @gluon.jit
+    def _sz_from_smem(szs, g, G: gl.constexpr, L2: gl.constexpr, num_warps: gl.constexpr):
+        """Group g's scales and zeros of rows r and r + 8 of each row block, as _int4_mma_sz
+        returns them, from ``_stage_sz``'s buffer: two 8-byte shared loads a lane (the 4 lanes
+        of a row read the same address)."""
+        LS: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 2], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+        flat5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
+        t = szs.index(g)._reinterpret(gl.float32, [G, 2, 8, 1, 2], flat5).load(LS)  # [g, h, r, -, (s, z)]
+        t = gl.permute(t, (0, 2, 3, 1, 4))  # [g, r, -, h, (s, z)]
+        sv, zv = gl.split(t)
+        s_r, s_r8 = gl.split(sv)
+        z_r, z_r8 = gl.split(zv)
+        return (_bcast4(s_r, L2, num_warps), _bcast4(z_r, L2, num_warps), _bcast4(s_r8, L2, num_warps),
+                _bcast4(z_r8, L2, num_warps))
+
+    @gluon.jit
+    def _segment(acc_r, acc_r8, U, V, X, SZ, sxs, j, zero, F16: gl.constexpr, PRE: gl.constexpr, L2: gl.constexpr):
+        """One segment's products into the accumulators: with PRE, x in the mma's pair order
+        and segment j's Σx from ``sxs`` (``_stage_x``), else _int4_mma_segment (Σx by mma)."""
+        if PRE:
+            flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+            sx = sxs.index(j)._reinterpret(gl.float32, [1, 32], flat2).load(L2)
+            return _int4_mma_segment_p(acc_r, acc_r8, U, V, X, SZ, sx, zero, F16)
+        else:
+            return _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
 
     @gluon.jit
     def _finish(res, offs_n, mask, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS: gl.constexpr, NORM: gl.constexpr,
@@ -445,8 +538,13 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
     n_seg = K // SEGMENT
     split = max(1, min(cfg["split_k"], n_seg))
-    pro = glu or norm_weight is not None
-    while pro and ring + _staged_bytes(n_seg, split, warps) + 1024 > SHARED_LIMIT and split < n_seg:
+    pre = int(cfg.get("pre", 1))  # 1: x in the mma's pair order and its Σx staged once a program
+    pro = glu or norm_weight is not None or pre
+    def staged(split):
+        return _staged_bytes(n_seg, split, warps, pre) + (_groups_padded(n_seg, split, group_size) * bn * 8
+                                                          if pre == 2 else 0)
+
+    while pro and ring + staged(split) + 1024 > SHARED_LIMIT and split < n_seg:
         split = min(n_seg, split * 2)  # the staged input of a split must fit beside the ring
     n_tiles = triton.cdiv(N, bn)
     if out is None:
@@ -464,7 +562,8 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
         float(norm_eps), GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16,
         SPLIT_K=split, STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), NORM=norm_weight is not None, GLU=glu,
         HAS_RES=residual is not None, PER=triton.cdiv(n_seg, split) if pro else 1, PDL=pdl,
-        TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        TRIGGER=pdl and cfg.get("trigger", False), PRE=pre, NGP=_groups_padded(n_seg, split, group_size),
+        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -772,7 +772,7 @@ if triton_available():
         limit = min(_workspace_splits(1, N), max(1, K // 128))
         return [c for c in configs if c.kwargs["SPLIT_K"] <= limit] or [_mma_cfg(64, 2, 1, False)]
 
-    def _int4_mma_asm(f16: bool) -> str:
+    def _int4_mma_asm(f16: bool, with_sum: bool = True) -> str:
         """PTX for one word pair of _int4_mma_kernel. In: $8 / $9 the int32 words of rows r
         and r + 8 (8 nibbles each, nibble i at bits 4i: the lane's columns c0..c7 of this
         word), $10..$13 x's pairs {x0,x4} {x1,x5} {x2,x6} {x3,x7}, $14..$17 the mma
@@ -783,16 +783,23 @@ if triton_available():
         magic·Σx (from a second mma with A = 1) in fp32. Two m16n8k16 mma per product: rows
         r and r + 8, the lane's 8 columns (slots 2c, 2c + 1, 2c + 8, 2c + 9 of two k16 tiles)."""
         ty, magic, one = ("f16", "0x64006400", "0x3C003C00") if f16 else ("bf16", "0x43004300", "0x3F803F80")
+        # ``with_sum=False`` (the Gluon GEMV, which has Σx): no second mma, operands 4 lower ($4 / $5
+        # the words, $6..$9 x's pairs, $10..$13 the accumulator)
+        n_out = 8 if with_sum else 4
+        reg = [f"${n_out + i}" for i in range(14)]  # words (2), x pairs (4), accumulator (4), Σx accumulator (4)
         lines = [".reg .b32 h, m, one, q<8>;", f"mov.b32 m, {magic};", f"mov.b32 one, {one};"]
-        for word, base in (("$8", 0), ("$9", 4)):
+        for word, base in ((reg[0], 0), (reg[1], 4)):
             lines.append(f"lop3.b32 q{base}, {word}, 0x000F000F, m, 0xEA;")  # (a & b) | c
             for i in range(1, 4):
                 lines += [f"shr.u32 h, {word}, {4 * i};", f"lop3.b32 q{base + i}, h, 0x000F000F, m, 0xEA;"]
         mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
-        lines += [f"{mma} {{$0, $1, $2, $3}}, {{q0, q4, q1, q5}}, {{$10, $11}}, {{$14, $15, $16, $17}};",
-                  f"{mma} {{$0, $1, $2, $3}}, {{q2, q6, q3, q7}}, {{$12, $13}}, {{$0, $1, $2, $3}};",
-                  f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {{$10, $11}}, {{$18, $19, $20, $21}};",
-                  f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {{$12, $13}}, {{$4, $5, $6, $7}};"]
+        lines += [f"{mma} {{$0, $1, $2, $3}}, {{q0, q4, q1, q5}}, {{{reg[2]}, {reg[3]}}}, "
+                  f"{{{reg[6]}, {reg[7]}, {reg[8]}, {reg[9]}}};",
+                  f"{mma} {{$0, $1, $2, $3}}, {{q2, q6, q3, q7}}, {{{reg[4]}, {reg[5]}}}, {{$0, $1, $2, $3}};"]
+        if with_sum:
+            lines += [f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {{{reg[2]}, {reg[3]}}}, "
+                      f"{{{reg[10]}, {reg[11]}, {reg[12]}, {reg[13]}}};",
+                      f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {{{reg[4]}, {reg[5]}}}, {{$4, $5, $6, $7}};"]
         return "{\n" + "\n".join(lines) + "\n}"
 
     _MMA_BF16 = tl.constexpr(_int4_mma_asm(False))
@@ -817,6 +824,41 @@ if triton_available():
             out = tl.inline_asm_elementwise(_MMA_BF16, _MMA_CONSTRAINTS, args, dtype=(tl.float32,) * 8,
                                             is_pure=True, pack=1)
         return (out[0], out[1], out[2], out[3]), (out[4], out[5], out[6], out[7])
+
+    _MMA_BF16_P = tl.constexpr(_int4_mma_asm(False, False))
+    _MMA_F16_P = tl.constexpr(_int4_mma_asm(True, False))
+    _MMA_P_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 4 + ["r"] * 6 + ["f"] * 4))
+
+    @triton.jit
+    def _int4_mma_word_p(D, uw, vw, p0, p1, p2, p3, F16: tl.constexpr):
+        """D (4 fp32 tensors) plus one word pair (rows r, r + 8) times x's pairs in the mma's
+        order: _int4_mma_asm(with_sum=False)."""
+        args = [uw, vw, p0, p1, p2, p3, D[0], D[1], D[2], D[3]]
+        if F16:
+            out = tl.inline_asm_elementwise(_MMA_F16_P, _MMA_P_CONSTRAINTS, args, dtype=(tl.float32,) * 4,
+                                            is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise(_MMA_BF16_P, _MMA_P_CONSTRAINTS, args, dtype=(tl.float32,) * 4,
+                                            is_pure=True, pack=1)
+        return (out[0], out[1], out[2], out[3])
+
+    @triton.jit
+    def _int4_mma_segment_p(acc_r, acc_r8, U, V, P, SZ, sx, zero, F16: tl.constexpr):
+        """_int4_mma_segment for x already in the mma's pair order and its Σx given (the Gluon
+        GEMV makes both once a program): P as _int4_mma_xs's X, but word k's pairs are
+        (x0, x4), (x1, x5), (x2, x6), (x3, x7) of its 8 columns (no permutes), and ``sx`` the
+        segment's Σx (no second mma)."""
+        MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
+        Da = (zero, zero, zero, zero)  # two independent chains: words 0, 2 and 1, 3
+        Db = (zero, zero, zero, zero)
+        Da = _int4_mma_word_p(Da, U[0], V[0], P[0][0], P[0][1], P[1][0], P[1][1], F16)
+        Db = _int4_mma_word_p(Db, U[1], V[1], P[2][0], P[2][1], P[3][0], P[3][1], F16)
+        Da = _int4_mma_word_p(Da, U[2], V[2], P[4][0], P[4][1], P[5][0], P[5][1], F16)
+        Db = _int4_mma_word_p(Db, U[3], V[3], P[6][0], P[6][1], P[7][0], P[7][1], F16)
+        sr, zr, sr8, zr8 = SZ
+        acc_r += sr * (Da[0] + Db[0]) + (zr - MAGIC * sr) * sx
+        acc_r8 += sr8 * (Da[2] + Db[2]) + (zr8 - MAGIC * sr8) * sx
+        return acc_r, acc_r8
 
     @triton.jit
     def _halves(v):
