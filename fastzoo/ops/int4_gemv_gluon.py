@@ -15,16 +15,18 @@ segment (or two, one after the other), (BLOCK_N, 16) int32 without swizzle, read
 (G, 2, 8, 4, 4): row 16 g + 8 h + r, words 4 c + w. Lane 4 r + c of a row block's warp
 takes words 4c..4c+3 of rows r and r + 8 (two 16-byte shared loads); the lane layout is
 explicit here, so no compiler choice can mix lanes of different row blocks (the reason the
-``tl`` kernel keeps every tensor 1-D). x, the scales and zeros come from global memory one
-segment ahead. Split-K partials meet in a workspace; the last split to arrive sums them in
-order.
+``tl`` kernel keeps every tensor 1-D). Split-K partials meet in a workspace; the last split
+to arrive sums them in order.
 
-``decode_linear``'s options (RMSNorm, SwiGLU, residual) run inside: each program first
-makes its split's product input (silu(a)·b, times the norm weight, rounded to x's dtype as
-the reference rounds them) into shared memory, where the lanes read x from, and sums v²
-for the norm from the same loads; the norm's row factor rsqrt(Σv²/K + eps), the bias and
-the residual apply to the fp32 sums (with split-K, each split's Σv² share is combined by
-the reducing split).
+Before its first segment each program stages its split's product input in shared memory, 8
+segments a warp a pass (a pass's loads all in flight at once): each 8 columns in the order the mma's pairs take
+them, and each segment's Σx (the zero point's term). The loop then reads x with 16-byte
+shared loads and needs no permutes and no second mma for Σx; the scales and zeros come from
+global memory a segment ahead. ``decode_linear``'s options (RMSNorm, SwiGLU, residual) run
+in the same staging: silu(a)·b and the norm weight are applied to the staged values, rounded
+to x's dtype as the reference rounds them, and Σv² for the norm comes from the same loads;
+the norm's row factor rsqrt(Σv²/K + eps), the bias and the residual apply to the fp32 sums
+(with split-K, each split's Σv² share is combined by the reducing split).
 
 Gluon does not run under Triton's interpreter. ``cuda`` tests compare it to the reference;
 a CPU test compiles it for sm_90 ahead of time.
@@ -54,22 +56,11 @@ SHARED_LIMIT = 232448  # bytes of shared memory a program may take on Hopper (22
 _TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
 
 
-def _staged_bytes(n_seg: int, split: int, warps: int, pre: bool = False) -> int:
-    """Shared memory for the staged product input of one split (the options' path): its
-    segments rounded up to a multiple of the warps, 256 bytes each (384 with their Σx)."""
+def _staged_bytes(n_seg: int, split: int, warps: int) -> int:
+    """Shared memory for the staged product input of one split and its segments' Σx: the
+    split's segments rounded up to a pass of ``_stage_x`` (8 a warp), 384 bytes each."""
     per = -(-n_seg // split)
-    return -(-per // (8 * warps)) * 8 * warps * (384 if pre else 256)
-
-
-def _groups_padded(n_seg: int, split: int, group: int) -> int:
-    """The most quantization groups one split's segments touch, rounded up to 32."""
-    per = -(-n_seg // split)
-    most = 1
-    for k in range(split):
-        a, b = k * per, min(n_seg, (k + 1) * per)
-        if b > a:
-            most = max(most, ((b - 1) * SEGMENT) // group - (a * SEGMENT) // group + 1)
-    return -(-most // 32) * 32
+    return -(-per // (8 * warps)) * 8 * warps * 384
 
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
@@ -97,7 +88,7 @@ if gluon_available():
     # in Triton 3.6, gl.barrier in 3.8)
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 
-    from .weight_only_linear import _int4_mma_segment, _int4_mma_segment_p, _int4_mma_sz, _int4_mma_xs
+    from .weight_only_linear import _int4_mma_segment_p, _int4_mma_sz
 
     @gluon.jit
     def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES: gl.constexpr, SEGS: gl.constexpr):
@@ -154,39 +145,40 @@ if gluon_available():
 
     @gluon.jit
     def _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU: gl.constexpr, NORM: gl.constexpr,
-                 PRE: gl.constexpr, num_warps: gl.constexpr):
-        """The split's product input (``_prologue``) into shared memory, a segment a warp at a
-        time: xs (segments rounded up to a multiple of the warps, 2, 64) in x's dtype, segment
-        j's 128 values at j · 128. Returns Σv² over the split's columns (the RMSNorm's share:
-        the splits of a row tile together cover the row)."""
+                 num_warps: gl.constexpr):
+        """The split's product input (``_prologue``) into shared memory, 8 segments a warp a
+        pass (the pass's loads all in flight at once: the input's latency is paid once, not once
+        a segment): xs (segments rounded up to a pass, 2, 64) in x's dtype, segment j's 128
+        values at j · 128 with each 8 columns in the order the mma's pairs take them (0 4 1 5
+        2 6 3 7: no permutes in the loop), and sxs (segments, 1, 32): segment j's Σ of those
+        values, 32 copies (one a lane; the zero point's term, which the ``tl`` kernel gets from
+        a second mma). Returns Σv² over the split's columns (the RMSNorm's share: the splits of
+        a row tile together cover the row)."""
         LP: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         CH: gl.constexpr = 8 * num_warps  # segments a pass: all their loads in flight together
         rows = gl.arange(0, CH, layout=gl.SliceLayout(1, LP))
         cols = gl.expand_dims(gl.arange(0, 128, layout=gl.SliceLayout(0, LP)), 0)
-        ssq = gl.zeros((CH, 128), gl.float32, LP)
+        ssq = 0.0
         for t in range(gl.cdiv(n_local, CH)):
             segs = gl.expand_dims(t * CH + rows, 1)
-            src = cols
-            if PRE:  # each 8 columns in the mma's pair order: 0 4 1 5 2 6 3 7
-                src = (cols // 8) * 8 + (cols % 8) // 2 + 4 * (cols % 2)
+            src = (cols // 8) * 8 + (cols % 8) // 2 + 4 * (cols % 2)  # position p holds column src
             xp, v = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + src, (segs < n_local) & (cols < 128), K,
                               GLU, NORM)
             tiles = xs._reinterpret(xs.dtype, [xs.shape[0] // CH, 2 * CH, 64], xs.layout)
             tiles.index(t)._reinterpret(xs.dtype, [CH, 128], flat2).store(xp.to(xs.dtype))
-            if PRE:  # the segment's Σx, 32 copies (one a lane)
-                sums = gl.expand_dims(gl.sum(xp, axis=1), 1) + gl.zeros((CH, 32), gl.float32, LP)
-                stiles = sxs._reinterpret(gl.float32, [sxs.shape[0] // CH, CH, 32], sxs.layout)
-                stiles.index(t)._reinterpret(gl.float32, [CH, 32], flat2).store(sums)
-            ssq += v * v  # masked columns load as 0 (and silu(0) · 0 = 0)
-        return gl.sum(gl.sum(ssq, axis=1), axis=0)
+            sums, _ = gl.broadcast(gl.expand_dims(gl.sum(xp, axis=1), 1), gl.zeros((CH, 32), gl.float32, LP))
+            stiles = sxs._reinterpret(gl.float32, [sxs.shape[0] // CH, CH, 32], sxs.layout)
+            stiles.index(t)._reinterpret(gl.float32, [CH, 32], flat2).store(sums)
+            ssq += gl.sum(gl.sum(v * v, axis=1), axis=0)  # masked columns load as 0 (and silu(0) · 0 = 0)
+        return ssq
 
     @gluon.jit
     def _x_from_smem(xs, j, L2: gl.constexpr, num_warps: gl.constexpr):
-        """Segment j's product input from ``_stage_x``'s buffer in ``_int4_mma_xs``'s form: 8
-        pairs of int32 (two 16-bit values each), (1, 32) tensors, lane 4r + c holding the
-        words 16c..16c+15 (its 32 columns). Two 16-byte shared loads a lane (the 8 lanes of a
-        column quarter read the same addresses)."""
+        """Segment j's product input from ``_stage_x``'s buffer as ``_int4_mma_segment_p`` takes
+        it: 8 pairs of int32 (two 16-bit values each), (1, 32) tensors, lane 4r + c holding the
+        words 16c..16c+15 (its 32 columns, each 8 in the mma's pair order). Four 16-byte shared
+        loads a lane (the 8 lanes of a column quarter read the same addresses)."""
         LX: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [1, num_warps], [0, 1])
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         t = xs.index(j)._reinterpret(gl.int32, [4, 16], flat2).load(LX)
@@ -231,16 +223,14 @@ if gluon_available():
         return gl.convert_layout(gl.reshape(t, (1, 32)), L2, assert_trivial=True)
 
     @gluon.jit
-    def _int4_gemv_gluon_kernel(w_desc, x_ptr, xe_ptr, nw_ptr, r_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+    def _int4_gemv_gluon_kernel(w_desc, xe_ptr, nw_ptr, r_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                                 N, K, stride_sn, stride_zn, eps,
                                 GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
                                 SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SEGS: gl.constexpr,
                                 NORM: gl.constexpr, GLU: gl.constexpr, HAS_RES: gl.constexpr, PER: gl.constexpr,
-                                PDL: gl.constexpr, TRIGGER: gl.constexpr, PRE: gl.constexpr, NGP: gl.constexpr,
-                                num_warps: gl.constexpr):
-        # x_ptr: x as int64 (4 values each) for the plain product; with NORM or GLU the product's
-        # input is made from xe_ptr (x in its dtype, [a | b] with GLU) into shared memory first.
-        # PER: segments a split at most (the staging buffer's size).
+                                PDL: gl.constexpr, TRIGGER: gl.constexpr, num_warps: gl.constexpr):
+        # xe_ptr: x in its dtype ([a | b] with GLU), from which each program makes its split's
+        # product input into shared memory first (_stage_x). PER: segments a split at most.
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         G: gl.constexpr = BLOCK_N // 16
         L5: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1],
@@ -263,66 +253,40 @@ if gluon_available():
         # the weights do not depend on the previous kernel: requested before waiting for it
         for i in gl.static_range(STAGES):
             _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES, SEGS)
-        g_first = (seg0 * 128) // GROUP
-        if PRE == 2:  # the split's scales and zeros as fp32 pairs (weights too: before the wait)
-            szs = gl.allocate_shared_memory(gl.float32, [NGP, BLOCK_N, 2],
-                                            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
-            n_g = gl.where(n_local > 0, ((seg0 + gl.maximum(n_local, 1) - 1) * 128) // GROUP - g_first + 1, 0)
-            _stage_sz(s_ptr, z_ptr, szs, row0, g_first, n_g, N, stride_sn, stride_zn, BLOCK_N, num_warps)
         if PDL:
             gdc_wait()
         if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
             gdc_launch_dependents()
-        PRO: gl.constexpr = NORM or GLU or PRE
-        ssq = 0.0
-        if PRO:
-            # (segments, 2, 64) x's dtype; index() needs a layout of the view's rank or one less:
-            # an unswizzled NVMMA layout of rank 2 as the container, read and written through
-            # plain row-major reinterpretations
-            xs = gl.allocate_shared_memory(xe_ptr.dtype.element_ty,
-                                           [(PER + 8 * num_warps - 1) // (8 * num_warps) * (8 * num_warps), 2, 64],
-                                           gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
-            if PRE:  # each segment's Σx, 32 copies
-                sxs = gl.allocate_shared_memory(gl.float32, [(PER + 8 * num_warps - 1) // (8 * num_warps) * (8 * num_warps), 1, 32],
-                                                gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32,
-                                                                     rank=2))
-            else:
-                sxs = xs
-            ssq = _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU, NORM, PRE, num_warps)
-            tl.debug_barrier()  # the staged input is visible to every warp
-        else:
-            sxs = bufs  # unused (_segment without PRE)
+        # the staged input (segments, 2, 64) in x's dtype and each segment's Σx (segments, 1, 32),
+        # segments rounded up to _stage_x's pass; index() needs a layout of the view's rank or one
+        # less: unswizzled NVMMA layouts of rank 2 as the containers, read and written through plain
+        # row-major reinterpretations
+        NS: gl.constexpr = (PER + 8 * num_warps - 1) // (8 * num_warps) * (8 * num_warps)
+        xs = gl.allocate_shared_memory(xe_ptr.dtype.element_ty, [NS, 2, 64],
+                                       gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
+        sxs = gl.allocate_shared_memory(gl.float32, [NS, 1, 32],
+                                        gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
+        ssq = _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU, NORM, num_warps)
+        tl.debug_barrier()  # the staged input is visible to every warp
 
         g_idx = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, L2)), 1)
-        lane = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0)
-        r = lane // 4
-        cc = lane % 4
+        r = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0) // 4
         row = (row0 + g_idx * 16 + r) % N  # rows past the edge wrap (their results are not stored)
         row8 = (row0 + g_idx * 16 + 8 + r) % N
         s_offs = row * stride_sn
         z_offs = row * stride_zn
         s8_offs = row8 * stride_sn
         z8_offs = row8 * stride_zn
-        x_offs = cc * 8  # (1, 32): int64 units, the lane's 32 columns (the same for all its row blocks)
         acc_r = gl.zeros((G, 32), gl.float32, L2)
         acc_r8 = gl.zeros((G, 32), gl.float32, L2)
         zero = gl.zeros((G, 32), gl.float32, L2)
 
+        # scales and zeros a segment ahead; x and Σx from the staged buffers when used
         last = seg0 + gl.maximum(n_local - 1, 0)
-        X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0, n_seg - 1), x_offs, s_offs, z_offs, s8_offs,
-                             z8_offs, GROUP)
-        if PRO:
-            X = _x_from_smem(xs, 0, L2, num_warps)
+        SZ = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0, n_seg - 1), s_offs, z_offs, s8_offs, z8_offs, GROUP)
         for i in range(gl.cdiv(n_local, SEGS)):
             j = i * SEGS  # the slot's first segment
-            if PRE == 2:  # scales and zeros from the staged buffer, read when used
-                SZ1 = SZ
-            elif PRO:  # x from the staged buffer (read when used), scales and zeros a segment ahead
-                SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), s_offs, z_offs, s8_offs, z8_offs,
-                                   GROUP)
-            else:
-                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), x_offs, s_offs, z_offs,
-                                       s8_offs, z8_offs, GROUP)
+            SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), s_offs, z_offs, s8_offs, z8_offs, GROUP)
             s = i % STAGES
             mbarrier.wait(bars.index(s), (i // STAGES) & 1)
             U, V = _lane_words(bufs.index(s * SEGS)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5), L2)
@@ -331,32 +295,14 @@ if gluon_available():
                                      L2)
             tl.debug_barrier()  # every warp has read slot s before it is refilled
             _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, SEGS)
-            if PRO:
-                X = _x_from_smem(xs, j, L2, num_warps)
-            if PRE == 2:
-                SZ = _sz_from_smem(szs, (seg0 + j) * 128 // GROUP - g_first, G, L2, num_warps)
-            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, X, SZ, sxs, j, zero, F16, PRE, L2)
+            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, F16, L2, num_warps)
             SZ = SZ1
-            if not PRO:
-                X = X1
             if SEGS == 2:
-                if PRE == 2:
-                    SZ1 = SZ
-                elif PRO:
-                    SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), s_offs, z_offs, s8_offs,
-                                       z8_offs, GROUP)
-                else:
-                    X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), x_offs, s_offs,
-                                           z_offs, s8_offs, z8_offs, GROUP)
+                SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), s_offs, z_offs, s8_offs, z8_offs,
+                                   GROUP)
                 if j + 1 < n_local:  # not past the split's last segment
-                    if PRO:
-                        X = _x_from_smem(xs, j + 1, L2, num_warps)
-                    if PRE == 2:
-                        SZ = _sz_from_smem(szs, (seg0 + j + 1) * 128 // GROUP - g_first, G, L2, num_warps)
-                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, X, SZ, sxs, j + 1, zero, F16, PRE, L2)
+                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, SZ, xs, sxs, j + 1, zero, F16, L2, num_warps)
                 SZ = SZ1
-                if not PRO:
-                    X = X1
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -397,55 +343,13 @@ if gluon_available():
                 gl.atomic_xchg(cnt_ptr + pid_n, 0)
 
     @gluon.jit
-    def _stage_sz(s_ptr, z_ptr, szs, row0, g0, n_g, N, stride_sn, stride_zn, BLOCK_N: gl.constexpr,
-                  num_warps: gl.constexpr):
-        """Groups g0 .. g0 + n_g of the program's rows' scales and zeros into ``szs`` (groups,
-        BLOCK_N, 2) as fp32 (scale, zero) pairs, 32 groups at a time."""
-        LG: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])
-        flat3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-        gi = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(1, LG)), 1)
-        rows = gl.expand_dims((row0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, LG))) % N, 0)
-        chunks = szs._reinterpret(gl.float32, [szs.shape[0] // 32, 32, 2 * BLOCK_N], szs.layout)
-        for t in range(gl.cdiv(n_g, 32)):
-            m = (t * 32 + gi < n_g) & (rows < N)
-            sv = gl.load(s_ptr + rows * stride_sn + g0 + t * 32 + gi, mask=m, other=0.0).to(gl.float32)
-            zv = gl.load(z_ptr + rows * stride_zn + g0 + t * 32 + gi, mask=m, other=0.0).to(gl.float32)
-            chunks.index(t)._reinterpret(gl.float32, [32, BLOCK_N, 2], flat3).store(gl.join(sv, zv))
-
-    @gluon.jit
-    def _bcast4(t, L2: gl.constexpr, num_warps: gl.constexpr):
-        """(G, 8, 1) [g, r], lane 4r + c holding element r → (G, 32) in L2, element [g, 4r + c]
-        in lane 4r + c: relabellings and a broadcast only, checked at compile time."""
-        G: gl.constexpr = t.shape[0]
-        LB3: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [num_warps, 1, 1], [2, 1, 0])
-        t, _ = gl.broadcast(gl.convert_layout(t, LB3, assert_trivial=True), gl.zeros((G, 8, 4), gl.float32, LB3))
-        return gl.convert_layout(gl.reshape(t, (G, 32)), L2, assert_trivial=True)
-
-    @gluon.jit
-    def _sz_from_smem(szs, g, G: gl.constexpr, L2: gl.constexpr, num_warps: gl.constexpr):
-        """Group g's scales and zeros of rows r and r + 8 of each row block, as _int4_mma_sz
-        returns them, from ``_stage_sz``'s buffer: two 8-byte shared loads a lane (the 4 lanes
-        of a row read the same address)."""
-        LS: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 2], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-        flat5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
-        t = szs.index(g)._reinterpret(gl.float32, [G, 2, 8, 1, 2], flat5).load(LS)  # [g, h, r, -, (s, z)]
-        t = gl.permute(t, (0, 2, 3, 1, 4))  # [g, r, -, h, (s, z)]
-        sv, zv = gl.split(t)
-        s_r, s_r8 = gl.split(sv)
-        z_r, z_r8 = gl.split(zv)
-        return (_bcast4(s_r, L2, num_warps), _bcast4(z_r, L2, num_warps), _bcast4(s_r8, L2, num_warps),
-                _bcast4(z_r8, L2, num_warps))
-
-    @gluon.jit
-    def _segment(acc_r, acc_r8, U, V, X, SZ, sxs, j, zero, F16: gl.constexpr, PRE: gl.constexpr, L2: gl.constexpr):
-        """One segment's products into the accumulators: with PRE, x in the mma's pair order
-        and segment j's Σx from ``sxs`` (``_stage_x``), else _int4_mma_segment (Σx by mma)."""
-        if PRE:
-            flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-            sx = sxs.index(j)._reinterpret(gl.float32, [1, 32], flat2).load(L2)
-            return _int4_mma_segment_p(acc_r, acc_r8, U, V, X, SZ, sx, zero, F16)
-        else:
-            return _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
+    def _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, F16: gl.constexpr, L2: gl.constexpr,
+                 num_warps: gl.constexpr):
+        """Segment j's products into the accumulators: its words U, V, scales and zeros SZ, x (in
+        the mma's pair order) and Σx from ``_stage_x``'s buffers."""
+        flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        sx = sxs.index(j)._reinterpret(gl.float32, [1, 32], flat2).load(L2)
+        return _int4_mma_segment_p(acc_r, acc_r8, U, V, _x_from_smem(xs, j, L2, num_warps), SZ, sx, zero, F16)
 
     @gluon.jit
     def _finish(res, offs_n, mask, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS: gl.constexpr, NORM: gl.constexpr,
@@ -520,9 +424,7 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     K = x.shape[-1] // (2 if glu else 1)
     N = w_packed.shape[0]
-    x2 = x.reshape(1, -1)
-    if x2.stride(-1) != 1 or x2.storage_offset() % 4:
-        x2 = x2.contiguous().clone()
+    x2 = x.reshape(1, -1).contiguous()
     w32 = w_packed.view(torch.int32)  # (N, K/8): word j holds columns 8j..8j+7, column 8j + i at bits 4i
     bn, warps = cfg["block_n"], cfg["warps"]
     if bn not in (16, 32, 64, 128, 256) or bn % (16 * warps):
@@ -538,13 +440,7 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
     n_seg = K // SEGMENT
     split = max(1, min(cfg["split_k"], n_seg))
-    pre = int(cfg.get("pre", 1))  # 1: x in the mma's pair order and its Σx staged once a program
-    pro = glu or norm_weight is not None or pre
-    def staged(split):
-        return _staged_bytes(n_seg, split, warps, pre) + (_groups_padded(n_seg, split, group_size) * bn * 8
-                                                          if pre == 2 else 0)
-
-    while pro and ring + staged(split) + 1024 > SHARED_LIMIT and split < n_seg:
+    while ring + _staged_bytes(n_seg, split, warps) + 1024 > SHARED_LIMIT and split < n_seg:
         split = min(n_seg, split * 2)  # the staged input of a split must fit beside the ring
     n_tiles = triton.cdiv(N, bn)
     if out is None:
@@ -558,12 +454,11 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     r = residual.reshape(-1).contiguous() if residual is not None else x2
     pdl = pdl and gdc_wait is not None
     _int4_gemv_gluon_kernel[(n_tiles, split)](
-        w_desc, x2.view(torch.int64), x2, nw, r, s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
+        w_desc, x2, nw, r, s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
         float(norm_eps), GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16,
         SPLIT_K=split, STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), NORM=norm_weight is not None, GLU=glu,
-        HAS_RES=residual is not None, PER=triton.cdiv(n_seg, split) if pro else 1, PDL=pdl,
-        TRIGGER=pdl and cfg.get("trigger", False), PRE=pre, NGP=_groups_padded(n_seg, split, group_size),
-        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
+        HAS_RES=residual is not None, PER=triton.cdiv(n_seg, split), PDL=pdl,
+        TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -781,7 +781,9 @@ if triton_available():
         i + 4 as the 16-bit floats t = magic + q, exact (magic = 2^7 in bf16, 2^10 in fp16;
         q < 16 fits the mantissa): the mma multiplies t, not q, and the caller subtracts
         magic·Σx (from a second mma with A = 1) in fp32. Two m16n8k16 mma per product: rows
-        r and r + 8, the lane's 8 columns (slots 2c, 2c + 1, 2c + 8, 2c + 9 of two k16 tiles)."""
+        r and r + 8, the lane's 8 columns (slots 2c, 2c + 1, 2c + 8, 2c + 9 of two k16 tiles).
+        ``with_sum=False`` (``_int4_mma_word_p``, for a caller that has Σx): the products'
+        mma only, x's pairs given in the mma's order, operands numbered from $4."""
         ty, magic, one = ("f16", "0x64006400", "0x3C003C00") if f16 else ("bf16", "0x43004300", "0x3F803F80")
         # ``with_sum=False`` (the Gluon GEMV, which has Σx): no second mma, operands 4 lower ($4 / $5
         # the words, $6..$9 x's pairs, $10..$13 the accumulator)

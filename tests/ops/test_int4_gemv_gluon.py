@@ -278,7 +278,7 @@ report = []
 for v in json.loads(sys.argv[1]):
     dt = "fp16" if v["f16"] else "bf16"
     lay = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-    ptrs = {"x_ptr": "*i64", "xe_ptr": f"*{dt}", "nw_ptr": f"*{dt}", "r_ptr": f"*{dt}", "s_ptr": f"*{dt}",
+    ptrs = {"xe_ptr": f"*{dt}", "nw_ptr": f"*{dt}", "r_ptr": f"*{dt}", "s_ptr": f"*{dt}",
             "z_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig = {"w_desc": f"tensordesc<i32[{v['block_n']}, 16],{lay!r}>", "eps": "fp32", **ptrs}
     const = {"GROUP": v["group"], "HAS_BIAS": True, "F16": v["f16"], "SPLIT_K": v["split_k"], "STAGES": v["stages"],
@@ -301,13 +301,13 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
     the first TMA requests."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
-    plain = dict(norm=False, glu=False, res=False, per=1)
+    plain = dict(norm=False, glu=False, res=False)  # per: segments a split at K = 4096
     variants = [dict(block_n=64, warps=4, split_k=8, stages=8, segs=1, group=128, f16=False, pdl=True, trigger=True,
-                     **plain),
+                     per=4, **plain),
                 dict(block_n=128, warps=4, split_k=1, stages=4, segs=1, group=256, f16=True, pdl=False, trigger=False,
-                     **plain),
+                     per=32, **plain),
                 dict(block_n=64, warps=4, split_k=4, stages=4, segs=2, group=128, f16=False, pdl=True, trigger=False,
-                     **plain),
+                     per=8, **plain),
                 # the options: RMSNorm + residual (wqkv, w13 and output's prologue, wo and w2's epilogue),
                 # SwiGLU (w2), all three with two segments a slot
                 dict(block_n=64, warps=4, split_k=4, stages=4, segs=1, group=128, f16=False, pdl=True, trigger=False,
@@ -324,11 +324,12 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
         assert len(loop) == 1  # the segment loop (the options add the staging and norm loops before it)
         loop = loop[0].split("_crit_edge", 1)[0]
         per_warp = item["block_n"] // 16 // item["warps"] * item["segs"]
-        assert loop.count("mma.sync.aligned.m16n8k16") == 16 * per_warp
-        # the words (rows r and r + 8) of each row block, and with the options x from the staged
-        # buffer: the lane's 32 columns (64 bytes) of each segment
-        x_loads = 4 * item["segs"] if item["norm"] or item["glu"] else 0
-        assert loop.count("ld.shared.v4.b32") == 2 * per_warp + x_loads
+        # one mma a 16 columns (Σx comes from the staged buffer, not from a second mma)
+        assert loop.count("mma.sync.aligned.m16n8k16") == 8 * per_warp
+        # the words (rows r and r + 8) of each row block, and x from the staged buffer: the lane's
+        # 32 columns (64 bytes) of each segment, already in the mma's pair order
+        assert loop.count("ld.shared.v4.b32") == 2 * per_warp + 4 * item["segs"]
+        assert "prmt" not in loop
         assert "+512]" in loop  # rows r + 8: 8 rows of 64 bytes on
         assert "shfl" not in loop
         assert "cp.async.bulk.tensor.2d" in ptx
@@ -340,7 +341,8 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
         assert ("griddepcontrol.launch_dependents" in ptx) == item["trigger"]
         assert item["shared"] <= 227 * 1024
         assert item["ptxas_rc"] == 0, item["ptxas"][-2000:]
-        # no register blow-up: ptxas spills at most a word (it keeps one value of the two-segment
-        # loop with the options, at 72 registers, on the stack: Triton 3.6 and 3.8 alike)
+        # no register blow-up: ptxas spills at most a few words (at 80 registers it keeps 2-3 of the
+        # staging pass's values on the stack, stored and reloaded once before the segment loop, per
+        # the SASS of Triton 3.6 and 3.8)
         spilled = re.search(r"(\d+) bytes spill stores", item["ptxas"])
-        assert spilled is None or int(spilled.group(1)) <= 4, item["ptxas"][-2000:]
+        assert spilled is None or int(spilled.group(1)) <= 16, item["ptxas"][-2000:]
