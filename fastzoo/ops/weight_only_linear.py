@@ -1183,8 +1183,8 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M and N and K:
         w = unit_stride_last(w_packed)
-        if w.storage_offset() % 4 or w.stride(0) % 4:
-            w = w.contiguous()
+        if w.storage_offset() % 4 or w.stride(0) % 4:  # a copy: .contiguous() keeps a contiguous view's offset
+            w = w.clone(memory_format=torch.contiguous_format)
         w = w.view(torch.int32)  # (N, K/8) words: 8 nibbles each, column 8j + i in bits 4i..4i+3
         if N * w.stride(0) >= 2**31:
             raise ValueError(f"{name} supports at most 2**31 int32 words of packed weights (int32 offsets), "
@@ -1199,7 +1199,8 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
         if M == 1 and mma and (config is None or config.get("MMA")):
             if x2.storage_offset() % 4:
                 x2 = x2.clone()
-            w64 = (w.contiguous() if w.stride(0) % 2 or w.storage_offset() % 2 else w).view(torch.int64)
+            w64 = (w.clone(memory_format=torch.contiguous_format) if w.stride(0) % 2 or w.storage_offset() % 2
+                   else w).view(torch.int64)
             cfg = None if config is None else {k: v for k, v in config.items() if k != "MMA"}
             out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int64), w64, s, z, b],
                        {"_scalars": (N, K, w64.stride(0), s.stride(0), z.stride(0)), "GROUP": group_size,

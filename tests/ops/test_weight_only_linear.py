@@ -139,6 +139,14 @@ def test_kernels_leading_dims_and_strided_x(kernel_device):
     out = int4_weight_only_linear_triton(*_to(dev, x, packed, s4.to(dtype), z4.to(dtype)), 64)
     deq = int4_dequantize(packed, s4.to(dtype), z4.to(dtype), 64, torch.float32)
     _check(out, F.linear(x.float(), deq), dtype, (2, 3, 21))
+    # packed weights contiguous but one byte into their buffer (no int32 view of them): copied
+    # for the kernel, not refused
+    shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8)[1:].view(packed.shape)
+    shifted.copy_(packed)
+    assert shifted.is_contiguous() and shifted.storage_offset() == 1
+    for rows in (x, x[:1, :1]):  # several rows and one (the GEMV)
+        out = int4_weight_only_linear_triton(*_to(dev, rows, shifted, s4.to(dtype), z4.to(dtype)), 64)
+        _check(out, F.linear(rows.float(), deq), dtype, (*rows.shape[:-1], 21))
 
 
 def test_kernel_int8_extremes_exact_sum(kernel_device):
