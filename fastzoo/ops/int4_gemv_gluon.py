@@ -23,8 +23,9 @@ segments a warp a pass (a pass's loads all in flight at once): each 8 columns in
 them, and each segment's Σx (the zero point's term). The loop then reads x with 16-byte
 shared loads and needs no permutes and no second mma for Σx; the scales and zeros come from
 global memory a segment ahead. ``decode_linear``'s options (RMSNorm, SwiGLU, residual) run
-in the same staging: silu(a)·b and the norm weight are applied to the staged values, rounded
-to x's dtype as the reference rounds them, and Σv² for the norm comes from the same loads;
+in the same staging: silu(a)·b and the norm weight are applied to the staged values, each
+rounded to x's dtype (the reference rounds the normalized value before the weight; here the
+row's factor comes last, in fp32), and Σv² for the norm comes from the same loads;
 the norm's row factor rsqrt(Σv²/K + eps), the bias and the residual apply to the fp32 sums
 (with split-K, each split's Σv² share is combined by the reducing split).
 
@@ -128,10 +129,10 @@ if gluon_available():
 
     @gluon.jit
     def _prologue(xe_ptr, nw_ptr, cols, mask, K, GLU: gl.constexpr, NORM: gl.constexpr):
-        """The product's input at ``cols`` as the reference rounds it (x's dtype), in fp32:
-        silu(a)·b of x = [a | b] with GLU, times the RMSNorm weight with NORM (the row's
-        factor comes in the epilogue); and the values before the norm weight (Σ their
-        squares is the norm's)."""
+        """The product's input at ``cols``, each step rounded to x's dtype, in fp32: silu(a)·b
+        of x = [a | b] with GLU (as the reference), times the RMSNorm weight with NORM (the
+        row's factor comes in the epilogue, on the fp32 sums: the reference applies it before
+        the weight); and the values before the norm weight (Σ their squares is the norm's)."""
         XDT: gl.constexpr = xe_ptr.dtype.element_ty
         a = gl.load(xe_ptr + cols, mask=mask, other=0.0).to(gl.float32)
         if GLU:
@@ -432,13 +433,17 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
                          f"of 16 for each of the {warps} warps at least, got block_n={bn}")
     if cfg.get("segs", 1) not in (1, 2):
         raise ValueError(f"int4_gemv_gluon_launch: segs (segments a ring slot) must be 1 or 2, got {cfg['segs']}")
+    if cfg["stages"] < 1:
+        raise ValueError(f"int4_gemv_gluon_launch: stages (ring slots) must be at least 1, got {cfg['stages']}")
     ring = cfg["stages"] * cfg.get("segs", 1) * bn * 64
-    if ring + 1024 > SHARED_LIMIT:
+    n_seg = K // SEGMENT
+    least = _staged_bytes(n_seg, n_seg, warps)  # the staged input at the largest split
+    if ring + least + 1024 > SHARED_LIMIT:
         raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {cfg.get('segs', 1)} segments "
-                         f"for {bn} rows needs {ring} bytes of shared memory; at most {SHARED_LIMIT - 1024} fit")
+                         f"for {bn} rows needs {ring} bytes of shared memory; beside the staged input ({least} "
+                         f"bytes at least for {warps} warps) at most {SHARED_LIMIT - 1024 - least} fit")
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
-    n_seg = K // SEGMENT
     split = max(1, min(cfg["split_k"], n_seg))
     while ring + _staged_bytes(n_seg, split, warps) + 1024 > SHARED_LIMIT and split < n_seg:
         split = min(n_seg, split * 2)  # the staged input of a split must fit beside the ring

@@ -789,7 +789,8 @@ if triton_available():
         # the words, $6..$9 x's pairs, $10..$13 the accumulator)
         n_out = 8 if with_sum else 4
         reg = [f"${n_out + i}" for i in range(14)]  # words (2), x pairs (4), accumulator (4), Σx accumulator (4)
-        lines = [".reg .b32 h, m, one, q<8>;", f"mov.b32 m, {magic};", f"mov.b32 one, {one};"]
+        lines = ([".reg .b32 h, m, one, q<8>;", f"mov.b32 m, {magic};", f"mov.b32 one, {one};"] if with_sum
+                 else [".reg .b32 h, m, q<8>;", f"mov.b32 m, {magic};"])
         for word, base in ((reg[0], 0), (reg[1], 4)):
             lines.append(f"lop3.b32 q{base}, {word}, 0x000F000F, m, 0xEA;")  # (a & b) | c
             for i in range(1, 4):
@@ -899,8 +900,8 @@ if triton_available():
         """One 128-column segment of _int4_mma_kernel (one quantization group), from the values
         of _int4_mma_words and _int4_mma_xs: the products chain in the mma accumulator; the group's
         scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x.
-        ``zero``: zeros like ``acc_r`` (made by the caller: also serves the Gluon kernel,
-        int4_gemv_gluon, whose tensors carry explicit layouts)."""
+        ``zero``: zeros like ``acc_r``, made by the caller (``_int4_mma_segment_p`` takes it the
+        same way: in the Gluon kernel the tensors carry explicit layouts)."""
         MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
         # two independent accumulator chains (words 0, 1 and 2, 3): half the mma latency in series
         Da = (zero, zero, zero, zero)
@@ -1174,8 +1175,11 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
             return out.reshape(*x.shape[:-1], N)
         if forced:
             raise ValueError(f"{name}: the Gluon GEMV needs one row of bf16 / fp16 x on a Hopper GPU with Triton's "
-                             f"Gluon, scales and zeros in x's dtype, group_size >= {ig.MIN_GROUP} and K % 128 == 0; "
-                             f"got {M} rows of {x.dtype} on {x.device}, group_size={group_size}, K={K}")
+                             f"Gluon, scales and zeros (and a norm weight or residual) in x's dtype, "
+                             f"group_size >= {ig.MIN_GROUP}, K % 128 == 0, N > 0 and packed weights TMA can read "
+                             f"(unit last stride, base and row stride 16-byte aligned); got {M} rows of {x.dtype} on "
+                             f"{x.device}, scales {scales.dtype}, group_size={group_size}, K={K}, N={N}, weight "
+                             f"strides {tuple(w_packed.stride())} at byte offset {w_packed.storage_offset()}")
     if glu or norm_weight is not None or residual is not None:  # the tl kernels take none of the options
         y = int4_weight_only_linear_triton(_prologue_ref(x, norm_weight, norm_eps, glu), w_packed, scales, zeros,
                                            group_size, bias, config, gluon=False)

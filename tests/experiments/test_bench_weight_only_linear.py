@@ -34,8 +34,11 @@ def test_partial_runs_get_their_own_record_name():
 
 
 def test_sweep_summary_names_gluon_tiles():
-    """The Gluon GEMV's configurations (lower-case keys) are summarised too."""
+    """The Gluon GEMV's configurations (lower-case keys) are summarised too, with the ring's
+    slots and segments a slot (4 slots of 1 and of 2 segments are different tiles)."""
     cfg = {"GLUON": True, "block_n": 128, "warps": 4, "split_k": 8, "stages": 4, "num_warps": 4, "num_stages": 3}
     rows = [{"shape": "wo", "M": 1, "N": 4096, "K": 4096, "kind": "int4gluon_g128", "config": cfg, "us": 5.0,
              "GB/s": 1.0, "%copy": 1.0}]
-    assert sweep_summary(rows)[0]["config"] == "N128 split8 w4 ring4"
+    assert sweep_summary(rows)[0]["config"] == "N128 split8 w4 ring4x1"
+    rows[0]["config"] = dict(cfg, segs=2)
+    assert sweep_summary(rows)[0]["config"] == "N128 split8 w4 ring4x2"

@@ -11,7 +11,7 @@ from helpers import exact_int4_cases, rel_err, run_aot_compile
 
 from fastzoo.ops import int4_gemv_gluon as ig
 from fastzoo.ops.int8_mm_gluon import gluon_available
-from fastzoo.ops.weight_only_linear import (int4_dequantize, int4_weight_only_linear,
+from fastzoo.ops.weight_only_linear import (int4_dequantize, int4_weight_only_linear, int4_weight_only_linear_ref,
                                             int4_weight_only_linear_triton)
 from fastzoo.quant.linear import Int4WeightOnlyLinear
 
@@ -50,7 +50,7 @@ def test_cuda_gluon_gemv_matches_fp32(group, dtype, monkeypatch):
     a multiple of 16 (1000, 17) and below one row block (5: the TMA box taller than the
     tensor), one segment (K = 128) or two, splits past the segments (6 segments in splits of
     2); with and without bias; the public op takes this kernel; x at an offset of one
-    element (copied to an 8-byte-aligned row)."""
+    element (the staging's scalar loads take any offset)."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(group)
     calls = []
@@ -172,20 +172,30 @@ def test_int4_options_compose_to_the_fp32_truth(kernel_device, opts):
     assert rel_err(out.cpu(), truth) < RTOL[torch.bfloat16], opts
 
 
-def test_int4_module_fuses_only_where_the_kernel_runs_the_options():
-    """On the CPU an int4 module composes the options around its forward
-    (``fused_linear``'s fallback); ``fused_forward`` itself gives the same result."""
+def test_int4_module_fuses_only_where_the_kernel_runs_the_options(monkeypatch):
+    """On the CPU an int4 module does not fuse: ``fused_linear`` composes the options around
+    its forward without calling ``fused_forward``, and both give the reference op's result
+    with the options."""
     from fastzoo.llama.model import RMSNorm, fused_linear
 
     g = torch.Generator().manual_seed(1)
     lin = Int4WeightOnlyLinear.from_linear(torch.nn.Linear(256, 40, bias=True).to(torch.bfloat16), 128)
     x = torch.randn(1, 1, 512, generator=g).to(torch.bfloat16)
     res = torch.randn(1, 1, 40, generator=g).to(torch.bfloat16)
-    assert not lin.fuses(x)
     norm = RMSNorm(256).to(torch.bfloat16)
-    composed = fused_linear(lin, x, glu=True, residual=res)
-    assert torch.equal(composed, lin.fused_forward(x, glu=True, residual=res))
-    assert rel_err(fused_linear(lin, x[..., :256], norm=norm), lin(norm(x[..., :256])).float()) < 1e-6
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(256, generator=g) + 0.5)
+    assert not lin.fuses(x) and not lin.fuses(x[..., :256], norm)
+    fused = lin.fused_forward
+    calls = []
+    monkeypatch.setattr(lin, "fused_forward", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    bufs = (lin.weight, lin.scales, lin.zeros, lin.group_size, lin.bias)
+    for kwargs, ref_kwargs, inp in ((dict(glu=True, residual=res), dict(glu=True, residual=res), x),
+                                    (dict(norm=norm), dict(norm_weight=norm.weight, norm_eps=norm.eps), x[..., :256])):
+        ref = int4_weight_only_linear_ref(inp, *bufs, **ref_kwargs).float()
+        assert rel_err(fused_linear(lin, inp, **kwargs), ref) < RTOL[torch.bfloat16], kwargs
+        assert rel_err(fused(inp, **kwargs), ref) < RTOL[torch.bfloat16], kwargs
+    assert not calls
 
 
 @pytest.mark.cuda
@@ -220,8 +230,8 @@ def test_cuda_gluon_gemv_options_match_fp32(opts, dtype, monkeypatch):
 
 
 def test_gluon_gemv_refused_where_it_does_not_apply():
-    """gluon=True where the kernel does not apply (CPU tensors, several rows, groups below
-    128): an error that names the conditions, not another kernel."""
+    """gluon=True where the kernel does not apply (here: CPU tensors): an error that names
+    the conditions, not another kernel; a config that contradicts ``gluon=False``."""
     pytest.importorskip("triton")
     g = torch.Generator().manual_seed(0)
     p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(32, 256, generator=g), 128)
@@ -235,9 +245,10 @@ def test_gluon_gemv_refused_where_it_does_not_apply():
 
 
 def test_gluon_gemv_refuses_a_ring_larger_than_shared_memory():
-    """A forced tile whose ring cannot fit in a Hopper program's shared memory: an error
-    naming the bytes, before anything is launched; the staged input of the options' path
-    fits beside the tuner's rings at Llama-2-7B's K with one split."""
+    """A forced tile whose ring cannot fit in a Hopper program's shared memory beside the
+    smallest staged input: an error naming the bytes, before anything is launched (also for a
+    ring that fits alone); the staged input fits beside the tuner's rings at Llama-2-7B's K
+    with one split."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
     g = torch.Generator().manual_seed(0)
@@ -246,6 +257,9 @@ def test_gluon_gemv_refuses_a_ring_larger_than_shared_memory():
     with pytest.raises(ValueError, match="bytes of shared memory"):
         ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128,
                                   config=dict(block_n=256, warps=8, split_k=1, stages=12, segs=2))
+    with pytest.raises(ValueError, match="bytes of shared memory"):  # 221 KiB of ring: no room for the input
+        ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128,
+                                  config=dict(block_n=256, warps=8, split_k=1, stages=7, segs=2))
     ring = max(c["stages"] * c["segs"] * c["block_n"] * 64 for c in ig.candidates(4096, 11008, 132))
     assert ring + ig._staged_bytes(11008 // 128, 1, 4) + 1024 <= ig.SHARED_LIMIT
 
