@@ -57,11 +57,17 @@ SHARED_LIMIT = 232448  # bytes of shared memory a program may take on Hopper (22
 _TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
 
 
-def _staged_bytes(n_seg: int, split: int, warps: int) -> int:
-    """Shared memory for the staged product input of one split and its segments' Σx: the
-    split's segments rounded up to a pass of ``_stage_x`` (8 a warp), 384 bytes each."""
+def _staged_segments(n_seg: int, split: int, warps: int) -> int:
+    """Segments of staged input a program holds (the kernel's ``NS``): a split's segments
+    rounded up to a pass of ``_stage_x`` (8 a warp)."""
     per = -(-n_seg // split)
-    return -(-per // (8 * warps)) * 8 * warps * 384
+    return -(-per // (8 * warps)) * 8 * warps
+
+
+def _staged_bytes(n_seg: int, split: int, warps: int) -> int:
+    """Shared memory for the staged product input of one split and its segments' Σx: 384
+    bytes a segment (256 of x, 128 of Σx copies)."""
+    return _staged_segments(n_seg, split, warps) * 384
 
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
@@ -164,6 +170,7 @@ if gluon_available():
         for t in range(gl.cdiv(n_local, CH)):
             segs = gl.expand_dims(t * CH + rows, 1)
             src = (cols // 8) * 8 + (cols % 8) // 2 + 4 * (cols % 2)  # position p holds column src
+            # (cols < 128 always holds: it broadcasts the segments' mask over the tile)
             xp, v = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + src, (segs < n_local) & (cols < 128), K,
                               GLU, NORM)
             tiles = xs._reinterpret(xs.dtype, [xs.shape[0] // CH, 2 * CH, 64], xs.layout)
@@ -228,10 +235,11 @@ if gluon_available():
                                 N, K, stride_sn, stride_zn, eps,
                                 GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
                                 SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SEGS: gl.constexpr,
-                                NORM: gl.constexpr, GLU: gl.constexpr, HAS_RES: gl.constexpr, PER: gl.constexpr,
+                                NORM: gl.constexpr, GLU: gl.constexpr, HAS_RES: gl.constexpr, NS: gl.constexpr,
                                 PDL: gl.constexpr, TRIGGER: gl.constexpr, num_warps: gl.constexpr):
         # xe_ptr: x in its dtype ([a | b] with GLU), from which each program makes its split's
-        # product input into shared memory first (_stage_x). PER: segments a split at most.
+        # product input into shared memory first (_stage_x). NS: segments of staged input
+        # (_staged_segments: a split's, rounded up to a pass of _stage_x).
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         G: gl.constexpr = BLOCK_N // 16
         L5: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1, 4], [1, 1, 8, 4, 1], [num_warps, 1, 1, 1, 1],
@@ -258,11 +266,9 @@ if gluon_available():
             gdc_wait()
         if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
             gdc_launch_dependents()
-        # the staged input (segments, 2, 64) in x's dtype and each segment's Σx (segments, 1, 32),
-        # segments rounded up to _stage_x's pass; index() needs a layout of the view's rank or one
-        # less: unswizzled NVMMA layouts of rank 2 as the containers, read and written through plain
-        # row-major reinterpretations
-        NS: gl.constexpr = (PER + 8 * num_warps - 1) // (8 * num_warps) * (8 * num_warps)
+        # the staged input (NS, 2, 64) in x's dtype and each segment's Σx (NS, 1, 32); index() needs
+        # a layout of the view's rank or one less: unswizzled NVMMA layouts of rank 2 as the
+        # containers, read and written through plain row-major reinterpretations
         xs = gl.allocate_shared_memory(xe_ptr.dtype.element_ty, [NS, 2, 64],
                                        gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
         sxs = gl.allocate_shared_memory(gl.float32, [NS, 1, 32],
@@ -462,7 +468,7 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
         w_desc, x2, nw, r, s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
         float(norm_eps), GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16,
         SPLIT_K=split, STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), NORM=norm_weight is not None, GLU=glu,
-        HAS_RES=residual is not None, PER=triton.cdiv(n_seg, split), PDL=pdl,
+        HAS_RES=residual is not None, NS=_staged_segments(n_seg, split, warps), PDL=pdl,
         TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out
 

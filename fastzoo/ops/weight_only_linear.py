@@ -850,17 +850,25 @@ if triton_available():
         """_int4_mma_segment for x already in the mma's pair order and its Σx given (the Gluon
         GEMV makes both once a program): P as _int4_mma_xs's X, but word k's pairs are
         (x0, x4), (x1, x5), (x2, x6), (x3, x7) of its 8 columns (no permutes), and ``sx`` the
-        segment's Σx (no second mma)."""
-        MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
+        segment's Σx (no second mma). ``zero``: zeros like ``acc_r``, made by the caller (in the
+        Gluon kernel the tensors carry explicit layouts)."""
         Da = (zero, zero, zero, zero)  # two independent chains: words 0, 2 and 1, 3
         Db = (zero, zero, zero, zero)
         Da = _int4_mma_word_p(Da, U[0], V[0], P[0][0], P[0][1], P[1][0], P[1][1], F16)
         Db = _int4_mma_word_p(Db, U[1], V[1], P[2][0], P[2][1], P[3][0], P[3][1], F16)
         Da = _int4_mma_word_p(Da, U[2], V[2], P[4][0], P[4][1], P[5][0], P[5][1], F16)
         Db = _int4_mma_word_p(Db, U[3], V[3], P[6][0], P[6][1], P[7][0], P[7][1], F16)
+        return _int4_group_terms(acc_r, acc_r8, Da[0] + Db[0], Da[2] + Db[2], SZ, sx, F16)
+
+    @triton.jit
+    def _int4_group_terms(acc_r, acc_r8, d_r, d_r8, SZ, sx, F16: tl.constexpr):
+        """A segment's sums into the rows' accumulators: its group's scale and zero apply once,
+        in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x (d_r, d_r8: Σ t·x of rows r and
+        r + 8; sx: Σx)."""
+        MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
         sr, zr, sr8, zr8 = SZ
-        acc_r += sr * (Da[0] + Db[0]) + (zr - MAGIC * sr) * sx
-        acc_r8 += sr8 * (Da[2] + Db[2]) + (zr8 - MAGIC * sr8) * sx
+        acc_r += sr * d_r + (zr - MAGIC * sr) * sx
+        acc_r8 += sr8 * d_r8 + (zr8 - MAGIC * sr8) * sx
         return acc_r, acc_r8
 
     @triton.jit
@@ -896,13 +904,11 @@ if triton_available():
                 tl.load(s_ptr + g + s8_offs).to(tl.float32), tl.load(z_ptr + g + z8_offs).to(tl.float32))
 
     @triton.jit
-    def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16: tl.constexpr):
+    def _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16: tl.constexpr):
         """One 128-column segment of _int4_mma_kernel (one quantization group), from the values
         of _int4_mma_words and _int4_mma_xs: the products chain in the mma accumulator; the group's
-        scale and zero apply once, in fp32: s·(Σ t·x) + (z − magic·s)·Σx = Σ (q·s + z)·x.
-        ``zero``: zeros like ``acc_r``, made by the caller (``_int4_mma_segment_p`` takes it the
-        same way: in the Gluon kernel the tensors carry explicit layouts)."""
-        MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
+        scale and zero apply once (_int4_group_terms), Σx from a second mma with A = 1."""
+        zero = tl.zeros_like(acc_r)
         # two independent accumulator chains (words 0, 1 and 2, 3): half the mma latency in series
         Da = (zero, zero, zero, zero)
         Sa = (zero, zero, zero, zero)
@@ -913,11 +919,8 @@ if triton_available():
                                     F16)
             Db, Sb = _int4_mma_word(Db, Sb, U[w + 2], V[w + 2], X[2 * w + 4][0], X[2 * w + 4][1], X[2 * w + 5][0],
                                     X[2 * w + 5][1], F16)
-        sr, zr, sr8, zr8 = SZ
-        sx = Sa[0] + Sb[0]
-        acc_r += sr * (Da[0] + Db[0]) + (zr - MAGIC * sr) * sx  # D[0]: row r, D[2]: row r + 8
-        acc_r8 += sr8 * (Da[2] + Db[2]) + (zr8 - MAGIC * sr8) * sx
-        return acc_r, acc_r8
+        # D[0]: row r, D[2]: row r + 8
+        return _int4_group_terms(acc_r, acc_r8, Da[0] + Db[0], Da[2] + Db[2], SZ, Sa[0] + Sb[0], F16)
 
     @triton.autotune(configs=_INT4_MMA_CONFIGS, key=["N", "K", "GROUP"],
                      prune_configs_by={"early_config_prune": _prune_mma}, do_bench=short_bench)
@@ -969,7 +972,6 @@ if triton_available():
         seg_end = tl.minimum(n_seg, seg_start + seg_per_split)
         acc_r = tl.zeros((32 * G,), dtype=tl.float32)
         acc_r8 = tl.zeros((32 * G,), dtype=tl.float32)
-        zero = tl.zeros((32 * G,), dtype=tl.float32)
         if PREFETCH:
             # the next segment's words, x and scales are requested before this one's
             # arithmetic (the last segment is read again instead of masking); the first
@@ -985,7 +987,7 @@ if triton_available():
                 nxt = tl.minimum(seg + 1, last)
                 U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
                 X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
                 U, V, X, SZ = U1, V1, X1, SZ1
         else:
             if PDL:
@@ -993,7 +995,7 @@ if triton_available():
             for seg in range(seg_start, seg_end):
                 U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
                 X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, zero, F16)
+                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
         # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
         lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
         hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)

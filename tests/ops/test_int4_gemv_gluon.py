@@ -159,8 +159,6 @@ def test_int4_options_compose_to_the_fp32_truth(kernel_device, opts):
     """The options (RMSNorm, SwiGLU, residual) where no kernel runs them (the CPU op, the tl
     kernels under the interpreter: composed in PyTorch) and in the reference: within the
     dtype's tolerance of an fp32 computation."""
-    from fastzoo.ops.weight_only_linear import int4_weight_only_linear_ref
-
     g = torch.Generator().manual_seed(len(opts))
     x, args, fopts, truth = _fused_case(37, 256, 128, torch.bfloat16, opts, g, torch.device("cpu"))
     for out in (int4_weight_only_linear(x, *args, **fopts), int4_weight_only_linear_ref(x, *args, **fopts)):
@@ -296,7 +294,8 @@ for v in json.loads(sys.argv[1]):
             "z_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig = {"w_desc": f"tensordesc<i32[{v['block_n']}, 16],{lay!r}>", "eps": "fp32", **ptrs}
     const = {"GROUP": v["group"], "HAS_BIAS": True, "F16": v["f16"], "SPLIT_K": v["split_k"], "STAGES": v["stages"],
-             "SEGS": v["segs"], "NORM": v["norm"], "GLU": v["glu"], "HAS_RES": v["res"], "PER": v["per"],
+             "SEGS": v["segs"], "NORM": v["norm"], "GLU": v["glu"], "HAS_RES": v["res"],
+             "NS": mod._staged_segments(v["n_seg"], v["split_k"], v["warps"]),
              "PDL": v["pdl"], "TRIGGER": v["trigger"], "num_warps": v["warps"]}
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): c for k, c in const.items()},
@@ -315,21 +314,21 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
     the first TMA requests."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
-    plain = dict(norm=False, glu=False, res=False)  # per: segments a split at K = 4096
+    plain = dict(norm=False, glu=False, res=False)  # n_seg: K / 128 (4096, or 11008 for w2)
     variants = [dict(block_n=64, warps=4, split_k=8, stages=8, segs=1, group=128, f16=False, pdl=True, trigger=True,
-                     per=4, **plain),
+                     n_seg=32, **plain),
                 dict(block_n=128, warps=4, split_k=1, stages=4, segs=1, group=256, f16=True, pdl=False, trigger=False,
-                     per=32, **plain),
+                     n_seg=32, **plain),
                 dict(block_n=64, warps=4, split_k=4, stages=4, segs=2, group=128, f16=False, pdl=True, trigger=False,
-                     per=8, **plain),
+                     n_seg=32, **plain),
                 # the options: RMSNorm + residual (wqkv, w13 and output's prologue, wo and w2's epilogue),
                 # SwiGLU (w2), all three with two segments a slot
                 dict(block_n=64, warps=4, split_k=4, stages=4, segs=1, group=128, f16=False, pdl=True, trigger=False,
-                     norm=True, glu=False, res=True, per=8),
+                     norm=True, glu=False, res=True, n_seg=32),
                 dict(block_n=128, warps=4, split_k=8, stages=8, segs=1, group=128, f16=True, pdl=True, trigger=False,
-                     norm=False, glu=True, res=True, per=11),
+                     norm=False, glu=True, res=True, n_seg=86),
                 dict(block_n=64, warps=4, split_k=2, stages=4, segs=2, group=128, f16=False, pdl=True, trigger=False,
-                     norm=True, glu=True, res=False, per=3)]
+                     norm=True, glu=True, res=False, n_seg=6)]
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
