@@ -29,6 +29,13 @@ row's factor comes last, in fp32), and Σv² for the norm comes from the same lo
 the norm's row factor rsqrt(Σv²/K + eps), the bias and the residual apply to the fp32 sums
 (with split-K, each split's Σv² share is combined by the reducing split).
 
+Groups of 32 or 64 columns (gpt-fast's default int4 group is 32) take the same mma, which
+sums 16 columns of 4 lanes, i.e. of all 4 column quarters of a segment: a group's sum is
+kept apart in the mma's output columns, 7 of whose 8 the one-row product leaves unused. A
+lane zeroes its x in every output column but its group's (an and per x pair and segment), so
+each group's Σ t·x lands in its own column, where its lane applies the group's scale and zero;
+a row's result is then the sum of its 4 lanes' shares.
+
 Gluon does not run under Triton's interpreter. ``cuda`` tests compare it to the reference;
 a CPU test compiles it for sm_90 ahead of time.
 """
@@ -41,8 +48,14 @@ import torch
 from ._common import _capability, arrival_counters, gdc_launch_dependents, gdc_wait
 from .int8_mm_gluon import gluon_available
 
-SEGMENT = 128  # columns of one segment: one quantization group or part of one (groups >= 128)
-MIN_GROUP = 128
+SEGMENT = 128  # columns of one segment: one quantization group, part of one, or 4 / 2 whole ones
+GROUPS = "32, 64 or a multiple of 128"  # the group sizes the kernel takes (``group_applies``)
+
+
+def group_applies(group_size: int) -> bool:
+    """Groups of 32 or 64 columns (4 or 2 to a segment: each lane's 32 columns are whole
+    groups, see ``_int4_gemv_gluon_kernel``) or a multiple of 128 (a segment in one group)."""
+    return group_size in (32, 64) or (group_size > 0 and group_size % SEGMENT == 0)
 
 # rows a program (16 * row blocks, at least one a warp), warps, splits of K at most (each split
 # a contiguous range of 128-column segments), ring depth in slots, segments a slot (1 or 2: one
@@ -152,15 +165,17 @@ if gluon_available():
 
     @gluon.jit
     def _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU: gl.constexpr, NORM: gl.constexpr,
-                 num_warps: gl.constexpr):
+                 GROUP: gl.constexpr, num_warps: gl.constexpr):
         """The split's product input (``_prologue``) into shared memory, 8 segments a warp a
         pass (the pass's loads all in flight at once: the input's latency is paid once, not once
         a segment): xs (segments rounded up to a pass, 2, 64) in x's dtype, segment j's 128
         values at j · 128 with each 8 columns in the order the mma's pairs take them (0 4 1 5
         2 6 3 7: no permutes in the loop), and sxs (segments, 1, 32): segment j's Σ of those
         values, 32 copies (one a lane; the zero point's term, which the ``tl`` kernel gets from
-        a second mma). Returns Σv² over the split's columns (the RMSNorm's share: the splits of
-        a row tile together cover the row)."""
+        a second mma). With groups of 32 or 64 columns (``Q`` = 1 or 2 column quarters of a
+        segment) lane 4r + c holds instead the Σx of the group that starts at quarter c, 0 where
+        no group starts there (see ``_int4_gemv_gluon_kernel``). Returns Σv² over the split's
+        columns (the RMSNorm's share: the splits of a row tile together cover the row)."""
         LP: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         CH: gl.constexpr = 8 * num_warps  # segments a pass: all their loads in flight together
@@ -175,18 +190,28 @@ if gluon_available():
                               GLU, NORM)
             tiles = xs._reinterpret(xs.dtype, [xs.shape[0] // CH, 2 * CH, 64], xs.layout)
             tiles.index(t)._reinterpret(xs.dtype, [CH, 128], flat2).store(xp.to(xs.dtype))
-            sums, _ = gl.broadcast(gl.expand_dims(gl.sum(xp, axis=1), 1), gl.zeros((CH, 32), gl.float32, LP))
+            if GROUP < 128:
+                Q: gl.constexpr = GROUP // 32
+                c = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LP)), 0) % 4  # lane 4r + c's quarter
+                sums = gl.zeros((CH, 32), gl.float32, LP)
+                for cq in gl.static_range(4):  # the quarters (position p holds a column of quarter p // 32)
+                    part = gl.expand_dims(gl.sum(gl.where(cols // 32 == cq, xp, 0.0), axis=1), 1)
+                    sums += gl.where((c // Q == cq // Q) & (c % Q == 0), part, 0.0)
+            else:
+                sums, _ = gl.broadcast(gl.expand_dims(gl.sum(xp, axis=1), 1), gl.zeros((CH, 32), gl.float32, LP))
             stiles = sxs._reinterpret(gl.float32, [sxs.shape[0] // CH, CH, 32], sxs.layout)
             stiles.index(t)._reinterpret(gl.float32, [CH, 32], flat2).store(sums)
             ssq += gl.sum(gl.sum(v * v, axis=1), axis=0)  # masked columns load as 0 (and silu(0) · 0 = 0)
         return ssq
 
     @gluon.jit
-    def _x_from_smem(xs, j, L2: gl.constexpr, num_warps: gl.constexpr):
+    def _x_from_smem(xs, j, fill, L2: gl.constexpr, num_warps: gl.constexpr):
         """Segment j's product input from ``_stage_x``'s buffer as ``_int4_mma_segment_p`` takes
         it: 8 pairs of int32 (two 16-bit values each), (1, 32) tensors, lane 4r + c holding the
         words 16c..16c+15 (its 32 columns, each 8 in the mma's pair order). Four 16-byte shared
-        loads a lane (the 8 lanes of a column quarter read the same addresses)."""
+        loads a lane (the 8 lanes of a column quarter read the same addresses). ``fill``: the
+        (8, 4) [r, c] int32 mask each lane's pairs are and-ed with (-1: kept, 0: zero), or
+        None: kept in every lane (groups of 128 or more)."""
         LX: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [1, num_warps], [0, 1])
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         t = xs.index(j)._reinterpret(gl.int32, [4, 16], flat2).load(LX)
@@ -212,22 +237,25 @@ if gluon_available():
         q2, q6 = gl.split(h4)
         q1, q5 = gl.split(h1)
         q3, q7 = gl.split(h5)
-        return ((_quarter(p0, L2, num_warps), _quarter(q0, L2, num_warps)),
-                (_quarter(p1, L2, num_warps), _quarter(q1, L2, num_warps)),
-                (_quarter(p2, L2, num_warps), _quarter(q2, L2, num_warps)),
-                (_quarter(p3, L2, num_warps), _quarter(q3, L2, num_warps)),
-                (_quarter(p4, L2, num_warps), _quarter(q4, L2, num_warps)),
-                (_quarter(p5, L2, num_warps), _quarter(q5, L2, num_warps)),
-                (_quarter(p6, L2, num_warps), _quarter(q6, L2, num_warps)),
-                (_quarter(p7, L2, num_warps), _quarter(q7, L2, num_warps)))
+        return ((_quarter(p0, fill, L2, num_warps), _quarter(q0, fill, L2, num_warps)),
+                (_quarter(p1, fill, L2, num_warps), _quarter(q1, fill, L2, num_warps)),
+                (_quarter(p2, fill, L2, num_warps), _quarter(q2, fill, L2, num_warps)),
+                (_quarter(p3, fill, L2, num_warps), _quarter(q3, fill, L2, num_warps)),
+                (_quarter(p4, fill, L2, num_warps), _quarter(q4, fill, L2, num_warps)),
+                (_quarter(p5, fill, L2, num_warps), _quarter(q5, fill, L2, num_warps)),
+                (_quarter(p6, fill, L2, num_warps), _quarter(q6, fill, L2, num_warps)),
+                (_quarter(p7, fill, L2, num_warps), _quarter(q7, fill, L2, num_warps)))
 
     @gluon.jit
-    def _quarter(t, L2: gl.constexpr, num_warps: gl.constexpr):
+    def _quarter(t, fill, L2: gl.constexpr, num_warps: gl.constexpr):
         """(4,) [c], lane 4r + c holding element c → (1, 32) in L2, element 4r + c in lane
-        4r + c: relabellings only, checked at compile time."""
+        4r + c: relabellings only, checked at compile time; and-ed with ``fill`` [r, c] if given."""
         LB: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [num_warps, 1], [1, 0])
         t = gl.convert_layout(t, gl.SliceLayout(0, LB), assert_trivial=True)
-        t = gl.expand_dims(t, 0) + gl.zeros((8, 4), gl.int32, LB)  # [r, c]: the same in every r
+        if fill is None:
+            t = gl.expand_dims(t, 0) + gl.zeros((8, 4), gl.int32, LB)  # [r, c]: the same in every r
+        else:
+            t = gl.expand_dims(t, 0) & fill
         return gl.convert_layout(gl.reshape(t, (1, 32)), L2, assert_trivial=True)
 
     @gluon.jit
@@ -273,17 +301,37 @@ if gluon_available():
                                        gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
         sxs = gl.allocate_shared_memory(gl.float32, [NS, 1, 32],
                                         gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
-        ssq = _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU, NORM, num_warps)
+        ssq = _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU, NORM, GROUP, num_warps)
         tl.debug_barrier()  # the staged input is visible to every warp
 
         g_idx = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, L2)), 1)
-        r = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0) // 4
+        lane = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0)
+        r = lane // 4
         row = (row0 + g_idx * 16 + r) % N  # rows past the edge wrap (their results are not stored)
         row8 = (row0 + g_idx * 16 + 8 + r) % N
         s_offs = row * stride_sn
         z_offs = row * stride_zn
         s8_offs = row8 * stride_sn
         z8_offs = row8 * stride_zn
+        if GROUP < 128:
+            # Groups of 32 / 64 columns, Q = 1 / 2 quarters: the mma's output column n (wasted
+            # otherwise: x is one column) keeps the groups apart. Lane 4r + c gives its x (of
+            # quarter c) to column n = r only where r = 2 (c - c % Q), zero elsewhere, so column
+            # 2c' sums the group that starts at quarter c', and the lane 4r + c' that holds
+            # output column 2c' (mma d0 / d2, rows r / r + 8) applies that group's scale and zero
+            # (the Σx staged for it; the other lanes hold zero sums and a zero Σx)
+            Q: gl.constexpr = GROUP // 32
+            LB: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [num_warps, 1], [1, 0])
+            rb = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(1, LB)), 1)
+            cb = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, LB)), 0)
+            fill = gl.where(rb == 2 * (cb - cb % Q), -1, 0)
+            gcol = (lane % 4) * 32 // GROUP  # the lane's group in the segment
+            s_offs += gcol
+            z_offs += gcol
+            s8_offs += gcol
+            z8_offs += gcol
+        else:
+            fill = None
         acc_r = gl.zeros((G, 32), gl.float32, L2)
         acc_r8 = gl.zeros((G, 32), gl.float32, L2)
         zero = gl.zeros((G, 32), gl.float32, L2)
@@ -302,21 +350,27 @@ if gluon_available():
                                      L2)
             tl.debug_barrier()  # every warp has read slot s before it is refilled
             _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, SEGS)
-            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, F16, L2, num_warps)
+            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, fill, F16, L2, num_warps)
             SZ = SZ1
             if SEGS == 2:
                 SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), s_offs, z_offs, s8_offs, z8_offs,
                                    GROUP)
                 if j + 1 < n_local:  # not past the split's last segment
-                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, SZ, xs, sxs, j + 1, zero, F16, L2, num_warps)
+                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, SZ, xs, sxs, j + 1, zero, fill, F16, L2,
+                                             num_warps)
                 SZ = SZ1
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        # row r's result is in lanes 4r..4r+3 (all equal): rows 16g + r (lo) and 16g + 8 + r (hi)
+        # row r's result is in lanes 4r..4r+3: rows 16g + r (lo) and 16g + 8 + r (hi); all equal
+        # (groups of 128+), or a share each (groups of 32 / 64)
         LG: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [num_warps, 1], [1, 0])
-        lo = gl.convert_layout(gl.max(gl.reshape(acc_r, (G, 8, 4)), axis=2), LG)
-        hi = gl.convert_layout(gl.max(gl.reshape(acc_r8, (G, 8, 4)), axis=2), LG)
+        if GROUP < 128:
+            lo = gl.convert_layout(gl.sum(gl.reshape(acc_r, (G, 8, 4)), axis=2), LG)
+            hi = gl.convert_layout(gl.sum(gl.reshape(acc_r8, (G, 8, 4)), axis=2), LG)
+        else:
+            lo = gl.convert_layout(gl.max(gl.reshape(acc_r, (G, 8, 4)), axis=2), LG)
+            hi = gl.convert_layout(gl.max(gl.reshape(acc_r8, (G, 8, 4)), axis=2), LG)
         offs_lo = (row0 + 16 * gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, LG)), 1)
                    + gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, LG)), 0))
         offs_hi = offs_lo + 8
@@ -350,13 +404,14 @@ if gluon_available():
                 gl.atomic_xchg(cnt_ptr + pid_n, 0)
 
     @gluon.jit
-    def _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, F16: gl.constexpr, L2: gl.constexpr,
+    def _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, fill, F16: gl.constexpr, L2: gl.constexpr,
                  num_warps: gl.constexpr):
         """Segment j's products into the accumulators: its words U, V, scales and zeros SZ, x (in
-        the mma's pair order) and Σx from ``_stage_x``'s buffers."""
+        the mma's pair order, and-ed with ``fill``) and Σx from ``_stage_x``'s buffers."""
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         sx = sxs.index(j)._reinterpret(gl.float32, [1, 32], flat2).load(L2)
-        return _int4_mma_segment_p(acc_r, acc_r8, U, V, _x_from_smem(xs, j, L2, num_warps), SZ, sx, zero, F16)
+        return _int4_mma_segment_p(acc_r, acc_r8, U, V, _x_from_smem(xs, j, fill, L2, num_warps), SZ, sx, zero,
+                                   F16)
 
     @gluon.jit
     def _finish(res, offs_n, mask, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS: gl.constexpr, NORM: gl.constexpr,
@@ -381,11 +436,11 @@ def _gluon_device(index: int) -> bool:
 def int4_fusion_applies(x: torch.Tensor, in_features: int, group_size: int) -> bool:
     """Whether ``int4_weight_only_linear`` runs its RMSNorm / SwiGLU / residual options
     inside the Gluon kernel for an input like ``x`` (one row of bf16 / fp16 on a Hopper GPU,
-    groups of at least 128, ``in_features`` a multiple of 128); elsewhere it composes them in
+    groups as ``group_applies``, ``in_features`` a multiple of 128); elsewhere it composes them in
     PyTorch, and a model does better to leave them to ``torch.compile``. Shapes, dtypes and
     the device only (no data pointers): traceable by ``torch.compile``."""
     if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.shape[:-1].numel() == 1
-            and group_size >= MIN_GROUP and in_features % SEGMENT == 0 and in_features > 0):
+            and group_applies(group_size) and in_features % SEGMENT == 0 and in_features > 0):
         return False
     return _gluon_device(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
@@ -394,13 +449,13 @@ def int4_gemv_gluon_applies(x: torch.Tensor, w_packed: torch.Tensor, scales: tor
                             group_size: int, *, glu: bool = False, norm_weight: Optional[torch.Tensor] = None,
                             residual: Optional[torch.Tensor] = None) -> bool:
     """One row of bf16 / fp16 x on a Hopper GPU (TMA), scales and zeros in x's dtype, groups
-    of at least 128 columns, K a multiple of 128 (x holds 2K values with ``glu``), the packed
+    of 32, 64 or a multiple of 128 columns (``group_applies``), K a multiple of 128 (x holds 2K values with ``glu``), the packed
     weights as TMA reads them (unit last stride, base and row stride 16-byte aligned: a
     weight made by ``quantize``; others go to the ``tl`` kernels rather than being copied
     at every call); a norm weight and a residual in x's dtype."""
     K = x.shape[-1] // (2 if glu else 1)
     if not (x.is_cuda and gluon_available() and x.dtype in (torch.bfloat16, torch.float16)
-            and scales.dtype == x.dtype and zeros.dtype == x.dtype and group_size >= MIN_GROUP
+            and scales.dtype == x.dtype and zeros.dtype == x.dtype and group_applies(group_size)
             and K > 0 and K % SEGMENT == 0 and x.numel() == x.shape[-1]
             and w_packed.dim() == 2 and w_packed.stride(-1) == 1 and w_packed.stride(0) % 16 == 0
             and w_packed.data_ptr() % 16 == 0

@@ -1178,7 +1178,7 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
         if forced:
             raise ValueError(f"{name}: the Gluon GEMV needs one row of bf16 / fp16 x on a Hopper GPU with Triton's "
                              f"Gluon, scales and zeros (and a norm weight or residual) in x's dtype, "
-                             f"group_size >= {ig.MIN_GROUP}, K % 128 == 0, N > 0 and packed weights TMA can read "
+                             f"group_size {ig.GROUPS}, K % 128 == 0, N > 0 and packed weights TMA can read "
                              f"(unit last stride, base and row stride 16-byte aligned); got {M} rows of {x.dtype} on "
                              f"{x.device}, scales {scales.dtype}, group_size={group_size}, K={K}, N={N}, weight "
                              f"strides {tuple(w_packed.stride())} at byte offset {w_packed.storage_offset()}")

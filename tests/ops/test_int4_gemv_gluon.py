@@ -114,6 +114,49 @@ def test_cuda_gluon_gemv_exact_and_rows_kept_apart():
 
 @pytest.mark.cuda
 @needs_hopper
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_gluon_gemv_small_groups(group, dtype, monkeypatch):
+    """Groups of 32 and 64 columns (4 or 2 to a segment, kept apart in the mma's output
+    columns): bit-exact where every product and sum is exact, for every forced tile (each group
+    with its own power-of-two scale and integer zero: a group summed under another's scale, or
+    counted twice, changes the bits; one nonzero weight stays in its row); within the dtype's
+    tolerance of fp32 at odd shapes and Llama-2-7B's, through the public op (which takes this
+    kernel) and with the options fused."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(group)
+    for x, p, s4, z4, truth in exact_int4_cases(48, 768, group, dtype, (25, 300), g, dev):
+        for tile in TILES:
+            assert torch.equal(int4_weight_only_linear_triton(x, p, s4, z4, group, config=tile), truth), tile
+    calls = []
+    launch = ig.int4_gemv_gluon_launch
+    monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    for N, K in [(4096, 4096), (4096, 11008), (1000, 768), (5, 128)]:
+        x = torch.randn(1, K, device=dev, generator=g).to(dtype)
+        p, s4, z4 = _weights(N, K, group, dtype, g, dev)
+        ref = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32))
+        calls.clear()
+        assert rel_err(int4_weight_only_linear(x, p, s4, z4, group), ref) < RTOL[dtype] / 2, (N, K)
+        assert calls, "the public op did not take the Gluon GEMV"
+        for tile in TILES:
+            assert rel_err(int4_weight_only_linear_triton(x, p, s4, z4, group, config=tile), ref) < RTOL[dtype] / 2, \
+                (N, K, tile)
+    for opts in ("glu+norm+res", "norm+res"):
+        x, args, fopts, truth = _fused_case(1000, 1024, group, dtype, opts, g, dev)
+        for tile in TILES:
+            out = int4_weight_only_linear_triton(x, *args, config=tile, **fopts)
+            assert rel_err(out, truth) < RTOL[dtype], (opts, tile)
+
+
+def test_gluon_gemv_group_sizes():
+    """The group sizes the Gluon GEMV takes: 32, 64 (whole groups in a lane's 32 columns of a
+    segment) and multiples of 128 (a segment in one group); others go to the other kernels."""
+    assert [gs for gs in (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 0) if ig.group_applies(gs)] == [32, 64, 128,
+                                                                                                       256, 384]
+
+
+@pytest.mark.cuda
+@needs_hopper
 def test_cuda_gluon_split_k_repeatable_and_counters_reset():
     """Split-K partials meet in the same launch: repeated calls give identical bits and
     leave every arrival counter at zero; the tl tensor-core kernel (gluon=False) agrees."""
@@ -328,7 +371,12 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
                 dict(block_n=128, warps=4, split_k=8, stages=8, segs=1, group=128, f16=True, pdl=True, trigger=False,
                      norm=False, glu=True, res=True, n_seg=86),
                 dict(block_n=64, warps=4, split_k=2, stages=4, segs=2, group=128, f16=False, pdl=True, trigger=False,
-                     norm=True, glu=True, res=False, n_seg=6)]
+                     norm=True, glu=True, res=False, n_seg=6),
+                # groups of 32 and 64 (kept apart in the mma's output columns)
+                dict(block_n=64, warps=4, split_k=1, stages=4, segs=2, group=32, f16=False, pdl=True, trigger=False,
+                     n_seg=32, **plain),
+                dict(block_n=128, warps=4, split_k=4, stages=8, segs=1, group=64, f16=True, pdl=True, trigger=False,
+                     norm=True, glu=False, res=True, n_seg=32)]
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
