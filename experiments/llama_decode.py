@@ -81,7 +81,7 @@ def save(figures, args):
     if args.no_save:
         return
     name = args.name or default_name(args)
-    path = harness.save_result(name.replace("/", "-"), figures, args)
+    path = harness.save_result(name.replace("/", "-"), figures, args, out_dir=args.out_dir)
     print(f"saved {path}", file=sys.stderr)
 
 
@@ -189,6 +189,7 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=None, help="timed runs per batch size, median reported (default 3, --quick: 1)")
     p.add_argument("--name", default=None, help="result name (default: llama_decode_<preset>_<quant or dtype>[...])")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     p.add_argument("--quantize", default=None,
                    help="a fastzoo.quant config string (int8, int4-g128, ...) or gptq-g<N> (random calibration)")
     p.add_argument("--gptq-samples", type=int, default=4, help="GPTQ calibration sequences (random tokens)")
@@ -233,6 +234,7 @@ def main(argv=None):
     kv_dtype = torch.int8 if args.kv_cache_dtype == "int8" else None
 
     model = random_model(cfg, device, dtype)
+    n_params = sum(p.numel() for p in model.parameters())  # before quantization turns weights into buffers
     figures = {"preset": args.preset, "dtype": str(dtype), "compile": args.compile,
                "compile_prefill": args.compile and args.compile_prefill, "quantize": args.quantize,
                "kv_cache_dtype": args.kv_cache_dtype, "prompt_len": args.prompt_len,
@@ -243,7 +245,7 @@ def main(argv=None):
     if args.quantize:
         figures.update(quantize_model(model, args.quantize, cfg, device, args))
     weight_bytes = model.weight_bytes()
-    print(f"{args.preset}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters, "
+    print(f"{args.preset}: {n_params / 1e9:.2f} B parameters, "
           f"{weight_bytes / 1e9:.2f} GB in {args.quantize or dtype}, device {harness.gpu_name()}", file=sys.stderr)
     copy_gbs = harness.measure_copy_bandwidth(device=device) if device.type == "cuda" else None
     figures.update(weight_bytes=weight_bytes, copy_bandwidth_gbs=copy_gbs)
