@@ -234,9 +234,9 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
             mma = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
                    for c in wol.INT4_MMA_SWEEP]
             kinds.append((f"int4mma_g{group}", mma, nbytes4, packs, call4))
-            if ig.int4_gemv_gluon_applies(*packs[0], group):  # the Gluon GEMV (Hopper): its candidate tiles
-                gl_cfgs = [wol.triton.Config(dict(c, GLUON=True), num_warps=c["warps"]) for c in ig.SWEEP]
-                kinds.append((f"int4gluon_g{group}", gl_cfgs, nbytes4, packs, call4))
+        if M == 1 and ig.int4_gemv_gluon_applies(*packs[0], group):  # the Gluon GEMV (Hopper, every group)
+            gl_cfgs = [wol.triton.Config(dict(c, GLUON=True), num_warps=c["warps"]) for c in ig.SWEEP]
+            kinds.append((f"int4gluon_g{group}", gl_cfgs, nbytes4, packs, call4))
     rows = []
     for kind, configs, nbytes, inputs, call in kinds:
         ranked = []

@@ -49,13 +49,14 @@ from ._common import _capability, arrival_counters, gdc_launch_dependents, gdc_w
 from .int8_mm_gluon import gluon_available
 
 SEGMENT = 128  # columns of one segment: one quantization group, part of one, or 4 / 2 whole ones
-GROUPS = "32, 64 or a multiple of 128"  # the group sizes the kernel takes (``group_applies``)
+GROUPS = "in (32, 64) or a multiple of 128"  # the group sizes the kernel takes (``group_applies``)
 
 
 def group_applies(group_size: int) -> bool:
     """Groups of 32 or 64 columns (4 or 2 to a segment: each lane's 32 columns are whole
     groups, see ``_int4_gemv_gluon_kernel``) or a multiple of 128 (a segment in one group)."""
     return group_size in (32, 64) or (group_size > 0 and group_size % SEGMENT == 0)
+
 
 # rows a program (16 * row blocks, at least one a warp), warps, splits of K at most (each split
 # a contiguous range of 128-column segments), ring depth in slots, segments a slot (1 or 2: one
@@ -449,10 +450,11 @@ def int4_gemv_gluon_applies(x: torch.Tensor, w_packed: torch.Tensor, scales: tor
                             group_size: int, *, glu: bool = False, norm_weight: Optional[torch.Tensor] = None,
                             residual: Optional[torch.Tensor] = None) -> bool:
     """One row of bf16 / fp16 x on a Hopper GPU (TMA), scales and zeros in x's dtype, groups
-    of 32, 64 or a multiple of 128 columns (``group_applies``), K a multiple of 128 (x holds 2K values with ``glu``), the packed
-    weights as TMA reads them (unit last stride, base and row stride 16-byte aligned: a
-    weight made by ``quantize``; others go to the ``tl`` kernels rather than being copied
-    at every call); a norm weight and a residual in x's dtype."""
+    of 32, 64 or a multiple of 128 columns (``group_applies``), K a multiple of 128 (x holds
+    2K values with ``glu``), the packed weights as TMA reads them (unit last stride, base and
+    row stride 16-byte aligned: a weight made by ``quantize``; others go to the ``tl``
+    kernels rather than being copied at every call); a norm weight and a residual in x's
+    dtype."""
     K = x.shape[-1] // (2 if glu else 1)
     if not (x.is_cuda and gluon_available() and x.dtype in (torch.bfloat16, torch.float16)
             and scales.dtype == x.dtype and zeros.dtype == x.dtype and group_applies(group_size)
@@ -483,6 +485,8 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    if not group_applies(group_size):  # any other group would mix groups in the mma (or divide by zero)
+        raise ValueError(f"int4_gemv_gluon_launch: group_size must be {GROUPS}, got {group_size}")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     K = x.shape[-1] // (2 if glu else 1)
     N = w_packed.shape[0]

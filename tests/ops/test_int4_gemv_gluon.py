@@ -121,8 +121,9 @@ def test_cuda_gluon_gemv_small_groups(group, dtype, monkeypatch):
     columns): bit-exact where every product and sum is exact, for every forced tile (each group
     with its own power-of-two scale and integer zero: a group summed under another's scale, or
     counted twice, changes the bits; one nonzero weight stays in its row); within the dtype's
-    tolerance of fp32 at odd shapes and Llama-2-7B's, through the public op (which takes this
-    kernel) and with the options fused."""
+    tolerance of fp32 at odd shapes and Llama-2-7B's, with and without bias, x at an offset of
+    one element, through the public op (which takes this kernel) and with the options fused
+    (every combination); an int4 module of these groups fuses on Hopper."""
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(group)
     for x, p, s4, z4, truth in exact_int4_cases(48, 768, group, dtype, (25, 300), g, dev):
@@ -132,20 +133,24 @@ def test_cuda_gluon_gemv_small_groups(group, dtype, monkeypatch):
     launch = ig.int4_gemv_gluon_launch
     monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
     for N, K in [(4096, 4096), (4096, 11008), (1000, 768), (5, 128)]:
-        x = torch.randn(1, K, device=dev, generator=g).to(dtype)
+        x = torch.randn(1, K + 1, device=dev, generator=g).to(dtype)[:, 1:]
         p, s4, z4 = _weights(N, K, group, dtype, g, dev)
-        ref = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32))
-        calls.clear()
-        assert rel_err(int4_weight_only_linear(x, p, s4, z4, group), ref) < RTOL[dtype] / 2, (N, K)
-        assert calls, "the public op did not take the Gluon GEMV"
-        for tile in TILES:
-            assert rel_err(int4_weight_only_linear_triton(x, p, s4, z4, group, config=tile), ref) < RTOL[dtype] / 2, \
-                (N, K, tile)
-    for opts in ("glu+norm+res", "norm+res"):
+        for bias in (None, torch.randn(N, device=dev, generator=g).to(dtype)):
+            ref = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32),
+                           None if bias is None else bias.float())
+            calls.clear()
+            assert rel_err(int4_weight_only_linear(x, p, s4, z4, group, bias), ref) < RTOL[dtype] / 2, (N, K)
+            assert calls, "the public op did not take the Gluon GEMV"
+            for tile in TILES:
+                out = int4_weight_only_linear_triton(x, p, s4, z4, group, bias, config=tile)
+                assert rel_err(out, ref) < RTOL[dtype] / 2, (N, K, tile)
+    for opts in FUSIONS:
         x, args, fopts, truth = _fused_case(1000, 1024, group, dtype, opts, g, dev)
         for tile in TILES:
             out = int4_weight_only_linear_triton(x, *args, config=tile, **fopts)
             assert rel_err(out, truth) < RTOL[dtype], (opts, tile)
+    lin = Int4WeightOnlyLinear(4096, 64, group_size=group, device=dev, dtype=dtype)
+    assert lin.fuses(torch.empty(1, 1, 4096, device=dev, dtype=dtype))
 
 
 def test_gluon_gemv_group_sizes():
@@ -298,6 +303,9 @@ def test_gluon_gemv_refuses_a_ring_larger_than_shared_memory():
     with pytest.raises(ValueError, match="bytes of shared memory"):
         ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128,
                                   config=dict(block_n=256, warps=8, split_k=1, stages=12, segs=2))
+    for group in (16, 96):  # groups the kernel would mix: refused before anything is compiled
+        with pytest.raises(ValueError, match="group_size must be"):
+            ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), group)
     with pytest.raises(ValueError, match="bytes of shared memory"):  # 221 KiB of ring: no room for the input
         ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128,
                                   config=dict(block_n=256, warps=8, split_k=1, stages=7, segs=2))
