@@ -41,23 +41,14 @@ def _weights(N, K, group, dtype, g, dev):
     return p, s.to(dtype), z.to(dtype)
 
 
-@pytest.mark.cuda
-@needs_hopper
-@pytest.mark.parametrize("group", [128, 256])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_gluon_gemv_matches_fp32(group, dtype, monkeypatch):
-    """Against an fp32 product of the same dequantized weights at Llama-2-7B shapes, at N not
-    a multiple of 16 (1000, 17) and below one row block (5: the TMA box taller than the
-    tensor), one segment (K = 128) or two, splits past the segments (6 segments in splits of
-    2); with and without bias; the public op takes this kernel; x at an offset of one
-    element (the staging's scalar loads take any offset)."""
+def _check_against_fp32(shapes, group, dtype, g, monkeypatch):
+    """For each (N, K): x at an offset of one element, with and without bias, against an fp32
+    product of the same dequantized weights: the public op (which must take the Gluon GEMV)
+    and every forced tile."""
     dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(group)
     calls = []
     launch = ig.int4_gemv_gluon_launch
     monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    shapes = [(4096, 4096), (12288, 4096), (4096, 11008), (1000, 4096), (17, 768),
-              (5, 256), (4100, group)]
     for N, K in shapes:
         x = torch.randn(1, K + 1, device=dev, generator=g).to(dtype)[:, 1:]
         p, s4, z4 = _weights(N, K, group, dtype, g, dev)
@@ -70,6 +61,22 @@ def test_cuda_gluon_gemv_matches_fp32(group, dtype, monkeypatch):
             for tile in TILES:
                 out = int4_weight_only_linear_triton(x, p, s4, z4, group, bias, config=tile)
                 assert rel_err(out, ref) < RTOL[dtype] / 2, (N, K, tile)
+
+
+@pytest.mark.cuda
+@needs_hopper
+@pytest.mark.parametrize("group", [128, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_gluon_gemv_matches_fp32(group, dtype, monkeypatch):
+    """Against an fp32 product of the same dequantized weights at Llama-2-7B shapes, at N not
+    a multiple of 16 (1000, 17) and below one row block (5: the TMA box taller than the
+    tensor), one segment (K = 128) or two, splits past the segments (6 segments in splits of
+    2); with and without bias; the public op takes this kernel; x at an offset of one
+    element (the staging's scalar loads take any offset)."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(group)
+    _check_against_fp32([(4096, 4096), (12288, 4096), (4096, 11008), (1000, 4096), (17, 768), (5, 256),
+                         (4100, group)], group, dtype, g, monkeypatch)
 
 
 @pytest.mark.cuda
@@ -129,21 +136,7 @@ def test_cuda_gluon_gemv_small_groups(group, dtype, monkeypatch):
     for x, p, s4, z4, truth in exact_int4_cases(48, 768, group, dtype, (25, 300), g, dev):
         for tile in TILES:
             assert torch.equal(int4_weight_only_linear_triton(x, p, s4, z4, group, config=tile), truth), tile
-    calls = []
-    launch = ig.int4_gemv_gluon_launch
-    monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    for N, K in [(4096, 4096), (4096, 11008), (1000, 768), (5, 128)]:
-        x = torch.randn(1, K + 1, device=dev, generator=g).to(dtype)[:, 1:]
-        p, s4, z4 = _weights(N, K, group, dtype, g, dev)
-        for bias in (None, torch.randn(N, device=dev, generator=g).to(dtype)):
-            ref = F.linear(x.float(), int4_dequantize(p, s4, z4, group, torch.float32),
-                           None if bias is None else bias.float())
-            calls.clear()
-            assert rel_err(int4_weight_only_linear(x, p, s4, z4, group, bias), ref) < RTOL[dtype] / 2, (N, K)
-            assert calls, "the public op did not take the Gluon GEMV"
-            for tile in TILES:
-                out = int4_weight_only_linear_triton(x, p, s4, z4, group, bias, config=tile)
-                assert rel_err(out, ref) < RTOL[dtype] / 2, (N, K, tile)
+    _check_against_fp32([(4096, 4096), (4096, 11008), (1000, 768), (5, 128)], group, dtype, g, monkeypatch)
     for opts in FUSIONS:
         x, args, fopts, truth = _fused_case(1000, 1024, group, dtype, opts, g, dev)
         for tile in TILES:
