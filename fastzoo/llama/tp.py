@@ -440,12 +440,17 @@ def run_cli(run, args, rank: int, world_size: int, local_rank: int) -> int:
             return model
 
         if rank == 0:
-            return run(args, loader)
-        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
-                contextlib.redirect_stderr(devnull):
-            try:
-                return run(args, loader)
-            except LlamaError:
-                return 1  # rank 0 reports it
+            status = run(args, loader)
+        else:
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), \
+                    contextlib.redirect_stderr(devnull):
+                try:
+                    status = run(args, loader)
+                except LlamaError:
+                    return 1  # rank 0 reports it
+        # every rank done before any closes its connections: a gloo rank that tore down while a
+        # peer was still finishing was seen to abort ("terminate called") in CPU CI
+        dist.barrier()
+        return status
     finally:
         dist.destroy_process_group()
