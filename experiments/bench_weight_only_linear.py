@@ -230,9 +230,9 @@ def sweep_shape(name, N, K, M, args, copy_gbs, dev=None):
         call4 = lambda p, c, gr=group: wol.int4_weight_only_linear_triton(p[0], p[1], p[2], p[3], gr, config=c)  # noqa: E731
         nbytes4 = N * K // 2 + 2 * N * (K // group) * 2
         kinds.append((f"int4g{group}", wol._prune(wol._int4_kernel.configs, named), nbytes4, packs, call4))
-        if M == 1 and group >= wol.INT4_MMA_MIN_GROUP:  # the tensor-core GEMV (its configs carry "MMA")
+        if M <= wol.MAX_KERNEL_ROWS and group >= wol.INT4_MMA_MIN_GROUP:  # the tensor-core kernel ("MMA")
             mma = [wol.triton.Config(dict(c.kwargs, MMA=True), num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in wol.INT4_MMA_SWEEP]
+                   for c in (wol.INT4_MMA_SWEEP if M == 1 else wol.INT4_MMA_ROWS_SWEEP)]
             kinds.append((f"int4mma_g{group}", mma, nbytes4, packs, call4))
         if M == 1 and ig.int4_gemv_gluon_applies(*packs[0], group):  # the Gluon GEMV (Hopper, every group)
             gl_cfgs = [wol.triton.Config(dict(c, GLUON=True), num_warps=c["warps"]) for c in ig.SWEEP]

@@ -79,10 +79,13 @@ def run_aot_compile(script: str, *args: str):
                           text=True, timeout=300)
 
 
-def exact_int4_cases(N: int, K: int, group: int, dtype: torch.dtype, hot: tuple, generator, device) -> list:
+def exact_int4_cases(N: int, K: int, group: int, dtype: torch.dtype, hot: tuple, generator, device,
+                     rows: int = 1) -> list:
     """int4 GEMV inputs whose product is exact in ``dtype``: integer x / 4, every nibble value
     (row 0 walks them), scales 2^-e, integer zeros; and a single nonzero weight at ``hot``
-    times ones (a kernel that mixed rows would spread it). [(x, packed, scales, zeros, truth)]."""
+    times ones (a kernel that mixed rows would spread it). ``rows`` rows of x (m + 1 times
+    ones in the second case: a product that took another row of x would show).
+    [(x, packed, scales, zeros, truth)]."""
     from fastzoo.ops.weight_only_linear import int4_dequantize
 
     g, dev = generator, device
@@ -90,11 +93,12 @@ def exact_int4_cases(N: int, K: int, group: int, dtype: torch.dtype, hot: tuple,
     q[0] = torch.arange(K, device=dev) % 16
     s4 = (2.0 ** -torch.randint(0, 3, (N, K // group), device=dev, generator=g)).to(dtype)
     z4 = torch.randint(-3, 4, (N, K // group), device=dev, generator=g).to(dtype)
-    x = torch.randint(-2, 3, (1, K), device=dev, generator=g).to(dtype) / 4
+    x = torch.randint(-2, 3, (rows, K), device=dev, generator=g).to(dtype) / 4
     one = torch.zeros_like(q)
     one[hot] = 3
+    ones = torch.ones_like(x) * torch.arange(1, rows + 1, device=dev, dtype=dtype)[:, None]
     cases = []
-    for qq, xx in ((q, x), (one, torch.ones_like(x))):
+    for qq, xx in ((q, x), (one, ones)):
         p = qq[:, 0::2] | (qq[:, 1::2] << 4)
         truth = torch.nn.functional.linear(xx.double(), int4_dequantize(p, s4, z4, group, torch.float64)).to(dtype)
         cases.append((xx, p, s4, z4, truth))

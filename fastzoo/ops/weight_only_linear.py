@@ -21,6 +21,9 @@ bandwidth. The kernels here are built for that regime:
 - one token (M = 1): a GEMV whose accumulator is a (BLOCK_N, BLOCK_K) fp32 tile reduced
   once at the end; 2 to 16 tokens: a 16-row ``tl.dot`` (tensor cores, rows past M are
   masked). Autotuned per (M bucket, N, K) over tile sizes, split-K, warps and stages.
+  int4 with groups of 128 or more on CUDA: one to 16 tokens on the tensor cores through
+  inline ``mma.sync`` with the nibbles turned into 16-bit floats by bit operations
+  (``_int4_mma_kernel``; one token on Hopper: the Gluon GEMV, ``int4_gemv_gluon``).
 
 Ops (each: ``<op>_ref``, ``<op>_triton``, public ``<op>`` = ``torch.ops.fastzoo.<op>``):
 
@@ -765,12 +768,29 @@ if triton_available():
                       for bn, warps in ((32, 2), (64, 2), (64, 4), (128, 8), (64, 1), (128, 4), (128, 2), (256, 8))
                       for split in (1, 2, 4, 8, 16) for pf in (False, True)]
 
+    # 2 to 16 rows of x (ROWS 8 or 16): the best for each of Llama-2-7B's shapes at 8 and at 16
+    # rows among INT4_MMA_ROWS_SWEEP on an H100, and the runners-up within ~5 %
+    # (``experiments.bench_weight_only_linear --sweep --kinds int4 --groups 128 --ms 8 16``)
+    _INT4_MMA_ROWS_CONFIGS = [_mma_cfg(*c) for c in (
+        (32, 1, 4, True), (32, 1, 4, False), (32, 1, 2, True), (32, 1, 2, False), (32, 1, 8, False),
+        (64, 2, 16, False), (64, 2, 8, False), (64, 2, 8, True), (64, 4, 8, False), (128, 4, 16, False))]
+    _INT4_MMA_ROWS_IDS = frozenset(id(c) for c in _INT4_MMA_ROWS_CONFIGS)
+    # the several-row candidates ``experiments.bench_weight_only_linear --sweep --ms 8 16`` times
+    # (one or two row blocks per warp: more spill at 16 rows)
+    INT4_MMA_ROWS_SWEEP = [_mma_cfg(bn, warps, split, pf)
+                           for bn, warps in ((32, 1), (32, 2), (64, 2), (64, 4), (128, 4), (128, 8))
+                           for split in (2, 4, 8, 16) for pf in (False, True)]
+
     def _prune_mma(configs, named_args, **kwargs):
-        """No more splits than the split-K workspace holds for N (``_workspace_splits``, as
-        ``_prune``) or than K has 128-column segments; one split where none fits."""
+        """The one-row tiles for one row (``ROWS`` 1), the several-row tiles otherwise (a list
+        without either kind, as INT4_MMA_SWEEP, is kept whole); no more splits than the split-K
+        workspace holds for ROWS × N (``_workspace_splits``, as ``_prune``) or than K has
+        128-column segments; one split where none fits."""
         N, K = named_args["N"], named_args["K"]
-        limit = min(_workspace_splits(1, N), max(1, K // 128))
-        return [c for c in configs if c.kwargs["SPLIT_K"] <= limit] or [_mma_cfg(64, 2, 1, False)]
+        rows = kwargs.get("ROWS", named_args.get("ROWS", 1))
+        own = [c for c in configs if (id(c) in _INT4_MMA_ROWS_IDS) == (rows > 1)] or configs
+        limit = min(_workspace_splits(rows, N), max(1, K // 128))
+        return [c for c in own if c.kwargs["SPLIT_K"] <= limit] or [_mma_cfg(64, 2, 1, False)]
 
     def _int4_mma_asm(f16: bool, with_sum: bool = True) -> str:
         """PTX for one word pair of _int4_mma_kernel. In: $8 / $9 the int32 words of rows r
@@ -844,6 +864,115 @@ if triton_available():
             out = tl.inline_asm_elementwise(_MMA_BF16_P, _MMA_P_CONSTRAINTS, args, dtype=(tl.float32,) * 4,
                                             is_pure=True, pack=1)
         return (out[0], out[1], out[2], out[3])
+
+    def _int4_frags_asm(f16: bool) -> str:
+        """PTX: a word pair (rows r and r + 8; $8 / $9) → the 8 A-fragment registers of
+        _int4_mma_asm (q0..q3 from row r's word, q4..q7 from row r + 8's; $0..$7), as 16-bit
+        floats t = magic + q. For the several-row kernel, which multiplies one word pair by
+        one or two blocks of 8 rows of x (``_int4_mma_x_asm``)."""
+        magic = "0x64006400" if f16 else "0x43004300"
+        lines = [".reg .b32 h, m;", f"mov.b32 m, {magic};"]
+        for word, base in (("$8", 0), ("$9", 4)):
+            lines.append(f"lop3.b32 ${base}, {word}, 0x000F000F, m, 0xEA;")
+            for i in range(1, 4):
+                lines += [f"shr.u32 h, {word}, {4 * i};", f"lop3.b32 ${base + i}, h, 0x000F000F, m, 0xEA;"]
+        return "{\n" + "\n".join(lines) + "\n}"
+
+    def _int4_mma_x_asm(f16: bool) -> str:
+        """PTX: the A fragments of ``_int4_frags_asm`` ($8..$15) times one block of 8 rows of x
+        (B: column j is row j of the block; x's pairs $16..$19 in the mma's order), plus the
+        accumulators $20..$23 (products) and $24..$27 (Σx per row of x, from A = 1): out $0..$3
+        and $4..$7. As _int4_mma_asm, two m16n8k16 mma per product."""
+        ty, one = ("f16", "0x3C003C00") if f16 else ("bf16", "0x3F803F80")
+        mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+        return "{\n" + "\n".join([
+            ".reg .b32 one;", f"mov.b32 one, {one};",
+            f"{mma} {{$0, $1, $2, $3}}, {{$8, $12, $9, $13}}, {{$16, $17}}, {{$20, $21, $22, $23}};",
+            f"{mma} {{$0, $1, $2, $3}}, {{$10, $14, $11, $15}}, {{$18, $19}}, {{$0, $1, $2, $3}};",
+            f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {{$16, $17}}, {{$24, $25, $26, $27}};",
+            f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {{$18, $19}}, {{$4, $5, $6, $7}};"]) + "\n}"
+
+    _FRAGS_BF16 = tl.constexpr(_int4_frags_asm(False))
+    _FRAGS_F16 = tl.constexpr(_int4_frags_asm(True))
+    _FRAGS_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 8 + ["r"] * 2))
+    _MMA_X_BF16 = tl.constexpr(_int4_mma_x_asm(False))
+    _MMA_X_F16 = tl.constexpr(_int4_mma_x_asm(True))
+    _MMA_X_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 12 + ["f"] * 8))
+
+    @triton.jit
+    def _int4_frags(uw, vw, F16: tl.constexpr):
+        """_int4_frags_asm: a word pair → its 8 A-fragment registers (a tuple)."""
+        if F16:
+            return tl.inline_asm_elementwise(_FRAGS_F16, _FRAGS_CONSTRAINTS, [uw, vw], dtype=(tl.int32,) * 8,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(_FRAGS_BF16, _FRAGS_CONSTRAINTS, [uw, vw], dtype=(tl.int32,) * 8,
+                                             is_pure=True, pack=1)
+
+    @triton.jit
+    def _int4_mma_x(D, S, Q, x0, x1, x2, x3, F16: tl.constexpr):
+        """D (products) and S (Σx), 4 fp32 tensors each, plus the fragments Q times one block of
+        8 rows of x: x0..x3 as in _int4_mma_word (the lane's 8 columns of its row of x)."""
+        p0, p1 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x0, x2], dtype=(tl.int32, tl.int32), is_pure=True,
+                                           pack=1)
+        p2, p3 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x1, x3], dtype=(tl.int32, tl.int32), is_pure=True,
+                                           pack=1)
+        args = [Q[0], Q[1], Q[2], Q[3], Q[4], Q[5], Q[6], Q[7], p0, p1, p2, p3, D[0], D[1], D[2], D[3],
+                S[0], S[1], S[2], S[3]]
+        if F16:
+            out = tl.inline_asm_elementwise(_MMA_X_F16, _MMA_X_CONSTRAINTS, args, dtype=(tl.float32,) * 8,
+                                            is_pure=True, pack=1)
+        else:
+            out = tl.inline_asm_elementwise(_MMA_X_BF16, _MMA_X_CONSTRAINTS, args, dtype=(tl.float32,) * 8,
+                                            is_pure=True, pack=1)
+        return (out[0], out[1], out[2], out[3]), (out[4], out[5], out[6], out[7])
+
+    @triton.jit
+    def _int4_rows_terms(A, Da, Db, Sa, Sb, SZ, F16: tl.constexpr):
+        """A segment's sums into the accumulators A of one block of 8 rows of x: (weight row r,
+        x row 2c), (r, 2c + 1), (r + 8, 2c), (r + 8, 2c + 1), as _int4_group_terms (the mma's
+        D layout: S's entries 0 and 2 are x row 2c's Σx, 1 and 3 row 2c + 1's)."""
+        MAGIC: tl.constexpr = 1024.0 if F16 else 128.0
+        sr, zr, sr8, zr8 = SZ
+        s0 = Sa[0] + Sb[0]
+        s1 = Sa[1] + Sb[1]
+        cr = zr - MAGIC * sr
+        cr8 = zr8 - MAGIC * sr8
+        return (A[0] + sr * (Da[0] + Db[0]) + cr * s0, A[1] + sr * (Da[1] + Db[1]) + cr * s1,
+                A[2] + sr8 * (Da[2] + Db[2]) + cr8 * s0, A[3] + sr8 * (Da[3] + Db[3]) + cr8 * s1)
+
+    @triton.jit
+    def _int4_rows_segment(A0, A1, U, V, X0, X1, SZ, XB: tl.constexpr, F16: tl.constexpr):
+        """One 128-column segment of the several-row path of _int4_mma_kernel: each word pair's
+        fragments are made once and multiplied by XB blocks of 8 rows of x (X0, and X1 when XB
+        is 2); two independent chains per block (words 0, 1 and 2, 3)."""
+        zero = tl.zeros_like(A0[0])
+        Z4 = (zero, zero, zero, zero)
+        Da0, Sa0, Db0, Sb0 = Z4, Z4, Z4, Z4
+        Da1, Sa1, Db1, Sb1 = Z4, Z4, Z4, Z4
+        for w in tl.static_range(2):
+            Qa = _int4_frags(U[w], V[w], F16)
+            Qb = _int4_frags(U[w + 2], V[w + 2], F16)
+            Da0, Sa0 = _int4_mma_x(Da0, Sa0, Qa, X0[2 * w][0], X0[2 * w][1], X0[2 * w + 1][0], X0[2 * w + 1][1], F16)
+            Db0, Sb0 = _int4_mma_x(Db0, Sb0, Qb, X0[2 * w + 4][0], X0[2 * w + 4][1], X0[2 * w + 5][0],
+                                   X0[2 * w + 5][1], F16)
+            if XB == 2:
+                Da1, Sa1 = _int4_mma_x(Da1, Sa1, Qa, X1[2 * w][0], X1[2 * w][1], X1[2 * w + 1][0], X1[2 * w + 1][1],
+                                       F16)
+                Db1, Sb1 = _int4_mma_x(Db1, Sb1, Qb, X1[2 * w + 4][0], X1[2 * w + 4][1], X1[2 * w + 5][0],
+                                       X1[2 * w + 5][1], F16)
+        A0 = _int4_rows_terms(A0, Da0, Db0, Sa0, Sb0, SZ, F16)
+        if XB == 2:
+            A1 = _int4_rows_terms(A1, Da1, Db1, Sa1, Sb1, SZ, F16)
+        return A0, A1
+
+    @triton.jit
+    def _int4_rows_result(A, G: tl.constexpr):
+        """One block's accumulators (element e = 32g + 4r + c, see _int4_rows_terms) → the
+        (8, 16G) tile [x row, weight row 16g + 8h + r]."""
+        lo = tl.reshape(tl.join(A[0], A[1]), (G, 8, 8))  # [g, r, 2c + p]
+        hi = tl.reshape(tl.join(A[2], A[3]), (G, 8, 8))
+        return tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 3, 1)), (8, 16 * G))
 
     @triton.jit
     def _int4_mma_segment_p(acc_r, acc_r8, U, V, P, SZ, sx, zero, F16: tl.constexpr):
@@ -922,13 +1051,71 @@ if triton_available():
         # D[0]: row r, D[2]: row r + 8
         return _int4_group_terms(acc_r, acc_r8, Da[0] + Db[0], Da[2] + Db[2], SZ, Sa[0] + Sb[0], F16)
 
-    @triton.autotune(configs=_INT4_MMA_CONFIGS, key=["N", "K", "GROUP"],
+    @triton.jit
+    def _int4_mma_x_block(x_ptr, seg, x_offs):
+        """Segment ``seg``'s 32 columns of the lane's row of x (x an int64 view): 16 int32 pairs."""
+        xb = x_ptr + seg * 32 + x_offs
+        return (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
+                _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)), _halves(tl.load(xb + 7)))
+
+    @triton.jit
+    def _int4_mma_rows_xs(x_ptr, s_ptr, z_ptr, seg, x0_offs, x1_offs, s_offs, z_offs, s8_offs, z8_offs,
+                          GROUP: tl.constexpr, XB: tl.constexpr):
+        """Segment ``seg``'s x for the lane (one row of each block of 8) and the group's scales
+        and zeros (_int4_mma_sz). With one block X1 is X0 (unused)."""
+        X0 = _int4_mma_x_block(x_ptr, seg, x0_offs)
+        X1 = X0
+        if XB == 2:
+            X1 = _int4_mma_x_block(x_ptr, seg, x1_offs)
+        return X0, X1, _int4_mma_sz(s_ptr, z_ptr, seg, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+
+    @triton.jit
+    def _int4_mma_rows(x_ptr, w_ptr, s_ptr, z_ptr, M, stride_xm, r, cc, u_offs, v_offs, s_offs, z_offs, s8_offs,
+                       z8_offs, seg_start, seg_end, n_seg, GROUP: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
+                       ROWS: tl.constexpr, G: tl.constexpr, PREFETCH: tl.constexpr):
+        """The several-row path of _int4_mma_kernel over the program's segments: the (ROWS,
+        BLOCK_N) fp32 result [row of x, weight row]."""
+        XB: tl.constexpr = ROWS // 8
+        x0_offs = tl.minimum(r, M - 1) * stride_xm + cc * 8  # rows past M repeat row M - 1 (not stored)
+        x1_offs = tl.minimum(r + 8, M - 1) * stride_xm + cc * 8
+        zero = tl.zeros((32 * G,), dtype=tl.float32)
+        A0 = (zero, zero, zero, zero)
+        A1 = (zero, zero, zero, zero)
+        if PREFETCH:  # as in _int4_mma_kernel
+            first = tl.minimum(seg_start, n_seg - 1)
+            last = tl.maximum(seg_end - 1, first)
+            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
+            if PDL:
+                gdc_wait()
+            X0, X1, SZ = _int4_mma_rows_xs(x_ptr, s_ptr, z_ptr, first, x0_offs, x1_offs, s_offs, z_offs, s8_offs,
+                                           z8_offs, GROUP, XB)
+            for seg in range(seg_start, seg_end):
+                nxt = tl.minimum(seg + 1, last)
+                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
+                X01, X11, SZ1 = _int4_mma_rows_xs(x_ptr, s_ptr, z_ptr, nxt, x0_offs, x1_offs, s_offs, z_offs,
+                                                  s8_offs, z8_offs, GROUP, XB)
+                A0, A1 = _int4_rows_segment(A0, A1, U, V, X0, X1, SZ, XB, F16)
+                U, V, X0, X1, SZ = U1, V1, X01, X11, SZ1
+        else:
+            if PDL:
+                gdc_wait()
+            for seg in range(seg_start, seg_end):
+                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
+                X0, X1, SZ = _int4_mma_rows_xs(x_ptr, s_ptr, z_ptr, seg, x0_offs, x1_offs, s_offs, z_offs, s8_offs,
+                                               z8_offs, GROUP, XB)
+                A0, A1 = _int4_rows_segment(A0, A1, U, V, X0, X1, SZ, XB, F16)
+        res = _int4_rows_result(A0, G)
+        if XB == 2:  # rows 8..15 after rows 0..7
+            res = tl.reshape(tl.permute(tl.join(res, _int4_rows_result(A1, G)), (2, 0, 1)), (16, 16 * G))
+        return res
+
+    @triton.autotune(configs=_INT4_MMA_CONFIGS + _INT4_MMA_ROWS_CONFIGS, key=["N", "K", "GROUP", "ROWS"],
                      prune_configs_by={"early_config_prune": _prune_mma}, do_bench=short_bench)
     @triton.jit
     def _int4_mma_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-        N, K, stride_wn, stride_sn, stride_zn,
-        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
+        M, N, K, stride_xm, stride_wn, stride_sn, stride_zn,
+        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
@@ -949,7 +1136,14 @@ if triton_available():
         bit operations only (see _int4_mma_asm), a segment's products accumulate in fp32 in
         the tensor cores, and the group's scale and zero apply once per row in fp32. Row r's
         result is in lanes 4r..4r+3 (all equal), reduced once at the end.
-        ``BLOCK_N`` = 16 · (row blocks); split-K over segments."""
+        ``BLOCK_N`` = 16 · (row blocks); split-K over segments.
+
+        2 to 16 rows of x (``ROWS`` 8 or 16; ``M`` rows, ``stride_xm`` in int64 units): B's
+        column j is row j of a block of 8 rows of x instead of a copy of the one row, so lane
+        4r + c loads row r's (the block's; rows past M repeat row M − 1) same 32 columns, and
+        its accumulator holds weight rows r, r + 8 times x rows 2c, 2c + 1. Each word pair's
+        fragments are made once for both blocks (``ROWS`` 16); Σx per row of x comes from the
+        mma with A = 1 as for one row. The weights are read once for all rows."""
         G: tl.constexpr = BLOCK_N // 16
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -965,44 +1159,50 @@ if triton_available():
         z_offs = row * stride_zn
         s8_offs = row8 * stride_sn
         z8_offs = row8 * stride_zn
-        x_offs = cc * 8  # int64 units: the lane's 32 columns are 8 int64 of x
         n_seg = K // 128
         seg_per_split = tl.cdiv(n_seg, SPLIT_K)
         seg_start = pid_k * seg_per_split
         seg_end = tl.minimum(n_seg, seg_start + seg_per_split)
-        acc_r = tl.zeros((32 * G,), dtype=tl.float32)
-        acc_r8 = tl.zeros((32 * G,), dtype=tl.float32)
-        if PREFETCH:
-            # the next segment's words, x and scales are requested before this one's
-            # arithmetic (the last segment is read again instead of masking); the first
-            # segment's words before waiting for the previous kernel (PDL: weights do not
-            # depend on it), its x after
-            first = tl.minimum(seg_start, n_seg - 1)  # a split past the end loads (and adds) nothing
-            last = tl.maximum(seg_end - 1, first)
-            U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
-            if PDL:
-                gdc_wait()
-            X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-            for seg in range(seg_start, seg_end):
-                nxt = tl.minimum(seg + 1, last)
-                U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
-                X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
-                U, V, X, SZ = U1, V1, X1, SZ1
-        else:
-            if PDL:
-                gdc_wait()
-            for seg in range(seg_start, seg_end):
-                U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
-                X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
-                acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
-        # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
-        lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
-        hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)
-        res = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (1, BLOCK_N))
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _bias_and_store(res, tl.arange(0, 1), offs_n, 1, N, pid_n, 0, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, N,
-                        HAS_BIAS, SPLIT_K)
+        if ROWS > 1:
+            res = _int4_mma_rows(x_ptr, w_ptr, s_ptr, z_ptr, M, stride_xm, r, cc, u_offs, v_offs, s_offs, z_offs,
+                                 s8_offs, z8_offs, seg_start, seg_end, n_seg, GROUP, F16, PDL, ROWS, G, PREFETCH)
+            _bias_and_store(res, tl.arange(0, ROWS), offs_n, M, N, pid_n, 0, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                            N, HAS_BIAS, SPLIT_K)
+        else:
+            x_offs = cc * 8  # int64 units: the lane's 32 columns are 8 int64 of x
+            acc_r = tl.zeros((32 * G,), dtype=tl.float32)
+            acc_r8 = tl.zeros((32 * G,), dtype=tl.float32)
+            if PREFETCH:
+                # the next segment's words, x and scales are requested before this one's
+                # arithmetic (the last segment is read again instead of masking); the first
+                # segment's words before waiting for the previous kernel (PDL: weights do not
+                # depend on it), its x after
+                first = tl.minimum(seg_start, n_seg - 1)  # a split past the end loads (and adds) nothing
+                last = tl.maximum(seg_end - 1, first)
+                U, V = _int4_mma_words(w_ptr, first, u_offs, v_offs)
+                if PDL:
+                    gdc_wait()
+                X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, first, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+                for seg in range(seg_start, seg_end):
+                    nxt = tl.minimum(seg + 1, last)
+                    U1, V1 = _int4_mma_words(w_ptr, nxt, u_offs, v_offs)
+                    X1, SZ1 = _int4_mma_xs(x_ptr, s_ptr, z_ptr, nxt, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
+                    U, V, X, SZ = U1, V1, X1, SZ1
+            else:
+                if PDL:
+                    gdc_wait()
+                for seg in range(seg_start, seg_end):
+                    U, V = _int4_mma_words(w_ptr, seg, u_offs, v_offs)
+                    X, SZ = _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+                    acc_r, acc_r8 = _int4_mma_segment(acc_r, acc_r8, U, V, X, SZ, F16)
+            # row r's result is in lanes 4r..4r+3 (equal): (G, 8) per half, rows 16g + 8h + r
+            lo = tl.max(tl.reshape(acc_r, (G, 8, 4)), axis=2)
+            hi = tl.max(tl.reshape(acc_r8, (G, 8, 4)), axis=2)
+            res = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (1, BLOCK_N))
+            _bias_and_store(res, tl.arange(0, 1), offs_n, 1, N, pid_n, 0, pid_k, b_ptr, out_ptr, ws_ptr, cnt_ptr, N,
+                            HAS_BIAS, SPLIT_K)
 
     @triton.jit
     def _int4_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn,
@@ -1038,8 +1238,9 @@ def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
     passed to every launch; ``norm_partials``: the workspace also holds each split's Σx²
     per row and output tile (SPLIT_K, M, N / BLOCK_N) after the (SPLIT_K, M, N) partials.
     ``config`` (tests) forces one configuration:
-    {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", optional "num_warps"} (the one-row int4
-    tensor-core kernel: {"BLOCK_N", "SPLIT_K", "PREFETCH"}, no BLOCK_M)."""
+    {"BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", optional "num_warps"} (the int4
+    tensor-core kernel: {"BLOCK_N", "SPLIT_K", "PREFETCH"}, no BLOCK_M: one program has
+    all M rows)."""
     device = out.device
     max_split = _workspace_splits(M, N) if config is None else config["SPLIT_K"]
     per_split = M * N + (M * triton.cdiv(N, _MIN_BLOCK_N) if norm_partials else 0)
@@ -1048,11 +1249,11 @@ def _run(kernel, M: int, N: int, out: torch.Tensor, args: list, kwargs: dict,
     scalars = kwargs.pop("_scalars")
     if config is not None:
         cfg = dict(config)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg.get("BLOCK_M", 1)))
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"], triton.cdiv(M, cfg.get("BLOCK_M", M)))
         kernel.fn[grid](*args, out, ws, cnt, *scalars, **kwargs, **cfg)
         return out
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"],  # noqa: E731
-                         triton.cdiv(M, meta.get("BLOCK_M", 1)))
+                         triton.cdiv(M, meta.get("BLOCK_M", M)))
     launch(kernel, grid, *args, out, ws, cnt, *scalars, device=device, **kwargs)
     return out
 
@@ -1130,7 +1331,7 @@ def int8_weight_only_linear_triton(x: torch.Tensor, w_int8: torch.Tensor, scales
 
 
 def _int4_mma_applies(x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> bool:
-    """The one-row tensor-core int4 kernel: inline PTX (CUDA, sm_80+, not Triton's
+    """The tensor-core int4 kernel (1 to 16 rows): inline PTX (CUDA, sm_80+, not Triton's
     interpreter), mma on x's dtype with scales and zeros in it, groups of at least 128
     columns and K a multiple of 128."""
     return (cuda_kernel_applies(x, dtypes=_KERNEL_DTYPES) and scales.dtype == x.dtype
@@ -1145,7 +1346,8 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
     """Launch the int4 weight-only decode kernel (any M; built for M <= 16). One row on a
     CUDA GPU with scales and zeros in x's dtype: on Hopper the Gluon GEMV with a TMA ring
     (``int4_gemv_gluon``; ``gluon=False`` keeps the ``tl`` kernels, ``gluon=True`` raises
-    where it does not apply), else the tensor-core GEMV (``_int4_mma_kernel``), unless
+    where it does not apply), else, and for 2 to 16 rows, the tensor-core kernel
+    (``_int4_mma_kernel``; groups >= 128, K % 128 == 0; ``_int4_kernel`` otherwise), unless
     ``config`` forces a tile of ``_int4_kernel`` (a config with ``"MMA": True`` forces one
     of the tensor-core kernel's, one with ``"GLUON": True`` one of the Gluon kernel's). The
     options (``decode_linear``'s: RMSNorm, SwiGLU, residual) run inside the Gluon kernel;
@@ -1198,19 +1400,22 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
         s, z = unit_stride_last(scales), unit_stride_last(zeros)
         b = bias.contiguous() if bias is not None else s
         mma = _int4_mma_applies(x, s, z, group_size)
-        if config is not None and config.get("MMA") and not (mma and M == 1):
-            raise ValueError(f"{name}: the tensor-core config needs one row of x on a CUDA GPU, scales and zeros in "
-                             f"x's dtype, group_size >= {INT4_MMA_MIN_GROUP} and K % 128 == 0; got {M} rows, "
-                             f"group_size={group_size}, K={K}")
-        if M == 1 and mma and (config is None or config.get("MMA")):
-            if x2.storage_offset() % 4:
-                x2 = x2.clone()
+        if config is not None and config.get("MMA") and not (mma and M <= MAX_KERNEL_ROWS):
+            raise ValueError(f"{name}: the tensor-core config needs at most {MAX_KERNEL_ROWS} rows of x on a CUDA "
+                             f"GPU, scales and zeros in x's dtype, group_size >= {INT4_MMA_MIN_GROUP} and "
+                             f"K % 128 == 0; got {M} rows, group_size={group_size}, K={K}")
+        if M <= MAX_KERNEL_ROWS and mma and (config is None or config.get("MMA")):
+            if x2.storage_offset() % 4 or (M > 1 and x2.stride(0) % 4):  # x read as int64 (4 elements each)
+                x2 = x2.clone(memory_format=torch.contiguous_format)
+            x64 = x2.view(torch.int64)
             w64 = (w.clone(memory_format=torch.contiguous_format) if w.stride(0) % 2 or w.storage_offset() % 2
                    else w).view(torch.int64)
             cfg = None if config is None else {k: v for k, v in config.items() if k != "MMA"}
-            out = _run(_int4_mma_kernel, M, N, out, [x2.view(torch.int64), w64, s, z, b],
-                       {"_scalars": (N, K, w64.stride(0), s.stride(0), z.stride(0)), "GROUP": group_size,
-                        "HAS_BIAS": bias is not None, "F16": x.dtype == torch.float16, **pdl_options(x)}, cfg)
+            out = _run(_int4_mma_kernel, M, N, out, [x64, w64, s, z, b],
+                       {"_scalars": (M, N, K, x64.stride(0) if M > 1 else 0, w64.stride(0), s.stride(0),
+                                     z.stride(0)),
+                        "GROUP": group_size, "HAS_BIAS": bias is not None, "F16": x.dtype == torch.float16,
+                        "ROWS": 1 if M == 1 else (8 if M <= 8 else 16), **pdl_options(x)}, cfg)
             return out.reshape(*x.shape[:-1], N)
         out = _run(_int4_kernel, M, N, out, [x2, w, s, z, b],
                    {"_scalars": (M, N, K, _m_bucket(M), x2.stride(0), w.stride(0), s.stride(0), z.stride(0), N,

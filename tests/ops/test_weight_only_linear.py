@@ -622,6 +622,16 @@ def test_autotune_prune():
         kept = _prune_mma(INT4_MMA_SWEEP, {"N": N, "K": K})
         assert kept and all(c.kwargs["SPLIT_K"] <= min(_workspace_splits(1, N), K // 128) for c in kept)
     assert {c.kwargs["SPLIT_K"] for c in _prune_mma(INT4_MMA_SWEEP, {"N": 4096, "K": 4096})} == {1, 2, 4, 8, 16}
+    # its one autotuner: the one-row tiles for one row, the several-row tiles for 2 to 16 rows
+    # (ROWS 8 or 16), the workspace bounding ROWS × N
+    from fastzoo.ops.weight_only_linear import _INT4_MMA_CONFIGS, _INT4_MMA_ROWS_CONFIGS, _int4_mma_kernel
+    one = _prune_mma(_int4_mma_kernel.configs, {"N": 4096, "K": 4096}, ROWS=1)
+    assert one and {id(c) for c in one} <= {id(c) for c in _INT4_MMA_CONFIGS}
+    for rows in (8, 16):
+        for N in (4096, 32000, 128256):
+            kept = _prune_mma(_int4_mma_kernel.configs, {"N": N, "K": 4096, "ROWS": rows})
+            assert kept and all(c.kwargs["SPLIT_K"] <= _workspace_splits(rows, N) for c in kept)
+            assert {id(c) for c in kept} <= {id(c) for c in _INT4_MMA_ROWS_CONFIGS} or kept[0].kwargs["SPLIT_K"] == 1
     # the wider int8 GEMV sweep list: one-row tiles of 16 to 64 weights per thread, within the
     # bounds the counters and the workspace are sized for, and it contains the autotuner's tiles
     from fastzoo.ops.weight_only_linear import INT8_GEMV_SWEEP
@@ -805,6 +815,52 @@ def test_cuda_int4_tensor_core_gemv(group, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_int4_tensor_core_several_rows(dtype):
+    """2 to 16 rows on the tensor-core kernel (B's 8 columns are rows of x): against an fp32
+    product of the same dequantized weights at Llama shapes and at N not a multiple of 16,
+    with a bias, x strided and with leading dims, through the public op (the autotuner's
+    choice) and every forced tile; bit-exact where every product is exact, with rows of x
+    that differ (a product that took another row of x, or a weight from another row, would
+    show); and every several-row tile the autotuner may pick, at 8 and 16 rows."""
+    from fastzoo.ops.weight_only_linear import _int4_mma_kernel, _prune_mma
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(29)
+    for group, (N, K) in [(128, (4096, 4096)), (128, (1000, 11008)), (256, (12288, 4096))]:
+        p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, device=dev, generator=g) * K**-0.5, group)
+        s4, z4 = s4.to(dtype), z4.to(dtype)
+        bias = torch.randn(N, device=dev, generator=g).to(dtype)
+        w = int4_dequantize(p, s4, z4, group, torch.float32)
+        for M in (2, 7, 8, 9, 16):
+            x = torch.randn(M, K + 64, device=dev, generator=g).to(dtype)[:, 32:K + 32]  # strided, offset
+            ref = F.linear(x.float(), w, bias.float())
+            assert rel_err(int4_weight_only_linear(x, p, s4, z4, group, bias), ref) < RTOL[dtype] / 2, (N, K, M)
+            for tile in MMA_TILES:
+                out = int4_weight_only_linear_triton(x, p, s4, z4, group, bias, config=tile)
+                assert rel_err(out, ref) < RTOL[dtype] / 2, (N, K, M, tile)
+        x3 = torch.randn(2, 3, K, device=dev, generator=g).to(dtype)  # leading dims: 6 rows
+        out3 = int4_weight_only_linear(x3, p, s4, z4, group)
+        assert out3.shape == (2, 3, N) and rel_err(out3, F.linear(x3.float(), w)) < RTOL[dtype] / 2
+        xo = torch.randn(5, K + 3, device=dev, generator=g).to(dtype)[:, 1:K + 1]  # no int64 view: copied
+        assert rel_err(int4_weight_only_linear(xo, p, s4, z4, group), F.linear(xo.float(), w)) < RTOL[dtype] / 2
+    for M in (3, 8, 13, 16):
+        for xx, p, s4, z4, truth in exact_int4_cases(48, 512, 128, dtype, (17, 5), g, dev, rows=M):
+            for tile in MMA_TILES:
+                assert torch.equal(int4_weight_only_linear_triton(xx, p, s4, z4, 128, config=tile), truth), (M, tile)
+    N, K = 4096, 11008
+    p, s4, z4 = Int4WeightOnlyLinear.quantize(torch.randn(N, K, device=dev, generator=g) * K**-0.5, 128)
+    s4, z4 = s4.to(dtype), z4.to(dtype)
+    w = int4_dequantize(p, s4, z4, 128, torch.float32)
+    for M, rows in ((8, 8), (16, 16)):
+        x = torch.randn(M, K, device=dev, generator=g).to(dtype)
+        ref = F.linear(x.float(), w)
+        for c in _prune_mma(_int4_mma_kernel.configs, {"N": N, "K": K}, ROWS=rows):
+            cfg = dict(c.kwargs, MMA=True, num_warps=c.num_warps)
+            assert rel_err(int4_weight_only_linear_triton(x, p, s4, z4, 128, config=cfg), ref) < RTOL[dtype] / 2, cfg
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_int4_prefill_path(dtype, monkeypatch):
     """More than 16 rows (prefill): the one-pass dequantization kernel then cuBLAS, the same
     bits as the reference's dequantize + F.linear at Llama-2-7B's w2 shape; the kernel is
@@ -942,33 +998,40 @@ import triton
 from triton.backends.compiler import GPUTarget
 from fastzoo.ops import weight_only_linear as wol
 
-block_n, warps, split, group = map(int, sys.argv[1:5])
-prefetch, f16 = sys.argv[5] == "1", sys.argv[6] == "1"
+block_n, warps, split, group, rows = map(int, sys.argv[1:6])
+prefetch, f16 = sys.argv[6] == "1", sys.argv[7] == "1"
 jit = wol._int4_mma_kernel.fn  # autotune -> jit
 dt = "fp16" if f16 else "bf16"
 sig = dict(x_ptr="*i64", w_ptr="*i64", s_ptr=f"*{dt}", z_ptr=f"*{dt}", b_ptr=f"*{dt}", out_ptr=f"*{dt}",
            ws_ptr="*fp32", cnt_ptr="*i32")
-const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, BLOCK_N=block_n, SPLIT_K=split, PREFETCH=prefetch)
+const = dict(GROUP=group, HAS_BIAS=True, F16=f16, PDL=True, ROWS=rows, BLOCK_N=block_n, SPLIT_K=split,
+             PREFETCH=prefetch)
+if rows == 1:
+    const["M"] = 1  # as a launch with one row specialises it
 """ + _AOT_PTX + r"""
 print(ptx.count("mma.sync.aligned.m16n8k16"), "local" if ".local" in ptx else "no-local",
       "vector" if ".v2." in ptx.split("mma.sync")[0] or ".v4." in ptx.split("mma.sync")[0] else "scalar")
 """
 
 
-# (BLOCK_N, warps, SPLIT_K, group, prefetch, fp16)
-@pytest.mark.parametrize("block_n,warps,split,group,prefetch,f16", [
-    (64, 4, 1, 128, 0, 0), (128, 4, 4, 128, 1, 0), (32, 2, 2, 256, 1, 1), (128, 8, 16, 128, 0, 1)])
-def test_int4_tensor_core_kernel_compiles_for_hopper(block_n, warps, split, group, prefetch, f16):
-    """The one-row tensor-core int4 kernel is inline PTX, which Triton's interpreter cannot
-    run: compile it ahead of time for sm_90 (Triton's ptxas, no GPU) and check what its
-    correctness rests on: two m16n8k16 mma per word pair and two per Σx (16 per segment and
-    row block), scalar loads before the products (a vector load is what lets the compiler
-    give a warp's lanes to several row blocks), no local-memory spills."""
-    r = run_aot_compile(_AOT_MMA, str(block_n), str(warps), str(split), str(group), str(prefetch), str(f16))
+# (BLOCK_N, warps, SPLIT_K, group, ROWS, prefetch, fp16)
+@pytest.mark.parametrize("block_n,warps,split,group,rows,prefetch,f16", [
+    (64, 4, 1, 128, 1, 0, 0), (128, 4, 4, 128, 1, 1, 0), (32, 2, 2, 256, 1, 1, 1), (128, 8, 16, 128, 1, 0, 1),
+    (32, 1, 8, 128, 8, 0, 0), (64, 2, 16, 128, 8, 1, 1), (64, 2, 8, 256, 16, 0, 0), (128, 8, 16, 128, 16, 1, 0)])
+def test_int4_tensor_core_kernel_compiles_for_hopper(block_n, warps, split, group, rows, prefetch, f16):
+    """The tensor-core int4 kernel is inline PTX, which Triton's interpreter cannot run:
+    compile it ahead of time for sm_90 (Triton's ptxas, no GPU) and check what its
+    correctness rests on: two m16n8k16 mma per word pair and two per Σx (16 per segment,
+    row block and block of 8 rows of x: twice that for 16 rows), scalar loads before the
+    products (a vector load is what lets the compiler give a warp's lanes to several row
+    blocks), no local-memory spills."""
+    r = run_aot_compile(_AOT_MMA, str(block_n), str(warps), str(split), str(group), str(rows), str(prefetch),
+                        str(f16))
     assert r.returncode == 0, r.stderr[-3000:]
     n_mma, local, loads = r.stdout.split()[-3:]
     assert local == "no-local" and loads == "scalar"
-    assert int(n_mma) >= 16 and int(n_mma) % 16 == 0
+    per = 16 * max(1, rows // 8)
+    assert int(n_mma) >= per and int(n_mma) % per == 0
 
 
 def test_pdl_only_on_hopper_cuda():
