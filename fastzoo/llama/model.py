@@ -15,9 +15,10 @@
   fused into the linear where the module implements ``fused_forward`` (:class:`Linear`,
   ``fastzoo.quant.Int8WeightOnlyLinear``: on CUDA the decode kernels of
   :func:`fastzoo.ops.decode_linear`), and composed in plain PyTorch for any other module.
-* With a bf16/fp16/fp32 cache, RoPE, the cache write and the masked attention are one op,
-  :func:`fastzoo.ops.decode_attention` (its reference is this math; on CUDA one decode
-  token runs a fused Triton kernel); the int8 cache and the cache-less path stay inline.
+* With a cache (bf16/fp16/fp32, or int8 with a scale per token and head), RoPE, the cache
+  write and the masked attention are one op, :func:`fastzoo.ops.decode_attention` (its
+  reference is this math; on CUDA one decode token runs a fused Triton kernel); the
+  cache-less path stays inline.
 
 This module is the eager reference: it runs on CPU and GPU; speed comes from
 ``torch.compile`` in :mod:`fastzoo.llama.generate`.
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from fastzoo import ops
 from fastzoo.ops import apply_rope  # one RoPE, shared with fastzoo.ops.decode_attention
 from fastzoo.ops.decode_attention import rope_cos_sin as _cos_sin
+from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
 from fastzoo.ops.weight_only_linear import MAX_KERNEL_ROWS, norm_options, rms_norm_ref, silu_mul_ref
 
 from .config import LlamaConfig
@@ -140,10 +142,13 @@ class Linear(nn.Linear):
 
 class Int8KVCache(nn.Module):
     """Static int8 cache with one fp32 scale per (token, head): ``x ≈ q · scale``, symmetric,
-    ``scale = max|x| / 127`` over ``head_dim``.  ``update`` returns the dequantized caches in
-    the keys' dtype (under ``torch.compile`` the dequantization fuses into attention)."""
+    ``scale = max|x| / 127`` over ``head_dim`` (``fastzoo.ops.quantize_rows_int8_ref``). Written
+    and read by :func:`fastzoo.ops.decode_attention` with the scales (a fused kernel for one
+    token on CUDA that dequantizes the cache tiles in registers)."""
 
-    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, device=None):
+    quantize = staticmethod(quantize_rows_int8_ref)  # ``x [..., hd]`` → (int8 values, fp32 scales ``[..., 1]``)
+
+    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, inv_freq: torch.Tensor, device=None):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
         for name in ("k", "v"):
@@ -151,27 +156,12 @@ class Int8KVCache(nn.Module):
                                  persistent=False)
             self.register_buffer(f"{name}_scales", torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device),
                                  persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # as KVCache's
 
-    @staticmethod
-    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x [..., hd]`` → (int8 values, fp32 scales ``[..., 1]``)."""
-        xf = x.float()
-        scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
-        return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        B, H, T, D = k.shape
-        idx = input_pos[:, None, :, None].expand(B, H, T, D)
-        out = []
-        for name, x in (("k", k), ("v", v)):
-            cache, scales = getattr(self, f"{name}_cache"), getattr(self, f"{name}_scales")
-            if B != cache.shape[0]:
-                cache, scales = cache[:B], scales[:B]
-            q, s = self.quantize(x)
-            cache.scatter_(2, idx, q)
-            scales.scatter_(2, idx[..., :1], s)
-            out.append((cache.float() * scales).to(x.dtype))
-        return out[0], out[1]
+    def attend(self, q, k, v, input_pos, kv_len: int) -> torch.Tensor:
+        """As :meth:`KVCache.attend`: k and v quantized per slot, attention over the dequantized slots."""
+        return ops.decode_attention(q, k, v, self.inv_freq, input_pos, self.k_cache, self.v_cache, kv_len,
+                                    self.k_scales, self.v_scales)
 
 
 class Attention(nn.Module):
@@ -193,7 +183,7 @@ class Attention(nn.Module):
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
         q, k, v = fused_linear(self.wqkv, x, norm=norm).split([q_size, kv_size, kv_size], dim=-1)
-        if isinstance(self.kv_cache, KVCache):  # RoPE, cache write and attention in one op
+        if isinstance(self.kv_cache, (KVCache, Int8KVCache)):  # RoPE, cache write and attention in one op
             q = q.view(B, T, self.n_heads, self.head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -202,11 +192,6 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)
-            kv_len = mask.shape[-1]
-            if kv_len != k.shape[2]:
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         if self.n_kv_heads != self.n_heads:  # query head h uses kv head h // rep (no host sync)
             rep = self.n_heads // self.n_kv_heads
             Bk, Hk, S, D = k.shape
@@ -277,7 +262,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if kv_cache_dtype == torch.int8:
                 layer.attention.kv_cache = Int8KVCache(max_batch_size, max_seq_length, self.config.n_kv_heads,
-                                                       self.config.head_dim, device)
+                                                       self.config.head_dim, inv_freq, device)
                 continue
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.config.n_kv_heads,
                                                self.config.head_dim, inv_freq, dtype, device)
@@ -311,10 +296,10 @@ class Transformer(nn.Module):
             input_pos = torch.arange(T, device=tokens.device)
         if input_pos.dim() == 1:
             input_pos = input_pos[None, :].expand(B, T)
-        # KVCache layers apply RoPE inside their attention op: the cos/sin table is built only
-        # where some layer (no cache, Int8KVCache) applies it itself
+        # layers with a cache apply RoPE inside their attention op: the cos/sin table is built
+        # only where some layer (no cache) applies it itself
         cos = sin = None
-        if not all(isinstance(layer.attention.kv_cache, KVCache) for layer in self.layers):
+        if not all(isinstance(layer.attention.kv_cache, (KVCache, Int8KVCache)) for layer in self.layers):
             cos, sin = rope_cos_sin(self.config, input_pos)
         if self.has_caches:
             if B > self.max_batch_size:

@@ -47,6 +47,22 @@ if triton_available():
     except ImportError:
         gdc_wait = gdc_launch_dependents = None
 
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_to_f32(w):
+        """An int8 tile in fp32 without an int-to-float conversion (I2F issues at 16/clk/SM on
+        sm_90, a quarter of the integer ALU rate: it bounds int8 streaming kernels below the
+        bandwidth): the byte zero-extended, b = w + 128 (sign bit flipped) placed in the
+        mantissa of 2^23, bits(2^23 + b) = 0x4B000000 | b, minus 2^23 + 128. Exact; ~3 ALU ops
+        (byte extract, xor/or, fsub) at full rate."""
+        b = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+        return b.to(tl.float32, bitcast=True) - 8388736.0
+else:
+    int8_to_f32 = None
+
 
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:

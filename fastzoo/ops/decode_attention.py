@@ -37,6 +37,17 @@ The result is y (B, T, H·D) in x's dtype, the input of the output projection ``
   ``k_cache`` and ``v_cache``): the kernel for one bf16/fp16 CUDA token, the reference
   otherwise (CPU, fp32, other head dims). Several tokens per sequence (prefill,
   speculative verification) call the reference as plain PyTorch, which inductor fuses.
+
+**int8 caches** (``k_scales`` / ``v_scales`` given: ``torch.ops.fastzoo.decode_attention_int8``):
+k_cache/v_cache int8 with one fp32 scale per (sequence, kv head, slot), scales
+(Bmax, Hk, S, 1): the new k (after RoPE, in x's dtype) and v are quantized per slot as
+``fastzoo.ops.quantize_rows_int8_ref`` (symmetric, max|x| / 127, ties to even), written with
+their scales, and attention reads every slot, the new one included, dequantized to x's
+dtype (q · scale, rounded): the values the reference's SDPA sees. The kernel reads the int8
+tiles (about half the bytes of a bf16 cache) and keeps them exact in fp32 (``int8_to_f32``,
+no int-to-float conversion): a slot's scale multiplies its score (q · k = scale · Σ q·k_int8)
+and its softmax weight (for v), so the dequantized values are never formed or rounded; the
+two agree to x's dtype's rounding.
 """
 from __future__ import annotations
 
@@ -47,8 +58,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (FLOAT_DTYPES, LOG2E, arrival_counters, cuda_kernel_applies, gdc_wait, launch, next_pow2,
-                      pdl_options, short_bench, triton_available)
+from ._common import (FLOAT_DTYPES, LOG2E, arrival_counters, cuda_kernel_applies, gdc_wait, int8_to_f32, launch,
+                      next_pow2, pdl_options, short_bench, triton_available)
+from .quantize_rows import EPS as _INT8_EPS
+from .quantize_rows import quantize_rows_int8_ref
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_HEAD_DIMS = (64, 80, 128)
@@ -78,7 +91,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rot * sin).type_as(x)
 
 
-def _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len) -> None:
+def _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len, k_scales=None,
+                v_scales=None) -> None:
     for label, t in (("q", q), ("k", k), ("v", v), ("inv_freq", inv_freq), ("input_pos", input_pos),
                      ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
@@ -97,9 +111,18 @@ def _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len) ->
         raise ValueError(f"{name} expects an even head dim (rotate-half RoPE), got D={D}")
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"{name} expects v of k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    for label, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+    for label, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} expects {label} in q's dtype ({q.dtype}), got {t.dtype}")
+    int8 = k_scales is not None or v_scales is not None
+    if int8 and (k_scales is None or v_scales is None):
+        raise ValueError(f"{name} expects both k_scales and v_scales (an int8 cache) or neither")
+    for label, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if int8 and t.dtype != torch.int8:
+            raise TypeError(f"{name} expects {label} in torch.int8 with k_scales / v_scales given, got {t.dtype}")
+        if not int8 and t.dtype != q.dtype:
+            raise TypeError(f"{name} expects {label} in q's dtype ({q.dtype}) (or int8 with k_scales / v_scales), "
+                            f"got {t.dtype}")
     if tuple(inv_freq.shape) != (D // 2,):
         raise ValueError(f"{name} expects inv_freq of shape (D/2,) = ({D // 2},), got {tuple(inv_freq.shape)}")
     if inv_freq.dtype != torch.float32:
@@ -117,16 +140,27 @@ def _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len) ->
     S = k_cache.shape[2]
     if not isinstance(kv_len, (int, torch.SymInt)) or not 0 < kv_len <= S:
         raise ValueError(f"{name} expects an int kv_len in 1..{S} (the cache length), got {kv_len!r}")
-    devices = {t.device for t in (q, k, v, inv_freq, input_pos, k_cache, v_cache)}
+    if int8:
+        want = (*k_cache.shape[:3], 1)
+        for label, t in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != torch.float32:
+                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} expects {label} of shape (Bmax, Hk, S, 1) = {want} in float32, got {got}")
+    extra = (k_scales, v_scales) if int8 else ()
+    devices = {t.device for t in (q, k, v, inv_freq, input_pos, k_cache, v_cache, *extra)}
     if len(devices) > 1:
         raise ValueError(f"{name} expects all tensors on one device, got {sorted(map(str, devices))}")
 
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
                          input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         kv_len: int) -> torch.Tensor:
+                         kv_len: int, k_scales: Optional[torch.Tensor] = None,
+                         v_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference (mutates the caches): RoPE, scatter k/v into the caches at ``input_pos``,
-    SDPA over the first ``kv_len`` slots with the per-position mask; returns (B, T, H·D)."""
+    SDPA over the first ``kv_len`` slots with the per-position mask; returns (B, T, H·D).
+    With ``k_scales`` / ``v_scales`` (int8 caches): k and v are quantized per slot
+    (``quantize_rows_int8_ref``) and scattered with their scales, and SDPA reads the slots
+    dequantized to q's dtype."""
     B, T, H, D = q.shape
     Hk = k.shape[2]
     cos, sin = rope_cos_sin(input_pos, inv_freq)
@@ -136,11 +170,22 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_
     if B != k_cache.shape[0]:
         k_cache, v_cache = k_cache[:B], v_cache[:B]
     idx = input_pos[:, None, :, None].expand(B, Hk, T, D)
-    k_cache.scatter_(2, idx, k)
-    v_cache.scatter_(2, idx, v)
-    k, v = k_cache, v_cache
-    if kv_len != k.shape[2]:
-        k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    if k_scales is None:
+        k_cache.scatter_(2, idx, k)
+        v_cache.scatter_(2, idx, v)
+        k, v = k_cache, v_cache
+        if kv_len != k.shape[2]:
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+    else:
+        deq = []
+        for cache, scales, x in ((k_cache, k_scales, k), (v_cache, v_scales, v)):
+            if B != scales.shape[0]:
+                scales = scales[:B]
+            xq, xs = quantize_rows_int8_ref(x)
+            cache.scatter_(2, idx, xq)
+            scales.scatter_(2, idx[..., :1], xs)
+            deq.append((cache[:, :, :kv_len].float() * scales[:, :, :kv_len]).to(q.dtype))
+        k, v = deq
     if Hk != H:  # query head h uses kv head h // rep (no host sync)
         rep = H // Hk
         S = k.shape[2]
@@ -200,20 +245,31 @@ if triton_available():
                 and (split is None or split % c.kwargs["BLOCK_N"] == 0)]
         return kept or configs[:1]
 
+    from .quantize_rows import _round_clamp_int8_tl
+
+    @triton.jit
+    def _quantize_kv(x, dmask, EPS_: tl.constexpr):
+        """One slot's (D_PAD,) fp32 values → (int8 values, fp32 scale): quantize_rows_int8_ref
+        (IEEE divisions: the reference's bits)."""
+        amax = tl.max(tl.where(dmask, tl.abs(x), 0.0), axis=0)
+        scale = tl.math.div_rn(tl.maximum(amax, EPS_), 127.0)
+        return _round_clamp_int8_tl(tl.math.div_rn(x, scale + tl.zeros_like(x))), scale
+
     # The kernel may run several times while autotuning: its cache writes are idempotent
     # (computed from k and v, never from the cache), every launch leaves its arrival counters
     # at zero and writes the workspace before reading it, so nothing needs restoring.
-    @triton.autotune(configs=_CONFIGS, key=["D", "KV_BUCKET", "GROUP", "SPLIT_LEN"],
+    @triton.autotune(configs=_CONFIGS, key=["D", "KV_BUCKET", "GROUP", "SPLIT_LEN", "INT8"],
                      prune_configs_by={"early_config_prune": _prune}, do_bench=short_bench)
     @triton.jit
     def _decode_attn_kernel(
-        q_ptr, k_ptr, v_ptr, invf_ptr, pos_ptr, kc_ptr, vc_ptr, out_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, cnt_ptr,
+        q_ptr, k_ptr, v_ptr, invf_ptr, pos_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, out_ptr, ws_m_ptr, ws_l_ptr,
+        ws_acc_ptr, cnt_ptr,
         Hk, kv_len, S, KV_BUCKET, scale_log2e,
         sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sp_b,
-        skc_b, skc_h, skc_s, svc_b, svc_h, svc_s,
+        skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, sks_b, sks_h, sks_s, svs_b, svs_h, svs_s,
         D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
         SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        INT8: tl.constexpr, EPS_: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """One (sequence b, kv head hk, cache slice): the GROUP query heads of hk read each
         cache tile once. Scores are (G_PAD, BLOCK_N) sums of q · k over D in fp32.
@@ -223,7 +279,12 @@ if triton_available():
         then arrives at the (b, hk) counter; the last of the N_SPLITS programs to arrive
         merges the live slices in slice order (deterministic), stores the output and resets
         the counter to zero. PDL: launched while the previous kernel (the q/k/v projection)
-        finishes; every memory access waits for its writes."""
+        finishes; every memory access waits for its writes.
+
+        INT8: int8 caches with fp32 scales per slot (ks_ptr / vs_ptr): the new k and v are
+        quantized in registers (_quantize_kv) and written with their scales; a cache tile
+        stays int8-exact in fp32, its slots' scales applied to the scores and to the softmax
+        weights (the module docstring)."""
         if PDL:
             gdc_wait()
         pid = tl.program_id(0)
@@ -266,21 +327,37 @@ if triton_available():
             cos = tl.cos(angle)
             sin = tl.sin(angle)
             # RoPE of q and of the new k in fp32, rounded to the input dtype as the reference does.
-            q = (qx * cos[None, :] + sign[None, :] * qp * sin[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
-            k_new = (kx * cos + sign * kp * sin).to(kc_ptr.dtype.element_ty)
+            DT = q_ptr.dtype.element_ty
+            q = (qx * cos[None, :] + sign[None, :] * qp * sin[None, :]).to(DT).to(tl.float32)
+            k_new = (kx * cos + sign * kp * sin).to(DT)
             kc_row = kc_ptr + b64 * skc_b + hk * skc_h
             vc_row = vc_ptr + b64 * svc_b + hk * svc_h
+            ks_row = ks_ptr + b64 * sks_b + hk * sks_h
+            vs_row = vs_ptr + b64 * svs_b + hk * svs_h
             new_visible = pos < kv_len
-            if split == 0:
-                in_cache = dmask & (pos < S)
-                tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, k_new, mask=in_cache)
-                tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, v_new, mask=in_cache)
+            in_cache = dmask & (pos < S)
+            if INT8:
+                kq, k_sc = _quantize_kv(k_new.to(tl.float32), dmask, EPS_)
+                vq, v_sc = _quantize_kv(v_new.to(tl.float32), dmask, EPS_)
+                k_use = kq.to(tl.float32) * k_sc  # what a later step reads back
+                v_use = vq.to(tl.float32) * v_sc
+                if split == 0:
+                    tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, kq, mask=in_cache)
+                    tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, vq, mask=in_cache)
+                    tl.store(ks_row + pos.to(tl.int64) * sks_s, k_sc, mask=pos < S)
+                    tl.store(vs_row + pos.to(tl.int64) * svs_s, v_sc, mask=pos < S)
+            else:
+                k_use = k_new.to(tl.float32)
+                v_use = v_new.to(tl.float32)
+                if split == 0:
+                    tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, k_new, mask=in_cache)
+                    tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, v_new, mask=in_cache)
             qs = q * scale_log2e  # scores in log2 units: exp2 below
-            s_new = tl.sum(qs * k_new.to(tl.float32)[None, :], axis=1)  # (G_PAD,)
+            s_new = tl.sum(qs * k_use[None, :], axis=1)  # (G_PAD,)
             first = (split == 0) & new_visible  # the new token enters slice 0's running softmax
             m_i = tl.where(first, s_new, float("-inf"))
             l_i = tl.where(first, 1.0, 0.0) + tl.zeros((G_PAD,), dtype=tl.float32)
-            acc = tl.where(first, v_new.to(tl.float32)[None, :], 0.0) + tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
+            acc = tl.where(first, v_use[None, :], 0.0) + tl.zeros((G_PAD, D_PAD), dtype=tl.float32)
             end = tl.minimum(start + SPLIT_LEN, n_ctx)
             offs_n = tl.arange(0, BLOCK_N)
             for n0 in range(start, end, BLOCK_N):
@@ -288,14 +365,23 @@ if triton_available():
                 nmask = slots < end
                 lmask = nmask[:, None] & dmask[None, :]
                 # both tiles in flight before the scores need the first
-                kt = tl.load(kc_row + slots.to(tl.int64)[:, None] * skc_s + offs_d[None, :], mask=lmask, other=0.0)
-                vt = tl.load(vc_row + slots.to(tl.int64)[:, None] * svc_s + offs_d[None, :], mask=lmask, other=0.0)
-                s = tl.sum(kt.to(tl.float32)[None, :, :] * qs[:, None, :], axis=2)  # (G_PAD, BLOCK_N)
+                kt = tl.load(kc_row + slots.to(tl.int64)[:, None] * skc_s + offs_d[None, :], mask=lmask, other=0)
+                vt = tl.load(vc_row + slots.to(tl.int64)[:, None] * svc_s + offs_d[None, :], mask=lmask, other=0)
+                if INT8:  # int8-exact tiles; each slot's scale on its score and on its weight for v
+                    ksc = tl.load(ks_row + slots.to(tl.int64) * sks_s, mask=nmask, other=0.0)
+                    vsc = tl.load(vs_row + slots.to(tl.int64) * svs_s, mask=nmask, other=0.0)
+                    s = tl.sum(int8_to_f32(kt)[None, :, :] * qs[:, None, :], axis=2) * ksc[None, :]
+                else:
+                    s = tl.sum(kt.to(tl.float32)[None, :, :] * qs[:, None, :], axis=2)  # (G_PAD, BLOCK_N)
                 s = tl.where(nmask[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+                if INT8:
+                    pv = tl.sum((p * vsc[None, :])[:, :, None] * int8_to_f32(vt)[None, :, :], axis=1)
+                else:
+                    pv = tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+                acc = acc * alpha[:, None] + pv
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 m_i = m_new
             if N_SPLITS == 1:
@@ -338,14 +424,18 @@ if triton_available():
 
 def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
                             input_pos: torch.Tensor, k_cache: torch.Tensor,
-                            v_cache: torch.Tensor, kv_len: int, split_len: Optional[int] = None) -> torch.Tensor:
-    """Launch the decode kernel (T == 1, bf16/fp16, D in 64/80/128; mutates the caches).
+                            v_cache: torch.Tensor, kv_len: int, split_len: Optional[int] = None, *,
+                            k_scales: Optional[torch.Tensor] = None,
+                            v_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Launch the decode kernel (T == 1, bf16/fp16, D in 64/80/128; mutates the caches, and
+    the scales of int8 caches).
 
     ``split_len`` (tests): slots per cache slice, a positive multiple of ``_SPLIT_GRANULE``
     (16); default: chosen so that B·Hk·slices is about ``_PROGRAMS_PER_SM`` programs per SM.
+    ``k_scales`` / ``v_scales``: int8 caches (the module docstring).
     """
     name = "decode_attention_triton"
-    _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
+    _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len, k_scales, v_scales)
     if not triton_available():
         raise RuntimeError(f"{name} needs Triton, which is not importable here")
     B, T, H, D = q.shape
@@ -359,6 +449,8 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     for label, t in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} expects {label} with a unit-stride last dim, got strides {t.stride()}")
+    int8 = k_scales is not None
+    ks, vs = (k_scales, v_scales) if int8 else (k_cache, v_cache)  # unread without INT8
     if split_len is None:
         split_len = _split_len(kv_len, B * Hk, q.device)
     elif not isinstance(split_len, int) or split_len <= 0 or split_len % _SPLIT_GRANULE:
@@ -379,25 +471,29 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
     # slices merged at a time: (MERGE, G_PAD, D_PAD) fp32 tiles of at most 2048 values
     merge = max(1, min(next_pow2(n_splits), 2048 // (G_PAD * D_PAD)))
     launch(_decode_attn_kernel, (B * Hk, n_splits),
-           q, k, v, inv_freq.contiguous(), input_pos, k_cache, v_cache, out, ws_m, ws_l, ws_acc, cnt,
+           q, k, v, inv_freq.contiguous(), input_pos, k_cache, v_cache, ks, vs, out, ws_m, ws_l, ws_acc, cnt,
            Hk, kv_len, k_cache.shape[2], _kv_bucket(kv_len), LOG2E / math.sqrt(D),
            q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
            input_pos.stride(0),
            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+           ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
            device=q.device, D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len,
-           N_SPLITS=n_splits, MERGE=merge, **pdl_options(q))
+           N_SPLITS=n_splits, MERGE=merge, INT8=int8, EPS_=_INT8_EPS, **pdl_options(q))
     return out
 
 
 # ----------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------
-def _kernel_applies(q, k, v, inv_freq, input_pos, k_cache, v_cache) -> bool:
+def _kernel_applies(q, k, v, inv_freq, input_pos, k_cache, v_cache, int8: bool = False) -> bool:
+    caches_ok = (all(t.dtype == torch.int8 and t.device == q.device for t in (k_cache, v_cache)) if int8
+                 else cuda_kernel_applies(q, k_cache, v_cache, dtypes=KERNEL_DTYPES))
     return (
         q.shape[1] == 1
         and q.shape[-1] in KERNEL_HEAD_DIMS
-        and cuda_kernel_applies(q, k, v, k_cache, v_cache, dtypes=KERNEL_DTYPES)
+        and cuda_kernel_applies(q, k, v, dtypes=KERNEL_DTYPES)
+        and caches_ok
         and all(t.device == q.device for t in (inv_freq, input_pos))
         and all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache))
     )
@@ -418,9 +514,27 @@ def _(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len):
     return q.new_empty((B, T, H * D))
 
 
+@torch.library.custom_op("fastzoo::decode_attention_int8", mutates_args=("k_cache", "v_cache", "k_scales",
+                                                                          "v_scales"))
+def _decode_attention_int8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
+                              input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              k_scales: torch.Tensor, v_scales: torch.Tensor, kv_len: int) -> torch.Tensor:
+    scales = dict(k_scales=k_scales, v_scales=v_scales)
+    if _kernel_applies(q, k, v, inv_freq, input_pos, k_cache, v_cache, int8=True):
+        return decode_attention_triton(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len, **scales)
+    return decode_attention_ref(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len, **scales)
+
+
+@_decode_attention_int8_op.register_fake
+def _(q, k, v, inv_freq, input_pos, k_cache, v_cache, k_scales, v_scales, kv_len):
+    B, T, H, D = q.shape
+    return q.new_empty((B, T, H * D))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor,
                      input_pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     kv_len: int) -> torch.Tensor:
+                     kv_len: int, k_scales: Optional[torch.Tensor] = None,
+                     v_scales: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RoPE + KV-cache write + masked GQA attention of T new tokens per sequence (see the
     module docstring); mutates ``k_cache``/``v_cache`` rows ``0..B-1``; returns (B, T, H·D).
 
@@ -428,10 +542,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq
     the reference otherwise; T > 1 calls the reference directly (traceable PyTorch).
     Traceable by ``torch.compile(fullgraph=True)``; under inductor the cache
     mutation happens in place (no copy of the caches).
+    ``k_scales`` / ``v_scales`` (Bmax, Hk, S, 1) fp32: int8 caches, quantized per slot (the
+    module docstring; ``torch.ops.fastzoo.decode_attention_int8``, which mutates the scales too).
     """
-    _check_args("decode_attention", q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
+    _check_args("decode_attention", q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len, k_scales, v_scales)
     if q.shape[1] != 1:
         # Several tokens (prefill, speculative verification): no kernel; the reference is
         # traced as plain PyTorch, so under torch.compile inductor fuses it as before.
-        return decode_attention_ref(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)
+        return decode_attention_ref(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len, k_scales, v_scales)
+    if k_scales is not None:
+        return _decode_attention_int8_op(q, k, v, inv_freq, input_pos, k_cache, v_cache, k_scales, v_scales, kv_len)
     return _decode_attention_op(q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len)

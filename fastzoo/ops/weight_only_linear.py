@@ -66,8 +66,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import (arrival_counters, cuda_kernel_applies, gdc_launch_dependents, gdc_wait, launch, next_pow2,
-                      pdl_options, short_bench, triton_available, unit_stride_last)
+from ._common import (arrival_counters, cuda_kernel_applies, gdc_launch_dependents, gdc_wait, int8_to_f32, launch,
+                      next_pow2, pdl_options, short_bench, triton_available, unit_stride_last)
 
 MAX_KERNEL_ROWS = 16  # flattened rows of x up to which the decode kernels run
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -492,14 +492,10 @@ if triton_available():
 
     @triton.jit
     def _weight_f32(w, QUANT: tl.constexpr):
-        """A weight tile in fp32. int8 (QUANT == 1) without an int-to-float conversion (I2F
-        issues at 16/clk/SM on sm_90, a quarter of the integer ALU rate: it bounds an int8
-        GEMV below the bandwidth): the byte zero-extended, b = w + 128 (sign bit flipped)
-        placed in the mantissa of 2^23, bits(2^23 + b) = 0x4B000000 | b, minus 2^23 + 128.
-        Exact; ~3 ALU ops (byte extract, xor/or, fsub) at full rate."""
+        """A weight tile in fp32. int8 (QUANT == 1) without an int-to-float conversion
+        (``int8_to_f32``: an I2F would bound the int8 GEMV below the bandwidth)."""
         if QUANT == 1:
-            b = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
-            return b.to(tl.float32, bitcast=True) - 8388736.0
+            return int8_to_f32(w)
         else:
             return w.to(tl.float32)
 

@@ -54,20 +54,40 @@ def test_compiled_speculative_equals_greedy_target(draft_kind):
         assert out.stats["acceptance_rate"] == 1.0
 
 
-def test_compiled_int8_kv_bf16_close_to_bf16_cache():
-    model = make_tiny_model(std=0.1).cuda().to(torch.bfloat16)
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_compiled_int8_kv_bf16_close_to_bf16_cache(head_dim, monkeypatch):
+    """Compiled decode steps on the int8 cache against the bf16 cache: head_dim 16 runs the
+    reference (no kernel for it), 64 the fused kernel (int8 tiles dequantized in registers),
+    which every decode step of every layer calls; and it agrees with the reference's int8
+    cache run eagerly."""
+    import importlib
+
+    da = importlib.import_module("fastzoo.ops.decode_attention")  # (fastzoo.ops.decode_attention: the function)
+
+    calls = []
+    real = da.decode_attention_triton
+    monkeypatch.setattr(da, "decode_attention_triton", lambda *a, **k: calls.append(k.get("k_scales") is not None)
+                        or real(*a, **k))
+    model = make_tiny_model(std=0.1, dim=4 * head_dim).cuda().to(torch.bfloat16)
     tokens = torch.randint(0, 96, (2, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     outs = {}
-    for kv in (None, torch.int8):
+    for kv, compiled in ((None, True), (torch.int8, True), (torch.int8, False)):
         model.setup_caches(2, 64, kv_cache_dtype=kv)
-        step = torch.compile(lambda t, p: model(t, p), fullgraph=True, dynamic=False)
+        step = torch.compile(lambda t, p: model(t, p), fullgraph=True, dynamic=False) if compiled else model
+        if not compiled:  # the reference: the op's eager fallback
+            monkeypatch.setattr(da, "_kernel_applies", lambda *a, **k: False)
         with torch.no_grad():
             logits = [model(tokens[:, :32], torch.arange(32, device="cuda"))]
             for i in range(32, 48):
                 logits.append(step(tokens[:, i:i + 1], torch.full((2, 1), i, device="cuda")))
-        outs[kv] = torch.cat(logits, 1).float()
+        outs[kv, compiled] = torch.cat(logits, 1).float()
         model.clear_caches()
-    assert sqnr(outs[torch.int8], outs[None]) > 25
+    assert sqnr(outs[torch.int8, True], outs[None, True]) > 25
+    assert sqnr(outs[torch.int8, True], outs[torch.int8, False]) > 35
+    if head_dim == 64:  # 16 steps × 2 layers on the int8 cache (and as many on the bf16 one)
+        assert calls.count(True) == 32 and calls.count(False) == 32
+    else:
+        assert not calls
 
 
 def test_gptq_on_gpu_layer_by_layer_from_cpu_model():

@@ -257,7 +257,14 @@ def test_errors_name_expected_and_found():
         (dict(k=k[:, :, :1].expand(2, 1, 3, 16)), ValueError,
          r"query heads \(4\) to be a multiple of the kv heads \(3\)"),
         (dict(v=v.half()), TypeError, r"v in q's dtype \(torch.float32\), got torch.float16"),
-        (dict(k_cache=kc.bfloat16()), TypeError, r"k_cache in q's dtype \(torch.float32\), got torch.bfloat16"),
+        (dict(k_cache=kc.bfloat16()), TypeError,
+         r"k_cache in q's dtype \(torch.float32\) \(or int8 with k_scales / v_scales\), got torch.bfloat16"),
+        (dict(k_scales=kc[..., :1].float()), ValueError, r"both k_scales and v_scales \(an int8 cache\) or neither"),
+        (dict(k_scales=kc[..., :1].float(), v_scales=vc[..., :1].float()), TypeError,
+         r"k_cache in torch.int8 with k_scales / v_scales given, got torch.float32"),
+        (dict(k_cache=kc.to(torch.int8), v_cache=vc.to(torch.int8), k_scales=kc[..., :1].float(),
+              v_scales=vc[:, :, :10, :1].float()), ValueError,
+         r"v_scales of shape \(Bmax, Hk, S, 1\) = \(2, 2, 24, 1\) in float32, got \(2, 2, 10, 1\) torch.float32"),
         (dict(inv_freq=inv_freq.half()), TypeError, r"inv_freq in float32, got torch.float16"),
         (dict(inv_freq=inv_freq[:3]), ValueError, r"inv_freq of shape \(D/2,\) = \(8,\), got \(3,\)"),
         (dict(input_pos=pos.int()), TypeError, r"input_pos in torch.int64, got torch.int32"),
@@ -281,6 +288,77 @@ def test_errors_name_expected_and_found():
         decode_attention_triton(*t2, 20)
 
 
+# ----------------------------------------------------------------------------------
+# int8 caches: a scale per (sequence, kv head, slot)
+# ----------------------------------------------------------------------------------
+INT8_CASES = {name: CASES[name] + (dtype,) for name, dtype in (
+    ("mha_b1", torch.bfloat16), ("gqa_b3", torch.float16), ("mha_b3_split", torch.bfloat16),
+    ("gqa_b1_d64_pos_past_kv_len", torch.float16), ("gqa3_b2_split", torch.bfloat16))}
+INT8_CASES.update({name: FINE[name] for name in ("kv7_gqa_d128", "kv197_gqa3_d128_s16")})
+
+
+def _int8_inputs(case, B, H, Hk, D, S, positions, dtype):
+    """_inputs with the random caches quantized per slot: (q, k, v, inv_freq, input_pos,
+    k_cache, v_cache, k_scales, v_scales)."""
+    from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
+
+    q, k, v, inv_freq, pos, kc, vc = _inputs(B, 1, H, Hk, D, S, positions, dtype, "int8", case, Bmax=B + 1)
+    (kq, ks), (vq, vs) = quantize_rows_int8_ref(kc), quantize_rows_int8_ref(vc)
+    return [q, k, v, inv_freq, pos, kq, vq, ks, vs]
+
+
+@pytest.mark.parametrize("case", list(INT8_CASES))
+def test_int8_cache_kernel_vs_reference(kernel_device, case):
+    """int8 caches: the kernel against the reference (which quantizes the new k and v per slot
+    and reads the slots dequantized): the output; the new v and its scale written exactly (it
+    is quantized from the input as is); the new k within one quantization step (its RoPE may
+    differ by an ulp, see _assert_caches_equal); every other slot untouched."""
+    B, H, Hk, D, S, kv_len, positions, split_len, dtype = INT8_CASES[case]
+    args = _int8_inputs(case, B, H, Hk, D, S, positions, dtype)
+    ref = [t.clone() for t in args]
+    want = decode_attention_ref(*ref[:7], kv_len, ref[7], ref[8])
+    dev = _to(kernel_device, args)
+    got = decode_attention_triton(*dev[:7], kv_len, split_len=split_len, k_scales=dev[7], v_scales=dev[8])
+    assert got.dtype == dtype and tuple(got.shape) == (B, 1, H * D)
+    assert rel_err(got, want) < RTOL[dtype]
+    kq, vq, ks, vs = (t.cpu() for t in dev[5:9])
+    assert torch.equal(vq, ref[6]) and torch.equal(vs, ref[8])
+    written = torch.zeros(B + 1, S, dtype=torch.bool)
+    written[torch.arange(B)[:, None], args[4]] = True
+    keep = ~written[:, None, :].expand(B + 1, Hk, S)
+    assert torch.equal(kq[keep], ref[5][keep]) and torch.equal(ks[..., 0][keep], ref[7][..., 0][keep])
+    step = ref[7][..., 0][~keep][:, None]
+    deq, want_k = kq[~keep].float() * ks[..., 0][~keep][:, None], ref[5][~keep].float() * step
+    assert ((deq - want_k).abs() <= step + 2**-7 * want_k.abs() + 1e-6).all()  # a step, and an ulp of k
+
+
+def test_int8_cache_reference_is_quantize_then_float_attention():
+    """The int8 reference by hand: the new k (rotated) and v quantized per slot into the cache
+    with their scales, attention over the dequantized slots (several tokens, GQA)."""
+    from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
+
+    B, T, H, Hk, D, S, kv_len = 2, 3, 4, 2, 16, 20, 13
+    q, k, v, inv_freq, pos, kc, vc = _inputs(B, T, H, Hk, D, S, [[2, 3, 4], [7, 8, 9]], torch.float32, "int8ref")
+    (kq, ks), (vq, vs) = quantize_rows_int8_ref(kc), quantize_rows_int8_ref(vc)
+    kf, vf = kq.float() * ks, vq.float() * vs  # the caches as attention reads them
+    cos, sin = _rope_cos_sin(pos, D)
+    kr, qr = apply_rope(k, cos, sin), apply_rope(q, cos, sin)
+    for b in range(B):
+        for t in range(T):
+            for src, dst in ((kr, kf), (v, vf)):
+                xq, xs = quantize_rows_int8_ref(src[b, t])
+                dst[b, :, pos[b, t]] = xq.float() * xs
+    y = decode_attention_ref(q, k, v, inv_freq, pos, kq, vq, kv_len, ks, vs)
+    assert torch.equal(kq.float() * ks, kf) and torch.equal(vq.float() * vs, vf)  # what was written
+    for b in range(B):
+        for t in range(T):
+            p = int(pos[b, t])
+            for h in range(H):
+                sc = kf[b, h // (H // Hk), :p + 1] @ qr[b, t, h] / D**0.5
+                o = torch.softmax(sc, 0) @ vf[b, h // (H // Hk), :p + 1]
+                torch.testing.assert_close(y[b, t, h * D:(h + 1) * D], o, rtol=1e-5, atol=1e-5)
+
+
 def test_custom_op_opcheck():
     from fastzoo.ops.decode_attention import _decode_attention_op
 
@@ -288,6 +366,14 @@ def test_custom_op_opcheck():
         positions = [[3 + t for t in range(T)], [5 + t for t in range(T)]]
         args = _inputs(2, T, 4, 2, 16, 24, positions, dtype, "opcheck", T)
         torch.library.opcheck(_decode_attention_op, (*args, 20))
+    from fastzoo.ops.decode_attention import _decode_attention_int8_op
+    from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
+
+    for T, dtype in ((1, torch.float32), (3, torch.bfloat16)):
+        positions = [[3 + t for t in range(T)], [5 + t for t in range(T)]]
+        q, k, v, inv_freq, pos, kc, vc = _inputs(2, T, 4, 2, 16, 24, positions, dtype, "opcheck8", T)
+        (kq, ks), (vq, vs) = quantize_rows_int8_ref(kc), quantize_rows_int8_ref(vc)
+        torch.library.opcheck(_decode_attention_int8_op, (q, k, v, inv_freq, pos, kq, vq, ks, vs, 20))
 
 
 _AOT_SCRIPT = r"""
@@ -300,20 +386,27 @@ mod = importlib.import_module("fastzoo.ops.decode_attention")  # (fastzoo.ops.de
 # dtype, D, group, slices, slots per slice, config, int arguments equal to 1 (which Triton
 # turns into constants on the GPU: input_pos's batch stride always, one kv head for MQA)
 # programmatic dependent launch on (griddepcontrol.wait) in two of them
+# (the last two: int8 caches with fp32 scales)
 VARIANTS = [("bf16", 128, 1, 8, 512, mod._CONFIGS[-1], {"sp_b": 1, "PDL": False}),
             ("bf16", 128, 1, 8, 16, mod._CONFIGS[0], {"sp_b": 1, "Hk": 1, "PDL": True}),
             ("fp16", 128, 8, 13, 16, mod._CONFIGS[2], {"sp_b": 1, "PDL": False}),
-            ("fp16", 80, 4, 1, 512, mod._CONFIGS[4], {"kv_len": 1, "PDL": True})]
+            ("fp16", 80, 4, 1, 512, mod._CONFIGS[4], {"kv_len": 1, "PDL": True}),
+            ("bf16", 128, 1, 8, 512, mod._CONFIGS[-1], {"sp_b": 1, "PDL": True, "INT8": True}),
+            ("fp16", 128, 4, 13, 16, mod._CONFIGS[2], {"sp_b": 1, "PDL": False, "INT8": True})]
 for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
     jit = mod._decode_attn_kernel.fn
     ws = "*fp32" if n_splits > 1 else "*" + dt
-    types = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "kc_ptr": "*" + dt, "vc_ptr": "*" + dt,
+    int8 = ones.setdefault("INT8", False)
+    cache, scales = ("*i8", "*fp32") if int8 else ("*" + dt, "*" + dt)
+    types = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "kc_ptr": cache, "vc_ptr": cache,
+             "ks_ptr": scales, "vs_ptr": scales,
              "out_ptr": "*" + dt, "invf_ptr": "*fp32", "pos_ptr": "*i64", "ws_m_ptr": ws,
              "ws_l_ptr": ws, "ws_acc_ptr": ws, "cnt_ptr": "*i32" if n_splits > 1 else "*" + dt,
              "scale_log2e": "fp32"}
     G_PAD, D_PAD = mod.next_pow2(G), mod.next_pow2(D)
     constexprs = dict(D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len, N_SPLITS=n_splits,
-                      MERGE=max(1, min(mod.next_pow2(n_splits), 2048 // (G_PAD * D_PAD))), **ones, **cfg.kwargs)
+                      MERGE=max(1, min(mod.next_pow2(n_splits), 2048 // (G_PAD * D_PAD))), EPS_=mod._INT8_EPS,
+                      **ones, **cfg.kwargs)
     signature = {n: types.get(n, "constexpr" if n in constexprs else "i32") for n in jit.arg_names}
     src = ASTSource(fn=jit, signature=signature,
                     constexprs={(jit.arg_names.index(k),): v for k, v in constexprs.items()})
@@ -323,6 +416,8 @@ for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
     # slices merge in the launch through an acq_rel arrival counter; one slice needs none
     assert ("atom.global.acq_rel" in ptx or ".acq_rel" in ptx) == (n_splits > 1), (dt, D, G, n_splits)
     assert ("griddepcontrol.wait" in ptx) == ones["PDL"], (dt, D, G, n_splits)
+    # int8: the new k and v quantized with IEEE divisions (the reference's bits); float: no division
+    assert ("div.rn.f32" in ptx) == int8, (dt, D, G, n_splits, int8)
 print("AOT-OK")
 """
 
@@ -331,7 +426,8 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
     """Ahead-of-time sm_90 compile (Triton's bundled ptxas, no GPU) of the kernel: bf16 MHA
     (D 128) with 8 slices of 512 and of 16 slots (one kv head: Hk = 1 a constant), fp16 GQA
     (D 128, group 8) with 13 slices merged 2 at a time, and fp16 GQA (D 80, group 4) in one
-    slice with kv_len = 1 a constant; two of them with programmatic dependent launch."""
+    slice with kv_len = 1 a constant; two of them with programmatic dependent launch; and
+    two with int8 caches (IEEE divisions in the quantization of the new k and v)."""
     proc = run_aot_compile(_AOT_SCRIPT)
     assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stderr[-3000:]
 
