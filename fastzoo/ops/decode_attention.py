@@ -44,10 +44,13 @@ k_cache/v_cache int8 with one fp32 scale per (sequence, kv head, slot), scales
 ``fastzoo.ops.quantize_rows_int8_ref`` (symmetric, max|x| / 127, ties to even), written with
 their scales, and attention reads every slot, the new one included, dequantized to x's
 dtype (q · scale, rounded): the values the reference's SDPA sees. The kernel reads the int8
-tiles (about half the bytes of a bf16 cache) and keeps them exact in fp32 (``int8_to_f32``,
-no int-to-float conversion): a slot's scale multiplies its score (q · k = scale · Σ q·k_int8)
-and its softmax weight (for v), so the dequantized values are never formed or rounded; the
-two agree to x's dtype's rounding.
+tiles (about half the bytes of a bf16 cache) as exact integers, made by bit operations (no
+int-to-float conversion): a slot's scale multiplies its score (q · k = scale · Σ q·k_int8) and
+its softmax weight for v, so the dequantized values are never formed. Slices of at least
+``_INT8_DOT_MIN_SLICE`` slots take the dot products on the tensor cores (fp16 operands: q and
+the weights rounded to fp16, fp32 accumulation); shorter ones in fp32 on the CUDA cores, where
+the 16 padded rows of a tensor-core product cost more than they save. The two agree to the
+16-bit roundings.
 """
 from __future__ import annotations
 
@@ -70,6 +73,11 @@ KERNEL_HEAD_DIMS = (64, 80, 128)
 # hundred positions, one slice per (sequence, kv head) leaves most SMs idle).
 _SPLIT_GRANULE = 16
 _PROGRAMS_PER_SM = 4  # the default slicing aims at about this many programs per SM
+# int8 caches: slices of at least this many slots take their dot products on the tensor cores
+# (H100, one Llama-2-7B layer: B 8 at 4096 slots, slices of 1408, 220 -> 136 us; B 1 at 4096,
+# slices of 256, 32.0 -> 35.5 us and at 256, slices of 16, 8.1 -> 15.1 us: the 16 padded rows
+# and their merge cost more than short slices save)
+_INT8_DOT_MIN_SLICE = 512
 
 
 # ----------------------------------------------------------------------------------
@@ -239,13 +247,26 @@ if triton_available():
         tiles that divide the slice (no masked-off half tiles).
         (The autotuner passes the positional arguments as ``named_args``, keywords as ``kwargs``.)"""
         args = {**named_args, **kwargs}
-        size = args["G_PAD"] * args["D_PAD"]
         split = args.get("SPLIT_LEN")
-        kept = [c for c in configs if size * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
-                and (split is None or split % c.kwargs["BLOCK_N"] == 0)]
+        if args.get("DOT"):
+            # the products are tl.dot's with 16-row (G_PAD) fp32 accumulators: at least 4 warps and
+            # at most 32 cache values a thread per tile (sm_90 ptxas: 128-255 registers, the
+            # others spill)
+            fits = lambda c: c.num_warps >= 4 and args["D_PAD"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps  # noqa: E731
+        else:
+            fits = lambda c: args["G_PAD"] * args["D_PAD"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps  # noqa: E731
+        kept = [c for c in configs if fits(c) and (split is None or split % c.kwargs["BLOCK_N"] == 0)]
         return kept or configs[:1]
 
     from .quantize_rows import _round_clamp_int8_tl
+
+    @triton.jit
+    def _int8_to_f16(w):
+        """An int8 tile in fp16, exact, without an int-to-float conversion: the byte with its sign
+        bit flipped (b + 128, 0..255) in the mantissa of 1024, bits(1024 + b + 128) = 0x6400 | (b + 128),
+        minus 1152 (fp16 holds the integers up to 2048 exactly)."""
+        u = w.to(tl.uint8, bitcast=True).to(tl.uint16) ^ 0x6480
+        return u.to(tl.float16, bitcast=True) - 1152.0
 
     @triton.jit
     def _quantize_kv(x, dmask, EPS_: tl.constexpr):
@@ -269,7 +290,7 @@ if triton_available():
         skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, sks_b, sks_h, sks_s, svs_b, svs_h, svs_s,
         D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
         SPLIT_LEN: tl.constexpr, N_SPLITS: tl.constexpr, MERGE: tl.constexpr, PDL: tl.constexpr,
-        INT8: tl.constexpr, EPS_: tl.constexpr, BLOCK_N: tl.constexpr,
+        INT8: tl.constexpr, DOT: tl.constexpr, EPS_: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """One (sequence b, kv head hk, cache slice): the GROUP query heads of hk read each
         cache tile once. Scores are (G_PAD, BLOCK_N) sums of q · k over D in fp32.
@@ -282,9 +303,11 @@ if triton_available():
         finishes; every memory access waits for its writes.
 
         INT8: int8 caches with fp32 scales per slot (ks_ptr / vs_ptr): the new k and v are
-        quantized in registers (_quantize_kv) and written with their scales; a cache tile
-        stays int8-exact in fp32, its slots' scales applied to the scores and to the softmax
-        weights (the module docstring)."""
+        quantized in registers (_quantize_kv) and written with their scales; a cache tile is
+        read int8-exact, its slots' scales applied to the scores and to the softmax weights (the
+        module docstring): in fp32 (int8_to_f32), or with DOT (long slices) as fp16
+        (_int8_to_f16) in tl.dot with q and with the weights in fp16 (G_PAD >= 16 rows, tl.dot's
+        least; fp32 accumulation)."""
         if PDL:
             gdc_wait()
         pid = tl.program_id(0)
@@ -353,6 +376,8 @@ if triton_available():
                     tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, k_new, mask=in_cache)
                     tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, v_new, mask=in_cache)
             qs = q * scale_log2e  # scores in log2 units: exp2 below
+            if DOT:
+                qs16 = qs.to(tl.float16)  # tl.dot's operand (G_PAD >= 16 rows: padded heads are zeros)
             s_new = tl.sum(qs * k_use[None, :], axis=1)  # (G_PAD,)
             first = (split == 0) & new_visible  # the new token enters slice 0's running softmax
             m_i = tl.where(first, s_new, float("-inf"))
@@ -367,17 +392,22 @@ if triton_available():
                 # both tiles in flight before the scores need the first
                 kt = tl.load(kc_row + slots.to(tl.int64)[:, None] * skc_s + offs_d[None, :], mask=lmask, other=0)
                 vt = tl.load(vc_row + slots.to(tl.int64)[:, None] * svc_s + offs_d[None, :], mask=lmask, other=0)
-                if INT8:  # int8-exact tiles; each slot's scale on its score and on its weight for v
+                if INT8:  # int8-exact tiles; each slot's scale on its score
                     ksc = tl.load(ks_row + slots.to(tl.int64) * sks_s, mask=nmask, other=0.0)
                     vsc = tl.load(vs_row + slots.to(tl.int64) * svs_s, mask=nmask, other=0.0)
-                    s = tl.sum(int8_to_f32(kt)[None, :, :] * qs[:, None, :], axis=2) * ksc[None, :]
+                    if DOT:  # fp16 on the tensor cores
+                        s = tl.dot(qs16, tl.trans(_int8_to_f16(kt))) * ksc[None, :]
+                    else:
+                        s = tl.sum(int8_to_f32(kt)[None, :, :] * qs[:, None, :], axis=2) * ksc[None, :]
                 else:
                     s = tl.sum(kt.to(tl.float32)[None, :, :] * qs[:, None, :], axis=2)  # (G_PAD, BLOCK_N)
                 s = tl.where(nmask[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
-                if INT8:
+                if DOT:  # and on its softmax weight for v
+                    pv = tl.dot((p * vsc[None, :]).to(tl.float16), _int8_to_f16(vt))
+                elif INT8:
                     pv = tl.sum((p * vsc[None, :])[:, :, None] * int8_to_f32(vt)[None, :, :], axis=1)
                 else:
                     pv = tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
@@ -460,7 +490,9 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
         return out
     n_splits = -(-kv_len // split_len)
     G = H // Hk
-    G_PAD, D_PAD = next_pow2(G), next_pow2(D)
+    # int8 caches in long slices: the products are tl.dot's, whose operands have at least 16 rows
+    dot = int8 and split_len >= _INT8_DOT_MIN_SLICE
+    G_PAD, D_PAD = max(16 if dot else 1, next_pow2(G)), next_pow2(D)
     if n_splits > 1:
         rows = B * Hk * G_PAD * n_splits  # (sequence, kv head, padded query head, slice)
         ws = torch.empty((rows * (D + 2),), dtype=torch.float32, device=q.device)  # written before read
@@ -479,7 +511,7 @@ def decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i
            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
            ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
            device=q.device, D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len,
-           N_SPLITS=n_splits, MERGE=merge, INT8=int8, EPS_=_INT8_EPS, **pdl_options(q))
+           N_SPLITS=n_splits, MERGE=merge, INT8=int8, DOT=dot, EPS_=_INT8_EPS, **pdl_options(q))
     return out
 
 

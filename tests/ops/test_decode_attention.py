@@ -216,6 +216,11 @@ def test_autotune_prune():
     # tiles divide the slice: 48 slots keep only 16-slot tiles, 64 slots no 128-slot tile
     assert {c.kwargs["BLOCK_N"] for c in _prune(_CONFIGS, {}, G_PAD=1, D_PAD=128, SPLIT_LEN=48)} == {16}
     assert {c.kwargs["BLOCK_N"] for c in _prune(_CONFIGS, {}, G_PAD=1, D_PAD=128, SPLIT_LEN=64)} == {16, 32, 64}
+    # int8 caches in long slices (tl.dot, 16 padded rows): 4 warps or more, 32 cache values a
+    # thread per tile at most; in short slices (no DOT) the float rule
+    dot = _prune(_CONFIGS, {"Hk": 32, "kv_len": 4096}, G_PAD=16, D_PAD=128, D=128, INT8=True, DOT=True)
+    assert sorted((c.kwargs["BLOCK_N"], c.num_warps) for c in dot) == [(16, 4), (16, 8), (32, 4), (32, 8), (64, 8)]
+    assert _prune(_CONFIGS, {"Hk": 32, "kv_len": 4096}, G_PAD=1, D_PAD=128, D=128, INT8=True, DOT=False) == mha
 
 
 def test_kernel_ignores_slots_past_position(kernel_device):
@@ -295,6 +300,9 @@ INT8_CASES = {name: CASES[name] + (dtype,) for name, dtype in (
     ("mha_b1", torch.bfloat16), ("gqa_b3", torch.float16), ("mha_b3_split", torch.bfloat16),
     ("gqa_b1_d64_pos_past_kv_len", torch.float16), ("gqa3_b2_split", torch.bfloat16))}
 INT8_CASES.update({name: FINE[name] for name in ("kv7_gqa_d128", "kv197_gqa3_d128_s16")})
+# slices of 512 slots and more: the dot products on the tensor cores (tl.dot, 16 padded rows)
+INT8_CASES["dot_mha_b2_d64_s512"] = (2, 4, 4, 64, 1100, 1030, [1029, 600], 512, torch.bfloat16)
+INT8_CASES["dot_gqa_b1_d128_s512"] = (1, 8, 2, 128, 700, 650, [649], 512, torch.float16)
 
 
 def _int8_inputs(case, B, H, Hk, D, S, positions, dtype):
@@ -377,6 +385,7 @@ def test_custom_op_opcheck():
 
 
 _AOT_SCRIPT = r"""
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -391,19 +400,20 @@ VARIANTS = [("bf16", 128, 1, 8, 512, mod._CONFIGS[-1], {"sp_b": 1, "PDL": False}
             ("bf16", 128, 1, 8, 16, mod._CONFIGS[0], {"sp_b": 1, "Hk": 1, "PDL": True}),
             ("fp16", 128, 8, 13, 16, mod._CONFIGS[2], {"sp_b": 1, "PDL": False}),
             ("fp16", 80, 4, 1, 512, mod._CONFIGS[4], {"kv_len": 1, "PDL": True}),
-            ("bf16", 128, 1, 8, 512, mod._CONFIGS[-1], {"sp_b": 1, "PDL": True, "INT8": True}),
-            ("fp16", 128, 4, 13, 16, mod._CONFIGS[2], {"sp_b": 1, "PDL": False, "INT8": True})]
+            ("bf16", 128, 1, 8, 512, mod._CONFIGS[-1], {"sp_b": 1, "PDL": True, "INT8": True, "DOT": True}),
+            ("fp16", 128, 4, 13, 16, mod._CONFIGS[2], {"sp_b": 1, "PDL": False, "INT8": True, "DOT": False})]
 for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
     jit = mod._decode_attn_kernel.fn
     ws = "*fp32" if n_splits > 1 else "*" + dt
     int8 = ones.setdefault("INT8", False)
+    dot = ones.setdefault("DOT", False)
     cache, scales = ("*i8", "*fp32") if int8 else ("*" + dt, "*" + dt)
     types = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "kc_ptr": cache, "vc_ptr": cache,
              "ks_ptr": scales, "vs_ptr": scales,
              "out_ptr": "*" + dt, "invf_ptr": "*fp32", "pos_ptr": "*i64", "ws_m_ptr": ws,
              "ws_l_ptr": ws, "ws_acc_ptr": ws, "cnt_ptr": "*i32" if n_splits > 1 else "*" + dt,
              "scale_log2e": "fp32"}
-    G_PAD, D_PAD = mod.next_pow2(G), mod.next_pow2(D)
+    G_PAD, D_PAD = max(16 if dot else 1, mod.next_pow2(G)), mod.next_pow2(D)
     constexprs = dict(D=D, D_PAD=D_PAD, GROUP=G, G_PAD=G_PAD, SPLIT_LEN=split_len, N_SPLITS=n_splits,
                       MERGE=max(1, min(mod.next_pow2(n_splits), 2048 // (G_PAD * D_PAD))), EPS_=mod._INT8_EPS,
                       **ones, **cfg.kwargs)
@@ -418,6 +428,8 @@ for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
     assert ("griddepcontrol.wait" in ptx) == ones["PDL"], (dt, D, G, n_splits)
     # int8: the new k and v quantized with IEEE divisions (the reference's bits); float: no division
     assert ("div.rn.f32" in ptx) == int8, (dt, D, G, n_splits, int8)
+    # int8 in long slices: the dot products on the tensor cores; never an int-to-float conversion
+    assert ("mma.sync" in ptx) == dot and not re.search(r"cvt\.rn\.f(16|32)\.s8", ptx), (dt, D, G, n_splits)
 print("AOT-OK")
 """
 
@@ -427,7 +439,8 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
     (D 128) with 8 slices of 512 and of 16 slots (one kv head: Hk = 1 a constant), fp16 GQA
     (D 128, group 8) with 13 slices merged 2 at a time, and fp16 GQA (D 80, group 4) in one
     slice with kv_len = 1 a constant; two of them with programmatic dependent launch; and
-    two with int8 caches (IEEE divisions in the quantization of the new k and v)."""
+    two with int8 caches (IEEE divisions in the quantization of the new k and v; tensor-core
+    dot products in the long slices, no int-to-float conversion)."""
     proc = run_aot_compile(_AOT_SCRIPT)
     assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stderr[-3000:]
 
