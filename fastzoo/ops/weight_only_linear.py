@@ -788,6 +788,17 @@ if triton_available():
         limit = min(_workspace_splits(rows, N), max(1, K // 128))
         return [c for c in own if c.kwargs["SPLIT_K"] <= limit] or [_mma_cfg(64, 2, 1, False)]
 
+    def _nibble_lines(u: str, v: str, dest: str) -> list:
+        """PTX lines: the int32 words ``u`` (row r) and ``v`` (row r + 8) → 8 registers ``dest``
+        (a format with one field: 0..3 from u, 4..7 from v), register i holding nibbles i and
+        i + 4 of its word as the 16-bit floats magic + q (magic in register ``m``; ``h`` scratch)."""
+        lines = []
+        for word, base in ((u, 0), (v, 4)):
+            lines.append(f"lop3.b32 {dest.format(base)}, {word}, 0x000F000F, m, 0xEA;")  # (a & b) | c
+            for i in range(1, 4):
+                lines += [f"shr.u32 h, {word}, {4 * i};", f"lop3.b32 {dest.format(base + i)}, h, 0x000F000F, m, 0xEA;"]
+        return lines
+
     def _int4_mma_asm(f16: bool, with_sum: bool = True) -> str:
         """PTX for one word pair of _int4_mma_kernel. In: $8 / $9 the int32 words of rows r
         and r + 8 (8 nibbles each, nibble i at bits 4i: the lane's columns c0..c7 of this
@@ -807,10 +818,7 @@ if triton_available():
         reg = [f"${n_out + i}" for i in range(14)]  # words (2), x pairs (4), accumulator (4), Σx accumulator (4)
         lines = ([".reg .b32 h, m, one, q<8>;", f"mov.b32 m, {magic};", f"mov.b32 one, {one};"] if with_sum
                  else [".reg .b32 h, m, q<8>;", f"mov.b32 m, {magic};"])
-        for word, base in ((reg[0], 0), (reg[1], 4)):
-            lines.append(f"lop3.b32 q{base}, {word}, 0x000F000F, m, 0xEA;")  # (a & b) | c
-            for i in range(1, 4):
-                lines += [f"shr.u32 h, {word}, {4 * i};", f"lop3.b32 q{base + i}, h, 0x000F000F, m, 0xEA;"]
+        lines += _nibble_lines(reg[0], reg[1], "q{}")
         mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
         lines += [f"{mma} {{$0, $1, $2, $3}}, {{q0, q4, q1, q5}}, {{{reg[2]}, {reg[3]}}}, "
                   f"{{{reg[6]}, {reg[7]}, {reg[8]}, {reg[9]}}};",
@@ -827,14 +835,21 @@ if triton_available():
     _PRMT = tl.constexpr("prmt.b32 $0, $2, $3, 0x5410; prmt.b32 $1, $2, $3, 0x7632;")
 
     @triton.jit
-    def _int4_mma_word(D, S, uw, vw, x0, x1, x2, x3, F16: tl.constexpr):
-        """The accumulators D (rows' products) and S (Σx), 4 fp32 tensors each, plus one
-        word pair (rows r, r + 8) times x: _int4_mma_asm's PTX. x0..x3: the lane's 8 x
-        columns of this word as int32 pairs {x0,x1} {x2,x3} {x4,x5} {x6,x7}."""
+    def _x_pairs(x0, x1, x2, x3):
+        """A lane's 8 x columns of a word as int32 pairs {x0,x1} {x2,x3} {x4,x5} {x6,x7} → the
+        mma's pairs {x0,x4} {x1,x5} {x2,x6} {x3,x7} (two PRMT each)."""
         p0, p1 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x0, x2], dtype=(tl.int32, tl.int32), is_pure=True,
                                            pack=1)
         p2, p3 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x1, x3], dtype=(tl.int32, tl.int32), is_pure=True,
                                            pack=1)
+        return p0, p1, p2, p3
+
+    @triton.jit
+    def _int4_mma_word(D, S, uw, vw, x0, x1, x2, x3, F16: tl.constexpr):
+        """The accumulators D (rows' products) and S (Σx), 4 fp32 tensors each, plus one
+        word pair (rows r, r + 8) times x: _int4_mma_asm's PTX. x0..x3: the lane's 8 x
+        columns of this word as int32 pairs {x0,x1} {x2,x3} {x4,x5} {x6,x7}."""
+        p0, p1, p2, p3 = _x_pairs(x0, x1, x2, x3)
         args = [uw, vw, p0, p1, p2, p3, D[0], D[1], D[2], D[3], S[0], S[1], S[2], S[3]]
         if F16:
             out = tl.inline_asm_elementwise(_MMA_F16, _MMA_CONSTRAINTS, args, dtype=(tl.float32,) * 8, is_pure=True,
@@ -867,11 +882,7 @@ if triton_available():
         floats t = magic + q. For the several-row kernel, which multiplies one word pair by
         one or two blocks of 8 rows of x (``_int4_mma_x_asm``)."""
         magic = "0x64006400" if f16 else "0x43004300"
-        lines = [".reg .b32 h, m;", f"mov.b32 m, {magic};"]
-        for word, base in (("$8", 0), ("$9", 4)):
-            lines.append(f"lop3.b32 ${base}, {word}, 0x000F000F, m, 0xEA;")
-            for i in range(1, 4):
-                lines += [f"shr.u32 h, {word}, {4 * i};", f"lop3.b32 ${base + i}, h, 0x000F000F, m, 0xEA;"]
+        lines = [".reg .b32 h, m;", f"mov.b32 m, {magic};", *_nibble_lines("$8", "$9", "${}")]
         return "{\n" + "\n".join(lines) + "\n}"
 
     def _int4_mma_x_asm(f16: bool) -> str:
@@ -909,10 +920,7 @@ if triton_available():
     def _int4_mma_x(D, S, Q, x0, x1, x2, x3, F16: tl.constexpr):
         """D (products) and S (Σx), 4 fp32 tensors each, plus the fragments Q times one block of
         8 rows of x: x0..x3 as in _int4_mma_word (the lane's 8 columns of its row of x)."""
-        p0, p1 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x0, x2], dtype=(tl.int32, tl.int32), is_pure=True,
-                                           pack=1)
-        p2, p3 = tl.inline_asm_elementwise(_PRMT, "=r,=r,r,r", [x1, x3], dtype=(tl.int32, tl.int32), is_pure=True,
-                                           pack=1)
+        p0, p1, p2, p3 = _x_pairs(x0, x1, x2, x3)
         args = [Q[0], Q[1], Q[2], Q[3], Q[4], Q[5], Q[6], Q[7], p0, p1, p2, p3, D[0], D[1], D[2], D[3],
                 S[0], S[1], S[2], S[3]]
         if F16:

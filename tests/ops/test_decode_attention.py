@@ -65,6 +65,19 @@ def _assert_caches_equal(got: torch.Tensor, want: torch.Tensor, input_pos: torch
     torch.testing.assert_close(got[~keep].float(), want[~keep].float(), rtol=ulp, atol=0)
 
 
+def _assert_attention_by_hand(y, qr, kc, vc, pos, H, Hk, D):
+    """y (B, T, H·D) is, per sequence, token and head, softmax over slots 0..pos of the cached
+    keys kc (B, Hk, S, D) times the rotated query qr, times the cached values vc."""
+    B, T = pos.shape
+    for b in range(B):
+        for t in range(T):
+            p = int(pos[b, t])
+            for h in range(H):
+                s = kc[b, h // (H // Hk), :p + 1] @ qr[b, t, h] / D**0.5
+                o = torch.softmax(s, 0) @ vc[b, h // (H // Hk), :p + 1]
+                torch.testing.assert_close(y[b, t, h * D:(h + 1) * D], o, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------
 # The reference is the math the model did before (RoPE, scatter, masked SDPA)
 # ----------------------------------------------------------------------------------
@@ -82,13 +95,7 @@ def test_reference_equals_unfused_math():
             kc0[b, :, pos[b, t]] = kr[b, t]
             vc0[b, :, pos[b, t]] = v[b, t]
     assert torch.equal(kc, kc0) and torch.equal(vc, vc0)  # row 2 (>= B) untouched
-    for b in range(B):
-        for t in range(T):
-            p = int(pos[b, t])
-            for h in range(H):
-                s = kc0[b, h // (H // Hk), :p + 1] @ qr[b, t, h] / D**0.5
-                o = torch.softmax(s, 0) @ vc0[b, h // (H // Hk), :p + 1]
-                torch.testing.assert_close(y[b, t, h * D:(h + 1) * D], o, rtol=1e-5, atol=1e-5)
+    _assert_attention_by_hand(y, qr, kc0, vc0, pos, H, Hk, D)
 
 
 def test_apply_rope_rotates_pairs():
@@ -358,13 +365,7 @@ def test_int8_cache_reference_is_quantize_then_float_attention():
                 dst[b, :, pos[b, t]] = xq.float() * xs
     y = decode_attention_ref(q, k, v, inv_freq, pos, kq, vq, kv_len, ks, vs)
     assert torch.equal(kq.float() * ks, kf) and torch.equal(vq.float() * vs, vf)  # what was written
-    for b in range(B):
-        for t in range(T):
-            p = int(pos[b, t])
-            for h in range(H):
-                sc = kf[b, h // (H // Hk), :p + 1] @ qr[b, t, h] / D**0.5
-                o = torch.softmax(sc, 0) @ vf[b, h // (H // Hk), :p + 1]
-                torch.testing.assert_close(y[b, t, h * D:(h + 1) * D], o, rtol=1e-5, atol=1e-5)
+    _assert_attention_by_hand(y, qr, kf, vf, pos, H, Hk, D)
 
 
 def test_custom_op_opcheck():
