@@ -144,7 +144,8 @@ class Int8KVCache(nn.Module):
     """Static int8 cache with one fp32 scale per (token, head): ``x ≈ q · scale``, symmetric,
     ``scale = max|x| / 127`` over ``head_dim`` (``fastzoo.ops.quantize_rows_int8_ref``). Written
     and read by :func:`fastzoo.ops.decode_attention` with the scales (a fused kernel for one
-    token on CUDA that dequantizes the cache tiles in registers)."""
+    token on CUDA that reads the int8 tiles and applies each slot's scale to its score and
+    softmax weight)."""
 
     quantize = staticmethod(quantize_rows_int8_ref)  # ``x [..., hd]`` → (int8 values, fp32 scales ``[..., 1]``)
 
@@ -174,7 +175,7 @@ class Attention(nn.Module):
         kv_size = self.n_kv_heads * self.head_dim
         self.wqkv = Linear(config.dim, q_size + 2 * kv_size, bias=False)
         self.wo = Linear(q_size, config.dim, bias=False)
-        self.kv_cache: KVCache | None = None
+        self.kv_cache: KVCache | Int8KVCache | None = None
 
     def forward(self, x, cos, sin, input_pos, mask, *, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None):

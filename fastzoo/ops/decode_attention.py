@@ -48,7 +48,8 @@ tiles (about half the bytes of a bf16 cache) as exact integers, made by bit oper
 int-to-float conversion): a slot's scale multiplies its score (q · k = scale · Σ q·k_int8) and
 its softmax weight for v, so the dequantized values are never formed. Slices of at least
 ``_INT8_DOT_MIN_SLICE`` slots take the dot products on the tensor cores (fp16 operands: q and
-the weights rounded to fp16, fp32 accumulation); shorter ones in fp32 on the CUDA cores, where
+the weights, times their slots' scales over the tile's largest, rounded to fp16; fp32
+accumulation); shorter ones in fp32 on the CUDA cores, where
 the 16 padded rows of a tensor-core product cost more than they save. The two agree to the
 16-bit roundings.
 """
@@ -151,9 +152,12 @@ def _check_args(name, q, k, v, inv_freq, input_pos, k_cache, v_cache, kv_len, k_
     if int8:
         want = (*k_cache.shape[:3], 1)
         for label, t in (("k_scales", k_scales), ("v_scales", v_scales)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != torch.float32:
-                got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name} expects {label} of shape (Bmax, Hk, S, 1) = {want} in float32, got {got}")
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} expects {label} to be a tensor, got {type(t).__name__}")
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name} expects {label} of shape (Bmax, Hk, S, 1) = {want}, got {tuple(t.shape)}")
+            if t.dtype != torch.float32:
+                raise TypeError(f"{name} expects {label} in float32, got {t.dtype}")
     extra = (k_scales, v_scales) if int8 else ()
     devices = {t.device for t in (q, k, v, inv_freq, input_pos, k_cache, v_cache, *extra)}
     if len(devices) > 1:
@@ -252,9 +256,11 @@ if triton_available():
             # the products are tl.dot's with 16-row (G_PAD) fp32 accumulators: at least 4 warps and
             # at most 32 cache values a thread per tile (sm_90 ptxas: 128-255 registers, the
             # others spill)
-            fits = lambda c: c.num_warps >= 4 and args["D_PAD"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps  # noqa: E731
+            def fits(c):
+                return c.num_warps >= 4 and args["D_PAD"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps
         else:
-            fits = lambda c: args["G_PAD"] * args["D_PAD"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps  # noqa: E731
+            def fits(c):
+                return args["G_PAD"] * args["D_PAD"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps
         kept = [c for c in configs if fits(c) and (split is None or split % c.kwargs["BLOCK_N"] == 0)]
         return kept or configs[:1]
 
@@ -307,7 +313,8 @@ if triton_available():
         read int8-exact, its slots' scales applied to the scores and to the softmax weights (the
         module docstring): in fp32 (int8_to_f32), or with DOT (long slices) as fp16
         (_int8_to_f16) in tl.dot with q and with the weights in fp16 (G_PAD >= 16 rows, tl.dot's
-        least; fp32 accumulation)."""
+        least; fp32 accumulation; the weights times their slots' scales over the tile's largest
+        scale, so that they stay within fp16's normal range)."""
         if PDL:
             gdc_wait()
         pid = tl.program_id(0)
@@ -362,8 +369,8 @@ if triton_available():
             if INT8:
                 kq, k_sc = _quantize_kv(k_new.to(tl.float32), dmask, EPS_)
                 vq, v_sc = _quantize_kv(v_new.to(tl.float32), dmask, EPS_)
-                k_use = kq.to(tl.float32) * k_sc  # what a later step reads back
-                v_use = vq.to(tl.float32) * v_sc
+                k_use = int8_to_f32(kq) * k_sc  # what a later step reads back
+                v_use = int8_to_f32(vq) * v_sc
                 if split == 0:
                     tl.store(kc_row + pos.to(tl.int64) * skc_s + offs_d, kq, mask=in_cache)
                     tl.store(vc_row + pos.to(tl.int64) * svc_s + offs_d, vq, mask=in_cache)
@@ -405,8 +412,10 @@ if triton_available():
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
                 alpha = tl.exp2(m_i - m_new)
                 p = tl.exp2(s - m_new[:, None])
-                if DOT:  # and on its softmax weight for v
-                    pv = tl.dot((p * vsc[None, :]).to(tl.float16), _int8_to_f16(vt))
+                if DOT:  # and on its softmax weight for v, relative to the tile's largest scale
+                    # (p · scale in fp16 would lose its precision below 2^-14 when v is small)
+                    vmax = tl.maximum(tl.max(vsc, axis=0), 1e-30)
+                    pv = tl.dot((p * (vsc / vmax)[None, :]).to(tl.float16), _int8_to_f16(vt)) * vmax
                 elif INT8:
                     pv = tl.sum((p * vsc[None, :])[:, :, None] * int8_to_f32(vt)[None, :, :], axis=1)
                 else:

@@ -971,12 +971,21 @@ if triton_available():
         return A0, A1
 
     @triton.jit
-    def _int4_rows_result(A, G: tl.constexpr):
+    def _int4_rows_block(A, G: tl.constexpr):
         """One block's accumulators (element e = 32g + 4r + c, see _int4_rows_terms) → the
         (8, 16G) tile [x row, weight row 16g + 8h + r]."""
         lo = tl.reshape(tl.join(A[0], A[1]), (G, 8, 8))  # [g, r, 2c + p]
         hi = tl.reshape(tl.join(A[2], A[3]), (G, 8, 8))
         return tl.reshape(tl.permute(tl.join(lo, hi), (2, 0, 3, 1)), (8, 16 * G))
+
+    @triton.jit
+    def _int4_rows_result(A0, A1, G: tl.constexpr, XB: tl.constexpr):
+        """The accumulators of XB blocks of 8 rows of x → the (8·XB, 16G) result [x row, weight
+        row] (rows 8..15, block A1, after rows 0..7)."""
+        res = _int4_rows_block(A0, G)
+        if XB == 2:
+            res = tl.reshape(tl.permute(tl.join(res, _int4_rows_block(A1, G)), (2, 0, 1)), (16, 16 * G))
+        return res
 
     @triton.jit
     def _int4_mma_segment_p(acc_r, acc_r8, U, V, P, SZ, sx, zero, F16: tl.constexpr):
@@ -1108,10 +1117,7 @@ if triton_available():
                 X0, X1, SZ = _int4_mma_rows_xs(x_ptr, s_ptr, z_ptr, seg, x0_offs, x1_offs, s_offs, z_offs, s8_offs,
                                                z8_offs, GROUP, XB)
                 A0, A1 = _int4_rows_segment(A0, A1, U, V, X0, X1, SZ, XB, F16)
-        res = _int4_rows_result(A0, G)
-        if XB == 2:  # rows 8..15 after rows 0..7
-            res = tl.reshape(tl.permute(tl.join(res, _int4_rows_result(A1, G)), (2, 0, 1)), (16, 16 * G))
-        return res
+        return _int4_rows_result(A0, A1, G, XB)
 
     @triton.autotune(configs=_INT4_MMA_CONFIGS + _INT4_MMA_ROWS_CONFIGS, key=["N", "K", "GROUP", "ROWS"],
                      prune_configs_by={"early_config_prune": _prune_mma}, do_bench=short_bench)
@@ -1122,15 +1128,15 @@ if triton_available():
         GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     ):
-        """W4A16 for one row of x on tensor cores (CUDA, sm_80+: inline PTX), on the canonical
-        packed layout read as int64 (N, K/16; two int32 words of 8 nibbles each), x as int64
-        (4 bf16 / fp16 each) (the launcher's views);
+        """W4A16 for 1 to 16 rows of x on tensor cores (CUDA, sm_80+: inline PTX), on the
+        canonical packed layout read as int64 (N, K/16; two int32 words of 8 nibbles each), x
+        as int64 (4 bf16 / fp16 each) (the launcher's views);
         group size >= 128 and K a multiple of 128 (the launcher checks).
 
-        Rows in blocks of 16, one ``mma.sync.m16n8k16`` per 16 columns with the weights as A
-        and x as B, replicated in B's 8 columns (so every lane's accumulator holds its rows'
-        results). Per 128-column segment, lane l = 4r + c of a warp loads words 4c..4c+3
-        (32 columns) of rows r and r + 8 and x's same 32 columns; the order of the columns
+        One row (``ROWS`` 1): rows in blocks of 16, one ``mma.sync.m16n8k16`` per 16 columns
+        with the weights as A and x as B, replicated in B's 8 columns (so every lane's
+        accumulator holds its rows' results). Per 128-column segment, lane l = 4r + c of a
+        warp loads words 4c..4c+3 (32 columns) of rows r and r + 8 and x's same 32 columns; the order of the columns
         in a product is free, so each lane feeds its own columns to the slots of its A and B
         fragments: no data crosses lanes. Every tensor is 1-D, element e = 32·(row block) +
         lane, one element per thread per row block, all loads scalar: the only layout Triton

@@ -276,7 +276,9 @@ def test_errors_name_expected_and_found():
          r"k_cache in torch.int8 with k_scales / v_scales given, got torch.float32"),
         (dict(k_cache=kc.to(torch.int8), v_cache=vc.to(torch.int8), k_scales=kc[..., :1].float(),
               v_scales=vc[:, :, :10, :1].float()), ValueError,
-         r"v_scales of shape \(Bmax, Hk, S, 1\) = \(2, 2, 24, 1\) in float32, got \(2, 2, 10, 1\) torch.float32"),
+         r"v_scales of shape \(Bmax, Hk, S, 1\) = \(2, 2, 24, 1\), got \(2, 2, 10, 1\)"),
+        (dict(k_cache=kc.to(torch.int8), v_cache=vc.to(torch.int8), k_scales=kc[..., :1].double(),
+              v_scales=vc[..., :1].float()), TypeError, r"k_scales in float32, got torch.float64"),
         (dict(inv_freq=inv_freq.half()), TypeError, r"inv_freq in float32, got torch.float16"),
         (dict(inv_freq=inv_freq[:3]), ValueError, r"inv_freq of shape \(D/2,\) = \(8,\), got \(3,\)"),
         (dict(input_pos=pos.int()), TypeError, r"input_pos in torch.int64, got torch.int32"),
@@ -312,12 +314,13 @@ INT8_CASES["dot_mha_b2_d64_s512"] = (2, 4, 4, 64, 1100, 1030, [1029, 600], 512, 
 INT8_CASES["dot_gqa_b1_d128_s512"] = (1, 8, 2, 128, 700, 650, [649], 512, torch.float16)
 
 
-def _int8_inputs(case, B, H, Hk, D, S, positions, dtype):
+def _int8_inputs(case, B, H, Hk, D, S, positions, dtype, v_scale=1.0):
     """_inputs with the random caches quantized per slot: (q, k, v, inv_freq, input_pos,
-    k_cache, v_cache, k_scales, v_scales)."""
+    k_cache, v_cache, k_scales, v_scales); v and its cache times ``v_scale``."""
     from fastzoo.ops.quantize_rows import quantize_rows_int8_ref
 
     q, k, v, inv_freq, pos, kc, vc = _inputs(B, 1, H, Hk, D, S, positions, dtype, "int8", case, Bmax=B + 1)
+    v, vc = (v * v_scale).to(dtype), (vc * v_scale).to(dtype)
     (kq, ks), (vq, vs) = quantize_rows_int8_ref(kc), quantize_rows_int8_ref(vc)
     return [q, k, v, inv_freq, pos, kq, vq, ks, vs]
 
@@ -345,6 +348,20 @@ def test_int8_cache_kernel_vs_reference(kernel_device, case):
     step = ref[7][..., 0][~keep][:, None]
     deq, want_k = kq[~keep].float() * ks[..., 0][~keep][:, None], ref[5][~keep].float() * step
     assert ((deq - want_k).abs() <= step + 2**-7 * want_k.abs() + 1e-6).all()  # a step, and an ulp of k
+
+
+@pytest.mark.parametrize("case", ["gqa_b1_d64_pos_past_kv_len", "dot_gqa_b1_d128_s512"])
+def test_int8_cache_small_values_keep_their_precision(kernel_device, case):
+    """Values of 1e-3 (their scales ~1e-5): the softmax weights times the slots' scales would
+    fall below fp16's normal range in the tensor-core products; both paths stay within fp16's
+    tolerance of the reference."""
+    B, H, Hk, D, S, kv_len, positions, split_len, _ = INT8_CASES[case]
+    dtype = torch.float16
+    args = _int8_inputs(case, B, H, Hk, D, S, positions, dtype, v_scale=1e-3)
+    want = decode_attention_ref(*[t.clone() for t in args][:7], kv_len, args[7].clone(), args[8].clone())
+    dev = _to(kernel_device, args)
+    got = decode_attention_triton(*dev[:7], kv_len, split_len=split_len, k_scales=dev[7], v_scales=dev[8])
+    assert rel_err(got, want) < RTOL[dtype]
 
 
 def test_int8_cache_reference_is_quantize_then_float_attention():
@@ -430,7 +447,7 @@ for dt, D, G, n_splits, split_len, cfg, ones in VARIANTS:
     # int8: the new k and v quantized with IEEE divisions (the reference's bits); float: no division
     assert ("div.rn.f32" in ptx) == int8, (dt, D, G, n_splits, int8)
     # int8 in long slices: the dot products on the tensor cores; never an int-to-float conversion
-    assert ("mma.sync" in ptx) == dot and not re.search(r"cvt\.rn\.f(16|32)\.s8", ptx), (dt, D, G, n_splits)
+    assert ("mma.sync" in ptx) == dot and not re.search(r"cvt\.rn\.f(16|32)\.[su](8|16)\b", ptx), (dt, D, G, n_splits)
 print("AOT-OK")
 """
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastzoo.ops._common import triton_available
 from fastzoo.ops.weight_only_linear import (
     decode_linear,
     decode_linear_ref,
@@ -811,6 +812,39 @@ def test_cuda_int4_tensor_core_gemv(group, dtype):
     for xx, p, s4, z4, truth in exact_int4_cases(48, 512, group, dtype, (17, 5), g, dev):
         for tile in MMA_TILES:
             assert torch.equal(int4_weight_only_linear_triton(xx, p, s4, z4, group, config=tile), truth), tile
+
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from fastzoo.ops.weight_only_linear import _int4_rows_result
+
+    @triton.jit
+    def _rows_result_tagged(out_ptr, G: tl.constexpr, XB: tl.constexpr):
+        """_int4_rows_result on accumulators tagged 1000 · (x row) + (weight row)."""
+        e = tl.arange(0, 32 * G)
+        n = (e // 32) * 16 + (e % 32) // 4  # weight row r of row block g
+        m = 2 * (e % 4)  # x row 2c
+        A0 = ((1000 * m + n).to(tl.float32), (1000 * (m + 1) + n).to(tl.float32),
+              (1000 * m + n + 8).to(tl.float32), (1000 * (m + 1) + n + 8).to(tl.float32))
+        A1 = (A0[0] + 8000.0, A0[1] + 8000.0, A0[2] + 8000.0, A0[3] + 8000.0)  # x rows 8..15
+        res = _int4_rows_result(A0, A1, G, XB)
+        rows = tl.arange(0, 8 * XB)
+        cols = tl.arange(0, 16 * G)
+        tl.store(out_ptr + rows[:, None] * (16 * G) + cols[None, :], res)
+
+
+@pytest.mark.parametrize("G,XB", [(1, 1), (2, 1), (4, 1), (1, 2), (2, 2)])
+def test_int4_several_rows_result_layout(kernel_device, G, XB):
+    """The several-row tensor-core kernel's epilogue mapping (its mma is inline PTX, which
+    the interpreter cannot run; the mapping is plain Triton): lane 4r + c of row block g holds
+    (weight row r, x rows 2c, 2c + 1) and (weight row r + 8, x rows 2c, 2c + 1) of each block of
+    8 rows of x; _int4_rows_result must place each at [x row, weight row 16g + 8h + r]."""
+    out = torch.empty(8 * XB, 16 * G, device=kernel_device)
+    _rows_result_tagged[(1,)](out, G=G, XB=XB)
+    want = 1000.0 * torch.arange(8 * XB)[:, None] + torch.arange(16 * G)[None, :]
+    assert torch.equal(out.cpu(), want)
 
 
 @pytest.mark.cuda
