@@ -107,6 +107,7 @@ CONFIGS: list[Config] = [
         ("llama_2_7b_int8", LLAMA_7B + " --quantize int8"),
         ("llama_2_7b_int4_g128", LLAMA_7B + " --quantize int4-g128"),
         ("llama_2_7b_int4_g32", LLAMA_7B + " --quantize int4-g32"),
+        ("llama_2_7b_int4_g128_kvint8", LLAMA_7B + " --quantize int4-g128 --kv-cache-dtype int8"),
         ("llama_3_8b_bf16", LLAMA_7B.replace("llama-2-7b", "llama-3-8b")),
     ], timeout_s=2400),
     *_cfgs("llama", "experiments.llama_tp", [("llama_2_7b_bf16_tp2", "--preset llama-2-7b --compile")],
@@ -123,7 +124,8 @@ CONFIGS: list[Config] = [
     *_cfgs("ops", "experiments.bench_weight_only_linear", [("weight_only_linear", "")]),
     *_cfgs("ops", "experiments.bench_int8_mm", [("int8_mm", "")]),
     *_cfgs("ops", "experiments.bench_rel_pos_attention", [("rel_pos_attention", "")]),
-    *_cfgs("ops", "experiments.bench_decode_attention", [("decode_attention", "")]),
+    *_cfgs("ops", "experiments.bench_decode_attention", [("decode_attention", ""),
+                                                         ("decode_attention_kv_int8", "--kv-int8")]),
 ]
 
 
