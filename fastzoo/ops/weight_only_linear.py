@@ -851,12 +851,8 @@ if triton_available():
         columns of this word as int32 pairs {x0,x1} {x2,x3} {x4,x5} {x6,x7}."""
         p0, p1, p2, p3 = _x_pairs(x0, x1, x2, x3)
         args = [uw, vw, p0, p1, p2, p3, D[0], D[1], D[2], D[3], S[0], S[1], S[2], S[3]]
-        if F16:
-            out = tl.inline_asm_elementwise(_MMA_F16, _MMA_CONSTRAINTS, args, dtype=(tl.float32,) * 8, is_pure=True,
-                                            pack=1)
-        else:
-            out = tl.inline_asm_elementwise(_MMA_BF16, _MMA_CONSTRAINTS, args, dtype=(tl.float32,) * 8,
-                                            is_pure=True, pack=1)
+        out = tl.inline_asm_elementwise(_MMA_F16 if F16 else _MMA_BF16, _MMA_CONSTRAINTS, args,
+                                        dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         return (out[0], out[1], out[2], out[3]), (out[4], out[5], out[6], out[7])
 
     _MMA_BF16_P = tl.constexpr(_int4_mma_asm(False, False))
@@ -868,12 +864,8 @@ if triton_available():
         """D (4 fp32 tensors) plus one word pair (rows r, r + 8) times x's pairs in the mma's
         order: _int4_mma_asm(with_sum=False)."""
         args = [uw, vw, p0, p1, p2, p3, D[0], D[1], D[2], D[3]]
-        if F16:
-            out = tl.inline_asm_elementwise(_MMA_F16_P, _MMA_P_CONSTRAINTS, args, dtype=(tl.float32,) * 4,
-                                            is_pure=True, pack=1)
-        else:
-            out = tl.inline_asm_elementwise(_MMA_BF16_P, _MMA_P_CONSTRAINTS, args, dtype=(tl.float32,) * 4,
-                                            is_pure=True, pack=1)
+        out = tl.inline_asm_elementwise(_MMA_F16_P if F16 else _MMA_BF16_P, _MMA_P_CONSTRAINTS, args,
+                                        dtype=(tl.float32,) * 4, is_pure=True, pack=1)
         return (out[0], out[1], out[2], out[3])
 
     def _int4_frags_asm(f16: bool) -> str:
@@ -909,12 +901,8 @@ if triton_available():
     @triton.jit
     def _int4_frags(uw, vw, F16: tl.constexpr):
         """_int4_frags_asm: a word pair → its 8 A-fragment registers (a tuple)."""
-        if F16:
-            return tl.inline_asm_elementwise(_FRAGS_F16, _FRAGS_CONSTRAINTS, [uw, vw], dtype=(tl.int32,) * 8,
-                                             is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(_FRAGS_BF16, _FRAGS_CONSTRAINTS, [uw, vw], dtype=(tl.int32,) * 8,
-                                             is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(_FRAGS_F16 if F16 else _FRAGS_BF16, _FRAGS_CONSTRAINTS, [uw, vw],
+                                         dtype=(tl.int32,) * 8, is_pure=True, pack=1)
 
     @triton.jit
     def _int4_mma_x(D, S, Q, x0, x1, x2, x3, F16: tl.constexpr):
@@ -923,12 +911,8 @@ if triton_available():
         p0, p1, p2, p3 = _x_pairs(x0, x1, x2, x3)
         args = [Q[0], Q[1], Q[2], Q[3], Q[4], Q[5], Q[6], Q[7], p0, p1, p2, p3, D[0], D[1], D[2], D[3],
                 S[0], S[1], S[2], S[3]]
-        if F16:
-            out = tl.inline_asm_elementwise(_MMA_X_F16, _MMA_X_CONSTRAINTS, args, dtype=(tl.float32,) * 8,
-                                            is_pure=True, pack=1)
-        else:
-            out = tl.inline_asm_elementwise(_MMA_X_BF16, _MMA_X_CONSTRAINTS, args, dtype=(tl.float32,) * 8,
-                                            is_pure=True, pack=1)
+        out = tl.inline_asm_elementwise(_MMA_X_F16 if F16 else _MMA_X_BF16, _MMA_X_CONSTRAINTS, args,
+                                        dtype=(tl.float32,) * 8, is_pure=True, pack=1)
         return (out[0], out[1], out[2], out[3]), (out[4], out[5], out[6], out[7])
 
     @triton.jit
