@@ -1014,13 +1014,19 @@ if triton_available():
         return (u0, u1, u2, u3), (v0, v1, v2, v3)
 
     @triton.jit
-    def _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr):
-        """Segment ``seg``'s x for the lane (x an int64 view: 8 scalar loads, 16 int32 pairs)
-        and the group's scales and zeros of rows r and r + 8, in fp32."""
+    def _int4_mma_x_block(x_ptr, seg, x_offs):
+        """Segment ``seg``'s 32 columns of x for the lane (x an int64 view: 8 scalar loads, 16
+        int32 pairs)."""
         xb = x_ptr + seg * 32 + x_offs
-        X = (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
-             _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)), _halves(tl.load(xb + 7)))
-        return X, _int4_mma_sz(s_ptr, z_ptr, seg, s_offs, z_offs, s8_offs, z8_offs, GROUP)
+        return (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
+                _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)), _halves(tl.load(xb + 7)))
+
+    @triton.jit
+    def _int4_mma_xs(x_ptr, s_ptr, z_ptr, seg, x_offs, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr):
+        """Segment ``seg``'s x for the lane (_int4_mma_x_block) and the group's scales and zeros
+        of rows r and r + 8, in fp32."""
+        return (_int4_mma_x_block(x_ptr, seg, x_offs),
+                _int4_mma_sz(s_ptr, z_ptr, seg, s_offs, z_offs, s8_offs, z8_offs, GROUP))
 
     @triton.jit
     def _int4_mma_sz(s_ptr, z_ptr, seg, s_offs, z_offs, s8_offs, z8_offs, GROUP: tl.constexpr):
@@ -1047,13 +1053,6 @@ if triton_available():
                                     X[2 * w + 5][1], F16)
         # D[0]: row r, D[2]: row r + 8
         return _int4_group_terms(acc_r, acc_r8, Da[0] + Db[0], Da[2] + Db[2], SZ, Sa[0] + Sb[0], F16)
-
-    @triton.jit
-    def _int4_mma_x_block(x_ptr, seg, x_offs):
-        """Segment ``seg``'s 32 columns of the lane's row of x (x an int64 view): 16 int32 pairs."""
-        xb = x_ptr + seg * 32 + x_offs
-        return (_halves(tl.load(xb)), _halves(tl.load(xb + 1)), _halves(tl.load(xb + 2)), _halves(tl.load(xb + 3)),
-                _halves(tl.load(xb + 4)), _halves(tl.load(xb + 5)), _halves(tl.load(xb + 6)), _halves(tl.load(xb + 7)))
 
     @triton.jit
     def _int4_mma_rows_xs(x_ptr, s_ptr, z_ptr, seg, x0_offs, x1_offs, s_offs, z_offs, s8_offs, z8_offs,
@@ -1120,9 +1119,9 @@ if triton_available():
         One row (``ROWS`` 1): rows in blocks of 16, one ``mma.sync.m16n8k16`` per 16 columns
         with the weights as A and x as B, replicated in B's 8 columns (so every lane's
         accumulator holds its rows' results). Per 128-column segment, lane l = 4r + c of a
-        warp loads words 4c..4c+3 (32 columns) of rows r and r + 8 and x's same 32 columns; the order of the columns
-        in a product is free, so each lane feeds its own columns to the slots of its A and B
-        fragments: no data crosses lanes. Every tensor is 1-D, element e = 32·(row block) +
+        warp loads words 4c..4c+3 (32 columns) of rows r and r + 8 and x's same 32 columns;
+        the order of the columns in a product is free, so each lane feeds its own columns to
+        the slots of its A and B fragments: no data crosses lanes. Every tensor is 1-D, element e = 32·(row block) +
         lane, one element per thread per row block, all loads scalar: the only layout Triton
         can give it, so element e is lane e % 32 of a warp in every Triton version (a 2-D
         tensor or vector loads let the compiler choose layouts where a warp's lanes are not
