@@ -23,8 +23,9 @@ the 32 layers of a decode step run them, divided by ``--inner``; the calls rotat
 - ``eager_ref``: the reference in eager PyTorch (for context).
 
 ``--kv-int8``: int8 caches with an fp32 scale per (sequence, kv head, slot), every row the
-same with them (the kernel dequantizes the tiles in registers; the references dequantize the
-whole cache), KV bytes 2 · B · heads · kv_len · (128 + 4).
+same with them (the kernel reads the int8 tiles and applies each slot's scale to its score and
+softmax weight; the references dequantize the whole cache), KV bytes 2 · B · heads · kv_len ·
+(128 + 4).
 
 Rates: KV bytes read (2 · B · heads · kv_len · 128 · 2 bytes) over the time, in GB/s and
 in % of the device-to-device copy bandwidth measured in the same run (harness). ``err``:

@@ -106,8 +106,9 @@ def fused_linear(module: nn.Module, x: torch.Tensor, *, norm: RMSNorm | None = N
 
 
 class KVCache(nn.Module):
-    """Static cache ``[max_batch, n_kv_heads, max_seq, head_dim]`` for keys and values, in the
-    model's dtype; written and read by :func:`fastzoo.ops.decode_attention`."""
+    """Static cache ``[max_batch, n_kv_heads, max_seq, head_dim]`` for keys and values, in
+    ``dtype`` (the model's; :class:`Int8KVCache`: int8 with scales); written and read by
+    :func:`fastzoo.ops.decode_attention`."""
 
     def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, inv_freq: torch.Tensor, dtype,
                  device=None):
@@ -140,24 +141,20 @@ class Linear(nn.Linear):
         return ops.decode_linear(x, self.weight, self.bias, glu=glu, residual=residual, **norm_options(norm))
 
 
-class Int8KVCache(nn.Module):
-    """Static int8 cache with one fp32 scale per (token, head): ``x ≈ q · scale``, symmetric,
-    ``scale = max|x| / 127`` over ``head_dim`` (``fastzoo.ops.quantize_rows_int8_ref``). Written
-    and read by :func:`fastzoo.ops.decode_attention` with the scales (a fused kernel for one
-    token on CUDA that reads the int8 tiles and applies each slot's scale to its score and
+class Int8KVCache(KVCache):
+    """:class:`KVCache` in int8 with one fp32 scale per (token, head): ``x ≈ q · scale``,
+    symmetric, ``scale = max|x| / 127`` over ``head_dim`` (``fastzoo.ops.quantize_rows_int8_ref``).
+    Written and read by :func:`fastzoo.ops.decode_attention` with the scales (a fused kernel for
+    one token on CUDA that reads the int8 tiles and applies each slot's scale to its score and
     softmax weight)."""
 
     quantize = staticmethod(quantize_rows_int8_ref)  # ``x [..., hd]`` → (int8 values, fp32 scales ``[..., 1]``)
 
     def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, inv_freq: torch.Tensor, device=None):
-        super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
-        for name in ("k", "v"):
-            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.int8, device=device),
-                                 persistent=False)
-            self.register_buffer(f"{name}_scales", torch.ones(shape[:-1] + (1,), dtype=torch.float32, device=device),
-                                 persistent=False)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # as KVCache's
+        super().__init__(max_batch_size, max_seq_length, n_kv_heads, head_dim, inv_freq, torch.int8, device)
+        scales = (max_batch_size, n_kv_heads, max_seq_length, 1)
+        self.register_buffer("k_scales", torch.ones(scales, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("v_scales", torch.ones(scales, dtype=torch.float32, device=device), persistent=False)
 
     def attend(self, q, k, v, input_pos, kv_len: int) -> torch.Tensor:
         """As :meth:`KVCache.attend`: k and v quantized per slot, attention over the dequantized slots."""
@@ -175,7 +172,7 @@ class Attention(nn.Module):
         kv_size = self.n_kv_heads * self.head_dim
         self.wqkv = Linear(config.dim, q_size + 2 * kv_size, bias=False)
         self.wo = Linear(q_size, config.dim, bias=False)
-        self.kv_cache: KVCache | Int8KVCache | None = None
+        self.kv_cache: KVCache | None = None  # or an Int8KVCache
 
     def forward(self, x, cos, sin, input_pos, mask, *, norm: RMSNorm | None = None,
                 residual: torch.Tensor | None = None):
@@ -184,7 +181,7 @@ class Attention(nn.Module):
         q_size = self.n_heads * self.head_dim
         kv_size = self.n_kv_heads * self.head_dim
         q, k, v = fused_linear(self.wqkv, x, norm=norm).split([q_size, kv_size, kv_size], dim=-1)
-        if isinstance(self.kv_cache, (KVCache, Int8KVCache)):  # RoPE, cache write and attention in one op
+        if isinstance(self.kv_cache, KVCache):  # RoPE, cache write and attention in one op (int8 too)
             q = q.view(B, T, self.n_heads, self.head_dim)
             k = k.view(B, T, self.n_kv_heads, self.head_dim)
             v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -300,7 +297,7 @@ class Transformer(nn.Module):
         # layers with a cache apply RoPE inside their attention op: the cos/sin table is built
         # only where some layer (no cache) applies it itself
         cos = sin = None
-        if not all(isinstance(layer.attention.kv_cache, (KVCache, Int8KVCache)) for layer in self.layers):
+        if not all(isinstance(layer.attention.kv_cache, KVCache) for layer in self.layers):
             cos, sin = rope_cos_sin(self.config, input_pos)
         if self.has_caches:
             if B > self.max_batch_size:
