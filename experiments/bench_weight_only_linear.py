@@ -273,7 +273,8 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
         if c.get("GLUON"):  # the Gluon GEMV's keys (int4_gemv_gluon.SWEEP)
-            tile = f"N{c['block_n']} split{c['split_k']} w{c['warps']} ring{c['stages']}x{c.get('segs', 1)}"
+            tile = (f"N{c['block_n']} split{c['split_k']} w{c['warps']} ring{c['stages']}x{c.get('segs', 1)}"
+                    + (f" par{c['par']}" if c.get("par", 1) > 1 else ""))
         else:
             tile = (f"N{c['BLOCK_N']} K{c.get('BLOCK_K', 128)} split{c['SPLIT_K']} w{c['num_warps']} "
                     f"s{c['num_stages']}" + (" prefetch" if c.get("PREFETCH") else "")

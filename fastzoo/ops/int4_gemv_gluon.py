@@ -18,6 +18,13 @@ explicit here, so no compiler choice can mix lanes of different row blocks (the 
 ``tl`` kernel keeps every tensor 1-D). Split-K partials meet in a workspace; the last split
 to arrive sums them in order.
 
+With ``PAR`` > 1 a step of a slot holds PAR segments side by side (PAR · G row blocks over
+the warps): warp rows q = p·G + g accumulate row block g's share of the step's p-th segment
+(their x and Σx rows differ, ``_x_from_smem``), and the PAR shares of each row block are
+summed across warps once, at the end. That puts PAR times the warps on the same rows and
+bytes without split-K's costs (each program stages its split's x, and the splits' partials
+meet in global memory).
+
 Before its first segment each program stages its split's product input in shared memory, 8
 segments a warp a pass (a pass's loads all in flight at once): each 8 columns in the order the mma's pairs take
 them, and each segment's Σx (the zero point's term). The loop then reads x with 16-byte
@@ -59,14 +66,20 @@ def group_applies(group_size: int) -> bool:
 
 
 # rows a program (16 * row blocks, at least one a warp), warps, splits of K at most (each split
-# a contiguous range of 128-column segments), ring depth in slots, segments a slot (1 or 2: one
-# barrier wait and refill per slot); optional "trigger": True (with PDL) lets the next kernel
-# launch as soon as this grid's programs have started
+# a contiguous range of 128-column segments), ring depth in slots, segments a slot (1 or 2 one
+# after the other: one barrier wait and refill per slot); optional "par" (1, 2 or 4): each step
+# of a slot holds that many segments side by side, taken by different warps (par · block_n / 16
+# row blocks' shares over the warps, summed across warps at the end: more warps on the same
+# rows without split-K's partials and its per-program staging of x); optional "trigger": True
+# (with PDL) lets the next kernel launch as soon as this grid's programs have started
 DEFAULT_CONFIG = {"block_n": 64, "warps": 4, "split_k": 8, "stages": 8, "segs": 1}
 # the candidates ``experiments.bench_weight_only_linear --sweep`` times (kind int4gluon)
-SWEEP = [{"block_n": bn, "warps": w, "split_k": sk, "stages": st, "segs": sg}
-         for bn, w in ((32, 2), (64, 4), (128, 4), (256, 8))
-         for sk in (1, 2, 4, 8, 16) for st, sg in ((4, 1), (8, 1), (4, 2))]
+SWEEP = ([{"block_n": bn, "warps": w, "split_k": sk, "stages": st, "segs": sg}
+          for bn, w in ((32, 2), (64, 4), (128, 4), (256, 8))
+          for sk in (1, 2, 4, 8, 16) for st, sg in ((4, 1), (8, 1), (4, 2))]
+         + [{"block_n": bn, "warps": w, "par": par, "split_k": sk, "stages": st, "segs": sg}
+            for bn, w, par in ((32, 4, 2), (64, 8, 2), (16, 4, 4))
+            for sk in (1, 2, 4, 8) for st, sg in ((4, 1), (2, 2), (8, 1))])
 SHARED_LIMIT = 232448  # bytes of shared memory a program may take on Hopper (227 KiB)
 _TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
 
@@ -85,20 +98,30 @@ def _staged_bytes(n_seg: int, split: int, warps: int) -> int:
 
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
-    """The configurations ``tuned_config`` times for an (N, K) weight: 64 or 128 rows a
-    program, 4 warps, 8 segments in flight (8 one-segment slots or 4 two-segment ones), and
-    the splits of K that give between one and four programs an SM (or the largest split
-    where even that is too few): 4–8 candidates at Llama-2-7B's shapes, each a compile at
-    the first call (the whole sweep: ``experiments.bench_weight_only_linear --sweep``)."""
+    """The configurations ``tuned_config`` times for an (N, K) weight, the winners of a sweep at
+    Llama-2-7B's shapes with the decode's fusions (``int4_gemv_gluon_par_probe.json``): 64 rows
+    a program on 4 warps with 8 segments in flight (8 one-segment slots or 4 two-segment
+    ones) at the splits of K that give between one and four programs an SM (or the largest
+    split where even that is too few); 32 rows on 4 warps taking 2 segments side by side
+    (``par``), at those splits and without split-K; 16 or 32 rows on 4 or 8 warps taking 4
+    segments side by side, without split-K. 5–9 candidates at Llama-2-7B's shapes, each a
+    compile at the first call (the whole sweep: ``experiments.bench_weight_only_linear
+    --sweep``)."""
     n_seg = max(1, K // SEGMENT)
     out = []
-    for bn in (64, 128):
+    for bn, warps, par, rings in ((64, 4, 1, ((8, 1), (4, 2))), (32, 4, 2, ((2, 2),)), (16, 4, 4, ((2, 1),)),
+                                  (32, 8, 4, ((2, 1),))):
         tiles = -(-N // bn)
         splits = [sk for sk in (1, 2, 4, 8, 16) if sk <= n_seg and num_sms <= tiles * sk <= 4 * num_sms]
         if not splits:
             splits = [min(16, n_seg) if tiles < num_sms else 1]
-        out += [{"block_n": bn, "warps": 4, "split_k": sk, "stages": st, "segs": sg}
-                for sk in splits for st, sg in ((8, 1), (4, 2))]
+        if par == 4:
+            splits = [1]
+        elif par == 2 and 1 not in splits:
+            splits = [1] + splits
+        out += [{"block_n": bn, "warps": warps, "split_k": sk, "stages": st, "segs": sg,
+                 **({"par": par} if par > 1 else {})}
+                for sk in splits for st, sg in rings]
     return out
 
 
@@ -206,26 +229,31 @@ if gluon_available():
         return ssq
 
     @gluon.jit
-    def _x_from_smem(xs, j, fill, L2: gl.constexpr, num_warps: gl.constexpr):
-        """Segment j's product input from ``_stage_x``'s buffer as ``_int4_mma_segment_p`` takes
-        it: 8 pairs of int32 (two 16-bit values each), (1, 32) tensors, lane 4r + c holding the
-        words 16c..16c+15 (its 32 columns, each 8 in the mma's pair order). Four 16-byte shared
-        loads a lane (the 8 lanes of a column quarter read the same addresses). ``fill``: the
-        (8, 4) [r, c] int32 mask each lane's pairs are and-ed with (-1: kept, 0: zero), or
-        None: kept in every lane (groups of 128 or more)."""
-        LX: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [1, num_warps], [0, 1])
-        flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        t = xs.index(j)._reinterpret(gl.int32, [4, 16], flat2).load(LX)
-        t = gl.reshape(t, (4, 8, 2))  # [c, pair, half]
+    def _x_from_smem(xs, j, fill, L2: gl.constexpr, num_warps: gl.constexpr, PAR: gl.constexpr, GB: gl.constexpr):
+        """Segments j..j+PAR-1's product input from ``_stage_x``'s buffer as ``_int4_mma_segment_p``
+        takes it: 8 pairs of int32 (two 16-bit values each), (PAR·GB, 32) tensors in L2, row
+        p·GB + g holding segment j + p (GB: 1, broadcast over the row blocks, or G where the
+        segments go to different warps: the kernel's PAR), lane 4r + c holding the words
+        16c..16c+15 (its 32 columns, each 8 in the mma's pair order). Four 16-byte shared loads
+        a lane (the 8 lanes of a column quarter read the same addresses). ``fill``: the (8, 4)
+        [r, c] int32 mask each lane's pairs are and-ed with (-1: kept, 0: zero), or None: kept
+        in every lane (groups of 128 or more)."""
+        B: gl.constexpr = min(GB, num_warps)  # the warps of one segment (over its row blocks)
+        LX: gl.constexpr = gl.BlockedLayout([1, 1, 16], [1, 4, 8], [num_warps // B, 1, B], [1, 2, 0])
+        flat3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+        # xs (NS, 2, 64) → (NS / PAR, 2 PAR, 64): j is a multiple of PAR
+        t = xs._reinterpret(xs.dtype, [xs.shape[0] // PAR, 2 * PAR, 64], xs.layout).index(j // PAR)
+        t = t._reinterpret(gl.int32, [PAR, 4, 16], flat3).load(LX)
+        t = gl.reshape(t, (PAR, 4, 8, 2))  # [p, c, pair, half]
         lo, hi = gl.split(t)
-        lo = gl.reshape(lo, (4, 4, 2))
-        hi = gl.reshape(hi, (4, 4, 2))
+        lo = gl.reshape(lo, (PAR, 4, 4, 2))
+        hi = gl.reshape(hi, (PAR, 4, 4, 2))
         lo_a, lo_b = gl.split(lo)  # pairs 0, 2, 4, 6 / 1, 3, 5, 7
         hi_a, hi_b = gl.split(hi)
-        lo_a = gl.reshape(lo_a, (4, 2, 2))
-        lo_b = gl.reshape(lo_b, (4, 2, 2))
-        hi_a = gl.reshape(hi_a, (4, 2, 2))
-        hi_b = gl.reshape(hi_b, (4, 2, 2))
+        lo_a = gl.reshape(lo_a, (PAR, 4, 2, 2))
+        lo_b = gl.reshape(lo_b, (PAR, 4, 2, 2))
+        hi_a = gl.reshape(hi_a, (PAR, 4, 2, 2))
+        hi_b = gl.reshape(hi_b, (PAR, 4, 2, 2))
         l0, l4 = gl.split(lo_a)  # pairs 0, 4 / 2, 6 after the next split
         l1, l5 = gl.split(lo_b)
         h0, h4 = gl.split(hi_a)
@@ -238,32 +266,53 @@ if gluon_available():
         q2, q6 = gl.split(h4)
         q1, q5 = gl.split(h1)
         q3, q7 = gl.split(h5)
-        return ((_quarter(p0, fill, L2, num_warps), _quarter(q0, fill, L2, num_warps)),
-                (_quarter(p1, fill, L2, num_warps), _quarter(q1, fill, L2, num_warps)),
-                (_quarter(p2, fill, L2, num_warps), _quarter(q2, fill, L2, num_warps)),
-                (_quarter(p3, fill, L2, num_warps), _quarter(q3, fill, L2, num_warps)),
-                (_quarter(p4, fill, L2, num_warps), _quarter(q4, fill, L2, num_warps)),
-                (_quarter(p5, fill, L2, num_warps), _quarter(q5, fill, L2, num_warps)),
-                (_quarter(p6, fill, L2, num_warps), _quarter(q6, fill, L2, num_warps)),
-                (_quarter(p7, fill, L2, num_warps), _quarter(q7, fill, L2, num_warps)))
+        return ((_quarter(p0, fill, L2, num_warps, GB), _quarter(q0, fill, L2, num_warps, GB)),
+                (_quarter(p1, fill, L2, num_warps, GB), _quarter(q1, fill, L2, num_warps, GB)),
+                (_quarter(p2, fill, L2, num_warps, GB), _quarter(q2, fill, L2, num_warps, GB)),
+                (_quarter(p3, fill, L2, num_warps, GB), _quarter(q3, fill, L2, num_warps, GB)),
+                (_quarter(p4, fill, L2, num_warps, GB), _quarter(q4, fill, L2, num_warps, GB)),
+                (_quarter(p5, fill, L2, num_warps, GB), _quarter(q5, fill, L2, num_warps, GB)),
+                (_quarter(p6, fill, L2, num_warps, GB), _quarter(q6, fill, L2, num_warps, GB)),
+                (_quarter(p7, fill, L2, num_warps, GB), _quarter(q7, fill, L2, num_warps, GB)))
 
     @gluon.jit
-    def _quarter(t, fill, L2: gl.constexpr, num_warps: gl.constexpr):
-        """(4,) [c], lane 4r + c holding element c → (1, 32) in L2, element 4r + c in lane
-        4r + c: relabellings only, checked at compile time; and-ed with ``fill`` [r, c] if given."""
-        LB: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [num_warps, 1], [1, 0])
-        t = gl.convert_layout(t, gl.SliceLayout(0, LB), assert_trivial=True)
+    def _quarter(t, fill, L2: gl.constexpr, num_warps: gl.constexpr, GB: gl.constexpr):
+        """(PAR, 4) [p, c], lane 4r + c holding element [p, c] → (PAR·GB, 32) in L2, element
+        [p·GB + g, 4r + c] in lane 4r + c (the same for every g): relabellings only, checked at
+        compile time; and-ed with ``fill`` [r, c] if given."""
+        B: gl.constexpr = min(GB, num_warps)
+        LB: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [1, 1, 8, 4], [num_warps // B, B, 1, 1], [3, 2, 1, 0])
+        PAR: gl.constexpr = t.shape[0]
+        t = gl.convert_layout(t, gl.SliceLayout(1, gl.SliceLayout(2, LB)), assert_trivial=True)
+        t = gl.expand_dims(gl.expand_dims(t, 1), 2)  # [p, g, r, c]
         if fill is None:
-            t = gl.expand_dims(t, 0) + gl.zeros((8, 4), gl.int32, LB)  # [r, c]: the same in every r
+            t = t + gl.zeros((PAR, GB, 8, 4), gl.int32, LB)  # the same in every g and r
         else:
-            t = gl.expand_dims(t, 0) & fill
-        return gl.convert_layout(gl.reshape(t, (1, 32)), L2, assert_trivial=True)
+            t = t & gl.expand_dims(gl.expand_dims(gl.convert_layout(fill, gl.SliceLayout(0, gl.SliceLayout(1, LB)),
+                                                                    assert_trivial=True), 0), 1)
+            if GB > 1:
+                t = t + gl.zeros((PAR, GB, 8, 4), gl.int32, LB)
+        return gl.convert_layout(gl.reshape(t, (PAR * GB, 32)), L2, assert_trivial=True)
+
+    @gluon.jit
+    def _sx_from_smem(sxs, j, L2: gl.constexpr, num_warps: gl.constexpr, PAR: gl.constexpr, GB: gl.constexpr):
+        """Segments j..j+PAR-1's Σx from ``_stage_x``'s buffer, (PAR·GB, 32) in L2 as
+        ``_x_from_smem``'s pairs."""
+        flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        if PAR * GB == 1:
+            return sxs.index(j)._reinterpret(gl.float32, [1, 32], flat2).load(L2)
+        B: gl.constexpr = min(GB, num_warps)
+        LS: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 1, 32], [num_warps // B, B, 1], [2, 1, 0])
+        t = sxs._reinterpret(gl.float32, [sxs.shape[0] // PAR, PAR, 32], sxs.layout).index(j // PAR)
+        t = t._reinterpret(gl.float32, [PAR, 32], flat2).load(gl.SliceLayout(1, LS))
+        t = gl.expand_dims(t, 1) + gl.zeros((PAR, GB, 32), gl.float32, LS)
+        return gl.convert_layout(gl.reshape(t, (PAR * GB, 32)), L2, assert_trivial=True)
 
     @gluon.jit
     def _int4_gemv_gluon_kernel(w_desc, xe_ptr, nw_ptr, r_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
                                 N, K, stride_sn, stride_zn, eps,
                                 GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, F16: gl.constexpr,
-                                SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SEGS: gl.constexpr,
+                                SPLIT_K: gl.constexpr, STAGES: gl.constexpr, SEGS: gl.constexpr, PAR: gl.constexpr,
                                 NORM: gl.constexpr, GLU: gl.constexpr, HAS_RES: gl.constexpr, NS: gl.constexpr,
                                 PDL: gl.constexpr, TRIGGER: gl.constexpr, num_warps: gl.constexpr):
         # xe_ptr: x in its dtype ([a | b] with GLU), from which each program makes its split's
@@ -284,13 +333,14 @@ if gluon_available():
         seg0 = pid_k * per
         n_local = gl.maximum(gl.minimum(n_seg, seg0 + per) - seg0, 0)
 
-        bufs = gl.allocate_shared_memory(gl.int32, [STAGES * SEGS, BLOCK_N, 16], w_desc.layout)
+        T: gl.constexpr = SEGS * PAR  # segments a slot
+        bufs = gl.allocate_shared_memory(gl.int32, [STAGES * T, BLOCK_N, 16], w_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
         # the weights do not depend on the previous kernel: requested before waiting for it
         for i in gl.static_range(STAGES):
-            _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES, SEGS)
+            _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES, T)
         if PDL:
             gdc_wait()
         if TRIGGER:  # the next kernel may launch now: its programs take the SMs this grid frees
@@ -305,7 +355,17 @@ if gluon_available():
         ssq = _stage_x(xe_ptr, nw_ptr, xs, sxs, seg0, n_local, K, GLU, NORM, GROUP, num_warps)
         tl.debug_barrier()  # the staged input is visible to every warp
 
-        g_idx = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, L2)), 1)
+        # the accumulators' rows: q = p·G + g, row block g's share of segment j + p of a step (one
+        # segment of each row block with PAR = 1; PAR segments side by side in PAR·G warps else)
+        q = gl.expand_dims(gl.arange(0, PAR * G, layout=gl.SliceLayout(1, L2)), 1)
+        if PAR > 1:
+            g_idx = q % G
+            qp = q // G
+            GB: gl.constexpr = G  # x differs between a warp's row blocks (_x_from_smem)
+        else:
+            g_idx = q
+            qp = 0
+            GB: gl.constexpr = 1
         lane = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, L2)), 0)
         r = lane // 4
         row = (row0 + g_idx * 16 + r) % N  # rows past the edge wrap (their results are not stored)
@@ -333,32 +393,35 @@ if gluon_available():
             z8_offs += gcol
         else:
             fill = None
-        acc_r = gl.zeros((G, 32), gl.float32, L2)
-        acc_r8 = gl.zeros((G, 32), gl.float32, L2)
-        zero = gl.zeros((G, 32), gl.float32, L2)
+        acc_r = gl.zeros((PAR * G, 32), gl.float32, L2)
+        acc_r8 = gl.zeros((PAR * G, 32), gl.float32, L2)
+        zero = gl.zeros((PAR * G, 32), gl.float32, L2)
 
         # scales and zeros a segment ahead; x and Σx from the staged buffers when used
         last = seg0 + gl.maximum(n_local - 1, 0)
-        SZ = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0, n_seg - 1), s_offs, z_offs, s8_offs, z8_offs, GROUP)
-        for i in range(gl.cdiv(n_local, SEGS)):
-            j = i * SEGS  # the slot's first segment
-            SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 1, last), s_offs, z_offs, s8_offs, z8_offs, GROUP)
+        SZ = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + qp, n_seg - 1), s_offs, z_offs, s8_offs, z8_offs, GROUP)
+        # a slot's words as (STAGES·SEGS) steps of PAR segments: (PAR·G, 2, 8, 4, 4) each
+        words = bufs._reinterpret(gl.int32, [STAGES * SEGS, PAR * BLOCK_N, 16], w_desc.layout)
+        for i in range(gl.cdiv(n_local, T)):
+            j = i * T  # the slot's first segment
+            SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + PAR + qp, last), s_offs, z_offs, s8_offs, z8_offs,
+                               GROUP)
             s = i % STAGES
             mbarrier.wait(bars.index(s), (i // STAGES) & 1)
-            U, V = _lane_words(bufs.index(s * SEGS)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5), L2)
+            U, V = _lane_words(words.index(s * SEGS)._reinterpret(gl.int32, [PAR * G, 2, 8, 4, 4], flat).load(L5), L2)
             if SEGS == 2:
-                U2, V2 = _lane_words(bufs.index(s * SEGS + 1)._reinterpret(gl.int32, [G, 2, 8, 4, 4], flat).load(L5),
-                                     L2)
+                U2, V2 = _lane_words(
+                    words.index(s * SEGS + 1)._reinterpret(gl.int32, [PAR * G, 2, 8, 4, 4], flat).load(L5), L2)
             tl.debug_barrier()  # every warp has read slot s before it is refilled
-            _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, SEGS)
-            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, fill, F16, L2, num_warps)
+            _issue(w_desc, bufs, bars, i + STAGES, seg0, n_local, row0, STAGES, T)
+            acc_r, acc_r8 = _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, fill, F16, L2, num_warps, PAR, GB)
             SZ = SZ1
             if SEGS == 2:
-                SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 2, last), s_offs, z_offs, s8_offs, z8_offs,
-                                   GROUP)
-                if j + 1 < n_local:  # not past the split's last segment
-                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, SZ, xs, sxs, j + 1, zero, fill, F16, L2,
-                                             num_warps)
+                SZ1 = _int4_mma_sz(s_ptr, z_ptr, gl.minimum(seg0 + j + 2 * PAR + qp, last), s_offs, z_offs, s8_offs,
+                                   z8_offs, GROUP)
+                if j + PAR < n_local:  # not past the split's last segment (past it, x is staged as 0)
+                    acc_r, acc_r8 = _segment(acc_r, acc_r8, U2, V2, SZ, xs, sxs, j + PAR, zero, fill, F16, L2,
+                                             num_warps, PAR, GB)
                 SZ = SZ1
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
@@ -366,6 +429,9 @@ if gluon_available():
         # row r's result is in lanes 4r..4r+3: rows 16g + r (lo) and 16g + 8 + r (hi); all equal
         # (groups of 128+), or a share each (groups of 32 / 64)
         LG: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [num_warps, 1], [1, 0])
+        if PAR > 1:  # the PAR segments' shares of each row block: summed across warps
+            acc_r = gl.convert_layout(gl.sum(gl.reshape(acc_r, (PAR, G, 32)), axis=0), L2)
+            acc_r8 = gl.convert_layout(gl.sum(gl.reshape(acc_r8, (PAR, G, 32)), axis=0), L2)
         if GROUP < 128:
             lo = gl.convert_layout(gl.sum(gl.reshape(acc_r, (G, 8, 4)), axis=2), LG)
             hi = gl.convert_layout(gl.sum(gl.reshape(acc_r8, (G, 8, 4)), axis=2), LG)
@@ -406,13 +472,12 @@ if gluon_available():
 
     @gluon.jit
     def _segment(acc_r, acc_r8, U, V, SZ, xs, sxs, j, zero, fill, F16: gl.constexpr, L2: gl.constexpr,
-                 num_warps: gl.constexpr):
-        """Segment j's products into the accumulators: its words U, V, scales and zeros SZ, x (in
-        the mma's pair order, and-ed with ``fill``) and Σx from ``_stage_x``'s buffers."""
-        flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        sx = sxs.index(j)._reinterpret(gl.float32, [1, 32], flat2).load(L2)
-        return _int4_mma_segment_p(acc_r, acc_r8, U, V, _x_from_smem(xs, j, fill, L2, num_warps), SZ, sx, zero,
-                                   F16)
+                 num_warps: gl.constexpr, PAR: gl.constexpr, GB: gl.constexpr):
+        """Segments j..j+PAR-1's products into the accumulators (PAR·G rows, see the kernel): their
+        words U, V, scales and zeros SZ, x (in the mma's pair order, and-ed with ``fill``) and Σx
+        from ``_stage_x``'s buffers."""
+        return _int4_mma_segment_p(acc_r, acc_r8, U, V, _x_from_smem(xs, j, fill, L2, num_warps, PAR, GB), SZ,
+                                   _sx_from_smem(sxs, j, L2, num_warps, PAR, GB), zero, F16)
 
     @gluon.jit
     def _finish(res, offs_n, mask, b_ptr, r_ptr, out_ptr, factor, HAS_BIAS: gl.constexpr, NORM: gl.constexpr,
@@ -492,19 +557,23 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     N = w_packed.shape[0]
     x2 = x.reshape(1, -1).contiguous()
     w32 = w_packed.view(torch.int32)  # (N, K/8): word j holds columns 8j..8j+7, column 8j + i at bits 4i
-    bn, warps = cfg["block_n"], cfg["warps"]
-    if bn not in (16, 32, 64, 128, 256) or bn % (16 * warps):
-        raise ValueError(f"int4_gemv_gluon_launch: block_n must be a power of two of 16..256 rows with a row block "
-                         f"of 16 for each of the {warps} warps at least, got block_n={bn}")
+    bn, warps, par = cfg["block_n"], cfg["warps"], cfg.get("par", 1)
+    if par not in (1, 2, 4):
+        raise ValueError(f"int4_gemv_gluon_launch: par (segments side by side in a program's warps) must be 1, 2 or 4, "
+                         f"got {par}")
+    if bn not in (16, 32, 64, 128, 256) or (bn * par) % (16 * warps):
+        raise ValueError(f"int4_gemv_gluon_launch: block_n must be a power of two of 16..256 rows with, times "
+                         f"par={par}, a row block of 16 for each of the {warps} warps at least, got block_n={bn}")
     if cfg.get("segs", 1) not in (1, 2):
         raise ValueError(f"int4_gemv_gluon_launch: segs (segments a ring slot) must be 1 or 2, got {cfg['segs']}")
     if cfg["stages"] < 1:
         raise ValueError(f"int4_gemv_gluon_launch: stages (ring slots) must be at least 1, got {cfg['stages']}")
-    ring = cfg["stages"] * cfg.get("segs", 1) * bn * 64
+    ring = cfg["stages"] * cfg.get("segs", 1) * par * bn * 64
     n_seg = K // SEGMENT
     least = _staged_bytes(n_seg, n_seg, warps)  # the staged input at the largest split
     if ring + least + 1024 > SHARED_LIMIT:
-        raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {cfg.get('segs', 1)} segments "
+        raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {cfg.get('segs', 1) * par} "
+                         f"segments "
                          f"for {bn} rows needs {ring} bytes of shared memory; beside the staged input ({least} "
                          f"bytes at least for {warps} warps) at most {SHARED_LIMIT - 1024 - least} fit")
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
@@ -526,7 +595,7 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     _int4_gemv_gluon_kernel[(n_tiles, split)](
         w_desc, x2, nw, r, s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
         float(norm_eps), GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16,
-        SPLIT_K=split, STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), NORM=norm_weight is not None, GLU=glu,
+        SPLIT_K=split, STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), PAR=par, NORM=norm_weight is not None, GLU=glu,
         HAS_RES=residual is not None, NS=_staged_segments(n_seg, split, warps), PDL=pdl,
         TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out

@@ -28,12 +28,16 @@ RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # forced configurations: one row block a warp or two, split-K with splits of unequal length
 # or none at all (6 segments in 4 splits: 2, 2, 2, 0), a ring shallower and deeper than a
 # split's segments, two segments a slot (a split of an odd number of segments: its last slot
-# half used)
+# half used); segments side by side in different warps (par: one row block a warp, or two of
+# different segments, or several of one segment; steps past a split's last segment)
 TILES = [dict(GLUON=True, block_n=64, warps=4, split_k=1, stages=4),
          dict(GLUON=True, block_n=128, warps=4, split_k=4, stages=8),
          dict(GLUON=True, block_n=32, warps=2, split_k=3, stages=2),
          dict(GLUON=True, block_n=256, warps=8, split_k=16, stages=12),
-         dict(GLUON=True, block_n=64, warps=4, split_k=3, stages=3, segs=2)]
+         dict(GLUON=True, block_n=64, warps=4, split_k=3, stages=3, segs=2),
+         dict(GLUON=True, block_n=32, warps=4, par=2, split_k=3, stages=2),
+         dict(GLUON=True, block_n=128, warps=8, par=2, split_k=2, stages=2),
+         dict(GLUON=True, block_n=16, warps=4, par=4, split_k=1, stages=2, segs=2)]
 
 
 def _weights(N, K, group, dtype, g, dev):
@@ -302,22 +306,29 @@ def test_gluon_gemv_refuses_a_ring_larger_than_shared_memory():
     with pytest.raises(ValueError, match="bytes of shared memory"):  # 221 KiB of ring: no room for the input
         ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128,
                                   config=dict(block_n=256, warps=8, split_k=1, stages=7, segs=2))
-    ring = max(c["stages"] * c["segs"] * c["block_n"] * 64 for c in ig.candidates(4096, 11008, 132))
-    assert ring + ig._staged_bytes(11008 // 128, 1, 4) + 1024 <= ig.SHARED_LIMIT
+    for c in ig.candidates(4096, 11008, 132):
+        ring = c["stages"] * c["segs"] * c.get("par", 1) * c["block_n"] * 64
+        assert ring + ig._staged_bytes(11008 // 128, 1, c["warps"]) + 1024 <= ig.SHARED_LIMIT, c
+    with pytest.raises(ValueError, match="par .* must be 1, 2 or 4"):
+        ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128, config=dict(par=3))
+    with pytest.raises(ValueError, match="a row block of 16 for each of the 8 warps"):  # 2 · 32 rows: 4 row blocks
+        ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128, config=dict(block_n=32, warps=8, par=2))
 
 
 def test_gluon_gemv_candidates_fill_the_gpu():
-    """The tuner's candidates: each split has at least one segment, and the grid gives
-    every SM a program where the shape allows (Llama-2-7B's shapes on 132 SMs)."""
+    """The tuner's candidates: each split has at least one segment, every warp a row block,
+    and the grid's (programs × segments side by side) cover the 132 SMs where the shape
+    allows (Llama-2-7B's shapes); segments side by side (par) among them."""
     for N, K in [(4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (32000, 4096), (48, 256)]:
         cands = ig.candidates(N, K, 132)
         assert cands
         for c in cands:
             assert 1 <= c["split_k"] <= max(1, K // ig.SEGMENT)
-            assert c["block_n"] % (16 * c["warps"]) == 0
+            assert c["block_n"] * c.get("par", 1) % (16 * c["warps"]) == 0
             tiles = -(-N // c["block_n"])
-            if N * K >= 4096 * 4096:
-                assert tiles * c["split_k"] >= 132, (N, K, c)
+            if N * K >= 4096 * 4096:  # side by side segments count as a split's warps would
+                assert tiles * c["split_k"] * c.get("par", 1) >= 132, (N, K, c)
+        assert any(c.get("par", 1) > 1 for c in cands)
 
 
 # Compiled in a fresh process: Triton's interpreter (on in this test process) replaces
@@ -338,7 +349,7 @@ for v in json.loads(sys.argv[1]):
             "z_ptr": f"*{dt}", "b_ptr": f"*{dt}", "out_ptr": f"*{dt}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig = {"w_desc": f"tensordesc<i32[{v['block_n']}, 16],{lay!r}>", "eps": "fp32", **ptrs}
     const = {"GROUP": v["group"], "HAS_BIAS": True, "F16": v["f16"], "SPLIT_K": v["split_k"], "STAGES": v["stages"],
-             "SEGS": v["segs"], "NORM": v["norm"], "GLU": v["glu"], "HAS_RES": v["res"],
+             "SEGS": v["segs"], "PAR": v.get("par", 1), "NORM": v["norm"], "GLU": v["glu"], "HAS_RES": v["res"],
              "NS": mod._staged_segments(v["n_seg"], v["split_k"], v["warps"]),
              "PDL": v["pdl"], "TRIGGER": v["trigger"], "num_warps": v["warps"]}
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
@@ -377,7 +388,15 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
                 dict(block_n=64, warps=4, split_k=1, stages=4, segs=2, group=32, f16=False, pdl=True, trigger=False,
                      n_seg=32, **plain),
                 dict(block_n=128, warps=4, split_k=4, stages=8, segs=1, group=64, f16=True, pdl=True, trigger=False,
-                     norm=True, glu=False, res=True, n_seg=32)]
+                     norm=True, glu=False, res=True, n_seg=32),
+                # segments side by side in different warps: one row block a warp, two (of different
+                # segments) a warp, with the options and two segments a slot
+                dict(block_n=32, warps=4, par=2, split_k=1, stages=4, segs=1, group=128, f16=False, pdl=True,
+                     trigger=False, n_seg=32, **plain),
+                dict(block_n=64, warps=4, par=2, split_k=2, stages=3, segs=1, group=64, f16=True, pdl=True,
+                     trigger=False, norm=True, glu=False, res=True, n_seg=32),
+                dict(block_n=16, warps=4, par=4, split_k=2, stages=2, segs=2, group=128, f16=False, pdl=True,
+                     trigger=False, norm=False, glu=True, res=True, n_seg=86)]
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
@@ -385,12 +404,14 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
         loop = [part for part in ptx.split("Loop Header")[1:] if "mma.sync" in part.split("_crit_edge", 1)[0]]
         assert len(loop) == 1  # the segment loop (the options add the staging and norm loops before it)
         loop = loop[0].split("_crit_edge", 1)[0]
-        per_warp = item["block_n"] // 16 // item["warps"] * item["segs"]
+        par, blocks, warps = item.get("par", 1), item["block_n"] // 16, item["warps"]
+        per_warp = blocks * par // warps * item["segs"]  # row blocks (of one segment each) a warp a slot
+        xs_per_warp = max(1, par * min(blocks, warps) // warps)  # segments of x a warp reads a step
         # one mma a 16 columns (Σx comes from the staged buffer, not from a second mma)
         assert loop.count("mma.sync.aligned.m16n8k16") == 8 * per_warp
         # the words (rows r and r + 8) of each row block, and x from the staged buffer: the lane's
         # 32 columns (64 bytes) of each segment, already in the mma's pair order
-        assert loop.count("ld.shared.v4.b32") == 2 * per_warp + 4 * item["segs"]
+        assert loop.count("ld.shared.v4.b32") == 2 * per_warp + 4 * item["segs"] * xs_per_warp
         assert "prmt" not in loop
         assert "+512]" in loop  # rows r + 8: 8 rows of 64 bytes on
         assert "shfl" not in loop
