@@ -81,7 +81,7 @@ SWEEP = ([{"block_n": bn, "warps": w, "split_k": sk, "stages": st, "segs": sg}
             for bn, w, par in ((32, 4, 2), (64, 8, 2), (16, 4, 4))
             for sk in (1, 2, 4, 8) for st, sg in ((4, 1), (2, 2), (8, 1))])
 SHARED_LIMIT = 232448  # bytes of shared memory a program may take on Hopper (227 KiB)
-_TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl) -> the fastest candidate (tuned_config)
+_TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl, options) -> the fastest candidate (tuned_config)
 
 
 def _staged_segments(n_seg: int, split: int, warps: int) -> int:
@@ -602,13 +602,18 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
 
 
 def tuned_config(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, bias: Optional[torch.Tensor], pdl: bool) -> dict:
+                 group_size: int, bias: Optional[torch.Tensor], pdl: bool, **opts) -> dict:
     """The fastest of ``candidates`` for this shape, timed once a process with
-    ``_common.short_bench`` (host gaps excluded) on these arguments, as Triton's autotuner
-    would; cached per (device, N, K, group size, dtype, bias, PDL). During a CUDA-graph
-    capture (nothing can be timed) an untuned shape takes ``DEFAULT_CONFIG``."""
-    N, K = w_packed.shape[0], x.shape[-1]
-    key = (x.device, N, K, group_size, x.dtype, bias is not None, pdl)
+    ``_common.short_bench`` (host gaps excluded) on these arguments and ``opts`` (the options of
+    ``int4_gemv_gluon_launch`` the call will run with: RMSNorm, SwiGLU and the residual add
+    registers, which can change the fastest tile), as Triton's autotuner would, but in three
+    rounds of alternating order, each candidate's best round counting (one round picked a
+    different tile from one process to the next at 2-5 % apart); cached per (device, N, K,
+    group size, dtype, bias, PDL, options). During a CUDA-graph capture (nothing can be
+    timed) an untuned shape takes ``DEFAULT_CONFIG``."""
+    N, K = w_packed.shape[0], x.shape[-1] // (2 if opts.get("glu") else 1)
+    key = (x.device, N, K, group_size, x.dtype, bias is not None, pdl, bool(opts.get("glu")),
+           opts.get("norm_weight") is not None, opts.get("residual") is not None)
     if key not in _TUNED:
         if torch.cuda.is_current_stream_capturing():
             return DEFAULT_CONFIG
@@ -621,9 +626,12 @@ def tuned_config(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, 
             _TUNED[key] = cands[0]
         else:
             out = torch.empty((1, N), dtype=x.dtype, device=x.device)
-            times = []
-            for c in cands:
-                times.append(short_bench(lambda c=c: int4_gemv_gluon_launch(x, w_packed, scales, zeros, group_size,
-                                                                            bias, c, pdl, out), [0.5]))
+            times = [float("inf")] * len(cands)
+            for rnd in range(3):
+                for i in (range(len(cands)) if rnd % 2 == 0 else reversed(range(len(cands)))):
+                    c = cands[i]
+                    t = short_bench(lambda c=c: int4_gemv_gluon_launch(x, w_packed, scales, zeros, group_size, bias,
+                                                                       c, pdl, out, **opts), [0.5])
+                    times[i] = min(times[i], t)
             _TUNED[key] = cands[min(range(len(cands)), key=times.__getitem__)]
     return _TUNED[key]

@@ -1365,9 +1365,8 @@ def int4_weight_only_linear_triton(x: torch.Tensor, w_packed: torch.Tensor, scal
             pdl = pdl_options(x)["PDL"]
             if gluon_config:
                 cfg = {k: v for k, v in config.items() if k != "GLUON"}
-            else:  # tuned on the plain product (the options add a prologue and epilogue)
-                plain = x2[:, :K] if glu else x2
-                cfg = ig.tuned_config(plain, w_packed, scales, zeros, group_size, bias, pdl)
+            else:  # tuned with the options (they change the registers, and so the fastest tile)
+                cfg = ig.tuned_config(x2, w_packed, scales, zeros, group_size, bias, pdl, **opts)
             out = ig.int4_gemv_gluon_launch(x2, w_packed, scales, zeros, group_size, bias, cfg, pdl, **opts)
             return out.reshape(*x.shape[:-1], N)
         if forced:

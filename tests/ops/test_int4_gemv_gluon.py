@@ -315,6 +315,47 @@ def test_gluon_gemv_refuses_a_ring_larger_than_shared_memory():
         ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128, config=dict(block_n=32, warps=8, par=2))
 
 
+def test_gluon_gemv_tuner_times_the_options_and_keeps_each_candidates_best_round(monkeypatch):
+    """The tuner times each candidate with the options the call runs (they change the kernel),
+    in three rounds of alternating order, and picks by each candidate's best round: a
+    candidate slow in one round only still wins; another set of options is tuned anew."""
+    import fastzoo.ops._common as common
+    import fastzoo.ops.int8_mm as int8_mm
+
+    cands = [dict(block_n=64, warps=4, split_k=1), dict(block_n=32, warps=4, par=2, split_k=1),
+             dict(block_n=16, warps=4, par=4, split_k=1)]
+    # µs of each candidate in rounds 1, 2, 3: by one round's median candidate 2 would win
+    script = {0: [5.0, 5.0, 5.0], 1: [6.0, 3.0, 6.0], 2: [4.0, 4.0, 4.0]}
+    calls, order = [], []
+    monkeypatch.setattr(ig, "candidates", lambda N, K, n: cands)
+    monkeypatch.setattr(int8_mm, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(ig, "int4_gemv_gluon_launch", lambda *a, **k: calls.append((a[6], k)))
+
+    def fake_bench(fn, quantiles):
+        fn()
+        i = cands.index(calls[-1][0])
+        order.append(i)
+        return script[i][sum(1 for j in order if j == i) - 1]
+
+    monkeypatch.setattr(common, "short_bench", fake_bench)
+    monkeypatch.setattr(ig, "_TUNED", {})
+    x = torch.empty(1, 2 * 256, device="meta", dtype=torch.bfloat16)
+    w, s, z = (torch.empty(48, 128, device="meta", dtype=torch.uint8),
+               *(torch.empty(48, 2, device="meta", dtype=torch.bfloat16) for _ in range(2)))
+    res = torch.empty(1, 48, device="meta", dtype=torch.bfloat16)
+    assert ig.tuned_config(x, w, s, z, 128, None, True, glu=True, residual=res) is cands[1]
+    assert order == [0, 1, 2, 2, 1, 0, 0, 1, 2]
+    assert all(k == dict(glu=True, residual=res) for _, k in calls)
+    n = len(calls)
+    assert ig.tuned_config(x, w, s, z, 128, None, True, glu=True, residual=res) is cands[1]  # cached
+    assert len(calls) == n
+    order.clear()
+    ig.tuned_config(x[:, :256], w, s, z, 128, None, True)  # no options: another kernel, tuned anew
+    assert len(calls) == n + 9 and all(k == {} for _, k in calls[n:])
+
+
 def test_gluon_gemv_candidates_fill_the_gpu():
     """The tuner's candidates: each split has at least one segment, every warp a row block,
     and the grid's (programs × segments side by side) cover the 132 SMs where the shape
