@@ -273,8 +273,9 @@ def sweep_summary(rows: list[dict]) -> list[dict]:
         sel = sorted((r for r in rows if (r["shape"], r["M"], r["kind"]) == key), key=lambda r: r["us"])
         c = sel[0]["config"]
         if c.get("GLUON"):  # the Gluon GEMV's keys (int4_gemv_gluon.SWEEP)
-            tile = (f"N{c['block_n']} split{c['split_k']} w{c['warps']} ring{c['stages']}x{c.get('segs', 1)}"
-                    + (f" par{c['par']}" if c.get("par", 1) > 1 else ""))
+            from fastzoo.ops.int4_gemv_gluon import tile_name
+
+            tile = tile_name(c)
         else:
             tile = (f"N{c['BLOCK_N']} K{c.get('BLOCK_K', 128)} split{c['SPLIT_K']} w{c['num_warps']} "
                     f"s{c['num_stages']}" + (" prefetch" if c.get("PREFETCH") else "")

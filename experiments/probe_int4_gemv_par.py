@@ -69,9 +69,7 @@ def main(argv=None):
                                                                        **q[4]),
                               inputs=packs, warmup=3, rep=100, device=dev, cuda_graph=True)
             us = r["median_ms"] * 1e3
-            tile = (f"N{c['block_n']} w{c['warps']} split{c['split_k']} ring{c['stages']}x{c['segs']}"
-                    + (f" par{c['par']}" if c.get("par", 1) > 1 else ""))
-            timed.append({"shape": name, "N": N, "K": K, "tile": tile, "us": us, "GB/s": nbytes / us / 1e3,
+            timed.append({"shape": name, "N": N, "K": K, "tile": ig.tile_name(c), "us": us, "GB/s": nbytes / us / 1e3,
                           "config": c, "fusions": sorted(opts)})
             print(f"{name} {us:7.2f} us {nbytes / us / 1e3:7.0f} GB/s {c}", flush=True)
         rows += sorted(timed, key=lambda r: r["us"])

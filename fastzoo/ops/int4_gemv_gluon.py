@@ -65,7 +65,7 @@ def group_applies(group_size: int) -> bool:
     return group_size in (32, 64) or (group_size > 0 and group_size % SEGMENT == 0)
 
 
-# rows a program (16 * row blocks, at least one a warp), warps, splits of K at most (each split
+# rows a program (16 * row blocks; times par, at least one a warp), warps, splits of K at most (each split
 # a contiguous range of 128-column segments), ring depth in slots, segments a slot (1 or 2 one
 # after the other: one barrier wait and refill per slot); optional "par" (1, 2 or 4): each step
 # of a slot holds that many segments side by side, taken by different warps (par · block_n / 16
@@ -84,6 +84,18 @@ SHARED_LIMIT = 232448  # bytes of shared memory a program may take on Hopper (22
 _TUNED: dict = {}  # (device, N, K, group, dtype, bias, pdl, options) -> the fastest candidate (tuned_config)
 
 
+def ring_bytes(cfg: dict) -> int:
+    """Shared memory of a configuration's weight ring: stages × segments a slot (segs one after
+    the other, each of par side by side) × 64 bytes a row."""
+    return cfg["stages"] * cfg.get("segs", 1) * cfg.get("par", 1) * cfg["block_n"] * 64
+
+
+def tile_name(cfg: dict) -> str:
+    """A configuration as text, e.g. ``N32 split1 w4 ring2x2 par2`` (benchmarks' tables)."""
+    return (f"N{cfg['block_n']} split{cfg['split_k']} w{cfg['warps']} ring{cfg['stages']}x{cfg.get('segs', 1)}"
+            + (f" par{cfg['par']}" if cfg.get("par", 1) > 1 else ""))
+
+
 def _staged_segments(n_seg: int, split: int, warps: int) -> int:
     """Segments of staged input a program holds (the kernel's ``NS``): a split's segments
     rounded up to a pass of ``_stage_x`` (8 a warp)."""
@@ -98,7 +110,7 @@ def _staged_bytes(n_seg: int, split: int, warps: int) -> int:
 
 
 def candidates(N: int, K: int, num_sms: int) -> list[dict]:
-    """The configurations ``tuned_config`` times for an (N, K) weight, the winners of a sweep at
+    """The configurations ``tuned_config`` times for an (N, K) weight, chosen from a probe of
     Llama-2-7B's shapes with the decode's fusions (``int4_gemv_gluon_par_probe.json``): 64 rows
     a program on 4 warps with 8 segments in flight (8 one-segment slots or 4 two-segment
     ones) at the splits of K that give between one and four programs an SM (or the largest
@@ -135,16 +147,16 @@ if gluon_available():
     from .weight_only_linear import _int4_mma_segment_p, _int4_mma_sz
 
     @gluon.jit
-    def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES: gl.constexpr, SEGS: gl.constexpr):
-        """TMA of the program's i-th slot, its SEGS segments i·SEGS.., into ring slot i % STAGES
+    def _issue(w_desc, bufs, bars, i, seg0, n_local, row0, STAGES: gl.constexpr, T: gl.constexpr):
+        """TMA of the program's i-th slot, its T segments i·T.., into ring slot i % STAGES
         (none past the last; a last slot with fewer segments left reads the last one again)."""
-        pred = i * SEGS < n_local
+        pred = i * T < n_local
         s = i % STAGES
         bar = bars.index(s)
-        mbarrier.expect(bar, SEGS * w_desc.block_type.nbytes, pred=pred)
-        for t in gl.static_range(SEGS):
-            seg = seg0 + gl.minimum(i * SEGS + t, n_local - 1)
-            tma.async_copy_global_to_shared(w_desc, [row0, seg * 16], bar, bufs.index(s * SEGS + t), pred)
+        mbarrier.expect(bar, T * w_desc.block_type.nbytes, pred=pred)
+        for t in gl.static_range(T):
+            seg = seg0 + gl.minimum(i * T + t, n_local - 1)
+            tma.async_copy_global_to_shared(w_desc, [row0, seg * 16], bar, bufs.index(s * T + t), pred)
 
     @gluon.jit
     def _lane_words(t, L2: gl.constexpr):
@@ -235,10 +247,11 @@ if gluon_available():
         p·GB + g holding segment j + p (GB: 1, broadcast over the row blocks, or G where the
         segments go to different warps: the kernel's PAR), lane 4r + c holding the words
         16c..16c+15 (its 32 columns, each 8 in the mma's pair order). Four 16-byte shared loads
-        a lane (the 8 lanes of a column quarter read the same addresses). ``fill``: the (8, 4)
+        a lane for each segment its rows hold (the 8 lanes of a column quarter read the same
+        addresses). ``fill``: the (8, 4)
         [r, c] int32 mask each lane's pairs are and-ed with (-1: kept, 0: zero), or None: kept
         in every lane (groups of 128 or more)."""
-        B: gl.constexpr = min(GB, num_warps)  # the warps of one segment (over its row blocks)
+        B: gl.constexpr = GB  # the warps of one segment (one row block each: GB ≤ num_warps, see the launcher)
         LX: gl.constexpr = gl.BlockedLayout([1, 1, 16], [1, 4, 8], [num_warps // B, 1, B], [1, 2, 0])
         flat3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
         # xs (NS, 2, 64) → (NS / PAR, 2 PAR, 64): j is a multiple of PAR
@@ -280,7 +293,7 @@ if gluon_available():
         """(PAR, 4) [p, c], lane 4r + c holding element [p, c] → (PAR·GB, 32) in L2, element
         [p·GB + g, 4r + c] in lane 4r + c (the same for every g): relabellings only, checked at
         compile time; and-ed with ``fill`` [r, c] if given."""
-        B: gl.constexpr = min(GB, num_warps)
+        B: gl.constexpr = GB
         LB: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [1, 1, 8, 4], [num_warps // B, B, 1, 1], [3, 2, 1, 0])
         PAR: gl.constexpr = t.shape[0]
         t = gl.convert_layout(t, gl.SliceLayout(1, gl.SliceLayout(2, LB)), assert_trivial=True)
@@ -301,7 +314,7 @@ if gluon_available():
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         if PAR * GB == 1:
             return sxs.index(j)._reinterpret(gl.float32, [1, 32], flat2).load(L2)
-        B: gl.constexpr = min(GB, num_warps)
+        B: gl.constexpr = GB
         LS: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 1, 32], [num_warps // B, B, 1], [2, 1, 0])
         t = sxs._reinterpret(gl.float32, [sxs.shape[0] // PAR, PAR, 32], sxs.layout).index(j // PAR)
         t = t._reinterpret(gl.float32, [PAR, 32], flat2).load(gl.SliceLayout(1, LS))
@@ -557,24 +570,26 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     N = w_packed.shape[0]
     x2 = x.reshape(1, -1).contiguous()
     w32 = w_packed.view(torch.int32)  # (N, K/8): word j holds columns 8j..8j+7, column 8j + i at bits 4i
-    bn, warps, par = cfg["block_n"], cfg["warps"], cfg.get("par", 1)
+    bn, warps, par, segs = cfg["block_n"], cfg["warps"], cfg.get("par", 1), cfg.get("segs", 1)
     if par not in (1, 2, 4):
         raise ValueError(f"int4_gemv_gluon_launch: par (segments side by side in a program's warps) must be 1, 2 or 4, "
                          f"got {par}")
     if bn not in (16, 32, 64, 128, 256) or (bn * par) % (16 * warps):
         raise ValueError(f"int4_gemv_gluon_launch: block_n must be a power of two of 16..256 rows with, times "
                          f"par={par}, a row block of 16 for each of the {warps} warps at least, got block_n={bn}")
-    if cfg.get("segs", 1) not in (1, 2):
-        raise ValueError(f"int4_gemv_gluon_launch: segs (segments a ring slot) must be 1 or 2, got {cfg['segs']}")
+    if par > 1 and bn > 16 * warps:  # each warp holds at most one row block of a segment (_x_from_smem's layout)
+        raise ValueError(f"int4_gemv_gluon_launch: with par={par} a warp takes one row block of a segment: block_n "
+                         f"must be at most 16 rows a warp ({16 * warps} for {warps} warps), got block_n={bn}")
+    if segs not in (1, 2):
+        raise ValueError(f"int4_gemv_gluon_launch: segs (segments a ring slot) must be 1 or 2, got {segs}")
     if cfg["stages"] < 1:
         raise ValueError(f"int4_gemv_gluon_launch: stages (ring slots) must be at least 1, got {cfg['stages']}")
-    ring = cfg["stages"] * cfg.get("segs", 1) * par * bn * 64
+    ring = ring_bytes(cfg)
     n_seg = K // SEGMENT
     least = _staged_bytes(n_seg, n_seg, warps)  # the staged input at the largest split
     if ring + least + 1024 > SHARED_LIMIT:
-        raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {cfg.get('segs', 1) * par} "
-                         f"segments "
-                         f"for {bn} rows needs {ring} bytes of shared memory; beside the staged input ({least} "
+        raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {segs * par} "
+                         f"segments for {bn} rows needs {ring} bytes of shared memory; beside the staged input ({least} "
                          f"bytes at least for {warps} warps) at most {SHARED_LIMIT - 1024 - least} fit")
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
@@ -595,7 +610,7 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     _int4_gemv_gluon_kernel[(n_tiles, split)](
         w_desc, x2, nw, r, s, z, b, out, ws, cnt, N, K, s.stride(0), z.stride(0),
         float(norm_eps), GROUP=group_size, HAS_BIAS=bias is not None, F16=x.dtype == torch.float16,
-        SPLIT_K=split, STAGES=cfg["stages"], SEGS=cfg.get("segs", 1), PAR=par, NORM=norm_weight is not None, GLU=glu,
+        SPLIT_K=split, STAGES=cfg["stages"], SEGS=segs, PAR=par, NORM=norm_weight is not None, GLU=glu,
         HAS_RES=residual is not None, NS=_staged_segments(n_seg, split, warps), PDL=pdl,
         TRIGGER=pdl and cfg.get("trigger", False), num_warps=warps, **({"launch_pdl": True} if pdl else {}))
     return out
@@ -607,8 +622,8 @@ def tuned_config(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor, 
     ``_common.short_bench`` (host gaps excluded) on these arguments and ``opts`` (the options of
     ``int4_gemv_gluon_launch`` the call will run with: RMSNorm, SwiGLU and the residual add
     registers, which can change the fastest tile), as Triton's autotuner would, but in three
-    rounds of alternating order, each candidate's best round counting (one round picked a
-    different tile from one process to the next at 2-5 % apart); cached per (device, N, K,
+    rounds of alternating order, each candidate's best round counting (one round picked
+    different tiles from one process to the next); cached per (device, N, K,
     group size, dtype, bias, PDL, options). During a CUDA-graph capture (nothing can be
     timed) an untuned shape takes ``DEFAULT_CONFIG``."""
     N, K = w_packed.shape[0], x.shape[-1] // (2 if opts.get("glu") else 1)
