@@ -65,9 +65,9 @@ def group_applies(group_size: int) -> bool:
     return group_size in (32, 64) or (group_size > 0 and group_size % SEGMENT == 0)
 
 
-# rows a program (16 * row blocks; times par, at least one a warp), warps, splits of K at most (each split
-# a contiguous range of 128-column segments), ring depth in slots, segments a slot (1 or 2 one
-# after the other: one barrier wait and refill per slot); optional "par" (1, 2 or 4): each step
+# rows a program (16 * row blocks; times par, at least one a warp), warps, splits of K at most
+# (each split a contiguous range of 128-column segments), ring depth in slots, segments a slot
+# (1 or 2 one after the other: one barrier wait and refill per slot); optional "par" (1, 2 or 4): each step
 # of a slot holds that many segments side by side, taken by different warps (par · block_n / 16
 # row blocks' shares over the warps, summed across warps at the end: more warps on the same
 # rows without split-K's partials and its per-program staging of x); optional "trigger": True
@@ -248,9 +248,8 @@ if gluon_available():
         segments go to different warps: the kernel's PAR), lane 4r + c holding the words
         16c..16c+15 (its 32 columns, each 8 in the mma's pair order). Four 16-byte shared loads
         a lane for each segment its rows hold (the 8 lanes of a column quarter read the same
-        addresses). ``fill``: the (8, 4)
-        [r, c] int32 mask each lane's pairs are and-ed with (-1: kept, 0: zero), or None: kept
-        in every lane (groups of 128 or more)."""
+        addresses). ``fill``: the (8, 4) [r, c] int32 mask each lane's pairs are and-ed with
+        (-1: kept, 0: zero), or None: kept in every lane (groups of 128 or more)."""
         B: gl.constexpr = GB  # the warps of one segment (one row block each: GB ≤ num_warps, see the launcher)
         LX: gl.constexpr = gl.BlockedLayout([1, 1, 16], [1, 4, 8], [num_warps // B, 1, B], [1, 2, 0])
         flat3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
@@ -588,8 +587,8 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
     n_seg = K // SEGMENT
     least = _staged_bytes(n_seg, n_seg, warps)  # the staged input at the largest split
     if ring + least + 1024 > SHARED_LIMIT:
-        raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {segs * par} "
-                         f"segments for {bn} rows needs {ring} bytes of shared memory; beside the staged input ({least} "
+        raise ValueError(f"int4_gemv_gluon_launch: a ring of {cfg['stages']} slots of {segs * par} segments "
+                         f"for {bn} rows needs {ring} bytes of shared memory; beside the staged input ({least} "
                          f"bytes at least for {warps} warps) at most {SHARED_LIMIT - 1024 - least} fit")
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     w_desc = TensorDescriptor(w32, [N, K // 8], [w32.stride(0), 1], [bn, 16], layout)
