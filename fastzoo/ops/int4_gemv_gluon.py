@@ -120,17 +120,17 @@ def candidates(N: int, K: int, num_sms: int) -> list[dict]:
     compile at the first call (the whole sweep: ``experiments.bench_weight_only_linear
     --sweep``)."""
     n_seg = max(1, K // SEGMENT)
-    out = []
-    for bn, warps, par, rings in ((64, 4, 1, ((8, 1), (4, 2))), (32, 4, 2, ((2, 2),)), (16, 4, 4, ((2, 1),)),
-                                  (32, 8, 4, ((2, 1),))):
+
+    def filling(bn):  # the splits that give one to four programs an SM (or the largest where even that is too few)
         tiles = -(-N // bn)
         splits = [sk for sk in (1, 2, 4, 8, 16) if sk <= n_seg and num_sms <= tiles * sk <= 4 * num_sms]
-        if not splits:
-            splits = [min(16, n_seg) if tiles < num_sms else 1]
-        if par == 4:
-            splits = [1]
-        elif par == 2 and 1 not in splits:
-            splits = [1] + splits
+        return splits or [min(16, n_seg) if tiles < num_sms else 1]
+
+    out = []
+    # rows, warps, par, ring (slots, segments a slot), splits
+    for bn, warps, par, rings, splits in ((64, 4, 1, ((8, 1), (4, 2)), filling(64)),
+                                          (32, 4, 2, ((2, 2),), sorted({1, *filling(32)})),
+                                          (16, 4, 4, ((2, 1),), [1]), (32, 8, 4, ((2, 1),), [1])):
         out += [{"block_n": bn, "warps": warps, "split_k": sk, "stages": st, "segs": sg,
                  **({"par": par} if par > 1 else {})}
                 for sk in splits for st, sg in rings]
@@ -250,8 +250,8 @@ if gluon_available():
         a lane for each segment its rows hold (the 8 lanes of a column quarter read the same
         addresses). ``fill``: the (8, 4) [r, c] int32 mask each lane's pairs are and-ed with
         (-1: kept, 0: zero), or None: kept in every lane (groups of 128 or more)."""
-        B: gl.constexpr = GB  # the warps of one segment (one row block each: GB ≤ num_warps, see the launcher)
-        LX: gl.constexpr = gl.BlockedLayout([1, 1, 16], [1, 4, 8], [num_warps // B, 1, B], [1, 2, 0])
+        # GB warps take one segment (one row block each: GB ≤ num_warps, see the launcher)
+        LX: gl.constexpr = gl.BlockedLayout([1, 1, 16], [1, 4, 8], [num_warps // GB, 1, GB], [1, 2, 0])
         flat3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
         # xs (NS, 2, 64) → (NS / PAR, 2 PAR, 64): j is a multiple of PAR
         t = xs._reinterpret(xs.dtype, [xs.shape[0] // PAR, 2 * PAR, 64], xs.layout).index(j // PAR)
@@ -292,8 +292,7 @@ if gluon_available():
         """(PAR, 4) [p, c], lane 4r + c holding element [p, c] → (PAR·GB, 32) in L2, element
         [p·GB + g, 4r + c] in lane 4r + c (the same for every g): relabellings only, checked at
         compile time; and-ed with ``fill`` [r, c] if given."""
-        B: gl.constexpr = GB
-        LB: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [1, 1, 8, 4], [num_warps // B, B, 1, 1], [3, 2, 1, 0])
+        LB: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1], [1, 1, 8, 4], [num_warps // GB, GB, 1, 1], [3, 2, 1, 0])
         PAR: gl.constexpr = t.shape[0]
         t = gl.convert_layout(t, gl.SliceLayout(1, gl.SliceLayout(2, LB)), assert_trivial=True)
         t = gl.expand_dims(gl.expand_dims(t, 1), 2)  # [p, g, r, c]
@@ -311,10 +310,9 @@ if gluon_available():
         """Segments j..j+PAR-1's Σx from ``_stage_x``'s buffer, (PAR·GB, 32) in L2 as
         ``_x_from_smem``'s pairs."""
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        if PAR * GB == 1:
+        if PAR == 1:  # (GB is 1)
             return sxs.index(j)._reinterpret(gl.float32, [1, 32], flat2).load(L2)
-        B: gl.constexpr = GB
-        LS: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 1, 32], [num_warps // B, B, 1], [2, 1, 0])
+        LS: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 1, 32], [num_warps // GB, GB, 1], [2, 1, 0])
         t = sxs._reinterpret(gl.float32, [sxs.shape[0] // PAR, PAR, 32], sxs.layout).index(j // PAR)
         t = t._reinterpret(gl.float32, [PAR, 32], flat2).load(gl.SliceLayout(1, LS))
         t = gl.expand_dims(t, 1) + gl.zeros((PAR, GB, 32), gl.float32, LS)
@@ -370,7 +368,7 @@ if gluon_available():
         # the accumulators' rows: q = p·G + g, row block g's share of segment j + p of a step (one
         # segment of each row block with PAR = 1; PAR segments side by side in PAR·G warps else)
         q = gl.expand_dims(gl.arange(0, PAR * G, layout=gl.SliceLayout(1, L2)), 1)
-        if PAR > 1:
+        if PAR > 1:  # (PAR = 1 keeps the code of before: no index arithmetic)
             g_idx = q % G
             qp = q // G
             GB: gl.constexpr = G  # x differs between a warp's row blocks (_x_from_smem)
