@@ -26,8 +26,9 @@ bytes without split-K's costs (each program stages its split's x, and the splits
 meet in global memory).
 
 Before its first segment each program stages its split's product input in shared memory, 8
-segments a warp a pass (a pass's loads all in flight at once): each 8 columns in the order the mma's pairs take
-them, and each segment's Σx (the zero point's term). The loop then reads x with 16-byte
+segments a warp a pass (a pass's loads all in flight at once, 8 columns a thread in one 16-byte
+load): each 8 columns in the order the mma's pairs take them (reordered in registers), and
+each segment's Σx (the zero point's term). The loop then reads x with 16-byte
 shared loads and needs no permutes and no second mma for Σx; the scales and zeros come from
 global memory a segment ahead. ``decode_linear``'s options (RMSNorm, SwiGLU, residual) run
 in the same staging: silu(a)·b and the norm weight are applied to the staged values, each
@@ -191,7 +192,8 @@ if gluon_available():
         XDT: gl.constexpr = xe_ptr.dtype.element_ty
         a = gl.load(xe_ptr + cols, mask=mask, other=0.0).to(gl.float32)
         if GLU:
-            b = gl.load(xe_ptr + K + cols, mask=mask, other=0.0).to(gl.float32)
+            # (K is a multiple of 128: written so, the compiler knows b's 16-byte loads are aligned)
+            b = gl.load(xe_ptr + (K // 128) * 128 + cols, mask=mask, other=0.0).to(gl.float32)
             a = (a / (1.0 + gl.exp(-a))).to(XDT).to(gl.float32)  # F.silu in x's dtype
             a = (a * b).to(XDT).to(gl.float32)
         v = a
@@ -204,15 +206,17 @@ if gluon_available():
                  GROUP: gl.constexpr, num_warps: gl.constexpr):
         """The split's product input (``_prologue``) into shared memory, 8 segments a warp a
         pass (the pass's loads all in flight at once: the input's latency is paid once, not once
-        a segment): xs (segments rounded up to a pass, 2, 64) in x's dtype, segment j's 128
-        values at j · 128 with each 8 columns in the order the mma's pairs take them (0 4 1 5
-        2 6 3 7: no permutes in the loop), and sxs (segments, 1, 32): segment j's Σ of those
+        a segment; each thread's 8 columns in one 16-byte load, 8 times fewer loads than one a
+        column, which took a program 1.5-4.4 µs instead of 1.3-3.9 at Llama-2-7B's shapes):
+        xs (segments rounded up to a pass, 2, 64) in x's dtype, segment j's 128 values at j ·
+        128 with each 8 columns in the order the mma's pairs take them (0 4 1 5 2 6 3 7,
+        reordered in registers: no permutes in the loop), and sxs (segments, 1, 32): segment j's Σ of those
         values, 32 copies (one a lane; the zero point's term, which the ``tl`` kernel gets from
         a second mma). With groups of 32 or 64 columns (``Q`` = 1 or 2 column quarters of a
         segment) lane 4r + c holds instead the Σx of the group that starts at quarter c, 0 where
         no group starts there (see ``_int4_gemv_gluon_kernel``). Returns Σv² over the split's
         columns (the RMSNorm's share: the splits of a row tile together cover the row)."""
-        LP: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [num_warps, 1], [1, 0])
+        LP: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
         flat2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         CH: gl.constexpr = 8 * num_warps  # segments a pass: all their loads in flight together
         rows = gl.arange(0, CH, layout=gl.SliceLayout(1, LP))
@@ -220,17 +224,19 @@ if gluon_available():
         ssq = 0.0
         for t in range(gl.cdiv(n_local, CH)):
             segs = gl.expand_dims(t * CH + rows, 1)
-            src = (cols // 8) * 8 + (cols % 8) // 2 + 4 * (cols % 2)  # position p holds column src
-            # (cols < 128 always holds: it broadcasts the segments' mask over the tile)
-            xp, v = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + src, (segs < n_local) & (cols < 128), K,
+            # each thread's 8 columns in one 16-byte load (cols < 128 always holds: it broadcasts
+            # the segments' mask over the tile)
+            xp, v = _prologue(xe_ptr, nw_ptr, (seg0 + segs) * 128 + cols, (segs < n_local) & (cols < 128), K,
                               GLU, NORM)
+            # each 8 columns in the mma's pair order, 0 4 1 5 2 6 3 7, in registers: [.., h, i] → [.., i, h]
+            xq = gl.reshape(gl.permute(gl.reshape(xp, (CH, 16, 2, 4)), (0, 1, 3, 2)), (CH, 128))
             tiles = xs._reinterpret(xs.dtype, [xs.shape[0] // CH, 2 * CH, 64], xs.layout)
-            tiles.index(t)._reinterpret(xs.dtype, [CH, 128], flat2).store(xp.to(xs.dtype))
-            if GROUP < 128:
+            tiles.index(t)._reinterpret(xs.dtype, [CH, 128], flat2).store(xq.to(xs.dtype))
+            if GROUP < 128:  # (the permutation keeps each column in its quarter: the sums of xp)
                 Q: gl.constexpr = GROUP // 32
                 c = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LP)), 0) % 4  # lane 4r + c's quarter
                 sums = gl.zeros((CH, 32), gl.float32, LP)
-                for cq in gl.static_range(4):  # the quarters (position p holds a column of quarter p // 32)
+                for cq in gl.static_range(4):  # the quarters
                     part = gl.expand_dims(gl.sum(gl.where(cols // 32 == cq, xp, 0.0), axis=1), 1)
                     sums += gl.where((c // Q == cq // Q) & (c % Q == 0), part, 0.0)
             else:

@@ -413,8 +413,8 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
     slot loop: one row block a warp needs 16 m16n8k16 mma a segment; its words reach
     the lanes by two 16-byte shared loads (rows r and r + 8, 512 bytes apart) and no
     shuffle (the relabelling of the loaded tile to the lanes' layout is checked trivial at
-    compile time); TMA fills the ring; no local-memory spills; with PDL the wait comes after
-    the first TMA requests."""
+    compile time); the staging loads x (and the norm weight) 16 bytes a thread; TMA fills
+    the ring; no local-memory spills; with PDL the wait comes after the first TMA requests."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
     plain = dict(norm=False, glu=False, res=False)  # n_seg: K / 128 (4096, or 11008 for w2)
@@ -463,6 +463,9 @@ def test_gluon_gemv_compiles_for_hopper_without_a_gpu():
         assert "prmt" not in loop
         assert "+512]" in loop  # rows r + 8: 8 rows of 64 bytes on
         assert "shfl" not in loop
+        # the staging: 8 columns a thread in one 16-byte load of x (a and b with SwiGLU) and of the
+        # norm weight (32 values a thread a pass)
+        assert ptx.count("ld.global.v4.b32") == 4 * (1 + item["glu"] + item["norm"])
         assert "cp.async.bulk.tensor.2d" in ptx
         assert ".local" not in ptx
         if item["pdl"]:
