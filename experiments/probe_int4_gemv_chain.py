@@ -7,8 +7,10 @@ distinct weights (3.4 GB: nothing stays in the L2), PDL on. The base set is the 
 the decode (``llama_decode_int4_par_ab.json``); each other set changes some keys of some shapes'
 tiles. One tile timed alone swings by 10-15 % from run to run on one machine (its launch and
 ramp-up are most of it); the chain, where consecutive kernels overlap as in the model, repeats
-within about 1 %. Every set is timed in ``--rounds`` rounds of alternating order; the record
-keeps each round and the median.
+within 1-3.5 % (the rounds of int4_gemv_gluon_boundary_study.json). Every set is timed in
+``--rounds`` rounds of alternating order; the record keeps each round and the median. Each set's
+outputs are checked against the base set's: bitwise, or within 2 % (relative norm) where the
+tile adds the fp32 sums in another order (other warps or rows: RMSNorm's Σv²), as recorded.
 """
 from __future__ import annotations
 
@@ -46,11 +48,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     p.add_argument("--name", default="int4_gemv_gluon_chain_sets")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of timing, at least 1")
     p.add_argument("--sets", default=None, help=f"comma-separated subset of: {', '.join(SETS)} (default all)")
     args = p.parse_args(argv)
     names = list(SETS) if args.sets is None else [n.strip() for n in args.sets.split(",")]
     unknown = [n for n in names if n not in SETS]
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if unknown or "base" not in names:
         p.error(f"--sets takes names of {', '.join(SETS)} and needs base; got {args.sets}")
     dev = harness.require_cuda("the Gluon int4 GEMV")
@@ -60,7 +64,7 @@ def main(argv=None):
     layers = [(name, *_inputs(*SHAPES[name], g, dev)[1:4]) for _ in range(32) for name in SHAPES]
     xin = {name: _inputs(*SHAPES[name], g, dev) for name in SHAPES}
     nbytes = sum(w.numel() + 4 * s.numel() for _, w, s, z in layers)
-    base_out = {}
+    base_out, checks = {}, {}
     sets = {n: SETS[n] for n in ["base", *[n for n in names if n != "base"]]}
     for set_name, changes in sets.items():  # each tile once (compiles) and its output against the base tile's
         for name, cfg in configs(changes).items():
@@ -68,8 +72,13 @@ def main(argv=None):
             out = ig.int4_gemv_gluon_launch(x, *layers[list(SHAPES).index(name)][1:4], GROUP, None, cfg, True, **kw)
             if set_name == "base":
                 base_out[name] = out
-            elif not torch.equal(out, base_out[name]):
-                raise SystemExit(f"{set_name}: {name}'s tile {cfg} differs from the base tile's output")
+                continue
+            ref = base_out[name].float()
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            if rel > 2e-2:  # a wrong tile, not another order of fp32 sums
+                raise SystemExit(f"{set_name}: {name}'s tile {cfg} differs from the base tile's output "
+                                 f"(relative norm {rel:.2e})")
+            checks[f"{set_name} {name}"] = "bitwise" if torch.equal(out, base_out[name]) else f"rel {rel:.1e}"
     times = {k: [] for k in sets}
     for rnd in range(args.rounds):
         for set_name in (list(sets) if rnd % 2 == 0 else list(reversed(sets))):
@@ -89,7 +98,7 @@ def main(argv=None):
     for r in sorted(rows, key=lambda r: r["us_per_step"]):
         print(f"{r['set']:16s} {r['us_per_step']:7.0f} us {r['GB/s']:6.0f} GB/s {r['vs_base']:.3f}x base "
               f"(rounds {', '.join(f'{t:.0f}' for t in r['rounds_us'])})")
-    path = harness.save_result(args.name, {"rows": rows, "base": BASE}, args, args.out_dir)
+    path = harness.save_result(args.name, {"rows": rows, "base": BASE, "output_checks": checks}, args, args.out_dir)
     print(f"saved {path}")
 
 

@@ -570,6 +570,10 @@ def int4_gemv_gluon_launch(x: torch.Tensor, w_packed: torch.Tensor, scales: torc
         raise ValueError(f"int4_gemv_gluon_launch: group_size must be {GROUPS}, got {group_size}")
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     K = x.shape[-1] // (2 if glu else 1)
+    # (whole segments; the kernel reads SwiGLU's b at (K // 128) · 128)
+    if K <= 0 or K % SEGMENT or x.shape[-1] != K * (2 if glu else 1):
+        raise ValueError(f"int4_gemv_gluon_launch: x's last dimension must be a positive multiple of {SEGMENT}"
+                         f"{' (twice that with glu)' if glu else ''}, got {x.shape[-1]}")
     N = w_packed.shape[0]
     x2 = x.reshape(1, -1).contiguous()
     w32 = w_packed.view(torch.int32)  # (N, K/8): word j holds columns 8j..8j+7, column 8j + i at bits 4i

@@ -19,9 +19,11 @@ def test_sets_change_only_their_shapes_keys():
             assert cfg.get("par", 1) == 1 or cfg["block_n"] <= 16 * cfg["warps"]
 
 
-@pytest.mark.parametrize("sets", ["base,nope", "ring4x1"])
-def test_unknown_sets_or_no_base_are_refused(sets, capsys):
+@pytest.mark.parametrize("argv,said", [(["--sets", "base,nope"], "--sets takes names of base, ring4x1"),
+                                       (["--sets", "ring4x1"], "--sets takes names of base, ring4x1"),
+                                       (["--rounds", "0"], "--rounds must be at least 1, got 0")])
+def test_unknown_sets_no_base_or_no_rounds_are_refused(argv, said, capsys):
     with pytest.raises(SystemExit) as e:
-        chain.main(["--sets", sets])
+        chain.main(argv)
     assert e.value.code == 2
-    assert "--sets takes names of base, ring4x1" in capsys.readouterr().err
+    assert said in capsys.readouterr().err

@@ -300,6 +300,11 @@ def test_gluon_gemv_refuses_a_ring_larger_than_shared_memory():
     with pytest.raises(ValueError, match="bytes of shared memory"):
         ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), 128,
                                   config=dict(block_n=256, warps=8, split_k=1, stages=12, segs=2))
+    with pytest.raises(ValueError, match="positive multiple of 128"):  # K = 200: the kernel takes whole segments
+        ig.int4_gemv_gluon_launch(torch.randn(1, 200, generator=g).bfloat16(), p, s4.bfloat16(), z4.bfloat16(), 128)
+    with pytest.raises(ValueError, match=r"\(twice that with glu\), got 384"):  # [a | b] of 192 columns each
+        ig.int4_gemv_gluon_launch(torch.randn(1, 384, generator=g).bfloat16(), p, s4.bfloat16(), z4.bfloat16(), 128,
+                                  glu=True)
     for group in (16, 96):  # groups the kernel would mix: refused before anything is compiled
         with pytest.raises(ValueError, match="group_size must be"):
             ig.int4_gemv_gluon_launch(x, p, s4.bfloat16(), z4.bfloat16(), group)
