@@ -68,7 +68,7 @@ def main(argv=None):
     sets = {n: SETS[n] for n in ["base", *[n for n in names if n != "base"]]}
     for set_name, changes in sets.items():  # each tile once (compiles) and its output against the base tile's
         for name, cfg in configs(changes).items():
-            x, w, s, z, kw = xin[name]
+            x, *_, kw = xin[name]  # the first layer's weights of this shape
             out = ig.int4_gemv_gluon_launch(x, *layers[list(SHAPES).index(name)][1:4], GROUP, None, cfg, True, **kw)
             if set_name == "base":
                 base_out[name] = out

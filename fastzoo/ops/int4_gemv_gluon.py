@@ -206,12 +206,12 @@ if gluon_available():
                  GROUP: gl.constexpr, num_warps: gl.constexpr):
         """The split's product input (``_prologue``) into shared memory, 8 segments a warp a
         pass (the pass's loads all in flight at once: the input's latency is paid once, not once
-        a segment; each thread's 8 columns in one 16-byte load, 8 times fewer loads than one a
-        column, which took a program 1.5-4.4 µs instead of 1.3-3.9 at Llama-2-7B's shapes):
+        a segment; each thread's 8 columns in one 16-byte load: 8 times fewer loads than one a
+        column, and a program's staging 1.3-3.9 µs instead of 1.5-4.4 at Llama-2-7B's shapes):
         xs (segments rounded up to a pass, 2, 64) in x's dtype, segment j's 128 values at j ·
         128 with each 8 columns in the order the mma's pairs take them (0 4 1 5 2 6 3 7,
-        reordered in registers: no permutes in the loop), and sxs (segments, 1, 32): segment j's Σ of those
-        values, 32 copies (one a lane; the zero point's term, which the ``tl`` kernel gets from
+        reordered in registers: no permutes in the loop), and sxs (segments, 1, 32): segment
+        j's Σ of those values, 32 copies (one a lane; the zero point's term, which the ``tl`` kernel gets from
         a second mma). With groups of 32 or 64 columns (``Q`` = 1 or 2 column quarters of a
         segment) lane 4r + c holds instead the Σx of the group that starts at quarter c, 0 where
         no group starts there (see ``_int4_gemv_gluon_kernel``). Returns Σv² over the split's
