@@ -86,7 +86,7 @@ def _chosen_config(a, b, out, tl: bool = False) -> str:
     from fastzoo.ops import int8_mm_gluon
 
     if not tl and int8_mm._tma_path_applies(a, b, out, None) and int8_mm_gluon.gluon_path_applies(a, out, None):
-        return "gluon " + str(int8_mm_gluon.DEFAULT_CONFIG)
+        return "gluon " + str(int8_mm_gluon.default_config(a.shape[1]))
     if int8_mm._tma_path_applies(a, b, out, None):
         best = getattr(int8_mm._int8_scaled_mm_tma, "best_config", None)
         return "persistent " + (int8_mm.tma_config_name(best) if best is not None else "?")

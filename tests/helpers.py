@@ -105,7 +105,7 @@ def exact_int4_cases(N: int, K: int, group: int, dtype: torch.dtype, hot: tuple,
     return cases
 
 
-def sm90_compile_report(src, num_warps: int) -> dict:
+def sm90_compile_report(src, num_warps: int, maxnreg=None) -> dict:
     """Compile a Triton / Gluon AST source for sm_90 (no GPU) and run the bundled ``ptxas -v``
     on its PTX: {"ptx", "shared", "ptxas" (its report), "ptxas_rc"}. For the scripts that
     ``run_aot_compile`` runs (they import this as ``tests.helpers``)."""
@@ -116,7 +116,8 @@ def sm90_compile_report(src, num_warps: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as d:
         open(os.path.join(d, "k.ptx"), "w").write(kernel.asm["ptx"])

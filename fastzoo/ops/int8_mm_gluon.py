@@ -15,7 +15,13 @@ pipeline is written out:
   (``_dequantize_tile``, ``_requantize_tile``); the residual arrives by TMA into the output
   buffer while the tile's MMAs run.
 
-The public op (``fastzoo.ops.int8_scaled_mm``) takes this kernel on Hopper for large M
+A second kernel, ``_int8_mm_pingpong_kernel``, is warp-specialized (``gl.warp_specialize``):
+a one-warp producer issues the TMA loads, two consumer warpgroups take the program's tiles in
+turn, each with a whole 128 x 128 accumulator, so that one's epilogue runs while the other's
+MMAs do (the scheme of CUTLASS's "ping-pong" kernels). ``default_config`` picks between them
+by K.
+
+The public op (``fastzoo.ops.int8_scaled_mm``) takes these kernels on Hopper for large M
 (``int8_mm._tma_path_applies``) where ``gluon_path_applies`` allows; the ``tl`` persistent
 kernel is the fallback. Gluon does not run under Triton's interpreter: the CPU tests cover
 the ``tl`` kernels and the reference, the ``cuda`` tests this one.
@@ -34,6 +40,21 @@ from ._common import _capability, triton_available
 # (experiments/results/h100-80gb-hbm3/int8_mm_gluon_sweep.json). A tile always has two
 # accumulators, each BLOCK_N / 2 wide (int8 wgmma's n is at most 224 in Triton).
 DEFAULT_CONFIG = {"block": (128, 256, 128), "stages": 3, "warps": 8, "group": 8}
+# The ping-pong kernel (``_int8_mm_pingpong_kernel``): a consumer warpgroup's 128 x 128 tile,
+# a 4-slot ring; registers (consumer, producer) a thread under ``maxnreg`` for its 12 warps
+# (168 * 384 fits the 64K register file; consumer 0 gets what the other two leave: 232).
+PINGPONG_CONFIG = {"block": (128, 128, 128), "stages": 4, "group": 8, "pingpong": True, "regs": (232, 40),
+                   "maxnreg": 168}
+# Ping-pong up to this K: its overlapped epilogue wins where the epilogue is a large share of a
+# tile's time (ViT-L and SAM vit_b at K = 768 / 1024: 2-8 % faster on an H100), the one-partition
+# 128 x 256 tile at deeper K (5-13 % faster at K = 3072 / 4096, where a 128-wide tile's extra
+# operand traffic costs more than the epilogue): int8_mm_gluon_pingpong_sweep.json.
+PINGPONG_MAX_K = 2048
+
+
+def default_config(K: int) -> dict:
+    """The kernel and tile the public op takes for reduction depth ``K``."""
+    return PINGPONG_CONFIG if K <= PINGPONG_MAX_K else DEFAULT_CONFIG
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,6 +270,135 @@ if gluon_available():
             mbarrier.invalidate(bars.index(i))
         mbarrier.invalidate(r_bar)
 
+    # ---- ping-pong: a producer warp and two consumer warpgroups on alternate tiles ----------
+
+    @gluon.jit
+    def _pp_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, STAGES: gl.constexpr,
+                     GROUP_M: gl.constexpr):
+        """The producer warp: TMA loads of every (tile, K-step) of this program, in order, into
+        the ring's slots as the consumers free them."""
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        k_tiles = gl.cdiv(K, BLOCK_K)
+        c = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+            for kk in range(k_tiles):
+                s = c % STAGES
+                mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
+                bar = ready.index(s)
+                mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BLOCK_M, kk * BLOCK_K], bar, a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BLOCK_N, kk * BLOCK_K], bar, b_bufs.index(s))
+                c += 1
+
+    @gluon.jit
+    def _pp_consumer(a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, r_bars, turns, as_ptr,
+                     bs_ptr, bias_ptr, os_ptr, M, N, K, stride_as, stride_bs, stride_os, STAGES: gl.constexpr,
+                     GROUP_M: gl.constexpr, HAS_BIAS: gl.constexpr, ACT_GELU: gl.constexpr,
+                     HAS_RESIDUAL: gl.constexpr, OUT_INT8: gl.constexpr, WG: gl.constexpr):
+        """Consumer warpgroup WG (0 or 1) of four warps: the program's tiles WG, WG + 2, ... with
+        the whole tile's accumulator; while it runs one tile's epilogue the other warpgroup
+        runs its tile's MMAs (the ring hands the slots over in tile order)."""
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_N, 32])
+        vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        k_tiles = gl.cdiv(K, BLOCK_K)
+        start = gl.program_id(0)
+        progs = gl.num_programs(0)
+        my_tiles = (num_pid_m * num_pid_n - start + progs - 1) // progs
+        c_buf = c_bufs.index(WG)
+        r_bar = r_bars.index(WG)
+        for t in range(WG, my_tiles, 2):
+            pid_m, pid_n = _tile_coords(start + t * progs, num_pid_m, num_pid_n, GROUP_M)
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            # the epilogue's vectors, their latency hidden under the MMAs
+            a_s = _load_vec(as_ptr, off_m + gl.arange(0, BLOCK_M, layout=vec), M, stride_as, 0.0)
+            offs_n = off_n + gl.arange(0, BLOCK_N, layout=vec)
+            b_s = _load_vec(bs_ptr, offs_n, N, stride_bs, 0.0)
+            bias = b_s
+            o_s = b_s
+            if HAS_BIAS:
+                bias = _load_vec(bias_ptr, offs_n, N, 1, 0.0)
+            if OUT_INT8:
+                o_s = _load_vec(os_ptr, offs_n, N, stride_os, 1.0)
+            if HAS_RESIDUAL:  # into the output buffer, once this warpgroup's last stores left it
+                tma.store_wait(pendings=0)
+                mbarrier.expect(r_bar, r_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(r_desc, [off_m, off_n], r_bar, c_buf)
+            c0 = t * k_tiles
+            acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=layout)
+            # The other warpgroup's turn ends when it has waited for all of tile t - 1's slots:
+            # only then may this one wait on them, since a parity wait cannot tell a slot's
+            # fill for step c from its fill for step c - 2 * STAGES.
+            mbarrier.wait(turns.index(WG), ((t - 1) // 2) & 1, pred=t > 0)
+            for kk in range(k_tiles):
+                s = (c0 + kk) % STAGES
+                mbarrier.wait(ready.index(s), ((c0 + kk) // STAGES) & 1)
+                acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), acc, use_acc=kk > 0,
+                                    is_async=True)
+                # this step's MMAs in flight, the previous step's done: its slot back to the producer
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                mbarrier.arrive(empty.index((c0 + kk + STAGES - 1) % STAGES), pred=kk > 0)
+            mbarrier.arrive(turns.index(1 - WG))  # the other warpgroup's MMAs may start
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((c0 + k_tiles - 1) % STAGES))
+            if HAS_RESIDUAL:
+                mbarrier.wait(r_bar, (t // 2) & 1)
+            else:
+                tma.store_wait(pendings=0)  # this warpgroup's last stores have left the buffer
+            _epilogue_part(acc, a_s, b_s, bias, o_s, off_m, off_n, c_buf, c_desc, layout, HAS_BIAS, ACT_GELU,
+                           HAS_RESIDUAL, OUT_INT8)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _int8_mm_pingpong_kernel(a_desc, b_desc, c_desc, r_desc, as_ptr, bs_ptr, bias_ptr, os_ptr,
+                                 M, N, K, stride_as, stride_bs, stride_os,
+                                 STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+                                 HAS_BIAS: gl.constexpr, ACT_GELU: gl.constexpr, HAS_RESIDUAL: gl.constexpr,
+                                 OUT_INT8: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                                 PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        # Warp-specialized: the default partition (num_warps = 4) is consumer 0, a worker
+        # warpgroup consumer 1, a one-warp worker the producer (12 warps in all: a warpgroup
+        # each). Each consumer holds a whole BLOCK_M x BLOCK_N tile in one accumulator (one
+        # wgmma n); the epilogue of one overlaps the other's MMAs, where the one-partition
+        # kernel's MMAs wait for its own epilogue.
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, BLOCK_N], c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        r_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(r_bars.index(i), count=1)
+            mbarrier.init(turns.index(i), count=1)
+        # the default partition (consumer 0), then the workers: consumer 1, the producer
+        gl.warp_specialize([
+            (_pp_consumer, (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, r_bars, turns,
+                            as_ptr, bs_ptr, bias_ptr, os_ptr, M, N, K, stride_as, stride_bs, stride_os, STAGES,
+                            GROUP_M, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, 0)),
+            (_pp_consumer, (a_desc, b_desc, c_desc, r_desc, a_bufs, b_bufs, c_bufs, ready, empty, r_bars, turns,
+                            as_ptr, bs_ptr, bias_ptr, os_ptr, M, N, K, stride_as, stride_bs, stride_os, STAGES,
+                            GROUP_M, HAS_BIAS, ACT_GELU, HAS_RESIDUAL, OUT_INT8, 1)),
+            (_pp_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, STAGES, GROUP_M)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
 
 _GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.int8: "int8"}
 
@@ -267,36 +417,46 @@ def gluon_path_applies(a: torch.Tensor, out: torch.Tensor, residual: Optional[to
 def int8_mm_gluon_launch(a, b, a_s, b_s, bias, out, residual, o_s, activation, config=None, return_kernel=False):
     """Launch the Gluon kernel into ``out`` (arguments checked and laid out as for
     ``int8_mm._int8_scaled_mm_tma_launch``; ``gluon_path_applies`` true). ``config``: a
-    dict like ``DEFAULT_CONFIG`` (the benchmark's sweep). Returns ``out``, or ``(out,
-    compiled kernel)`` with ``return_kernel``."""
+    dict overriding ``DEFAULT_CONFIG``, or ``PINGPONG_CONFIG`` where it sets ``pingpong`` (the
+    benchmark's sweep); None: ``default_config(K)``. Returns ``out``, or ``(out, compiled
+    kernel)`` with ``return_kernel``."""
     import triton
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    M, K = a.shape
+    if config is None:
+        cfg = default_config(K)
+    else:
+        cfg = {**(PINGPONG_CONFIG if config.get("pingpong") else DEFAULT_CONFIG), **config}
     bm, bn, bk = cfg["block"]
     part = bn // 2
-    M, K = a.shape
     N = b.shape[0]
 
     def desc(t, block):
         layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, _GL_DTYPES[t.dtype]))
         return TensorDescriptor.from_tensor(t, block, layout)
 
-    c_desc = desc(out, [bm, part])
-    r_desc = desc(residual, [bm, part]) if residual is not None else c_desc
+    pingpong = cfg.get("pingpong", False)
+    c_block = [bm, bn] if pingpong else [bm, part]  # ping-pong: a consumer stores its whole tile
+    c_desc = desc(out, c_block)
+    r_desc = desc(residual, c_block) if residual is not None else c_desc
     from .int8_mm import _num_sms
 
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     progs = min(_num_sms(index), triton.cdiv(M, bm) * triton.cdiv(N, bn))
-    kernel = _int8_mm_gluon_kernel[(progs,)](
-        desc(a, [bm, bk]), desc(b, [bn, bk]), c_desc, r_desc, a_s, b_s,
-        bias if bias is not None else b_s, o_s if o_s is not None else b_s,
-        M, N, K,
-        a_s.stride(0) if a_s.numel() > 1 else 0,
-        b_s.stride(0) if b_s.numel() > 1 else 0,
-        o_s.stride(0) if o_s is not None and o_s.numel() > 1 else 0,
-        STAGES=cfg["stages"], GROUP_M=cfg["group"],
-        HAS_BIAS=bias is not None, ACT_GELU=activation == "gelu", HAS_RESIDUAL=residual is not None,
-        OUT_INT8=o_s is not None, num_warps=cfg["warps"])
+    args = (desc(a, [bm, bk]), desc(b, [bn, bk]), c_desc, r_desc, a_s, b_s,
+            bias if bias is not None else b_s, o_s if o_s is not None else b_s,
+            M, N, K,
+            a_s.stride(0) if a_s.numel() > 1 else 0,
+            b_s.stride(0) if b_s.numel() > 1 else 0,
+            o_s.stride(0) if o_s is not None and o_s.numel() > 1 else 0)
+    flags = dict(STAGES=cfg["stages"], GROUP_M=cfg["group"], HAS_BIAS=bias is not None,
+                 ACT_GELU=activation == "gelu", HAS_RESIDUAL=residual is not None, OUT_INT8=o_s is not None)
+    if pingpong:
+        kernel = _int8_mm_pingpong_kernel[(progs,)](*args, **flags, CONSUMER_REGS=cfg["regs"][0],
+                                                    PRODUCER_REGS=cfg["regs"][1], num_warps=4,
+                                                    maxnreg=cfg["maxnreg"])
+    else:
+        kernel = _int8_mm_gluon_kernel[(progs,)](*args, **flags, num_warps=cfg["warps"])
     return (out, kernel) if return_kernel else out

@@ -49,13 +49,21 @@ GLUON_SHAPES = [(4097, 208, 336), (4133, 400, 1040), (8192, 3072, 1024), (4100, 
                 (8192, 3072, 64), (8200, 3008, 208), (20000, 608, 48)]
 
 
+KERNELS = {"tiles": int8_mm_gluon.DEFAULT_CONFIG, "pingpong": int8_mm_gluon.PINGPONG_CONFIG}
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("shape", GLUON_SHAPES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scales", ["token/channel", "tensor/channel", "tensor/tensor"])
-def test_cuda_gluon_kernel_matches_reference(shape, mode, scales, monkeypatch):
+def test_cuda_gluon_kernel_matches_reference(kernel, shape, mode, scales, monkeypatch):
+    """Both Gluon kernels (the one-partition tile and the ping-pong one, forced whatever K)
+    against the reference; shapes with several tiles a program exercise the ping-pong
+    consumers' hand-over of the ring."""
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    monkeypatch.setattr(int8_mm_gluon, "default_config", lambda K: KERNELS[kernel])
     M, N, K = shape
     args, kw = _case(M, N, K, mode, scales, seed=M + N + K)
     out_dtype = torch.int8 if kw["out_scale"] is not None else torch.bfloat16
@@ -74,10 +82,12 @@ def test_cuda_gluon_kernel_matches_reference(shape, mode, scales, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("residual", [False, True])
-def test_cuda_gluon_fp16_output(residual):
+def test_cuda_gluon_fp16_output(kernel, residual, monkeypatch):
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    monkeypatch.setattr(int8_mm_gluon, "default_config", lambda K: KERNELS[kernel])
     (a, b, a_s, b_s, bias), kw = _case(4133, 400, 1040, ("none", residual, None), "token/channel", seed=5)
     bias = bias.float()  # a float32 bias serves any output dtype (a bf16 one only bf16)
     if residual:
@@ -87,9 +97,11 @@ def test_cuda_gluon_fp16_output(residual):
 
 
 @pytest.mark.cuda
-def test_cuda_gluon_integer_product_is_exact():
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_cuda_gluon_integer_product_is_exact(kernel, monkeypatch):
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    monkeypatch.setattr(int8_mm_gluon, "default_config", lambda K: KERNELS[kernel])
     g = torch.Generator().manual_seed(3)
     # entries in [-2, 2] and [-1, 1]: |a @ b.T| <= 2048 at K = 1024, integers fp16 holds exactly
     a = torch.randint(-2, 3, (4096, 1024), generator=g, dtype=torch.int8).cuda()
@@ -122,12 +134,14 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from fastzoo.ops import int8_mm_gluon as mod
 from tests.helpers import sm90_compile_report
 
-cfg = mod.DEFAULT_CONFIG
-bm, bn, bk = cfg["block"]
-part = bn // 2
-jit = mod._int8_mm_gluon_kernel
 report = []
 for variant in json.loads(sys.argv[1]):
+    pingpong = variant.get("pingpong", False)
+    cfg = mod.PINGPONG_CONFIG if pingpong else mod.DEFAULT_CONFIG
+    bm, bn, bk = cfg["block"]
+    part = bn if pingpong else bn // 2  # the output buffer: a consumer's whole tile / one part
+    jit = mod._int8_mm_pingpong_kernel if pingpong else mod._int8_mm_gluon_kernel
+    warps = 4 if pingpong else cfg["warps"]
     out = {"bf16": ("bf16", gl.bfloat16), "int8": ("i8", gl.int8)}[variant["out"]]
 
     def desc(name, dt, shape):
@@ -136,14 +150,16 @@ for variant in json.loads(sys.argv[1]):
     sig = {"a_desc": desc("i8", gl.int8, [bm, bk]), "b_desc": desc("i8", gl.int8, [bn, bk]),
            "c_desc": desc(*out, [bm, part]), "r_desc": desc(*out, [bm, part]), "as_ptr": "*fp32",
            "bs_ptr": "*fp32", "bias_ptr": "*bf16", "os_ptr": "*fp32"}
-    const = {"STAGES": cfg["stages"], "GROUP_M": cfg["group"], "num_warps": cfg["warps"], **variant["flags"]}
+    const = {"STAGES": cfg["stages"], "GROUP_M": cfg["group"], "num_warps": warps, **variant["flags"]}
+    if pingpong:
+        const.update(CONSUMER_REGS=cfg["regs"][0], PRODUCER_REGS=cfg["regs"][1])
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
                          attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]]
                                 for n in ("as_ptr", "bs_ptr", "bias_ptr", "os_ptr")})
     # with ptxas' report on the PTX: "C7514" where it serializes every wgmma (an accumulator read
     # while an accumulating wgmma is in flight), which the epilogue's placement must avoid
-    report.append(sm90_compile_report(src, cfg["warps"]))
+    report.append(sm90_compile_report(src, warps, maxnreg=cfg.get("maxnreg")))
 print("AOT-REPORT" + json.dumps(report))
 """
 
@@ -158,13 +174,20 @@ def test_gluon_kernel_compiles_for_hopper_without_a_gpu():
     flags = dict(HAS_BIAS=True, ACT_GELU=False, HAS_RESIDUAL=False, OUT_INT8=False)
     variants = [{"out": "int8", "flags": {**flags, "ACT_GELU": True, "OUT_INT8": True}},
                 {"out": "bf16", "flags": {**flags, "HAS_RESIDUAL": True}}]
+    variants += [dict(v, pingpong=True) for v in variants]
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
+    for variant, item in zip(variants, json.loads(proc.stdout.split("AOT-REPORT", 1)[1])):
         ptx = item["ptx"]
         assert "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in ptx
-        assert "wgmma.wait_group.sync.aligned 2;" in ptx  # the K loop: the previous step's MMAs only
+        # the K loop: the previous step's MMAs only (two accumulator parts a step; ping-pong: one)
+        assert f"wgmma.wait_group.sync.aligned {1 if variant.get('pingpong') else 2};" in ptx
         assert "cp.async.bulk.tensor.2d" in ptx  # TMA loads
         assert item["shared"] <= 227 * 1024
         assert item["ptxas_rc"] == 0, item["ptxas"][-2000:]
         assert "C7514" not in item["ptxas"], item["ptxas"][-2000:]  # wgmma not serialized
+        if variant.get("pingpong"):  # warp-specialized: the partitions' registers moved between them
+            regs = int8_mm_gluon.PINGPONG_CONFIG["regs"]
+            assert f"setmaxnreg.inc.sync.aligned.u32 \t{regs[0]};" in ptx
+            assert f"setmaxnreg.dec.sync.aligned.u32 \t{regs[1]};" in ptx
+            assert "0 bytes spill stores" in item["ptxas"], item["ptxas"][-2000:]
