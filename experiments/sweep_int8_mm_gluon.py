@@ -23,14 +23,13 @@ CONFIGS = {
     "g128x256x128_s3_w8_n2_g4": dict(block=(128, 256, 128), stages=3, warps=8, group=4),
     "g128x256x64_s6_w8_n2": dict(block=(128, 256, 64), stages=6, warps=8),
     "g128x256x64_s5_w8_n2": dict(block=(128, 256, 64), stages=5, warps=8),
-    # ping-pong (a producer warp, two consumer warpgroups on alternate tiles): registers
-    # (consumer, producer) under maxnreg for 12 warps
-    "pp128x128x128_s4": dict(block=(128, 128, 128), stages=4, pingpong=True, regs=(232, 40), maxnreg=168),
-    "pp128x128x128_s5": dict(block=(128, 128, 128), stages=5, pingpong=True, regs=(232, 40), maxnreg=168),
-    "pp128x128x128_s4_g16": dict(block=(128, 128, 128), stages=4, group=16, pingpong=True, regs=(232, 40),
-                                 maxnreg=168),
-    "pp128x128x64_s8": dict(block=(128, 128, 64), stages=8, pingpong=True, regs=(232, 40), maxnreg=168),
-    "pp128x128x64_s10": dict(block=(128, 128, 64), stages=10, pingpong=True, regs=(232, 40), maxnreg=168),
+    # ping-pong (a producer warp, two consumer warpgroups on alternate tiles; the other keys, registers
+    # included, from PINGPONG_CONFIG)
+    "pp128x128x128_s4": dict(block=(128, 128, 128), stages=4, pingpong=True),
+    "pp128x128x128_s5": dict(block=(128, 128, 128), stages=5, pingpong=True),
+    "pp128x128x128_s4_g16": dict(block=(128, 128, 128), stages=4, group=16, pingpong=True),
+    "pp128x128x64_s8": dict(block=(128, 128, 64), stages=8, pingpong=True),
+    "pp128x128x64_s10": dict(block=(128, 128, 64), stages=10, pingpong=True),
 }
 
 

@@ -38,7 +38,7 @@ from ._common import _capability, triton_available
 # block (BLOCK_M, BLOCK_N, BLOCK_K), stages, warps, group (GROUP_M): the best tile of a sweep at
 # ViT-L and SAM shapes on an H100, GROUP_M 4 / 8 / 16 within its noise
 # (experiments/results/h100-80gb-hbm3/int8_mm_gluon_sweep.json). A tile always has two
-# accumulators, each BLOCK_N / 2 wide (int8 wgmma's n is at most 224 in Triton).
+# accumulators, each BLOCK_N / 2 wide (one wgmma n of 128 each).
 DEFAULT_CONFIG = {"block": (128, 256, 128), "stages": 3, "warps": 8, "group": 8}
 # The ping-pong kernel (``_int8_mm_pingpong_kernel``): a consumer warpgroup's 128 x 128 tile,
 # a 4-slot ring; registers (consumer, producer) a thread under ``maxnreg`` for its 12 warps
@@ -47,14 +47,20 @@ PINGPONG_CONFIG = {"block": (128, 128, 128), "stages": 4, "group": 8, "pingpong"
                    "maxnreg": 168}
 # Ping-pong up to this K: its overlapped epilogue wins where the epilogue is a large share of a
 # tile's time (ViT-L and SAM vit_b at K = 768 / 1024: 2-8 % faster on an H100), the one-partition
-# 128 x 256 tile at deeper K (5-13 % faster at K = 3072 / 4096, where a 128-wide tile's extra
+# 128 x 256 tile at deeper K (5-15 % faster at K = 3072 / 4096, where a 128-wide tile's extra
 # operand traffic costs more than the epilogue): int8_mm_gluon_pingpong_sweep.json.
 PINGPONG_MAX_K = 2048
+# and a 5-slot ring up to this K (230,520 B of shared memory with bf16 out): SAM vit_b's K = 768
+# GEMMs 5-10 % faster than with 4 slots in three calls, ViT-L's K = 1024 ones 0-7 % slower
+# (int8_mm_gluon_pingpong_stages.json)
+PINGPONG_5_SLOTS_MAX_K = 768
 
 
 def default_config(K: int) -> dict:
-    """The kernel and tile the public op takes for reduction depth ``K``."""
-    return PINGPONG_CONFIG if K <= PINGPONG_MAX_K else DEFAULT_CONFIG
+    """The kernel and tile the public op takes for reduction depth ``K`` (a copy)."""
+    if K > PINGPONG_MAX_K:
+        return dict(DEFAULT_CONFIG)
+    return {**PINGPONG_CONFIG, "stages": 5 if K <= PINGPONG_5_SLOTS_MAX_K else PINGPONG_CONFIG["stages"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,6 +127,17 @@ if gluon_available():
         c_buf.store(out.to(c_desc.dtype))
         fence_async_shared()
         tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_buf)
+
+    @gluon.jit
+    def _program_tiles(M, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+        """The persistent grid's walk: tiles along M and N, K-steps a tile, this program's first
+        tile and stride, and its number of tiles."""
+        num_pid_m = gl.cdiv(M, BLOCK_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        start = gl.program_id(0)
+        progs = gl.num_programs(0)
+        my_tiles = (num_pid_m * num_pid_n - start + progs - 1) // progs
+        return num_pid_m, num_pid_n, gl.cdiv(K, BLOCK_K), start, progs, my_tiles
 
     @gluon.jit
     def _tile_vectors(t, start, progs, num_pid_m, num_pid_n, M, N, as_ptr, bs_ptr, bias_ptr, os_ptr, stride_as,
@@ -209,12 +226,7 @@ if gluon_available():
         r_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(r_bar, count=1)
 
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        k_tiles = gl.cdiv(K, BLOCK_K)
-        start = gl.program_id(0)
-        progs = gl.num_programs(0)
-        my_tiles = (num_pid_m * num_pid_n - start + progs - 1) // progs
+        num_pid_m, num_pid_n, k_tiles, start, progs, my_tiles = _program_tiles(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
         total = my_tiles * k_tiles
         largs = (k_tiles, num_pid_m, num_pid_n, a_desc, b_desc, a_bufs, b_bufs, bars, total)
         vargs = (start, progs, num_pid_m, num_pid_n, M, N, as_ptr, bs_ptr, bias_ptr, os_ptr, stride_as, stride_bs,
@@ -280,12 +292,10 @@ if gluon_available():
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        k_tiles = gl.cdiv(K, BLOCK_K)
+        num_pid_m, num_pid_n, k_tiles, start, progs, my_tiles = _program_tiles(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
         c = 0
-        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        for t in range(my_tiles):
+            pid_m, pid_n = _tile_coords(start + t * progs, num_pid_m, num_pid_n, GROUP_M)
             for kk in range(k_tiles):
                 s = c % STAGES
                 mbarrier.wait(empty.index(s), ((c // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1
@@ -309,12 +319,7 @@ if gluon_available():
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 32])
         vec: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        k_tiles = gl.cdiv(K, BLOCK_K)
-        start = gl.program_id(0)
-        progs = gl.num_programs(0)
-        my_tiles = (num_pid_m * num_pid_n - start + progs - 1) // progs
+        num_pid_m, num_pid_n, k_tiles, start, progs, my_tiles = _program_tiles(M, N, K, BLOCK_M, BLOCK_N, BLOCK_K)
         c_buf = c_bufs.index(WG)
         r_bar = r_bars.index(WG)
         for t in range(WG, my_tiles, 2):
@@ -375,6 +380,8 @@ if gluon_available():
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        # a consumer releases step c - 1's slot once step c is in flight: two slots at least
+        gl.static_assert(STAGES >= 2, "the ping-pong ring needs two slots at least")
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, BLOCK_N], c_desc.layout)
@@ -438,6 +445,10 @@ def int8_mm_gluon_launch(a, b, a_s, b_s, bias, out, residual, o_s, activation, c
         return TensorDescriptor.from_tensor(t, block, layout)
 
     pingpong = cfg.get("pingpong", False)
+    if pingpong and (bm * bn > 128 * 128 or cfg["stages"] < 2):
+        raise ValueError(f"int8_mm_gluon_launch: a ping-pong consumer holds at most a 128 x 128 int32 accumulator "
+                         f"(128 registers a thread) and needs 2 ring slots at least; got block {cfg['block']}, "
+                         f"stages {cfg['stages']}")
     c_block = [bm, bn] if pingpong else [bm, part]  # ping-pong: a consumer stores its whole tile
     c_desc = desc(out, c_block)
     r_desc = desc(residual, c_block) if residual is not None else c_desc

@@ -49,7 +49,13 @@ GLUON_SHAPES = [(4097, 208, 336), (4133, 400, 1040), (8192, 3072, 1024), (4100, 
                 (8192, 3072, 64), (8200, 3008, 208), (20000, 608, 48)]
 
 
-KERNELS = {"tiles": int8_mm_gluon.DEFAULT_CONFIG, "pingpong": int8_mm_gluon.PINGPONG_CONFIG}
+KERNELS = {"tiles": int8_mm_gluon.DEFAULT_CONFIG, "pingpong": int8_mm_gluon.PINGPONG_CONFIG,
+           "pingpong5": {**int8_mm_gluon.PINGPONG_CONFIG, "stages": 5}}  # default_config's ring at K <= 768
+
+
+def force_kernel(monkeypatch, kernel):
+    """The public ops take KERNELS[kernel] whatever K."""
+    monkeypatch.setattr(int8_mm_gluon, "default_config", lambda K: dict(KERNELS[kernel]))
 
 
 @pytest.mark.cuda
@@ -63,7 +69,7 @@ def test_cuda_gluon_kernel_matches_reference(kernel, shape, mode, scales, monkey
     consumers' hand-over of the ring."""
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
-    monkeypatch.setattr(int8_mm_gluon, "default_config", lambda K: KERNELS[kernel])
+    force_kernel(monkeypatch, kernel)
     M, N, K = shape
     args, kw = _case(M, N, K, mode, scales, seed=M + N + K)
     out_dtype = torch.int8 if kw["out_scale"] is not None else torch.bfloat16
@@ -87,8 +93,9 @@ def test_cuda_gluon_kernel_matches_reference(kernel, shape, mode, scales, monkey
 def test_cuda_gluon_fp16_output(kernel, residual, monkeypatch):
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
-    monkeypatch.setattr(int8_mm_gluon, "default_config", lambda K: KERNELS[kernel])
-    (a, b, a_s, b_s, bias), kw = _case(4133, 400, 1040, ("none", residual, None), "token/channel", seed=5)
+    force_kernel(monkeypatch, kernel)
+    # 8333 rows: 264 tiles of 128 x 128 on 132 programs, both ping-pong consumers busy
+    (a, b, a_s, b_s, bias), kw = _case(8333, 400, 1040, ("none", residual, None), "token/channel", seed=5)
     bias = bias.float()  # a float32 bias serves any output dtype (a bf16 one only bf16)
     if residual:
         kw["residual"] = kw["residual"].half()
@@ -101,14 +108,28 @@ def test_cuda_gluon_fp16_output(kernel, residual, monkeypatch):
 def test_cuda_gluon_integer_product_is_exact(kernel, monkeypatch):
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
-    monkeypatch.setattr(int8_mm_gluon, "default_config", lambda K: KERNELS[kernel])
+    force_kernel(monkeypatch, kernel)
     g = torch.Generator().manual_seed(3)
-    # entries in [-2, 2] and [-1, 1]: |a @ b.T| <= 2048 at K = 1024, integers fp16 holds exactly
-    a = torch.randint(-2, 3, (4096, 1024), generator=g, dtype=torch.int8).cuda()
+    # entries in [-2, 2] and [-1, 1]: |a @ b.T| <= 2048 at K = 1024, integers fp16 holds exactly;
+    # 16384 rows: several tiles a program in either kernel
+    a = torch.randint(-2, 3, (16384, 1024), generator=g, dtype=torch.int8).cuda()
     b = torch.randint(-1, 2, (512, 1024), generator=g, dtype=torch.int8).cuda()
     one = torch.ones(1, device="cuda")
     out = int8_scaled_mm_triton(a, b, one, one, None, torch.float16, persistent=True, gluon=True)
     assert torch.equal(out.float(), torch._int_mm(a, b.t()).float())
+
+
+def test_default_config_takes_ping_pong_up_to_its_k_limit():
+    """The public op's kernel by K: ping-pong up to PINGPONG_MAX_K, the 128 x 256 tile beyond;
+    a copy each time (a caller's change does not leak into the module's configs)."""
+    limit, five = int8_mm_gluon.PINGPONG_MAX_K, int8_mm_gluon.PINGPONG_5_SLOTS_MAX_K
+    assert int8_mm_gluon.default_config(64)["pingpong"] and int8_mm_gluon.default_config(limit)["pingpong"]
+    assert not int8_mm_gluon.default_config(limit + 1).get("pingpong", False)
+    assert int8_mm_gluon.default_config(five)["stages"] == 5
+    assert int8_mm_gluon.default_config(five + 1)["stages"] == int8_mm_gluon.PINGPONG_CONFIG["stages"]
+    cfg = int8_mm_gluon.default_config(limit)
+    cfg["stages"] = 99
+    assert int8_mm_gluon.PINGPONG_CONFIG["stages"] != 99
 
 
 def test_gluon_refused_where_it_does_not_apply():
@@ -150,7 +171,8 @@ for variant in json.loads(sys.argv[1]):
     sig = {"a_desc": desc("i8", gl.int8, [bm, bk]), "b_desc": desc("i8", gl.int8, [bn, bk]),
            "c_desc": desc(*out, [bm, part]), "r_desc": desc(*out, [bm, part]), "as_ptr": "*fp32",
            "bs_ptr": "*fp32", "bias_ptr": "*bf16", "os_ptr": "*fp32"}
-    const = {"STAGES": cfg["stages"], "GROUP_M": cfg["group"], "num_warps": warps, **variant["flags"]}
+    const = {"STAGES": variant.get("stages", cfg["stages"]), "GROUP_M": cfg["group"], "num_warps": warps,
+             **variant["flags"]}
     if pingpong:
         const.update(CONSUMER_REGS=cfg["regs"][0], PRODUCER_REGS=cfg["regs"][1])
     sig = {n: sig.get(n, "constexpr" if n in const else "i32") for n in jit.arg_names}
@@ -165,16 +187,18 @@ print("AOT-REPORT" + json.dumps(report))
 
 
 def test_gluon_kernel_compiles_for_hopper_without_a_gpu():
-    """Compile the kernel for sm_90 ahead of time in its fullest epilogues (bias, GELU,
+    """Compile both kernels for sm_90 ahead of time in their fullest epilogues (bias, GELU,
     int8 out; bias and residual): GPU-only compile errors show in CPU CI, and the K loop
-    keeps wgmma in flight (a wait for at most 2 outstanding groups: this step's two
-    accumulator parts) where the ``tl`` kernel waits for 0 after each."""
+    keeps wgmma in flight (a wait for at most this step's groups: the one-partition tile's two
+    accumulator parts, the ping-pong consumer's one) where the ``tl`` kernel waits for 0
+    after each; the ping-pong kernel moves registers between its partitions, unspilled."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
     flags = dict(HAS_BIAS=True, ACT_GELU=False, HAS_RESIDUAL=False, OUT_INT8=False)
     variants = [{"out": "int8", "flags": {**flags, "ACT_GELU": True, "OUT_INT8": True}},
                 {"out": "bf16", "flags": {**flags, "HAS_RESIDUAL": True}}]
     variants += [dict(v, pingpong=True) for v in variants]
+    variants.append(dict(variants[-1], stages=5))  # the 5-slot ring at K <= 768: its shared memory fits
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(variants))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for variant, item in zip(variants, json.loads(proc.stdout.split("AOT-REPORT", 1)[1])):
