@@ -51,7 +51,7 @@ PINGPONG_CONFIG = {"block": (128, 128, 128), "stages": 4, "group": 8, "pingpong"
 # operand traffic costs more than the epilogue): int8_mm_gluon_pingpong_sweep.json.
 PINGPONG_MAX_K = 2048
 # and a 5-slot ring up to this K (230,520 B of shared memory with bf16 out): SAM vit_b's K = 768
-# GEMMs 5-10 % faster than with 4 slots in three calls, ViT-L's K = 1024 ones 0-7 % slower
+# GEMMs 3-11 % faster than with 4 slots in three calls, ViT-L's K = 1024 qkv and fc1 5-12 % slower
 # (int8_mm_gluon_pingpong_stages.json)
 PINGPONG_5_SLOTS_MAX_K = 768
 
