@@ -151,17 +151,24 @@ if gluon_available():
         off_n = pid_n * BLOCK_N
         a_s = _load_vec(as_ptr, off_m + gl.arange(0, BLOCK_M, layout=vec), M, stride_as, 0.0)
         offs_n0 = off_n + gl.arange(0, PART_N, layout=vec)
-        offs_n1 = offs_n0 + PART_N
-        b_s0 = _load_vec(bs_ptr, offs_n0, N, stride_bs, 0.0)
-        b_s1 = _load_vec(bs_ptr, offs_n1, N, stride_bs, 0.0)
-        bias0, bias1, o_s0, o_s1 = b_s0, b_s1, b_s0, b_s1
-        if HAS_BIAS:
-            bias0 = _load_vec(bias_ptr, offs_n0, N, 1, 0.0)
-            bias1 = _load_vec(bias_ptr, offs_n1, N, 1, 0.0)
-        if OUT_INT8:
-            o_s0 = _load_vec(os_ptr, offs_n0, N, stride_os, 1.0)
-            o_s1 = _load_vec(os_ptr, offs_n1, N, stride_os, 1.0)
+        b_s0, bias0, o_s0 = _column_vectors(offs_n0, N, bs_ptr, bias_ptr, os_ptr, stride_bs, stride_os, HAS_BIAS,
+                                            OUT_INT8)
+        b_s1, bias1, o_s1 = _column_vectors(offs_n0 + PART_N, N, bs_ptr, bias_ptr, os_ptr, stride_bs, stride_os,
+                                            HAS_BIAS, OUT_INT8)
         return off_m, off_n, (a_s, b_s0, bias0, o_s0), (a_s, b_s1, bias1, o_s1)
+
+    @gluon.jit
+    def _column_vectors(offs_n, N, bs_ptr, bias_ptr, os_ptr, stride_bs, stride_os, HAS_BIAS: gl.constexpr,
+                        OUT_INT8: gl.constexpr):
+        """The epilogue's per-column vectors at ``offs_n``: b_s, bias and o_s (b_s where absent)."""
+        b_s = _load_vec(bs_ptr, offs_n, N, stride_bs, 0.0)
+        bias = b_s
+        o_s = b_s
+        if HAS_BIAS:
+            bias = _load_vec(bias_ptr, offs_n, N, 1, 0.0)
+        if OUT_INT8:
+            o_s = _load_vec(os_ptr, offs_n, N, stride_os, 1.0)
+        return b_s, bias, o_s
 
     @gluon.jit
     def _k_steps(acc0, acc1, c, a_bufs, b_bufs, bars, largs, PART_N: gl.constexpr, STAGES: gl.constexpr,
@@ -328,14 +335,8 @@ if gluon_available():
             off_n = pid_n * BLOCK_N
             # the epilogue's vectors, their latency hidden under the MMAs
             a_s = _load_vec(as_ptr, off_m + gl.arange(0, BLOCK_M, layout=vec), M, stride_as, 0.0)
-            offs_n = off_n + gl.arange(0, BLOCK_N, layout=vec)
-            b_s = _load_vec(bs_ptr, offs_n, N, stride_bs, 0.0)
-            bias = b_s
-            o_s = b_s
-            if HAS_BIAS:
-                bias = _load_vec(bias_ptr, offs_n, N, 1, 0.0)
-            if OUT_INT8:
-                o_s = _load_vec(os_ptr, offs_n, N, stride_os, 1.0)
+            b_s, bias, o_s = _column_vectors(off_n + gl.arange(0, BLOCK_N, layout=vec), N, bs_ptr, bias_ptr, os_ptr,
+                                             stride_bs, stride_os, HAS_BIAS, OUT_INT8)
             if HAS_RESIDUAL:  # into the output buffer, once this warpgroup's last stores left it
                 tma.store_wait(pendings=0)
                 mbarrier.expect(r_bar, r_desc.block_type.nbytes)
