@@ -31,6 +31,9 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
   outside it are not written), rel-pos terms from ``q · table`` per relative offset
   (each program computes its own queries' products first), output written into (B, H, W,
   heads·D); the reference partitions and pads as segment_anything does.
+  On Hopper the global layers of a 64-token-wide grid with head_dim 64 (SAM vit_b / vit_l) take the
+  Gluon kernel of ``rel_pos_attention_gluon`` instead (TMA, asynchronous wgmma, two grid rows of
+  queries a program).
 - ``rel_pos_attention_packed``: the same op on one packed ``qkv`` tensor
   (B, N, 3, heads, D), the layout of a fused qkv projection. Under ``torch.compile`` a
   custom op receives each input as its own buffer, so three views q, k, v of one tensor
@@ -851,6 +854,10 @@ def _rel_pos_window_attention_op(
     if (scale >= _MIN_KERNEL_SCALE and qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256
             and qkv.shape[1] * qkv.shape[2] > 0
             and _tiles_known_good(D, k_w)):
+        from .rel_pos_attention_gluon import global_attention_applies, rel_pos_global_attention_gluon
+
+        if global_attention_applies(qkv, num_heads, window, pad):  # Hopper, SAM's 64 x 64 global layers
+            return rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads, scale)
         return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad)
     return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad)
 

@@ -7,16 +7,17 @@ over the whole 64 x 64 token grid with head_dim 64: 4096 keys a query, the bias
 In the vit_b bf16 encoder they are ~72 % of the attention kernel's time (four layers of ~2.4 ms
 at batch 16 on an H100, the eight windowed ones ~0.47 ms each).
 
-``_global_attention_kernel``: one program per image row r of one image and head (64 queries,
-one warpgroup), keys one grid row (64 keys) a tile:
+``_global_attention_kernel``: one program per ``QUERY_ROWS`` grid rows of one image and head
+(64 queries a row, a warpgroup each, sharing every K/V tile), keys one grid row (64 keys) a tile:
 
 - q, the table rows it needs and the key and value tiles arrive by TMA straight from the qkv
   projection's (B·H·W, 3·heads·D) output, the K/V tiles through a ring of ``STAGES`` slots;
-- the rel-pos terms: ``P_h = q · table_h[r : r + 64]ᵀ`` and ``P_w = q · table_wᵀ`` on the tensor
+- the rel-pos terms: ``P_h = q · table_h[r0 : r0 + 128]ᵀ`` and ``P_w = q · table_wᵀ`` on the tensor
   cores first (rounded to the activations' dtype, as the ``tl`` kernel and the bf16 model do);
-  rel_h for key row kr is column H − 1 − kr of P_h, kept transposed in shared memory (one row
-  load a tile); rel_w, the same for every tile, ``P_w[i, c_i − kc + W − 1]``, gathered once
-  through a scratch buffer (each query row shifts its own way);
+  rel_h for key row kr is column δ + H − 1 − kr of P_h for the queries of grid row r0 + δ, kept
+  transposed in shared memory (a row load a tile); rel_w, the same for every tile,
+  ``P_w[i, c_i − kc + W − 1]``, gathered once through a scratch buffer (each query row shifts
+  its own way);
 - per tile: S = q·kᵀ (wgmma), the online softmax in fp32 with exp2, O += P·V (wgmma, P from
   registers); the next tile's q·kᵀ is issued before this tile's P·V, and waited for with the
   P·V still running, so the softmax of one tile overlaps the tensor cores' work on the other;
@@ -32,9 +33,14 @@ from .int8_mm_gluon import gluon_available
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 BLOCK = 64  # queries a program (one grid row) and keys a tile (one grid row): W must be 64
 HEAD_D = 64
-STAGES = 2  # K/V ring slots
-MAXNREG = 128  # registers a thread: two programs of 8 warps an SM
-QUERY_ROWS = 2  # grid rows of queries a program (a warpgroup each): the K/V tiles read once for both
+# Two grid rows of queries a program (a warpgroup each: the K/V tiles read once for both), a ring of
+# three K/V slots, one program an SM (115 KB of shared memory, 159 registers). H100, SAM vit_b's
+# global layer at batch 16, each against the tl kernel in the same call (rel_pos_global_gluon_tiles.json):
+# 2.26-2.28 ms against 2.41-2.54; one row a program 2.59 (8 warps an SM, twice the K/V traffic), two
+# rows with 2 slots (two programs an SM, 128 registers) 2.61, with 4 slots 3.05, four rows 2.91-3.51.
+STAGES = 3  # K/V ring slots
+MAXNREG = None  # registers a thread (None: the compiler's choice)
+QUERY_ROWS = 2  # grid rows of queries a program (a warpgroup each)
 TABLE_ROWS = 2 * BLOCK  # rows of a table box (table_w: 2W − 1 = 127 and a zero row)
 _LOG2E = 1.4426950408889634
 

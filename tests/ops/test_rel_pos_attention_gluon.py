@@ -1,0 +1,131 @@
+"""The Hopper Gluon kernel of SAM's global rel-pos attention layers (``fastzoo.ops.rel_pos_attention_gluon``):
+parity with the reference on the GPU, the op's dispatch, and an ahead-of-time sm_90 compile on the CPU."""
+import json
+
+import pytest
+import torch
+
+from helpers import run_aot_compile
+
+from fastzoo.ops import rel_pos_attention_gluon as rpg
+from fastzoo.ops.int8_mm_gluon import gluon_available
+from fastzoo.ops.rel_pos_attention import rel_pos_window_attention, rel_pos_window_attention_ref
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _inputs(B, H, heads, dtype, seed):
+    """A (B, H, 64, 3·heads·64) qkv grid and the two tables (|q · table| up to ~20, as in
+    test_rel_pos_attention's window cases)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, H, 64, 3 * heads * 64, generator=g).to(dtype)
+    th = torch.randn(2 * H - 1, 64, generator=g) * 0.5
+    tw = torch.randn(127, 64, generator=g) * 0.5
+    return qkv, th, tw
+
+
+def test_kernel_applies_only_where_it_was_built_for():
+    """Never on the CPU; on a GPU only global attention on a 64-wide grid, head_dim 64, an even number
+    of grid rows up to 64 (two a program), a contiguous qkv; the rest takes the tl kernel."""
+    qkv = torch.zeros(1, 64, 64, 3 * 12 * 64, dtype=torch.bfloat16)
+    assert not rpg.global_attention_applies(qkv, 12, 0, None)
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the rest needs a Hopper GPU")
+    cuda = qkv.cuda()
+    assert rpg.global_attention_applies(cuda, 12, 0, None)
+    assert not rpg.global_attention_applies(cuda, 12, 14, None)  # windowed
+    assert not rpg.global_attention_applies(cuda[:, :63], 12, 0, None)  # odd rows
+    assert not rpg.global_attention_applies(cuda[:, :, :48], 12, 0, None)  # narrower grid
+    assert not rpg.global_attention_applies(cuda.float(), 12, 0, None)
+    assert not rpg.global_attention_applies(torch.zeros(1, 64, 64, 3 * 16 * 80, dtype=torch.bfloat16,
+                                                        device="cuda"), 16, 0, None)  # head_dim 80 (vit_h)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,H,heads,dtype", [(2, 64, 12, torch.bfloat16), (1, 64, 16, torch.float16),
+                                             (1, 8, 2, torch.float16), (3, 2, 3, torch.bfloat16)],
+                         ids=str)
+def test_cuda_kernel_matches_reference(B, H, heads, dtype, monkeypatch):
+    """Against the fp32 reference, within 1.5x the reference's own error in the low precision (the
+    rel-pos terms are rounded to it, as in the model) or 1 % of the output's range; and the public op
+    takes this kernel for these inputs (a spy on its launcher)."""
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    qkv, th, tw = (t.cuda() for t in _inputs(B, H, heads, dtype, seed=B + H + heads))
+    calls = []
+    launch = rpg.rel_pos_global_attention_gluon
+    monkeypatch.setattr(rpg, "rel_pos_global_attention_gluon", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    got = rel_pos_window_attention(qkv, th, tw, heads, 0)
+    assert calls == [1] and got.shape == (B, H, 64, heads * 64) and got.dtype == dtype
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, 0)
+    ref_lp = rel_pos_window_attention_ref(qkv, th.to(dtype), tw.to(dtype), heads, 0)
+    err, err_lp = ((x.float() - ref).abs().max().item() for x in (got, ref_lp))
+    assert torch.isfinite(got).all()
+    assert err <= max(1.5 * err_lp, 1e-2 * ref.abs().max().item()), (err, err_lp)
+
+
+@pytest.mark.cuda
+def test_cuda_tables_and_heads_matter():
+    """Flipped tables, or the heads' columns swapped, change the output: the kernel reads the right
+    table rows and each head's own q, k and v."""
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    qkv, th, tw = (t.cuda() for t in _inputs(1, 8, 2, torch.bfloat16, seed=3))
+    got = rpg.rel_pos_global_attention_gluon(qkv, th, tw, 2, 0.125).float()
+    for args in ((th.flip(0), tw), (th, tw.flip(0))):
+        other = rel_pos_window_attention_ref(qkv.float(), args[0], args[1], 2, 0, 0.125)
+        assert (got - other).abs().max() > 0.05
+    swapped = qkv.view(1, 8, 64, 3, 2, 64).flip(4).reshape(qkv.shape)
+    other = rpg.rel_pos_global_attention_gluon(swapped, th, tw, 2, 0.125).float()
+    torch.testing.assert_close(other.view(1, 8, 64, 2, 64).flip(3), got.view(1, 8, 64, 2, 64))
+
+
+# Gluon cannot run under Triton's interpreter: its code generation for sm_90 runs here instead.
+_AOT_SCRIPT = r"""
+import json, sys
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from fastzoo.ops import rel_pos_attention_gluon as mod
+from tests.helpers import sm90_compile_report
+
+report = []
+for name in json.loads(sys.argv[1]):
+    dt = getattr(gl, name)
+    short = {"bfloat16": "bf16", "float16": "fp16"}[name]
+    rows = mod.QUERY_ROWS * mod.BLOCK
+
+    def desc(shape):
+        return f"tensordesc<{short}[{shape[0]}, {shape[1]}],{gl.NVMMASharedLayout.get_default_for(shape, dt)!r}>"
+
+    jit = mod._global_attention_kernel
+    sig = {"q_desc": desc([rows, mod.HEAD_D]), "kv_desc": desc([mod.BLOCK, mod.HEAD_D]),
+           "tab_h_desc": desc([mod.TABLE_ROWS, mod.HEAD_D]), "tab_w_desc": desc([mod.TABLE_ROWS, mod.HEAD_D]),
+           "out_desc": desc([rows, mod.HEAD_D]), "scratch_ptr": "*" + short, "H": "i32", "heads": "i32",
+           "qk_scale": "fp32"}
+    const = {"QR": mod.QUERY_ROWS, "STAGES": mod.STAGES, "num_warps": 4 * mod.QUERY_ROWS}
+    sig = {n: sig.get(n, "constexpr") for n in jit.arg_names}
+    src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
+                         attrs={(jit.arg_names.index("scratch_ptr"),): [["tt.divisibility", 16]]})
+    report.append(sm90_compile_report(src, 4 * mod.QUERY_ROWS, maxnreg=mod.MAXNREG))
+print("AOT-REPORT" + json.dumps(report))
+"""
+
+
+def test_kernel_compiles_for_hopper_without_a_gpu():
+    """The kernel compiles for sm_90 in bf16 and fp16: TMA loads, the next tile's q·kᵀ waited for
+    with this tile's P·V in flight (a wait for all but one group), no wgmma serialized by ptxas
+    (C7514), no spills, shared memory within an SM's."""
+    if not gluon_available():
+        pytest.skip("this Triton has no Gluon Hopper API")
+    proc = run_aot_compile(_AOT_SCRIPT, json.dumps(["bfloat16", "float16"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
+        ptx = item["ptx"]
+        assert "cp.async.bulk.tensor.2d" in ptx
+        assert "wgmma.wait_group.sync.aligned 1;" in ptx
+        assert item["ptxas_rc"] == 0, item["ptxas"][-2000:]
+        assert "C7514" not in item["ptxas"], item["ptxas"][-2000:]
+        assert "0 bytes spill stores" in item["ptxas"], item["ptxas"][-2000:]
+        assert item["shared"] <= 227 * 1024
