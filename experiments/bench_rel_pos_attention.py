@@ -17,7 +17,9 @@ the same run:
    and call SDPA with it as the mask — what segment_anything-style code does;
    ``sdpa_mask``: the SDPA call alone, on a bias built beforehand;
 3. ``flash``: SDPA with no bias (the flash backend): the lower bound for context;
-4. ``window``: ``rel_pos_window_attention``, what SAM's encoder calls: the same layer from
+4. ``window``: ``rel_pos_window_attention``, what SAM's encoder calls (on Hopper its global
+   layers at head_dim 64 take the Gluon kernel of ``rel_pos_attention_gluon``: vit_b.global here;
+   ``bench_rel_pos_global_gluon`` compares the two kernels): the same layer from
    the (images, 64, 64, 3·heads·D) qkv grid (windows of 14 read in place, the grid padded
    to 70×70 with the qkv bias; global: window 0), its rel-pos terms from q · table
    (computed by each program for its own queries, included in the time).
@@ -29,7 +31,7 @@ max|fused − truth| / max|truth| with the truth the reference in fp32 on the fi
 dtype (the yardstick); ``err_vs_ref`` the fused output against the low-precision
 reference on the whole batch.
 
-``--tiles``: instead, SAM's window op (4. above) with each listed tile forced on the kernel
+``--tiles``: instead, SAM's window op (4. above) on the ``tl`` kernel with each listed tile forced
 (``BLOCK_MxBLOCK_N_wWARPS_sSTAGES`` and optionally ``_rMAXNREG``, a register cap), timed twice
 per shape, with its error against the fp32 reference on one image (``ref_err``: the reference's
 own in bf16, the yardstick) and the compiled kernel's
@@ -67,9 +69,10 @@ def shapes(batch: int, quick: bool) -> list[tuple[str, int, int, int, int]]:
 GRID = 64  # SAM's 1024x1024 image: a 64x64 token grid
 
 
-def bench_window_op(B, H, side, D, dtype, device, rep, n_inputs):
-    """``rel_pos_window_attention`` on the grid of the images that give this layer: windowed
-    (side 14: B / 25 images) or global (side 64: B images)."""
+def bench_window_op(B, H, side, D, dtype, device, rep, n_inputs, op=rel_pos_window_attention):
+    """``op`` (``rel_pos_window_attention``, or ``rel_pos_window_attention_triton``: the ``tl`` kernel
+    whatever the GPU) on the grid of the images that give this layer: windowed (side 14: B / 25
+    images) or global (side 64: B images)."""
     window = side if side != GRID else 0
     images = B // 25 if window else B
     g = torch.Generator(device=device).manual_seed(0)
@@ -77,8 +80,7 @@ def bench_window_op(B, H, side, D, dtype, device, rep, n_inputs):
              torch.randn(2 * side - 1, D, device=device, generator=g).to(dtype),
              torch.randn(2 * side - 1, D, device=device, generator=g).to(dtype),
              torch.randn(3 * H * D, device=device, generator=g).to(dtype)) for _ in range(n_inputs)]
-    return harness.bench(lambda s: rel_pos_window_attention(s[0], s[1], s[2], H, window, None, s[3]),
-                         inputs=sets, rep=rep)
+    return harness.bench(lambda s: op(s[0], s[1], s[2], H, window, None, s[3]), inputs=sets, rep=rep)
 
 
 def make_inputs(B, H, side, D, dtype, device, layout, seed):
@@ -197,8 +199,8 @@ def bench_tiles(shape_list, tiles: list[str], device, rep, n_inputs) -> list[dic
                 known = {id(k) for c in jit_fn.device_caches.values() for k in c[0].values()}
                 got = rel_pos_window_attention_triton(one[0], one[1], one[2], H, window, None, one[3])
                 row = {"shape": name, "tile": tile, "err": _max_rel_err(got, truth), "ref_err": ref_err,
-                       "ms": [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs)["median_ms"]
-                              for _ in range(2)]}
+                       "ms": [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs,
+                                              rel_pos_window_attention_triton)["median_ms"] for _ in range(2)]}
                 new = [k for c in jit_fn.device_caches.values() for k in c[0].values() if id(k) not in known]
                 row["registers"] = sorted({k.n_regs for k in new})
                 row["spills"] = sorted({k.n_spills for k in new})
@@ -239,8 +241,8 @@ def bench_retune(shape_list, n: int, device, rep, n_inputs) -> list[dict]:
             for pick in sorted(set(picks)):
                 kern.configs = [by_str[pick]]
                 kern.cache.clear()
-                forced[pick] = [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs)["median_ms"]
-                                for _ in range(2)]
+                forced[pick] = [bench_window_op(B, H, side, D, torch.bfloat16, device, rep, n_inputs,
+                                                rel_pos_window_attention_triton)["median_ms"] for _ in range(2)]
                 kern.configs = saved
             row = {"shape": name, "picks": picks, "distinct_picks": len(set(picks)), "forced_ms": forced,
                    "tunings": tunings}

@@ -25,8 +25,9 @@ from fastzoo.ops.rel_pos_attention import rel_pos_window_attention_ref, rel_pos_
 
 def parse_tile(text: str) -> tuple[int, int, int | None]:
     m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+))?", text.strip())
-    if m is None:
-        raise ValueError(f"--tiles expects ROWSxSTAGES[rMAXNREG] (e.g. 2x3, 2x2r128), got {text!r}")
+    if m is None or int(m.group(1)) not in (1, 2, 4) or int(m.group(2)) < 2:
+        raise ValueError(f"--tiles expects ROWSxSTAGES[rMAXNREG] with ROWS 1, 2 or 4 (grid rows of queries a "
+                         f"program, dividing the grid's 64) and STAGES >= 2 (e.g. 2x3, 2x2r128), got {text!r}")
     return int(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None
 
 

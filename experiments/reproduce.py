@@ -124,7 +124,6 @@ CONFIGS: list[Config] = [
     *_cfgs("ops", "experiments.bench_weight_only_linear", [("weight_only_linear", "")]),
     *_cfgs("ops", "experiments.bench_int8_mm", [("int8_mm", "")]),
     *_cfgs("ops", "experiments.bench_rel_pos_attention", [("rel_pos_attention", "")]),
-    *_cfgs("ops", "experiments.bench_rel_pos_global_gluon", [("rel_pos_global_gluon_tiles", "")]),
     *_cfgs("ops", "experiments.bench_decode_attention", [("decode_attention", ""),
                                                          ("decode_attention_kv_int8", "--kv-int8")]),
 ]

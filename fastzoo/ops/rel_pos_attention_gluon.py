@@ -43,6 +43,7 @@ MAXNREG = None  # registers a thread (None: the compiler's choice)
 QUERY_ROWS = 2  # grid rows of queries a program (a warpgroup each)
 TABLE_ROWS = 2 * BLOCK  # rows of a table box (table_w: 2W − 1 = 127 and a zero row)
 _LOG2E = 1.4426950408889634
+_MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension (images x heads here)
 
 if gluon_available():
     from triton.experimental import gluon
@@ -156,8 +157,10 @@ if gluon_available():
         s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(s_cur, ))
         for kr in range(H - 1):
             p, alpha, m_i, l_i = _softmax_tile(s_cur, rw, ph_s, H - 1 - kr, grid_row, m_i, l_i, qk_scale, QR, rows)
-            # the previous tile's P·V is done: its slot takes key row kr + STAGES − 1
+            # the previous tile's P·V is done: its slot takes key row kr + STAGES − 1 once every
+            # warpgroup's P·V has read it (the barrier; Triton 3.6 and 3.8 put one there by themselves)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            _cta_barrier()
             nxt = kr + STAGES - 1
             if nxt < H:
                 ns = nxt % STAGES
@@ -191,14 +194,16 @@ if gluon_available():
 
 
 def global_attention_applies(qkv: torch.Tensor, num_heads: int, window: int, pad) -> bool:
-    """The Gluon kernel's domain: global attention (window 0) on a grid 64 tokens wide and at most
-    64 high, head_dim 64, a contiguous bf16 / fp16 qkv on a Hopper GPU with Gluon."""
+    """The Gluon kernel's domain: global attention (window 0) on a grid 64 tokens wide and an even
+    2 to 64 high, head_dim 64, a contiguous bf16 / fp16 qkv of 1 to 65535 images x heads (a launch
+    grid's second dimension) on a Hopper GPU with Gluon. (A global layer pads nothing: ``pad`` is
+    not read.)"""
     if window != 0 or not (qkv.is_cuda and qkv.dtype in KERNEL_DTYPES and gluon_available()):
         return False
     B, H, W, C3 = qkv.shape
     if (W != BLOCK or not (max(STAGES - 1, 2) <= H <= BLOCK) or H % QUERY_ROWS or C3 != 3 * num_heads * HEAD_D
-            or not qkv.is_contiguous()):
-        return False
+            or not 1 <= B * num_heads <= _MAX_GRID_Y or not qkv.is_contiguous() or qkv.data_ptr() % 16):
+        return False  # (TMA: a 16-byte aligned base)
     from ._common import _capability
 
     index = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
@@ -210,10 +215,22 @@ def rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads: int, scale:
     """``rel_pos_window_attention(qkv, table_h, table_w, num_heads, 0, scale)`` by the Gluon kernel
     (``global_attention_applies`` true): ``rows`` grid rows of queries a program. Returns
     (B, H, W, heads · 64)."""
+    B, H, W, C3 = qkv.shape
+    if rows < 1 or H % rows or stages < 2 or not max(stages - 1, 2) <= H <= BLOCK or not scale >= 1e-20:
+        raise ValueError(f"rel_pos_global_attention_gluon expects grid rows of queries a program dividing the grid's "
+                         f"{H} rows, 2 or more K/V slots, at most H + 1 of them, 2 <= H <= {BLOCK} and a positive "
+                         f"scale (the row maximum is taken before scaling); got rows={rows}, stages={stages}, "
+                         f"scale={scale}")
+    if not global_attention_applies(qkv, num_heads, 0, None):
+        raise ValueError(f"rel_pos_global_attention_gluon expects a contiguous, 16-byte aligned bf16 / fp16 qkv of "
+                         f"shape (B, H, {BLOCK}, 3 * {num_heads} * {HEAD_D}) with an even H on a Hopper GPU, got "
+                         f"{tuple(qkv.shape)} {qkv.dtype} on {qkv.device}")
+    if tuple(table_h.shape) != (2 * H - 1, HEAD_D) or tuple(table_w.shape) != (2 * W - 1, HEAD_D):
+        raise ValueError(f"rel_pos_global_attention_gluon expects table_h of shape ({2 * H - 1}, {HEAD_D}) and table_w "
+                         f"of shape ({2 * W - 1}, {HEAD_D}), got {tuple(table_h.shape)} and {tuple(table_w.shape)}")
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    B, H, W, C3 = qkv.shape
     dt = qkv.dtype
     gdt = gl.bfloat16 if dt == torch.bfloat16 else gl.float16
     out = torch.empty((B, H, W, num_heads * HEAD_D), dtype=dt, device=qkv.device)

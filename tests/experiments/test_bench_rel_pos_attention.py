@@ -31,6 +31,7 @@ def test_global_gluon_bench_reads_tiles_and_refuses_malformed_ones(capsys):
     from experiments.bench_rel_pos_global_gluon import main as gluon_main, parse_tile as gluon_tile
 
     assert gluon_tile("2x3") == (2, 3, None) and gluon_tile(" 2x2r128 ") == (2, 2, 128)
-    with pytest.raises(SystemExit) as e:
-        gluon_main(["--tiles", "2x3,2y3"])
-    assert e.value.code == 2 and "ROWSxSTAGES" in capsys.readouterr().err
+    for bad in ("2y3", "3x3", "2x1"):  # not a tile; rows not dividing 64; one K/V slot
+        with pytest.raises(SystemExit) as e:
+            gluon_main(["--tiles", f"2x3,{bad}"])
+        assert e.value.code == 2 and "ROWSxSTAGES" in capsys.readouterr().err

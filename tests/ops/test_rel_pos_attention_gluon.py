@@ -26,9 +26,10 @@ def _inputs(B, H, heads, dtype, seed):
     return qkv, th, tw
 
 
-def test_kernel_applies_only_where_it_was_built_for():
+def test_kernel_applies_only_where_it_was_built_for(monkeypatch):
     """Never on the CPU; on a GPU only global attention on a 64-wide grid, head_dim 64, an even number
-    of grid rows up to 64 (two a program), a contiguous qkv; the rest takes the tl kernel."""
+    of grid rows up to 64 (two a program), a contiguous qkv, 1 to 65535 images x heads; the rest takes
+    the tl kernel."""
     qkv = torch.zeros(1, 64, 64, 3 * 12 * 64, dtype=torch.bfloat16)
     assert not rpg.global_attention_applies(qkv, 12, 0, None)
     if not (_hopper() and gluon_available()):
@@ -37,8 +38,20 @@ def test_kernel_applies_only_where_it_was_built_for():
     assert rpg.global_attention_applies(cuda, 12, 0, None)
     assert not rpg.global_attention_applies(cuda, 12, 14, None)  # windowed
     assert not rpg.global_attention_applies(cuda[:, :63], 12, 0, None)  # odd rows
-    assert not rpg.global_attention_applies(cuda[:, :, :48], 12, 0, None)  # narrower grid
+    assert not rpg.global_attention_applies(torch.zeros(1, 64, 48, 3 * 12 * 64, dtype=torch.bfloat16,
+                                                        device="cuda"), 12, 0, None)  # narrower grid
+    shape = (1, 62, 64, 3 * 12 * 64)
+    unaligned = torch.zeros(62 * 64 * 3 * 12 * 64 + 4, dtype=torch.bfloat16, device="cuda")[4:].view(shape)
+    assert not rpg.global_attention_applies(unaligned, 12, 0, None)  # 8 bytes past a 16-byte boundary (TMA)
+    assert rpg.global_attention_applies(unaligned.clone(), 12, 0, None)
+    with pytest.raises(ValueError, match="dividing the grid's 64 rows"):
+        rpg.rel_pos_global_attention_gluon(cuda, torch.zeros(127, 64), torch.zeros(127, 64), 12, 0.125, rows=3)
+    with pytest.raises(ValueError, match="2 or more K/V slots"):
+        rpg.rel_pos_global_attention_gluon(cuda, torch.zeros(127, 64), torch.zeros(127, 64), 12, 0.125, stages=1)
     assert not rpg.global_attention_applies(cuda.float(), 12, 0, None)
+    assert not rpg.global_attention_applies(cuda[:0], 12, 0, None)  # no images
+    monkeypatch.setattr(rpg, "_MAX_GRID_Y", 11)
+    assert not rpg.global_attention_applies(cuda, 12, 0, None)  # 12 image x heads past the grid's limit
     assert not rpg.global_attention_applies(torch.zeros(1, 64, 64, 3 * 16 * 80, dtype=torch.bfloat16,
                                                         device="cuda"), 16, 0, None)  # head_dim 80 (vit_h)
 
@@ -116,7 +129,7 @@ print("AOT-REPORT" + json.dumps(report))
 def test_kernel_compiles_for_hopper_without_a_gpu():
     """The kernel compiles for sm_90 in bf16 and fp16: TMA loads, the next tile's q·kᵀ waited for
     with this tile's P·V in flight (a wait for all but one group), no wgmma serialized by ptxas
-    (C7514), no spills, shared memory within an SM's."""
+    (C7514), no spills, shared memory within an SM's, a CTA barrier before the ring's refill."""
     if not gluon_available():
         pytest.skip("this Triton has no Gluon Hopper API")
     proc = run_aot_compile(_AOT_SCRIPT, json.dumps(["bfloat16", "float16"]))
@@ -129,3 +142,9 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
         assert "C7514" not in item["ptxas"], item["ptxas"][-2000:]
         assert "0 bytes spill stores" in item["ptxas"], item["ptxas"][-2000:]
         assert item["shared"] <= 227 * 1024
+        # the K/V ring's refill (the last TMA request) follows a barrier after the P·V wait: no warpgroup still
+        # reads the slot it overwrites
+        lines = ptx.splitlines()
+        refill = max(i for i, line in enumerate(lines) if "mbarrier.arrive.expect_tx" in line)
+        wait = max(i for i in range(refill) if "wgmma.wait_group.sync.aligned 0;" in lines[i])
+        assert any("bar.sync" in line for line in lines[wait:refill]), "\n".join(lines[wait:refill + 1])
