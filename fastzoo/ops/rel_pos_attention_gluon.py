@@ -28,9 +28,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._common import LOG2E, _capability
 from .int8_mm_gluon import gluon_available
-
-KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# the tl kernel's module: its dtypes, smallest scale and launch-grid limit hold here too (it imports this
+# module only inside its op, so no cycle)
+from .rel_pos_attention import _MAX_GRID_Y, _MIN_KERNEL_SCALE, KERNEL_DTYPES
 BLOCK = 64  # queries a program (one grid row) and keys a tile (one grid row): W must be 64
 HEAD_D = 64
 # Two grid rows of queries a program (a warpgroup each: the K/V tiles read once for both), a ring of
@@ -42,8 +44,6 @@ STAGES = 3  # K/V ring slots
 MAXNREG = None  # registers a thread (None: the compiler's choice)
 QUERY_ROWS = 2  # grid rows of queries a program (a warpgroup each)
 TABLE_ROWS = 2 * BLOCK  # rows of a table box (table_w: 2W − 1 = 127 and a zero row)
-_LOG2E = 1.4426950408889634
-_MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second dimension (images x heads here)
 
 if gluon_available():
     from triton.experimental import gluon
@@ -204,8 +204,6 @@ def global_attention_applies(qkv: torch.Tensor, num_heads: int, window: int, pad
     if (W != BLOCK or not (max(STAGES - 1, 2) <= H <= BLOCK) or H % QUERY_ROWS or C3 != 3 * num_heads * HEAD_D
             or not 1 <= B * num_heads <= _MAX_GRID_Y or not qkv.is_contiguous() or qkv.data_ptr() % 16):
         return False  # (TMA: a 16-byte aligned base)
-    from ._common import _capability
-
     index = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] == 9
 
@@ -216,7 +214,7 @@ def rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads: int, scale:
     (``global_attention_applies`` true): ``rows`` grid rows of queries a program. Returns
     (B, H, W, heads · 64)."""
     B, H, W, C3 = qkv.shape
-    if rows < 1 or H % rows or stages < 2 or not max(stages - 1, 2) <= H <= BLOCK or not scale >= 1e-20:
+    if rows < 1 or H % rows or stages < 2 or not max(stages - 1, 2) <= H <= BLOCK or not scale >= _MIN_KERNEL_SCALE:
         raise ValueError(f"rel_pos_global_attention_gluon expects grid rows of queries a program dividing the grid's "
                          f"{H} rows, 2 or more K/V slots, at most H + 1 of them, 2 <= H <= {BLOCK} and a positive "
                          f"scale (the row maximum is taken before scaling); got rows={rows}, stages={stages}, "
@@ -247,6 +245,6 @@ def rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads: int, scale:
     _global_attention_kernel[(H // rows, B * num_heads)](
         desc(flat, [rows * BLOCK, HEAD_D]), desc(flat, [BLOCK, HEAD_D]), desc(th, [TABLE_ROWS, HEAD_D]),
         desc(tw, [TABLE_ROWS, HEAD_D]), desc(out.view(B * H * W, num_heads * HEAD_D), [rows * BLOCK, HEAD_D]),
-        scratch, H, num_heads, float(scale) * _LOG2E, QR=rows, STAGES=stages, num_warps=4 * rows,
+        scratch, H, num_heads, float(scale) * LOG2E, QR=rows, STAGES=stages, num_warps=4 * rows,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out

@@ -11,18 +11,16 @@ from fastzoo.ops import rel_pos_attention_gluon as rpg
 from fastzoo.ops.int8_mm_gluon import gluon_available
 from fastzoo.ops.rel_pos_attention import rel_pos_window_attention, rel_pos_window_attention_ref
 
+from tests.ops.test_rel_pos_attention import _window_inputs
+
 
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
 def _inputs(B, H, heads, dtype, seed):
-    """A (B, H, 64, 3·heads·64) qkv grid and the two tables (|q · table| up to ~20, as in
-    test_rel_pos_attention's window cases)."""
-    g = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(B, H, 64, 3 * heads * 64, generator=g).to(dtype)
-    th = torch.randn(2 * H - 1, 64, generator=g) * 0.5
-    tw = torch.randn(127, 64, generator=g) * 0.5
+    """test_rel_pos_attention's window inputs on a (B, H, 64) grid of head_dim 64, global (no pad)."""
+    qkv, th, tw, _ = _window_inputs(B, H, 64, heads, 64, 0, dtype, seed, pad=False)
     return qkv, th, tw
 
 
