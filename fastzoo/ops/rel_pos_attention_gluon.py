@@ -36,12 +36,19 @@ from .rel_pos_attention import _MAX_GRID_Y, _MIN_KERNEL_SCALE, KERNEL_DTYPES
 BLOCK = 64  # queries a program (one grid row) and keys a tile (one grid row): W must be 64
 HEAD_D = 64
 # Two grid rows of queries a program (a warpgroup each: the K/V tiles read once for both), a ring of
-# three K/V slots, one program an SM (115 KB of shared memory, 159 registers). H100, SAM vit_b's
-# global layer at batch 16, each against the tl kernel in the same call (rel_pos_global_gluon_tiles.json):
-# 2.26-2.28 ms against 2.41-2.54; one row a program 2.59 (8 warps an SM, twice the K/V traffic), two
-# rows with 2 slots (two programs an SM, 128 registers) 2.61, with 4 slots 3.05, four rows 2.91-3.51.
+# three K/V slots. Two programs share an SM (16 warps): 114,728 B of shared memory and at most 128
+# registers a thread each. Under Triton 3.6, ncu on an H100 gives 127 registers, a limit of 2 blocks an SM
+# by both registers and shared memory, and 15.85 active warps (rel_pos_global_ws_tried.json). A variant at
+# 131 KB and 160 registers ran one program an SM and took 2.9 ms instead of 2.3
+# (sam_rel_pos_global_prologue_tried_ab_vit_b.json). Hence MAXNREG: Triton 3.8 compiles the kernel to
+# 159 registers when left free, and to 128 without spills when capped.
+# H100, SAM vit_b's global layer at batch 16, each against the tl kernel in the same call
+# (rel_pos_global_gluon_tiles.json): 2.26-2.28 ms against 2.41-2.54. Slower: one row a program 2.59
+# (8 warps a program, twice the K/V traffic); two rows with 2 slots and 128 registers 2.61; 4 slots
+# (one program an SM) 3.05; four rows 2.91-3.51.
 STAGES = 3  # K/V ring slots
-MAXNREG = None  # registers a thread (None: the compiler's choice)
+MAXNREG = 128  # registers a thread: two programs an SM (2 x 256 threads x 128 = the 64K register file)
+SHARED_LIMIT = (228 * 1024) // 2 - 1024  # bytes of shared memory a program for two an SM (1 KB each reserved)
 QUERY_ROWS = 2  # grid rows of queries a program (a warpgroup each)
 TABLE_ROWS = 2 * BLOCK  # rows of a table box (table_w: 2W − 1 = 127 and a zero row)
 
