@@ -1,7 +1,7 @@
 """SAM's global rel-pos attention layer: the Hopper Gluon kernel against the ``tl`` kernel, GPU only.
 
     python -m experiments.bench_rel_pos_global_gluon                    # the default tile, vit_b and vit_l heads
-    python -m experiments.bench_rel_pos_global_gluon --tiles 2x3,2x2r128,1x3   # ROWSxSTAGES[rMAXNREG], each forced
+    python -m experiments.bench_rel_pos_global_gluon --tiles 2x3,2x3r0,2x2r128,1x3   # ROWSxSTAGES[rMAXNREG], each forced
 
 The layer: ``rel_pos_window_attention(qkv, table_h, table_w, heads, window=0)`` on a batch of 64 x 64
 token grids (head_dim 64; vit_b 12 heads, vit_l 16), from the (B, 64, 64, 3·heads·64) qkv grid, the
@@ -24,18 +24,20 @@ from fastzoo.ops.rel_pos_attention import rel_pos_window_attention_ref, rel_pos_
 
 
 def parse_tile(text: str) -> tuple[int, int, int | None]:
+    """(rows, stages, register cap): no ``r`` suffix is the kernel's own cap (``MAXNREG``), ``r0`` none."""
     m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+))?", text.strip())
     if m is None or int(m.group(1)) not in (1, 2, 4) or int(m.group(2)) < 2:
         raise ValueError(f"--tiles expects ROWSxSTAGES[rMAXNREG] with ROWS 1, 2 or 4 (grid rows of queries a "
-                         f"program, dividing the grid's 64) and STAGES >= 2 (e.g. 2x3, 2x2r128), got {text!r}")
-    return int(m.group(1)), int(m.group(2)), int(m.group(3)) if m.group(3) else None
+                         f"program, dividing the grid's 64), STAGES >= 2 and MAXNREG a register cap (0: none; "
+                         f"absent: the kernel's {rpg.MAXNREG}), e.g. 2x3, 2x2r128, 2x3r0; got {text!r}")
+    return int(m.group(1)), int(m.group(2)), (int(m.group(3)) or None) if m.group(3) else rpg.MAXNREG
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--heads", default="12,16", help="comma-separated head counts (vit_b 12, vit_l 16)")
-    p.add_argument("--tiles", default=f"{rpg.QUERY_ROWS}x{rpg.STAGES}" + (f"r{rpg.MAXNREG}" if rpg.MAXNREG else ""))
+    p.add_argument("--tiles", default=f"{rpg.QUERY_ROWS}x{rpg.STAGES}")
     p.add_argument("--rep", type=int, default=30)
     p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     args = p.parse_args(argv)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         for qr, stages, maxnreg in tiles:
             gluon = lambda: rpg.rel_pos_global_attention_gluon(qkv, th, tw, heads, 0.125, stages, qr, maxnreg)  # noqa: E731
             tl_call = lambda: rel_pos_window_attention_triton(qkv, th, tw, heads, 0, 0.125)  # noqa: E731
-            row = {"heads": heads, "B": B, "tile": f"{qr}x{stages}" + (f"r{maxnreg}" if maxnreg else ""),
+            row = {"heads": heads, "B": B, "tile": f"{qr}x{stages}r{maxnreg or 0}",
                    "err": err_of(gluon()), "tl_err": err_of(tl_call()), "ref_err": ref_err,
                    "gluon_ms": harness.bench(gluon, rep=args.rep)["median_ms"],
                    "tl_ms": harness.bench(tl_call, rep=args.rep)["median_ms"]}

@@ -4,7 +4,7 @@ and SAM vit_b (M = 16·64·64) linears, bare epilogue (per-row and per-column sc
 ``--bias``: and a bias, in the bf16 linear too, as in the ≥ 1.6× goal's measure).
 CUDA-graph replays, median of repeats; every output checked against the reference.
 
-    python -m experiments.sweep_int8_mm_gluon [--configs NAME,...] [--shapes NAME,...] [--out-dir DIR]
+    python -m experiments.sweep_int8_mm_gluon [--configs NAME,...] [--shapes NAME,...] [--bias] [--name NAME] [--out-dir DIR]
 """
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ def main(argv=None) -> None:
     p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES), help="comma-separated shape names")
     p.add_argument("--rep", type=int, default=20)
     p.add_argument("--bias", action="store_true", help="a bias in the epilogue (and in the bf16 linear): the goal's case")
+    p.add_argument("--name", default="int8_mm_gluon_sweep", help="the results JSON's name")
     p.add_argument("--out-dir", default=None, help="results folder (default experiments/results/<gpu>/)")
     args = p.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
         print(name, f"bf16 {row['bf16_tflops']:.0f}", f"tl {row['tl_tops']:.0f}",
               " ".join(f"{k}={v.get('tops', float('nan')):.0f}" for k, v in row["gluon"].items()), flush=True)
         rows.append(row)
-    print("saved", harness.save_result("int8_mm_gluon_sweep", {"rows": rows, "configs": CONFIGS}, args,
+    print("saved", harness.save_result(args.name, {"rows": rows, "configs": CONFIGS}, args,
                                        out_dir=args.out_dir))
 
 

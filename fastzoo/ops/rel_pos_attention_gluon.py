@@ -38,9 +38,9 @@ HEAD_D = 64
 # Two grid rows of queries a program (a warpgroup each: the K/V tiles read once for both), a ring of
 # three K/V slots. Two programs share an SM (16 warps): 114,728 B of shared memory and at most 128
 # registers a thread each. Under Triton 3.6, ncu on an H100 gives 127 registers, a limit of 2 blocks an SM
-# by both registers and shared memory, and 15.85 active warps (rel_pos_global_ws_tried.json). A variant at
-# 131 KB and 160 registers ran one program an SM and took 2.9 ms instead of 2.3
-# (sam_rel_pos_global_prologue_tried_ab_vit_b.json). Hence MAXNREG: Triton 3.8 compiles the kernel to
+# by both registers and shared memory, and 15.85 active warps (rel_pos_global_ws_tried.json). A variant
+# over both budgets (160 registers and 131 KB under Triton 3.6), so likely one program an SM, took 2.9 ms
+# instead of 2.3 (rel_pos_global_prologue_tried.json). Hence MAXNREG: Triton 3.8 compiles the kernel to
 # 159 registers when left free, and to 128 without spills when capped.
 # H100, SAM vit_b's global layer at batch 16, each against the tl kernel in the same call
 # (rel_pos_global_gluon_tiles.json): 2.26-2.28 ms against 2.41-2.54. Slower: one row a program 2.59

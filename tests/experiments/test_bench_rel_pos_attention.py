@@ -30,7 +30,11 @@ def test_bad_shape_names_and_retune_options_are_refused_before_anything_runs(arg
 def test_global_gluon_bench_reads_tiles_and_refuses_malformed_ones(capsys):
     from experiments.bench_rel_pos_global_gluon import main as gluon_main, parse_tile as gluon_tile
 
-    assert gluon_tile("2x3") == (2, 3, None) and gluon_tile(" 2x2r128 ") == (2, 2, 128)
+    from fastzoo.ops.rel_pos_attention_gluon import MAXNREG
+
+    # no suffix: the kernel's own register cap; r0: none
+    assert gluon_tile("2x3") == (2, 3, MAXNREG) and gluon_tile(" 2x2r128 ") == (2, 2, 128)
+    assert gluon_tile("2x3r0") == (2, 3, None)
     for bad in ("2y3", "3x3", "2x1"):  # not a tile; rows not dividing 64; one K/V slot
         with pytest.raises(SystemExit) as e:
             gluon_main(["--tiles", f"2x3,{bad}"])

@@ -141,10 +141,11 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
         assert item["ptxas_rc"] == 0, item["ptxas"][-2000:]
         assert "C7514" not in item["ptxas"], item["ptxas"][-2000:]
         assert "0 bytes spill stores" in item["ptxas"], item["ptxas"][-2000:]
-        # two programs an SM: at most 128 registers a thread and half an SM's shared memory each (one
-        # program an SM ran ~25 % slower: sam_rel_pos_global_prologue_tried_ab_vit_b.json)
-        registers = int(re.search(r"Used (\d+) registers", item["ptxas"]).group(1))
-        assert registers <= rpg.MAXNREG == 128, registers
+        # two programs an SM: at most 128 registers a thread and half an SM's shared memory each (a
+        # variant over both ran ~25 % slower: rel_pos_global_prologue_tried.json)
+        used = re.search(r"Used (\d+) registers", item["ptxas"])
+        assert used, item["ptxas"][-2000:]
+        assert rpg.MAXNREG == 128 and int(used.group(1)) <= 128, used.group(0)
         assert item["shared"] <= rpg.SHARED_LIMIT, item["shared"]
         # the K/V ring's refill (the last TMA request) follows a barrier after the P·V wait: no warpgroup still
         # reads the slot it overwrites
