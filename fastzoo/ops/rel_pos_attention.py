@@ -854,10 +854,12 @@ def _rel_pos_window_attention_op(
     if (scale >= _MIN_KERNEL_SCALE and qkv.dtype in KERNEL_DTYPES and cuda_kernel_applies(*tensors) and D <= 256
             and qkv.shape[1] * qkv.shape[2] > 0
             and _tiles_known_good(D, k_w)):
-        from .rel_pos_attention_gluon import global_attention_applies, rel_pos_global_attention_gluon
+        from . import rel_pos_attention_gluon as rpg
 
-        if global_attention_applies(qkv, num_heads, window, pad):  # Hopper, SAM's 64 x 64 global layers
-            return rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads, scale)
+        if rpg.global_attention_applies(qkv, num_heads, window, pad):  # Hopper, SAM's 64 x 64 global layers
+            return rpg.rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads, scale)
+        if rpg.window_attention_applies(qkv, num_heads, window, pad):  # Hopper, SAM's 14 x 14 windows
+            return rpg.rel_pos_window_attention_gluon(qkv, table_h, table_w, num_heads, window, scale, pad)
         return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad)
     return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad)
 

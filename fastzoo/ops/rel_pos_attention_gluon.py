@@ -1,4 +1,5 @@
-"""SAM's global rel-pos attention layers on Hopper: a Gluon kernel (TMA loads, asynchronous wgmma).
+"""SAM's rel-pos attention layers on Hopper: Gluon kernels (TMA loads, asynchronous wgmma), one for the
+global layers, one for the windowed ones (``_window_attention_kernel``, below).
 
 The image encoder's global layers (vit_b / vit_l: blocks 2, 5, 8, 11 and 5, 11, 17, 23) attend
 over the whole 64 x 64 token grid with head_dim 64: 4096 keys a query, the bias
@@ -200,6 +201,182 @@ if gluon_available():
         tma.store_wait(pendings=0)
 
 
+    @gluon.jit
+    def _window_attention_kernel(q_desc, k8_desc, k2_desc, tab_desc, out_ptr, pad_ptr, H, W, heads, n_ww, qk_scale,
+                                 inv_scale, WIN: gl.constexpr, HAS_PAD: gl.constexpr, num_warps: gl.constexpr):
+        # One program: one window of one image and head. Its queries in tiles of QR = 4 grid rows (64 slots,
+        # 16 a row: the window's 14 columns and 2 of the next window's, or zeros past the grid), one after
+        # the other, each against all the window's 14 x 16 key slots at once (no running maximum); the keys
+        # in three boxes of 8, 4 and 2 rows (Triton's shapes are powers of two), loaded once; the next
+        # tile's queries arrive while this one's are processed.
+        gl.static_assert(WIN == 14, "key boxes of 8, 4 and 2 rows")
+        QR: gl.constexpr = q_desc.block_type.shape[1]
+        COLS: gl.constexpr = q_desc.block_type.shape[2]
+        D: gl.constexpr = q_desc.block_type.shape[4]
+        BLOCK_M: gl.constexpr = QR * COLS
+        TAB: gl.constexpr = tab_desc.block_type.shape[0]  # table_h's rows (TAB / 2, zeros past 2·WIN − 1), table_w's
+        RC: gl.constexpr = 2 * COLS  # bias columns: 16 key rows, 16 key columns
+        NT: gl.constexpr = (WIN + QR - 1) // QR  # query tiles
+        dtype: gl.constexpr = q_desc.dtype
+        t_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, TAB, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, D, 16])
+        flat: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        r_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
+        g_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [num_warps, 1], [1, 0])
+        v_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+
+        win = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // heads
+        h = bh % heads
+        y0 = (win // n_ww) * WIN
+        x0 = (win % n_ww) * WIN
+
+        q5 = gl.allocate_shared_memory(dtype, [2, 1, QR, COLS, 1, D], q_desc.layout)
+        ka = gl.allocate_shared_memory(dtype, [1, 8, COLS, 1, D], k8_desc.layout)
+        kb = gl.allocate_shared_memory(dtype, [1, 4, COLS, 1, D], q_desc.layout)
+        kc = gl.allocate_shared_memory(dtype, [1, 2, COLS, 1, D], k2_desc.layout)
+        va = gl.allocate_shared_memory(dtype, [1, 8, COLS, 1, D], k8_desc.layout)
+        vb = gl.allocate_shared_memory(dtype, [1, 4, COLS, 1, D], q_desc.layout)
+        vc = gl.allocate_shared_memory(dtype, [1, 2, COLS, 1, D], k2_desc.layout)
+        t_s = gl.allocate_shared_memory(dtype, [TAB, D], tab_desc.layout)
+        ea = gl.allocate_shared_memory(dtype, [8 * COLS, RC], r_layout)
+        eb = gl.allocate_shared_memory(dtype, [4 * COLS, RC], r_layout)
+        ec = gl.allocate_shared_memory(dtype, [2 * COLS, RC], r_layout)
+        r_s = gl.allocate_shared_memory(dtype, [BLOCK_M, RC], r_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # k, v, q slots 0 / 1
+        for i in gl.static_range(4):
+            mbarrier.init(bars.index(i), count=1)
+        kv_bytes: gl.constexpr = k8_desc.block_type.nbytes + q_desc.block_type.nbytes + k2_desc.block_type.nbytes
+        for i in gl.static_range(2):  # k, then v
+            slot = (1 + i) * heads + h
+            bar = bars.index(i)
+            mbarrier.expect(bar, kv_bytes)
+            tma.async_copy_global_to_shared(k8_desc, [b, y0, x0, slot, 0], bar, ka if i == 0 else va)
+            tma.async_copy_global_to_shared(q_desc, [b, y0 + 8, x0, slot, 0], bar, kb if i == 0 else vb)
+            tma.async_copy_global_to_shared(k2_desc, [b, y0 + 12, x0, slot, 0], bar, kc if i == 0 else vc)
+        mbarrier.expect(bars.index(2), q_desc.block_type.nbytes + tab_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(tab_desc, [0, 0], bars.index(2), t_s)
+        tma.async_copy_global_to_shared(q_desc, [b, y0, x0, h, 0], bars.index(2), q5.index(0))
+        mbarrier.expect(bars.index(3), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, y0 + QR, x0, h, 0], bars.index(3), q5.index(1))
+        # E: each key slot's one-hot row (its key row) and column (16 + its key column), so that R·Eᵀ adds
+        # each query's rel_h and rel_w of the key; built while the loads are in flight
+        _one_hot(ea, 0, COLS, v_layout)
+        _one_hot(eb, 8 * COLS, COLS, v_layout)
+        _one_hot(ec, 12 * COLS, COLS, v_layout)
+        # the boxes' rows (grid row, column) as the MMAs' rows: the same bytes (128-byte swizzle a 64-wide row)
+        ka = ka._reinterpret(dtype, [8 * COLS, D], flat)
+        kb = kb._reinterpret(dtype, [4 * COLS, D], flat)
+        kc = kc._reinterpret(dtype, [2 * COLS, D], flat)
+        va = va._reinterpret(dtype, [8 * COLS, D], flat)
+        vb = vb._reinterpret(dtype, [4 * COLS, D], flat)
+        vc = vc._reinterpret(dtype, [2 * COLS, D], flat)
+        mbarrier.wait(bars.index(0), 0)
+        mbarrier.wait(bars.index(1), 0)
+        if HAS_PAD:
+            if (y0 + WIN > H) | (x0 + WIN > W):  # keys past the grid take the padding token's k and v
+                pk = pad_ptr + (heads + h) * D
+                pv = pad_ptr + (2 * heads + h) * D
+                _pad_keys(ka, pk, y0, x0, 0, H, W, WIN, COLS, D, v_layout)
+                _pad_keys(kb, pk, y0, x0, 8, H, W, WIN, COLS, D, v_layout)
+                _pad_keys(kc, pk, y0, x0, 12, H, W, WIN, COLS, D, v_layout)
+                _pad_keys(va, pv, y0, x0, 0, H, W, WIN, COLS, D, v_layout)
+                _pad_keys(vb, pv, y0, x0, 8, H, W, WIN, COLS, D, v_layout)
+                _pad_keys(vc, pv, y0, x0, 12, H, W, WIN, COLS, D, v_layout)
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        mi = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, g_layout))
+        jj = gl.arange(0, RC, layout=gl.SliceLayout(0, g_layout))[None, :]
+        kk = jj % COLS  # the key row (jj < 16) or column (jj >= 16) of a bias column
+        mo = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, v_layout))
+        d = gl.arange(0, D, layout=gl.SliceLayout(0, v_layout))
+        for t in range(NT):
+            qb = t % 2
+            q_s = q5.index(qb)._reinterpret(dtype, [BLOCK_M, D], flat)
+            mbarrier.wait(bars.index(2 + qb), (t // 2) & 1)
+            # rel-pos products P = q · [table_h; table_w]ᵀ, rounded to the activations' dtype (as the
+            # model's einsums); each query's bias row R: rel_h of the 16 key rows, then rel_w of the 16
+            # key columns (rows and columns past the window masked), in q·k's units. The logits are
+            # q·kᵀ + R·Eᵀ, both on the tensor cores.
+            ph = warpgroup_mma(q_s, t_s.permute((1, 0)), gl.zeros([BLOCK_M, TAB], gl.float32, t_layout),
+                               use_acc=False)
+            ph = gl.convert_layout(ph.to(dtype), g_layout).to(gl.float32)
+            qr = (t * QR + mi // COLS)[:, None]
+            qc = (mi % COLS)[:, None]
+            idx = gl.where(jj < COLS, qr, TAB // 2 + qc) - kk + WIN - 1
+            idx = gl.minimum(gl.maximum(idx, 0), TAB - 1)
+            rel = gl.gather(ph, idx, 1) * inv_scale
+            r_s.store(gl.where(kk < WIN, rel, -60000.0).to(dtype))
+            fence_async_shared()
+            _cta_barrier()
+            sa = _window_logits(q_s, ka, r_s, ea, num_warps)
+            sb = _window_logits(q_s, kb, r_s, eb, num_warps)
+            sc = _window_logits(q_s, kc, r_s, ec, num_warps)
+            sa, sb, sc = warpgroup_mma_wait(num_outstanding=0, deps=(sa, sb, sc))
+            # this q slot is free: tile t + 2's queries into it
+            if t + 2 < NT:
+                mbarrier.expect(bars.index(2 + qb), q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [b, y0 + (t + 2) * QR, x0, h, 0], bars.index(2 + qb),
+                                                q5.index(qb))
+            rows_a: gl.constexpr = gl.SliceLayout(1, sa.type.layout)
+            m = gl.maximum(gl.max(sa, 1), gl.convert_layout(gl.max(sb, 1), rows_a))
+            m = gl.maximum(m, gl.convert_layout(gl.max(sc, 1), rows_a)) * qk_scale
+            pa = gl.exp2(sa * qk_scale - m[:, None])
+            pb = gl.exp2(sb * qk_scale - gl.convert_layout(m, gl.SliceLayout(1, sb.type.layout))[:, None])
+            pc = gl.exp2(sc * qk_scale - gl.convert_layout(m, gl.SliceLayout(1, sc.type.layout))[:, None])
+            l = gl.convert_layout(gl.sum(pa, 1), rows_o) + gl.convert_layout(gl.sum(pb, 1), rows_o)
+            l = l + gl.convert_layout(gl.sum(pc, 1), rows_o)
+            o = warpgroup_mma(gl.convert_layout(pa.to(dtype), p_layout), va,
+                              gl.zeros([BLOCK_M, D], gl.float32, o_layout), use_acc=False, is_async=True)
+            o = warpgroup_mma(gl.convert_layout(pb.to(dtype), p_layout), vb, o, is_async=True)
+            o = warpgroup_mma(gl.convert_layout(pc.to(dtype), p_layout), vc, o, is_async=True)
+            o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+            o = o / l[:, None]
+            # the window's queries inside the grid
+            o = gl.convert_layout(o.to(dtype), v_layout)
+            wr = t * QR + mo // COLS
+            wc = mo % COLS
+            ok = (wr < WIN) & (wc < WIN) & (y0 + wr < H) & (x0 + wc < W)
+            tok = (b * H + y0 + wr).to(gl.int64) * W + x0 + wc
+            gl.store(out_ptr + tok[:, None] * (heads * D) + h * D + d[None, :], o, mask=ok[:, None])
+        for i in gl.static_range(4):
+            mbarrier.invalidate(bars.index(i))
+
+    @gluon.jit
+    def _one_hot(buf, n0: gl.constexpr, COLS: gl.constexpr, layout: gl.constexpr):
+        """Rows n0 … of E: key slot n = COLS·row + column has ones at ``row`` and ``COLS + column``."""
+        n = n0 + gl.arange(0, buf.shape[0], layout=gl.SliceLayout(1, layout))[:, None]
+        j = gl.arange(0, buf.shape[1], layout=gl.SliceLayout(0, layout))[None, :]
+        buf.store(((j == n // COLS) | (j == COLS + n % COLS)).to(buf.dtype))
+
+    @gluon.jit
+    def _window_logits(q_s, k_s, r_s, e_s, num_warps: gl.constexpr):
+        """q·kᵀ + R·Eᵀ for one key box (issued, not waited for)."""
+        M: gl.constexpr = q_s.shape[0]
+        N: gl.constexpr = k_s.shape[0]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                         instr_shape=[16, N, 16])
+        s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([M, N], gl.float32, layout), use_acc=False,
+                          is_async=True)
+        return warpgroup_mma(r_s, e_s.permute((1, 0)), s, is_async=True)
+
+    @gluon.jit
+    def _pad_keys(buf, pad_ptr, y0, x0, kr0: gl.constexpr, H, W, WIN: gl.constexpr, COLS: gl.constexpr,
+                  D: gl.constexpr, layout: gl.constexpr):
+        """A key box's slots past the grid (zeros from TMA) set to the padding token's row (box rows from
+        the window's key row kr0)."""
+        x = buf.load(layout)
+        n = gl.arange(0, buf.shape[0], layout=gl.SliceLayout(1, layout))
+        kr = kr0 + n // COLS
+        kc = n % COLS
+        outside = (kc < WIN) & ((y0 + kr >= H) | (x0 + kc >= W))
+        fill = gl.load(pad_ptr + gl.arange(0, D, layout=gl.SliceLayout(0, layout)))
+        buf.store(gl.where(outside[:, None], fill[None, :], x))
+
+
 def global_attention_applies(qkv: torch.Tensor, num_heads: int, window: int, pad) -> bool:
     """The Gluon kernel's domain: global attention (window 0) on a grid 64 tokens wide and an even
     2 to 64 high, head_dim 64, a contiguous bf16 / fp16 qkv of 1 to 65535 images x heads (a launch
@@ -254,4 +431,81 @@ def rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads: int, scale:
         desc(tw, [TABLE_ROWS, HEAD_D]), desc(out.view(B * H * W, num_heads * HEAD_D), [rows * BLOCK, HEAD_D]),
         scratch, H, num_heads, float(scale) * LOG2E, QR=rows, STAGES=stages, num_warps=4 * rows,
         **({"maxnreg": maxnreg} if maxnreg else {}))
+    return out
+
+
+# ---- the windowed layers -----------------------------------------------------------------------------
+# ``_window_attention_kernel``: one program per 14 x 14 window of one image and head (4 warps), from the qkv grid
+# in place (5-D TMA boxes of grid rows x 16 columns; zeros past the grid, replaced by the padding token's k and v
+# where ``pad`` is given, as segment_anything pads the grid before its qkv projection):
+# - the keys once: 14 key rows of 16 slots (a row's 14 columns and 2 of the next window's, masked), in boxes of
+#   8, 4 and 2 rows (Triton's shapes are powers of two);
+# - the queries in 4 tiles of 4 grid rows (64 slots), the next tile's loaded while one is processed;
+# - a tile's rel-pos bias on the tensor cores: P = q · [table_h; table_w]ᵀ (rounded as the model's einsums),
+#   each query's 32-column bias row R gathered from P (rel_h of the 16 key rows, rel_w of the 16 key columns,
+#   masked past the window, divided by the scale), and the logits q·kᵀ + R·Eᵀ with E the key slots' one-hot
+#   rows and columns, built once a program;
+# - all 224 key slots' logits at once, so the softmax needs no running maximum or rescaling; P·V on the tensor
+#   cores with P from registers.
+# H100, SAM's windowed layer at batch 16 against the tl kernel in the same call (rel_pos_window_gluon.json):
+# vit_b 0.346 against 0.485 ms, vit_l 0.405 against 0.586; the errors equal the tl kernel's. A first version, one
+# program per query tile (K and V read four times, no prefetch of the next tile's queries), took 0.440 ms.
+WIN_COLS = 16  # slots a window row: its columns, then the next window's (or zeros past the grid), masked
+WIN_QROWS = 4  # grid rows of queries a program: 4 x 16 = 64 query slots (one warpgroup's wgmma M)
+WIN_TAB = 32  # rows of each table in the table box (2 · window − 1 <= 31, zeros past)
+WIN_SIZE = 14  # SAM's window: key boxes of 8, 4 and 2 rows (Triton's shapes are powers of two)
+
+
+def window_attention_applies(qkv: torch.Tensor, num_heads: int, window: int, pad) -> bool:
+    """The windowed Gluon kernel's domain: SAM's windows of 14 x 14 tokens, head_dim 64, a contiguous,
+    16-byte aligned bf16 / fp16 qkv of 1 to 65535 images x heads on a Hopper GPU with Gluon; ``pad``
+    (the padding token's qkv row) None or contiguous."""
+    if not (window == WIN_SIZE and qkv.is_cuda and qkv.dtype in KERNEL_DTYPES and gluon_available()):
+        return False
+    B, H, W, C3 = qkv.shape
+    if (C3 != 3 * num_heads * HEAD_D or not 1 <= B * num_heads <= _MAX_GRID_Y or H * W == 0
+            or not qkv.is_contiguous() or qkv.data_ptr() % 16 or (pad is not None and not pad.is_contiguous())):
+        return False
+    index = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] == 9
+
+
+def rel_pos_window_attention_gluon(qkv, table_h, table_w, num_heads: int, window: int, scale: float,
+                                   pad: torch.Tensor | None = None) -> torch.Tensor:
+    """``rel_pos_window_attention(qkv, table_h, table_w, num_heads, window, scale, pad)`` by the windowed
+    Gluon kernel (``window_attention_applies`` true). Returns (B, H, W, heads · 64)."""
+    if not window_attention_applies(qkv, num_heads, window, pad):
+        raise ValueError(f"rel_pos_window_attention_gluon expects a contiguous, 16-byte aligned bf16 / fp16 qkv of "
+                         f"shape (B, H, W, 3 * {num_heads} * {HEAD_D}) and a window of {WIN_SIZE} on a Hopper GPU, "
+                         f"got {tuple(qkv.shape)} {qkv.dtype} on {qkv.device}, window {window}")
+    if tuple(table_h.shape) != (2 * window - 1, HEAD_D) or tuple(table_w.shape) != (2 * window - 1, HEAD_D):
+        raise ValueError(f"rel_pos_window_attention_gluon expects tables of shape ({2 * window - 1}, {HEAD_D}), got "
+                         f"{tuple(table_h.shape)} and {tuple(table_w.shape)}")
+    if not scale > 0:
+        raise ValueError(f"rel_pos_window_attention_gluon expects a positive scale, got {scale}")
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    dt = qkv.dtype
+    gdt = gl.bfloat16 if dt == torch.bfloat16 else gl.float16
+    B, H, W, C3 = qkv.shape
+    out = torch.empty((B, H, W, num_heads * HEAD_D), dtype=dt, device=qkv.device)
+    rows = 2 * window - 1
+    tab = torch.cat([F.pad(t.to(dt), (0, 0, 0, WIN_TAB - rows)) for t in (table_h, table_w)]).contiguous()
+    # qkv as (B, H, W, 3 · heads, 64): a box is grid rows x 16 columns of one head's q, k or v (TMA fills zeros
+    # past the grid)
+    grid5 = qkv.view(B, H, W, 3 * num_heads, HEAD_D)
+    swz = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5)
+
+    def box(rows_):
+        return TensorDescriptor(grid5, list(grid5.shape), list(grid5.stride()), [1, rows_, WIN_COLS, 1, HEAD_D], swz)
+
+    def desc(t, block):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+
+    n_wh, n_ww = -(-H // window), -(-W // window)
+    pad_t = pad.to(dt) if pad is not None else tab  # (not read without a pad)
+    _window_attention_kernel[(n_wh * n_ww, B * num_heads)](
+        box(WIN_QROWS), box(8), box(2), desc(tab, [2 * WIN_TAB, HEAD_D]), out, pad_t, H, W, num_heads, n_ww, float(scale) * LOG2E, 1.0 / float(scale), WIN=window,
+        HAS_PAD=pad is not None, num_warps=4)
     return out

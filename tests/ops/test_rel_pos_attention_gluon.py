@@ -94,6 +94,75 @@ def test_cuda_tables_and_heads_matter():
     torch.testing.assert_close(other.view(1, 8, 64, 2, 64).flip(3), got.view(1, 8, 64, 2, 64))
 
 
+
+# ---- the windowed layers' kernel ----------------------------------------------------------------------
+
+def test_window_kernel_applies_only_where_it_was_built_for():
+    """Never on the CPU; on a GPU only windows of 14 with head_dim 64 on a contiguous, aligned qkv."""
+    qkv = torch.zeros(1, 64, 64, 3 * 12 * 64, dtype=torch.bfloat16)
+    assert not rpg.window_attention_applies(qkv, 12, 14, None)
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the rest needs a Hopper GPU")
+    cuda = qkv.cuda()
+    assert rpg.window_attention_applies(cuda, 12, 14, None)
+    assert rpg.window_attention_applies(cuda[:, :37, :5].contiguous(), 12, 14, torch.zeros(3 * 12 * 64).cuda())
+    assert not rpg.window_attention_applies(cuda, 12, 0, None)  # global
+    assert not rpg.window_attention_applies(cuda, 12, 16, None)  # another window
+    assert not rpg.window_attention_applies(cuda[:, :, :63], 12, 14, None)  # not contiguous
+    assert not rpg.window_attention_applies(cuda.float(), 12, 14, None)
+    assert not rpg.window_attention_applies(torch.zeros(1, 64, 64, 3 * 16 * 80, dtype=torch.bfloat16,
+                                                        device="cuda"), 16, 14, None)  # head_dim 80 (vit_h)
+    with pytest.raises(ValueError, match="tables of shape"):
+        rpg.rel_pos_window_attention_gluon(cuda, torch.zeros(27, 64), torch.zeros(25, 64), 12, 14, 0.125)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,H,W,heads,dtype,pad", [
+    (2, 64, 64, 12, torch.bfloat16, True),   # SAM vit_b's windowed layers (25 windows, 9 padded)
+    (1, 64, 64, 16, torch.float16, True),    # vit_l's heads
+    (1, 14, 14, 2, torch.bfloat16, True),    # one whole window, nothing padded
+    (3, 29, 17, 3, torch.bfloat16, True),    # odd grid: windows cut on both sides
+    (1, 5, 9, 1, torch.float16, False),      # smaller than a window, zero padding
+    (1, 1, 1, 2, torch.bfloat16, True),      # one token
+], ids=str)
+def test_cuda_window_kernel_matches_reference(B, H, W, heads, dtype, pad, monkeypatch):
+    """Against the fp32 reference (padding tokens with the pad row's k and v, or zeros), within 1.5x the
+    reference's own error in the low precision or 1 % of the output's range; and the public op takes
+    this kernel for these inputs (a spy on its launcher)."""
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    qkv, th, tw, p = _window_inputs(B, H, W, heads, 64, 14, dtype, seed=B + H + W + heads, pad=pad)
+    qkv, th, tw = qkv.cuda(), th.cuda(), tw.cuda()
+    p = p.cuda() if p is not None else None
+    calls = []
+    launch = rpg.rel_pos_window_attention_gluon
+    monkeypatch.setattr(rpg, "rel_pos_window_attention_gluon", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    got = rel_pos_window_attention(qkv, th, tw, heads, 14, pad=p)
+    assert calls == [1] and got.shape == (B, H, W, heads * 64) and got.dtype == dtype
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, 14, pad=None if p is None else p.float())
+    ref_lp = rel_pos_window_attention_ref(qkv, th.to(dtype), tw.to(dtype), heads, 14, pad=p)
+    err, err_lp = ((x.float() - ref).abs().max().item() for x in (got, ref_lp))
+    assert torch.isfinite(got).all()
+    assert err <= max(1.5 * err_lp, 1e-2 * ref.abs().max().item()), (err, err_lp)
+
+
+@pytest.mark.cuda
+def test_cuda_window_kernel_reads_its_own_window_tables_and_pad():
+    """Flipped tables, another pad row, or the heads swapped change the output the way the reference
+    says: the kernel reads the right table rows, the pad row's k and v, and each head's own q, k, v."""
+    if not (_hopper() and gluon_available()):
+        pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
+    qkv, th, tw, p = (t.cuda() for t in _window_inputs(1, 20, 20, 2, 64, 14, torch.bfloat16, seed=5))
+    got = rpg.rel_pos_window_attention_gluon(qkv, th, tw, 2, 14, 0.125, p).float()
+    for args in ((th.flip(0), tw, p), (th, tw.flip(0), p), (th, tw, -p)):
+        other = rel_pos_window_attention_ref(qkv.float(), args[0], args[1], 2, 14, 0.125, args[2].float())
+        assert (got - other).abs().max() > 0.05
+    swapped = qkv.view(1, 20, 20, 3, 2, 64).flip(4).reshape(qkv.shape)
+    p_swapped = p.view(3, 2, 64).flip(1).reshape(p.shape)
+    other = rpg.rel_pos_window_attention_gluon(swapped, th, tw, 2, 14, 0.125, p_swapped).float()
+    torch.testing.assert_close(other.view(1, 20, 20, 2, 64).flip(3), got.view(1, 20, 20, 2, 64))
+
+
 # Gluon cannot run under Triton's interpreter: its code generation for sm_90 runs here instead.
 _AOT_SCRIPT = r"""
 import json, sys
@@ -153,3 +222,53 @@ def test_kernel_compiles_for_hopper_without_a_gpu():
         refill = max(i for i, line in enumerate(lines) if "mbarrier.arrive.expect_tx" in line)
         wait = max(i for i in range(refill) if "wgmma.wait_group.sync.aligned 0;" in lines[i])
         assert any("bar.sync" in line for line in lines[wait:refill]), "\n".join(lines[wait:refill + 1])
+
+
+_WINDOW_AOT_SCRIPT = r"""
+import json, sys
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from fastzoo.ops import rel_pos_attention_gluon as mod
+from tests.helpers import sm90_compile_report
+
+report = []
+for name, has_pad in json.loads(sys.argv[1]):
+    dt = getattr(gl, name)
+    short = {"bfloat16": "bf16", "float16": "fp16"}[name]
+    box = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=5)
+
+    def d5(rows):
+        return f"tensordesc<{short}[1, {rows}, {mod.WIN_COLS}, 1, {mod.HEAD_D}],{box!r}>"
+
+    def d2(shape):
+        return f"tensordesc<{short}[{shape[0]}, {shape[1]}],{gl.NVMMASharedLayout.get_default_for(shape, dt)!r}>"
+
+    jit = mod._window_attention_kernel
+    sig = {"q_desc": d5(mod.WIN_QROWS), "k8_desc": d5(8), "k2_desc": d5(2), "tab_desc": d2([2 * mod.WIN_TAB, 64]),
+           "out_ptr": "*" + short, "pad_ptr": "*" + short, "H": "i32", "W": "i32", "heads": "i32", "n_ww": "i32", "qk_scale": "fp32", "inv_scale": "fp32"}
+    const = {"WIN": mod.WIN_SIZE, "HAS_PAD": has_pad, "num_warps": 4}
+    sig = {n: sig.get(n, "constexpr") for n in jit.arg_names}
+    src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
+                         attrs={(jit.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("out_ptr", "pad_ptr")})
+    report.append(sm90_compile_report(src, 4))
+print("AOT-REPORT" + json.dumps(report))
+"""
+
+
+def test_window_kernel_compiles_for_hopper_without_a_gpu():
+    """The windowed kernel compiles for sm_90 in bf16 and fp16, with and without a pad row: q, k and v by
+    5-D TMA boxes (k and v in boxes of 8, 4 and 2 key rows, the first two query tiles, then each later one
+    in the loop), 36 wgmma in the query tiles' loop (the rel-pos products 4, q·kᵀ 12, the bias 6, P·V 14),
+    no spills, and shared memory for two programs an SM."""
+    if not gluon_available():
+        pytest.skip("this Triton has no Gluon Hopper API")
+    cases = [["bfloat16", True], ["float16", True], ["bfloat16", False]]
+    proc = run_aot_compile(_WINDOW_AOT_SCRIPT, json.dumps(cases))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for item in json.loads(proc.stdout.split("AOT-REPORT", 1)[1]):
+        ptx = item["ptx"]
+        assert ptx.count("cp.async.bulk.tensor.5d") == 9
+        assert ptx.count("wgmma.mma_async") == 36
+        assert item["ptxas_rc"] == 0, item["ptxas"][-2000:]
+        assert "0 bytes spill stores" in item["ptxas"], item["ptxas"][-2000:]
+        assert item["shared"] <= rpg.SHARED_LIMIT, item["shared"]
