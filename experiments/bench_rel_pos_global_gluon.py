@@ -33,6 +33,19 @@ def parse_tile(text: str) -> tuple[int, int, int | None]:
     return int(m.group(1)), int(m.group(2)), (int(m.group(3)) or None) if m.group(3) else rpg.MAXNREG
 
 
+def time_against_tl(row: dict, gluon, tl_call, err_of, ref_err: float, flops: float, rep: int, label: str) -> dict:
+    """``row`` with the Gluon kernel's and the ``tl`` kernel's errors (``err_of`` of each output), median ms of
+    ``rep`` timed calls, TFLOP/s (``flops`` a call) and speedup, printed under ``label``."""
+    row.update(err=err_of(gluon()), tl_err=err_of(tl_call()), ref_err=ref_err,
+               gluon_ms=harness.bench(gluon, rep=rep)["median_ms"], tl_ms=harness.bench(tl_call, rep=rep)["median_ms"])
+    row["gluon_tflops"] = flops / row["gluon_ms"] / 1e9
+    row["tl_tflops"] = flops / row["tl_ms"] / 1e9
+    row["speedup"] = row["tl_ms"] / row["gluon_ms"]
+    print(f"  {label}: gluon {row['gluon_ms']:.3f} ms ({row['gluon_tflops']:.0f} TFLOP/s), tl {row['tl_ms']:.3f} ms, "
+          f"x{row['speedup']:.3f}, err {row['err']:.2e} (tl {row['tl_err']:.2e}, ref {ref_err:.2e})", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=16)
@@ -67,17 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         for qr, stages, maxnreg in tiles:
             gluon = lambda: rpg.rel_pos_global_attention_gluon(qkv, th, tw, heads, 0.125, stages, qr, maxnreg)  # noqa: E731
             tl_call = lambda: rel_pos_window_attention_triton(qkv, th, tw, heads, 0, 0.125)  # noqa: E731
-            row = {"heads": heads, "B": B, "tile": f"{qr}x{stages}r{maxnreg or 0}",
-                   "err": err_of(gluon()), "tl_err": err_of(tl_call()), "ref_err": ref_err,
-                   "gluon_ms": harness.bench(gluon, rep=args.rep)["median_ms"],
-                   "tl_ms": harness.bench(tl_call, rep=args.rep)["median_ms"]}
-            row["gluon_tflops"] = flops / row["gluon_ms"] / 1e9
-            row["tl_tflops"] = flops / row["tl_ms"] / 1e9
-            row["speedup"] = row["tl_ms"] / row["gluon_ms"]
-            print(f"  heads {heads} tile {row['tile']}: gluon {row['gluon_ms']:.3f} ms ({row['gluon_tflops']:.0f} "
-                  f"TFLOP/s), tl {row['tl_ms']:.3f} ms, x{row['speedup']:.3f}, err {row['err']:.2e} "
-                  f"(tl {row['tl_err']:.2e}, ref {ref_err:.2e})", flush=True)
-            rows.append(row)
+            row = {"heads": heads, "B": B, "tile": f"{qr}x{stages}r{maxnreg or 0}"}
+            rows.append(time_against_tl(row, gluon, tl_call, err_of, ref_err, flops, args.rep,
+                                        f"heads {heads} tile {row['tile']}"))
     print("saved", harness.save_result("rel_pos_global_gluon_tiles", {"rows": rows}, args, args.out_dir))
 
 

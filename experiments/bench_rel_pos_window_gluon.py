@@ -18,6 +18,7 @@ import argparse
 import torch
 
 from experiments import harness
+from experiments.bench_rel_pos_global_gluon import time_against_tl
 from fastzoo.ops import rel_pos_attention_gluon as rpg
 from fastzoo.ops.rel_pos_attention import rel_pos_window_attention_ref, rel_pos_window_attention_triton
 
@@ -60,16 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         flops = 4 * B * heads * n_win * (WINDOW * WINDOW) ** 2 * 64
         gluon = lambda: rpg.rel_pos_window_attention_gluon(qkv, th, tw, heads, WINDOW, 0.125, pad)  # noqa: E731
         tl_call = lambda: rel_pos_window_attention_triton(qkv, th, tw, heads, WINDOW, 0.125, pad)  # noqa: E731
-        row = {"heads": heads, "B": B, "grid": G, "err": err_of(gluon()), "tl_err": err_of(tl_call()),
-               "ref_err": ref_err, "gluon_ms": harness.bench(gluon, rep=args.rep)["median_ms"],
-               "tl_ms": harness.bench(tl_call, rep=args.rep)["median_ms"]}
-        row["gluon_tflops"] = flops / row["gluon_ms"] / 1e9
-        row["tl_tflops"] = flops / row["tl_ms"] / 1e9
-        row["speedup"] = row["tl_ms"] / row["gluon_ms"]
-        print(f"  heads {heads}: gluon {row['gluon_ms']:.3f} ms ({row['gluon_tflops']:.0f} TFLOP/s), tl "
-              f"{row['tl_ms']:.3f} ms, x{row['speedup']:.3f}, err {row['err']:.2e} (tl {row['tl_err']:.2e}, ref "
-              f"{ref_err:.2e})", flush=True)
-        rows.append(row)
+        rows.append(time_against_tl({"heads": heads, "B": B, "grid": G}, gluon, tl_call, err_of, ref_err, flops,
+                                    args.rep, f"heads {heads}"))
     print("saved", harness.save_result(args.name, {"rows": rows}, args, args.out_dir))
 
 

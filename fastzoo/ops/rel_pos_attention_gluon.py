@@ -377,6 +377,22 @@ if gluon_available():
         buf.store(gl.where(outside[:, None], fill[None, :], x))
 
 
+def _check_tables(name: str, table_h: torch.Tensor, table_w: torch.Tensor, n_h: int, n_w: int) -> None:
+    """The rel-pos tables of an n_h x n_w attention span: (2·n − 1, 64) each."""
+    if tuple(table_h.shape) != (2 * n_h - 1, HEAD_D) or tuple(table_w.shape) != (2 * n_w - 1, HEAD_D):
+        raise ValueError(f"{name} expects table_h of shape ({2 * n_h - 1}, {HEAD_D}) and table_w of shape "
+                         f"({2 * n_w - 1}, {HEAD_D}), got {tuple(table_h.shape)} and {tuple(table_w.shape)}")
+
+
+def _tma_desc(t: torch.Tensor, block: list):
+    """A TMA descriptor of the 2-D bf16 / fp16 ``t`` in ``block`` boxes, NVMMA-swizzled for the MMAs."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+
+
 def global_attention_applies(qkv: torch.Tensor, num_heads: int, window: int, pad) -> bool:
     """The Gluon kernel's domain: global attention (window 0) on a grid 64 tokens wide and an even
     2 to 64 high, head_dim 64, a contiguous bf16 / fp16 qkv of 1 to 65535 images x heads (a launch
@@ -407,18 +423,9 @@ def rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads: int, scale:
         raise ValueError(f"rel_pos_global_attention_gluon expects a contiguous, 16-byte aligned bf16 / fp16 qkv of "
                          f"shape (B, H, {BLOCK}, 3 * {num_heads} * {HEAD_D}) with an even H on a Hopper GPU, got "
                          f"{tuple(qkv.shape)} {qkv.dtype} on {qkv.device}")
-    if tuple(table_h.shape) != (2 * H - 1, HEAD_D) or tuple(table_w.shape) != (2 * W - 1, HEAD_D):
-        raise ValueError(f"rel_pos_global_attention_gluon expects table_h of shape ({2 * H - 1}, {HEAD_D}) and table_w "
-                         f"of shape ({2 * W - 1}, {HEAD_D}), got {tuple(table_h.shape)} and {tuple(table_w.shape)}")
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
+    _check_tables("rel_pos_global_attention_gluon", table_h, table_w, H, W)
     dt = qkv.dtype
-    gdt = gl.bfloat16 if dt == torch.bfloat16 else gl.float16
     out = torch.empty((B, H, W, num_heads * HEAD_D), dtype=dt, device=qkv.device)
-
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
 
     # table boxes of TABLE_ROWS rows: table_h's from grid row r0 on (zero rows past its 2H − 1), all of
     # table_w's 2W − 1 and a zero row
@@ -427,8 +434,9 @@ def rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads: int, scale:
     scratch = torch.empty((B * num_heads * H, BLOCK, TABLE_ROWS), dtype=dt, device=qkv.device)
     flat = qkv.view(B * H * W, C3)
     _global_attention_kernel[(H // rows, B * num_heads)](
-        desc(flat, [rows * BLOCK, HEAD_D]), desc(flat, [BLOCK, HEAD_D]), desc(th, [TABLE_ROWS, HEAD_D]),
-        desc(tw, [TABLE_ROWS, HEAD_D]), desc(out.view(B * H * W, num_heads * HEAD_D), [rows * BLOCK, HEAD_D]),
+        _tma_desc(flat, [rows * BLOCK, HEAD_D]), _tma_desc(flat, [BLOCK, HEAD_D]), _tma_desc(th, [TABLE_ROWS, HEAD_D]),
+        _tma_desc(tw, [TABLE_ROWS, HEAD_D]),
+        _tma_desc(out.view(B * H * W, num_heads * HEAD_D), [rows * BLOCK, HEAD_D]),
         scratch, H, num_heads, float(scale) * LOG2E, QR=rows, STAGES=stages, num_warps=4 * rows,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
@@ -478,16 +486,13 @@ def rel_pos_window_attention_gluon(qkv, table_h, table_w, num_heads: int, window
         raise ValueError(f"rel_pos_window_attention_gluon expects a contiguous, 16-byte aligned bf16 / fp16 qkv of "
                          f"shape (B, H, W, 3 * {num_heads} * {HEAD_D}) and a window of {WIN_SIZE} on a Hopper GPU, "
                          f"got {tuple(qkv.shape)} {qkv.dtype} on {qkv.device}, window {window}")
-    if tuple(table_h.shape) != (2 * window - 1, HEAD_D) or tuple(table_w.shape) != (2 * window - 1, HEAD_D):
-        raise ValueError(f"rel_pos_window_attention_gluon expects tables of shape ({2 * window - 1}, {HEAD_D}), got "
-                         f"{tuple(table_h.shape)} and {tuple(table_w.shape)}")
+    _check_tables("rel_pos_window_attention_gluon", table_h, table_w, window, window)
     if not scale > 0:
         raise ValueError(f"rel_pos_window_attention_gluon expects a positive scale, got {scale}")
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     dt = qkv.dtype
-    gdt = gl.bfloat16 if dt == torch.bfloat16 else gl.float16
     B, H, W, C3 = qkv.shape
     out = torch.empty((B, H, W, num_heads * HEAD_D), dtype=dt, device=qkv.device)
     rows = 2 * window - 1
@@ -500,12 +505,9 @@ def rel_pos_window_attention_gluon(qkv, table_h, table_w, num_heads: int, window
     def box(rows_):
         return TensorDescriptor(grid5, list(grid5.shape), list(grid5.stride()), [1, rows_, WIN_COLS, 1, HEAD_D], swz)
 
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
-
     n_wh, n_ww = -(-H // window), -(-W // window)
     pad_t = pad.to(dt) if pad is not None else tab  # (not read without a pad)
     _window_attention_kernel[(n_wh * n_ww, B * num_heads)](
-        box(WIN_QROWS), box(8), box(2), desc(tab, [2 * WIN_TAB, HEAD_D]), out, pad_t, H, W, num_heads, n_ww, float(scale) * LOG2E, 1.0 / float(scale), WIN=window,
-        HAS_PAD=pad is not None, num_warps=4)
+        box(WIN_QROWS), box(8), box(2), _tma_desc(tab, [2 * WIN_TAB, HEAD_D]), out, pad_t, H, W, num_heads, n_ww,
+        float(scale) * LOG2E, 1.0 / float(scale), WIN=window, HAS_PAD=pad is not None, num_warps=4)
     return out

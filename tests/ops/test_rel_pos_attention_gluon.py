@@ -112,7 +112,7 @@ def test_window_kernel_applies_only_where_it_was_built_for():
     assert not rpg.window_attention_applies(cuda.float(), 12, 14, None)
     assert not rpg.window_attention_applies(torch.zeros(1, 64, 64, 3 * 16 * 80, dtype=torch.bfloat16,
                                                         device="cuda"), 16, 14, None)  # head_dim 80 (vit_h)
-    with pytest.raises(ValueError, match="tables of shape"):
+    with pytest.raises(ValueError, match="table_w of shape"):
         rpg.rel_pos_window_attention_gluon(cuda, torch.zeros(27, 64), torch.zeros(25, 64), 12, 14, 0.125)
 
 
@@ -245,7 +245,8 @@ for name, has_pad in json.loads(sys.argv[1]):
 
     jit = mod._window_attention_kernel
     sig = {"q_desc": d5(mod.WIN_QROWS), "k8_desc": d5(8), "k2_desc": d5(2), "tab_desc": d2([2 * mod.WIN_TAB, 64]),
-           "out_ptr": "*" + short, "pad_ptr": "*" + short, "H": "i32", "W": "i32", "heads": "i32", "n_ww": "i32", "qk_scale": "fp32", "inv_scale": "fp32"}
+           "out_ptr": "*" + short, "pad_ptr": "*" + short, "H": "i32", "W": "i32", "heads": "i32", "n_ww": "i32",
+           "qk_scale": "fp32", "inv_scale": "fp32"}
     const = {"WIN": mod.WIN_SIZE, "HAS_PAD": has_pad, "num_warps": 4}
     sig = {n: sig.get(n, "constexpr") for n in jit.arg_names}
     src = GluonASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in const.items()},
