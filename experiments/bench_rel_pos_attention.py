@@ -17,9 +17,10 @@ the same run:
    and call SDPA with it as the mask — what segment_anything-style code does;
    ``sdpa_mask``: the SDPA call alone, on a bias built beforehand;
 3. ``flash``: SDPA with no bias (the flash backend): the lower bound for context;
-4. ``window``: ``rel_pos_window_attention``, what SAM's encoder calls (on Hopper its global
-   layers at head_dim 64 take the Gluon kernel of ``rel_pos_attention_gluon``: vit_b.global here;
-   ``bench_rel_pos_global_gluon`` compares the two kernels): the same layer from
+4. ``window``: ``rel_pos_window_attention``, what SAM's encoder calls (on Hopper at head_dim 64
+   both its global and its windowed layers take the Gluon kernels of ``rel_pos_attention_gluon``:
+   vit_b.global and vit_b.window here, so records before 5e61e6c timed the tl kernel at vit_b's
+   windows; ``bench_rel_pos_global_gluon`` / ``bench_rel_pos_window_gluon`` compare them): the same layer from
    the (images, 64, 64, 3·heads·D) qkv grid (windows of 14 read in place, the grid padded
    to 70×70 with the qkv bias; global: window 0), its rel-pos terms from q · table
    (computed by each program for its own queries, included in the time).

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--heads expects comma-separated integers, got {args.heads!r}")
     device = harness.require_cuda("experiments/bench_rel_pos_window_gluon.py")
     probe = torch.zeros(1, 14, 14, 3 * 64, dtype=torch.bfloat16, device=device)
-    if not rpg.window_attention_applies(probe, 1, WINDOW, None):
+    if not rpg.window_attention_applies(probe, 1, WINDOW, None, 0.125):
         raise SystemExit("error: the Gluon window-attention kernel needs a Hopper GPU and Triton with Gluon "
                          f"(found {harness.gpu_name()})")
     rows = []

@@ -31,9 +31,9 @@ rel_w: (B, H, Nq, k_w) and Nk = k_h * k_w.
   outside it are not written), rel-pos terms from ``q · table`` per relative offset
   (each program computes its own queries' products first), output written into (B, H, W,
   heads·D); the reference partitions and pads as segment_anything does.
-  On Hopper the global layers of a 64-token-wide grid with head_dim 64 (SAM vit_b / vit_l) take the
-  Gluon kernel of ``rel_pos_attention_gluon`` instead (TMA, asynchronous wgmma, two grid rows of
-  queries a program).
+  On Hopper with head_dim 64 (SAM vit_b / vit_l) the global layers of a 64-token-wide grid and the
+  windows of 14 take the Gluon kernels of ``rel_pos_attention_gluon`` instead (TMA, asynchronous
+  wgmma: two grid rows of queries a program; one window and head a program).
 - ``rel_pos_attention_packed``: the same op on one packed ``qkv`` tensor
   (B, N, 3, heads, D), the layout of a fused qkv projection. Under ``torch.compile`` a
   custom op receives each input as its own buffer, so three views q, k, v of one tensor
@@ -858,7 +858,7 @@ def _rel_pos_window_attention_op(
 
         if rpg.global_attention_applies(qkv, num_heads, window, pad):  # Hopper, SAM's 64 x 64 global layers
             return rpg.rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads, scale)
-        if rpg.window_attention_applies(qkv, num_heads, window, pad):  # Hopper, SAM's 14 x 14 windows
+        if rpg.window_attention_applies(qkv, num_heads, window, pad, scale):  # Hopper, SAM's 14 x 14 windows
             return rpg.rel_pos_window_attention_gluon(qkv, table_h, table_w, num_heads, window, scale, pad)
         return rel_pos_window_attention_triton(qkv, table_h, table_w, num_heads, window, scale, pad)
     return rel_pos_window_attention_ref(qkv, table_h, table_w, num_heads, window, scale, pad)

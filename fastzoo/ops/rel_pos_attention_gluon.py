@@ -5,8 +5,9 @@ The image encoder's global layers (vit_b / vit_l: blocks 2, 5, 8, 11 and 5, 11, 
 over the whole 64 x 64 token grid with head_dim 64: 4096 keys a query, the bias
 ``q · table_h[r_q − r_k + H − 1] + q · table_w[c_q − c_k + W − 1]`` added to each logit
 (``rel_pos_attention.rel_pos_window_attention``, window 0, is the definition and the fallback).
-In the vit_b bf16 encoder they are ~72 % of the attention kernel's time (four layers of ~2.4 ms
-at batch 16 on an H100, the eight windowed ones ~0.47 ms each).
+In the vit_b bf16 encoder they took ~72 % of the attention kernel's time when the windowed layers
+ran on the ``tl`` kernel (four layers of ~2.4 ms at batch 16 on an H100, the eight windowed ones
+~0.47 ms each; on their own Gluon kernel since, ~0.3 ms).
 
 ``_global_attention_kernel``: one program per ``QUERY_ROWS`` grid rows of one image and head
 (64 queries a row, a warpgroup each, sharing every K/V tile), keys one grid row (64 keys) a tile:
@@ -210,6 +211,7 @@ if gluon_available():
         # in three boxes of 8, 4 and 2 rows (Triton's shapes are powers of two), loaded once; the next
         # tile's queries arrive while this one's are processed.
         gl.static_assert(WIN == 14, "key boxes of 8, 4 and 2 rows")
+        gl.static_assert(q_desc.block_type.shape[1] == 4, "the 4-row key boxes share the query box's descriptor")
         QR: gl.constexpr = q_desc.block_type.shape[1]
         COLS: gl.constexpr = q_desc.block_type.shape[2]
         D: gl.constexpr = q_desc.block_type.shape[4]
@@ -457,22 +459,29 @@ def rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads: int, scale:
 #   cores with P from registers.
 # H100, SAM's windowed layer at batch 16 against the tl kernel in the same call (rel_pos_window_gluon.json):
 # vit_b 0.346 against 0.485 ms, vit_l 0.405 against 0.586; the errors equal the tl kernel's. A first version, one
-# program per query tile (K and V read four times, no prefetch of the next tile's queries), took 0.440 ms.
+# program per query tile (K and V read four times, no prefetch of the next tile's queries), took 0.440 ms against
+# 0.509 (rel_pos_window_gluon_first_version.json).
 WIN_COLS = 16  # slots a window row: its columns, then the next window's (or zeros past the grid), masked
 WIN_QROWS = 4  # grid rows of queries a program: 4 x 16 = 64 query slots (one warpgroup's wgmma M)
 WIN_TAB = 32  # rows of each table in the table box (2 · window − 1 <= 31, zeros past)
 WIN_SIZE = 14  # SAM's window: key boxes of 8, 4 and 2 rows (Triton's shapes are powers of two)
+# The bias row R is stored in the activations' dtype in q·k's units (rel / scale; exact for a power-of-two
+# scale, e.g. SAM's 64^-0.5), its masked slots at −60000: the scales where these hold (the mask's weight
+# 2^(−60000 · scale · log2 e) is 0 in fp32, and fp16 rel terms up to 65504 · scale do not overflow)
+WIN_MIN_SCALE = 2.0 ** -6
 
 
-def window_attention_applies(qkv: torch.Tensor, num_heads: int, window: int, pad) -> bool:
+def window_attention_applies(qkv: torch.Tensor, num_heads: int, window: int, pad, scale: float) -> bool:
     """The windowed Gluon kernel's domain: SAM's windows of 14 x 14 tokens, head_dim 64, a contiguous,
-    16-byte aligned bf16 / fp16 qkv of 1 to 65535 images x heads on a Hopper GPU with Gluon; ``pad``
-    (the padding token's qkv row) None or contiguous."""
-    if not (window == WIN_SIZE and qkv.is_cuda and qkv.dtype in KERNEL_DTYPES and gluon_available()):
+    16-byte aligned bf16 / fp16 qkv of 1 to 65535 images x heads on a Hopper GPU with Gluon, a scale of at
+    least ``WIN_MIN_SCALE``; ``pad`` (the padding token's qkv row, (3 · heads · 64,)) None or contiguous on
+    qkv's device."""
+    if not (window == WIN_SIZE and scale >= WIN_MIN_SCALE and qkv.is_cuda and qkv.dtype in KERNEL_DTYPES and gluon_available()):
         return False
     B, H, W, C3 = qkv.shape
     if (C3 != 3 * num_heads * HEAD_D or not 1 <= B * num_heads <= _MAX_GRID_Y or H * W == 0
-            or not qkv.is_contiguous() or qkv.data_ptr() % 16 or (pad is not None and not pad.is_contiguous())):
+            or not qkv.is_contiguous() or qkv.data_ptr() % 16
+            or (pad is not None and (tuple(pad.shape) != (C3,) or not pad.is_contiguous() or pad.device != qkv.device))):
         return False
     index = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] == 9
@@ -482,13 +491,15 @@ def rel_pos_window_attention_gluon(qkv, table_h, table_w, num_heads: int, window
                                    pad: torch.Tensor | None = None) -> torch.Tensor:
     """``rel_pos_window_attention(qkv, table_h, table_w, num_heads, window, scale, pad)`` by the windowed
     Gluon kernel (``window_attention_applies`` true). Returns (B, H, W, heads · 64)."""
-    if not window_attention_applies(qkv, num_heads, window, pad):
+    if not window_attention_applies(qkv, num_heads, window, pad, scale):
+        pad_desc = None if pad is None else f"{tuple(pad.shape)} {'contiguous' if pad.is_contiguous() else 'strided'} " \
+            f"on {pad.device}"
         raise ValueError(f"rel_pos_window_attention_gluon expects a contiguous, 16-byte aligned bf16 / fp16 qkv of "
-                         f"shape (B, H, W, 3 * {num_heads} * {HEAD_D}) and a window of {WIN_SIZE} on a Hopper GPU, "
-                         f"got {tuple(qkv.shape)} {qkv.dtype} on {qkv.device}, window {window}")
+                         f"shape (B, H, W, 3 * {num_heads} * {HEAD_D}) with B * heads <= {_MAX_GRID_Y}, a window of "
+                         f"{WIN_SIZE}, a scale >= {WIN_MIN_SCALE} and a pad row of shape (3 * heads * {HEAD_D},) "
+                         f"(contiguous, on qkv's device) or None, on a Hopper GPU; got qkv {tuple(qkv.shape)} "
+                         f"{qkv.dtype} on {qkv.device}, window {window}, scale {scale}, pad {pad_desc}")
     _check_tables("rel_pos_window_attention_gluon", table_h, table_w, window, window)
-    if not scale > 0:
-        raise ValueError(f"rel_pos_window_attention_gluon expects a positive scale, got {scale}")
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 

@@ -1,5 +1,6 @@
-"""The Hopper Gluon kernel of SAM's global rel-pos attention layers (``fastzoo.ops.rel_pos_attention_gluon``):
-parity with the reference on the GPU, the op's dispatch, and an ahead-of-time sm_90 compile on the CPU."""
+"""The Hopper Gluon kernels of SAM's global and windowed rel-pos attention layers
+(``fastzoo.ops.rel_pos_attention_gluon``): parity with the reference on the GPU, the op's dispatch, and
+ahead-of-time sm_90 compiles on the CPU."""
 import json
 import re
 
@@ -98,34 +99,46 @@ def test_cuda_tables_and_heads_matter():
 # ---- the windowed layers' kernel ----------------------------------------------------------------------
 
 def test_window_kernel_applies_only_where_it_was_built_for():
-    """Never on the CPU; on a GPU only windows of 14 with head_dim 64 on a contiguous, aligned qkv."""
+    """Never on the CPU; on a GPU only windows of 14 with head_dim 64 on a contiguous, aligned qkv, a scale of
+    at least WIN_MIN_SCALE, and a pad row of the qkv's width (contiguous, on its device) or none."""
     qkv = torch.zeros(1, 64, 64, 3 * 12 * 64, dtype=torch.bfloat16)
-    assert not rpg.window_attention_applies(qkv, 12, 14, None)
+    assert not rpg.window_attention_applies(qkv, 12, 14, None, 0.125)
     if not (_hopper() and gluon_available()):
         pytest.skip("the rest needs a Hopper GPU")
     cuda = qkv.cuda()
-    assert rpg.window_attention_applies(cuda, 12, 14, None)
-    assert rpg.window_attention_applies(cuda[:, :37, :5].contiguous(), 12, 14, torch.zeros(3 * 12 * 64).cuda())
-    assert not rpg.window_attention_applies(cuda, 12, 0, None)  # global
-    assert not rpg.window_attention_applies(cuda, 12, 16, None)  # another window
-    assert not rpg.window_attention_applies(cuda[:, :, :63], 12, 14, None)  # not contiguous
-    assert not rpg.window_attention_applies(cuda.float(), 12, 14, None)
+    pad = torch.zeros(3 * 12 * 64, device="cuda")
+    assert rpg.window_attention_applies(cuda, 12, 14, None, 0.125)
+    assert rpg.window_attention_applies(cuda[:, :37, :5].contiguous(), 12, 14, pad, 0.125)
+    assert not rpg.window_attention_applies(cuda, 12, 0, None, 0.125)  # global
+    assert not rpg.window_attention_applies(cuda, 12, 16, None, 0.125)  # another window
+    assert not rpg.window_attention_applies(cuda[:, :, :63], 12, 14, None, 0.125)  # not contiguous
+    assert not rpg.window_attention_applies(cuda.float(), 12, 14, None, 0.125)
     assert not rpg.window_attention_applies(torch.zeros(1, 64, 64, 3 * 16 * 80, dtype=torch.bfloat16,
-                                                        device="cuda"), 16, 14, None)  # head_dim 80 (vit_h)
+                                                        device="cuda"), 16, 14, None, 0.125)  # head_dim 80 (vit_h)
+    assert not rpg.window_attention_applies(cuda, 12, 14, None, rpg.WIN_MIN_SCALE / 2)  # the mask would leak
+    assert not rpg.window_attention_applies(cuda, 12, 14, pad[:-64], 0.125)  # a pad row of another width
+    assert not rpg.window_attention_applies(cuda, 12, 14, torch.zeros(2 * 3 * 12 * 64, device="cuda")[::2],
+                                            0.125)  # strided
+    assert not rpg.window_attention_applies(cuda, 12, 14, pad.cpu(), 0.125)
     with pytest.raises(ValueError, match="table_w of shape"):
         rpg.rel_pos_window_attention_gluon(cuda, torch.zeros(27, 64), torch.zeros(25, 64), 12, 14, 0.125)
+    with pytest.raises(ValueError, match="a scale >= "):
+        rpg.rel_pos_window_attention_gluon(cuda, torch.zeros(27, 64), torch.zeros(27, 64), 12, 14, 1e-3)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("B,H,W,heads,dtype,pad", [
-    (2, 64, 64, 12, torch.bfloat16, True),   # SAM vit_b's windowed layers (25 windows, 9 padded)
-    (1, 64, 64, 16, torch.float16, True),    # vit_l's heads
-    (1, 14, 14, 2, torch.bfloat16, True),    # one whole window, nothing padded
-    (3, 29, 17, 3, torch.bfloat16, True),    # odd grid: windows cut on both sides
-    (1, 5, 9, 1, torch.float16, False),      # smaller than a window, zero padding
-    (1, 1, 1, 2, torch.bfloat16, True),      # one token
+@pytest.mark.parametrize("B,H,W,heads,dtype,pad,scale", [
+    (2, 64, 64, 12, torch.bfloat16, True, None),   # SAM vit_b's windowed layers (25 windows, 9 padded)
+    (1, 64, 64, 16, torch.float16, True, None),    # vit_l's heads
+    (1, 14, 14, 2, torch.bfloat16, True, None),    # one whole window, nothing padded
+    (3, 29, 17, 3, torch.bfloat16, True, None),    # odd grid: windows cut on both sides
+    (2, 30, 33, 2, torch.bfloat16, False, None),   # several windows, zero padding
+    (1, 5, 9, 1, torch.float16, False, None),      # smaller than a window, zero padding
+    (1, 1, 1, 2, torch.bfloat16, True, None),      # one token
+    (1, 20, 23, 2, torch.bfloat16, True, 0.3),     # a scale that is not a power of two
+    (1, 20, 23, 2, torch.float16, True, 2.0 ** -6),  # the smallest scale taken
 ], ids=str)
-def test_cuda_window_kernel_matches_reference(B, H, W, heads, dtype, pad, monkeypatch):
+def test_cuda_window_kernel_matches_reference(B, H, W, heads, dtype, pad, scale, monkeypatch):
     """Against the fp32 reference (padding tokens with the pad row's k and v, or zeros), within 1.5x the
     reference's own error in the low precision or 1 % of the output's range; and the public op takes
     this kernel for these inputs (a spy on its launcher)."""
@@ -137,10 +150,10 @@ def test_cuda_window_kernel_matches_reference(B, H, W, heads, dtype, pad, monkey
     calls = []
     launch = rpg.rel_pos_window_attention_gluon
     monkeypatch.setattr(rpg, "rel_pos_window_attention_gluon", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    got = rel_pos_window_attention(qkv, th, tw, heads, 14, pad=p)
+    got = rel_pos_window_attention(qkv, th, tw, heads, 14, scale, pad=p)
     assert calls == [1] and got.shape == (B, H, W, heads * 64) and got.dtype == dtype
-    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, 14, pad=None if p is None else p.float())
-    ref_lp = rel_pos_window_attention_ref(qkv, th.to(dtype), tw.to(dtype), heads, 14, pad=p)
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, 14, scale, None if p is None else p.float())
+    ref_lp = rel_pos_window_attention_ref(qkv, th.to(dtype), tw.to(dtype), heads, 14, scale, p)
     err, err_lp = ((x.float() - ref).abs().max().item() for x in (got, ref_lp))
     assert torch.isfinite(got).all()
     assert err <= max(1.5 * err_lp, 1e-2 * ref.abs().max().item()), (err, err_lp)
