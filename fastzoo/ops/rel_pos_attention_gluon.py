@@ -436,8 +436,8 @@ def rel_pos_global_attention_gluon(qkv, table_h, table_w, num_heads: int, scale:
     scratch = torch.empty((B * num_heads * H, BLOCK, TABLE_ROWS), dtype=dt, device=qkv.device)
     flat = qkv.view(B * H * W, C3)
     _global_attention_kernel[(H // rows, B * num_heads)](
-        _tma_desc(flat, [rows * BLOCK, HEAD_D]), _tma_desc(flat, [BLOCK, HEAD_D]), _tma_desc(th, [TABLE_ROWS, HEAD_D]),
-        _tma_desc(tw, [TABLE_ROWS, HEAD_D]),
+        _tma_desc(flat, [rows * BLOCK, HEAD_D]), _tma_desc(flat, [BLOCK, HEAD_D]),
+        _tma_desc(th, [TABLE_ROWS, HEAD_D]), _tma_desc(tw, [TABLE_ROWS, HEAD_D]),
         _tma_desc(out.view(B * H * W, num_heads * HEAD_D), [rows * BLOCK, HEAD_D]),
         scratch, H, num_heads, float(scale) * LOG2E, QR=rows, STAGES=stages, num_warps=4 * rows,
         **({"maxnreg": maxnreg} if maxnreg else {}))
@@ -476,12 +476,13 @@ def window_attention_applies(qkv: torch.Tensor, num_heads: int, window: int, pad
     16-byte aligned bf16 / fp16 qkv of 1 to 65535 images x heads on a Hopper GPU with Gluon, a scale of at
     least ``WIN_MIN_SCALE``; ``pad`` (the padding token's qkv row, (3 · heads · 64,)) None or contiguous on
     qkv's device."""
-    if not (window == WIN_SIZE and scale >= WIN_MIN_SCALE and qkv.is_cuda and qkv.dtype in KERNEL_DTYPES and gluon_available()):
+    if not (window == WIN_SIZE and scale >= WIN_MIN_SCALE and qkv.is_cuda and qkv.dtype in KERNEL_DTYPES
+            and gluon_available()):
         return False
     B, H, W, C3 = qkv.shape
+    bad_pad = pad is not None and (tuple(pad.shape) != (C3,) or not pad.is_contiguous() or pad.device != qkv.device)
     if (C3 != 3 * num_heads * HEAD_D or not 1 <= B * num_heads <= _MAX_GRID_Y or H * W == 0
-            or not qkv.is_contiguous() or qkv.data_ptr() % 16
-            or (pad is not None and (tuple(pad.shape) != (C3,) or not pad.is_contiguous() or pad.device != qkv.device))):
+            or not qkv.is_contiguous() or qkv.data_ptr() % 16 or bad_pad):
         return False
     index = qkv.device.index if qkv.device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] == 9
@@ -492,8 +493,9 @@ def rel_pos_window_attention_gluon(qkv, table_h, table_w, num_heads: int, window
     """``rel_pos_window_attention(qkv, table_h, table_w, num_heads, window, scale, pad)`` by the windowed
     Gluon kernel (``window_attention_applies`` true). Returns (B, H, W, heads · 64)."""
     if not window_attention_applies(qkv, num_heads, window, pad, scale):
-        pad_desc = None if pad is None else f"{tuple(pad.shape)} {'contiguous' if pad.is_contiguous() else 'strided'} " \
-            f"on {pad.device}"
+        pad_desc = None
+        if pad is not None:
+            pad_desc = f"{tuple(pad.shape)} {'contiguous' if pad.is_contiguous() else 'strided'} on {pad.device}"
         raise ValueError(f"rel_pos_window_attention_gluon expects a contiguous, 16-byte aligned bf16 / fp16 qkv of "
                          f"shape (B, H, W, 3 * {num_heads} * {HEAD_D}) with B * heads <= {_MAX_GRID_Y}, a window of "
                          f"{WIN_SIZE}, a scale >= {WIN_MIN_SCALE} and a pad row of shape (3 * heads * {HEAD_D},) "
