@@ -39,3 +39,32 @@ def test_global_gluon_bench_reads_tiles_and_refuses_malformed_ones(capsys):
         with pytest.raises(SystemExit) as e:
             gluon_main(["--tiles", f"2x3,{bad}"])
         assert e.value.code == 2 and "ROWSxSTAGES" in capsys.readouterr().err
+
+
+def test_window_gluon_bench_refuses_bad_heads_and_needs_a_gpu(capsys):
+    """Malformed --heads exits 2 before anything runs; without a GPU the run exits 2 naming what it needs."""
+    import torch
+
+    from experiments.bench_rel_pos_window_gluon import main as window_main
+
+    with pytest.raises(SystemExit) as e:
+        window_main(["--heads", "12,x"])
+    assert e.value.code == 2 and "--heads expects comma-separated integers" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            window_main([])
+        assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_time_against_tl_fills_the_row_from_its_timings():
+    """The shared row builder: errors from err_of, TFLOP/s = flops / ms / 1e9, speedup = tl / gluon."""
+    import torch
+
+    from experiments.bench_rel_pos_global_gluon import time_against_tl
+
+    a, b = torch.ones(3), torch.full((3,), 2.0)
+    row = time_against_tl({"heads": 1}, lambda: a, lambda: b, lambda out: float(out[0]), 0.5, 1e9, 3, "test")
+    assert row["heads"] == 1 and row["err"] == 1.0 and row["tl_err"] == 2.0 and row["ref_err"] == 0.5
+    assert row["gluon_ms"] > 0 and row["tl_ms"] > 0
+    assert row["gluon_tflops"] == pytest.approx(1e9 / row["gluon_ms"] / 1e9)
+    assert row["speedup"] == pytest.approx(row["tl_ms"] / row["gluon_ms"])
