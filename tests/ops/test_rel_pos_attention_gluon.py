@@ -26,6 +26,23 @@ def _inputs(B, H, heads, dtype, seed):
     return qkv, th, tw
 
 
+def _op_matches_reference(monkeypatch, launcher: str, qkv, th, tw, heads, window, scale=None, pad=None):
+    """The public op on these inputs calls ``rpg.<launcher>`` once (a spy) and returns (B, H, W, heads · 64) in
+    qkv's dtype, finite and within 1.5x the low-precision reference's own error of the fp32 reference (the
+    rel-pos terms are rounded to the low precision, as in the model) or 1 % of the output's range."""
+    calls = []
+    launch = getattr(rpg, launcher)
+    monkeypatch.setattr(rpg, launcher, lambda *a, **k: calls.append(1) or launch(*a, **k))
+    got = rel_pos_window_attention(qkv, th, tw, heads, window, scale, pad=pad)
+    B, H, W, _ = qkv.shape
+    assert calls == [1] and got.shape == (B, H, W, heads * 64) and got.dtype == qkv.dtype
+    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, window, scale, None if pad is None else pad.float())
+    ref_lp = rel_pos_window_attention_ref(qkv, th.to(qkv.dtype), tw.to(qkv.dtype), heads, window, scale, pad)
+    err, err_lp = ((x.float() - ref).abs().max().item() for x in (got, ref_lp))
+    assert torch.isfinite(got).all()
+    assert err <= max(1.5 * err_lp, 1e-2 * ref.abs().max().item()), (err, err_lp)
+
+
 def test_kernel_applies_only_where_it_was_built_for(monkeypatch):
     """Never on the CPU; on a GPU only global attention on a 64-wide grid, head_dim 64, an even number
     of grid rows up to 64 (two a program), a contiguous qkv, 1 to 65535 images x heads; the rest takes
@@ -67,16 +84,7 @@ def test_cuda_kernel_matches_reference(B, H, heads, dtype, monkeypatch):
     if not (_hopper() and gluon_available()):
         pytest.skip("the Gluon kernel runs on Hopper with Triton >= 3.5")
     qkv, th, tw = (t.cuda() for t in _inputs(B, H, heads, dtype, seed=B + H + heads))
-    calls = []
-    launch = rpg.rel_pos_global_attention_gluon
-    monkeypatch.setattr(rpg, "rel_pos_global_attention_gluon", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    got = rel_pos_window_attention(qkv, th, tw, heads, 0)
-    assert calls == [1] and got.shape == (B, H, 64, heads * 64) and got.dtype == dtype
-    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, 0)
-    ref_lp = rel_pos_window_attention_ref(qkv, th.to(dtype), tw.to(dtype), heads, 0)
-    err, err_lp = ((x.float() - ref).abs().max().item() for x in (got, ref_lp))
-    assert torch.isfinite(got).all()
-    assert err <= max(1.5 * err_lp, 1e-2 * ref.abs().max().item()), (err, err_lp)
+    _op_matches_reference(monkeypatch, "rel_pos_global_attention_gluon", qkv, th, tw, heads, 0)
 
 
 @pytest.mark.cuda
@@ -93,7 +101,6 @@ def test_cuda_tables_and_heads_matter():
     swapped = qkv.view(1, 8, 64, 3, 2, 64).flip(4).reshape(qkv.shape)
     other = rpg.rel_pos_global_attention_gluon(swapped, th, tw, 2, 0.125).float()
     torch.testing.assert_close(other.view(1, 8, 64, 2, 64).flip(3), got.view(1, 8, 64, 2, 64))
-
 
 
 # ---- the windowed layers' kernel ----------------------------------------------------------------------
@@ -147,16 +154,7 @@ def test_cuda_window_kernel_matches_reference(B, H, W, heads, dtype, pad, scale,
     qkv, th, tw, p = _window_inputs(B, H, W, heads, 64, 14, dtype, seed=B + H + W + heads, pad=pad)
     qkv, th, tw = qkv.cuda(), th.cuda(), tw.cuda()
     p = p.cuda() if p is not None else None
-    calls = []
-    launch = rpg.rel_pos_window_attention_gluon
-    monkeypatch.setattr(rpg, "rel_pos_window_attention_gluon", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    got = rel_pos_window_attention(qkv, th, tw, heads, 14, scale, pad=p)
-    assert calls == [1] and got.shape == (B, H, W, heads * 64) and got.dtype == dtype
-    ref = rel_pos_window_attention_ref(qkv.float(), th, tw, heads, 14, scale, None if p is None else p.float())
-    ref_lp = rel_pos_window_attention_ref(qkv, th.to(dtype), tw.to(dtype), heads, 14, scale, p)
-    err, err_lp = ((x.float() - ref).abs().max().item() for x in (got, ref_lp))
-    assert torch.isfinite(got).all()
-    assert err <= max(1.5 * err_lp, 1e-2 * ref.abs().max().item()), (err, err_lp)
+    _op_matches_reference(monkeypatch, "rel_pos_window_attention_gluon", qkv, th, tw, heads, 14, scale, p)
 
 
 @pytest.mark.cuda
